@@ -1,0 +1,114 @@
+"""Dataset registry: one `DatasetSpec` per supported dataset, and loading into host memory.
+
+Normalisation constants, resolutions and the training augmentation of every dataset live
+here and nowhere else.
+"""
+
+import dataclasses
+import os
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sre2l_jax.data import builders
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the stages need to know about a dataset.
+
+  image_shape: (H, W, C) the models see. train_augment: 'pad_crop_flip' (small images),
+  'random_resized_crop_flip' (large images held in memory) or 'flip' (the host already
+  cropped, see `streaming`). in_memory: whether a split fits in host RAM as uint8 arrays.
+  """
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  train_augment: str
+  make_builder: Callable[[ml_collections.ConfigDict], tfds.core.DatasetBuilder]
+  train_split: str = 'train'
+  test_split: str = 'test'
+  in_memory: bool = True
+  pad: int = 4
+
+
+def _data_dir(config) -> str:
+  return os.path.expanduser(config.get('data_dir') or '~/tensorflow_datasets')
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+  DATASETS[spec.name] = spec
+  return spec
+
+
+register(DatasetSpec(
+    name='fashion_mnist', num_classes=10, image_shape=(28, 28, 1),
+    mean=(0.2860,), std=(0.3530,), train_augment='pad_crop_flip',
+    make_builder=lambda c: builders.FashionMnistLocal(
+        source_dir=c.get('source_dir'), data_dir=_data_dir(c), file_format='array_record')))
+
+
+def get_spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise ValueError(f'Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}.')
+  return DATASETS[name]
+
+
+def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Builds the dataset's ArrayRecord files once (process 0), then returns its builder."""
+  spec = get_spec(config.name)
+  builder = spec.make_builder(config)
+  if jax.process_index() == 0:
+    builder.download_and_prepare(file_format='array_record')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'prepare {config.name}')
+    builder = spec.make_builder(config)
+  return builder
+
+
+def load_arrays(config: ml_collections.ConfigDict, split: str,
+                limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Reads a whole split into memory: images uint8 (N, H, W, C), labels int32 (N,).
+
+  `limit` keeps the first `limit` examples (smoke runs).
+  """
+  source = prepare(config).as_data_source(split=split)
+  n = len(source) if not limit else min(limit, len(source))
+  images, labels = [], []
+  for start in range(0, n, 4096):
+    records = source.__getitems__(list(range(start, min(n, start + 4096))))
+    images.append(np.stack([r['image'] for r in records]))
+    labels.append(np.asarray([r['label'] for r in records], np.int32))
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def normalise(images, spec: DatasetSpec):
+  """uint8 or [0, 1] images -> normalised float32 (works on numpy and jax arrays)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = images.astype(jnp.float32)
+  if images.dtype == np.uint8:
+    x = x / 255.0
+  return (x - jnp.asarray(spec.mean)) / jnp.asarray(spec.std)
+
+
+def denormalise(images, spec: DatasetSpec) -> np.ndarray:
+  """Normalised float images -> uint8 in [0, 255] (host numpy)."""
+  x = np.asarray(images, np.float32) * np.asarray(spec.std) + np.asarray(spec.mean)
+  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def pixel_bounds(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel (low, high) of valid pixels in normalised space."""
+  mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+  return (0.0 - mean) / std, (1.0 - mean) / std

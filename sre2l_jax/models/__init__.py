@@ -1,0 +1,51 @@
+"""Model zoo: `create_model(model_config, num_classes)`."""
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from sre2l_jax.models.convnet import ConvNet
+from sre2l_jax.models.layers import BN_INPUTS, iter_in_call_order
+from sre2l_jax.models.resnet import ResNet, ResNet18, ResNet50, ResNet101
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+MODELS = {
+    'convnet': lambda c, n, dt: ConvNet(num_classes=n, width=c.get('width', 128),
+                                        depth=c.get('depth', 3),
+                                        pooling=c.get('pooling', 'avg'), dtype=dt),
+    'resnet18': lambda c, n, dt: ResNet18(num_classes=n, stem=c.get('stem', 'imagenet'),
+                                          width=c.get('width', 64), dtype=dt),
+    'resnet50': lambda c, n, dt: ResNet50(num_classes=n, stem=c.get('stem', 'imagenet'),
+                                          width=c.get('width', 64), dtype=dt),
+    'resnet101': lambda c, n, dt: ResNet101(num_classes=n, stem=c.get('stem', 'imagenet'),
+                                            width=c.get('width', 64), dtype=dt),
+}
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any = None):
+  """Builds the Linen module named by `config.name` (see `MODELS`).
+
+  `config` may carry `width`, `depth`, `pooling` (ConvNet) or `stem`, `width` (ResNets);
+  `dtype` overrides `config.dtype` ('float32' or 'bfloat16').
+  """
+  if config.name not in MODELS:
+    raise ValueError(f'Unknown model {config.name!r}; valid models: {sorted(MODELS)}.')
+  if dtype is None:
+    name = config.get('dtype', 'float32')
+    if name not in _DTYPES:
+      raise ValueError(f'Unknown model dtype {name!r}; valid: {sorted(_DTYPES)}.')
+    dtype = _DTYPES[name]
+  return MODELS[config.name](config, num_classes, dtype)
+
+
+def model_signature(config: ml_collections.ConfigDict, num_classes: int,
+                    image_shape) -> dict:
+  """What must match for a checkpoint of this model to be reusable (JSON-serialisable)."""
+  keys = ('name', 'width', 'depth', 'pooling', 'stem')
+  return {'model': {k: config.get(k) for k in keys if config.get(k) is not None},
+          'num_classes': int(num_classes), 'image_shape': [int(s) for s in image_shape]}
+
+
+__all__ = ['BN_INPUTS', 'ConvNet', 'MODELS', 'ResNet', 'ResNet18', 'ResNet50', 'ResNet101',
+           'create_model', 'iter_in_call_order', 'model_signature']

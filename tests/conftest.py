@@ -1,0 +1,24 @@
+"""Test set-up: 8 fake CPU devices (must happen before JAX initialises its backends)."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+
+
+@pytest.fixture(scope='session')
+def fashion_mnist_tfds(tmp_path_factory):
+  """A TFDS data dir with Fashion-MNIST prepared once for the whole session."""
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def pytest_configure(config):
+  del config
+  assert jax.device_count() == 8, 'tests expect 8 fake CPU devices'
