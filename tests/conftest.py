@@ -10,7 +10,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+
 
 
 @pytest.fixture(scope='session')

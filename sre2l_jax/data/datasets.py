@@ -25,6 +25,7 @@ class DatasetSpec:
   image_shape: (H, W, C) the models see. train_augment: 'pad_crop_flip' (small images),
   'random_resized_crop_flip' (large images held in memory) or 'flip' (the host already
   cropped, see `streaming`). in_memory: whether a split fits in host RAM as uint8 arrays.
+  check_source: called before a first build to fail early when the raw files are missing.
   """
   name: str
   num_classes: int
@@ -37,10 +38,18 @@ class DatasetSpec:
   test_split: str = 'test'
   in_memory: bool = True
   pad: int = 4
+  check_source: Callable[[ml_collections.ConfigDict], None] | None = None
 
 
 def _data_dir(config) -> str:
   return os.path.expanduser(config.get('data_dir') or '~/tensorflow_datasets')
+
+
+def manual_dir(config) -> str:
+  """Where the user put the raw archives: manual_dir, else source_dir, else TFDS's default."""
+  path = (config.get('manual_dir') or config.get('source_dir')
+          or os.path.join(_data_dir(config), 'downloads', 'manual'))
+  return os.path.expanduser(path)
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -57,6 +66,34 @@ register(DatasetSpec(
     make_builder=lambda c: builders.FashionMnistLocal(
         source_dir=c.get('source_dir'), data_dir=_data_dir(c), file_format='array_record')))
 
+register(DatasetSpec(
+    name='cifar10', num_classes=10, image_shape=(32, 32, 3),
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), train_augment='pad_crop_flip',
+    make_builder=lambda c: builders.Cifar10Local(
+        manual_dir=manual_dir(c), data_dir=_data_dir(c), file_format='array_record')))
+
+register(DatasetSpec(
+    name='cifar100', num_classes=100, image_shape=(32, 32, 3),
+    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), train_augment='pad_crop_flip',
+    make_builder=lambda c: builders.Cifar100Local(
+        manual_dir=manual_dir(c), data_dir=_data_dir(c), file_format='array_record')))
+
+register(DatasetSpec(
+    name='tiny_imagenet', num_classes=200, image_shape=(64, 64, 3),
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, train_augment='random_resized_crop_flip',
+    test_split='validation',
+    make_builder=lambda c: builders.TinyImagenetLocal(
+        manual_dir=manual_dir(c), data_dir=_data_dir(c), file_format='array_record')))
+
+# TFDS's own builder: JPEG-encoded, variable-size records, decoded and cropped on the host.
+register(DatasetSpec(
+    name='imagenet2012', num_classes=1000, image_shape=(224, 224, 3),
+    mean=IMAGENET_MEAN, std=IMAGENET_STD, train_augment='flip', test_split='validation',
+    in_memory=False,
+    make_builder=lambda c: tfds.builder('imagenet2012', data_dir=_data_dir(c),
+                                        file_format='array_record'),
+    check_source=lambda c: builders.check_imagenet_manual_dir(manual_dir(c))))
+
 
 def get_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
@@ -65,11 +102,18 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """Builds the dataset's ArrayRecord files once (process 0), then returns its builder."""
+  """Builds the dataset's ArrayRecord files once (process 0), then returns its builder.
+
+  The raw files are read from `manual_dir(config)`, which also becomes TFDS's manual dir.
+  """
   spec = get_spec(config.name)
   builder = spec.make_builder(config)
-  if jax.process_index() == 0:
-    builder.download_and_prepare(file_format='array_record')
+  if jax.process_index() == 0 and not builder.is_prepared():
+    if spec.check_source is not None:
+      spec.check_source(config)
+    builder.download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f'prepare {config.name}')

@@ -1,0 +1,34 @@
+"""Fashion-MNIST, ConvNet-BN teacher and student: the default demo (runs on a 2-core CPU).
+
+Arguments: `smoke` (a few steps on a data subset), `ipc=N` (1, 10, 50, ...), `seeds=N`,
+`full` (the longer student schedule behind the README's results table).
+"""
+
+from sre2l_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, smoke=False, ipc=10, seeds=1, full=False)
+  c = config_lib.base_config()
+  c.dataset.name = 'fashion_mnist'
+
+  c.teacher.update(name='convnet', width=64, depth=3)
+  c.squeeze.update(epochs=4, batch_size=128, lr=0.1, warmup_epochs=0.5, weight_decay=5e-4)
+
+  c.recover.update(ipc=arg.ipc, batch_size=10, iterations=1000, lr=0.25, r_bn=0.01,
+                   first_bn_multiplier=10.0, jitter=4, min_scale=0.5, init='noise')
+
+  c.student.update(name='convnet', width=64, depth=3)
+  c.relabel.update(mode='online', batch_size=50, epochs=300, min_scale=0.25)
+  c.evaluate.update(lr=2e-3, temperature=4.0, seeds=arg.seeds)
+
+  if arg.smoke:
+    c.dataset.update(train_limit=512, test_limit=256)
+    c.teacher.width = c.student.width = 16
+    c.squeeze.update(epochs=2, batch_size=64, eval_batch_size=128,
+                     checkpoint_every_steps=4, log_every_steps=4)
+    c.recover.update(iterations=8, checkpoint_every_steps=4, log_every_steps=4)
+    c.relabel.update(epochs=4, batch_size=16, epochs_per_shard=2)
+    c.evaluate.update(eval_batch_size=128, seeds=1, log_every_steps=4,
+                      checkpoint_every_epochs=2)
+  return c

@@ -1,0 +1,184 @@
+"""Streaming input for datasets too large for host RAM (ImageNet-1K).
+
+Records are read from TFDS's ArrayRecord files by random access, then decoded and cropped
+on the host, a batch at a time in a thread pool. Like `pipeline.InMemorySplit`, a batch is
+a pure function of (seed, step): epoch e's permutation comes from
+`numpy.random.default_rng([seed, e])` and the crop of example i in epoch e from
+`numpy.random.default_rng([seed, e, i])`, so neither thread scheduling nor a restart
+changes what a step sees. Each process decodes only its own rows of a global
+batch. Training crops are returned as uint8; the flip runs on device.
+"""
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+from typing import Any, Iterator, Sequence
+
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from PIL import Image
+
+from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
+
+
+def sample_crop_box(rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0),
+                    ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop.get_params: (top, left, h, w) of one image."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _from_pil(image: Image.Image, channels: int) -> np.ndarray:
+  array = np.asarray(image, np.uint8)
+  return array[..., None] if channels == 1 else array
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator,
+                        out_shape: Sequence[int]) -> np.ndarray:
+  """uint8 (h, w, C) -> uint8 out_shape (H, W, C): RandomResizedCrop, PIL bilinear."""
+  top, left, h, w = sample_crop_box(rng, *image.shape[:2])
+  out_h, out_w = out_shape[:2]
+  crop = _to_pil(image).resize((out_w, out_h), Image.BILINEAR,
+                               box=(left, top, left + w, top + h))
+  return _from_pil(crop, image.shape[-1])
+
+
+def center_crop(image: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
+  """uint8 (h, w, C) -> uint8 out_shape (H, W, C): resize the shorter side to 256*H/224
+  (torchvision's Resize), then the centred (H, W) crop (CenterCrop)."""
+  out_h, out_w = out_shape[:2]
+  height, width = image.shape[:2]
+  short = int(round(256 * out_h / 224))
+  if height <= width:
+    new_h, new_w = short, int(short * width / height)
+  else:
+    new_h, new_w = int(short * height / width), short
+  resized = _from_pil(_to_pil(image).resize((new_w, new_h), Image.BILINEAR), image.shape[-1])
+  top = int(round((new_h - out_h) / 2.0))
+  left = int(round((new_w - out_w) / 2.0))
+  return resized[top:top + out_h, left:left + out_w]
+
+
+@dataclasses.dataclass
+class StreamingSplit:
+  """A split read record by record from a TFDS data source (`as_data_source`).
+
+  source: random-access records {'image': uint8 (h, w, C) of any size, 'label': int}.
+  num_examples: how many of the first records are used. image_shape: (H, W, C) of batches.
+  """
+  source: Any
+  num_examples: int
+  image_shape: tuple[int, int, int]
+  num_threads: int = 16
+  _pool: concurrent.futures.ThreadPoolExecutor | None = dataclasses.field(
+      default=None, init=False, repr=False)
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, spec: datasets.DatasetSpec,
+             split_name: str, limit: int | None = None,
+             num_threads: int | None = None) -> 'StreamingSplit':
+    """Prepares the dataset if needed and opens split `split_name` (first `limit` records)."""
+    source = datasets.prepare(config).as_data_source(split=split_name)
+    n = len(source) if not limit else min(limit, len(source))
+    return cls(source, n, tuple(spec.image_shape),
+               num_threads or min(32, 2 * (os.cpu_count() or 1)))
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    return self.num_examples // batch_size
+
+  def _map(self, fn, items) -> list:
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads,
+                                                         thread_name_prefix='decode')
+    return list(self._pool.map(fn, items))
+
+  def _read(self, index: int) -> tuple[np.ndarray, int]:
+    record = self.source[int(index)]
+    image = np.asarray(record['image'], np.uint8)
+    if image.ndim == 2:
+      image = image[..., None]
+    return image, int(record['label'])
+
+  def _train_example(self, seed: int, epoch: int, index: int) -> tuple[np.ndarray, int]:
+    image, label = self._read(index)
+    rng = np.random.default_rng([seed, epoch, int(index)])
+    return random_resized_crop(image, rng, self.image_shape), label
+
+  def _eval_example(self, index: int) -> tuple[np.ndarray, int]:
+    image, label = self._read(index)
+    return center_crop(image, self.image_shape), label
+
+  @staticmethod
+  def _stack(examples) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = zip(*examples)
+    return np.stack(images), np.asarray(labels, np.int32)
+
+  def train_batches(self, batch_size: int, seed: int, start_step: int,
+                    sharding: NamedSharding) -> Iterator[dict]:
+    """Endless global batches from `start_step` on (drop-remainder epochs).
+
+    Yields {'image': uint8 (B, H, W, C), 'label': int32 (B,)}, sharded on 'data'.
+    """
+    steps = self.steps_per_epoch(batch_size)
+    if steps == 0:
+      raise ValueError(f'batch_size={batch_size} exceeds the {self.num_examples} examples.')
+    rows = pipeline.process_rows(batch_size)
+
+    def generate():
+      step = start_step
+      while True:
+        epoch, i = divmod(step, steps)
+        perm = np.random.default_rng([seed, epoch]).permutation(self.num_examples)
+        for i in range(i, steps):
+          index = perm[i * batch_size:(i + 1) * batch_size][rows]
+          images, labels = self._stack(
+              self._map(lambda j, e=epoch: self._train_example(seed, e, j), index))
+          yield {'image': pipeline.to_global(images, sharding, batch_size),
+                 'label': pipeline.to_global(labels, sharding, batch_size)}
+        step = (epoch + 1) * steps
+
+    return pipeline.prefetch(generate())
+
+  def eval_batches(self, batch_size: int, sharding: NamedSharding) -> Iterator[dict]:
+    """One pass in order, centre crops; the last batch is padded and carries `mask`.
+
+    Yields {'image': uint8 (B, H, W, C), 'label': int32 (B,), 'mask': float32 (B,)}.
+    """
+    rows = pipeline.process_rows(batch_size)
+
+    def generate():
+      for start in range(0, self.num_examples, batch_size):
+        index = np.arange(start, start + batch_size)
+        mask = index < self.num_examples
+        index = np.where(mask, index, 0)[rows]
+        images, labels = self._stack(self._map(self._eval_example, index))
+        yield {'image': pipeline.to_global(images, sharding, batch_size),
+               'label': pipeline.to_global(labels, sharding, batch_size),
+               'mask': pipeline.to_global(mask[rows].astype(np.float32), sharding,
+                                          batch_size)}
+
+    return pipeline.prefetch(generate())
