@@ -63,10 +63,10 @@ def random_flip(key, image):
 
 
 def random_roll(key, image, max_shift: int):
-  """The reference's "jitter": a cyclic shift by up to `max_shift` pixels in H and W."""
+  """The reference's "jitter": a cyclic shift by 0..`max_shift` pixels in H and in W."""
   if max_shift <= 0:
     return image
-  dy, dx = jax.random.randint(key, (2,), -max_shift, max_shift + 1)
+  dy, dx = jax.random.randint(key, (2,), 0, max_shift + 1)
   return jnp.roll(image, (dy, dx), axis=(0, 1))
 
 

@@ -1,0 +1,71 @@
+"""Writing and reading distilled sets: TFDS ArrayRecord, ImageFolder PNGs, an image grid."""
+
+import os
+import shutil
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from sre2l_jax.data import builders
+
+
+def write_tfds(directory: str, images: np.ndarray, labels: np.ndarray,
+               num_classes: int) -> str:
+  """Writes uint8 images (N, H, W, C) + labels as a TFDS dataset; returns its data dir.
+
+  Read back with `tfds.builder_from_directory(<returned dir>)`.
+  """
+  tmp = directory + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  builder = builders.DistilledImages(images=images, labels=labels, num_classes=num_classes,
+                                     data_dir=tmp, file_format='array_record')
+  builder.download_and_prepare()
+  shutil.rmtree(directory, ignore_errors=True)
+  os.replace(tmp, directory)
+  return os.path.join(directory, builder.name, str(builder.version))
+
+
+def read_tfds(dataset_dir: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 (N, H, W, C), labels int32 (N,)) of a dataset written by `write_tfds`,
+  in the order (class, ipc index)."""
+  source = tfds.builder_from_directory(dataset_dir).as_data_source(split='train')
+  records = [source[i] for i in range(len(source))]
+  images = np.stack([r['image'] for r in records])
+  labels = np.asarray([r['label'] for r in records], np.int32)
+  order = np.lexsort((np.arange(len(labels)), labels))  # TFDS shuffles on write
+  return images[order], labels[order]
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def write_image_folder(directory: str, images: np.ndarray) -> None:
+  """images uint8 (num_classes, ipc, H, W, C) -> `new{cls:03d}/class{cls:03d}_id{ipc:03d}.png`
+  (the reference's ImageFolder naming, lossless PNG instead of JPEG)."""
+  tmp = directory + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  for cls, per_class in enumerate(images):
+    folder = os.path.join(tmp, f'new{cls:03d}')
+    os.makedirs(folder)
+    for ipc, image in enumerate(per_class):
+      _to_pil(image).save(os.path.join(folder, f'class{cls:03d}_id{ipc:03d}.png'))
+  shutil.rmtree(directory, ignore_errors=True)
+  os.replace(tmp, directory)
+
+
+def write_grid(path: str, images: np.ndarray, max_classes: int = 100,
+               max_ipc: int = 20) -> None:
+  """One PNG with a row per class and a column per ipc index (1 px gaps)."""
+  images = images[:max_classes, :max_ipc]
+  rows, cols, h, w, c = images.shape
+  grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+  for r in range(rows):
+    for k in range(cols):
+      grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = (
+          images[r, k])
+  scale = max(1, 256 // max(h, w))  # small images are hard to see at 1x
+  pil = _to_pil(grid)
+  pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+  pil.save(path)
