@@ -23,17 +23,22 @@ def write_tfds(directory: str, images: np.ndarray, labels: np.ndarray,
   builder.download_and_prepare()
   shutil.rmtree(directory, ignore_errors=True)
   os.replace(tmp, directory)
-  return os.path.join(directory, builder.name, str(builder.version))
+  return tfds_dataset_dir(directory)
+
+
+def tfds_dataset_dir(directory: str) -> str:
+  """The dataset dir inside a folder written by `write_tfds`."""
+  return os.path.join(directory, builders.DistilledImages.name, '1.0.0')
 
 
 def read_tfds(dataset_dir: str) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 (N, H, W, C), labels int32 (N,)) of a dataset written by `write_tfds`,
-  in the order (class, ipc index)."""
+  in the order they were written (class-major: class, then ipc index)."""
   source = tfds.builder_from_directory(dataset_dir).as_data_source(split='train')
   records = [source[i] for i in range(len(source))]
   images = np.stack([r['image'] for r in records])
   labels = np.asarray([r['label'] for r in records], np.int32)
-  order = np.lexsort((np.arange(len(labels)), labels))  # TFDS shuffles on write
+  order = np.argsort([r['index'] for r in records])  # TFDS shuffles on write
   return images[order], labels[order]
 
 

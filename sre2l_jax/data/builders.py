@@ -105,8 +105,11 @@ class DistilledImages(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     shape = self._images.shape[1:] if self._images is not None else (None, None, None)
-    return tfds.core.DatasetInfo(builder=self,
-                                 features=image_features(shape, self._num_classes),
+    features = image_features(shape, self._num_classes)
+    # Position in the exported set (class-major), since TFDS shuffles records on write.
+    features = tfds.features.FeaturesDict(
+        {**features, 'index': tfds.features.Scalar(dtype=np.int64)})
+    return tfds.core.DatasetInfo(builder=self, features=features,
                                  supervised_keys=('image', 'label'))
 
   def _split_generators(self, dl_manager):
@@ -115,7 +118,7 @@ class DistilledImages(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     for i, (image, label) in enumerate(zip(self._images, self._labels)):
-      yield i, {'image': image, 'label': int(label)}
+      yield i, {'image': image, 'label': int(label), 'index': i}
 
 
 def _missing_archive(title: str, archive: str, folder: str, url: str) -> MissingDataError:
