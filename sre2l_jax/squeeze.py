@@ -73,7 +73,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = models.create_model(config.teacher, spec.num_classes)
   mesh = pipeline.create_mesh(config.mesh_shape)
   validate(config, mesh)
-  checkpoint.check_fingerprint(stage_dir, fingerprint(config))
 
   # Input.
   train = pipeline.load_split(config.dataset, 'train')
@@ -83,6 +82,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if steps_per_epoch == 0:
     raise ValueError(f'squeeze.batch_size={c.batch_size} exceeds the {train.num_examples} '
                      f'training images.')
+  # Only now, once the config is known to be runnable, may the workdir be claimed: a
+  # fingerprint written by a refused config would refuse its corrected version.
+  checkpoint.check_fingerprint(stage_dir, fingerprint(config))
   total_steps = int(c.epochs * steps_per_epoch)
 
   # Model, optimiser, state replicated on the mesh.

@@ -37,8 +37,10 @@ def decay_mask(params):
 def create_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
   """SGD with momentum (teacher, like the reference) or AdamW (students)."""
   if cfg.optimizer == 'sgd':
-    # PyTorch-style coupled weight decay on every parameter, as the reference's SGD.
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+    # Coupled (PyTorch-style) weight decay; on kernels only unless decay_all is set (the
+    # reference's SGD decays every parameter, BatchNorm scales included).
+    mask = None if cfg.get('decay_all', False) else decay_mask
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask),
                        optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
   if cfg.optimizer == 'adamw':
     return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)

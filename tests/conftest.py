@@ -16,7 +16,11 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 @pytest.fixture(scope='session')
 def fashion_mnist_tfds(tmp_path_factory):
   """A TFDS data dir with Fashion-MNIST prepared once for the whole session."""
-  return str(tmp_path_factory.mktemp('tfds'))
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sre2l_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  datasets.prepare(ml_collections.ConfigDict(dict(name='fashion_mnist', data_dir=data_dir)))
+  return data_dir
 
 
 def pytest_configure(config):
