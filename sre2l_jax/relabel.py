@@ -127,6 +127,14 @@ def teacher_logits(teacher, views, *, model):
 # ----------------------------------------------------------------------------- storage
 
 
+VIEW_KEYS = ('min_scale', 'max_scale', 'mix', 'cutmix_alpha', 'mixup_alpha', 'mix_prob')
+
+
+def view_settings(cfg) -> dict:
+  """The relabel settings that, with the schedule, fix every view (stored in the manifest)."""
+  return {k: cfg[k] for k in VIEW_KEYS}
+
+
 def compress(logits: np.ndarray, storage: str, topk: int, temperature: float) -> dict:
   """Logits (..., C) float32 -> the arrays that are stored."""
   if storage == 'float32':
@@ -188,7 +196,9 @@ class StoredLabels:
 
   @classmethod
   def open(cls, directory: str, images: np.ndarray, schedule: Schedule,
-           temperature: float) -> 'StoredLabels':
+           temperature: float, view: dict | None = None) -> 'StoredLabels':
+    """`view`: `view_settings` of the relabel config that will replay the views (checked
+    against the labels' when given: other crops or mixing would get the wrong labels)."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
       raise LabelError(f'No stored labels at {directory}. Produce them with: python -m '
@@ -203,12 +213,20 @@ class StoredLabels:
                        ('seed', schedule.seed)):
       if manifest[key] != value:
         problems.append(f'{key} is {manifest[key]} in the labels but {value} now')
+    for key, value in (view or {}).items():
+      if manifest['view'].get(key) != value:
+        problems.append(f'view setting {key} is {manifest["view"].get(key)!r} in the labels '
+                        f'but {value!r} now')
     if manifest['storage'] == 'topk' and manifest['temperature'] != temperature:
       problems.append(f'top-k labels were made at temperature {manifest["temperature"]}, '
                       f'evaluate uses {temperature}')
     if problems:
       raise LabelError(f'The labels in {directory} do not match: {"; ".join(problems)}. '
                        f'Re-run --stages=relabel on this workdir after removing {directory}.')
+    if not manifest.get('complete'):
+      raise LabelError(f'The labels in {directory} are incomplete (the relabel run did not '
+                       f'finish). Re-run --stages=relabel on this workdir: it resumes from '
+                       f'the last finished shard.')
     return cls(directory, manifest)
 
   def shard_for(self, epoch: int) -> dict:
@@ -245,16 +263,20 @@ def write_labels(directory: str, images: np.ndarray, schedule: Schedule, cfg, sp
               'batch_size': schedule.batch_size, 'epochs': schedule.epochs,
               'steps_per_epoch': schedule.steps_per_epoch, 'seed': schedule.seed,
               'num_classes': spec.num_classes, 'images_sha256': images_digest(images),
-              'view': {k: cfg[k] for k in ('min_scale', 'max_scale', 'mix', 'cutmix_alpha',
-                                           'mixup_alpha', 'mix_prob')},
-              'shards': []}
+              'view': view_settings(cfg), 'shards': []}
   if os.path.exists(manifest_path):
     old = checkpoint.read_json(manifest_path)
     if {k: v for k, v in old.items() if k not in ('shards', 'complete', 'bytes')} == {
         k: v for k, v in manifest.items() if k != 'shards'}:
-      manifest['shards'] = [s for s in old['shards'] if os.path.exists(
-          os.path.join(directory, s['file'])) and _sha256(
-              os.path.join(directory, s['file'])) == s['sha256']]
+      # Keep the finished shards up to the first missing or damaged one: shards after a
+      # gap would otherwise hide it (relabel resumes after the last kept shard).
+      for s in old['shards']:
+        path = os.path.join(directory, s['file'])
+        end = manifest['shards'][-1]['epochs'][1] if manifest['shards'] else 0
+        if (s['epochs'][0] != end or not os.path.exists(path)
+            or _sha256(path) != s['sha256']):
+          break
+        manifest['shards'].append(s)
   done = max([s['epochs'][1] for s in manifest['shards']], default=0)
 
   sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)

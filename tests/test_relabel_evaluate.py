@@ -1,0 +1,616 @@
+"""Relabel + evaluate: stored labels == online labels, exact view replay, top-k storage,
+checksums and mismatches, missing stages, SIGKILL + resume of a student, the report, and
+shard-level resume of relabel.
+
+The teacher is a ConvNet-BN with random weights and random (non-trivial) BatchNorm running
+statistics, and the distilled set is random uint8 noise (IPC 2): no squeeze or recover run
+is needed. The real Fashion-MNIST IDX files are cut to their first images (the smoke
+config only uses 512 train / 256 test images) so that preparing the TFDS dir takes seconds.
+Models are tiny (width 8). Compilation dominates on a busy 2-core CPU, so the module shares
+a persistent compilation cache (also with its subprocesses) and its runs share programs: the
+same relabel/student settings everywhere, so every student of a given label mode, the
+re-runs of relabel and the resumed subprocess compile nothing new.
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from sre2l_jax import checkpoint
+from sre2l_jax import evaluate
+from sre2l_jax import export
+from sre2l_jax import models
+from sre2l_jax import recover
+from sre2l_jax import relabel
+from sre2l_jax import squeeze
+from sre2l_jax import train_lib
+from sre2l_jax.data import builders
+from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
+SPEC = datasets.get_spec('fashion_mnist')
+WIDTH = 8
+IPC = 2  # 20 distilled images; relabel.batch_size 16 -> 2 steps per epoch (one wraps)
+EPOCHS = 8  # relabel/student epochs of every run: 16 student steps
+# Stored-vs-online tolerances (see test_stored_float32_and_online_train_the_same_student).
+PARAM_ATOL = 1e-4  # float32 stored vs online: measured 0.0 (bit-identical students)
+# float16 targets: measured 0 top-1 difference (of 256 test images) and a max parameter
+# difference of 2.4e-3 after 16 steps; the tolerance allows ~5 test images.
+FLOAT16_TOP1_TOL = 0.02
+
+
+def _config_module():
+  spec = importlib.util.spec_from_file_location('fashion_mnist_ipc10', CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# What every run changes in the smoke config (also given as flags to the subprocesses).
+OVERRIDES = {'teacher.width': WIDTH, 'student.width': WIDTH, 'recover.ipc': IPC,
+             'relabel.epochs': EPOCHS, 'relabel.epochs_per_shard': 2,
+             'evaluate.checkpoint_every_epochs': 1}
+
+
+def make_config(data, *, evaluate_overrides=None, **relabel_overrides):
+  config = _config_module().get_config('smoke')
+  config.dataset.update(data_dir=data['data_dir'], source_dir=data['source_dir'])
+  for key, value in OVERRIDES.items():
+    group, name = key.split('.')
+    config[group][name] = value
+  config.relabel.update(**relabel_overrides)
+  config.evaluate.update(**(evaluate_overrides or {}))
+  return config
+
+
+def write_idx(path, array):
+  with open(path, 'wb') as f:
+    f.write(struct.pack('>HBB', 0, 0x08, array.ndim))
+    f.write(struct.pack(f'>{array.ndim}I', *array.shape))
+    f.write(np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def random_teacher(config, seed=0):
+  """Random ConvNet-BN variables with random running statistics and BN affine params."""
+  model = models.create_model(config.teacher, SPEC.num_classes)
+  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + SPEC.image_shape),
+                         train=False)
+  params = jax.tree_util.tree_map(np.asarray, variables['params'])
+  stats = jax.tree_util.tree_map(np.asarray, variables['batch_stats'])
+  rng = np.random.default_rng(seed)
+  for name in stats:
+    width = stats[name]['mean'].shape[0]
+    stats[name] = {'mean': rng.normal(0.0, 0.5, width).astype(np.float32),
+                   'var': rng.uniform(0.2, 2.0, width).astype(np.float32)}
+    params[name] = {'scale': rng.uniform(0.5, 1.5, width).astype(np.float32),
+                    'bias': rng.normal(0.0, 0.2, width).astype(np.float32)}
+  to_jax = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
+  return model, {'params': to_jax(params), 'batch_stats': to_jax(stats)}
+
+
+def noise_set(seed):
+  """A class-major 'distilled' set of random uint8 images, IPC images per class."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (SPEC.num_classes * IPC,) + SPEC.image_shape, np.uint8)
+  return images, np.repeat(np.arange(SPEC.num_classes), IPC).astype(np.int32)
+
+
+def write_distilled(workdir, seed):
+  images, labels = noise_set(seed)
+  export.write_tfds(recover.distilled_dir(workdir), images, labels, SPEC.num_classes)
+
+
+def copy_workdir(source, path):
+  shutil.copytree(source, path)
+  return str(path)
+
+
+def sha256(path):
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def label_files(workdir):
+  """{relative path: sha256} of every file under workdir/relabel/<set>/."""
+  out = {}
+  root = os.path.join(workdir, 'relabel')
+  for name in sorted(os.listdir(root)):
+    if os.path.isdir(os.path.join(root, name)):
+      for f in sorted(os.listdir(os.path.join(root, name))):
+        out[f'{name}/{f}'] = sha256(os.path.join(root, name, f))
+  return out
+
+
+def finalized_steps(directory):
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def restore_state(directory, step):
+  manager = checkpoint.create_manager(directory)
+  state = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return jax.tree_util.tree_map(np.asarray, state)
+
+
+def run_stages(config, workdir, stored):
+  """relabel (stored mode) + evaluate in process; returns (evaluate result, final student
+  variables per variant), the variables caught where evaluate measures test top-1."""
+  caught = []
+  top1 = train_lib.top1
+
+  def recording_top1(eval_step, variables, *args, **kwargs):
+    caught.append(jax.tree_util.tree_map(np.asarray, jax.device_get(variables)))
+    return top1(eval_step, variables, *args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train_lib, 'top1', recording_top1)
+    if stored:
+      relabel.run(config, workdir)
+    result = evaluate.run(config, workdir)
+  names = [name for name, _, _ in evaluate.variants(config)]
+  assert len(caught) == len(names) * config.evaluate.seeds
+  return result, dict(zip(names, caught))
+
+
+def max_abs_diff(a, b):
+  diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
+  return max(jax.tree_util.tree_leaves(diffs))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """A persistent compilation cache for this module (unless one is configured already)."""
+  if jax.config.jax_compilation_cache_dir:
+    yield jax.config.jax_compilation_cache_dir
+    return
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  yield path
+  jax.config.update('jax_compilation_cache_dir', None)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', min_time)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  """A TFDS data dir of real Fashion-MNIST, cut to its first 600 train / 300 test images."""
+  root = tmp_path_factory.mktemp('fashion_mnist')
+  source = root / 'idx'
+  source.mkdir()
+  sizes = {'train': 600, 'test': 300}
+  for split, names in builders.FASHION_MNIST_FILES.items():
+    for name in names:
+      array = builders.read_idx(os.path.join(builders.FASHION_MNIST_DIR, name))
+      write_idx(source / name[:-len('.gz')], array[:sizes[split]])
+  out = {'data_dir': str(root / 'tfds'), 'source_dir': str(source)}
+  datasets.prepare(ml_collections.ConfigDict(dict(name='fashion_mnist', **out)))
+  return out
+
+
+@pytest.fixture(scope='module')
+def base_workdir(data, tmp_path_factory):
+  """A workdir holding a random teacher (squeeze/teacher) and a noise distilled set."""
+  workdir = str(tmp_path_factory.mktemp('base'))
+  config = make_config(data)
+  _, variables = random_teacher(config)
+  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'), variables,
+                          squeeze.teacher_meta(config, SPEC))
+  write_distilled(workdir, seed=0)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def online_run(data, base_workdir, tmp_path_factory):
+  workdir = copy_workdir(base_workdir, tmp_path_factory.mktemp('online') / 'w')
+  result, students = run_stages(make_config(data, mode='online'), workdir, stored=False)
+  return workdir, result, students
+
+
+@pytest.fixture(scope='module')
+def stored_float32_run(data, base_workdir, tmp_path_factory):
+  """Stored float32 labels for the distilled set and the random baseline (do not modify)."""
+  workdir = copy_workdir(base_workdir, tmp_path_factory.mktemp('stored32') / 'w')
+  config = make_config(data, mode='stored', storage='float32')
+  result, students = run_stages(config, workdir, stored=True)
+  return workdir, result, students
+
+
+@pytest.fixture(scope='module')
+def stored_float16_run(data, base_workdir, tmp_path_factory):
+  workdir = copy_workdir(base_workdir, tmp_path_factory.mktemp('stored16') / 'w')
+  config = make_config(data, mode='stored', storage='float16',
+                       evaluate_overrides=dict(baselines=''))
+  result, students = run_stages(config, workdir, stored=True)
+  return workdir, result, students
+
+
+# ----------------------------------------------------------------------------- 1. stored == online
+
+
+def test_stored_float32_and_online_train_the_same_student(online_run, stored_float32_run):
+  _, online, online_students = online_run
+  _, stored, stored_students = stored_float32_run
+  assert set(online['variants']) == set(stored['variants']) == {'distilled', 'random'}
+  report = {}
+  for name in online['variants']:
+    a, b = online['variants'][name], stored['variants'][name]
+    assert (a['labels'], b['labels']) == ('online', 'stored')
+    assert a['steps'] == b['steps'] == EPOCHS * 2
+    diff = max_abs_diff(online_students[name], stored_students[name])
+    report[name] = (a['test_top1'][0], b['test_top1'][0], diff)
+    # 0.1 point of accuracy = 0.001 as a fraction (one test image is 0.0039).
+    assert abs(a['test_top1_mean'] - b['test_top1_mean']) < 1e-3, report
+    assert diff <= PARAM_ATOL, report
+  print('stored float32 vs online (top-1 online, top-1 stored, max |param diff|):', report)
+
+
+def test_stored_float16_is_close_to_online(online_run, stored_float16_run):
+  _, online, online_students = online_run
+  _, stored, stored_students = stored_float16_run
+  a, b = online['variants']['distilled'], stored['variants']['distilled']
+  diff = max_abs_diff(online_students['distilled'], stored_students['distilled'])
+  print(f'stored float16 vs online: top-1 {a["test_top1"][0]} vs {b["test_top1"][0]}, '
+        f'max |param diff| {diff:.3g}')
+  assert abs(a['test_top1_mean'] - b['test_top1_mean']) <= FLOAT16_TOP1_TOL
+  assert 0 < diff < 1e-2  # the same student up to float16 rounding of the targets
+
+
+# ----------------------------------------------------------------------------- 2. exact replay
+
+
+def views_fn(mesh, cfg):
+  """make_views jitted as relabel.write_labels jits it (same program, same shardings)."""
+  sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
+  fn = jax.jit(functools.partial(relabel.make_views, cfg=cfg, spec=SPEC),
+               in_shardings=(replicated, sharded),
+               out_shardings=(sharded, replicated, replicated))
+  return lambda key, x: [np.asarray(a) for a in fn(key, jax.device_put(x, sharded))]
+
+
+def test_views_replay_exactly(data):
+  config = make_config(data)
+  images, _ = noise_set(seed=3)
+  schedule = relabel.make_schedule(config, len(images))
+  assert (schedule.batch_size, schedule.steps_per_epoch) == (16, 2)
+  eight = views_fn(pipeline.create_mesh(8), config.relabel)
+  one = views_fn(pipeline.create_mesh(1), config.relabel)
+  views = {}
+  for epoch, batch in ((0, 0), (0, 1), (1, 0), (3, 1)):
+    key, x = schedule.view_key(epoch, batch), images[schedule.batch_indices(epoch, batch)]
+    first, again, single = eight(key, x), eight(key, x), one(key, x)
+    for a, b, c in zip(first, again, single):  # views, lam, partner
+      np.testing.assert_array_equal(a, b)
+      np.testing.assert_array_equal(a, c)
+    assert 0.0 < first[1] < 1.0  # mix_prob 1: every batch is mixed
+    views[epoch, batch] = first
+  # Other epochs or batches give other views and other mixing (lambda, partners).
+  pairs = [((0, 0), (1, 0)), ((0, 0), (0, 1)), ((1, 0), (3, 1))]
+  for u, v in pairs:
+    assert not np.array_equal(views[u][0], views[v][0])
+    assert views[u][1] != views[v][1] or not np.array_equal(views[u][2], views[v][2])
+  # The key alone (same images in the same order) changes crops and mixing.
+  x = images[schedule.batch_indices(0, 0)]
+  assert not np.array_equal(one(schedule.view_key(0, 0), x)[0],
+                            one(schedule.view_key(2, 0), x)[0])
+  assert np.isfinite(views[0, 0][0]).all()
+  assert views[0, 0][0].shape == (16,) + SPEC.image_shape
+
+
+def test_schedule_covers_every_image_each_epoch():
+  for num_images, batch in ((20, 16), (20, 4), (7, 8), (100, 32)):
+    schedule = relabel.Schedule(num_images, batch, epochs=5, seed=1)
+    orders = []
+    for epoch in range(schedule.epochs):
+      index = np.concatenate([schedule.batch_indices(epoch, b)
+                              for b in range(schedule.steps_per_epoch)])
+      assert index.shape == (schedule.steps_per_epoch * batch,)
+      assert all(len(schedule.batch_indices(epoch, b)) == batch
+                 for b in range(schedule.steps_per_epoch))
+      assert set(index.tolist()) == set(range(num_images)), (num_images, batch, epoch)
+      np.testing.assert_array_equal(
+          index, np.concatenate([schedule.batch_indices(epoch, b)
+                                 for b in range(schedule.steps_per_epoch)]))
+      orders.append(index)
+    assert not all(np.array_equal(orders[0], o) for o in orders[1:])
+  # Pure function of the seed: another Schedule object replays it, another seed does not.
+  a, b = relabel.Schedule(20, 16, 3, 0), relabel.Schedule(20, 16, 3, 0)
+  np.testing.assert_array_equal(a.batch_indices(2, 1), b.batch_indices(2, 1))
+  assert not np.array_equal(a.batch_indices(2, 0), relabel.Schedule(20, 16, 3, 1)
+                            .batch_indices(2, 0))
+
+
+# ----------------------------------------------------------------------------- 3. top-k
+
+
+def test_topk_labels_are_small_and_keep_the_top_probabilities(data, base_workdir, tmp_path):
+  # 100 images, 7 batches of 16 views (the students' batch, so nothing new is compiled),
+  # 20 epochs in one shard: 2240 label rows.
+  config = make_config(data, epochs=20, epochs_per_shard=20)
+  mesh = pipeline.create_mesh(config.mesh_shape)
+  model, teacher = squeeze.load_teacher(config, base_workdir, mesh)
+  images = np.random.default_rng(5).integers(0, 256, (100,) + SPEC.image_shape, np.uint8)
+  schedule = relabel.make_schedule(config, len(images))
+  temperature = config.evaluate.temperature
+  manifests, labels = {}, {}
+  for storage in ('float16', 'topk'):
+    cfg = ml_collections.ConfigDict(config.relabel.to_dict())
+    cfg.update(storage=storage, topk=1)
+    directory = str(tmp_path / storage)
+    manifests[storage] = relabel.write_labels(directory, images, schedule, cfg, SPEC, model,
+                                              teacher, mesh, temperature)
+    assert manifests[storage]['complete'] and len(manifests[storage]['shards']) == 1
+    labels[storage] = relabel.StoredLabels.open(directory, images, schedule, temperature,
+                                                relabel.view_settings(cfg))
+  ratio = manifests['float16']['bytes'] / manifests['topk']['bytes']
+  print(f'label bytes: float16 {manifests["float16"]["bytes"]}, top-k k=1 '
+        f'{manifests["topk"]["bytes"]} ({ratio:.2f}x smaller)')
+  assert ratio >= 5.0
+
+  # The targets: rows sum to 1 and the top-k probabilities are kept (k=1 as stored; k=3
+  # compressed here from the float16 logits of the same views).
+  logits = labels['float16'].epoch(7)['logits']
+  probs = np.asarray(jax.nn.softmax(logits.astype(np.float32) / temperature))
+  stored_k1 = labels['topk'].epoch(7)
+  assert stored_k1['topk_probs'].shape == stored_k1['topk_index'].shape == (7, 16, 1)
+  assert stored_k1['topk_index'].dtype == np.uint8
+  for k, stored in ((1, stored_k1), (3, relabel.compress(logits, 'topk', 3, temperature))):
+    np.testing.assert_array_equal(stored['topk_index'], np.argsort(-probs, axis=-1)[..., :k])
+    targets = np.asarray(relabel.targets_from_stored(stored, SPEC.num_classes, temperature))
+    assert targets.shape == (7, 16, SPEC.num_classes)
+    np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-5)
+    index = stored['topk_index'].astype(np.int64)
+    kept = np.take_along_axis(targets, index, -1)
+    np.testing.assert_array_equal(kept, stored['topk_probs'].astype(np.float32))
+    np.testing.assert_allclose(kept, np.take_along_axis(probs, index, -1), atol=1e-3)
+    np.testing.assert_array_equal(targets.argmax(-1), index[..., 0])
+
+  # Hand-made rows: the rest of the mass is spread evenly over the other classes.
+  stored = {'topk_probs': np.asarray([[0.5, 0.3]], np.float16),
+            'topk_index': np.asarray([[4, 1]], np.uint8)}
+  targets = np.asarray(relabel.targets_from_stored(stored, 10, 1.0))
+  expected = np.full((1, 10), (1 - 0.5 - np.float32(np.float16(0.3))) / 8, np.float32)
+  expected[0, 4], expected[0, 1] = 0.5, np.float16(0.3)
+  np.testing.assert_allclose(targets, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 4. checksums
+
+
+def _fresh_evaluate(stored_float32_run, path):
+  """A copy of the stored float32 workdir without its evaluate results."""
+  workdir = copy_workdir(stored_float32_run[0], path)
+  shutil.rmtree(os.path.join(workdir, 'evaluate'))
+  return workdir
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate'])
+def test_corrupted_label_shard_is_refused(data, stored_float32_run, tmp_path, damage):
+  workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
+  manifest = checkpoint.read_json(os.path.join(workdir, 'relabel', 'distilled',
+                                               relabel.MANIFEST))
+  name = manifest['shards'][0]['file']
+  path = os.path.join(workdir, 'relabel', 'distilled', name)
+  with open(path, 'r+b') as f:
+    if damage == 'flip':
+      f.seek(os.path.getsize(path) // 2)
+      byte = f.read(1)
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte[0] ^ 0x01]))
+    else:
+      f.truncate(os.path.getsize(path) - 7)
+  config = make_config(data, mode='stored', storage='float32')
+  with pytest.raises(relabel.LabelError, match=r'(?s)' + name + r'.*corrupted.*--stages=relabel'):
+    evaluate.run(config, workdir)
+
+
+def test_labels_of_other_images_are_refused(data, stored_float32_run, tmp_path):
+  workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
+  write_distilled(workdir, seed=1)  # the distilled set changed after relabel
+  config = make_config(data, mode='stored', storage='float32')
+  with pytest.raises(relabel.LabelError, match=r'(?s)other images.*--stages=relabel'):
+    evaluate.run(config, workdir)
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(relabel=dict(batch_size=8)), 'batch_size is 16 in the labels but 8 now'),
+    (dict(seed=1), 'seed is 0 in the labels but 1 now'),
+    (dict(relabel=dict(epochs=EPOCHS + 2)), f'epochs is {EPOCHS} in the labels'),
+    (dict(relabel=dict(min_scale=0.5)), 'min_scale'),
+    (dict(relabel=dict(mix='mixup')), 'mix'),
+])
+def test_labels_made_under_other_settings_are_refused(data, stored_float32_run, tmp_path,
+                                                      change, message):
+  workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
+  config = make_config(data, mode='stored', storage='float32')
+  config.relabel.update(**change.get('relabel', {}))
+  if 'seed' in change:
+    config.seed = change['seed']
+  with pytest.raises(relabel.LabelError, match=r'(?s)' + message + r'.*--stages=relabel'):
+    evaluate.run(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'evaluate', 'result.json'))
+
+
+def test_incomplete_labels_are_refused(data, stored_float32_run, tmp_path):
+  """A relabel run killed between shards leaves a manifest without `complete`."""
+  workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
+  path = os.path.join(workdir, 'relabel', 'distilled', relabel.MANIFEST)
+  manifest = checkpoint.read_json(path)
+  os.remove(os.path.join(workdir, 'relabel', 'distilled', manifest['shards'][-1]['file']))
+  manifest['shards'] = manifest['shards'][:-1]
+  del manifest['complete'], manifest['bytes']
+  checkpoint.write_json(path, manifest)
+  config = make_config(data, mode='stored', storage='float32')
+  with pytest.raises(relabel.LabelError, match=r'(?s)incomplete.*--stages=relabel'):
+    evaluate.run(config, workdir)
+
+
+# ----------------------------------------------------------------------------- 5. missing stages
+
+
+def test_missing_stages_are_named(data, base_workdir, tmp_path):
+  config = make_config(data, mode='online')
+  empty = str(tmp_path / 'empty')
+  shutil.copytree(os.path.join(base_workdir, 'squeeze'), os.path.join(empty, 'squeeze'))
+  with pytest.raises(FileNotFoundError, match=r'(?s)recover.*--stages=recover'):
+    evaluate.run(config, empty)
+  with pytest.raises(FileNotFoundError, match=r'--stages=recover'):
+    relabel.run(make_config(data, mode='stored'), empty)
+  workdir = copy_workdir(base_workdir, tmp_path / 'w')
+  with pytest.raises(relabel.LabelError, match=r'(?s)No stored labels.*--stages=relabel'):
+    evaluate.run(make_config(data, mode='stored'), workdir)
+
+
+# ----------------------------------------------------------------------------- 6. SIGKILL + resume
+
+
+def main_command(workdir, data):
+  flags = [f'--config.dataset.data_dir={data["data_dir"]}',
+           f'--config.dataset.source_dir={data["source_dir"]}']
+  flags += [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  return [sys.executable, '-m', 'sre2l_jax.main', f'--config={CONFIG_FILE}:smoke',
+          f'--workdir={workdir}', '--stages=evaluate'] + flags
+
+
+def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_run,
+                                                    compilation_cache_dir, tmp_path):
+  """The subprocess runs the online_run's configuration (its uninterrupted reference)."""
+  student = os.path.join('evaluate', 'distilled', 'seed0')
+  total = EPOCHS * 2
+  workdir = copy_workdir(base_workdir, tmp_path / 'killed')
+  checkpoints = os.path.join(workdir, student, 'checkpoints')
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  with open(str(tmp_path / 'log.txt'), 'w') as log:
+    process = subprocess.Popen(main_command(workdir, data), cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 240
+    while not finalized_steps(checkpoints):
+      if process.poll() is not None or time.time() > deadline:
+        process.kill()
+        process.wait()
+        with open(log.name) as f:
+          pytest.fail(f'evaluate ended (rc {process.returncode}) before its first '
+                      f'checkpoint:\n{f.read()[-3000:]}')
+      time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+  assert process.returncode == -signal.SIGKILL
+  killed_step = finalized_steps(checkpoints)[-1]
+  assert 0 < killed_step < total, f'killed too late: {finalized_steps(checkpoints)}'
+  assert not os.path.exists(os.path.join(workdir, student, 'result.json'))
+  assert not os.path.exists(os.path.join(workdir, 'evaluate', 'result.json'))
+
+  completed = subprocess.run(main_command(workdir, data), cwd=REPO, capture_output=True,
+                             text=True, timeout=240, check=False, env=env)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  resumed = checkpoint.read_json(os.path.join(workdir, student, 'result.json'))
+  assert resumed['resumed_from_step'] == killed_step > 0
+  assert resumed['steps'] == total
+
+  reference_dir, reference, _ = online_run
+  ref_student = checkpoint.read_json(os.path.join(reference_dir, student, 'result.json'))
+  assert ref_student['resumed_from_step'] == 0
+  assert resumed['test_top1'] == ref_student['test_top1']
+  result = checkpoint.read_json(os.path.join(workdir, 'evaluate', 'result.json'))
+  assert result['variants'] == reference['variants']
+  # The last checkpoints (one epoch before the end) hold the same state, bit for bit.
+  last = total - 2
+  ref_checkpoints = os.path.join(reference_dir, student, 'checkpoints')
+  assert finalized_steps(checkpoints)[-1] == finalized_steps(ref_checkpoints)[-1] == last
+  jax.tree_util.tree_map(np.testing.assert_array_equal, restore_state(checkpoints, last),
+                         restore_state(ref_checkpoints, last))
+
+
+# ----------------------------------------------------------------------------- 7. report
+
+
+def test_report_has_the_variants_and_the_storage_table(stored_float32_run, online_run):
+  workdir, result, _ = stored_float32_run
+  data = checkpoint.read_json(os.path.join(workdir, 'report.json'))
+  variants = data['stages']['evaluate']['variants']
+  assert set(variants) == {'distilled', 'random'}
+  assert variants == result['variants']
+  assert 'improvement_over_random' in data['dd_ranking']
+  assert set(data['storage']) == {'distilled', 'random'}
+  for name, s in data['storage'].items():
+    manifest = checkpoint.read_json(os.path.join(workdir, 'relabel', name, relabel.MANIFEST))
+    assert s['label_bytes'] == manifest['bytes'] > 0
+    assert s['storage'] == 'float32'
+    assert s['image_bytes'] == 10 * IPC * 28 * 28
+  with open(os.path.join(workdir, 'report.md')) as f:
+    md = f.read()
+  assert '## Student top-1 on the real test split' in md
+  assert '## Storage' in md
+  for name in ('distilled', 'random'):
+    assert f'| {name} | stored |' in md
+    assert f'| {name} | {data["storage"][name]["label_bytes"]} | float32 |' in md
+  assert 'evaluate' in data['wall_seconds'] and 'relabel' in data['wall_seconds']
+  # Online mode: the same variants, no storage table.
+  online_dir = online_run[0]
+  online = checkpoint.read_json(os.path.join(online_dir, 'report.json'))
+  assert set(online['stages']['evaluate']['variants']) == {'distilled', 'random'}
+  assert not online.get('storage')
+  with open(os.path.join(online_dir, 'report.md')) as f:
+    assert '## Storage' not in f.read()
+
+
+# ----------------------------------------------------------------------------- 8. relabel resume
+
+
+def test_relabel_resumes_at_shard_granularity(data, stored_float32_run, tmp_path):
+  first_dir = stored_float32_run[0]
+  first = label_files(first_dir)
+  workdir = copy_workdir(first_dir, tmp_path / 'w')
+  directory = os.path.join(workdir, 'relabel', 'distilled')
+  manifest = checkpoint.read_json(os.path.join(directory, relabel.MANIFEST))
+  assert len(manifest['shards']) == EPOCHS // 2
+  kept = {s['file']: os.stat(os.path.join(directory, s['file'])).st_mtime_ns
+          for s in manifest['shards'][:-1]}
+  os.remove(os.path.join(directory, manifest['shards'][-1]['file']))
+  manifest['shards'] = manifest['shards'][:-1]
+  del manifest['complete'], manifest['bytes']
+  checkpoint.write_json(os.path.join(directory, relabel.MANIFEST), manifest)
+
+  relabel.run(make_config(data, mode='stored', storage='float32'), workdir)
+  assert label_files(workdir) == first
+  for name, mtime in kept.items():  # finished shards were not rewritten
+    assert os.stat(os.path.join(directory, name)).st_mtime_ns == mtime
+
+
+def test_relabel_rewrites_from_the_first_bad_shard(data, stored_float32_run, tmp_path):
+  """A corrupted middle shard: every shard from it on is rewritten, the labels equal the
+  first run's (a later intact shard must not make relabel skip the bad one)."""
+  first_dir = stored_float32_run[0]
+  first = label_files(first_dir)
+  workdir = copy_workdir(first_dir, tmp_path / 'w')
+  directory = os.path.join(workdir, 'relabel', 'distilled')
+  manifest = checkpoint.read_json(os.path.join(directory, relabel.MANIFEST))
+  with open(os.path.join(directory, manifest['shards'][1]['file']), 'r+b') as f:
+    f.truncate(100)
+  relabel.run(make_config(data, mode='stored', storage='float32'), workdir)
+  assert label_files(workdir) == first
