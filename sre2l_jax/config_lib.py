@@ -84,4 +84,14 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batch_size=1000, baselines='random',  # ',' list of: random, hard_label
       checkpoint_every_epochs=50, log_every_steps=100,
   ))
+
+  # Continual: class-incremental evaluation (`--stages=continual`); the student uses
+  # config.student, the evaluate optimiser and temperature, and the relabel views.
+  c.continual = ml_collections.ConfigDict(dict(
+      steps=5,  # class groups learned one after another; must divide the number of classes
+      class_order_seed=0,  # the class order is a permutation drawn from this seed...
+      class_order='',  # ...unless given here: every class once, comma-separated
+      epochs_per_step=100,  # student epochs over the images of the seen classes, per step
+      sets='distilled,random',  # compared image sets: distilled, random (real subset)
+  ))
   return c

@@ -37,17 +37,35 @@ def kl_divergence(student_logits, targets, temperature: float):
   return jnp.mean(jnp.sum(jnp.where(targets > 0, targets * (log_p - log_q), 0.0), axis=-1))
 
 
+def mask_logits(logits, class_mask):
+  """Logits (..., C) with the classes outside `class_mask` (bool (C,)) set to -inf, so a
+  softmax gives them exactly zero probability; `class_mask=None` keeps every class."""
+  return logits if class_mask is None else jnp.where(class_mask, logits, -jnp.inf)
+
+
+def soft_targets(teacher, views, *, teacher_model, temperature: float, class_mask=None):
+  """The teacher's soft labels (B, C) on `views` at `temperature`, restricted to
+  `class_mask` (None: all classes)."""
+  logits = relabel.teacher_logits(teacher, views, model=teacher_model)
+  return jax.nn.softmax(mask_logits(logits, class_mask) / temperature, axis=-1)
+
+
 def student_step(state, images, labels, stored, key, teacher, *, cfg, spec, teacher_model,
-                 temperature: float, target: str):
+                 temperature: float, target: str, class_mask=None):
   """One student step on one batch of views.
 
   target: 'online' (teacher logits computed here), 'stored' (`stored` holds this batch's
-  stored arrays) or 'hard' (mixed one-hot labels). Returns (state, metrics).
+  stored arrays) or 'hard' (mixed one-hot labels). class_mask: None, or bool (C,) of the
+  classes the student may learn (continual, target 'online' only): teacher and student
+  logits of the others are -inf, so neither the targets nor the gradients involve them.
+  Returns (state, metrics).
   """
+  if class_mask is not None and target != 'online':
+    raise ValueError(f"class_mask needs target='online', not {target!r}.")
   views, lam, partner = relabel.make_views(key, images, cfg=cfg, spec=spec)
   if target == 'online':
-    targets = jax.nn.softmax(relabel.teacher_logits(teacher, views, model=teacher_model) /
-                             temperature, axis=-1)
+    targets = soft_targets(teacher, views, teacher_model=teacher_model,
+                           temperature=temperature, class_mask=class_mask)
   elif target == 'stored':
     targets = relabel.targets_from_stored(stored, spec.num_classes, temperature)
   else:
@@ -57,6 +75,7 @@ def student_step(state, images, labels, stored, key, teacher, *, cfg, spec, teac
   def loss_fn(params):
     logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                      views, train=True, mutable=['batch_stats'])
+    logits = mask_logits(logits, class_mask)
     if target == 'hard':
       loss = optax.softmax_cross_entropy(logits, targets).mean()
     else:
@@ -94,7 +113,8 @@ def train_student(config, workdir, name, images, labels, hard, seed, mesh, teach
   stored = None
   if mode == 'stored':
     stored = relabel.StoredLabels.open(relabel.label_dir(workdir, name), images, schedule,
-                                       config.evaluate.temperature)
+                                       config.evaluate.temperature,
+                                       relabel.view_settings(config.relabel))
 
   model = models.create_model(config.student, spec.num_classes)
   total = schedule.total_steps

@@ -1,0 +1,379 @@
+"""Continual: class-incremental evaluation of a distilled set (SRe2L's Tiny-ImageNet 5- and
+10-step setting, after DM).
+
+The classes arrive in `continual.steps` equal groups, in a seeded random order or in the
+explicit `continual.class_order`. For every image set (the distilled set, and the
+class-balanced random real subset as the same-protocol baseline) one student learns step
+after step. At step k it continues from step k-1 (parameters and BatchNorm statistics; the
+optimiser state and its cosine schedule start afresh) and trains `continual.epochs_per_step`
+epochs on the set's images of every class seen so far (the views of `relabel.make_views`),
+with the teacher's soft labels restricted to those classes: teacher and student logits of the
+unseen classes are -inf before the softmax at temperature T, so no label mass and no gradient
+ever reaches them. It is then evaluated on the real test images of the seen classes,
+predicting among the seen classes. Labels are computed online (stored labels were made for
+another schedule).
+
+Each finished (set, step) is checkpointed (`continual/<set>/checkpoints`, checkpoint step =
+class steps done) and recorded in `continual/<set>/steps.json`, and `continual/progress.json`
+counts the steps every set has finished; a killed run resumes from the last finished step.
+Outputs: `continual/result.json`, `continual/accuracy.png` and the report's section.
+"""
+
+import collections
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from sre2l_jax import checkpoint
+from sre2l_jax import evaluate
+from sre2l_jax import models
+from sre2l_jax import relabel
+from sre2l_jax import report
+from sre2l_jax import squeeze
+from sre2l_jax import train_lib
+from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
+
+SETS = ('distilled', 'random')
+PROGRESS = 'progress.json'
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def class_order(config, num_classes: int) -> list[int]:
+  """The order in which the classes arrive: `continual.class_order` (comma-separated ids,
+  every class exactly once) or a permutation drawn from `continual.class_order_seed`."""
+  cfg = config.continual
+  text = str(cfg.class_order or '').strip()
+  if not text:
+    rng = np.random.default_rng([cfg.class_order_seed, 0xc1a55])
+    return [int(c) for c in rng.permutation(num_classes)]
+  items = [t.strip() for t in text.split(',')]
+  bad = [t for t in items if not t.isdigit()]
+  if bad:
+    raise ValueError(f'continual.class_order has entries that are not class ids: {bad}. '
+                     f'List every class id 0..{num_classes - 1} once, comma-separated.')
+  order = [int(t) for t in items]
+  counts = collections.Counter(order)
+  problems = []
+  outside = sorted(c for c in counts if c >= num_classes)
+  if outside:
+    problems.append(f'out of range (0..{num_classes - 1}): {outside}')
+  repeated = sorted(c for c, n in counts.items() if n > 1)
+  if repeated:
+    problems.append(f'repeated: {repeated}')
+  missing = sorted(set(range(num_classes)) - set(counts))
+  if missing:
+    problems.append(f'missing: {missing}')
+  if problems:
+    raise ValueError(f'continual.class_order must list each of the {num_classes} classes '
+                     f'exactly once; {"; ".join(problems)}.')
+  return order
+
+
+def step_classes(order: list[int], steps: int) -> list[list[int]]:
+  """The classes that arrive at each step: `order` cut into `steps` equal groups."""
+  n = len(order)
+  if steps <= 0 or n % steps:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    raise ValueError(f'continual.steps={steps} does not divide the {n} classes into equal '
+                     f'groups; valid: {divisors}.')
+  per = n // steps
+  return [list(order[i * per:(i + 1) * per]) for i in range(steps)]
+
+
+def seen_classes(groups: list[list[int]], step: int) -> list[int]:
+  """Every class seen up to and including `step` (0-based), in arrival order."""
+  return [c for group in groups[:step + 1] for c in group]
+
+
+def class_mask(seen, num_classes: int) -> np.ndarray:
+  """bool (num_classes,): True for the seen classes."""
+  mask = np.zeros(num_classes, bool)
+  mask[np.asarray(list(seen), int)] = True
+  return mask
+
+
+def seen_subset(images: np.ndarray, labels: np.ndarray, seen) -> tuple[np.ndarray, np.ndarray]:
+  """The images and labels of the classes in `seen`, in their original order."""
+  keep = np.isin(labels, np.asarray(list(seen)))
+  return images[keep], labels[keep]
+
+
+def step_schedule(config, num_images: int, step: int, num_devices: int) -> relabel.Schedule:
+  """Batches and views of class step `step`: batches of relabel.batch_size, or, while the
+  seen set is smaller, of all its images rounded up to the device count (wrapping around)."""
+  batch = min(config.relabel.batch_size, -(-num_images // num_devices) * num_devices)
+  seed = int(np.random.default_rng([config.seed, step, 0xc0]).integers(2**31 - 1))
+  return relabel.Schedule(num_images, batch, config.continual.epochs_per_step, seed)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def create_optimizer(config):
+  """The evaluate optimiser with its learning rate injected as state, so that the class
+  steps (each with its own cosine schedule) share one compiled step."""
+  return optax.inject_hyperparams(
+      lambda learning_rate: train_lib.create_optimizer(config.evaluate, learning_rate))(
+          learning_rate=0.0)
+
+
+def continual_step(state, images, labels, key, teacher, mask, learning_rate, *, cfg, spec,
+                   teacher_model, temperature: float):
+  """`evaluate.student_step` (online soft labels) restricted to the classes in `mask`
+  (bool (C,)) at `learning_rate` (). Returns (state, metrics)."""
+  hyperparams = dict(state.opt_state.hyperparams, learning_rate=learning_rate)
+  state = state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
+  return evaluate.student_step(state, images, labels, None, key, teacher, cfg=cfg, spec=spec,
+                               teacher_model=teacher_model, temperature=temperature,
+                               target='online', class_mask=mask)
+
+
+def create_step_fn(config, spec, teacher_model, mesh):
+  """Jitted `continual_step`: (state, images, labels, key, teacher, mask, lr)."""
+  sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
+  return jax.jit(
+      functools.partial(continual_step, cfg=config.relabel, spec=spec,
+                        teacher_model=teacher_model, temperature=config.evaluate.temperature),
+      in_shardings=(replicated, sharded, sharded, replicated, replicated, replicated,
+                    replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def create_eval_step(model, spec, mesh):
+  """Jitted (variables, batch, mask) -> (correct, count), predicting among `mask`'s classes."""
+  def eval_step(variables, batch, mask):
+    logits = model.apply(variables, datasets.normalise(batch['image'], spec), train=False)
+    correct = (jnp.argmax(evaluate.mask_logits(logits, mask), -1) == batch['label'])
+    return (correct * batch['mask']).sum(), batch['mask'].sum()
+  replicated = pipeline.replicated(mesh)
+  return jax.jit(eval_step, in_shardings=(replicated, pipeline.data_sharding(mesh),
+                                          replicated))
+
+
+def cosine_learning_rates(lr: float, total: int) -> np.ndarray:
+  """float32 (total,): cosine decay from `lr` to 0, as `train_lib.warmup_cosine(lr, total)`
+  without warm-up, on the host (no compile per length)."""
+  return (0.5 * lr * (1 + np.cos(np.pi * np.arange(total) / max(total, 1)))).astype(np.float32)
+
+
+def train_class_step(config, step_fn, state, images, labels, mask, schedule, teacher, mesh,
+                     log_name: str):
+  """Trains `state` (fresh optimiser) on `images` over `schedule`, restricted to `mask`;
+  returns (state, mean loss over the class step)."""
+  sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
+  total = schedule.total_steps
+  lrs = cosine_learning_rates(config.evaluate.lr, total)
+  mask = jax.device_put(mask, replicated)
+  history, window = [], []
+  for i in range(total):
+    epoch, b = divmod(i, schedule.steps_per_epoch)
+    index = schedule.batch_indices(epoch, b)
+    state, metrics = step_fn(state, jax.device_put(images[index], sharded),
+                             jax.device_put(labels[index], sharded),
+                             schedule.view_key(epoch, b), teacher, mask, lrs[i])
+    history.append(metrics)
+    window.append(metrics)
+    if (i + 1) % config.evaluate.log_every_steps == 0:
+      logging.info('continual: %s iteration %d/%d loss %.4f', log_name, i + 1, total,
+                   train_lib.mean_metrics(window)['loss'])
+      window = []
+  return state, train_lib.mean_metrics(history)['loss']
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_plot(path: str, classes_seen: list[int], accuracies: dict, title: str) -> None:
+  """Top-1 (%) on the seen classes vs number of classes seen, one line per set (Agg)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(5.5, 3.8))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  for name, accs in accuracies.items():
+    ax.plot(classes_seen, 100 * np.asarray(accs), marker='o', label=name)
+  ax.set_xlabel('classes seen')
+  ax.set_ylabel('top-1 on the seen classes (%)')
+  ax.set_xticks(classes_seen)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def fingerprint(config, name: str, order: list[int], images: np.ndarray) -> dict:
+  """What fixes the meaning of one set's continual state."""
+  skip_eval = ('seeds', 'eval_batch_size', 'baselines', 'checkpoint_every_epochs',
+               'log_every_steps')
+  skip_relabel = ('mode', 'storage', 'topk', 'epochs', 'epochs_per_shard')
+  return {'set': name, 'dataset': config.dataset.name, 'test_limit': config.dataset.test_limit,
+          'student': config.student.to_dict(), 'teacher': config.teacher.to_dict(),
+          'class_order': order, 'seed': config.seed,
+          'continual': {k: v for k, v in config.continual.to_dict().items() if k != 'sets'},
+          'evaluate': {k: v for k, v in config.evaluate.to_dict().items() if k not in skip_eval},
+          'relabel': {k: v for k, v in config.relabel.to_dict().items()
+                      if k not in skip_relabel},
+          'images_sha256': relabel.images_digest(images)}
+
+
+def set_names(config) -> list[str]:
+  names = [s.strip() for s in config.continual.sets.split(',') if s.strip()]
+  unknown = sorted(set(names) - set(SETS))
+  if unknown or not names:
+    raise ValueError(f'continual.sets={config.continual.sets!r} has unknown or no sets '
+                     f'{unknown}; valid: {", ".join(SETS)}.')
+  return list(dict.fromkeys(names))
+
+
+def validate(config, spec, mesh) -> None:
+  """Clear errors for settings the stage cannot run, before any work is done."""
+  cfg = config.continual
+  set_names(config)
+  step_classes(class_order(config, spec.num_classes), cfg.steps)
+  if cfg.epochs_per_step <= 0:
+    raise ValueError(f'continual.epochs_per_step={cfg.epochs_per_step} must be positive.')
+  if config.evaluate.temperature <= 0:
+    raise ValueError(f'evaluate.temperature={config.evaluate.temperature} must be positive.')
+  if not spec.in_memory:
+    raise ValueError(f'continual needs a dataset held in memory; {spec.name} is streamed.')
+  if config.relabel.mix not in ('cutmix', 'mixup', 'none'):
+    raise ValueError(f"relabel.mix={config.relabel.mix!r}; valid: 'cutmix', 'mixup', 'none'.")
+  pipeline.check_batch_size(config.relabel.batch_size, mesh,
+                            'relabel.batch_size (continual student batch)')
+  pipeline.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
+
+
+def _empty_record() -> dict:
+  return {'test_top1': [], 'train_images': [], 'test_images': [], 'iterations': [],
+          'loss': [], 'seconds': []}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Class-incremental students for every set in `continual.sets`; writes
+  `workdir/continual/` (result.json, accuracy.png) and the workdir's report."""
+  start_time = time.time()
+  spec = datasets.get_spec(config.dataset.name)
+  mesh = pipeline.create_mesh(config.mesh_shape)
+  validate(config, spec, mesh)
+  order = class_order(config, spec.num_classes)
+  groups = step_classes(order, config.continual.steps)
+  names = set_names(config)
+  stage_dir = os.path.join(workdir, 'continual')
+
+  # Input: the image sets (names the missing stage if there is none) and the test split.
+  sets = {}
+  for name in names:
+    sets[name] = (relabel.distilled_set(workdir) if name == 'distilled'
+                  else relabel.random_subset(config, config.recover.ipc))
+  teacher_model, teacher = squeeze.load_teacher(config, workdir, mesh)
+  test = pipeline.load_split(config.dataset, 'test')
+  for name, (images, labels) in sets.items():
+    absent = sorted(set(range(spec.num_classes)) - set(np.unique(labels).tolist()))
+    if absent:
+      raise ValueError(f'The {name} set has no images of classes {absent[:20]}; continual '
+                       f'needs every class of {spec.name}.')
+    checkpoint.check_fingerprint(os.path.join(stage_dir, name),
+                                 fingerprint(config, name, order, images))
+
+  # Model, optimiser (one, re-initialised at every class step), steps.
+  model = models.create_model(config.student, spec.num_classes)
+  tx = create_optimizer(config)
+  replicated = pipeline.replicated(mesh)
+  initial = train_lib.create_train_state(model, tx, spec.image_shape,
+                                         jax.random.PRNGKey(config.seed), mesh)
+  template = {'params': initial.params, 'batch_stats': initial.batch_stats}
+  # The copy keeps the step's buffer donation from consuming `variables` (jit forwards
+  # unchanged inputs to its outputs).
+  fresh_state = jax.jit(
+      lambda v: train_lib.TrainState.create(
+          apply_fn=model.apply, tx=tx, params=jax.tree_util.tree_map(jnp.copy, v['params']),
+          batch_stats=jax.tree_util.tree_map(jnp.copy, v['batch_stats'])),
+      out_shardings=replicated)
+  step_fn = create_step_fn(config, spec, teacher_model, mesh)
+  eval_fn = create_eval_step(model, spec, mesh)
+
+  # Resume: every set continues after its last finished class step.
+  managers, records, variables = {}, {}, {}
+  for name in names:
+    managers[name] = checkpoint.create_manager(os.path.join(stage_dir, name, 'checkpoints'))
+    path = os.path.join(stage_dir, name, 'steps.json')
+    records[name] = checkpoint.read_json(path) if os.path.exists(path) else _empty_record()
+    done = len(records[name]['test_top1'])
+    for extra in [s for s in managers[name].all_steps() if s > done]:
+      managers[name].delete(extra)  # saved, but killed before steps.json recorded it
+    if done:
+      if done not in managers[name].all_steps():
+        raise checkpoint.ConfigMismatchError(
+            f'{path} records {done} finished steps but their checkpoint is missing; remove '
+            f'{os.path.join(stage_dir, name)} to start this set again.')
+      variables[name] = managers[name].restore(done, args=ocp.args.StandardRestore(template))
+      logging.info('continual: %s resumed after step %d', name, done)
+    else:
+      variables[name] = template
+  resumed_from = {name: len(records[name]['test_top1']) for name in names}
+
+  # Loop: class steps, each set in turn.
+  for k in range(config.continual.steps):
+    seen = seen_classes(groups, k)
+    mask = class_mask(seen, spec.num_classes)
+    test_k = pipeline.InMemorySplit(*seen_subset(test.images, test.labels, seen))
+    for name in names:
+      if len(records[name]['test_top1']) > k:
+        continue
+      step_start = time.time()
+      images, labels = seen_subset(*sets[name], seen)
+      schedule = step_schedule(config, len(images), k, mesh.size)
+      state, loss = train_class_step(
+          config, step_fn, fresh_state(variables[name]), images, labels, mask, schedule,
+          teacher, mesh, f'{name} step {k + 1}/{config.continual.steps}')
+      variables[name] = {'params': state.params, 'batch_stats': state.batch_stats}
+      top1 = train_lib.top1(lambda v, batch: eval_fn(v, batch, mask), variables[name], test_k,
+                            config.evaluate.eval_batch_size, mesh)
+      managers[name].save(k + 1, args=ocp.args.StandardSave(variables[name]))
+      managers[name].wait_until_finished()
+      record = records[name]
+      for key, value in (('test_top1', top1), ('train_images', len(images)),
+                         ('test_images', test_k.num_examples),
+                         ('iterations', schedule.total_steps), ('loss', loss),
+                         ('seconds', time.time() - step_start)):
+        record[key].append(value)
+      checkpoint.write_json(os.path.join(stage_dir, name, 'steps.json'), record)
+      logging.info('continual: %s step %d/%d, %d classes, %d images: top-1 %.4f', name, k + 1,
+                   config.continual.steps, len(seen), len(images), top1)
+    checkpoint.write_json(os.path.join(stage_dir, PROGRESS), {'finished_steps': k + 1})
+  for manager in managers.values():
+    manager.close()
+
+  classes_seen = [len(seen_classes(groups, k)) for k in range(len(groups))]
+  plot = os.path.abspath(os.path.join(stage_dir, 'accuracy.png'))
+  if jax.process_index() == 0:
+    write_plot(plot, classes_seen, {n: records[n]['test_top1'] for n in names},
+               f'{spec.name}, IPC {config.recover.ipc}: {len(groups)} class-incremental steps')
+  result = {'stage': 'continual', 'dataset': spec.name, 'ipc': config.recover.ipc,
+            'student': config.student.to_dict(), 'temperature': config.evaluate.temperature,
+            'steps': config.continual.steps, 'epochs_per_step': config.continual.epochs_per_step,
+            'class_order': order, 'step_classes': groups, 'classes_seen': classes_seen,
+            'protocol': 'student carried over between steps (params, batch_stats); fresh '
+                        'optimiser and cosine schedule per step; soft labels and predictions '
+                        'restricted to the seen classes',
+            'test_top1_unit': 'fraction', 'sets': records, 'resumed_from_step': min(
+                resumed_from.values()), 'resumed_from_step_per_set': resumed_from,
+            'plot': plot, 'wall_seconds': time.time() - start_time}
+  checkpoint.write_json(os.path.join(stage_dir, 'result.json'), result)
+  report.write(config, workdir)
+  return result

@@ -1,0 +1,379 @@
+"""Continual stage: no image, label mass or gradient of an unseen class reaches the student,
+SIGKILL + resume equals an uninterrupted run, bad input, and the Tiny-ImageNet smoke config
+on mock data.
+
+Teachers have random weights and distilled sets are random images: the stage needs nothing
+trained to be exercised. Fashion-MNIST runs read the real IDX files (conftest's TFDS dir).
+"""
+
+import functools
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.testing import mocking
+
+from jax.experimental.compilation_cache import compilation_cache as cc
+
+from sre2l_jax import checkpoint
+from sre2l_jax import continual
+from sre2l_jax import evaluate
+from sre2l_jax import export
+from sre2l_jax import models
+from sre2l_jax import recover
+from sre2l_jax import relabel
+from sre2l_jax import squeeze
+from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist_continual.py')
+TINY_CONFIG = os.path.join(REPO, 'configs', 'tiny_continual.py')
+FASHION = datasets.get_spec('fashion_mnist')
+
+
+def load_config(path, arg):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def fashion_config(data_dir):
+  config = load_config(FASHION_CONFIG, 'smoke')
+  config.dataset.data_dir = str(data_dir)
+  return config
+
+
+def random_variables(model, spec, seed=0):
+  """Random {'params', 'batch_stats'} drawn on the host from the model's shapes (nothing to
+  compile): kernels N(0, 1/fan_in), biases 0, BatchNorm identity."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1,) + spec.image_shape), train=False))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return rng.normal(0.0, fan_in ** -0.5, leaf.shape).astype(np.float32)
+    return np.full(leaf.shape, 1.0 if name in ('scale', 'var') else 0.0, np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(draw, shapes)
+  return {k: jax.tree_util.tree_map(jnp.asarray, variables[k])
+          for k in ('params', 'batch_stats')}
+
+
+def write_inputs(config, workdir, seed=0):
+  """A random teacher and a random class-major distilled set in `workdir`.
+
+  Returns (teacher model, teacher variables, images, labels)."""
+  spec = datasets.get_spec(config.dataset.name)
+  model = models.create_model(config.teacher, spec.num_classes)
+  variables = random_variables(model, spec, seed)
+  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'), variables,
+                          squeeze.teacher_meta(config, spec))
+  rng = np.random.default_rng(seed)
+  ipc = config.recover.ipc
+  images = rng.integers(0, 256, (spec.num_classes * ipc,) + spec.image_shape, dtype=np.uint8)
+  labels = np.repeat(np.arange(spec.num_classes), ipc).astype(np.int32)
+  export.write_tfds(recover.distilled_dir(workdir), images, labels, spec.num_classes)
+  return model, variables, images, labels
+
+
+def main_command(workdir, data_dir):
+  return [sys.executable, '-m', 'sre2l_jax.main', f'--config={FASHION_CONFIG}:smoke',
+          f'--workdir={workdir}', '--stages=continual', f'--config.dataset.data_dir={data_dir}']
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for this module's Fashion-MNIST runs: the subprocesses
+  load what the in-process run compiled (compiling dominates on a busy 2-core CPU). Returns
+  the environment for the subprocesses; the in-process settings are restored afterwards."""
+  options = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jit')),
+             'jax_persistent_cache_min_compile_time_secs': 0.0,
+             'jax_persistent_cache_min_entry_size_bytes': 0}
+  saved = {name: getattr(jax.config, name) for name in options}
+  for name, value in options.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+  yield dict(os.environ, **{name.upper(): str(value) for name, value in options.items()})
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def inputs_workdir(fashion_mnist_tfds, tmp_path_factory):
+  """Teacher + distilled set shared by the runs (do not modify)."""
+  workdir = str(tmp_path_factory.mktemp('inputs'))
+  model, variables, images, labels = write_inputs(fashion_config(fashion_mnist_tfds), workdir)
+  return dict(workdir=workdir, model=model, teacher=variables, images=images, labels=labels)
+
+
+def copy_inputs(inputs, workdir):
+  for stage in ('squeeze', 'recover'):
+    shutil.copytree(os.path.join(inputs['workdir'], stage), os.path.join(workdir, stage))
+  return str(workdir)
+
+
+@pytest.fixture(scope='module')
+def reference_run(inputs_workdir, fashion_mnist_tfds, compilation_cache, tmp_path_factory):
+  """The uninterrupted run, in process, with every call of the jitted step recorded."""
+  config = fashion_config(fashion_mnist_tfds)
+  workdir = copy_inputs(inputs_workdir, tmp_path_factory.mktemp('reference'))
+  calls = []
+  create_step_fn = continual.create_step_fn
+
+  def spying_create_step_fn(*args, **kwargs):
+    step_fn = create_step_fn(*args, **kwargs)
+
+    def spy(state, images, labels, key, teacher, mask, learning_rate):
+      call = dict(images=np.asarray(images), labels=np.asarray(labels), key=np.asarray(key),
+                  mask=np.asarray(mask))
+      state, metrics = step_fn(state, images, labels, key, teacher, mask, learning_rate)
+      calls.append(dict(call, bias_after=np.asarray(state.params['fc']['bias'])))
+      return state, metrics
+    return spy
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(continual, 'create_step_fn', spying_create_step_fn)
+    result = continual.run(config, workdir)
+  return dict(config=config, workdir=workdir, result=result, calls=calls)
+
+
+# ----------------------------------------------------------------------------- unseen classes
+
+
+def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
+  config, calls, result = (reference_run[k] for k in ('config', 'calls', 'result'))
+  steps, ipc = config.continual.steps, config.recover.ipc
+  order = continual.class_order(config, FASHION.num_classes)
+  groups = continual.step_classes(order, steps)
+  assert result['class_order'] == order and result['step_classes'] == groups
+  assert sorted(order) == list(range(10)) and order != list(range(10))
+  assert result['classes_seen'] == [2, 4, 6, 8, 10]
+  prefixes = [frozenset(continual.seen_classes(groups, k)) for k in range(steps)]
+
+  sets = {'distilled': (inputs_workdir['images'], inputs_workdir['labels']),
+          'random': relabel.random_subset(config, ipc)}
+  owner = {}  # image bytes -> {(set, label)}
+  for name, (images, labels) in sets.items():
+    for image, label in zip(images, labels):
+      owner.setdefault(image.tobytes(), set()).add((name, int(label)))
+    # The per-step data selection: every image of the seen classes, nothing else.
+    for seen in prefixes:
+      _, selected = continual.seen_subset(images, labels, sorted(seen))
+      assert set(selected.tolist()) == seen and len(selected) == ipc * len(seen)
+
+  # Every call of the jitted step in the run: the images fed (identified by content), the
+  # labels and the class mask belong to one step's seen classes, and after the update the fc
+  # bias of every unseen class is still exactly its initial 0: no gradient reached it.
+  steps_done = {name: set() for name in sets}
+  first_calls = {}
+  for call in calls:
+    seen = frozenset(np.flatnonzero(call['mask']).tolist())
+    k = prefixes.index(seen)
+    found = set.union(*(owner[image.tobytes()] for image in call['images']))
+    names = {name for name, _ in found}
+    assert len(names) == 1, names
+    assert {label for _, label in found} <= seen
+    assert set(call['labels'].tolist()) <= seen
+    assert (call['bias_after'][~call['mask']] == 0).all()
+    assert (call['bias_after'][call['mask']] != 0).any()
+    name = names.pop()
+    steps_done[name].add(k)
+    first_calls.setdefault((k, name), call)
+  assert steps_done == {name: set(range(steps)) for name in sets}
+
+  # The targets the step trains on: exactly zero mass on unseen classes (the unrestricted
+  # teacher puts some there), rows still distributions.
+  model, teacher = inputs_workdir['model'], inputs_workdir['teacher']
+
+  @jax.jit
+  def targets_fn(key, images, mask):
+    views, _, _ = relabel.make_views(key, images, cfg=config.relabel, spec=FASHION)
+    targets = functools.partial(evaluate.soft_targets, teacher, views, teacher_model=model,
+                                temperature=config.evaluate.temperature)
+    return targets(class_mask=mask), targets()
+
+  for (k, _), call in sorted(first_calls.items()):
+    restricted, free = jax.device_get(targets_fn(call['key'], call['images'], call['mask']))
+    unseen = ~call['mask']
+    assert (restricted[:, unseen] == 0).all()
+    np.testing.assert_allclose(restricted.sum(-1), 1.0, rtol=1e-5)
+    if k < steps - 1:
+      assert free[:, unseen].sum(-1).min() > 0.1
+
+  # Evaluation: the real test images of the seen classes only; finite losses.
+  test = pipeline.load_split(config.dataset, 'test')
+  for name, record in result['sets'].items():
+    assert record['test_images'] == [int(np.isin(test.labels, sorted(s)).sum())
+                                     for s in prefixes]
+    assert record['train_images'] == [ipc * len(s) for s in prefixes]
+    assert np.isfinite(record['loss']).all()
+    assert all(0.0 <= a <= 1.0 for a in record['test_top1'])
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def progress(workdir):
+  path = os.path.join(workdir, 'continual', continual.PROGRESS)
+  try:
+    return checkpoint.read_json(path)['finished_steps']
+  except (FileNotFoundError, ValueError, KeyError):
+    return 0
+
+
+def restore_final(workdir, name, step):
+  manager = checkpoint.create_manager(os.path.join(workdir, 'continual', name, 'checkpoints'))
+  state = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return jax.tree_util.tree_map(np.asarray, state)
+
+
+def test_sigkill_and_rerun_equals_uninterrupted_run(reference_run, inputs_workdir,
+                                                    fashion_mnist_tfds, compilation_cache,
+                                                    tmp_path):
+  steps = reference_run['config'].continual.steps
+  workdir = copy_inputs(inputs_workdir, tmp_path / 'killed')
+  with open(os.path.join(workdir, 'log.txt'), 'w') as log:
+    process = subprocess.Popen(main_command(workdir, fashion_mnist_tfds), cwd=REPO,
+                               stdout=log, stderr=subprocess.STDOUT, env=compilation_cache)
+    deadline = time.time() + 300
+    while progress(workdir) < 1:
+      if process.poll() is not None or time.time() > deadline:
+        process.kill()
+        with open(log.name) as f:
+          pytest.fail(f'continual ended (rc {process.returncode}) before finishing step 1:'
+                      f'\n{f.read()[-3000:]}')
+      time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+  assert process.returncode == -signal.SIGKILL
+  killed_at = progress(workdir)
+  assert 1 <= killed_at < steps, f'killed too late: {killed_at} steps finished'
+  assert not os.path.exists(os.path.join(workdir, 'continual', 'result.json'))
+  before = {n: checkpoint.read_json(os.path.join(workdir, 'continual', n, 'steps.json'))
+            for n in ('distilled', 'random')}
+
+  # The re-run, in process (it reads everything from the workdir; the killed run was the CLI).
+  result = continual.run(fashion_config(fashion_mnist_tfds), workdir)
+  assert checkpoint.read_json(os.path.join(workdir, 'continual', 'result.json')) == result
+  reference = reference_run['result']
+  assert reference['resumed_from_step'] == 0
+  assert killed_at <= result['resumed_from_step'] < steps
+  for name, record in result['sets'].items():
+    done = result['resumed_from_step_per_set'][name]
+    assert done == len(before[name]['test_top1'])
+    # Finished steps were not redone: their records (wall times included) are untouched.
+    assert {k: v[:done] for k, v in record.items()} == before[name]
+    for key in ('test_top1', 'loss', 'train_images', 'test_images', 'iterations'):
+      assert record[key] == reference['sets'][name][key], (name, key)
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           restore_final(workdir, name, steps),
+                           restore_final(reference_run['workdir'], name, steps))
+
+
+def test_outputs(reference_run):
+  workdir, result = reference_run['workdir'], reference_run['result']
+  stage_dir = os.path.join(workdir, 'continual')
+  assert checkpoint.read_json(os.path.join(stage_dir, 'result.json')) == result
+  with open(result['plot'], 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(os.path.join(workdir, 'report.md')) as f:
+    markdown = f.read()
+  assert '## Class-incremental learning' in markdown
+  assert '| 5 | 10 |' in markdown and 'continual/accuracy.png' in markdown
+  assert result['sets'].keys() == {'distilled', 'random'}
+  assert all(len(r['test_top1']) == 5 for r in result['sets'].values())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(steps=3), r'continual.steps=3 does not divide the 10 classes.*\[1, 2, 5, 10\]'),
+    (dict(steps=0), r'continual.steps=0 does not divide'),
+    (dict(class_order='0,1,2,3,4,5,6,7,8'), r'missing: \[9\]'),
+    (dict(class_order='0,1,1,3,4,5,6,7,8,9'), r'repeated: \[1\]; missing: \[2\]'),
+    (dict(class_order='0,1,2,3,4,5,6,7,8,12'), r'out of range \(0..9\): \[12\].*missing: \[9\]'),
+    (dict(class_order='0,1,two,3'), r"not class ids: \['two'\]"),
+    (dict(sets='distilled,noise'), r"unknown or no sets \['noise'\]"),
+    (dict(epochs_per_step=0), r'epochs_per_step=0 must be positive'),
+])
+def test_bad_input(overrides, message, tmp_path):
+  config = fashion_config(tmp_path / 'tfds')
+  config.continual.update(**overrides)
+  mesh = pipeline.create_mesh(-1)
+  with pytest.raises(ValueError, match=message):
+    continual.validate(config, FASHION, mesh)
+  with pytest.raises(ValueError, match=message):  # before touching data or the workdir
+    continual.run(config, str(tmp_path / 'workdir'))
+  assert not os.path.exists(tmp_path / 'workdir')
+
+
+def test_explicit_order_and_missing_inputs(tmp_path):
+  config = fashion_config(tmp_path / 'tfds')
+  config.continual.update(class_order='9,8,7,6,5,4,3,2,1,0', class_order_seed=5)
+  order = continual.class_order(config, 10)
+  assert order == list(range(9, -1, -1))
+  assert continual.step_classes(order, 5) == [[9, 8], [7, 6], [5, 4], [3, 2], [1, 0]]
+  config.continual.class_order = ''
+  assert continual.class_order(config, 10) != continual.class_order(
+      fashion_config(tmp_path / 'tfds'), 10)  # the seed matters
+  with pytest.raises(FileNotFoundError, match='--stages=recover'):
+    continual.run(config, str(tmp_path / 'empty'))
+
+
+# ----------------------------------------------------------------------------- Tiny-ImageNet
+
+
+def _mock_getitems(record_keys, generator, serialized=False):
+  """TFDS 4.9's mock sets `__getitems__` as an unbound partial on a MagicMock (not a magic
+  method mock knows), so `self` never arrives; this version does without it."""
+  assert not serialized
+  return [generator[k] for k in record_keys]
+
+
+def test_tiny_imagenet_smoke_on_mock_data(tmp_path, monkeypatch):
+  for steps, per_step in ((5, 40), (10, 20)):
+    config = load_config(TINY_CONFIG, f'smoke,steps={steps}')
+    layout = continual.step_classes(continual.class_order(config, 200), steps)
+    assert [len(g) for g in layout] == [per_step] * steps
+    continual.validate(config, datasets.get_spec('tiny_imagenet'), pipeline.create_mesh(-1))
+
+  config = load_config(TINY_CONFIG, 'smoke,steps=5')
+  config.dataset.update(data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'none'))
+  workdir = str(tmp_path / 'workdir')
+  write_inputs(config, workdir)
+  # Only the Tiny-ImageNet splits are mocked (the distilled set is a real TFDS folder).
+  # 2000 mock examples: every one of the 200 classes has a training image (the random
+  # baseline needs one per class); the mock's labels are a fixed function of the index.
+  load_arrays = datasets.load_arrays
+
+  def mock_load_arrays(*args, **kwargs):
+    with tfds.testing.mock_data(num_examples=2000), mock.patch.object(
+        mocking, '_getitems', _mock_getitems):
+      return load_arrays(*args, **kwargs)
+
+  monkeypatch.setattr(datasets, 'load_arrays', mock_load_arrays)
+  result = continual.run(config, workdir)
+  assert result['classes_seen'] == [40, 80, 120, 160, 200]
+  for record in result['sets'].values():
+    assert record['train_images'] == [40, 80, 120, 160, 200]
+    assert len(record['test_top1']) == 5 and np.isfinite(record['loss']).all()
+  assert os.path.exists(os.path.join(workdir, 'continual', 'accuracy.png'))
