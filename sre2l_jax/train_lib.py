@@ -9,8 +9,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
-from clu import periodic_actions
 from flax.training import train_state
 
 from sre2l_jax.data import augment
@@ -105,14 +103,17 @@ def top1(eval_step, variables, split, batch_size: int, mesh) -> float:
   return float(correct) / max(float(count), 1.0)
 
 
-def create_writer(logdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + logging writer on process 0, nothing elsewhere."""
+def create_writer(logdir: str):
+  """clu TensorBoard + logging writer on process 0, logging only elsewhere."""
+  # Imported here: clu's writers import TensorFlow, which only the stages need.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0,
                                               asynchronous=True)
 
 
 def create_progress(total_steps: int, writer, every_steps: int):
   """clu progress reporter: steps/s and ETA in the log and in TensorBoard."""
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                          every_steps=every_steps)
 

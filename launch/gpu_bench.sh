@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Recover and squeeze throughput of ResNet-18 at 224x224 on one lent GPU (H100/H200): JAX in
+# fp32 and bf16 beside the PyTorch reference in fp32, AMP and with weight gradients on, one
+# call of under 8 minutes. Writes one JSON per run and summary.json to $OUT, the runs' output
+# to $OUT/gpu_bench.log, and prints a table with the projected ImageNet-1K IPC50 recover time
+# (50,000 images x 4,000 iterations / throughput).
+#
+# Here, once (pip's registry; the GPU image has no ml_collections):
+#   bash launch/gpu_bench.sh --fetch-wheels        # -> .whl/ml_collections-*.whl
+# There, through the device tool:
+#   command: bash launch/gpu_bench.sh    carry: [".whl"]    timeout_s: 540
+# It installs nothing from the internet: wheels under .whl/ are installed to /tmp/site.
+# Settings (environment): BENCH_GROUPS (4 groups of 100 images), BENCH_STEPS (10),
+# BENCH_REPEATS (5), BENCH_BUDGET_S (450, the whole script), SQUEEZE_BATCH (256);
+# BENCH_ARGS replaces the model/size flags and BENCH_ALLOW_CPU=1 skips the GPU check (a dry
+# run of this script on a CPU with tiny settings).
+set -u
+
+PY=${PYTHON:-python3}
+if [[ ${1:-} == --fetch-wheels ]]; then
+  exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0
+fi
+
+START=$SECONDS
+BUDGET_S=${BENCH_BUDGET_S:-450}
+GROUPS_N=${BENCH_GROUPS:-4}
+STEPS=${BENCH_STEPS:-10}
+REPEATS=${BENCH_REPEATS:-5}
+SQUEEZE_BATCH=${SQUEEZE_BATCH:-256}
+OUT=${OUT:-runs/gpu_bench}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_bench.log
+: >"$LOG"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+
+# 1. Carried wheels (see the header).
+if compgen -G '.whl/*.whl' >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo "installing .whl/*.whl failed"; exit 2; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# 2. CUDA JAX and CUDA torch.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if ! "$PY" -c "import jax; print('jax', jax.__version__, jax.devices()); \
+assert jax.default_backend() == 'gpu' or '${BENCH_ALLOW_CPU:-0}' == '1', 'no GPU backend'"
+then
+  cat <<'EOF'
+CUDA JAX is missing or sees no GPU. The lent image normally has jax + jax-cuda13-plugin. If
+not, on the dev machine download matching wheels into .whl/ (see /work/.library/device/
+README.md: pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+manylinux_2_27_x86_64 ... jax==V jaxlib==V jax-cuda13-plugin==V jax-cuda13-pjrt==V) and run
+again with carry [".whl"].
+EOF
+  exit 2
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+# 3. The package must import. clu's metric_writers imports TensorFlow and the data builders
+# import tensorflow_datasets; the image has neither, TensorFlow is too large to carry, and the
+# benchmark uses neither (no summaries, no datasets). Where they fail to import, import-only
+# stand-ins go first on the path; any use of them raises.
+SHIM=/tmp/sre2l_bench_shim
+rm -rf "$SHIM"
+if ! "$PY" -c "import clu.metric_writers, clu.periodic_actions" 2>/dev/null; then
+  mkdir -p "$SHIM/clu"
+  echo '"""Import-only stand-in for clu (launch/gpu_bench.sh)."""' >"$SHIM/clu/__init__.py"
+  cat >"$SHIM/clu/metric_writers.py" <<'EOF'
+"""Import-only stand-in (launch/gpu_bench.sh): the benchmark writes no summaries."""
+
+
+class MetricWriter:
+  def __init__(self, *args, **kwargs):
+    raise RuntimeError('clu is a stand-in in launch/gpu_bench.sh: no summaries here.')
+
+
+def create_default_writer(*args, **kwargs):
+  raise RuntimeError('clu is a stand-in in launch/gpu_bench.sh: no summaries here.')
+EOF
+  cat >"$SHIM/clu/periodic_actions.py" <<'EOF'
+"""Import-only stand-in (launch/gpu_bench.sh): the benchmark reports no progress."""
+
+
+class ReportProgress:
+  def __init__(self, *args, **kwargs):
+    raise RuntimeError('clu is a stand-in in launch/gpu_bench.sh: no progress reports here.')
+EOF
+  echo "stand-in: clu (no TensorFlow here)"
+fi
+if ! "$PY" -c "import tensorflow_datasets" 2>/dev/null; then
+  mkdir -p "$SHIM/tensorflow_datasets"
+  cat >"$SHIM/tensorflow_datasets/__init__.py" <<'EOF'
+"""Import-only stand-in (launch/gpu_bench.sh): names resolve, using them raises."""
+import types
+
+
+class _Absent:
+  """Any tfds class or call: may be subclassed, called, named; its attributes raise."""
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __getattr__(self, name):
+    raise AttributeError(f'tensorflow_datasets is a stand-in in launch/gpu_bench.sh ({name}).')
+
+
+class _Namespace(types.ModuleType):
+  def __getattr__(self, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    return _Absent
+
+
+def __getattr__(name):
+  if name.startswith('__'):
+    raise AttributeError(name)
+  return _Namespace(f'tensorflow_datasets.{name}')
+EOF
+  echo "stand-in: tensorflow_datasets"
+fi
+[[ -d $SHIM ]] && export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
+if ! "$PY" -c "import sre2l_jax.bench, sre2l_jax.bench_torch"; then
+  cat <<'EOF'
+sre2l_jax does not import (traceback above). A missing pure-Python package (ml_collections
+is the usual one) travels as a wheel: run `bash launch/gpu_bench.sh --fetch-wheels` on the dev
+machine (or pip download the named package the same way) and call again with carry [".whl"].
+EOF
+  exit 3
+fi
+
+# 4. Peak dense TFLOP/s of the card (datasheet): bf16, and TF32 for fp32 runs (XLA and cuDNN
+# run fp32 convolutions in TF32 by default on Hopper). Unknown cards: no compute floor.
+NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
+case "$NAME" in
+  *H200*|*"H100 80GB HBM3"*|*H100*SXM*) PEAK_BF16=989.4; PEAK_TF32=494.7 ;;
+  *"H100 NVL"*) PEAK_BF16=835.5; PEAK_TF32=417.8 ;;
+  *"H100 PCIe"*|*H100*) PEAK_BF16=756.5; PEAK_TF32=378.0 ;;
+  *) PEAK_BF16=0; PEAK_TF32=0 ;;
+esac
+echo "card: ${NAME:-unknown}; peak bf16 ${PEAK_BF16} TFLOP/s, tf32 ${PEAK_TF32} TFLOP/s"
+
+COMMON=(--model=resnet18 --width=64 --stem=imagenet --image_size=224 --channels=3
+        --num_classes=1000 --group_size=100 "--groups=$GROUPS_N" "--steps=$STEPS"
+        "--repeats=$REPEATS" --warmup=2)
+if [[ -n ${BENCH_ARGS:-} ]]; then
+  read -ra COMMON <<<"$BENCH_ARGS"
+fi
+DONE=()
+
+# run NAME CAP_S [VAR=VALUE...] -- ARGS...: one measurement in its own process, under
+# `timeout`, capped by what is left of the budget.
+run() {
+  local name=$1 cap=$2; shift 2
+  local env=()
+  while [[ $1 != -- ]]; do env+=("$1"); shift; done
+  shift
+  local left=$((BUDGET_S - (SECONDS - START) - 15))
+  ((cap > left)) && cap=$left
+  if ((cap < 30)); then
+    echo "== $name: skipped, $left s left of the ${BUDGET_S} s budget"
+    return
+  fi
+  echo "== $name (limit ${cap} s)"
+  local t0=$SECONDS
+  echo "===== $name: ${env[*]} $* " >>"$LOG"
+  rm -f "$OUT/$name.json"
+  env ${env[@]+"${env[@]}"} timeout -k 10 "$cap" "$PY" -m sre2l_jax.bench "${COMMON[@]}" "$@" \
+    --label="$name" --json="$OUT/$name.json" >"$OUT/.run.log" 2>&1
+  local rc=$?
+  cat "$OUT/.run.log" >>"$LOG"
+  # The JSON is written once every measurement is done: it counts even if the exit hung.
+  if [[ -f $OUT/$name.json ]]; then
+    grep -E "^$name|recover_jax" "$OUT/.run.log"
+    echo "   done in $((SECONDS - t0)) s$( ((rc)) && echo ", but the exit returned rc=$rc")"
+    DONE+=("$OUT/$name.json")
+  else
+    echo "   failed: rc=$rc (124: timed out) after $((SECONDS - t0)) s; last lines:"
+    tail -n 15 "$OUT/.run.log" | sed 's/^/   | /'
+  fi
+  rm -f "$OUT/.run.log"
+}
+
+# Most important first: a run that does not fit the budget is skipped.
+run jax_fp32 150 -- --what=recover --dtype=float32 "--peak_tflops=$PEAK_TF32"
+run torch_fp32 90 JAX_PLATFORMS=cpu -- --what=recover --reference=torch --skip_jax \
+  --torch_amp=none
+run jax_bf16 130 -- --what=recover --dtype=bfloat16 "--peak_tflops=$PEAK_BF16"
+run torch_amp 90 JAX_PLATFORMS=cpu -- --what=recover --reference=torch --skip_jax \
+  --torch_amp=bf16
+run squeeze_fp32 130 -- --what=squeeze --dtype=float32 "--batch_size=$SQUEEZE_BATCH" \
+  "--peak_tflops=$PEAK_TF32"
+run torch_fp32_wgrad 70 JAX_PLATFORMS=cpu -- --what=recover --reference=torch --skip_jax \
+  --torch_amp=none --torch_weight_grads
+
+echo
+echo "== summary ($((SECONDS - START)) s so far)"
+if ((${#DONE[@]})); then
+  JAX_PLATFORMS=cpu "$PY" -m sre2l_jax.bench \
+    "--summarize=$(IFS=,; echo "${DONE[*]}")" "--summary_json=$OUT/summary.json"
+else
+  echo "no run finished; see $LOG"
+fi
+echo "total $((SECONDS - START)) s"

@@ -1,0 +1,157 @@
+"""Benchmark harness: JSON contents on tiny settings, and JAX/torch computing the same thing.
+
+The torch reference (`bench_torch`) is only worth timing beside the JAX recover step if it
+computes the same loss: the BN-statistics loss, the whole un-augmented loss and its gradient
+with respect to the images are compared on shared weights.
+"""
+
+import functools
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sre2l_jax import bench
+from sre2l_jax import bench_torch
+from sre2l_jax import config_lib
+from sre2l_jax import models
+from sre2l_jax import recover
+
+RTOL = 1e-4
+TINY = ['--model=convnet', '--width=8', '--depth=2', '--image_size=8', '--channels=1',
+        '--num_classes=10', '--group_size=5', '--groups=2', '--steps=2', '--repeats=1',
+        '--warmup=1', '--batch_size=4']
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('bench') / 'out.json')
+  out = bench.main(TINY + ['--what=recover,squeeze,student,relabel', '--reference=torch',
+                           '--torch_threads=1',
+                           f'--json={path}', '--label=tiny'])
+  return out, path
+
+
+def test_json_has_every_workload_with_positive_throughput(tiny_run):
+  out, path = tiny_run
+  with open(path) as f:
+    assert json.load(f) == json.loads(json.dumps(out))
+  for key in ('backend', 'device_kind', 'jax_version', 'settings', 'results', 'notes'):
+    assert key in out
+  assert out['settings']['groups'] == 2 and out['settings']['group_size'] == 5
+  units = {'recover': 'image_iterations_per_second', 'squeeze': 'images_per_second',
+           'student': 'images_per_second', 'relabel': 'images_per_second',
+           'torch_recover': 'image_iterations_per_second'}
+  for what, unit in units.items():
+    r = out['results'][what]
+    assert r[unit] > 0 and r['throughput'] == r[unit] and r['throughput_unit'] == unit
+    assert len(r['timings_s']) == 1 and r['seconds_per_step'] > 0
+    assert 'peak_bytes_in_use' in r
+  recover_result = out['results']['recover']
+  assert recover_result['images_per_step'] == 10 and recover_result['finite']
+  assert recover_result['flops_per_item'] > 0 and recover_result['compile_s'] > 0
+  assert recover_result['imagenet_ipc50_4k_hours'] > 0
+  assert out['ratios']['recover_jax_over_torch'] > 0
+
+
+def test_summarize_reads_the_json(tiny_run, tmp_path, capsys):
+  _, path = tiny_run
+  summary = bench.main([f'--summarize={path},{tmp_path}/absent.json',
+                        f'--summary_json={tmp_path}/summary.json'])
+  printed = capsys.readouterr().out
+  assert 'torch_recover' in printed and 'missing' in printed
+  assert len(summary['runs']) == 1 and len(summary['ratios']) == 1
+  assert all(v > 0 for v in summary['ratios'].values())
+  with open(tmp_path / 'summary.json') as f:
+    assert json.load(f)['ratios'] == summary['ratios']
+
+
+def test_torch_only_run():
+  out = bench.main(TINY + ['--what=recover', '--reference=torch', '--skip_jax',
+                           '--torch_weight_grads', '--torch_amp=bf16'])
+  assert list(out['results']) == ['torch_recover']
+  r = out['results']['torch_recover']
+  assert r['weight_grads'] and r['amp'] == 'bf16' and r['image_iterations_per_second'] > 0
+
+
+def _shared(model_name, image_size, channels, **kw):
+  args = bench.parse_args([f'--model={model_name}', '--width=8', f'--image_size={image_size}',
+                           f'--channels={channels}', '--num_classes=10'] +
+                          [f'--{k}={v}' for k, v in kw.items()])
+  jax_model = models.create_model(bench.model_config(args.model, args, args.width), 10,
+                                  dtype=jnp.float32)
+  teacher = bench.teacher_variables(jax_model, (image_size, image_size, channels), seed=3)
+  torch_model = bench_torch.build_model(args.model, 10, channels, image_size, width=8,
+                                        depth=args.depth, stem=args.stem)
+  bench_torch.load_flax_variables(torch_model, jax.device_get(teacher))
+  return jax_model, teacher, torch_model
+
+
+def test_resnet18_bn_statistics_loss_and_logits_match_jax():
+  """ImageNet stem (7x7/2 conv, max-pool), basic blocks with and without downsampling."""
+  jax_model, teacher, torch_model = _shared('resnet18', 32, 3, stem='imagenet')
+  x = np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype(np.float32)
+
+  @jax.jit
+  def jax_side(images):
+    logits, state = jax_model.apply(teacher, images, train=False, mutable=[models.BN_INPUTS])
+    total, per_layer = recover.bn_statistics_loss(state[models.BN_INPUTS],
+                                                  teacher['batch_stats'], 10.0)
+    return total, per_layer, logits
+
+  total, per_layer, logits = jax.device_get(jax_side(x))
+  t_total, t_per_layer, t_logits = bench_torch.bn_statistics_loss(
+      torch_model, x.transpose(0, 3, 1, 2), 10.0)
+  assert len(t_per_layer) == len(per_layer) == 20
+  np.testing.assert_allclose(t_total, total, rtol=RTOL)
+  np.testing.assert_allclose(t_per_layer, per_layer, rtol=RTOL)
+  np.testing.assert_allclose(t_logits, logits, rtol=1e-3, atol=1e-4)
+
+
+def test_recover_loss_bn_loss_and_image_gradient_match_jax():
+  """One group, augmentation off: the BN-statistics loss (total and per layer), the whole
+  loss CE + r_bn * BN and d loss / d images of `recover.group_loss` against the reference."""
+  jax_model, teacher, torch_model = _shared('convnet', 16, 1)
+  cfg = config_lib.base_config().recover
+  cfg.update(batch_size=5, crop='none', flip=False, jitter=0, r_bn=0.5)
+  labels = np.array([[1, 3, 5, 7, 9]], np.int32)
+  images = np.random.default_rng(1).normal(size=(1, 5, 16, 16, 1)).astype(np.float32)
+
+  loss_fn = functools.partial(recover.group_loss, model=jax_model, teacher=teacher, cfg=cfg)
+  (loss, metrics), grads = jax.device_get(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      images[0], labels[0], labels[0], jax.random.PRNGKey(0), jnp.float32(1.0)))
+
+  ref = bench_torch.RecoverReference(
+      torch_model, labels, (16, 16, 1), (0.5,), (0.25,), r_bn=cfg.r_bn,
+      first_bn_multiplier=cfg.first_bn_multiplier, jitter=0, crop=False, flip=False,
+      init_images=images.transpose(0, 1, 4, 2, 3))
+  t_loss = float(ref.step_group(0).detach())
+  t_bn, t_per_layer = (v.detach().numpy() for v in ref.hooks.loss(cfg.first_bn_multiplier))
+  t_grad = ref.inputs[0].grad.numpy().transpose(0, 2, 3, 1)
+  ref.hooks.remove()
+  np.testing.assert_allclose(t_bn, metrics['bn_loss'], rtol=RTOL)
+  np.testing.assert_allclose(t_per_layer, metrics['bn_loss_per_layer'], rtol=RTOL)
+  np.testing.assert_allclose(t_loss, loss, rtol=RTOL)
+  assert np.linalg.norm(t_grad - grads) <= 1e-3 * np.linalg.norm(grads)
+
+
+@pytest.mark.parametrize('arch', ['resnet50', 'resnet101'])
+def test_bottleneck_resnets_take_the_flax_weights(arch):
+  """Names and shapes only (nothing compiled): the torch model loads every Flax variable."""
+  args = bench.parse_args([f'--model={arch}', '--width=8', '--image_size=32', '--channels=3'])
+  model = models.create_model(bench.model_config(arch, args, 8), 10, dtype=jnp.float32)
+  variables = bench.teacher_variables(model, (32, 32, 3), seed=0)
+  torch_model = bench_torch.build_model(arch, 10, 3, 32, width=8)
+  bench_torch.load_flax_variables(torch_model, variables)
+  np.testing.assert_array_equal(torch_model.layer2[0].downsample[1].running_var.numpy(),
+                                variables['batch_stats']['layer2_0']['downsample_bn']['var'])
+
+
+def test_crop_box_is_inside_the_image():
+  rng = random.Random(0)
+  for _ in range(200):
+    top, left, h, w = bench_torch.crop_box(rng, 24, 32, (0.08, 1.0))
+    assert 0 < h <= 24 and 0 < w <= 32 and 0 <= top <= 24 - h and 0 <= left <= 32 - w
