@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.squeeze = ml_collections.ConfigDict(dict(
       epochs=5, batch_size=128, optimizer='sgd', lr=0.1, momentum=0.9, nesterov=True,
       weight_decay=5e-4, warmup_epochs=0.5, label_smoothing=0.0, eval_batch_size=1000,
+      augment='',  # '' the dataset's; or 'pad_crop_flip' (with pad), 'flip', ...
+      pad=0,
       checkpoint_every_steps=200, log_every_steps=100,
       teacher_dir='',  # '' -> workdir/squeeze/teacher; or a teacher imported from PyTorch
   ))
@@ -63,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
       crop='per_image',  # 'per_image' | 'per_group' (the reference: one crop per batch) | 'none'
       flip=True, curriculum=False,  # CDA: min crop scale from 1.0 down to min_scale (cosine)
       init='noise',  # 'noise' | 'real'
+      num_classes=0,  # recover classes 0..N-1 only (0: all; smoke runs on 1000 classes)
       dtype='float32',  # teacher compute dtype ('bfloat16': loss stays float32)
       checkpoint_every_steps=200, log_every_steps=100,
   ))

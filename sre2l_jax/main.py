@@ -14,6 +14,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from sre2l_jax import config_lib
+from sre2l_jax import multihost
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -23,7 +24,8 @@ _STAGES = flags.DEFINE_list('stages', None,
                             f'(default: config.stages).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', None, 'Call jax.distributed.initialize() (multi-host). Default: on when '
-    'SRE2L_DISTRIBUTED=1 or a Cloud TPU / SLURM multi-host environment is detected.')
+    'SRE2L_DISTRIBUTED=1 or a Cloud TPU / SLURM multi-host environment is detected. '
+    'Elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 STAGE_MODULES = {'squeeze': 'sre2l_jax.squeeze', 'recover': 'sre2l_jax.recover',
@@ -51,17 +53,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if want_distributed():
-    jax.distributed.initialize()
+    multihost.initialize()  # jax.distributed.initialize(), layout from the environment
   config = _CONFIG.value
   stages = parse_stages(_STAGES.value or config.stages.split(','))
   logging.info('sre2l_jax: stages %s on %d devices (%d processes)', stages,
                jax.device_count(), jax.process_count())
   if jax.process_count() > 1:
-    from sre2l_jax import multihost  # pylint: disable=g-import-not-at-top
     multihost.check_same_config(config)
   for stage in stages:
     module = importlib.import_module(STAGE_MODULES[stage])
     module.run(config, _WORKDIR.value)
+    multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
 
 
 if __name__ == '__main__':

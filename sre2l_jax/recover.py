@@ -26,6 +26,7 @@ from absl import logging
 from sre2l_jax import checkpoint
 from sre2l_jax import export
 from sre2l_jax import models
+from sre2l_jax import multihost
 from sre2l_jax import squeeze
 from sre2l_jax import train_lib
 from sre2l_jax.data import augment
@@ -57,6 +58,12 @@ def group_layout(num_classes: int, ipc: int, group_size: int, num_devices: int):
   labels = ((g % chunks) * group_size + p).astype(np.int32)
   uids = (g * group_size + p).astype(np.int32)
   return labels, uids, real
+
+
+def recovered_classes(cfg, spec) -> int:
+  """How many classes get images: classes 0..N-1 with N = recover.num_classes if set (> 0,
+  smoke runs on 1000-class datasets), else all of the dataset's classes."""
+  return cfg.get('num_classes', 0) or spec.num_classes
 
 
 def to_class_major(images: np.ndarray, num_classes: int, ipc: int) -> np.ndarray:
@@ -171,12 +178,17 @@ def measure(images, labels, *, model, teacher, cfg):
 # ----------------------------------------------------------------------------- init
 
 
-def initial_images(cfg, spec, labels, uids, rng, dataset_config) -> np.ndarray:
-  """Gaussian noise in normalised space (the reference), or real images of each class."""
+def initial_images(cfg, spec, labels, uids, rng, dataset_config):
+  """Gaussian noise in normalised space (the reference), or real images of each class.
+
+  labels, uids: (G, B) (`group_layout`). Returns (G, B, H, W, C) float32: noise as a device
+  array sharded like `uids`, real images as host numpy.
+  """
   shape = spec.image_shape
   if cfg.init == 'noise':
     noise = jax.vmap(jax.vmap(lambda u: jax.random.normal(jax.random.fold_in(rng, u), shape)))
-    return np.asarray(noise(uids))
+    # Jitted on the (sharded) uids: the set is made where it lives, never on one device.
+    return jax.jit(noise)(uids)
   if cfg.init != 'real':
     raise ValueError(f"recover.init={cfg.init!r}; valid: 'noise', 'real'.")
   train = pipeline.load_split(dataset_config, 'train')
@@ -184,10 +196,11 @@ def initial_images(cfg, spec, labels, uids, rng, dataset_config) -> np.ndarray:
     raise ValueError("recover.init='real' needs an in-memory dataset.")
   chosen = np.zeros(labels.shape, np.int64)
   order = np.random.default_rng(int(jax.random.randint(rng, (), 0, 2**31 - 1)))
+  num_classes = recovered_classes(cfg, spec)
   by_class = {c: order.permutation(np.flatnonzero(train.labels == c))
-              for c in range(spec.num_classes)}
+              for c in range(num_classes)}
   for g in range(labels.shape[0]):
-    ipc_index = g // (spec.num_classes // labels.shape[1])
+    ipc_index = g // (num_classes // labels.shape[1])
     for p, c in enumerate(labels[g]):
       pool = by_class[int(c)]
       chosen[g, p] = pool[ipc_index % len(pool)]
@@ -208,11 +221,15 @@ def validate(config, spec, mesh) -> None:
   cfg = config.recover
   if cfg.ipc <= 0:
     raise ValueError(f'recover.ipc={cfg.ipc} must be a positive number of images per class.')
-  if cfg.batch_size <= 0 or spec.num_classes % cfg.batch_size:
+  num_classes = recovered_classes(cfg, spec)
+  if not 0 < num_classes <= spec.num_classes:
+    raise ValueError(f'recover.num_classes={num_classes}; {spec.name} has '
+                     f'{spec.num_classes} classes (0: all).')
+  if cfg.batch_size <= 0 or num_classes % cfg.batch_size:
     raise ValueError(
         f'recover.batch_size={cfg.batch_size} is the group size (images of different classes '
-        f'sharing an ipc index); it must divide the {spec.num_classes} classes of '
-        f'{spec.name}.')
+        f'sharing an ipc index); it must divide the {num_classes} classes of '
+        f'{spec.name}' + (' recovered' if num_classes < spec.num_classes else '') + '.')
   if cfg.iterations <= 0 or cfg.lr <= 0 or cfg.r_bn < 0:
     raise ValueError(f'recover needs iterations > 0, lr > 0, r_bn >= 0; got '
                      f'{cfg.iterations}, {cfg.lr}, {cfg.r_bn}.')
@@ -241,8 +258,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.check_fingerprint(stage_dir, fingerprint(config))
 
   # Layout: groups sharded on 'data'.
-  labels, uids, real_groups = group_layout(spec.num_classes, cfg.ipc, cfg.batch_size,
-                                           mesh.size)
+  num_classes = recovered_classes(cfg, spec)
+  labels, uids, real_groups = group_layout(num_classes, cfg.ipc, cfg.batch_size, mesh.size)
   sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
   labels_dev = jax.device_put(labels, sharded)
   uids_dev = jax.device_put(uids, sharded)
@@ -273,16 +290,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = manager.restore(start_step, args=ocp.args.StandardRestore(abstract))
     logging.info('recover: resumed from step %d', start_step)
   else:
-    images = initial_images(cfg, spec, labels, uids, init_rng, config.dataset)
+    images = initial_images(cfg, spec, labels, uids_dev, init_rng, config.dataset)
     state = jax.jit(create_state, out_shardings=state_shardings)(
         jax.device_put(images, sharded))
 
-  measure_fn = jax.jit(functools.partial(measure, model=model, teacher=teacher, cfg=cfg))
+  # Replicated outputs: every process reads them (small: one value per group / image).
+  measure_fn = jax.jit(functools.partial(measure, model=model, teacher=teacher, cfg=cfg),
+                       out_shardings=replicated)
   initial_path = os.path.join(stage_dir, 'initial.json')
   if not start_step or not os.path.exists(initial_path):
     bn0, _ = measure_fn(state['images'], labels_dev)
-    checkpoint.write_json(initial_path, {'bn_loss_initial': float(bn0[:real_groups].mean())})
-  bn_loss_initial = checkpoint.read_json(initial_path)['bn_loss_initial']
+    # Not read back from the file: only process 0 writes it.
+    bn_loss_initial = float(jax.device_get(bn0)[:real_groups].mean())
+    checkpoint.write_json(initial_path, {'bn_loss_initial': bn_loss_initial})
+  else:
+    bn_loss_initial = checkpoint.read_json(initial_path)['bn_loss_initial']
 
   step_fn = jax.jit(
       functools.partial(recover_step, model=model, teacher=teacher, cfg=cfg, tx=tx,
@@ -310,11 +332,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       history = []
       if not all(bool(m['finite']) and np.isfinite(m['loss']) for m in host):
         manager.wait_until_finished()
+        kept = (f'The last good checkpoint (step {last_saved}) is kept in '
+                f'{stage_dir}/checkpoints.' if last_saved else
+                'No checkpoint had been saved yet.')
+        # lr and r_bn are part of the stage fingerprint: new values need a new workdir.
         raise DivergedError(
-            f'recover diverged (loss or images not finite) before step {step}. Lower '
-            f'recover.lr (now {cfg.lr}) or recover.r_bn (now {cfg.r_bn}). The last good '
-            f'checkpoint (step {last_saved}) is kept in {stage_dir}/checkpoints; a re-run '
-            f'with the same config resumes from it.')
+            f'recover diverged (loss or images not finite) by step {step}. Lower '
+            f'recover.lr (now {cfg.lr}) or recover.r_bn (now {cfg.r_bn}) and re-run with a '
+            f'new --workdir. {kept}')
       per_layer = np.mean([m['bn_loss_per_layer'] for m in host], axis=0)
       scalars = {k: float(np.mean([m[k] for m in host]))
                  for k in ('loss', 'ce', 'bn_loss', 'accuracy')}
@@ -330,11 +355,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bn_final, correct = measure_fn(state['images'], labels_dev)
   bn_final = float(jax.device_get(bn_final)[:real_groups].mean())
   teacher_top1 = float(jax.device_get(correct)[:real_groups].mean())
-  images = jax.device_get(state['images'])[:real_groups]
-  images = to_class_major(datasets.denormalise(images, spec), spec.num_classes, cfg.ipc)
+  images = multihost.to_host(state['images'])[:real_groups]  # sharded over processes
+  images = to_class_major(datasets.denormalise(images, spec), num_classes, cfg.ipc)
 
   if jax.process_index() == 0:
-    flat_labels = np.repeat(np.arange(spec.num_classes), cfg.ipc)
+    flat_labels = np.repeat(np.arange(num_classes), cfg.ipc)
     export.write_tfds(distilled_dir(workdir), images.reshape((-1,) + spec.image_shape),
                       flat_labels, spec.num_classes)
     export.write_image_folder(os.path.join(stage_dir, 'images'), images)
@@ -345,6 +370,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {
       'stage': 'recover', 'dataset': spec.name, 'ipc': cfg.ipc, 'iterations': cfg.iterations,
       'group_size': cfg.batch_size, 'groups': real_groups, 'images': num_images,
+      'classes': num_classes,
       'bn_loss_initial': bn_loss_initial, 'bn_loss_final': bn_final,
       'bn_loss_note': 'weighted sum over BN layers, no augmentation, mean over groups',
       'teacher_top1_on_synthetic': teacher_top1, 'teacher_top1_unit': 'fraction',

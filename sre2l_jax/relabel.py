@@ -323,13 +323,45 @@ def distilled_set(workdir: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def random_subset(config, ipc: int) -> tuple[np.ndarray, np.ndarray]:
-  """A class-balanced random subset of real training images (the same-protocol baseline)."""
+  """A class-balanced random subset of real training images (the same-protocol baseline),
+  of the classes the recover stage covers: images uint8 (C * ipc, H, W, C), labels int32."""
   spec = datasets.get_spec(config.dataset.name)
+  num_classes = recover.recovered_classes(config.recover, spec)
   train = pipeline.load_split(config.dataset, 'train')
   rng = np.random.default_rng([config.seed, 0xba5e])
+  if not isinstance(train, pipeline.InMemorySplit):
+    return _streaming_subset(train, num_classes, ipc, rng)
   index = np.concatenate([rng.choice(np.flatnonzero(train.labels == c), ipc, replace=False)
-                          for c in range(spec.num_classes)])
+                          for c in range(num_classes)])
   return train.images[index], train.labels[index]
+
+
+def _streaming_subset(split, num_classes: int, ipc: int, rng, chunk: int = 1024):
+  """`random_subset` of a split too large for memory (ImageNet): records are read in a
+  random order until every class has `ipc` (labels come with the records, so only a little
+  more than num_classes * ipc are read), and the chosen ones centre-cropped to the models'
+  input like the test images."""
+  from sre2l_jax.data import streaming  # pylint: disable=g-import-not-at-top
+  chosen = {c: [] for c in range(num_classes)}
+  missing = num_classes * ipc
+  order = rng.permutation(split.num_examples)
+  for start in range(0, len(order), chunk):
+    for record in split.source.__getitems__([int(i) for i in order[start:start + chunk]]):
+      label, image = int(record['label']), np.asarray(record['image'], np.uint8)
+      if label < num_classes and len(chosen[label]) < ipc:
+        chosen[label].append(streaming.center_crop(image, split.image_shape))
+        missing -= 1
+    if not missing:
+      break
+  if missing:
+    short = [c for c in range(num_classes) if len(chosen[c]) < ipc]
+    raise ValueError(
+        f'The random-subset baseline needs {ipc} training images of every class; '
+        f'{len(short)} classes (e.g. {short[:10]}) have fewer among the {split.num_examples} '
+        f'training images used (dataset.train_limit?). Remove "random" from '
+        f'evaluate.baselines to skip the baseline.')
+  images = np.stack([image for c in range(num_classes) for image in chosen[c]])
+  return images, np.repeat(np.arange(num_classes), ipc).astype(np.int32)
 
 
 def image_sets(config, workdir: str) -> dict:

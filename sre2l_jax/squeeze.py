@@ -4,6 +4,7 @@ mesh -> input -> model -> shard -> step -> checkpoint -> loop, then `workdir/squ
 (frozen weights for recover/relabel) and `workdir/squeeze/result.json`.
 """
 
+import dataclasses
 import functools
 import os
 import time
@@ -73,6 +74,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = models.create_model(config.teacher, spec.num_classes)
   mesh = pipeline.create_mesh(config.mesh_shape)
   validate(config, mesh)
+  if config.squeeze.get('augment'):  # override the dataset's default training augmentation
+    spec = dataclasses.replace(spec, train_augment=config.squeeze.augment,
+                               pad=config.squeeze.get('pad') or spec.pad)
 
   # Input.
   train = pipeline.load_split(config.dataset, 'train')

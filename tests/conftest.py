@@ -6,11 +6,12 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Compiling dominates the suite on 2 cores; many tests compile the same small programs (also
+# in the subprocesses of the kill-and-resume tests, which inherit this variable).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', '/tmp/sre2l_jax_test_compilation_cache')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
 
 
 @pytest.fixture(scope='session')

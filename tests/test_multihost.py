@@ -1,0 +1,222 @@
+"""Multi-host: 2 processes x 4 CPU devices recover the same images as 1 process x 8 devices.
+
+The processes are real: `python -m sre2l_jax.main --distributed` twice, joined through
+jax.distributed on localhost (gloo collectives), writing one Orbax checkpoint and one
+workdir together. Also: processes started with different configs refuse to run, and
+`multihost.to_host` gathers an array spread over processes chunk by chunk.
+The teacher is a ConvNet-BN of width 8 with random weights and random BN statistics.
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sre2l_jax import checkpoint
+from sre2l_jax import export
+from sre2l_jax import models
+from sre2l_jax import multihost
+from sre2l_jax import recover
+from sre2l_jax import squeeze
+from sre2l_jax.data import datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
+SPEC = datasets.get_spec('fashion_mnist')
+# Groups of 5 classes, 3 images per class: 6 real groups, padded to 8 (one per device).
+OVERRIDES = {'teacher.width': 8, 'recover.ipc': 3, 'recover.batch_size': 5,
+             'recover.iterations': 4, 'recover.checkpoint_every_steps': 2,
+             'recover.log_every_steps': 2}
+TIMEOUT = 300
+
+
+def make_config():
+  spec = importlib.util.spec_from_file_location('fashion_mnist_ipc10', CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('smoke')
+  for key, value in OVERRIDES.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def write_random_teacher(config, workdir, seed=0):
+  model = models.create_model(config.teacher, SPEC.num_classes)
+  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + SPEC.image_shape),
+                         train=False)
+  rng = np.random.default_rng(seed)
+  stats = {name: {'mean': rng.normal(0.0, 0.5, s['mean'].shape).astype(np.float32),
+                  'var': rng.uniform(0.2, 2.0, s['var'].shape).astype(np.float32)}
+           for name, s in variables['batch_stats'].items()}
+  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'),
+                          {'params': variables['params'], 'batch_stats': stats},
+                          squeeze.teacher_meta(config, SPEC))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def process_env(num_processes, process_id, port, devices):
+  env = dict(os.environ)
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', env.get('XLA_FLAGS', ''))
+  env.update(XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip(),
+             JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+             JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(process_id))
+  return env
+
+
+def run_processes(commands, workdir, devices_per_process=4):
+  """Runs one command per process (all joined by jax.distributed); returns [(rc, log)]."""
+  os.makedirs(workdir, exist_ok=True)
+  port = free_port()
+  procs = []
+  for i, command in enumerate(commands):
+    log = open(os.path.join(workdir, f'process{i}.log'), 'w')
+    procs.append((subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env=process_env(len(commands), i, port,
+                                                   devices_per_process)), log))
+  out = []
+  try:
+    for proc, log in procs:
+      proc.wait(timeout=TIMEOUT)
+  finally:
+    for proc, log in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+      log.close()
+      with open(log.name) as f:
+        out.append((proc.returncode, f.read()))
+  return out
+
+
+def main_command(workdir, **extra):
+  overrides = dict(OVERRIDES, **extra)
+  return ([sys.executable, '-m', 'sre2l_jax.main', '--distributed',
+           f'--config={CONFIG_FILE}:smoke', f'--workdir={workdir}', '--stages=recover'] +
+          [f'--config.{k}={v}' for k, v in overrides.items()])
+
+
+def restore_images(workdir):
+  """(step, float images) of the latest recover checkpoint, restored onto one device
+  whatever the topology that wrote it."""
+  directory = os.path.join(workdir, 'recover', 'checkpoints')
+  step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+  path = os.path.join(directory, str(step), 'default')
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata
+    tree = getattr(tree, 'tree', tree)
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    state = ckptr.restore(path, target)
+  return step, np.asarray(state['images'])
+
+
+@pytest.fixture(scope='module')
+def teacher_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  write_random_teacher(make_config(), workdir)
+  return workdir
+
+
+def new_workdir(teacher_workdir, path):
+  shutil.copytree(os.path.join(teacher_workdir, 'squeeze'), os.path.join(path, 'squeeze'))
+  return str(path)
+
+
+def test_two_processes_recover_the_same_images_as_one(teacher_workdir, tmp_path):
+  single = new_workdir(teacher_workdir, tmp_path / 'one_process')
+  single_result = recover.run(make_config(), single)  # in process: 1 process x 8 devices
+  assert single_result['devices'] == 8
+
+  multi = new_workdir(teacher_workdir, tmp_path / 'two_processes')
+  outputs = run_processes([main_command(multi)] * 2, multi)
+  for i, (rc, log) in enumerate(outputs):
+    assert rc == 0, f'process {i} failed:\n{log[-4000:]}'
+  assert 'stages [\'recover\'] on 8 devices (2 processes)' in outputs[0][1]
+
+  result = checkpoint.read_json(os.path.join(multi, 'recover', 'result.json'))
+  assert result['devices'] == 8 and result['groups'] == 6 and result['images'] == 30
+  images, labels = export.read_tfds(export.tfds_dataset_dir(recover.distilled_dir(multi)))
+  ref_images, ref_labels = export.read_tfds(
+      export.tfds_dataset_dir(recover.distilled_dir(single)))
+  assert images.shape == (30,) + SPEC.image_shape
+  np.testing.assert_array_equal(labels, ref_labels)
+  np.testing.assert_array_equal(images, ref_images)
+  # The float state of the checkpoint both processes wrote together.
+  step, floats = restore_images(multi)
+  ref_step, ref_floats = restore_images(single)
+  assert step == ref_step == OVERRIDES['recover.iterations']
+  assert floats.shape == ref_floats.shape == (8, 5) + SPEC.image_shape
+  np.testing.assert_allclose(floats, ref_floats, rtol=0, atol=1e-5)
+  assert result['bn_loss_final'] == pytest.approx(single_result['bn_loss_final'], rel=1e-5)
+  assert result['bn_loss_initial'] == pytest.approx(single_result['bn_loss_initial'],
+                                                    rel=1e-5)
+  assert result['bn_loss_final'] != result['bn_loss_initial']  # the images moved
+  # Process 0 alone wrote the exports; both wrote their part of the checkpoint.
+  assert os.path.exists(os.path.join(multi, 'recover', 'grid.png'))
+  assert not [p for p in os.listdir(os.path.join(multi, 'recover')) if p.endswith('.tmp')]
+
+
+def test_different_configs_refuse_to_start(teacher_workdir, tmp_path):
+  workdir = new_workdir(teacher_workdir, tmp_path / 'mismatch')
+  outputs = run_processes([main_command(workdir, **{'recover.lr': 0.25}),
+                           main_command(workdir, **{'recover.lr': 0.1})], workdir)
+  for i, (rc, log) in enumerate(outputs):
+    assert rc != 0, f'process {i} ran with a config that differs from its peer'
+    assert 'ValueError: The 2 processes were started with different configurations' in log
+    assert 'process(es) [1] disagree with process 0' in log
+  assert "recover.lr: process 0 has 0.25, this process (1) has 0.1" in outputs[1][1]
+  assert not os.path.exists(os.path.join(workdir, 'recover'))  # nothing was started
+
+
+GATHER_SCRIPT = textwrap.dedent('''
+    import jax, ml_collections, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from sre2l_jax import multihost
+    multihost.initialize()
+    mesh = Mesh(np.asarray(jax.devices()), ('data',))
+    full = np.arange(8 * 6 * 5, dtype=np.float32).reshape(8, 6, 5)
+    x = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P('data')),
+                                     lambda index: full[index])
+    assert not x.is_fully_addressable
+    # Rows of 120 bytes, chunks of at most 250 bytes: 2 rows at a time, 4 gathers.
+    np.testing.assert_array_equal(multihost.to_host(x, max_chunk_bytes=250), full)
+    multihost.check_same_config(ml_collections.ConfigDict({'a': 1, 'b': 'x'}))
+    multihost.sync('done')
+    print('gathered', jax.process_index(), jax.process_count())
+''')
+
+
+def test_to_host_gathers_across_processes_in_chunks(tmp_path):
+  outputs = run_processes([[sys.executable, '-c', GATHER_SCRIPT]] * 2, str(tmp_path))
+  for i, (rc, log) in enumerate(outputs):
+    assert rc == 0, log[-4000:]
+    assert f'gathered {i} 2' in log
+
+
+def test_single_process_helpers():
+  multihost.check_same_config(make_config())  # one process: nothing to compare
+  multihost.sync('nothing to wait for')
+  x = jnp.arange(12.0).reshape(6, 2)
+  np.testing.assert_array_equal(multihost.to_host(x), np.arange(12.0).reshape(6, 2))
+  digest = multihost.config_digest(make_config())
+  assert digest.dtype == np.uint32 and digest.shape == (8,)
+  other = make_config()
+  other.recover.lr = 0.5
+  assert not np.array_equal(multihost.config_digest(other), digest)

@@ -1,0 +1,566 @@
+"""Recover stage: device-count invariance, per-group statistics, a PyTorch reference of the
+loss and its gradient, SIGKILL + resume, bad input, and the exports.
+
+The teacher is a ConvNet-BN with random weights and BN parameters, and running statistics
+taken from its own BN inputs on random smooth images (`random_teacher`): no training is
+needed to exercise the stage. Models are tiny (width 8).
+"""
+
+import functools
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+import torch
+from PIL import Image
+from torch import nn as tnn
+
+from sre2l_jax import checkpoint
+from sre2l_jax import export
+from sre2l_jax import models
+from sre2l_jax import recover
+from sre2l_jax import squeeze
+from sre2l_jax.data import datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
+SPEC = datasets.get_spec('fashion_mnist')
+WIDTH = 8
+# The run shared by the resume test (a subprocess, killed and re-run) and the "loss falls"
+# and export tests. Groups of 5 classes, 3 images per class: 6 real groups (8 devices would
+# pad them to 8). The config's lr and r_bn (0.25, 0.01).
+RUN = dict(ipc=3, batch_size=5, iterations=40, checkpoint_every_steps=2, log_every_steps=2)
+
+
+def _config_module():
+  spec = importlib.util.spec_from_file_location('fashion_mnist_ipc10', CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def make_config(data_dir, mesh_shape=1, width=WIDTH, **recover_overrides):
+  config = _config_module().get_config('smoke')
+  config.teacher.width = width
+  config.dataset.data_dir = str(data_dir)
+  config.mesh_shape = mesh_shape
+  config.recover.update(ipc=2, iterations=6, checkpoint_every_steps=3, log_every_steps=3)
+  config.recover.update(**recover_overrides)
+  return config
+
+
+@functools.lru_cache
+def _running_stats_fn(model):
+  """Jitted (params, key) -> BN-input statistics of `model` on random smooth images."""
+  low, high = datasets.pixel_bounds(SPEC)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + SPEC.image_shape), train=False))
+  init_stats = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, x.dtype),
+                                      abstract['batch_stats'])
+
+  @jax.jit
+  def running_stats(params, key):
+    # Random blobs: 7x7 noise upsampled to 28x28, inside the valid pixel range.
+    blobs = jax.image.resize(jax.random.normal(key, (64, 7, 7, 1)),
+                             (64,) + SPEC.image_shape, 'linear')
+    blobs = jnp.clip(1.5 * blobs + 0.3, low, high)
+    _, state = model.apply({'params': params, 'batch_stats': init_stats}, blobs, train=True,
+                           mutable=['batch_stats', models.BN_INPUTS])
+    stats = {}
+    for path, x in models.iter_in_call_order(state[models.BN_INPUTS]):
+      stats[path[-1][:-len('_input')]] = {'mean': jnp.mean(x, (0, 1, 2)),
+                                          'var': jnp.var(x, (0, 1, 2))}
+    return stats
+
+  return abstract, running_stats
+
+
+def random_teacher(config, seed=0, var_scale=1.0):
+  """A ConvNet-BN teacher with random weights and BN affine parameters whose running
+  statistics are those of its BN inputs on random smooth images (as a BN network would hold
+  after training on them). Arbitrary random running statistics would mostly be unreachable
+  by any image, and the BN loss could not fall. `var_scale` scales the first running
+  variances (a poisoned teacher). Returns (model, variables)."""
+  model = models.create_model(config.teacher, SPEC.num_classes)
+  abstract, running_stats = _running_stats_fn(model)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):  # host-side draws: no compilation
+    name = path[-1].key
+    if name == 'kernel':
+      return rng.normal(0.0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape)
+    if name == 'scale':
+      return rng.uniform(0.5, 1.5, leaf.shape)
+    return rng.normal(0.0, 0.2, leaf.shape)  # conv, dense and BN biases
+
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.asarray(draw(p, x), jnp.float32), abstract['params'])
+  stats = running_stats(params, jax.random.PRNGKey(seed))
+  stats['bn0']['var'] = stats['bn0']['var'] * var_scale
+  return model, {'params': params, 'batch_stats': stats}
+
+
+def write_teacher(config, workdir, **kwargs):
+  _, variables = random_teacher(config, **kwargs)
+  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'), variables,
+                          squeeze.teacher_meta(config, SPEC))
+  return variables
+
+
+def tfds_dir(root):
+  """The builder directory (holding dataset_info.json) under a `write_tfds` root."""
+  found = [r for r, _, files in os.walk(root) if 'dataset_info.json' in files]
+  assert len(found) == 1, found
+  return found[0]
+
+
+def restore_state(workdir, step=None):
+  """(step, state as numpy) of a recover checkpoint (the latest by default)."""
+  manager = checkpoint.create_manager(os.path.join(workdir, 'recover', 'checkpoints'))
+  step = step or manager.latest_step()
+  state = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return step, jax.tree_util.tree_map(np.asarray, state)
+
+
+def listing(directory):
+  """Every file under `directory` with its size and mtime: detects any modification."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      st = os.stat(path)
+      out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def finalized_steps(directory):
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def teacher_workdir(tmp_path_factory, data_dir):
+  """A workdir holding only `squeeze/teacher` (random weights and running statistics)."""
+  workdir = str(tmp_path_factory.mktemp('teacher_workdir'))
+  write_teacher(make_config(data_dir), workdir)
+  return workdir
+
+
+def new_workdir(teacher_workdir, path):
+  shutil.copytree(os.path.join(teacher_workdir, 'squeeze'), os.path.join(path, 'squeeze'))
+  return str(path)
+
+
+# ----------------------------------------------------------------------------- 1 vs 8 devices
+
+
+def test_one_and_eight_devices_give_the_same_images(teacher_workdir, data_dir, tmp_path):
+  # 8 devices pad the 6 real groups to 8; each device then holds one group.
+  overrides = dict(RUN, iterations=6, checkpoint_every_steps=3, log_every_steps=3)
+  outputs = {}
+  for devices in (1, 8):
+    workdir = new_workdir(teacher_workdir, tmp_path / f'devices{devices}')
+    result = recover.run(make_config(data_dir, mesh_shape=devices, **overrides), workdir)
+    assert result['devices'] == devices
+    assert result['groups'] == 6
+    step, state = restore_state(workdir)
+    assert step == 6 == int(state['step'])
+    assert state['images'].shape == (6 if devices == 1 else 8, 5) + SPEC.image_shape
+    images, labels = export.read_tfds(tfds_dir(result['outputs']['tfds']))
+    outputs[devices] = (jax.tree_util.tree_map(lambda x: x[:6] if x.ndim == 5 else x, state),
+                        images, labels, result)
+  state1, images1, labels1, result1 = outputs[1]
+  state8, images8, labels8, result8 = outputs[8]
+  # Equal up to float rounding. XLA's CPU kernels round differently for a batch of 6 groups
+  # (1 device) and of 1 group (8 devices): gradients differ by ~1e-7 relative. Adam turns
+  # that into up to ~lr * 1e-3 on the rare pixel whose gradient is ~eps (1e-8), where
+  # m / (sqrt(v) + eps) is most sensitive; every other pixel agrees to 1e-5. A real device
+  # dependence (statistics pooled across groups, keys tied to the device, padding groups
+  # leaking into real ones) moves every pixel by O(lr).
+  diff = np.abs(state1['images'] - state8['images'])
+  assert np.mean(diff <= 1e-5) >= 0.999, np.quantile(diff, [0.5, 0.999, 1.0])
+  assert diff.max() <= 1e-3
+  adam1, adam8 = state1['opt_state'][0], state8['opt_state'][0]
+  for moment in ('mu', 'nu'):  # running averages of the gradients: no eps amplification
+    assert (np.abs(adam1[moment] - adam8[moment]).max() <=
+            1e-4 * np.abs(adam1[moment]).max()), moment
+  assert np.abs(images1.astype(int) - images8).max() <= 1
+  assert np.mean(images1 == images8) >= 0.999
+  np.testing.assert_array_equal(labels1, labels8)
+  np.testing.assert_array_equal(labels1, np.repeat(np.arange(10), 3))
+  assert result1['bn_loss_initial'] == pytest.approx(result8['bn_loss_initial'], rel=1e-5)
+  assert result1['bn_loss_final'] == pytest.approx(result8['bn_loss_final'], rel=1e-4)
+  assert result1['teacher_top1_on_synthetic'] == result8['teacher_top1_on_synthetic']
+
+
+# ----------------------------------------------------------------------------- per group
+
+
+def test_statistics_are_per_group(data_dir):
+  config = make_config(data_dir)
+  cfg = config.recover
+  model, teacher = random_teacher(config, seed=1)
+  labels, uids, real = recover.group_layout(10, 2, 10, 1)
+  assert real == 2 and labels.shape == (2, 10)
+  images = jax.random.normal(jax.random.PRNGKey(0), labels.shape + SPEC.image_shape)
+  changed = images.at[0].set(
+      jax.random.normal(jax.random.PRNGKey(1), labels.shape[1:] + SPEC.image_shape) * 2.0)
+  key = jax.random.PRNGKey(7)
+  keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(2))
+  loss_fn = lambda x, y, u, k: recover.group_loss(x, y, u, k, jnp.float32(cfg.min_scale),
+                                                  model=model, teacher=teacher, cfg=cfg)
+
+  def total(x):  # like recover_step: the sum of the vmapped per-group losses
+    losses, metrics = jax.vmap(loss_fn)(x, labels, uids, keys)
+    return losses.sum(), (losses, metrics)
+
+  loss_and_grad = jax.jit(jax.grad(total, has_aux=True))
+  grad_a, (loss_a, metrics_a) = loss_and_grad(images)
+  grad_b, (loss_b, metrics_b) = loss_and_grad(changed)
+  # Group 1 does not see group 0's images...
+  np.testing.assert_allclose(loss_b[1], loss_a[1], rtol=1e-6)
+  for name in ('ce', 'bn_loss', 'bn_loss_per_layer', 'accuracy'):
+    np.testing.assert_allclose(metrics_b[name][1], metrics_a[name][1], rtol=1e-6)
+  np.testing.assert_allclose(grad_b[1], grad_a[1], rtol=1e-5, atol=1e-9)
+  # ...while group 0's loss and gradient change.
+  assert abs(float(loss_b[0] - loss_a[0])) > 1e-3 * abs(float(loss_a[0]))
+  assert abs(float(metrics_b['bn_loss'][0] - metrics_a['bn_loss'][0])) > 1e-3
+  assert np.abs(grad_b[0] - grad_a[0]).max() > 1e-3 * np.abs(grad_a[0]).max()
+
+  # recover_step: one Adam step leaves group 1's images as they would be without group 0.
+  tx = optax.adam(1e-1, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=1e-8)
+  low, high = datasets.pixel_bounds(SPEC)
+  step = jax.jit(lambda s: recover.recover_step(
+      s, labels, uids, key, model=model, teacher=teacher, cfg=cfg, tx=tx,
+      bounds=(jnp.asarray(low), jnp.asarray(high))))
+  state_a, _ = step({'images': images, 'opt_state': tx.init(images), 'step': jnp.int32(0)})
+  state_b, _ = step({'images': changed, 'opt_state': tx.init(changed), 'step': jnp.int32(0)})
+  assert int(state_a['step']) == 1
+  np.testing.assert_allclose(state_b['images'][1], state_a['images'][1], rtol=1e-6,
+                             atol=1e-6)
+  assert np.abs(state_a['images'][1] - images[1]).max() > 1e-2  # it did move
+  assert np.abs(state_b['images'][0] - state_a['images'][0]).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+class TorchConvNet(tnn.Module):
+  """ConvNet-BN written independently: depth x [conv3x3+bias, BN, ReLU, avgpool 2], fc."""
+
+  def __init__(self, channels, width, depth, size, num_classes):
+    super().__init__()
+    layers = []
+    for i in range(depth):
+      layers += [tnn.Conv2d(channels if i == 0 else width, width, 3, padding=1, bias=True),
+                 tnn.BatchNorm2d(width), tnn.ReLU(), tnn.AvgPool2d(2)]
+      size //= 2
+    self.features = tnn.Sequential(*layers)
+    self.fc = tnn.Linear(width * size * size, num_classes)
+
+  def forward(self, x):
+    f = self.features(x)
+    return self.fc(f.permute(0, 2, 3, 1).flatten(1))  # flatten in Flax's NHWC order
+
+
+def torch_twin(variables, depth):
+  params = jax.tree_util.tree_map(lambda a: torch.from_numpy(np.asarray(a, np.float64)),
+                                  variables['params'])
+  stats = jax.tree_util.tree_map(lambda a: torch.from_numpy(np.asarray(a, np.float64)),
+                                 variables['batch_stats'])
+  net = TorchConvNet(SPEC.image_shape[-1], WIDTH, depth, SPEC.image_shape[0],
+                     SPEC.num_classes).double().eval()
+  convs = [m for m in net.features if isinstance(m, tnn.Conv2d)]
+  bns = [m for m in net.features if isinstance(m, tnn.BatchNorm2d)]
+  with torch.no_grad():
+    for i, (conv, bn) in enumerate(zip(convs, bns)):
+      conv.weight.copy_(params[f'conv{i}']['kernel'].permute(3, 2, 0, 1))  # HWIO -> OIHW
+      conv.bias.copy_(params[f'conv{i}']['bias'])
+      bn.weight.copy_(params[f'bn{i}']['scale'])
+      bn.bias.copy_(params[f'bn{i}']['bias'])
+      bn.running_mean.copy_(stats[f'bn{i}']['mean'])
+      bn.running_var.copy_(stats[f'bn{i}']['var'])
+      bn.eps = 1e-5
+    net.fc.weight.copy_(params['fc']['kernel'].T)
+    net.fc.bias.copy_(params['fc']['bias'])
+  return net, bns
+
+
+def torch_losses(net, bns, images_nhwc, labels, first_bn_multiplier, r_bn):
+  """The reference's BN-statistics loss (forward hooks on BN inputs) and CE, with grads."""
+  x = torch.from_numpy(np.asarray(images_nhwc, np.float64)).permute(0, 3, 1, 2)
+  x = x.contiguous().requires_grad_(True)
+  inputs = []
+  hooks = [bn.register_forward_hook(lambda m, i, o: inputs.append((m, i[0]))) for bn in bns]
+  logits = net(x)
+  for h in hooks:
+    h.remove()
+  assert [m for m, _ in inputs] == bns
+  bn_loss = 0.0
+  for l, (module, feature) in enumerate(inputs):
+    nch = feature.shape[1]
+    mean = feature.mean([0, 2, 3])
+    var = feature.permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
+    term = (torch.norm(module.running_var - var, 2) +
+            torch.norm(module.running_mean - mean, 2))
+    bn_loss = bn_loss + (first_bn_multiplier if l == 0 else 1.0) * term
+  bn_grad, = torch.autograd.grad(bn_loss, x, retain_graph=True)
+  ce = tnn.functional.cross_entropy(logits, torch.from_numpy(np.asarray(labels, np.int64)))
+  total = ce + r_bn * bn_loss
+  total_grad, = torch.autograd.grad(total, x)
+  to_nhwc = lambda g: g.permute(0, 2, 3, 1).numpy()
+  return (logits.detach().numpy(), float(bn_loss.detach()), to_nhwc(bn_grad),
+          float(total.detach()), to_nhwc(total_grad))
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_loss_and_gradient_match_pytorch(data_dir):
+  config = make_config(data_dir, r_bn=0.05, crop='none', flip=False, jitter=0)
+  cfg = config.recover
+  model, teacher = random_teacher(config, seed=2)
+  net, bns = torch_twin(teacher, config.teacher.depth)
+  images = jax.random.normal(jax.random.PRNGKey(3), (10,) + SPEC.image_shape)
+  labels = jnp.asarray(np.random.default_rng(0).permutation(10), jnp.int32)
+  t_logits, t_bn, t_bn_grad, t_total, t_total_grad = torch_losses(
+      net, bns, images, labels, cfg.first_bn_multiplier, cfg.r_bn)
+
+  logits = model.apply(teacher, images, train=False)
+  assert rel_err(logits, t_logits) <= 1e-5  # the twin is the same network
+
+  def bn_loss(x):
+    _, state = model.apply(teacher, x, train=False, mutable=[models.BN_INPUTS])
+    return recover.bn_statistics_loss(state[models.BN_INPUTS], teacher['batch_stats'],
+                                      cfg.first_bn_multiplier)[0]
+
+  j_bn, j_bn_grad = jax.jit(jax.value_and_grad(bn_loss))(images)
+  assert float(j_bn) > 1.0  # non-trivial: noise is far from the running statistics
+  assert rel_err(j_bn, t_bn) <= 1e-4
+  assert rel_err(j_bn_grad, t_bn_grad) <= 1e-4
+
+  # The full loss of one group without augmentation (crop 'none', no flip, no jitter).
+  def total(x):
+    return recover.group_loss(x, labels, jnp.arange(10), jax.random.PRNGKey(0),
+                              jnp.float32(1.0), model=model, teacher=teacher, cfg=cfg)
+
+  (j_total, metrics), j_total_grad = jax.jit(jax.value_and_grad(total, has_aux=True))(images)
+  assert rel_err(metrics['bn_loss'], t_bn) <= 1e-4
+  assert rel_err(j_total, t_total) <= 1e-4
+  assert rel_err(j_total_grad, t_total_grad) <= 1e-4
+  # Both terms matter in this check.
+  assert 0.1 < float(metrics['ce']) / (cfg.r_bn * float(metrics['bn_loss'])) < 10
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def main_command(workdir, data_dir, **recover_overrides):
+  overrides = dict(RUN, **recover_overrides)
+  return ([sys.executable, '-m', 'sre2l_jax.main', f'--config={CONFIG_FILE}:smoke',
+           f'--workdir={workdir}', '--stages=recover', f'--config.dataset.data_dir={data_dir}',
+           f'--config.teacher.width={WIDTH}', '--config.mesh_shape=1'] +
+          [f'--config.recover.{k}={v}' for k, v in overrides.items()])
+
+
+@pytest.fixture(scope='module')
+def reference_run(teacher_workdir, data_dir, tmp_path_factory):
+  """The uninterrupted run, in process, on 1 device like the subprocesses: (workdir, result)."""
+  workdir = new_workdir(teacher_workdir, tmp_path_factory.mktemp('reference'))
+  result = recover.run(make_config(data_dir, **RUN), workdir)
+  return workdir, result
+
+
+@pytest.fixture(scope='module')
+def subprocess_env(tmp_path_factory):
+  """This process's environment (8 CPU devices) plus a compilation cache shared by the
+  killed run and its re-run, so that the re-run does not compile again."""
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jit_cache')),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
+@pytest.fixture(scope='module')
+def killed_run(teacher_workdir, data_dir, subprocess_env, tmp_path_factory):
+  """A workdir whose run was SIGKILLed right after its first checkpoint (do not modify)."""
+  workdir = new_workdir(teacher_workdir, tmp_path_factory.mktemp('killed'))
+  checkpoints = os.path.join(workdir, 'recover', 'checkpoints')
+  with open(os.path.join(workdir, 'log.txt'), 'w') as log:
+    process = subprocess.Popen(main_command(workdir, data_dir), cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT, env=subprocess_env)
+    deadline = time.time() + 300
+    while not finalized_steps(checkpoints):
+      if process.poll() is not None or time.time() > deadline:
+        process.kill()
+        with open(log.name) as f:
+          pytest.fail(f'recover ended (rc {process.returncode}) before its first checkpoint:'
+                      f'\n{f.read()[-3000:]}')
+      time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+  assert process.returncode == -signal.SIGKILL
+  steps = finalized_steps(checkpoints)
+  assert steps and steps[-1] < RUN['iterations'], f'killed too late: {steps}'
+  assert not os.path.exists(os.path.join(workdir, 'recover', 'result.json'))
+  return workdir
+
+
+def test_sigkill_and_rerun_equals_uninterrupted_run(killed_run, reference_run, data_dir,
+                                                    subprocess_env, tmp_path):
+  workdir = str(tmp_path / 'resumed')
+  shutil.copytree(killed_run, workdir)
+  killed_step = finalized_steps(os.path.join(workdir, 'recover', 'checkpoints'))[-1]
+  completed = subprocess.run(main_command(workdir, data_dir), cwd=REPO, capture_output=True,
+                             text=True, timeout=300, check=False, env=subprocess_env)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  result = checkpoint.read_json(os.path.join(workdir, 'recover', 'result.json'))
+  assert 0 < result['resumed_from_step'] == killed_step < RUN['iterations']
+
+  ref_workdir, ref_result = reference_run
+  assert ref_result['resumed_from_step'] == 0
+  images, labels = export.read_tfds(tfds_dir(os.path.join(workdir, 'recover', 'tfds')))
+  ref_images, ref_labels = export.read_tfds(tfds_dir(ref_result['outputs']['tfds']))
+  np.testing.assert_array_equal(images, ref_images)
+  np.testing.assert_array_equal(labels, ref_labels)
+  step, state = restore_state(workdir)
+  ref_step, ref_state = restore_state(ref_workdir)
+  assert step == ref_step == RUN['iterations']
+  np.testing.assert_array_equal(state['images'], ref_state['images'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state, ref_state)
+  for key in ('bn_loss_initial', 'bn_loss_final', 'teacher_top1_on_synthetic'):
+    assert result[key] == ref_result[key], key
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_or_unfit_teacher(teacher_workdir, data_dir, tmp_path):
+  config = make_config(data_dir)
+  empty = str(tmp_path / 'empty')
+  with pytest.raises(checkpoint.TeacherError, match=r'(?s)No teacher.*--stages=squeeze'):
+    recover.run(config, empty)
+  assert not os.path.exists(os.path.join(empty, 'recover', 'fingerprint.json'))
+
+  # The signature in teacher.json: another width, another class count.
+  workdir = new_workdir(teacher_workdir, tmp_path / 'wide')
+  with pytest.raises(checkpoint.TeacherError, match=r'does not fit.*width: saved 8, now 16'):
+    recover.run(make_config(data_dir, width=16), workdir)
+  meta_path = os.path.join(workdir, 'squeeze', 'teacher', checkpoint.TEACHER_META)
+  meta = checkpoint.read_json(meta_path)
+  meta['signature']['num_classes'] = 100
+  checkpoint.write_json(meta_path, meta)
+  with pytest.raises(checkpoint.TeacherError, match=r'num_classes: saved 100, now 10'):
+    recover.run(config, workdir)
+
+  # A teacher.json that fits but weights of another shape.
+  workdir = str(tmp_path / 'mis_shaped')
+  _, wide = random_teacher(make_config(data_dir, width=16))
+  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'), wide,
+                          squeeze.teacher_meta(config, SPEC))
+  with pytest.raises(checkpoint.TeacherError, match=r'weights .* do not match'):
+    recover.run(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'recover', 'checkpoints'))
+
+
+def test_bad_sizes(teacher_workdir, data_dir, tmp_path):
+  workdir = new_workdir(teacher_workdir, tmp_path / 'w')
+  with pytest.raises(ValueError, match=r'batch_size=3 .*must divide the 10 classes'):
+    recover.run(make_config(data_dir, batch_size=3), workdir)
+  for ipc in (0, -1):
+    with pytest.raises(ValueError, match=f'recover.ipc={ipc} must be a positive'):
+      recover.run(make_config(data_dir, ipc=ipc), workdir)
+  assert not os.path.exists(os.path.join(workdir, 'recover'))
+
+
+def test_divergence_from_the_start_stops_without_a_checkpoint(teacher_workdir, data_dir,
+                                                             tmp_path):
+  # r_bn = 1e38 makes r_bn * bn_loss overflow float32: the loss is infinite at step 1.
+  # (A huge lr alone does not diverge: Adam's step is at most ~lr per pixel and the images
+  # are clipped to the valid range after each step.) No augmentation: a smaller program.
+  workdir = new_workdir(teacher_workdir, tmp_path / 'w')
+  before = listing(os.path.join(workdir, 'squeeze'))
+  config = make_config(data_dir, r_bn=1e38, crop='none', flip=False, jitter=0,
+                       checkpoint_every_steps=1, log_every_steps=1)
+  with pytest.raises(recover.DivergedError,
+                     match=r'(?s)by step 1\..*recover\.lr.*recover\.r_bn') as error:
+    recover.run(config, workdir)
+  assert 'No checkpoint had been saved yet' in str(error.value)
+  assert listing(os.path.join(workdir, 'squeeze')) == before
+  assert finalized_steps(os.path.join(workdir, 'recover', 'checkpoints')) == []
+  assert not os.path.exists(os.path.join(workdir, 'recover', 'tfds'))
+
+
+def test_divergence_midway_keeps_the_last_good_checkpoint(killed_run, data_dir, tmp_path):
+  """A run resumed from a good checkpoint diverges: it stops, and that checkpoint stays."""
+  workdir = str(tmp_path / 'diverged')
+  shutil.copytree(killed_run, workdir)
+  checkpoints = os.path.join(workdir, 'recover', 'checkpoints')
+  good_step, good_state = restore_state(workdir)
+  assert np.isfinite(good_state['images']).all()
+  # The teacher's first running variances become ~1e30: ||var - running_var||_2 overflows
+  # float32, so the loss turns infinite at the first resumed step.
+  config = make_config(data_dir, **RUN)
+  write_teacher(config, workdir, var_scale=1e30)
+  before = listing(os.path.join(workdir, 'squeeze'))
+  with pytest.raises(recover.DivergedError,
+                     match=rf'(?s)recover\.lr.*recover\.r_bn.*step {good_step}'):
+    recover.run(config, workdir)
+  assert listing(os.path.join(workdir, 'squeeze')) == before
+  assert finalized_steps(checkpoints)[-1] == good_step
+  step, state = restore_state(workdir)
+  assert step == good_step
+  jax.tree_util.tree_map(np.testing.assert_array_equal, state, good_state)
+  assert not os.path.exists(os.path.join(workdir, 'recover', 'result.json'))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_bn_loss_falls_and_exports(reference_run):
+  workdir, result = reference_run
+  assert result['iterations'] == RUN['iterations']
+  assert result['bn_loss_final'] < 0.8 * result['bn_loss_initial'], result
+  # The CE term works too: the teacher recognises well over chance (0.1) of the images.
+  assert 0.2 < result['teacher_top1_on_synthetic'] <= 1.0, result
+  assert result == checkpoint.read_json(os.path.join(workdir, 'recover', 'result.json'))
+
+  ipc = RUN['ipc']
+  builder = tfds.builder_from_directory(tfds_dir(result['outputs']['tfds']))
+  assert builder.info.splits['train'].num_examples == ipc * 10
+  images, labels = export.read_tfds(builder.data_dir)
+  assert images.shape == (ipc * 10,) + SPEC.image_shape and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(10), ipc))
+  # The exports are the last iterate, denormalised.
+  _, state = restore_state(workdir)
+  expected = recover.to_class_major(datasets.denormalise(state['images'], SPEC), 10, ipc)
+  np.testing.assert_array_equal(images, expected.reshape(images.shape))
+
+  png = result['outputs']['png']
+  assert sorted(os.listdir(png)) == [f'new{c:03d}' for c in range(10)]
+  for c in range(10):
+    assert sorted(os.listdir(os.path.join(png, f'new{c:03d}'))) == [
+        f'class{c:03d}_id{i:03d}.png' for i in range(ipc)]
+    for i in range(ipc):
+      with Image.open(os.path.join(png, f'new{c:03d}', f'class{c:03d}_id{i:03d}.png')) as im:
+        np.testing.assert_array_equal(np.asarray(im), images[c * ipc + i, ..., 0])
+  with Image.open(result['outputs']['grid']) as grid:
+    assert grid.width > 0 and grid.height > 2 * grid.width  # 10 rows, 3 columns
