@@ -249,6 +249,7 @@ def bench_recover(args, spec, mesh, model, teacher) -> dict:
     raise ValueError(f'--groups={args.groups} must be a multiple of the {mesh.size} devices.')
   sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
   labels_dev, uids_dev = jax.device_put(labels, sharded), jax.device_put(uids, sharded)
+  teacher = jax.device_put(teacher, replicated)
   tx = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.iterations), b1=cfg.adam_b1,
                   b2=cfg.adam_b2, eps=1e-8)
   low, high = datasets.pixel_bounds(spec)
@@ -265,13 +266,9 @@ def bench_recover(args, spec, mesh, model, teacher) -> dict:
       jax.device_put(images, sharded))
   rng = jax.device_put(jax.random.PRNGKey(args.seed + 3), replicated)
 
-  step_fn = jax.jit(
-      functools.partial(recover.recover_step, model=model, teacher=teacher, cfg=cfg, tx=tx,
-                        bounds=bounds),
-      in_shardings=(state_shardings, sharded, sharded, replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=0)
+  step_fn = recover.jit_recover_step(model, cfg, tx, bounds, state_shardings, mesh)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, labels_dev, uids_dev, rng).compile()
+  compiled = step_fn.lower(state, labels_dev, uids_dev, rng, teacher).compile()
   compile_seconds = time.perf_counter() - start
 
   box = {'state': state}
@@ -279,12 +276,12 @@ def bench_recover(args, spec, mesh, model, teacher) -> dict:
   def run_steps(n):
     s = box['state']
     for _ in range(n):
-      s, metrics = compiled(s, labels_dev, uids_dev, rng)
+      s, metrics = compiled(s, labels_dev, uids_dev, rng, teacher)
     jax.block_until_ready((s, metrics))
     box['state'] = s
 
   result = time_steps(run_steps, args.steps, args.repeats, args.warmup)
-  metrics = jax.device_get(compiled(box['state'], labels_dev, uids_dev, rng)[1])
+  metrics = jax.device_get(compiled(box["state"], labels_dev, uids_dev, rng, teacher)[1])
   images_per_step = int(labels.size)
   result.update(compile_s=compile_seconds, images_per_step=images_per_step,
                 groups=int(labels.shape[0]), group_size=int(labels.shape[1]),

@@ -7,7 +7,7 @@ with mu_l, var_l the mean and biased variance over (N, H, W) of the *input* of B
 w_1 = first_bn_multiplier and w_l = 1 otherwise (SRe2L, Yin et al. 2023). Statistics are per
 group, as in the reference; the groups are vmapped and sharded over the mesh's 'data' axis,
 so more devices mean more groups at once without changing the regulariser. Only the images
-get gradients: the teacher's weights are constants of the traced function.
+get gradients: nothing is differentiated with respect to the teacher's weights.
 """
 
 import functools
@@ -164,6 +164,22 @@ def recover_step(state, labels, uids, rng, *, model, teacher, cfg, tx, bounds):
   return {'images': images, 'opt_state': opt_state, 'step': step + 1}, metrics
 
 
+def jit_recover_step(model, cfg, tx, bounds, state_shardings, mesh):
+  """`recover_step` jitted with the stage's shardings and the state donated.
+
+  Call as `step(state, labels, uids, rng, teacher)`. The teacher is an argument, not a
+  closed-over constant: constants would be embedded in the compiled program (slow to
+  compile and duplicated in memory for a ResNet-50).
+  """
+  sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
+  return jax.jit(
+      lambda state, labels, uids, rng, teacher: recover_step(
+          state, labels, uids, rng, model=model, teacher=teacher, cfg=cfg, tx=tx,
+          bounds=bounds),
+      in_shardings=(state_shardings, sharded, sharded, replicated, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
 def measure(images, labels, *, model, teacher, cfg):
   """Un-augmented BN loss (mean over groups) and teacher top-1 on the images as they are."""
   def one(group, group_labels):
@@ -295,22 +311,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.device_put(images, sharded))
 
   # Replicated outputs: every process reads them (small: one value per group / image).
-  measure_fn = jax.jit(functools.partial(measure, model=model, teacher=teacher, cfg=cfg),
-                       out_shardings=replicated)
+  measure_fn = jax.jit(lambda images, labels, teacher: measure(
+      images, labels, model=model, teacher=teacher, cfg=cfg), out_shardings=replicated)
   initial_path = os.path.join(stage_dir, 'initial.json')
   if not start_step or not os.path.exists(initial_path):
-    bn0, _ = measure_fn(state['images'], labels_dev)
+    bn0, _ = measure_fn(state['images'], labels_dev, teacher)
     # Not read back from the file: only process 0 writes it.
     bn_loss_initial = float(jax.device_get(bn0)[:real_groups].mean())
     checkpoint.write_json(initial_path, {'bn_loss_initial': bn_loss_initial})
   else:
     bn_loss_initial = checkpoint.read_json(initial_path)['bn_loss_initial']
 
-  step_fn = jax.jit(
-      functools.partial(recover_step, model=model, teacher=teacher, cfg=cfg, tx=tx,
-                        bounds=bounds),
-      in_shardings=(state_shardings, sharded, sharded, replicated),
-      out_shardings=(state_shardings, replicated), donate_argnums=0)
+  step_fn = jit_recover_step(model, cfg, tx, bounds, state_shardings, mesh)
 
   writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
   progress = train_lib.create_progress(cfg.iterations, writer, cfg.log_every_steps)
@@ -319,7 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_time, history = time.time(), []
   last_saved = start_step
   for step in range(start_step + 1, cfg.iterations + 1):
-    state, metrics = step_fn(state, labels_dev, uids_dev, step_rng)
+    state, metrics = step_fn(state, labels_dev, uids_dev, step_rng, teacher)
     history.append(metrics)
     if step == start_step + 1:
       jax.block_until_ready(state)
@@ -352,7 +364,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.wait_until_finished()
   wall = time.time() - start_time
 
-  bn_final, correct = measure_fn(state['images'], labels_dev)
+  bn_final, correct = measure_fn(state['images'], labels_dev, teacher)
   bn_final = float(jax.device_get(bn_final)[:real_groups].mean())
   teacher_top1 = float(jax.device_get(correct)[:real_groups].mean())
   images = multihost.to_host(state['images'])[:real_groups]  # sharded over processes
