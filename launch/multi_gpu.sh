@@ -8,7 +8,8 @@
 # Without SLURM, start it on every node with the same coordinator (node 0's address):
 #   COORDINATOR=node0:12345 NUM_PROCESSES=4 PROCESS_ID=<0..3> \
 #       bash launch/multi_gpu.sh configs/in1k_ipc50.py /shared/sre2l_runs/in1k_ipc50
-# WORKDIR must be on a filesystem every node sees (NFS, Lustre, gs://...): the processes
+# WORKDIR must be on a filesystem every node sees (NFS, Lustre, a gcsfuse mount; a gs:// URL
+# is not supported, the stages write with POSIX file calls): the processes
 # write one checkpoint together. Install on every node: pip install -e . "jax[cuda12]".
 #SBATCH --job-name=sre2l
 #SBATCH --ntasks-per-node=1

@@ -79,6 +79,26 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
     yield item
 
 
+def train_indices(num_examples: int, batch_size: int, seed: int,
+                  start_step: int) -> Iterator[tuple[int, np.ndarray]]:
+  """Endless (epoch, this process's example indices) of each global batch from `start_step`.
+
+  Epoch e is `default_rng([seed, e]).permutation(num_examples)` cut into drop-remainder
+  batches, so batch contents are a pure function of (seed, step).
+  """
+  steps = num_examples // batch_size
+  if steps == 0:
+    raise ValueError(f'batch_size={batch_size} exceeds the {num_examples} examples.')
+  rows = process_rows(batch_size)
+  step = start_step
+  while True:
+    epoch, first = divmod(step, steps)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    for i in range(first, steps):
+      yield epoch, perm[i * batch_size:(i + 1) * batch_size][rows]
+    step = (epoch + 1) * steps
+
+
 @dataclasses.dataclass
 class InMemorySplit:
   """A split held in host memory: images uint8 (N, H, W, C), labels int32 (N,)."""
@@ -95,21 +115,10 @@ class InMemorySplit:
   def train_batches(self, batch_size: int, seed: int, start_step: int,
                     sharding: NamedSharding) -> Iterator[dict]:
     """Endless global batches from `start_step` on (drop-remainder epochs)."""
-    steps = self.steps_per_epoch(batch_size)
-    if steps == 0:
-      raise ValueError(f'batch_size={batch_size} exceeds the {self.num_examples} examples.')
-    rows = process_rows(batch_size)
-
     def generate():
-      step = start_step
-      while True:
-        epoch, i = divmod(step, steps)
-        perm = np.random.default_rng([seed, epoch]).permutation(self.num_examples)
-        for i in range(i, steps):
-          index = perm[i * batch_size:(i + 1) * batch_size][rows]
-          yield {'image': to_global(self.images[index], sharding, batch_size),
-                 'label': to_global(self.labels[index], sharding, batch_size)}
-        step = (epoch + 1) * steps
+      for _, index in train_indices(self.num_examples, batch_size, seed, start_step):
+        yield {'image': to_global(self.images[index], sharding, batch_size),
+               'label': to_global(self.labels[index], sharding, batch_size)}
 
     return prefetch(generate())
 

@@ -143,23 +143,14 @@ class StreamingSplit:
 
     Yields {'image': uint8 (B, H, W, C), 'label': int32 (B,)}, sharded on 'data'.
     """
-    steps = self.steps_per_epoch(batch_size)
-    if steps == 0:
-      raise ValueError(f'batch_size={batch_size} exceeds the {self.num_examples} examples.')
-    rows = pipeline.process_rows(batch_size)
+    indices = pipeline.train_indices(self.num_examples, batch_size, seed, start_step)
 
     def generate():
-      step = start_step
-      while True:
-        epoch, i = divmod(step, steps)
-        perm = np.random.default_rng([seed, epoch]).permutation(self.num_examples)
-        for i in range(i, steps):
-          index = perm[i * batch_size:(i + 1) * batch_size][rows]
-          images, labels = self._stack(
-              self._map(lambda j, e=epoch: self._train_example(seed, e, j), index))
-          yield {'image': pipeline.to_global(images, sharding, batch_size),
-                 'label': pipeline.to_global(labels, sharding, batch_size)}
-        step = (epoch + 1) * steps
+      for epoch, index in indices:
+        images, labels = self._stack(
+            self._map(lambda j, e=epoch: self._train_example(seed, e, j), index))
+        yield {'image': pipeline.to_global(images, sharding, batch_size),
+               'label': pipeline.to_global(labels, sharding, batch_size)}
 
     return pipeline.prefetch(generate())
 
