@@ -191,13 +191,14 @@ def test_one_and_eight_devices_give_the_same_images(teacher_workdir, data_dir, t
   state8, images8, labels8, result8 = outputs[8]
   # Equal up to float rounding. XLA's CPU kernels round differently for a batch of 6 groups
   # (1 device) and of 1 group (8 devices): gradients differ by ~1e-7 relative. Adam turns
-  # that into up to ~lr * 1e-3 on the rare pixel whose gradient is ~eps (1e-8), where
-  # m / (sqrt(v) + eps) is most sensitive; every other pixel agrees to 1e-5. A real device
-  # dependence (statistics pooled across groups, keys tied to the device, padding groups
-  # leaking into real ones) moves every pixel by O(lr).
+  # that into more on a pixel whose gradient is ~eps (1e-8), where m / (sqrt(v) + eps) is
+  # most sensitive (3e-4 was seen once with another teacher); here the maximum is ~2e-5,
+  # inside the 1e-4 the issue asks for. A real device dependence (statistics pooled across
+  # groups, keys tied to the device, padding groups leaking into real ones) moves every
+  # pixel by O(lr).
   diff = np.abs(state1['images'] - state8['images'])
   assert np.mean(diff <= 1e-5) >= 0.999, np.quantile(diff, [0.5, 0.999, 1.0])
-  assert diff.max() <= 1e-3
+  assert diff.max() <= 1e-4
   adam1, adam8 = state1['opt_state'][0], state8['opt_state'][0]
   for moment in ('mu', 'nu'):  # running averages of the gradients: no eps amplification
     assert (np.abs(adam1[moment] - adam8[moment]).max() <=
