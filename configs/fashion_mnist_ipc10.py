@@ -18,7 +18,10 @@ def get_config(arg=None):
   c.squeeze.update(epochs=4, batch_size=128, lr=0.1, warmup_epochs=0.5, weight_decay=5e-4,
                    augment='flip')
 
-  c.recover.update(ipc=arg.ipc, batch_size=10, iterations=1000, lr=0.25, r_bn=0.01,
+  # r_bn 1.0 (the paper's Tiny-ImageNet value) rather than ImageNet's 0.01: with 0.01 the
+  # objective's BN term fell only 7.8x at IPC 1 (41.5 -> 5.3), with 1.0 it fell 15x (41.5 ->
+  # 2.7), the teacher still classifying every image right.
+  c.recover.update(ipc=arg.ipc, batch_size=10, iterations=1000, lr=0.25, r_bn=1.0,
                    first_bn_multiplier=10.0, jitter=4, min_scale=0.5, init='noise')
 
   c.student.update(name='convnet', width=64, depth=3)
