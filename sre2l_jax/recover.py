@@ -319,12 +319,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Replicated outputs: every process reads them (small: one value per group / image).
   measure_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-  measure_fn = jax.jit(lambda images, teacher: measure(
-      images, labels_dev, uids_dev, measure_key, model=model, teacher=teacher, cfg=cfg),
+  # Global arrays are passed as arguments: closing over them fails on several processes.
+  measure_fn = jax.jit(lambda images, labels, uids, teacher: measure(
+      images, labels, uids, measure_key, model=model, teacher=teacher, cfg=cfg),
                        out_shardings=replicated)
 
   def mean_losses(images):
-    bn, plain, correct = jax.device_get(measure_fn(images, teacher))
+    bn, plain, correct = jax.device_get(measure_fn(images, labels_dev, uids_dev, teacher))
     return (float(bn[:real_groups].mean()), float(plain[:real_groups].mean()),
             float(correct[:real_groups].mean()))
 

@@ -290,11 +290,15 @@ def write_labels(directory: str, images: np.ndarray, schedule: Schedule, cfg, sp
     last = min(schedule.epochs, first + per_shard)
     outputs = []
     for epoch in range(first, last):
+      epoch_outputs = []
       for b in range(schedule.steps_per_epoch):
         batch = jax.device_put(images[schedule.batch_indices(epoch, b)], sharded)
         views, _, _ = views_fn(schedule.view_key(epoch, b), batch)
-        outputs.append(logits_fn(teacher, views))
-    logits = np.asarray(jax.device_get(outputs), np.float32).reshape(
+        epoch_outputs.append(logits_fn(teacher, views))
+      # Fetched per epoch: a whole shard of pending device results at once has crashed
+      # XLA's CPU runtime (jaxlib 0.10.2, 8 host devices).
+      outputs.append(np.stack(jax.device_get(epoch_outputs)))
+    logits = np.asarray(outputs, np.float32).reshape(
         (last - first, schedule.steps_per_epoch, schedule.batch_size, spec.num_classes))
     name = f'labels_{first:06d}_{last:06d}.npz'
     path = os.path.join(directory, name)
