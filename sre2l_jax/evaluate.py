@@ -156,8 +156,7 @@ def train_student(config, workdir, name, images, labels, hard, seed, mesh, teach
     if (step + 1) % every == 0 and step + 1 < total:
       manager.save(step + 1, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
-  top1 = train_lib.top1(eval_step(model), {'params': state.params,
-                                           'batch_stats': state.batch_stats},
+  top1 = train_lib.top1(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
                         test, config.evaluate.eval_batch_size, mesh)
   result = {'variant': name, 'seed': seed, 'test_top1': top1, 'steps': total,
             'epochs': schedule.epochs, 'batch_size': schedule.batch_size,
@@ -187,12 +186,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sets = relabel.image_sets(config, workdir)  # names the missing stage if there is none
   teacher_model, teacher = squeeze.load_teacher(config, workdir, mesh)
   test = pipeline.load_split(config.dataset, 'test')
-  eval_steps = {}
-
-  def eval_step(model):
-    if 'fn' not in eval_steps:
-      eval_steps['fn'] = train_lib.make_eval_step(model, spec, mesh)
-    return eval_steps['fn']
+  # Every student is the same architecture: one compiled evaluation step serves them all.
+  eval_step = train_lib.make_eval_step(models.create_model(config.student, spec.num_classes),
+                                       spec, mesh)
 
   per_variant = {}
   for name, set_name, hard in variants(config):
