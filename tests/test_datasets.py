@@ -1,4 +1,5 @@
-"""Offline dataset builders, the registry and the streaming split, on tiny real-format files."""
+"""Offline dataset builders, the registry, batching and both kinds of split, on tiny
+real-format files."""
 
 import gzip
 import io
@@ -8,12 +9,14 @@ import struct
 import tarfile
 import zipfile
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from sre2l_jax.data import batching
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
@@ -80,9 +83,10 @@ def test_cifar10_round_trip(tmp_path):
   config = _config(tmp_path, 'cifar10', manual_dir=manual)
 
   train = pipeline.load_split(config, 'train')
-  assert isinstance(train, pipeline.InMemorySplit)
-  assert train.images.shape == (10, 32, 32, 3) and train.images.dtype == np.uint8
-  assert _as_sorted_pairs(train.images, train.labels) == _expected(written, train_members)
+  assert isinstance(train, pipeline.InMemorySplit) and isinstance(train, pipeline.Split)
+  images, labels = train.arrays()
+  assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
+  assert _as_sorted_pairs(images, labels) == _expected(written, train_members)
 
   images, labels = datasets.load_arrays(config, 'test')
   assert labels.dtype == np.int32
@@ -199,15 +203,23 @@ def _imagenet_val_labels(n):
   return [names.str2int(w) for w in path.read_text().split()[:n]]
 
 
-def test_imagenet_real_format_streaming(tmp_path):
-  manual = tmp_path / 'manual'
+@pytest.fixture(scope='module')
+def imagenet_config(tmp_path_factory):
+  """A real-format ImageNet (2 classes x 5 train images, 10 val images), built on first use."""
+  root = tmp_path_factory.mktemp('imagenet')
+  manual = root / 'manual'
   manual.mkdir()
   _write_imagenet(manual)
-  config = _config(tmp_path, 'imagenet2012', manual_dir=manual)
-  sharding = pipeline.data_sharding(pipeline.create_mesh())
+  return _config(root, 'imagenet2012', manual_dir=manual)
+
+
+def test_imagenet_real_format_streaming(imagenet_config):
+  config = imagenet_config
+  sharding = batching.data_sharding(batching.create_mesh())
 
   train = pipeline.load_split(config, 'train')
   assert isinstance(train, streaming.StreamingSplit) and train.num_examples == 10
+  assert isinstance(train, pipeline.Split)
   batch = next(train.train_batches(8, seed=0, start_step=0, sharding=sharding))
   assert batch['image'].shape == (8, 224, 224, 3) and batch['image'].dtype == np.uint8
   assert batch['image'].sharding == sharding
@@ -228,7 +240,7 @@ def test_imagenet_streaming_is_a_function_of_seed_and_step(tmp_path):
   for name in builders.IMAGENET_MANUAL_FILES:  # passes the pre-check; the build is mocked
     (manual / name).touch()
   config = _config(tmp_path, 'imagenet2012', manual_dir=manual)
-  sharding = pipeline.data_sharding(pipeline.create_mesh())
+  sharding = batching.data_sharding(batching.create_mesh())
   # mock_data serves random images of random sizes (5 to 49 pixels a side) per index.
   with tfds.testing.mock_data(num_examples=16):
     split = pipeline.load_split(config, 'train')
@@ -247,6 +259,109 @@ def test_imagenet_streaming_is_a_function_of_seed_and_step(tmp_path):
     resumed = split.train_batches(8, seed=0, start_step=0, sharding=sharding)
     next(resumed)
     np.testing.assert_array_equal(np.asarray(next(resumed)['image']), batch(0, 1)[0])
+
+
+def test_streaming_class_balanced_subset_reads_records_in_a_random_order(imagenet_config):
+  train = pipeline.load_split(imagenet_config, 'train')
+  # Expected: walk default_rng(seed).permutation(10) over the raw records, keeping the first
+  # 3 of each class, each centre-cropped to the model input; class-major.
+  order = np.random.default_rng([3, 0xba5e]).permutation(train.num_examples)
+  records = [train.source[int(i)] for i in order]
+  expected = {0: [], 1: []}
+  for record in records:
+    if len(expected[record['label']]) < 3:
+      expected[record['label']].append(streaming.center_crop(record['image'], (224, 224, 3)))
+  for chunk in (1024, 4):  # chunks that hold every record, or cut the order into pieces
+    rng = np.random.default_rng([3, 0xba5e])
+    images, labels = train.class_balanced_subset(2, 3, rng, chunk=chunk)
+    assert images.shape == (6, 224, 224, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int32 and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(images, np.stack(expected[0] + expected[1]))
+    # The rng advanced by exactly one permutation.
+    after = np.random.default_rng([3, 0xba5e])
+    after.permutation(train.num_examples)
+    assert rng.random() == after.random()
+  # num_classes=1 keeps class 0 only; another seed draws other images.
+  images, labels = train.class_balanced_subset(1, 3, np.random.default_rng(4))
+  assert labels.tolist() == [0, 0, 0] and not np.array_equal(images, np.stack(expected[0]))
+  with pytest.raises(ValueError, match=r'random-subset baseline needs 6 .* 2 classes'):
+    train.class_balanced_subset(2, 6, np.random.default_rng(0))
+
+
+def test_streaming_split_has_no_arrays(imagenet_config):
+  train = pipeline.load_split(imagenet_config, 'train')
+  with pytest.raises(ValueError, match=r"needs a dataset held in memory.*imagenet2012's "
+                                       r"'train' split is streamed"):
+    train.arrays()
+
+
+def test_in_memory_class_balanced_subset_is_the_random_subset_draw():
+  data = np.random.default_rng(0)
+  images = data.integers(0, 256, (200, 8, 8, 3), dtype=np.uint8)
+  labels = data.integers(0, 12, 200).astype(np.int32)
+  split = pipeline.InMemorySplit(images, labels)
+  for seed in (0, 1):
+    # relabel.random_subset before issue 10, written out.
+    expected_rng = np.random.default_rng([seed, 0xba5e])
+    index = np.concatenate([expected_rng.choice(np.flatnonzero(labels == c), 5, replace=False)
+                            for c in range(10)])
+    rng = np.random.default_rng([seed, 0xba5e])
+    got_images, got_labels = split.class_balanced_subset(10, 5, rng)
+    np.testing.assert_array_equal(got_images, images[index])
+    np.testing.assert_array_equal(got_labels, labels[index])
+    assert got_labels.dtype == np.int32
+    np.testing.assert_array_equal(got_labels, np.repeat(np.arange(10), 5))
+    assert rng.random() == expected_rng.random()  # the same draws, no more
+  rare = np.flatnonzero(np.bincount(labels, minlength=12) < 30)[0]
+  with pytest.raises(ValueError, match=rf'random-subset baseline needs 30 .*\[{rare}'):
+    split.class_balanced_subset(12, 30, np.random.default_rng(0))
+  held_images, held_labels = split.arrays()
+  assert held_images is images and held_labels is labels
+
+
+def test_in_memory_eval_batches_pad_the_last_batch():
+  images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+  split = pipeline.InMemorySplit(images, np.arange(10, dtype=np.int32))
+  sharding = batching.data_sharding(batching.create_mesh())
+  batches = list(split.eval_batches(8, sharding))
+  assert len(batches) == 2 and all(b['mask'].sharding == sharding for b in batches)
+  np.testing.assert_array_equal(np.asarray(batches[1]['label']), [8, 9, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(batches[1]['image']).ravel(),
+                                [8, 9, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(batches[1]['mask']), [1, 1, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(batches[0]['label']), np.arange(8))
+  assert float(batches[0]['mask'].sum()) == 8.0
+
+
+def test_eval_indices_and_train_indices():
+  passes = list(batching.eval_indices(10, 4))
+  assert [index.tolist() for index, _ in passes] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
+  assert [mask.tolist() for _, mask in passes][-1] == [1, 1, 0, 0]
+  assert all(mask.dtype == np.float32 for _, mask in passes)
+  # Epoch e is default_rng([seed, e]).permutation cut into drop-remainder batches.
+  steps = list(zip(range(7), batching.train_indices(10, 4, seed=5, start_step=1)))
+  for step, (epoch, index) in steps:
+    want = np.random.default_rng([5, (step + 1) // 2]).permutation(10)
+    first = (step + 1) % 2 * 4
+    assert epoch == (step + 1) // 2
+    np.testing.assert_array_equal(index, want[first:first + 4])
+  with pytest.raises(ValueError, match='exceeds the 3 examples'):
+    next(batching.train_indices(3, 4, seed=0, start_step=0))
+
+
+def test_create_mesh_keeps_the_device_order():
+  devices = jax.devices()
+  for n in (1, 3, len(devices)):
+    mesh = batching.create_mesh(n)
+    assert mesh.axis_names == ('data',) and list(mesh.devices.flat) == devices[:n]
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+  assert list(batching.create_mesh(-1).devices.flat) == devices
+  with pytest.raises(ValueError, match=f'mesh_shape={len(devices) + 1},'):
+    batching.create_mesh(len(devices) + 1)
+  mesh = batching.create_mesh(4)
+  batching.check_batch_size(8, mesh, 'x')
+  with pytest.raises(ValueError, match='x=6 must be a positive multiple'):
+    batching.check_batch_size(6, mesh, 'x')
 
 
 def test_center_crop_and_random_resized_crop_shapes():

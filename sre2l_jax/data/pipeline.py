@@ -1,102 +1,59 @@
-"""Input pipeline: global batches sharded over the mesh's 'data' axis.
+"""Input pipeline: the `Split` protocol and `load_split`, its entry point.
 
-Batches are a pure function of (seed, step): the permutation of epoch e comes from
-`numpy.random.default_rng([seed, e])`, so a resumed run reads exactly the batches an
-uninterrupted run would, and every process derives the same global batch and materialises
-only its own rows (`jax.make_array_from_process_local_data`). Images stay uint8 until they
-reach the device; normalisation and augmentation run on device inside the jitted step.
+A split is either held in host memory (`InMemorySplit`, the small datasets) or read record
+by record (`streaming.StreamingSplit`, ImageNet-1K); both implement `Split`, so a stage
+never asks which one it has. Batches are a pure function of (seed, step) (see `batching`).
+Images stay uint8 until they reach the device; normalisation and augmentation run on device
+inside the jitted step.
 """
 
 import dataclasses
-import queue
-import threading
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 
-import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
+from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
+from sre2l_jax.data import streaming
+# Transition (issue 10): these moved to `batching`; callers import them from there.
+from sre2l_jax.data.batching import (  # pylint: disable=unused-import
+    check_batch_size, create_mesh, data_sharding, prefetch, process_rows, replicated,
+    to_global, train_indices)
 
 
-def create_mesh(num_devices: int = -1) -> Mesh:
-  """One-axis ('data') mesh over the first `num_devices` devices (-1: all, across hosts)."""
-  devices = jax.devices()
-  if num_devices not in (-1, len(devices)):
-    if not 0 < num_devices <= len(devices):
-      raise ValueError(f'mesh_shape={num_devices}, but {len(devices)} devices are visible.')
-    devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), ('data',))
+@runtime_checkable
+class Split(Protocol):
+  """One split of a dataset, ready to batch: what the stages may ask of it.
 
-
-def data_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P('data'))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def to_global(local: np.ndarray, sharding: NamedSharding, global_batch: int) -> jax.Array:
-  """This process's rows -> one global array of `global_batch` rows sharded on 'data'."""
-  return jax.make_array_from_process_local_data(sharding, local,
-                                                (global_batch,) + local.shape[1:])
-
-
-def process_rows(global_batch: int) -> slice:
-  """The rows of a global batch that this process materialises."""
-  count, index = jax.process_count(), jax.process_index()
-  if global_batch % count:
-    raise ValueError(f'Global batch {global_batch} does not split over {count} processes.')
-  per = global_batch // count
-  return slice(index * per, (index + 1) * per)
-
-
-def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:
-  if batch_size <= 0 or batch_size % mesh.size:
-    raise ValueError(f'{what}={batch_size} must be a positive multiple of the number of '
-                     f'devices on the data axis ({mesh.size}).')
-
-
-def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
-  """Runs `iterator` in a background thread, `size` items ahead."""
-  q: queue.Queue = queue.Queue(maxsize=size)
-  sentinel = object()
-
-  def worker():
-    try:
-      for item in iterator:
-        q.put(item)
-    except Exception as e:  # surface errors in the consumer
-      q.put(e)
-    q.put(sentinel)
-
-  threading.Thread(target=worker, daemon=True).start()
-  while (item := q.get()) is not sentinel:
-    if isinstance(item, Exception):
-      raise item
-    yield item
-
-
-def train_indices(num_examples: int, batch_size: int, seed: int,
-                  start_step: int) -> Iterator[tuple[int, np.ndarray]]:
-  """Endless (epoch, this process's example indices) of each global batch from `start_step`.
-
-  Epoch e is `default_rng([seed, e]).permutation(num_examples)` cut into drop-remainder
-  batches, so batch contents are a pure function of (seed, step).
+  Batches are dicts of global arrays sharded like `sharding` (the mesh's 'data' axis):
+  'image' uint8 (B, H, W, C), 'label' int32 (B,), and for eval batches 'mask' float32 (B,).
   """
-  steps = num_examples // batch_size
-  if steps == 0:
-    raise ValueError(f'batch_size={batch_size} exceeds the {num_examples} examples.')
-  rows = process_rows(batch_size)
-  step = start_step
-  while True:
-    epoch, first = divmod(step, steps)
-    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    for i in range(first, steps):
-      yield epoch, perm[i * batch_size:(i + 1) * batch_size][rows]
-    step = (epoch + 1) * steps
+
+  @property
+  def num_examples(self) -> int:
+    """How many examples the split uses (after `train_limit` / `test_limit`)."""
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Drop-remainder steps of `batch_size` in one epoch."""
+
+  def train_batches(self, batch_size: int, seed: int, start_step: int,
+                    sharding: NamedSharding) -> Iterator[dict]:
+    """Endless training batches from `start_step` on, a pure function of (seed, step)."""
+
+  def eval_batches(self, batch_size: int, sharding: NamedSharding) -> Iterator[dict]:
+    """One pass in order; the last batch is padded and carries `mask` (1 real, 0 pad)."""
+
+  def class_balanced_subset(self, num_classes: int, ipc: int,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`ipc` random examples of each class < `num_classes`, class-major, drawn with `rng`:
+    images uint8 (num_classes * ipc, H, W, C), labels int32 (num_classes * ipc,)."""
+
+  def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """The whole split in host memory: images uint8 (N, H, W, C), labels int32 (N,).
+
+    Raises ValueError for a split too large to hold (streamed)."""
 
 
 @dataclasses.dataclass
@@ -116,30 +73,41 @@ class InMemorySplit:
                     sharding: NamedSharding) -> Iterator[dict]:
     """Endless global batches from `start_step` on (drop-remainder epochs)."""
     def generate():
-      for _, index in train_indices(self.num_examples, batch_size, seed, start_step):
-        yield {'image': to_global(self.images[index], sharding, batch_size),
-               'label': to_global(self.labels[index], sharding, batch_size)}
+      for _, index in batching.train_indices(self.num_examples, batch_size, seed, start_step):
+        yield {'image': batching.to_global(self.images[index], sharding, batch_size),
+               'label': batching.to_global(self.labels[index], sharding, batch_size)}
 
-    return prefetch(generate())
+    return batching.prefetch(generate())
 
   def eval_batches(self, batch_size: int, sharding: NamedSharding) -> Iterator[dict]:
     """One pass in order; the last batch is padded and carries `mask` (1 real, 0 pad)."""
-    rows = process_rows(batch_size)
-    for start in range(0, self.num_examples, batch_size):
-      index = np.arange(start, start + batch_size)
-      mask = index < self.num_examples
-      index = np.where(mask, index, 0)[rows]
-      yield {'image': to_global(self.images[index], sharding, batch_size),
-             'label': to_global(self.labels[index], sharding, batch_size),
-             'mask': to_global(mask[rows].astype(np.float32), sharding, batch_size)}
+    for index, mask in batching.eval_indices(self.num_examples, batch_size):
+      yield {'image': batching.to_global(self.images[index], sharding, batch_size),
+             'label': batching.to_global(self.labels[index], sharding, batch_size),
+             'mask': batching.to_global(mask, sharding, batch_size)}
+
+  def class_balanced_subset(self, num_classes: int, ipc: int,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`ipc` examples of each class < `num_classes`, each class's drawn without replacement
+    by `rng.choice`: images uint8 (num_classes * ipc, H, W, C), labels int32, class-major."""
+    counts = np.bincount(self.labels, minlength=num_classes)[:num_classes]
+    if (counts < ipc).any():
+      raise batching.too_few_per_class(ipc, np.flatnonzero(counts < ipc).tolist(),
+                                       self.num_examples)
+    index = np.concatenate([rng.choice(np.flatnonzero(self.labels == c), ipc, replace=False)
+                            for c in range(num_classes)])
+    return self.images[index], self.labels[index]
+
+  def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """The split itself: images uint8 (N, H, W, C), labels int32 (N,) (not copies)."""
+    return self.images, self.labels
 
 
-def load_split(config: ml_collections.ConfigDict, split: str):
+def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
   """The split named `split` ('train' or 'test') of `config.dataset`, ready to batch."""
   spec = datasets.get_spec(config.name)
   name = spec.train_split if split == 'train' else spec.test_split
   limit = config.get('train_limit' if split == 'train' else 'test_limit') or None
   if not spec.in_memory:
-    from sre2l_jax.data import streaming  # pylint: disable=g-import-not-at-top
     return streaming.StreamingSplit.create(config, spec, name, limit=limit)
   return InMemorySplit(*datasets.load_arrays(config, name, limit=limit))

@@ -1,8 +1,8 @@
 """Streaming input for datasets too large for host RAM (ImageNet-1K).
 
 Records are read from TFDS's ArrayRecord files by random access, then decoded and cropped
-on the host, a batch at a time in a thread pool. Like `pipeline.InMemorySplit`, a batch is
-a pure function of (seed, step): epoch e's permutation comes from
+on the host, a batch at a time in a thread pool. Like every `pipeline.Split`, a batch is a
+pure function of (seed, step): epoch e's permutation comes from
 `numpy.random.default_rng([seed, e])` and the crop of example i in epoch e from
 `numpy.random.default_rng([seed, e, i])`, so neither thread scheduling nor a restart
 changes what a step sees. Each process decodes only its own rows of a global
@@ -20,8 +20,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from PIL import Image
 
+from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
-from sre2l_jax.data import pipeline
 
 
 def sample_crop_box(rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0),
@@ -87,13 +87,16 @@ def center_crop(image: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
 class StreamingSplit:
   """A split read record by record from a TFDS data source (`as_data_source`).
 
-  source: random-access records {'image': uint8 (h, w, C) of any size, 'label': int}.
+  source: random-access records {'image': uint8 (h, w, C) of any size, 'label': int}
+  (`source[i]`, and `source.__getitems__(indices)` for many at once).
   num_examples: how many of the first records are used. image_shape: (H, W, C) of batches.
+  name: what the split is called in messages.
   """
   source: Any
   num_examples: int
   image_shape: tuple[int, int, int]
   num_threads: int = 16
+  name: str = 'a streamed split'
   _pool: concurrent.futures.ThreadPoolExecutor | None = dataclasses.field(
       default=None, init=False, repr=False)
 
@@ -105,7 +108,8 @@ class StreamingSplit:
     source = datasets.prepare(config).as_data_source(split=split_name)
     n = len(source) if not limit else min(limit, len(source))
     return cls(source, n, tuple(spec.image_shape),
-               num_threads or min(32, 2 * (os.cpu_count() or 1)))
+               num_threads or min(32, 2 * (os.cpu_count() or 1)),
+               name=f"{spec.name}'s {split_name!r} split")
 
   def steps_per_epoch(self, batch_size: int) -> int:
     return self.num_examples // batch_size
@@ -116,12 +120,19 @@ class StreamingSplit:
                                                          thread_name_prefix='decode')
     return list(self._pool.map(fn, items))
 
-  def _read(self, index: int) -> tuple[np.ndarray, int]:
-    record = self.source[int(index)]
+  @staticmethod
+  def _decode(record) -> tuple[np.ndarray, int]:
     image = np.asarray(record['image'], np.uint8)
     if image.ndim == 2:
       image = image[..., None]
     return image, int(record['label'])
+
+  def _read(self, index: int) -> tuple[np.ndarray, int]:
+    return self._decode(self.source[int(index)])
+
+  def read(self, indices) -> list[tuple[np.ndarray, int]]:
+    """Records `indices` in one random-access read: [(uint8 (h, w, C) as stored, label)]."""
+    return [self._decode(r) for r in self.source.__getitems__([int(i) for i in indices])]
 
   def _train_example(self, seed: int, epoch: int, index: int) -> tuple[np.ndarray, int]:
     image, label = self._read(index)
@@ -143,33 +154,58 @@ class StreamingSplit:
 
     Yields {'image': uint8 (B, H, W, C), 'label': int32 (B,)}, sharded on 'data'.
     """
-    indices = pipeline.train_indices(self.num_examples, batch_size, seed, start_step)
+    indices = batching.train_indices(self.num_examples, batch_size, seed, start_step)
 
     def generate():
       for epoch, index in indices:
         images, labels = self._stack(
             self._map(lambda j, e=epoch: self._train_example(seed, e, j), index))
-        yield {'image': pipeline.to_global(images, sharding, batch_size),
-               'label': pipeline.to_global(labels, sharding, batch_size)}
+        yield {'image': batching.to_global(images, sharding, batch_size),
+               'label': batching.to_global(labels, sharding, batch_size)}
 
-    return pipeline.prefetch(generate())
+    return batching.prefetch(generate())
 
   def eval_batches(self, batch_size: int, sharding: NamedSharding) -> Iterator[dict]:
     """One pass in order, centre crops; the last batch is padded and carries `mask`.
 
     Yields {'image': uint8 (B, H, W, C), 'label': int32 (B,), 'mask': float32 (B,)}.
     """
-    rows = pipeline.process_rows(batch_size)
-
     def generate():
-      for start in range(0, self.num_examples, batch_size):
-        index = np.arange(start, start + batch_size)
-        mask = index < self.num_examples
-        index = np.where(mask, index, 0)[rows]
+      for index, mask in batching.eval_indices(self.num_examples, batch_size):
         images, labels = self._stack(self._map(self._eval_example, index))
-        yield {'image': pipeline.to_global(images, sharding, batch_size),
-               'label': pipeline.to_global(labels, sharding, batch_size),
-               'mask': pipeline.to_global(mask[rows].astype(np.float32), sharding,
-                                          batch_size)}
+        yield {'image': batching.to_global(images, sharding, batch_size),
+               'label': batching.to_global(labels, sharding, batch_size),
+               'mask': batching.to_global(mask, sharding, batch_size)}
 
-    return pipeline.prefetch(generate())
+    return batching.prefetch(generate())
+
+  def class_balanced_subset(self, num_classes: int, ipc: int, rng: np.random.Generator,
+                            chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """`ipc` random examples of each class < `num_classes`, centre-cropped like the test
+    images: images uint8 (num_classes * ipc, H, W, C), labels int32, class-major.
+
+    Records are read `chunk` at a time in the order `rng.permutation(num_examples)` until
+    every class has `ipc`; labels come with the records, so only a little more than
+    num_classes * ipc are read, never the whole split.
+    """
+    chosen = {c: [] for c in range(num_classes)}
+    missing = num_classes * ipc
+    order = rng.permutation(self.num_examples)
+    for start in range(0, len(order), chunk):
+      for image, label in self.read(order[start:start + chunk]):
+        if label < num_classes and len(chosen[label]) < ipc:
+          chosen[label].append(center_crop(image, self.image_shape))
+          missing -= 1
+      if not missing:
+        break
+    if missing:
+      short = [c for c in range(num_classes) if len(chosen[c]) < ipc]
+      raise batching.too_few_per_class(ipc, short, self.num_examples)
+    images = np.stack([image for c in range(num_classes) for image in chosen[c]])
+    return images, np.repeat(np.arange(num_classes), ipc).astype(np.int32)
+
+  def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """Always raises: a streamed split is too large to hold in host memory."""
+    raise ValueError(
+        f'This needs a dataset held in memory (the whole split as arrays); {self.name} is '
+        f'streamed record by record because it does not fit in host memory.')
