@@ -42,5 +42,5 @@ def get_config(arg=None):
     c.relabel.update(epochs=2, batch_size=40)
     # 512 training images need not hold every class: no random-subset baseline.
     c.evaluate.update(eval_batch_size=128, log_every_steps=4,
-                      checkpoint_every_epochs=1, baselines='')
+                      checkpoint_every_epochs=1, baselines=())
   return c

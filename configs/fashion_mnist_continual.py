@@ -23,8 +23,8 @@ def _ipc10_config(arg: str):
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, smoke=False, ipc=10, steps=5)
   c = _ipc10_config(','.join((['smoke'] if arg.smoke else []) + [f'ipc={arg.ipc}']))
-  c.stages = 'squeeze,recover,continual'
-  c.continual.update(steps=arg.steps, epochs_per_step=100, sets='distilled,random')
+  c.stages = ('squeeze', 'recover', 'continual')
+  c.continual.update(steps=arg.steps, epochs_per_step=100, sets=('distilled', 'random'))
   if arg.smoke:
     c.continual.epochs_per_step = 2
   return c

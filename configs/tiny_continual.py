@@ -14,7 +14,7 @@ from sre2l_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, smoke=False, steps=5, ipc=50)
   c = config_lib.base_config()
-  c.stages = 'squeeze,recover,continual'
+  c.stages = ('squeeze', 'recover', 'continual')
   c.dataset.name = 'tiny_imagenet'
 
   # Squeeze and recover: the paper's Tiny-ImageNet recipe.
@@ -29,7 +29,7 @@ def get_config(arg=None):
   c.relabel.update(mode='online', batch_size=256, min_scale=0.08, mix='cutmix')
   c.evaluate.update(optimizer='sgd', lr=0.2, momentum=0.9, nesterov=False, weight_decay=1e-4,
                     temperature=20.0, seeds=1)
-  c.continual.update(steps=arg.steps, epochs_per_step=100, sets='distilled,random')
+  c.continual.update(steps=arg.steps, epochs_per_step=100, sets=('distilled', 'random'))
 
   if arg.smoke:
     # The random baseline needs images of every class, and the train split is stored class

@@ -46,5 +46,5 @@ def get_config(arg=None):
     c.relabel.update(epochs=2, batch_size=40)
     # The first 512 training images hold a few classes only: no random-subset baseline.
     c.evaluate.update(eval_batch_size=128, log_every_steps=4,
-                      checkpoint_every_epochs=1, baselines='')
+                      checkpoint_every_epochs=1, baselines=())
   return c

@@ -1,15 +1,22 @@
-"""Shared defaults of every experiment config, and the `arg` parser of `configs/*.py`.
+"""Shared defaults of every experiment config, the stage registry, and config-file loading.
 
-A file in `configs/` calls `experiment(...)` with its dataset and overrides; an argument
-string after the file name (`configs/fashion_mnist_ipc10.py:smoke,ipc=1`) selects variants:
-  smoke      shrink everything to a few steps on a data subset (tests, laptops);
+A file in `configs/` builds on `base_config()` and overrides a few keys; an argument string
+after the file name (`configs/fashion_mnist_ipc10.py:smoke,ipc=1`) selects variants:
+  smoke      shrink everything to a few steps on a data subset (tests, laptops; `smoke()`);
   ipc=N      images per class;
   seeds=N    number of student seeds in evaluate.
+Every key exists in `base_config()` with its default and a comment; lists are tuples.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
-STAGES = ('squeeze', 'recover', 'relabel', 'evaluate')
+# The stages in the order they run; each is a module `sre2l_jax.<name>` with
+# `run(config, workdir) -> result` writing only under `workdir/<name>/`.
+STAGES = ('squeeze', 'recover', 'relabel', 'evaluate', 'continual')
+DEFAULT_STAGES = ('squeeze', 'recover', 'relabel', 'evaluate')
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -25,67 +32,140 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     elif isinstance(default, bool):
       out[key] = value.lower() in ('1', 'true', 'yes')
     else:
-      out[key] = type(default)(value)
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f'Config argument {key}={value!r} is not a valid '
+                         f'{type(default).__name__}.') from None
   return out
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path` (configs/ is not a package)."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'sre2l_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def smoke(c: ml_collections.ConfigDict, *, width: int = 8, every: int = 4,
+          **sections: dict) -> ml_collections.ConfigDict:
+  """Shrinks `c` for tests and laptops: teacher and student of `width`, one student seed,
+  logs and checkpoints every `every` steps (students: every epoch), then the per-section
+  overrides, e.g. `smoke(c, recover=dict(ipc=1, iterations=4))`."""
+  c.teacher.width = c.student.width = width
+  c.squeeze.update(checkpoint_every_steps=every, log_every_steps=every)
+  c.recover.update(checkpoint_every_steps=every, log_every_steps=every)
+  c.evaluate.update(seeds=1, log_every_steps=every, checkpoint_every_epochs=1)
+  for section, values in sections.items():
+    c[section].update(values)
+  return c
+
+
+def _model(**kw) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='convnet',  # convnet | resnet18 | resnet50 | resnet101
+      width=128,  # channels (ConvNet) / first-stage width (ResNet, torchvision: 64)
+      depth=3,  # ConvNet blocks
+      pooling='avg',  # ConvNet pooling: avg | max
+      stem='imagenet',  # ResNet stem: imagenet (7x7/2 + max pool) | small (3x3/1)
+      dtype='float32',  # compute dtype: float32 | bfloat16
+  ) | kw)
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Every knob with its default; experiment files override a few."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.stages = ','.join(STAGES)
+  c.seed = 0  # seeds every random stream (see rngs.py)
+  c.stages = DEFAULT_STAGES  # stages `main` runs when --stages is not given
   c.mesh_shape = -1  # devices on the 'data' axis; -1: all
 
   c.dataset = ml_collections.ConfigDict(dict(
-      name='fashion_mnist',
+      name='fashion_mnist',  # see data/datasets.py
       data_dir='',  # TFDS data dir for the prepared ArrayRecord files ('' ~/tensorflow_datasets)
       source_dir='',  # where the raw files are (dataset-specific default)
       manual_dir='',  # TFDS manual dir (ImageNet, Tiny-ImageNet, CIFAR archives)
       train_limit=0,  # >0: use only the first N training images (smoke runs)
-      test_limit=0,
+      test_limit=0,  # >0: use only the first N test images
   ))
 
   # Squeeze: teacher training.
-  c.teacher = ml_collections.ConfigDict(dict(name='convnet', width=128, depth=3,
-                                             pooling='avg', stem='imagenet', dtype='float32'))
+  c.teacher = _model()
   c.squeeze = ml_collections.ConfigDict(dict(
-      epochs=5, batch_size=128, optimizer='sgd', lr=0.1, momentum=0.9, nesterov=True,
-      weight_decay=5e-4, warmup_epochs=0.5, label_smoothing=0.0, eval_batch_size=1000,
+      epochs=5,  # may be fractional
+      batch_size=128,  # global batch, a multiple of the device count
+      optimizer='sgd',  # sgd | adamw
+      lr=0.1,  # peak learning rate (linear warm-up, then cosine to 0)
+      momentum=0.9,  # sgd
+      nesterov=True,  # sgd
+      weight_decay=5e-4,  # coupled for sgd, decoupled for adamw
+      decay_all=False,  # sgd: decay every parameter (the reference), not kernels only
+      warmup_epochs=0.5,
+      label_smoothing=0.0,
+      eval_batch_size=1000,  # test-set batch, a multiple of the device count
       augment='',  # '' the dataset's; or 'pad_crop_flip' (with pad), 'flip', ...
-      pad=0,
-      checkpoint_every_steps=200, log_every_steps=100,
+      pad=0,  # pad of 'pad_crop_flip' (0: the dataset's)
+      checkpoint_every_steps=200,
+      log_every_steps=100,
       teacher_dir='',  # '' -> workdir/squeeze/teacher; or a teacher imported from PyTorch
   ))
 
   # Recover: image synthesis from the frozen teacher. Names follow the paper/reference.
   c.recover = ml_collections.ConfigDict(dict(
-      ipc=10, batch_size=100,  # group size: images of different classes, same ipc index
-      iterations=1000, lr=0.25, r_bn=0.01, first_bn_multiplier=10.0,
-      adam_b1=0.5, adam_b2=0.9, jitter=4, min_scale=0.08, max_scale=1.0,
+      method='sre2l',  # synthesis method (see synthesis/)
+      ipc=10,  # images per class
+      batch_size=100,  # group size: images of different classes, same ipc index
+      iterations=1000,  # Adam steps per image
+      lr=0.25,  # Adam learning rate (cosine decay to 0)
+      r_bn=0.01,  # weight of the BN-statistics term
+      first_bn_multiplier=10.0,  # extra weight of the first BN layer's term
+      adam_b1=0.5,
+      adam_b2=0.9,
+      jitter=4,  # random roll of up to this many pixels
+      min_scale=0.08,  # random-resized-crop scale range
+      max_scale=1.0,
       crop='per_image',  # 'per_image' | 'per_group' (the reference: one crop per batch) | 'none'
-      flip=True, curriculum=False,  # CDA: min crop scale from 1.0 down to min_scale (cosine)
+      flip=True,  # random horizontal flip
+      curriculum=False,  # CDA: min crop scale from max_scale down to min_scale (cosine)
       init='noise',  # 'noise' | 'real'
       num_classes=0,  # recover classes 0..N-1 only (0: all; smoke runs on 1000 classes)
       dtype='float32',  # teacher compute dtype ('bfloat16': loss stays float32)
-      checkpoint_every_steps=200, log_every_steps=100,
+      checkpoint_every_steps=200,
+      log_every_steps=100,
   ))
 
   # Relabel: FKD-style soft labels for every crop of every epoch.
   c.relabel = ml_collections.ConfigDict(dict(
       mode='online',  # 'online' (teacher runs in the student step) | 'stored'
       storage='float16',  # stored mode: 'float32' | 'float16' | 'topk'
-      topk=1, epochs=300, batch_size=50, min_scale=0.08, max_scale=1.0,
+      topk=1,  # classes kept per view with storage 'topk'
+      epochs=300,  # student epochs (the views of every epoch are labelled)
+      batch_size=50,  # student batch, a multiple of the device count
+      min_scale=0.08,  # random-resized-crop scale range of the views
+      max_scale=1.0,
       mix='cutmix',  # 'cutmix' | 'mixup' | 'none'
-      cutmix_alpha=1.0, mixup_alpha=0.8, mix_prob=1.0, epochs_per_shard=50,
+      cutmix_alpha=1.0,
+      mixup_alpha=0.8,
+      mix_prob=1.0,  # probability that a batch is mixed
+      epochs_per_shard=50,  # stored mode: epochs per label file
   ))
 
   # Evaluate: fresh students on the distilled set (and the same-protocol baselines).
-  c.student = ml_collections.ConfigDict(dict(name='convnet', width=128, depth=3,
-                                             pooling='avg', stem='imagenet', dtype='float32'))
+  c.student = _model()
   c.evaluate = ml_collections.ConfigDict(dict(
-      optimizer='adamw', lr=1e-3, weight_decay=0.01, temperature=20.0, seeds=3,
-      eval_batch_size=1000, baselines='random',  # ',' list of: random, hard_label
-      checkpoint_every_epochs=50, log_every_steps=100,
+      optimizer='adamw',  # sgd | adamw
+      lr=1e-3,  # peak learning rate (cosine to 0)
+      momentum=0.9,  # sgd
+      nesterov=False,  # sgd
+      weight_decay=0.01,
+      decay_all=False,  # sgd: decay every parameter, not kernels only
+      temperature=20.0,  # soft-label temperature T
+      seeds=3,  # students per variant
+      eval_batch_size=1000,  # test-set batch, a multiple of the device count
+      baselines=('random',),  # any of: 'random' (real subset), 'hard_label'
+      checkpoint_every_epochs=50,
+      log_every_steps=100,
   ))
 
   # Continual: class-incremental evaluation (`--stages=continual`); the student uses
@@ -93,8 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.continual = ml_collections.ConfigDict(dict(
       steps=5,  # class groups learned one after another; must divide the number of classes
       class_order_seed=0,  # the class order is a permutation drawn from this seed...
-      class_order='',  # ...unless given here: every class once, comma-separated
+      class_order=(),  # ...unless given here: every class id once
       epochs_per_step=100,  # student epochs over the images of the seen classes, per step
-      sets='distilled,random',  # compared image sets: distilled, random (real subset)
+      sets=('distilled', 'random'),  # compared image sets: distilled, random (real subset)
   ))
   return c

@@ -6,7 +6,7 @@ explicit `continual.class_order`. For every image set (the distilled set, and th
 class-balanced random real subset as the same-protocol baseline) one student learns step
 after step. At step k it continues from step k-1 (parameters and BatchNorm statistics; the
 optimiser state and its cosine schedule start afresh) and trains `continual.epochs_per_step`
-epochs on the set's images of every class seen so far (the views of `relabel.make_views`),
+epochs on the set's images of every class seen so far (the views of `views.batch_views`),
 with the teacher's soft labels restricted to those classes: teacher and student logits of the
 unseen classes are -inf before the softmax at temperature T, so no label mass and no gradient
 ever reaches them. It is then evaluated on the real test images of the seen classes,
@@ -20,7 +20,6 @@ Outputs: `continual/result.json`, `continual/accuracy.png` and the report's sect
 """
 
 import collections
-import functools
 import os
 import time
 
@@ -33,12 +32,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from sre2l_jax import checkpoint
-from sre2l_jax import evaluate
+from sre2l_jax import files
+from sre2l_jax import image_sets
+from sre2l_jax import label_store
 from sre2l_jax import models
-from sre2l_jax import relabel
 from sre2l_jax import report
-from sre2l_jax import squeeze
+from sre2l_jax import rngs
+from sre2l_jax import student
+from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import train_lib
+from sre2l_jax import views
+from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
@@ -50,18 +54,18 @@ PROGRESS = 'progress.json'
 
 
 def class_order(config, num_classes: int) -> list[int]:
-  """The order in which the classes arrive: `continual.class_order` (comma-separated ids,
+  """The order in which the classes arrive: `continual.class_order` (a tuple of class ids,
   every class exactly once) or a permutation drawn from `continual.class_order_seed`."""
   cfg = config.continual
-  text = str(cfg.class_order or '').strip()
-  if not text:
-    rng = np.random.default_rng([cfg.class_order_seed, 0xc1a55])
+  if not cfg.class_order:
+    rng = rngs.numpy_rng('class_order', cfg.class_order_seed)
     return [int(c) for c in rng.permutation(num_classes)]
-  items = [t.strip() for t in text.split(',')]
-  bad = [t for t in items if not t.isdigit()]
+  items = list(cfg.class_order)
+  bad = [t for t in items if isinstance(t, bool) or not isinstance(t, (int, np.integer))
+         or t < 0]
   if bad:
     raise ValueError(f'continual.class_order has entries that are not class ids: {bad}. '
-                     f'List every class id 0..{num_classes - 1} once, comma-separated.')
+                     f'List every class id 0..{num_classes - 1} once, as a tuple.')
   order = [int(t) for t in items]
   counts = collections.Counter(order)
   problems = []
@@ -109,12 +113,12 @@ def seen_subset(images: np.ndarray, labels: np.ndarray, seen) -> tuple[np.ndarra
   return images[keep], labels[keep]
 
 
-def step_schedule(config, num_images: int, step: int, num_devices: int) -> relabel.Schedule:
+def step_schedule(config, num_images: int, step: int, num_devices: int) -> views.Schedule:
   """Batches and views of class step `step`: batches of relabel.batch_size, or, while the
   seen set is smaller, of all its images rounded up to the device count (wrapping around)."""
   batch = min(config.relabel.batch_size, -(-num_images // num_devices) * num_devices)
-  seed = int(np.random.default_rng([config.seed, step, 0xc0]).integers(2**31 - 1))
-  return relabel.Schedule(num_images, batch, config.continual.epochs_per_step, seed)
+  seed = int(rngs.numpy_rng('continual_schedule', config.seed, step).integers(2**31 - 1))
+  return views.Schedule(num_images, batch, config.continual.epochs_per_step, seed)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -128,67 +132,26 @@ def create_optimizer(config):
           learning_rate=0.0)
 
 
-def continual_step(state, images, labels, key, teacher, mask, learning_rate, *, cfg, spec,
-                   teacher_model, temperature: float):
-  """`evaluate.student_step` (online soft labels) restricted to the classes in `mask`
-  (bool (C,)) at `learning_rate` (). Returns (state, metrics)."""
-  hyperparams = dict(state.opt_state.hyperparams, learning_rate=learning_rate)
-  state = state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
-  return evaluate.student_step(state, images, labels, None, key, teacher, cfg=cfg, spec=spec,
-                               teacher_model=teacher_model, temperature=temperature,
-                               target='online', class_mask=mask)
-
-
-def create_step_fn(config, spec, teacher_model, mesh):
-  """Jitted `continual_step`: (state, images, labels, key, teacher, mask, lr)."""
-  sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
-  return jax.jit(
-      functools.partial(continual_step, cfg=config.relabel, spec=spec,
-                        teacher_model=teacher_model, temperature=config.evaluate.temperature),
-      in_shardings=(replicated, sharded, sharded, replicated, replicated, replicated,
-                    replicated),
-      out_shardings=(replicated, replicated), donate_argnums=0)
-
-
-def create_eval_step(model, spec, mesh):
-  """Jitted (variables, batch, mask) -> (correct, count), predicting among `mask`'s classes."""
-  def eval_step(variables, batch, mask):
-    logits = model.apply(variables, datasets.normalise(batch['image'], spec), train=False)
-    correct = (jnp.argmax(evaluate.mask_logits(logits, mask), -1) == batch['label'])
-    return (correct * batch['mask']).sum(), batch['mask'].sum()
-  replicated = pipeline.replicated(mesh)
-  return jax.jit(eval_step, in_shardings=(replicated, pipeline.data_sharding(mesh),
-                                          replicated))
-
-
-def cosine_learning_rates(lr: float, total: int) -> np.ndarray:
-  """float32 (total,): cosine decay from `lr` to 0, as `train_lib.warmup_cosine(lr, total)`
-  without warm-up, on the host (no compile per length)."""
-  return (0.5 * lr * (1 + np.cos(np.pi * np.arange(total) / max(total, 1)))).astype(np.float32)
-
-
 def train_class_step(config, step_fn, state, images, labels, mask, schedule, teacher, mesh,
                      log_name: str):
   """Trains `state` (fresh optimiser) on `images` over `schedule`, restricted to `mask`;
   returns (state, mean loss over the class step)."""
-  sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
   total = schedule.total_steps
-  lrs = cosine_learning_rates(config.evaluate.lr, total)
-  mask = jax.device_put(mask, replicated)
-  history, window = [], []
-  for i in range(total):
-    epoch, b = divmod(i, schedule.steps_per_epoch)
-    index = schedule.batch_indices(epoch, b)
-    state, metrics = step_fn(state, jax.device_put(images[index], sharded),
-                             jax.device_put(labels[index], sharded),
-                             schedule.view_key(epoch, b), teacher, mask, lrs[i])
-    history.append(metrics)
-    window.append(metrics)
-    if (i + 1) % config.evaluate.log_every_steps == 0:
-      logging.info('continual: %s iteration %d/%d loss %.4f', log_name, i + 1, total,
-                   train_lib.mean_metrics(window)['loss'])
-      window = []
-  return state, train_lib.mean_metrics(history)['loss']
+  lrs = np.asarray(train_lib.warmup_cosine(config.evaluate.lr, total)(np.arange(total)))
+  mask = jax.device_put(mask, batching.replicated(mesh))
+  batch = student.batch_fn(schedule, images, labels, mesh)
+
+  def one_step(state, step):
+    images_s, labels_s, _, key = batch(step)
+    return step_fn(state, images_s, labels_s, key, teacher, mask, lrs[step - 1])
+
+  loop = train_lib.Loop(name=f'continual {log_name}', total_steps=total,
+                        log_every=config.evaluate.log_every_steps,
+                        examples_per_step=schedule.batch_size,
+                        throughput_name='images_per_second',
+                        knobs=f'evaluate.lr (now {config.evaluate.lr})')
+  state, done = train_lib.run_loop(loop, state, 0, one_step)
+  return state, done.means['loss']
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -225,11 +188,11 @@ def fingerprint(config, name: str, order: list[int], images: np.ndarray) -> dict
           'evaluate': {k: v for k, v in config.evaluate.to_dict().items() if k not in skip_eval},
           'relabel': {k: v for k, v in config.relabel.to_dict().items()
                       if k not in skip_relabel},
-          'images_sha256': relabel.images_digest(images)}
+          'images_sha256': label_store.images_digest(images)}
 
 
 def set_names(config) -> list[str]:
-  names = [s.strip() for s in config.continual.sets.split(',') if s.strip()]
+  names = [s.strip() for s in config.continual.sets if s.strip()]
   unknown = sorted(set(names) - set(SETS))
   if unknown or not names:
     raise ValueError(f'continual.sets={config.continual.sets!r} has unknown or no sets '
@@ -248,11 +211,10 @@ def validate(config, spec, mesh) -> None:
     raise ValueError(f'evaluate.temperature={config.evaluate.temperature} must be positive.')
   if not spec.in_memory:
     raise ValueError(f'continual needs a dataset held in memory; {spec.name} is streamed.')
-  if config.relabel.mix not in ('cutmix', 'mixup', 'none'):
-    raise ValueError(f"relabel.mix={config.relabel.mix!r}; valid: 'cutmix', 'mixup', 'none'.")
-  pipeline.check_batch_size(config.relabel.batch_size, mesh,
+  views.validate(config.relabel)
+  batching.check_batch_size(config.relabel.batch_size, mesh,
                             'relabel.batch_size (continual student batch)')
-  pipeline.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
+  batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
 
 
 def _empty_record() -> dict:
@@ -268,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   `workdir/continual/` (result.json, accuracy.png) and the workdir's report."""
   start_time = time.time()
   spec = datasets.get_spec(config.dataset.name)
-  mesh = pipeline.create_mesh(config.mesh_shape)
+  mesh = batching.create_mesh(config.mesh_shape)
   validate(config, spec, mesh)
   order = class_order(config, spec.num_classes)
   groups = step_classes(order, config.continual.steps)
@@ -278,9 +240,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Input: the image sets (names the missing stage if there is none) and the test split.
   sets = {}
   for name in names:
-    sets[name] = (relabel.distilled_set(workdir) if name == 'distilled'
-                  else relabel.random_subset(config, config.recover.ipc))
-  teacher_model, teacher = squeeze.load_teacher(config, workdir, mesh)
+    sets[name] = (image_sets.distilled_set(workdir) if name == 'distilled'
+                  else image_sets.random_subset(config, config.recover.ipc))
+  teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
   test = pipeline.load_split(config.dataset, 'test')
   for name, (images, labels) in sets.items():
     absent = sorted(set(range(spec.num_classes)) - set(np.unique(labels).tolist()))
@@ -293,9 +255,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Model, optimiser (one, re-initialised at every class step), steps.
   model = models.create_model(config.student, spec.num_classes)
   tx = create_optimizer(config)
-  replicated = pipeline.replicated(mesh)
+  replicated = batching.replicated(mesh)
   initial = train_lib.create_train_state(model, tx, spec.image_shape,
-                                         jax.random.PRNGKey(config.seed), mesh)
+                                         rngs.key(config.seed), mesh)
   template = {'params': initial.params, 'batch_stats': initial.batch_stats}
   # The copy keeps the step's buffer donation from consuming `variables` (jit forwards
   # unchanged inputs to its outputs).
@@ -304,15 +266,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           apply_fn=model.apply, tx=tx, params=jax.tree_util.tree_map(jnp.copy, v['params']),
           batch_stats=jax.tree_util.tree_map(jnp.copy, v['batch_stats'])),
       out_shardings=replicated)
-  step_fn = create_step_fn(config, spec, teacher_model, mesh)
-  eval_fn = create_eval_step(model, spec, mesh)
+  step_fn = student.create_continual_step(config, spec, teacher_model, mesh)
+  eval_fn = train_lib.create_eval_step(model, spec, mesh)
 
   # Resume: every set continues after its last finished class step.
   managers, records, variables = {}, {}, {}
   for name in names:
     managers[name] = checkpoint.create_manager(os.path.join(stage_dir, name, 'checkpoints'))
     path = os.path.join(stage_dir, name, 'steps.json')
-    records[name] = checkpoint.read_json(path) if os.path.exists(path) else _empty_record()
+    records[name] = files.read_json(path) if os.path.exists(path) else _empty_record()
     done = len(records[name]['test_top1'])
     for extra in [s for s in managers[name].all_steps() if s > done]:
       managers[name].delete(extra)  # saved, but killed before steps.json recorded it
@@ -321,7 +283,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise checkpoint.ConfigMismatchError(
             f'{path} records {done} finished steps but their checkpoint is missing; remove '
             f'{os.path.join(stage_dir, name)} to start this set again.')
-      variables[name] = managers[name].restore(done, args=ocp.args.StandardRestore(template))
+      variables[name] = managers[name].restore(done, args=ocp.args.StandardRestore(
+          train_lib.with_sharding(template, replicated)))
       logging.info('continual: %s resumed after step %d', name, done)
     else:
       variables[name] = template
@@ -331,7 +294,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for k in range(config.continual.steps):
     seen = seen_classes(groups, k)
     mask = class_mask(seen, spec.num_classes)
-    test_k = pipeline.InMemorySplit(*seen_subset(test.images, test.labels, seen))
+    test_k = pipeline.InMemorySplit(*seen_subset(*test.arrays(), seen))
     for name in names:
       if len(records[name]['test_top1']) > k:
         continue
@@ -342,8 +305,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           config, step_fn, fresh_state(variables[name]), images, labels, mask, schedule,
           teacher, mesh, f'{name} step {k + 1}/{config.continual.steps}')
       variables[name] = {'params': state.params, 'batch_stats': state.batch_stats}
-      top1 = train_lib.top1(lambda v, batch: eval_fn(v, batch, mask), variables[name], test_k,
-                            config.evaluate.eval_batch_size, mesh)
+      top1 = train_lib.top1(eval_fn, variables[name], test_k, config.evaluate.eval_batch_size,
+                            mesh, class_mask=mask)
       managers[name].save(k + 1, args=ocp.args.StandardSave(variables[name]))
       managers[name].wait_until_finished()
       record = records[name]
@@ -352,10 +315,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          ('iterations', schedule.total_steps), ('loss', loss),
                          ('seconds', time.time() - step_start)):
         record[key].append(value)
-      checkpoint.write_json(os.path.join(stage_dir, name, 'steps.json'), record)
+      files.write_json(os.path.join(stage_dir, name, 'steps.json'), record)
       logging.info('continual: %s step %d/%d, %d classes, %d images: top-1 %.4f', name, k + 1,
                    config.continual.steps, len(seen), len(images), top1)
-    checkpoint.write_json(os.path.join(stage_dir, PROGRESS), {'finished_steps': k + 1})
+    files.write_json(os.path.join(stage_dir, PROGRESS), {'finished_steps': k + 1})
   for manager in managers.values():
     manager.close()
 
@@ -374,6 +337,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             'test_top1_unit': 'fraction', 'sets': records, 'resumed_from_step': min(
                 resumed_from.values()), 'resumed_from_step_per_set': resumed_from,
             'plot': plot, 'wall_seconds': time.time() - start_time}
-  checkpoint.write_json(os.path.join(stage_dir, 'result.json'), result)
+  files.write_json(os.path.join(stage_dir, 'result.json'), result)
   report.write(config, workdir)
   return result

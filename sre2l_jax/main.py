@@ -1,7 +1,8 @@
 """Entry point: `python -m sre2l_jax.main --config=configs/<exp>.py[:arg] --workdir=DIR`.
 
-Runs the configured stages in order (squeeze, recover, relabel, evaluate); each writes only
-under `workdir/<stage>/` and resumes by itself when re-run on the same workdir.
+Runs the configured stages in order (squeeze, recover, relabel, evaluate; continual on
+request); each writes only under `workdir/<stage>/` and resumes by itself when re-run on the
+same workdir. The resolved config is written to `workdir/config.json` at start.
 """
 
 import importlib
@@ -14,6 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from sre2l_jax import config_lib
+from sre2l_jax import files
 from sre2l_jax import multihost
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -28,17 +30,15 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'Elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-STAGE_MODULES = {'squeeze': 'sre2l_jax.squeeze', 'recover': 'sre2l_jax.recover',
-                 'relabel': 'sre2l_jax.relabel', 'evaluate': 'sre2l_jax.evaluate',
-                 'continual': 'sre2l_jax.continual'}
 
 
 def parse_stages(requested) -> list[str]:
   stages = [s.strip() for s in requested if s.strip()]
-  unknown = [s for s in stages if s not in STAGE_MODULES]
+  unknown = [s for s in stages if s not in config_lib.STAGES]
   if unknown or not stages:
-    raise app.UsageError(f'Unknown stage(s) {unknown}; valid stages: {list(STAGE_MODULES)}.')
-  return sorted(stages, key=list(STAGE_MODULES).index)
+    raise app.UsageError(f'Unknown stage(s) {unknown}; valid stages: '
+                         f'{list(config_lib.STAGES)}.')
+  return sorted(stages, key=config_lib.STAGES.index)
 
 
 def want_distributed() -> bool:
@@ -55,13 +55,14 @@ def main(argv):
   if want_distributed():
     multihost.initialize()  # jax.distributed.initialize(), layout from the environment
   config = _CONFIG.value
-  stages = parse_stages(_STAGES.value or config.stages.split(','))
+  stages = parse_stages(_STAGES.value or config.stages)
   logging.info('sre2l_jax: stages %s on %d devices (%d processes)', stages,
                jax.device_count(), jax.process_count())
   if jax.process_count() > 1:
     multihost.check_same_config(config)
+  files.write_json(os.path.join(_WORKDIR.value, 'config.json'), config.to_dict())
   for stage in stages:
-    module = importlib.import_module(STAGE_MODULES[stage])
+    module = importlib.import_module(f'sre2l_jax.{stage}')
     module.run(config, _WORKDIR.value)
     multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
 

@@ -4,22 +4,22 @@ import os
 
 import jax
 
-from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
+from sre2l_jax import files
 
 # Published ConvNet results on Fashion-MNIST (top-1 %, IPC 1 / 10 / 50), for context.
 PUBLISHED = {'fashion_mnist': {'DC': {1: 70.5, 10: 82.3, 50: 83.6},
                                'DSA': {1: 70.6, 10: 84.6, 50: 88.7},
                                'KIP': {1: 76.7, 10: 88.8, 50: 91.0}}}
-STAGE_DIRS = ('squeeze', 'recover', 'relabel', 'evaluate', 'continual')
 
 
 def _load(path):
-  return checkpoint.read_json(path) if os.path.exists(path) else None
+  return files.read_json(path) if os.path.exists(path) else None
 
 
 def collect(config, workdir: str) -> dict:
   """Everything the report shows, from the stages' result.json files."""
-  stages = {s: _load(os.path.join(workdir, s, 'result.json')) for s in STAGE_DIRS}
+  stages = {s: _load(os.path.join(workdir, s, 'result.json')) for s in config_lib.STAGES}
   out = {'dataset': config.dataset.name, 'ipc': config.recover.ipc,
          'wall_seconds': {s: r.get('wall_seconds') for s, r in stages.items() if r},
          'stages': {s: r for s, r in stages.items() if r}}
@@ -105,7 +105,7 @@ def write(config, workdir: str) -> dict:
   data = collect(config, workdir)
   data['workdir'] = os.path.abspath(workdir)
   if jax.process_index() == 0:
-    checkpoint.write_json(os.path.join(workdir, 'report.json'), data)
+    files.write_json(os.path.join(workdir, 'report.json'), data)
     with open(os.path.join(workdir, 'report.md'), 'w') as f:
       f.write(to_markdown(data))
   return data

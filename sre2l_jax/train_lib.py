@@ -1,5 +1,9 @@
-"""Pieces shared by the stages that train a network (squeeze and evaluate)."""
+"""Pieces shared by every stage that trains something: optimisers, the train state, the
+evaluation step, writers, and `run_loop`, the one training loop (restore-or-init, periodic
+log and save, the divergence guard) that squeeze, recover, evaluate and continual all use.
+"""
 
+import dataclasses
 import time
 from typing import Any, Callable
 
@@ -9,11 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from absl import logging
 from flax.training import train_state
 
 from sre2l_jax.data import augment
+from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
-from sre2l_jax.data import pipeline
 
 
 class TrainState(train_state.TrainState):
@@ -37,7 +43,7 @@ def create_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
   if cfg.optimizer == 'sgd':
     # Coupled (PyTorch-style) weight decay; on kernels only unless decay_all is set (the
     # reference's SGD decays every parameter, BatchNorm scales included).
-    mask = None if cfg.get('decay_all', False) else decay_mask
+    mask = None if cfg.decay_all else decay_mask
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask),
                        optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
   if cfg.optimizer == 'adamw':
@@ -47,11 +53,31 @@ def create_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
 
 def create_train_state(model, tx, image_shape, rng, mesh) -> TrainState:
   """Initialises parameters directly replicated on the mesh."""
+  return jax.jit(_train_state_init(model, tx, image_shape),
+                 out_shardings=batching.replicated(mesh))(rng)
+
+
+def abstract_train_state(model, tx, image_shape, mesh) -> TrainState:
+  """The `create_train_state` state as shardings-annotated shapes (a restore target)."""
+  shapes = jax.eval_shape(_train_state_init(model, tx, image_shape), jax.random.key(0))
+  return with_sharding(shapes, batching.replicated(mesh))
+
+
+def _train_state_init(model, tx, image_shape):
   def init(rng):
     variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape)), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                              batch_stats=variables['batch_stats'])
-  return jax.jit(init, out_shardings=pipeline.replicated(mesh))(rng)
+  return init
+
+
+def with_sharding(shapes, shardings):
+  """`jax.ShapeDtypeStruct`s of `shapes` carrying `shardings` (one, or a matching tree)."""
+  if not isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), shapes)
 
 
 def augment_batch(rng, images, spec: datasets.DatasetSpec):
@@ -84,21 +110,29 @@ def classification_step(state: TrainState, batch, rng, *, spec, label_smoothing:
   return state, {'loss': loss, 'accuracy': accuracy}
 
 
-def make_eval_step(model, spec, mesh):
-  """Jitted (variables, batch) -> (correct, count) on normalised, un-augmented images."""
-  def eval_step(variables, batch):
+def mask_logits(logits, class_mask):
+  """Logits (..., C) with the classes outside `class_mask` (bool (C,)) set to -inf, so a
+  softmax gives them exactly zero probability; `class_mask=None` keeps every class."""
+  return logits if class_mask is None else jnp.where(class_mask, logits, -jnp.inf)
+
+
+def create_eval_step(model, spec, mesh):
+  """Jitted (variables, batch, class_mask=None) -> (correct, count) on normalised,
+  un-augmented images, predicting among the classes of `class_mask` (None: all)."""
+  def eval_step(variables, batch, class_mask=None):
     logits = model.apply(variables, datasets.normalise(batch['image'], spec), train=False)
-    correct = (jnp.argmax(logits, -1) == batch['label']) * batch['mask']
-    return correct.sum(), batch['mask'].sum()
-  return jax.jit(eval_step, in_shardings=(pipeline.replicated(mesh),
-                                          pipeline.data_sharding(mesh)))
+    correct = (jnp.argmax(mask_logits(logits, class_mask), -1) == batch['label'])
+    return (correct * batch['mask']).sum(), batch['mask'].sum()
+  replicated = batching.replicated(mesh)
+  return jax.jit(eval_step, in_shardings=(replicated, batching.data_sharding(mesh),
+                                          replicated))
 
 
-def top1(eval_step, variables, split, batch_size: int, mesh) -> float:
+def top1(eval_step, variables, split, batch_size: int, mesh, class_mask=None) -> float:
   """Top-1 accuracy (fraction in [0, 1]) of `variables` on a whole split."""
   correct, count = 0.0, 0.0
-  for batch in split.eval_batches(batch_size, pipeline.data_sharding(mesh)):
-    c, n = eval_step(variables, batch)
+  for batch in split.eval_batches(batch_size, batching.data_sharding(mesh)):
+    c, n = eval_step(variables, batch, class_mask)
     correct, count = correct + c, count + n
   return float(correct) / max(float(count), 1.0)
 
@@ -142,3 +176,153 @@ def mean_metrics(history: list[dict]) -> dict:
     return {}
   stacked = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.stack(x), *history))
   return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class DivergedError(FloatingPointError):
+  """A training loop's loss, metrics or state stopped being finite."""
+
+
+@dataclasses.dataclass
+class Loop:
+  """What one training loop needs besides its step.
+
+  name: the stage (and run) it belongs to, e.g. 'squeeze' or 'evaluate distilled seed 0'.
+  total_steps: the loop runs steps start+1 .. total_steps (1-based).
+  log_every: metrics are fetched, checked and written every this many steps (and last).
+  manager: saves the state when its policy says so (`checkpoint.create_manager`), or None.
+  writer: a clu metric writer, or None (a log line per interval instead).
+  examples_per_step: for the throughput scalar `<throughput_name>`.
+  knobs: what to lower when the loop diverges, e.g. 'squeeze.lr (now 0.1)'.
+  schedule: the learning-rate schedule, written as 'lr' when given.
+  prefix: prepended to the metric names in the writer.
+  """
+  name: str
+  total_steps: int
+  log_every: int
+  manager: ocp.CheckpointManager | None = None
+  writer: Any = None
+  examples_per_step: int = 0
+  throughput_name: str = 'examples_per_second'
+  knobs: str = 'the learning rate'
+  schedule: Callable | None = None
+  prefix: str = ''
+
+
+@dataclasses.dataclass
+class LoopResult:
+  """What a finished loop measured: per-metric means over every step it ran, throughput."""
+  means: dict
+  examples_per_second: float
+  wall_seconds: float
+  resumed_from_step: int
+
+
+def restore_or_init(manager: ocp.CheckpointManager | None, abstract_state, init_fn):
+  """(state, start step): the manager's latest state restored straight into the shardings
+  of `abstract_state` (nothing else is allocated), or `init_fn()` and 0 when there is none."""
+  start = (manager.latest_step() or 0) if manager is not None else 0
+  if not start:
+    return init_fn(), 0
+  state = manager.restore(start, args=ocp.args.StandardRestore(abstract_state))
+  logging.info('resumed from step %d (%s)', start, manager.directory)
+  return state, start
+
+
+def _scalars(history: list[dict], prefix: str) -> dict:
+  """Host metric history -> {name: mean}; vector metrics become name_00, name_01, ..."""
+  out = {}
+  for key in history[0]:
+    if key == 'finite':
+      continue
+    mean = np.mean([np.asarray(m[key], np.float64) for m in history], axis=0)
+    if np.ndim(mean):
+      out |= {f'{prefix}{key}_{i:02d}': float(v) for i, v in enumerate(mean)}
+    else:
+      out[f'{prefix}{key}'] = float(mean)
+  return out
+
+
+def _all_finite(history: list[dict]) -> bool:
+  for metrics in history:
+    for key, value in metrics.items():
+      value = np.asarray(value)
+      if key == 'finite' and not value.all():
+        return False
+      if value.dtype.kind == 'f' and not np.isfinite(value).all():
+        return False
+  return True
+
+
+def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,
+             after_step: Callable | None = None):
+  """Runs `state, metrics = step_fn(state, step)` for step = start_step+1 .. total_steps.
+
+  Every `loop.log_every` steps and before every save the metrics are fetched (one transfer)
+  and checked: a non-finite loss or metric (or a False 'finite' metric, which a step sets
+  for its own state) raises `DivergedError` naming `loop.knobs` and the last good
+  checkpoint, and nothing non-finite is ever saved. `after_step(state, step)` runs after each
+  step (e.g. a per-epoch evaluation). The writer is flushed and pending saves finished on
+  the way out, also on error. Returns (state, LoopResult).
+  """
+  progress = None
+  if loop.writer is not None:
+    progress = create_progress(loop.total_steps, loop.writer, loop.log_every)
+  throughput = Throughput()
+  start_time, pending = time.time(), []
+  sums, count = {}, 0
+  last_saved = start_step
+  try:
+    for step in range(start_step + 1, loop.total_steps + 1):
+      state, metrics = step_fn(state, step)
+      pending.append(metrics)
+      if step == start_step + 1:
+        jax.block_until_ready(state)  # the first step compiles: not counted in throughput
+      throughput.tick(loop.examples_per_step)
+      if progress is not None:
+        progress(step)
+      is_log = step % loop.log_every == 0 or step == loop.total_steps
+      is_save = loop.manager is not None and loop.manager.should_save(step)
+      if is_log or is_save:
+        host = jax.device_get(pending)
+        pending = []
+        if not _all_finite(host):
+          _diverged(loop, step, last_saved)
+        scalars = _scalars(host, loop.prefix)
+        for key, value in _scalars(host, '').items():
+          sums[key] = sums.get(key, 0.0) + value * len(host)
+        count += len(host)
+        if loop.schedule is not None:
+          scalars['lr'] = float(loop.schedule(step))
+        scalars[loop.throughput_name] = throughput.rate()
+        if loop.writer is not None:
+          loop.writer.write_scalars(step, scalars)
+        else:
+          logging.info('%s: step %d/%d %s', loop.name, step, loop.total_steps, ', '.join(
+              f'{k} {v:.4g}' for k, v in scalars.items()))
+      if is_save:
+        loop.manager.save(step, args=ocp.args.StandardSave(state))
+        last_saved = step
+      if after_step is not None:
+        after_step(state, step)
+  finally:
+    if loop.manager is not None:
+      loop.manager.wait_until_finished()
+    if loop.writer is not None:
+      loop.writer.flush()
+  means = {k: v / count for k, v in sums.items()} if count else {}
+  return state, LoopResult(means, throughput.rate(), time.time() - start_time, start_step)
+
+
+def _diverged(loop: Loop, step: int, last_saved: int):
+  if loop.manager is not None:
+    loop.manager.wait_until_finished()
+    kept = (f'The last good checkpoint (step {last_saved}) is kept in '
+            f'{loop.manager.directory}.' if last_saved else 'No checkpoint had been saved yet.')
+  else:
+    kept = ''
+  raise DivergedError(
+      f'{loop.name} diverged (a loss, metric or the state stopped being finite) by step '
+      f'{step}. Lower {loop.knobs} and re-run with a new --workdir. {kept}'.strip())

@@ -7,19 +7,12 @@ trained to be exercised. Fashion-MNIST runs read the real IDX files (conftest's 
 """
 
 import functools
-import importlib.util
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from unittest import mock
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
@@ -30,49 +23,25 @@ from sre2l_jax import checkpoint
 from sre2l_jax import continual
 from sre2l_jax import evaluate
 from sre2l_jax import export
-from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import relabel
-from sre2l_jax import squeeze
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
+from sre2l_jax import files
+from sre2l_jax import image_sets
+from sre2l_jax import views
+from sre2l_jax import student
+from sre2l_jax.data import batching
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FASHION_CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist_continual.py')
-TINY_CONFIG = os.path.join(REPO, 'configs', 'tiny_continual.py')
+import testlib
+
 FASHION = datasets.get_spec('fashion_mnist')
 
 
-def load_config(path, arg):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def fashion_config(data_dir):
-  config = load_config(FASHION_CONFIG, 'smoke')
+  config = testlib.load_config('fashion_mnist_continual', 'smoke')
   config.dataset.data_dir = str(data_dir)
   return config
-
-
-def random_variables(model, spec, seed=0):
-  """Random {'params', 'batch_stats'} drawn on the host from the model's shapes (nothing to
-  compile): kernels N(0, 1/fan_in), biases 0, BatchNorm identity."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1,) + spec.image_shape), train=False))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return rng.normal(0.0, fan_in ** -0.5, leaf.shape).astype(np.float32)
-    return np.full(leaf.shape, 1.0 if name in ('scale', 'var') else 0.0, np.float32)
-
-  variables = jax.tree_util.tree_map_with_path(draw, shapes)
-  return {k: jax.tree_util.tree_map(jnp.asarray, variables[k])
-          for k in ('params', 'batch_stats')}
 
 
 def write_inputs(config, workdir, seed=0):
@@ -80,21 +49,18 @@ def write_inputs(config, workdir, seed=0):
 
   Returns (teacher model, teacher variables, images, labels)."""
   spec = datasets.get_spec(config.dataset.name)
-  model = models.create_model(config.teacher, spec.num_classes)
-  variables = random_variables(model, spec, seed)
-  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'), variables,
-                          squeeze.teacher_meta(config, spec))
+  model, variables = testlib.write_teacher(config, workdir, seed=seed)
   rng = np.random.default_rng(seed)
   ipc = config.recover.ipc
   images = rng.integers(0, 256, (spec.num_classes * ipc,) + spec.image_shape, dtype=np.uint8)
   labels = np.repeat(np.arange(spec.num_classes), ipc).astype(np.int32)
-  export.write_tfds(recover.distilled_dir(workdir), images, labels, spec.num_classes)
+  export.write_tfds(image_sets.distilled_dir(workdir), images, labels, spec.num_classes)
   return model, variables, images, labels
 
 
 def main_command(workdir, data_dir):
-  return [sys.executable, '-m', 'sre2l_jax.main', f'--config={FASHION_CONFIG}:smoke',
-          f'--workdir={workdir}', '--stages=continual', f'--config.dataset.data_dir={data_dir}']
+  return testlib.main_command('fashion_mnist_continual', workdir, stages='continual',
+                              overrides={'dataset.data_dir': data_dir})
 
 
 @pytest.fixture(scope='module')
@@ -135,13 +101,13 @@ def reference_run(inputs_workdir, fashion_mnist_tfds, compilation_cache, tmp_pat
   config = fashion_config(fashion_mnist_tfds)
   workdir = copy_inputs(inputs_workdir, tmp_path_factory.mktemp('reference'))
   calls = []
-  create_step_fn = continual.create_step_fn
+  create_step_fn = student.create_continual_step
 
   def spying_create_step_fn(*args, **kwargs):
     step_fn = create_step_fn(*args, **kwargs)
 
     def spy(state, images, labels, key, teacher, mask, learning_rate):
-      call = dict(images=np.asarray(images), labels=np.asarray(labels), key=np.asarray(key),
+      call = dict(images=np.asarray(images), labels=np.asarray(labels), key=key,
                   mask=np.asarray(mask))
       state, metrics = step_fn(state, images, labels, key, teacher, mask, learning_rate)
       calls.append(dict(call, bias_after=np.asarray(state.params['fc']['bias'])))
@@ -149,7 +115,7 @@ def reference_run(inputs_workdir, fashion_mnist_tfds, compilation_cache, tmp_pat
     return spy
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(continual, 'create_step_fn', spying_create_step_fn)
+    patch.setattr(student, 'create_continual_step', spying_create_step_fn)
     result = continual.run(config, workdir)
   return dict(config=config, workdir=workdir, result=result, calls=calls)
 
@@ -168,7 +134,7 @@ def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
   prefixes = [frozenset(continual.seen_classes(groups, k)) for k in range(steps)]
 
   sets = {'distilled': (inputs_workdir['images'], inputs_workdir['labels']),
-          'random': relabel.random_subset(config, ipc)}
+          'random': image_sets.random_subset(config, ipc)}
   owner = {}  # image bytes -> {(set, label)}
   for name, (images, labels) in sets.items():
     for image, label in zip(images, labels):
@@ -204,8 +170,8 @@ def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
 
   @jax.jit
   def targets_fn(key, images, mask):
-    views, _, _ = relabel.make_views(key, images, cfg=config.relabel, spec=FASHION)
-    targets = functools.partial(evaluate.soft_targets, teacher, views, teacher_model=model,
+    batch, _, _ = views.batch_views(key, images, cfg=config.relabel, spec=FASHION)
+    targets = functools.partial(student.soft_targets, teacher, batch, teacher_model=model,
                                 temperature=config.evaluate.temperature)
     return targets(class_mask=mask), targets()
 
@@ -233,16 +199,15 @@ def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
 def progress(workdir):
   path = os.path.join(workdir, 'continual', continual.PROGRESS)
   try:
-    return checkpoint.read_json(path)['finished_steps']
+    return files.read_json(path)['finished_steps']
   except (FileNotFoundError, ValueError, KeyError):
     return 0
 
 
 def restore_final(workdir, name, step):
-  manager = checkpoint.create_manager(os.path.join(workdir, 'continual', name, 'checkpoints'))
-  state = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return jax.tree_util.tree_map(np.asarray, state)
+  _, state = testlib.restore_checkpoint(
+      os.path.join(workdir, 'continual', name, 'checkpoints'), step)
+  return state
 
 
 def test_sigkill_and_rerun_equals_uninterrupted_run(reference_run, inputs_workdir,
@@ -250,29 +215,18 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(reference_run, inputs_workdi
                                                     tmp_path):
   steps = reference_run['config'].continual.steps
   workdir = copy_inputs(inputs_workdir, tmp_path / 'killed')
-  with open(os.path.join(workdir, 'log.txt'), 'w') as log:
-    process = subprocess.Popen(main_command(workdir, fashion_mnist_tfds), cwd=REPO,
-                               stdout=log, stderr=subprocess.STDOUT, env=compilation_cache)
-    deadline = time.time() + 300
-    while progress(workdir) < 1:
-      if process.poll() is not None or time.time() > deadline:
-        process.kill()
-        with open(log.name) as f:
-          pytest.fail(f'continual ended (rc {process.returncode}) before finishing step 1:'
-                      f'\n{f.read()[-3000:]}')
-      time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-  assert process.returncode == -signal.SIGKILL
+  # Killed once it has finished its first step; asserts that the run died of the SIGKILL.
+  testlib.kill_when(main_command(workdir, fashion_mnist_tfds), lambda: progress(workdir) >= 1,
+                    os.path.join(workdir, 'log.txt'), env=compilation_cache)
   killed_at = progress(workdir)
   assert 1 <= killed_at < steps, f'killed too late: {killed_at} steps finished'
   assert not os.path.exists(os.path.join(workdir, 'continual', 'result.json'))
-  before = {n: checkpoint.read_json(os.path.join(workdir, 'continual', n, 'steps.json'))
+  before = {n: files.read_json(os.path.join(workdir, 'continual', n, 'steps.json'))
             for n in ('distilled', 'random')}
 
   # The re-run, in process (it reads everything from the workdir; the killed run was the CLI).
   result = continual.run(fashion_config(fashion_mnist_tfds), workdir)
-  assert checkpoint.read_json(os.path.join(workdir, 'continual', 'result.json')) == result
+  assert files.read_json(os.path.join(workdir, 'continual', 'result.json')) == result
   reference = reference_run['result']
   assert reference['resumed_from_step'] == 0
   assert killed_at <= result['resumed_from_step'] < steps
@@ -291,7 +245,7 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(reference_run, inputs_workdi
 def test_outputs(reference_run):
   workdir, result = reference_run['workdir'], reference_run['result']
   stage_dir = os.path.join(workdir, 'continual')
-  assert checkpoint.read_json(os.path.join(stage_dir, 'result.json')) == result
+  assert files.read_json(os.path.join(stage_dir, 'result.json')) == result
   with open(result['plot'], 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   with open(os.path.join(workdir, 'report.md')) as f:
@@ -308,17 +262,18 @@ def test_outputs(reference_run):
 @pytest.mark.parametrize('overrides, message', [
     (dict(steps=3), r'continual.steps=3 does not divide the 10 classes.*\[1, 2, 5, 10\]'),
     (dict(steps=0), r'continual.steps=0 does not divide'),
-    (dict(class_order='0,1,2,3,4,5,6,7,8'), r'missing: \[9\]'),
-    (dict(class_order='0,1,1,3,4,5,6,7,8,9'), r'repeated: \[1\]; missing: \[2\]'),
-    (dict(class_order='0,1,2,3,4,5,6,7,8,12'), r'out of range \(0..9\): \[12\].*missing: \[9\]'),
-    (dict(class_order='0,1,two,3'), r"not class ids: \['two'\]"),
-    (dict(sets='distilled,noise'), r"unknown or no sets \['noise'\]"),
+    (dict(class_order=(0, 1, 2, 3, 4, 5, 6, 7, 8)), r'missing: \[9\]'),
+    (dict(class_order=(0, 1, 1, 3, 4, 5, 6, 7, 8, 9)), r'repeated: \[1\]; missing: \[2\]'),
+    (dict(class_order=(0, 1, 2, 3, 4, 5, 6, 7, 8, 12)),
+     r'out of range \(0..9\): \[12\].*missing: \[9\]'),
+    (dict(class_order=(0, 1, 'two', 3)), r"not class ids: \['two'\]"),
+    (dict(sets=('distilled', 'noise')), r"unknown or no sets \['noise'\]"),
     (dict(epochs_per_step=0), r'epochs_per_step=0 must be positive'),
 ])
 def test_bad_input(overrides, message, tmp_path):
   config = fashion_config(tmp_path / 'tfds')
   config.continual.update(**overrides)
-  mesh = pipeline.create_mesh(-1)
+  mesh = batching.create_mesh(-1)
   with pytest.raises(ValueError, match=message):
     continual.validate(config, FASHION, mesh)
   with pytest.raises(ValueError, match=message):  # before touching data or the workdir
@@ -328,11 +283,11 @@ def test_bad_input(overrides, message, tmp_path):
 
 def test_explicit_order_and_missing_inputs(tmp_path):
   config = fashion_config(tmp_path / 'tfds')
-  config.continual.update(class_order='9,8,7,6,5,4,3,2,1,0', class_order_seed=5)
+  config.continual.update(class_order=(9, 8, 7, 6, 5, 4, 3, 2, 1, 0), class_order_seed=5)
   order = continual.class_order(config, 10)
   assert order == list(range(9, -1, -1))
   assert continual.step_classes(order, 5) == [[9, 8], [7, 6], [5, 4], [3, 2], [1, 0]]
-  config.continual.class_order = ''
+  config.continual.class_order = ()
   assert continual.class_order(config, 10) != continual.class_order(
       fashion_config(tmp_path / 'tfds'), 10)  # the seed matters
   with pytest.raises(FileNotFoundError, match='--stages=recover'):
@@ -351,12 +306,12 @@ def _mock_getitems(record_keys, generator, serialized=False):
 
 def test_tiny_imagenet_smoke_on_mock_data(tmp_path, monkeypatch):
   for steps, per_step in ((5, 40), (10, 20)):
-    config = load_config(TINY_CONFIG, f'smoke,steps={steps}')
+    config = testlib.load_config('tiny_continual', f'smoke,steps={steps}')
     layout = continual.step_classes(continual.class_order(config, 200), steps)
     assert [len(g) for g in layout] == [per_step] * steps
-    continual.validate(config, datasets.get_spec('tiny_imagenet'), pipeline.create_mesh(-1))
+    continual.validate(config, datasets.get_spec('tiny_imagenet'), batching.create_mesh(-1))
 
-  config = load_config(TINY_CONFIG, 'smoke,steps=5')
+  config = testlib.load_config('tiny_continual', 'smoke,steps=5')
   config.dataset.update(data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'none'))
   workdir = str(tmp_path / 'workdir')
   write_inputs(config, workdir)

@@ -8,7 +8,6 @@ returns keep serving mock records afterwards.
 """
 
 import contextlib
-import importlib.util
 import os
 from unittest import mock
 
@@ -28,17 +27,16 @@ from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 from sre2l_jax.data import streaming
+from sre2l_jax import files
+from sre2l_jax import image_sets
+from sre2l_jax import views
+from sre2l_jax.data import batching
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILE = os.path.join(REPO, 'configs', 'in1k_ipc50.py')
+import testlib
 
 
 def get_config(arg, name='in1k_ipc50'):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs',
-                                                                   f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return testlib.load_config(name, arg)
 
 
 def smoke_config(root):
@@ -52,7 +50,7 @@ def smoke_config(root):
 
 
 @contextlib.contextmanager
-def mock_imagenet(num_examples=16):
+def mock_imagenet(num_examples=32):  # one batch of the smoke config's 32
   real = pipeline.load_split
 
   def load_split(dataset_config, split):
@@ -108,13 +106,13 @@ def test_tiny_and_cifar100_configs_follow_the_paper():
 def test_configs_pass_every_stage_check_on_eight_devices(name, arg):
   config = get_config(arg, name)
   spec = datasets.get_spec(config.dataset.name)
-  mesh = pipeline.create_mesh(config.mesh_shape)
+  mesh = batching.create_mesh(config.mesh_shape)
   assert mesh.size == 8
   squeeze.validate(config, mesh)
-  recover.validate(config, spec, mesh)
+  recover.validate(config, spec)
   evaluate.validate(config, mesh)
-  num_images = recover.recovered_classes(config.recover, spec) * config.recover.ipc
-  pipeline.check_batch_size(relabel.make_schedule(config, num_images).batch_size, mesh,
+  num_images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
+  batching.check_batch_size(views.create_schedule(config, num_images).batch_size, mesh,
                             'relabel.batch_size')
   for stage_config in (config.squeeze, config.evaluate):
     train_lib.create_optimizer(stage_config, train_lib.warmup_cosine(0.1, 10))
@@ -133,7 +131,7 @@ def test_all_stages_on_mock_imagenet(tmp_path):
     results['relabel'] = relabel.run(config, workdir)
     results['evaluate'] = evaluate.run(config, workdir)
 
-  on_disk = {s: checkpoint.read_json(os.path.join(workdir, s, 'result.json'))
+  on_disk = {s: files.read_json(os.path.join(workdir, s, 'result.json'))
              for s in results}
   for stage, result in on_disk.items():
     assert result['stage'] == stage
@@ -146,7 +144,7 @@ def test_all_stages_on_mock_imagenet(tmp_path):
   recovered = on_disk['recover']
   assert recovered['images'] == recovered['classes'] == 40
   assert np.isfinite(recovered['bn_loss_initial']) and np.isfinite(recovered['bn_loss_final'])
-  images, labels = export.read_tfds(export.tfds_dataset_dir(recover.distilled_dir(workdir)))
+  images, labels = export.read_tfds(export.tfds_dataset_dir(image_sets.distilled_dir(workdir)))
   assert images.shape == (40, 224, 224, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, np.arange(40))
   assert images.std() > 10  # noise-initialised images, not a constant
@@ -202,10 +200,10 @@ def test_random_subset_of_a_streaming_split(tmp_path):
   labels = [i % 12 for i in range(60)]  # 5 images of each of 12 classes
   split = streaming.StreamingSplit(ListSource(labels), len(labels), (224, 224, 3))
   with mock.patch.object(pipeline, 'load_split', lambda *_: split):
-    images, subset_labels = relabel.random_subset(config, 3)
-    again, _ = relabel.random_subset(config, 3)
+    images, subset_labels = image_sets.random_subset(config, 3)
+    again, _ = image_sets.random_subset(config, 3)
     with pytest.raises(ValueError, match='random-subset baseline needs 6'):
-      relabel.random_subset(config, 6)
+      image_sets.random_subset(config, 6)
   assert images.shape == (30, 224, 224, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(subset_labels, np.repeat(np.arange(10), 3))
   np.testing.assert_array_equal(images, again)  # a function of the seed

@@ -7,7 +7,6 @@ workdir together. Also: processes started with different configs refuse to run, 
 The teacher is a ConvNet-BN of width 8 with random weights and random BN statistics.
 """
 
-import importlib.util
 import os
 import re
 import shutil
@@ -24,14 +23,14 @@ import pytest
 
 from sre2l_jax import checkpoint
 from sre2l_jax import export
-from sre2l_jax import models
 from sre2l_jax import multihost
 from sre2l_jax import recover
-from sre2l_jax import squeeze
 from sre2l_jax.data import datasets
+from sre2l_jax import files
+from sre2l_jax import image_sets
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
+import testlib
+
 SPEC = datasets.get_spec('fashion_mnist')
 # Groups of 5 classes, 3 images per class: 6 real groups, padded to 8 (one per device).
 OVERRIDES = {'teacher.width': 8, 'recover.ipc': 3, 'recover.batch_size': 5,
@@ -41,27 +40,9 @@ TIMEOUT = 300
 
 
 def make_config():
-  spec = importlib.util.spec_from_file_location('fashion_mnist_ipc10', CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('smoke')
-  for key, value in OVERRIDES.items():
-    section, name = key.split('.')
-    config[section][name] = value
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
+  config.update_from_flattened_dict(OVERRIDES)
   return config
-
-
-def write_random_teacher(config, workdir, seed=0):
-  model = models.create_model(config.teacher, SPEC.num_classes)
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + SPEC.image_shape),
-                         train=False)
-  rng = np.random.default_rng(seed)
-  stats = {name: {'mean': rng.normal(0.0, 0.5, s['mean'].shape).astype(np.float32),
-                  'var': rng.uniform(0.2, 2.0, s['var'].shape).astype(np.float32)}
-           for name, s in variables['batch_stats'].items()}
-  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'),
-                          {'params': variables['params'], 'batch_stats': stats},
-                          squeeze.teacher_meta(config, SPEC))
 
 
 def free_port() -> int:
@@ -86,7 +67,7 @@ def run_processes(commands, workdir, devices_per_process=4):
   procs = []
   for i, command in enumerate(commands):
     log = open(os.path.join(workdir, f'process{i}.log'), 'w')
-    procs.append((subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    procs.append((subprocess.Popen(command, cwd=testlib.REPO, stdout=log, stderr=subprocess.STDOUT,
                                    env=process_env(len(commands), i, port,
                                                    devices_per_process)), log))
   out = []
@@ -105,10 +86,8 @@ def run_processes(commands, workdir, devices_per_process=4):
 
 
 def main_command(workdir, **extra):
-  overrides = dict(OVERRIDES, **extra)
-  return ([sys.executable, '-m', 'sre2l_jax.main', '--distributed',
-           f'--config={CONFIG_FILE}:smoke', f'--workdir={workdir}', '--stages=recover'] +
-          [f'--config.{k}={v}' for k, v in overrides.items()])
+  return testlib.main_command('fashion_mnist_ipc10', workdir, stages='recover',
+                              overrides=dict(OVERRIDES, **extra), flags=['--distributed'])
 
 
 def restore_images(workdir):
@@ -130,7 +109,7 @@ def restore_images(workdir):
 @pytest.fixture(scope='module')
 def teacher_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('teacher'))
-  write_random_teacher(make_config(), workdir)
+  testlib.write_teacher(make_config(), workdir)
   return workdir
 
 
@@ -150,11 +129,11 @@ def test_two_processes_recover_the_same_images_as_one(teacher_workdir, tmp_path)
     assert rc == 0, f'process {i} failed:\n{log[-4000:]}'
   assert 'stages [\'recover\'] on 8 devices (2 processes)' in outputs[0][1]
 
-  result = checkpoint.read_json(os.path.join(multi, 'recover', 'result.json'))
+  result = files.read_json(os.path.join(multi, 'recover', 'result.json'))
   assert result['devices'] == 8 and result['groups'] == 6 and result['images'] == 30
-  images, labels = export.read_tfds(export.tfds_dataset_dir(recover.distilled_dir(multi)))
+  images, labels = export.read_tfds(export.tfds_dataset_dir(image_sets.distilled_dir(multi)))
   ref_images, ref_labels = export.read_tfds(
-      export.tfds_dataset_dir(recover.distilled_dir(single)))
+      export.tfds_dataset_dir(image_sets.distilled_dir(single)))
   assert images.shape == (30,) + SPEC.image_shape
   np.testing.assert_array_equal(labels, ref_labels)
   np.testing.assert_array_equal(images, ref_images)

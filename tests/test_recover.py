@@ -2,24 +2,17 @@
 loss and its gradient, SIGKILL + resume, bad input, and the exports.
 
 The teacher is a ConvNet-BN with random weights and BN parameters, and running statistics
-taken from its own BN inputs on random smooth images (`random_teacher`): no training is
-needed to exercise the stage. Models are tiny (width 8).
+taken from its own BN inputs on random smooth images (`testlib.random_teacher`, 'measured'
+statistics): no training is needed to exercise the stage. Models are tiny (width 8).
 """
 
-import functools
-import importlib.util
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 import torch
@@ -32,9 +25,15 @@ from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import squeeze
 from sre2l_jax.data import datasets
+from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import files
+from sre2l_jax import train_lib
+from sre2l_jax.synthesis import sre2l
+from sre2l_jax.synthesis import optimize
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
+import testlib
+from benchmarks import torch_reference
+
 SPEC = datasets.get_spec('fashion_mnist')
 WIDTH = 8
 # The run shared by the resume test (a subprocess, killed and re-run) and the "loss falls"
@@ -45,15 +44,8 @@ RUN = dict(ipc=3, batch_size=5, iterations=40, checkpoint_every_steps=2, log_eve
            r_bn=0.01)
 
 
-def _config_module():
-  spec = importlib.util.spec_from_file_location('fashion_mnist_ipc10', CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def make_config(data_dir, mesh_shape=1, width=WIDTH, **recover_overrides):
-  config = _config_module().get_config('smoke')
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
   config.teacher.width = width
   config.dataset.data_dir = str(data_dir)
   config.mesh_shape = mesh_shape
@@ -62,61 +54,17 @@ def make_config(data_dir, mesh_shape=1, width=WIDTH, **recover_overrides):
   return config
 
 
-@functools.lru_cache
-def _running_stats_fn(model):
-  """Jitted (params, key) -> BN-input statistics of `model` on random smooth images."""
-  low, high = datasets.pixel_bounds(SPEC)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1,) + SPEC.image_shape), train=False))
-  init_stats = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, x.dtype),
-                                      abstract['batch_stats'])
-
-  @jax.jit
-  def running_stats(params, key):
-    # Random blobs: 7x7 noise upsampled to 28x28, inside the valid pixel range.
-    blobs = jax.image.resize(jax.random.normal(key, (64, 7, 7, 1)),
-                             (64,) + SPEC.image_shape, 'linear')
-    blobs = jnp.clip(1.5 * blobs + 0.3, low, high)
-    _, state = model.apply({'params': params, 'batch_stats': init_stats}, blobs, train=True,
-                           mutable=['batch_stats', models.BN_INPUTS])
-    stats = {}
-    for path, x in models.iter_in_call_order(state[models.BN_INPUTS]):
-      stats[path[-1][:-len('_input')]] = {'mean': jnp.mean(x, (0, 1, 2)),
-                                          'var': jnp.var(x, (0, 1, 2))}
-    return stats
-
-  return abstract, running_stats
-
-
 def random_teacher(config, seed=0, var_scale=1.0):
-  """A ConvNet-BN teacher with random weights and BN affine parameters whose running
-  statistics are those of its BN inputs on random smooth images (as a BN network would hold
-  after training on them). Arbitrary random running statistics would mostly be unreachable
-  by any image, and the BN loss could not fall. `var_scale` scales the first running
-  variances (a poisoned teacher). Returns (model, variables)."""
-  model = models.create_model(config.teacher, SPEC.num_classes)
-  abstract, running_stats = _running_stats_fn(model)
-  rng = np.random.default_rng(seed)
+  """A random teacher whose running statistics recover can approach: (model, variables).
 
-  def draw(path, leaf):  # host-side draws: no compilation
-    name = path[-1].key
-    if name == 'kernel':
-      return rng.normal(0.0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape)
-    if name == 'scale':
-      return rng.uniform(0.5, 1.5, leaf.shape)
-    return rng.normal(0.0, 0.2, leaf.shape)  # conv, dense and BN biases
-
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.asarray(draw(p, x), jnp.float32), abstract['params'])
-  stats = running_stats(params, jax.random.PRNGKey(seed))
-  stats['bn0']['var'] = stats['bn0']['var'] * var_scale
-  return model, {'params': params, 'batch_stats': stats}
+  Arbitrary random running statistics would mostly be unreachable by any image, and the BN
+  loss could not fall. `var_scale` scales the first running variances (a poisoned teacher).
+  """
+  return testlib.random_teacher(config, seed, statistics='measured', var_scale=var_scale)
 
 
 def write_teacher(config, workdir, **kwargs):
-  _, variables = random_teacher(config, **kwargs)
-  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'), variables,
-                          squeeze.teacher_meta(config, SPEC))
+  _, variables = testlib.write_teacher(config, workdir, statistics='measured', **kwargs)
   return variables
 
 
@@ -129,11 +77,7 @@ def tfds_dir(root):
 
 def restore_state(workdir, step=None):
   """(step, state as numpy) of a recover checkpoint (the latest by default)."""
-  manager = checkpoint.create_manager(os.path.join(workdir, 'recover', 'checkpoints'))
-  step = step or manager.latest_step()
-  state = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return step, jax.tree_util.tree_map(np.asarray, state)
+  return testlib.restore_checkpoint(os.path.join(workdir, 'recover', 'checkpoints'), step)
 
 
 def listing(directory):
@@ -145,12 +89,6 @@ def listing(directory):
       st = os.stat(path)
       out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
   return out
-
-
-def finalized_steps(directory):
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 @pytest.fixture(scope='module')
@@ -221,14 +159,14 @@ def test_statistics_are_per_group(data_dir):
   config = make_config(data_dir)
   cfg = config.recover
   model, teacher = random_teacher(config, seed=1)
-  labels, uids, real = recover.group_layout(10, 2, 10, 1)
+  labels, uids, real = optimize.group_layout(10, 2, 10, 1)
   assert real == 2 and labels.shape == (2, 10)
   images = jax.random.normal(jax.random.PRNGKey(0), labels.shape + SPEC.image_shape)
   changed = images.at[0].set(
       jax.random.normal(jax.random.PRNGKey(1), labels.shape[1:] + SPEC.image_shape) * 2.0)
   key = jax.random.PRNGKey(7)
   keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(jnp.arange(2))
-  loss_fn = lambda x, y, u, k: recover.group_loss(x, y, u, k, jnp.float32(cfg.min_scale),
+  loss_fn = lambda x, y, u, k: sre2l.group_loss(x, y, u, k, jnp.float32(cfg.min_scale),
                                                   model=model, teacher=teacher, cfg=cfg)
 
   def total(x):  # like recover_step: the sum of the vmapped per-group losses
@@ -251,8 +189,8 @@ def test_statistics_are_per_group(data_dir):
   # recover_step: one Adam step leaves group 1's images as they would be without group 0.
   tx = optax.adam(1e-1, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=1e-8)
   low, high = datasets.pixel_bounds(SPEC)
-  step = jax.jit(lambda s: recover.recover_step(
-      s, labels, uids, key, model=model, teacher=teacher, cfg=cfg, tx=tx,
+  step = jax.jit(lambda s: optimize.recover_step(
+      s, labels, uids, key, method=sre2l, model=model, teacher=teacher, cfg=cfg, tx=tx,
       bounds=(jnp.asarray(low), jnp.asarray(high))))
   state_a, _ = step({'images': images, 'opt_state': tx.init(images), 'step': jnp.int32(0)})
   state_b, _ = step({'images': changed, 'opt_state': tx.init(changed), 'step': jnp.int32(0)})
@@ -266,65 +204,22 @@ def test_statistics_are_per_group(data_dir):
 # ----------------------------------------------------------------------------- PyTorch
 
 
-class TorchConvNet(tnn.Module):
-  """ConvNet-BN written independently: depth x [conv3x3+bias, BN, ReLU, avgpool 2], fc."""
-
-  def __init__(self, channels, width, depth, size, num_classes):
-    super().__init__()
-    layers = []
-    for i in range(depth):
-      layers += [tnn.Conv2d(channels if i == 0 else width, width, 3, padding=1, bias=True),
-                 tnn.BatchNorm2d(width), tnn.ReLU(), tnn.AvgPool2d(2)]
-      size //= 2
-    self.features = tnn.Sequential(*layers)
-    self.fc = tnn.Linear(width * size * size, num_classes)
-
-  def forward(self, x):
-    f = self.features(x)
-    return self.fc(f.permute(0, 2, 3, 1).flatten(1))  # flatten in Flax's NHWC order
-
-
 def torch_twin(variables, depth):
-  params = jax.tree_util.tree_map(lambda a: torch.from_numpy(np.asarray(a, np.float64)),
-                                  variables['params'])
-  stats = jax.tree_util.tree_map(lambda a: torch.from_numpy(np.asarray(a, np.float64)),
-                                 variables['batch_stats'])
-  net = TorchConvNet(SPEC.image_shape[-1], WIDTH, depth, SPEC.image_shape[0],
-                     SPEC.num_classes).double().eval()
-  convs = [m for m in net.features if isinstance(m, tnn.Conv2d)]
-  bns = [m for m in net.features if isinstance(m, tnn.BatchNorm2d)]
-  with torch.no_grad():
-    for i, (conv, bn) in enumerate(zip(convs, bns)):
-      conv.weight.copy_(params[f'conv{i}']['kernel'].permute(3, 2, 0, 1))  # HWIO -> OIHW
-      conv.bias.copy_(params[f'conv{i}']['bias'])
-      bn.weight.copy_(params[f'bn{i}']['scale'])
-      bn.bias.copy_(params[f'bn{i}']['bias'])
-      bn.running_mean.copy_(stats[f'bn{i}']['mean'])
-      bn.running_var.copy_(stats[f'bn{i}']['var'])
-      bn.eps = 1e-5
-    net.fc.weight.copy_(params['fc']['kernel'].T)
-    net.fc.bias.copy_(params['fc']['bias'])
-  return net, bns
+  """The PyTorch reference ConvNet-BN holding the Flax teacher's variables, in float64."""
+  net = torch_reference.build_model('convnet', SPEC.num_classes, SPEC.image_shape[-1],
+                                    SPEC.image_shape[0], width=WIDTH, depth=depth)
+  return torch_reference.load_flax_variables(net, variables).double().eval()
 
 
-def torch_losses(net, bns, images_nhwc, labels, first_bn_multiplier, r_bn):
-  """The reference's BN-statistics loss (forward hooks on BN inputs) and CE, with grads."""
+def torch_losses(net, images_nhwc, labels, first_bn_multiplier, r_bn):
+  """The reference's BN-statistics loss (forward pre-hooks on BN inputs) and CE, with grads."""
   x = torch.from_numpy(np.asarray(images_nhwc, np.float64)).permute(0, 3, 1, 2)
   x = x.contiguous().requires_grad_(True)
-  inputs = []
-  hooks = [bn.register_forward_hook(lambda m, i, o: inputs.append((m, i[0]))) for bn in bns]
+  hooks = torch_reference.BNStatistics(net)
   logits = net(x)
-  for h in hooks:
-    h.remove()
-  assert [m for m, _ in inputs] == bns
-  bn_loss = 0.0
-  for l, (module, feature) in enumerate(inputs):
-    nch = feature.shape[1]
-    mean = feature.mean([0, 2, 3])
-    var = feature.permute(1, 0, 2, 3).contiguous().reshape([nch, -1]).var(1, unbiased=False)
-    term = (torch.norm(module.running_var - var, 2) +
-            torch.norm(module.running_mean - mean, 2))
-    bn_loss = bn_loss + (first_bn_multiplier if l == 0 else 1.0) * term
+  hooks.remove()
+  bn_loss, per_layer = hooks.loss(first_bn_multiplier)
+  assert len(per_layer) == len(hooks.layers) and per_layer.dtype == torch.float64
   bn_grad, = torch.autograd.grad(bn_loss, x, retain_graph=True)
   ce = tnn.functional.cross_entropy(logits, torch.from_numpy(np.asarray(labels, np.int64)))
   total = ce + r_bn * bn_loss
@@ -343,18 +238,18 @@ def test_loss_and_gradient_match_pytorch(data_dir):
   config = make_config(data_dir, r_bn=0.05, crop='none', flip=False, jitter=0)
   cfg = config.recover
   model, teacher = random_teacher(config, seed=2)
-  net, bns = torch_twin(teacher, config.teacher.depth)
+  net = torch_twin(teacher, config.teacher.depth)
   images = jax.random.normal(jax.random.PRNGKey(3), (10,) + SPEC.image_shape)
   labels = jnp.asarray(np.random.default_rng(0).permutation(10), jnp.int32)
   t_logits, t_bn, t_bn_grad, t_total, t_total_grad = torch_losses(
-      net, bns, images, labels, cfg.first_bn_multiplier, cfg.r_bn)
+      net, images, labels, cfg.first_bn_multiplier, cfg.r_bn)
 
   logits = model.apply(teacher, images, train=False)
   assert rel_err(logits, t_logits) <= 1e-5  # the twin is the same network
 
   def bn_loss(x):
     _, state = model.apply(teacher, x, train=False, mutable=[models.BN_INPUTS])
-    return recover.bn_statistics_loss(state[models.BN_INPUTS], teacher['batch_stats'],
+    return sre2l.bn_statistics_loss(state[models.BN_INPUTS], teacher['batch_stats'],
                                       cfg.first_bn_multiplier)[0]
 
   j_bn, j_bn_grad = jax.jit(jax.value_and_grad(bn_loss))(images)
@@ -364,7 +259,7 @@ def test_loss_and_gradient_match_pytorch(data_dir):
 
   # The full loss of one group without augmentation (crop 'none', no flip, no jitter).
   def total(x):
-    return recover.group_loss(x, labels, jnp.arange(10), jax.random.PRNGKey(0),
+    return sre2l.group_loss(x, labels, jnp.arange(10), jax.random.PRNGKey(0),
                               jnp.float32(1.0), model=model, teacher=teacher, cfg=cfg)
 
   (j_total, metrics), j_total_grad = jax.jit(jax.value_and_grad(total, has_aux=True))(images)
@@ -379,11 +274,10 @@ def test_loss_and_gradient_match_pytorch(data_dir):
 
 
 def main_command(workdir, data_dir, **recover_overrides):
-  overrides = dict(RUN, **recover_overrides)
-  return ([sys.executable, '-m', 'sre2l_jax.main', f'--config={CONFIG_FILE}:smoke',
-           f'--workdir={workdir}', '--stages=recover', f'--config.dataset.data_dir={data_dir}',
-           f'--config.teacher.width={WIDTH}', '--config.mesh_shape=1'] +
-          [f'--config.recover.{k}={v}' for k, v in overrides.items()])
+  overrides = {'dataset.data_dir': data_dir, 'teacher.width': WIDTH, 'mesh_shape': 1}
+  overrides.update({f'recover.{k}': v for k, v in dict(RUN, **recover_overrides).items()})
+  return testlib.main_command('fashion_mnist_ipc10', workdir, stages='recover',
+                              overrides=overrides)
 
 
 @pytest.fixture(scope='module')
@@ -407,21 +301,11 @@ def killed_run(teacher_workdir, data_dir, subprocess_env, tmp_path_factory):
   """A workdir whose run was SIGKILLed right after its first checkpoint (do not modify)."""
   workdir = new_workdir(teacher_workdir, tmp_path_factory.mktemp('killed'))
   checkpoints = os.path.join(workdir, 'recover', 'checkpoints')
-  with open(os.path.join(workdir, 'log.txt'), 'w') as log:
-    process = subprocess.Popen(main_command(workdir, data_dir), cwd=REPO, stdout=log,
-                               stderr=subprocess.STDOUT, env=subprocess_env)
-    deadline = time.time() + 300
-    while not finalized_steps(checkpoints):
-      if process.poll() is not None or time.time() > deadline:
-        process.kill()
-        with open(log.name) as f:
-          pytest.fail(f'recover ended (rc {process.returncode}) before its first checkpoint:'
-                      f'\n{f.read()[-3000:]}')
-      time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-  assert process.returncode == -signal.SIGKILL
-  steps = finalized_steps(checkpoints)
+  # Asserts that the run died of the SIGKILL.
+  testlib.kill_when(main_command(workdir, data_dir),
+                    lambda: testlib.checkpoint_steps(checkpoints),
+                    os.path.join(workdir, 'log.txt'), env=subprocess_env)
+  steps = testlib.checkpoint_steps(checkpoints)
   assert steps and steps[-1] < RUN['iterations'], f'killed too late: {steps}'
   assert not os.path.exists(os.path.join(workdir, 'recover', 'result.json'))
   return workdir
@@ -431,11 +315,9 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(killed_run, reference_run, d
                                                     subprocess_env, tmp_path):
   workdir = str(tmp_path / 'resumed')
   shutil.copytree(killed_run, workdir)
-  killed_step = finalized_steps(os.path.join(workdir, 'recover', 'checkpoints'))[-1]
-  completed = subprocess.run(main_command(workdir, data_dir), cwd=REPO, capture_output=True,
-                             text=True, timeout=300, check=False, env=subprocess_env)
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  result = checkpoint.read_json(os.path.join(workdir, 'recover', 'result.json'))
+  killed_step = testlib.checkpoint_steps(os.path.join(workdir, 'recover', 'checkpoints'))[-1]
+  testlib.run_command(main_command(workdir, data_dir), env=subprocess_env)
+  result = files.read_json(os.path.join(workdir, 'recover', 'result.json'))
   assert 0 < result['resumed_from_step'] == killed_step < RUN['iterations']
 
   ref_workdir, ref_result = reference_run
@@ -459,27 +341,27 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(killed_run, reference_run, d
 def test_missing_or_unfit_teacher(teacher_workdir, data_dir, tmp_path):
   config = make_config(data_dir)
   empty = str(tmp_path / 'empty')
-  with pytest.raises(checkpoint.TeacherError, match=r'(?s)No teacher.*--stages=squeeze'):
+  with pytest.raises(teacher_lib.TeacherError, match=r'(?s)No teacher.*--stages=squeeze'):
     recover.run(config, empty)
   assert not os.path.exists(os.path.join(empty, 'recover', 'fingerprint.json'))
 
   # The signature in teacher.json: another width, another class count.
   workdir = new_workdir(teacher_workdir, tmp_path / 'wide')
-  with pytest.raises(checkpoint.TeacherError, match=r'does not fit.*width: saved 8, now 16'):
+  with pytest.raises(teacher_lib.TeacherError, match=r'does not fit.*width: saved 8, now 16'):
     recover.run(make_config(data_dir, width=16), workdir)
-  meta_path = os.path.join(workdir, 'squeeze', 'teacher', checkpoint.TEACHER_META)
-  meta = checkpoint.read_json(meta_path)
+  meta_path = os.path.join(workdir, 'squeeze', 'teacher', teacher_lib.META)
+  meta = files.read_json(meta_path)
   meta['signature']['num_classes'] = 100
-  checkpoint.write_json(meta_path, meta)
-  with pytest.raises(checkpoint.TeacherError, match=r'num_classes: saved 100, now 10'):
+  files.write_json(meta_path, meta)
+  with pytest.raises(teacher_lib.TeacherError, match=r'num_classes: saved 100, now 10'):
     recover.run(config, workdir)
 
   # A teacher.json that fits but weights of another shape.
   workdir = str(tmp_path / 'mis_shaped')
   _, wide = random_teacher(make_config(data_dir, width=16))
-  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'), wide,
-                          squeeze.teacher_meta(config, SPEC))
-  with pytest.raises(checkpoint.TeacherError, match=r'weights .* do not match'):
+  teacher_lib.save(os.path.join(workdir, 'squeeze', 'teacher'), wide,
+                          teacher_lib.teacher_meta(config, SPEC))
+  with pytest.raises(teacher_lib.TeacherError, match=r'weights .* do not match'):
     recover.run(config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'recover', 'checkpoints'))
 
@@ -503,12 +385,12 @@ def test_divergence_from_the_start_stops_without_a_checkpoint(teacher_workdir, d
   before = listing(os.path.join(workdir, 'squeeze'))
   config = make_config(data_dir, r_bn=1e38, crop='none', flip=False, jitter=0,
                        checkpoint_every_steps=1, log_every_steps=1)
-  with pytest.raises(recover.DivergedError,
+  with pytest.raises(train_lib.DivergedError,
                      match=r'(?s)by step 1\..*recover\.lr.*recover\.r_bn') as error:
     recover.run(config, workdir)
   assert 'No checkpoint had been saved yet' in str(error.value)
   assert listing(os.path.join(workdir, 'squeeze')) == before
-  assert finalized_steps(os.path.join(workdir, 'recover', 'checkpoints')) == []
+  assert testlib.checkpoint_steps(os.path.join(workdir, 'recover', 'checkpoints')) == []
   assert not os.path.exists(os.path.join(workdir, 'recover', 'tfds'))
 
 
@@ -524,11 +406,11 @@ def test_divergence_midway_keeps_the_last_good_checkpoint(killed_run, data_dir, 
   config = make_config(data_dir, **RUN)
   write_teacher(config, workdir, var_scale=1e30)
   before = listing(os.path.join(workdir, 'squeeze'))
-  with pytest.raises(recover.DivergedError,
+  with pytest.raises(train_lib.DivergedError,
                      match=rf'(?s)recover\.lr.*recover\.r_bn.*step {good_step}'):
     recover.run(config, workdir)
   assert listing(os.path.join(workdir, 'squeeze')) == before
-  assert finalized_steps(checkpoints)[-1] == good_step
+  assert testlib.checkpoint_steps(checkpoints)[-1] == good_step
   step, state = restore_state(workdir)
   assert step == good_step
   jax.tree_util.tree_map(np.testing.assert_array_equal, state, good_state)
@@ -544,7 +426,7 @@ def test_bn_loss_falls_and_exports(reference_run):
   assert result['bn_loss_final'] < 0.8 * result['bn_loss_initial'], result
   # The CE term works too: the teacher recognises well over chance (0.1) of the images.
   assert 0.2 < result['teacher_top1_on_synthetic'] <= 1.0, result
-  assert result == checkpoint.read_json(os.path.join(workdir, 'recover', 'result.json'))
+  assert result == files.read_json(os.path.join(workdir, 'recover', 'result.json'))
 
   ipc = RUN['ipc']
   builder = tfds.builder_from_directory(tfds_dir(result['outputs']['tfds']))
@@ -554,7 +436,7 @@ def test_bn_loss_falls_and_exports(reference_run):
   np.testing.assert_array_equal(labels, np.repeat(np.arange(10), ipc))
   # The exports are the last iterate, denormalised.
   _, state = restore_state(workdir)
-  expected = recover.to_class_major(datasets.denormalise(state['images'], SPEC), 10, ipc)
+  expected = optimize.to_class_major(datasets.denormalise(state['images'], SPEC), 10, ipc)
   np.testing.assert_array_equal(images, expected.reshape(images.shape))
 
   png = result['outputs']['png']

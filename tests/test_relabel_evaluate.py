@@ -12,30 +12,21 @@ same relabel/student settings everywhere, so every student of a given label mode
 re-runs of relabel and the resumed subprocess compile nothing new.
 """
 
+import functools
 import hashlib
-import importlib.util
 import os
 import shutil
-import signal
 import struct
-import subprocess
-import sys
-import time
-
-import functools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from sre2l_jax import checkpoint
 from sre2l_jax import evaluate
 from sre2l_jax import export
-from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import relabel
 from sre2l_jax import squeeze
@@ -43,9 +34,16 @@ from sre2l_jax import train_lib
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
+from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import files
+from sre2l_jax import label_store
+from sre2l_jax import image_sets
+from sre2l_jax import views
+from sre2l_jax import student
+from sre2l_jax.data import batching
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
+import testlib
+
 SPEC = datasets.get_spec('fashion_mnist')
 WIDTH = 8
 IPC = 2  # 20 distilled images; relabel.batch_size 16 -> 2 steps per epoch (one wraps)
@@ -57,13 +55,6 @@ PARAM_ATOL = 1e-4  # float32 stored vs online: measured 0.0 (bit-identical stude
 FLOAT16_TOP1_TOL = 0.02
 
 
-def _config_module():
-  spec = importlib.util.spec_from_file_location('fashion_mnist_ipc10', CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 # What every run changes in the smoke config (also given as flags to the subprocesses).
 OVERRIDES = {'teacher.width': WIDTH, 'student.width': WIDTH, 'recover.ipc': IPC,
              'relabel.epochs': EPOCHS, 'relabel.epochs_per_shard': 2,
@@ -71,7 +62,7 @@ OVERRIDES = {'teacher.width': WIDTH, 'student.width': WIDTH, 'recover.ipc': IPC,
 
 
 def make_config(data, *, evaluate_overrides=None, **relabel_overrides):
-  config = _config_module().get_config('smoke')
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
   config.dataset.update(data_dir=data['data_dir'], source_dir=data['source_dir'])
   for key, value in OVERRIDES.items():
     group, name = key.split('.')
@@ -88,24 +79,6 @@ def write_idx(path, array):
     f.write(np.ascontiguousarray(array, np.uint8).tobytes())
 
 
-def random_teacher(config, seed=0):
-  """Random ConvNet-BN variables with random running statistics and BN affine params."""
-  model = models.create_model(config.teacher, SPEC.num_classes)
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + SPEC.image_shape),
-                         train=False)
-  params = jax.tree_util.tree_map(np.asarray, variables['params'])
-  stats = jax.tree_util.tree_map(np.asarray, variables['batch_stats'])
-  rng = np.random.default_rng(seed)
-  for name in stats:
-    width = stats[name]['mean'].shape[0]
-    stats[name] = {'mean': rng.normal(0.0, 0.5, width).astype(np.float32),
-                   'var': rng.uniform(0.2, 2.0, width).astype(np.float32)}
-    params[name] = {'scale': rng.uniform(0.5, 1.5, width).astype(np.float32),
-                    'bias': rng.normal(0.0, 0.2, width).astype(np.float32)}
-  to_jax = lambda t: jax.tree_util.tree_map(jnp.asarray, t)
-  return model, {'params': to_jax(params), 'batch_stats': to_jax(stats)}
-
-
 def noise_set(seed):
   """A class-major 'distilled' set of random uint8 images, IPC images per class."""
   rng = np.random.default_rng(seed)
@@ -115,7 +88,7 @@ def noise_set(seed):
 
 def write_distilled(workdir, seed):
   images, labels = noise_set(seed)
-  export.write_tfds(recover.distilled_dir(workdir), images, labels, SPEC.num_classes)
+  export.write_tfds(image_sets.distilled_dir(workdir), images, labels, SPEC.num_classes)
 
 
 def copy_workdir(source, path):
@@ -137,19 +110,6 @@ def label_files(workdir):
       for f in sorted(os.listdir(os.path.join(root, name))):
         out[f'{name}/{f}'] = sha256(os.path.join(root, name, f))
   return out
-
-
-def finalized_steps(directory):
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-
-
-def restore_state(directory, step):
-  manager = checkpoint.create_manager(directory)
-  state = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return jax.tree_util.tree_map(np.asarray, state)
 
 
 def run_stages(config, workdir, stored):
@@ -216,10 +176,7 @@ def data(tmp_path_factory):
 def base_workdir(data, tmp_path_factory):
   """A workdir holding a random teacher (squeeze/teacher) and a noise distilled set."""
   workdir = str(tmp_path_factory.mktemp('base'))
-  config = make_config(data)
-  _, variables = random_teacher(config)
-  checkpoint.save_teacher(os.path.join(workdir, 'squeeze', 'teacher'), variables,
-                          squeeze.teacher_meta(config, SPEC))
+  testlib.write_teacher(make_config(data), workdir)
   write_distilled(workdir, seed=0)
   return workdir
 
@@ -244,7 +201,7 @@ def stored_float32_run(data, base_workdir, tmp_path_factory):
 def stored_float16_run(data, base_workdir, tmp_path_factory):
   workdir = copy_workdir(base_workdir, tmp_path_factory.mktemp('stored16') / 'w')
   config = make_config(data, mode='stored', storage='float16',
-                       evaluate_overrides=dict(baselines=''))
+                       evaluate_overrides=dict(baselines=()))
   result, students = run_stages(config, workdir, stored=True)
   return workdir, result, students
 
@@ -284,9 +241,9 @@ def test_stored_float16_is_close_to_online(online_run, stored_float16_run):
 
 
 def views_fn(mesh, cfg):
-  """make_views jitted as relabel.write_labels jits it (same program, same shardings)."""
-  sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
-  fn = jax.jit(functools.partial(relabel.make_views, cfg=cfg, spec=SPEC),
+  """batch_views jitted as label_store.write_labels jits it (same program, same shardings)."""
+  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
+  fn = jax.jit(functools.partial(views.batch_views, cfg=cfg, spec=SPEC),
                in_shardings=(replicated, sharded),
                out_shardings=(sharded, replicated, replicated))
   return lambda key, x: [np.asarray(a) for a in fn(key, jax.device_put(x, sharded))]
@@ -295,11 +252,11 @@ def views_fn(mesh, cfg):
 def test_views_replay_exactly(data):
   config = make_config(data)
   images, _ = noise_set(seed=3)
-  schedule = relabel.make_schedule(config, len(images))
+  schedule = views.create_schedule(config, len(images))
   assert (schedule.batch_size, schedule.steps_per_epoch) == (16, 2)
-  eight = views_fn(pipeline.create_mesh(8), config.relabel)
-  one = views_fn(pipeline.create_mesh(1), config.relabel)
-  views = {}
+  eight = views_fn(batching.create_mesh(8), config.relabel)
+  one = views_fn(batching.create_mesh(1), config.relabel)
+  replayed = {}
   for epoch, batch in ((0, 0), (0, 1), (1, 0), (3, 1)):
     key, x = schedule.view_key(epoch, batch), images[schedule.batch_indices(epoch, batch)]
     first, again, single = eight(key, x), eight(key, x), one(key, x)
@@ -307,23 +264,24 @@ def test_views_replay_exactly(data):
       np.testing.assert_array_equal(a, b)
       np.testing.assert_array_equal(a, c)
     assert 0.0 < first[1] < 1.0  # mix_prob 1: every batch is mixed
-    views[epoch, batch] = first
+    replayed[epoch, batch] = first
   # Other epochs or batches give other views and other mixing (lambda, partners).
   pairs = [((0, 0), (1, 0)), ((0, 0), (0, 1)), ((1, 0), (3, 1))]
   for u, v in pairs:
-    assert not np.array_equal(views[u][0], views[v][0])
-    assert views[u][1] != views[v][1] or not np.array_equal(views[u][2], views[v][2])
+    assert not np.array_equal(replayed[u][0], replayed[v][0])
+    assert (replayed[u][1] != replayed[v][1]
+            or not np.array_equal(replayed[u][2], replayed[v][2]))
   # The key alone (same images in the same order) changes crops and mixing.
   x = images[schedule.batch_indices(0, 0)]
   assert not np.array_equal(one(schedule.view_key(0, 0), x)[0],
                             one(schedule.view_key(2, 0), x)[0])
-  assert np.isfinite(views[0, 0][0]).all()
-  assert views[0, 0][0].shape == (16,) + SPEC.image_shape
+  assert np.isfinite(replayed[0, 0][0]).all()
+  assert replayed[0, 0][0].shape == (16,) + SPEC.image_shape
 
 
 def test_schedule_covers_every_image_each_epoch():
   for num_images, batch in ((20, 16), (20, 4), (7, 8), (100, 32)):
-    schedule = relabel.Schedule(num_images, batch, epochs=5, seed=1)
+    schedule = views.Schedule(num_images, batch, epochs=5, seed=1)
     orders = []
     for epoch in range(schedule.epochs):
       index = np.concatenate([schedule.batch_indices(epoch, b)
@@ -338,9 +296,9 @@ def test_schedule_covers_every_image_each_epoch():
       orders.append(index)
     assert not all(np.array_equal(orders[0], o) for o in orders[1:])
   # Pure function of the seed: another Schedule object replays it, another seed does not.
-  a, b = relabel.Schedule(20, 16, 3, 0), relabel.Schedule(20, 16, 3, 0)
+  a, b = views.Schedule(20, 16, 3, 0), views.Schedule(20, 16, 3, 0)
   np.testing.assert_array_equal(a.batch_indices(2, 1), b.batch_indices(2, 1))
-  assert not np.array_equal(a.batch_indices(2, 0), relabel.Schedule(20, 16, 3, 1)
+  assert not np.array_equal(a.batch_indices(2, 0), views.Schedule(20, 16, 3, 1)
                             .batch_indices(2, 0))
 
 
@@ -351,21 +309,22 @@ def test_topk_labels_are_small_and_keep_the_top_probabilities(data, base_workdir
   # 100 images, 7 batches of 16 views (the students' batch, so nothing new is compiled),
   # 20 epochs in one shard: 2240 label rows.
   config = make_config(data, epochs=20, epochs_per_shard=20)
-  mesh = pipeline.create_mesh(config.mesh_shape)
-  model, teacher = squeeze.load_teacher(config, base_workdir, mesh)
+  mesh = batching.create_mesh(config.mesh_shape)
+  model, teacher = teacher_lib.load(config, base_workdir, mesh)
   images = np.random.default_rng(5).integers(0, 256, (100,) + SPEC.image_shape, np.uint8)
-  schedule = relabel.make_schedule(config, len(images))
+  schedule = views.create_schedule(config, len(images))
   temperature = config.evaluate.temperature
   manifests, labels = {}, {}
   for storage in ('float16', 'topk'):
     cfg = ml_collections.ConfigDict(config.relabel.to_dict())
     cfg.update(storage=storage, topk=1)
     directory = str(tmp_path / storage)
-    manifests[storage] = relabel.write_labels(directory, images, schedule, cfg, SPEC, model,
-                                              teacher, mesh, temperature)
+    manifests[storage] = label_store.write_labels(
+        directory, images, schedule, cfg, SPEC,
+        student.create_teacher_logits(model, teacher, mesh), mesh, temperature)
     assert manifests[storage]['complete'] and len(manifests[storage]['shards']) == 1
-    labels[storage] = relabel.StoredLabels.open(directory, images, schedule, temperature,
-                                                relabel.view_settings(cfg))
+    labels[storage] = label_store.StoredLabels.open(directory, images, schedule, temperature,
+                                                views.view_settings(cfg))
   ratio = manifests['float16']['bytes'] / manifests['topk']['bytes']
   print(f'label bytes: float16 {manifests["float16"]["bytes"]}, top-k k=1 '
         f'{manifests["topk"]["bytes"]} ({ratio:.2f}x smaller)')
@@ -378,9 +337,9 @@ def test_topk_labels_are_small_and_keep_the_top_probabilities(data, base_workdir
   stored_k1 = labels['topk'].epoch(7)
   assert stored_k1['topk_probs'].shape == stored_k1['topk_index'].shape == (7, 16, 1)
   assert stored_k1['topk_index'].dtype == np.uint8
-  for k, stored in ((1, stored_k1), (3, relabel.compress(logits, 'topk', 3, temperature))):
+  for k, stored in ((1, stored_k1), (3, label_store.compress(logits, 'topk', 3, temperature))):
     np.testing.assert_array_equal(stored['topk_index'], np.argsort(-probs, axis=-1)[..., :k])
-    targets = np.asarray(relabel.targets_from_stored(stored, SPEC.num_classes, temperature))
+    targets = np.asarray(label_store.targets_from_stored(stored, SPEC.num_classes, temperature))
     assert targets.shape == (7, 16, SPEC.num_classes)
     np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-5)
     index = stored['topk_index'].astype(np.int64)
@@ -392,7 +351,7 @@ def test_topk_labels_are_small_and_keep_the_top_probabilities(data, base_workdir
   # Hand-made rows: the rest of the mass is spread evenly over the other classes.
   stored = {'topk_probs': np.asarray([[0.5, 0.3]], np.float16),
             'topk_index': np.asarray([[4, 1]], np.uint8)}
-  targets = np.asarray(relabel.targets_from_stored(stored, 10, 1.0))
+  targets = np.asarray(label_store.targets_from_stored(stored, 10, 1.0))
   expected = np.full((1, 10), (1 - 0.5 - np.float32(np.float16(0.3))) / 8, np.float32)
   expected[0, 4], expected[0, 1] = 0.5, np.float16(0.3)
   np.testing.assert_allclose(targets, expected, atol=1e-6)
@@ -411,8 +370,8 @@ def _fresh_evaluate(stored_float32_run, path):
 @pytest.mark.parametrize('damage', ['flip', 'truncate'])
 def test_corrupted_label_shard_is_refused(data, stored_float32_run, tmp_path, damage):
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
-  manifest = checkpoint.read_json(os.path.join(workdir, 'relabel', 'distilled',
-                                               relabel.MANIFEST))
+  manifest = files.read_json(os.path.join(workdir, 'relabel', 'distilled',
+                                               label_store.MANIFEST))
   name = manifest['shards'][0]['file']
   path = os.path.join(workdir, 'relabel', 'distilled', name)
   with open(path, 'r+b') as f:
@@ -424,7 +383,8 @@ def test_corrupted_label_shard_is_refused(data, stored_float32_run, tmp_path, da
     else:
       f.truncate(os.path.getsize(path) - 7)
   config = make_config(data, mode='stored', storage='float32')
-  with pytest.raises(relabel.LabelError, match=r'(?s)' + name + r'.*corrupted.*--stages=relabel'):
+  with pytest.raises(label_store.LabelError,
+                     match=r'(?s)' + name + r'.*corrupted.*--stages=relabel'):
     evaluate.run(config, workdir)
 
 
@@ -432,7 +392,7 @@ def test_labels_of_other_images_are_refused(data, stored_float32_run, tmp_path):
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
   write_distilled(workdir, seed=1)  # the distilled set changed after relabel
   config = make_config(data, mode='stored', storage='float32')
-  with pytest.raises(relabel.LabelError, match=r'(?s)other images.*--stages=relabel'):
+  with pytest.raises(label_store.LabelError, match=r'(?s)other images.*--stages=relabel'):
     evaluate.run(config, workdir)
 
 
@@ -450,7 +410,7 @@ def test_labels_made_under_other_settings_are_refused(data, stored_float32_run, 
   config.relabel.update(**change.get('relabel', {}))
   if 'seed' in change:
     config.seed = change['seed']
-  with pytest.raises(relabel.LabelError, match=r'(?s)' + message + r'.*--stages=relabel'):
+  with pytest.raises(label_store.LabelError, match=r'(?s)' + message + r'.*--stages=relabel'):
     evaluate.run(config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'evaluate', 'result.json'))
 
@@ -458,14 +418,14 @@ def test_labels_made_under_other_settings_are_refused(data, stored_float32_run, 
 def test_incomplete_labels_are_refused(data, stored_float32_run, tmp_path):
   """A relabel run killed between shards leaves a manifest without `complete`."""
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
-  path = os.path.join(workdir, 'relabel', 'distilled', relabel.MANIFEST)
-  manifest = checkpoint.read_json(path)
+  path = os.path.join(workdir, 'relabel', 'distilled', label_store.MANIFEST)
+  manifest = files.read_json(path)
   os.remove(os.path.join(workdir, 'relabel', 'distilled', manifest['shards'][-1]['file']))
   manifest['shards'] = manifest['shards'][:-1]
   del manifest['complete'], manifest['bytes']
-  checkpoint.write_json(path, manifest)
+  files.write_json(path, manifest)
   config = make_config(data, mode='stored', storage='float32')
-  with pytest.raises(relabel.LabelError, match=r'(?s)incomplete.*--stages=relabel'):
+  with pytest.raises(label_store.LabelError, match=r'(?s)incomplete.*--stages=relabel'):
     evaluate.run(config, workdir)
 
 
@@ -481,7 +441,7 @@ def test_missing_stages_are_named(data, base_workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match=r'--stages=recover'):
     relabel.run(make_config(data, mode='stored'), empty)
   workdir = copy_workdir(base_workdir, tmp_path / 'w')
-  with pytest.raises(relabel.LabelError, match=r'(?s)No stored labels.*--stages=relabel'):
+  with pytest.raises(label_store.LabelError, match=r'(?s)No stored labels.*--stages=relabel'):
     evaluate.run(make_config(data, mode='stored'), workdir)
 
 
@@ -489,11 +449,10 @@ def test_missing_stages_are_named(data, base_workdir, tmp_path):
 
 
 def main_command(workdir, data):
-  flags = [f'--config.dataset.data_dir={data["data_dir"]}',
-           f'--config.dataset.source_dir={data["source_dir"]}']
-  flags += [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
-  return [sys.executable, '-m', 'sre2l_jax.main', f'--config={CONFIG_FILE}:smoke',
-          f'--workdir={workdir}', '--stages=evaluate'] + flags
+  return testlib.main_command(
+      'fashion_mnist_ipc10', workdir, stages='evaluate',
+      overrides={'dataset.data_dir': data['data_dir'], 'dataset.source_dir': data['source_dir'],
+                 **OVERRIDES})
 
 
 def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_run,
@@ -505,45 +464,34 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_r
   checkpoints = os.path.join(workdir, student, 'checkpoints')
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  with open(str(tmp_path / 'log.txt'), 'w') as log:
-    process = subprocess.Popen(main_command(workdir, data), cwd=REPO, stdout=log,
-                               stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 240
-    while not finalized_steps(checkpoints):
-      if process.poll() is not None or time.time() > deadline:
-        process.kill()
-        process.wait()
-        with open(log.name) as f:
-          pytest.fail(f'evaluate ended (rc {process.returncode}) before its first '
-                      f'checkpoint:\n{f.read()[-3000:]}')
-      time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-  assert process.returncode == -signal.SIGKILL
-  killed_step = finalized_steps(checkpoints)[-1]
-  assert 0 < killed_step < total, f'killed too late: {finalized_steps(checkpoints)}'
+  # Asserts that the run died of the SIGKILL.
+  testlib.kill_when(main_command(workdir, data), lambda: testlib.checkpoint_steps(checkpoints),
+                    tmp_path / 'log.txt', env=env, timeout_s=240)
+  killed_step = testlib.checkpoint_steps(checkpoints)[-1]
+  assert 0 < killed_step < total, f'killed too late: {testlib.checkpoint_steps(checkpoints)}'
   assert not os.path.exists(os.path.join(workdir, student, 'result.json'))
   assert not os.path.exists(os.path.join(workdir, 'evaluate', 'result.json'))
 
-  completed = subprocess.run(main_command(workdir, data), cwd=REPO, capture_output=True,
-                             text=True, timeout=240, check=False, env=env)
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  resumed = checkpoint.read_json(os.path.join(workdir, student, 'result.json'))
+  testlib.run_command(main_command(workdir, data), env=env, timeout_s=240)
+  resumed = files.read_json(os.path.join(workdir, student, 'result.json'))
   assert resumed['resumed_from_step'] == killed_step > 0
   assert resumed['steps'] == total
 
   reference_dir, reference, _ = online_run
-  ref_student = checkpoint.read_json(os.path.join(reference_dir, student, 'result.json'))
+  ref_student = files.read_json(os.path.join(reference_dir, student, 'result.json'))
   assert ref_student['resumed_from_step'] == 0
   assert resumed['test_top1'] == ref_student['test_top1']
-  result = checkpoint.read_json(os.path.join(workdir, 'evaluate', 'result.json'))
+  result = files.read_json(os.path.join(workdir, 'evaluate', 'result.json'))
   assert result['variants'] == reference['variants']
-  # The last checkpoints (one epoch before the end) hold the same state, bit for bit.
-  last = total - 2
+  # The last checkpoints (the finished students, kept since issue 10) hold the same state,
+  # bit for bit.
+  last = total
   ref_checkpoints = os.path.join(reference_dir, student, 'checkpoints')
-  assert finalized_steps(checkpoints)[-1] == finalized_steps(ref_checkpoints)[-1] == last
-  jax.tree_util.tree_map(np.testing.assert_array_equal, restore_state(checkpoints, last),
-                         restore_state(ref_checkpoints, last))
+  assert (testlib.checkpoint_steps(checkpoints)[-1] ==
+          testlib.checkpoint_steps(ref_checkpoints)[-1] == last)
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         testlib.restore_checkpoint(checkpoints, last)[1],
+                         testlib.restore_checkpoint(ref_checkpoints, last)[1])
 
 
 # ----------------------------------------------------------------------------- 7. report
@@ -551,14 +499,14 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_r
 
 def test_report_has_the_variants_and_the_storage_table(stored_float32_run, online_run):
   workdir, result, _ = stored_float32_run
-  data = checkpoint.read_json(os.path.join(workdir, 'report.json'))
+  data = files.read_json(os.path.join(workdir, 'report.json'))
   variants = data['stages']['evaluate']['variants']
   assert set(variants) == {'distilled', 'random'}
   assert variants == result['variants']
   assert 'improvement_over_random' in data['dd_ranking']
   assert set(data['storage']) == {'distilled', 'random'}
   for name, s in data['storage'].items():
-    manifest = checkpoint.read_json(os.path.join(workdir, 'relabel', name, relabel.MANIFEST))
+    manifest = files.read_json(os.path.join(workdir, 'relabel', name, label_store.MANIFEST))
     assert s['label_bytes'] == manifest['bytes'] > 0
     assert s['storage'] == 'float32'
     assert s['image_bytes'] == 10 * IPC * 28 * 28
@@ -572,7 +520,7 @@ def test_report_has_the_variants_and_the_storage_table(stored_float32_run, onlin
   assert 'evaluate' in data['wall_seconds'] and 'relabel' in data['wall_seconds']
   # Online mode: the same variants, no storage table.
   online_dir = online_run[0]
-  online = checkpoint.read_json(os.path.join(online_dir, 'report.json'))
+  online = files.read_json(os.path.join(online_dir, 'report.json'))
   assert set(online['stages']['evaluate']['variants']) == {'distilled', 'random'}
   assert not online.get('storage')
   with open(os.path.join(online_dir, 'report.md')) as f:
@@ -587,14 +535,14 @@ def test_relabel_resumes_at_shard_granularity(data, stored_float32_run, tmp_path
   first = label_files(first_dir)
   workdir = copy_workdir(first_dir, tmp_path / 'w')
   directory = os.path.join(workdir, 'relabel', 'distilled')
-  manifest = checkpoint.read_json(os.path.join(directory, relabel.MANIFEST))
+  manifest = files.read_json(os.path.join(directory, label_store.MANIFEST))
   assert len(manifest['shards']) == EPOCHS // 2
   kept = {s['file']: os.stat(os.path.join(directory, s['file'])).st_mtime_ns
           for s in manifest['shards'][:-1]}
   os.remove(os.path.join(directory, manifest['shards'][-1]['file']))
   manifest['shards'] = manifest['shards'][:-1]
   del manifest['complete'], manifest['bytes']
-  checkpoint.write_json(os.path.join(directory, relabel.MANIFEST), manifest)
+  files.write_json(os.path.join(directory, label_store.MANIFEST), manifest)
 
   relabel.run(make_config(data, mode='stored', storage='float32'), workdir)
   assert label_files(workdir) == first
@@ -609,7 +557,7 @@ def test_relabel_rewrites_from_the_first_bad_shard(data, stored_float32_run, tmp
   first = label_files(first_dir)
   workdir = copy_workdir(first_dir, tmp_path / 'w')
   directory = os.path.join(workdir, 'relabel', 'distilled')
-  manifest = checkpoint.read_json(os.path.join(directory, relabel.MANIFEST))
+  manifest = files.read_json(os.path.join(directory, label_store.MANIFEST))
   with open(os.path.join(directory, manifest['shards'][1]['file']), 'r+b') as f:
     f.truncate(100)
   relabel.run(make_config(data, mode='stored', storage='float32'), workdir)

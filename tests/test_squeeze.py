@@ -2,15 +2,9 @@
 result.json contents. Runs the `smoke` Fashion-MNIST config on the real IDX files."""
 
 import functools
-import importlib.util
 import json
 import os
-import pathlib
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import ml_collections
@@ -25,24 +19,20 @@ from sre2l_jax import train_lib
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
+from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import files
+from sre2l_jax.data import batching
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_FILE = REPO / 'configs' / 'fashion_mnist_ipc10.py'
+import testlib
+
 # 8 steps/epoch (512 images, batch 64) x 3 epochs, a checkpoint every 2 steps.
 OVERRIDES = {'squeeze.epochs': 3, 'squeeze.checkpoint_every_steps': 2}
 TOTAL_STEPS = 24
 
 
-def _load_config_module():
-  spec = importlib.util.spec_from_file_location('fashion_mnist_ipc10', CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def make_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   """The smoke config with OVERRIDES, then `overrides` ('a__b' means a.b)."""
-  config = _load_config_module().get_config('smoke')
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
   config.dataset.data_dir = data_dir
   for key, value in {**OVERRIDES,
                      **{k.replace('__', '.'): v for k, v in overrides.items()}}.items():
@@ -52,13 +42,12 @@ def make_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def command(workdir, data_dir) -> list[str]:
-  return [sys.executable, '-m', 'sre2l_jax.main', f'--config={CONFIG_FILE}:smoke',
-          f'--workdir={workdir}', '--stages=squeeze', f'--config.dataset.data_dir={data_dir}'
-          ] + [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  return testlib.main_command('fashion_mnist_ipc10', workdir, stages='squeeze',
+                              overrides={'dataset.data_dir': data_dir, **OVERRIDES})
 
 
 def teacher_arrays(config, workdir) -> dict:
-  _, variables = squeeze.load_teacher(config, workdir, pipeline.create_mesh(-1))
+  _, variables = teacher_lib.load(config, workdir, batching.create_mesh(-1))
   return jax.tree_util.tree_map(np.asarray, variables)
 
 
@@ -86,35 +75,16 @@ def test_resume_after_kill_equals_uninterrupted(uninterrupted, fashion_mnist_tfd
   workdir = tmp_path / 'killed'
   ckpt_dir = workdir / 'squeeze' / 'checkpoints'
   result_path = workdir / 'squeeze' / 'result.json'
-  env = dict(os.environ)  # carries conftest's XLA_FLAGS: 8 devices like the in-process run
-  log_path = tmp_path / 'killed.log'
-  with open(log_path, 'w') as log:
-    proc = subprocess.Popen(command(workdir, fashion_mnist_tfds), cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-      deadline = time.time() + 300
-      while not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
-        assert proc.poll() is None, (f'run exited ({proc.returncode}) before its first '
-                                     f'checkpoint:\n{log_path.read_text()[-3000:]}')
-        assert time.time() < deadline, 'no checkpoint within 300 s'
-        time.sleep(0.02)
-      finished_before_kill = result_path.exists()
-      os.kill(proc.pid, signal.SIGKILL)
-      proc.wait(timeout=60)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  assert not finished_before_kill
-  assert proc.returncode == -signal.SIGKILL
+  # The subprocesses inherit conftest's XLA_FLAGS: 8 devices like the in-process run.
+  # kill_when asserts that the run died of the SIGKILL.
+  testlib.kill_when(command(workdir, fashion_mnist_tfds),
+                    lambda: testlib.checkpoint_steps(ckpt_dir), tmp_path / 'killed.log')
   assert not result_path.exists(), 'the killed run reached the end'
-  steps_at_kill = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+  steps_at_kill = testlib.checkpoint_steps(ckpt_dir)
   assert steps_at_kill and steps_at_kill[-1] < TOTAL_STEPS, steps_at_kill
 
-  resumed = subprocess.run(command(workdir, fashion_mnist_tfds), cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  result = checkpoint.read_json(result_path)
+  testlib.run_command(command(workdir, fashion_mnist_tfds))
+  result = files.read_json(result_path)
   assert 0 < result['resumed_from_step'] < TOTAL_STEPS, result
   assert result['resumed_from_step'] >= steps_at_kill[-1]
   assert result['steps'] == ref_result['steps'] == TOTAL_STEPS
@@ -129,7 +99,7 @@ def test_resume_after_kill_equals_uninterrupted(uninterrupted, fashion_mnist_tfd
 
 def test_result_json(uninterrupted):
   config, workdir, returned = uninterrupted
-  result = checkpoint.read_json(os.path.join(workdir, 'squeeze', 'result.json'))
+  result = files.read_json(os.path.join(workdir, 'squeeze', 'result.json'))
   assert result == json.loads(json.dumps(returned))
   assert result['stage'] == 'squeeze'
   assert result['dataset'] == 'fashion_mnist'
@@ -148,17 +118,17 @@ def test_result_json(uninterrupted):
 
 def _train_steps(num_devices: int, steps: int = 3):
   """Losses and final params of a few classification steps on a `num_devices` mesh."""
-  mesh = pipeline.create_mesh(num_devices)
+  mesh = batching.create_mesh(num_devices)
   spec = datasets.get_spec('fashion_mnist')
   model_config = ml_collections.ConfigDict(dict(name='convnet', width=8, depth=1))
   from sre2l_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create_model(model_config, spec.num_classes)
-  opt_config = ml_collections.ConfigDict(dict(optimizer='sgd', weight_decay=5e-4,
+  opt_config = ml_collections.ConfigDict(dict(optimizer='sgd', weight_decay=5e-4, decay_all=False,
                                               momentum=0.9, nesterov=True))
   tx = train_lib.create_optimizer(opt_config, train_lib.warmup_cosine(0.1, 10, 2))
   state = train_lib.create_train_state(model, tx, spec.image_shape, jax.random.PRNGKey(0),
                                        mesh)
-  replicated, sharded = pipeline.replicated(mesh), pipeline.data_sharding(mesh)
+  replicated, sharded = batching.replicated(mesh), batching.data_sharding(mesh)
   step = jax.jit(functools.partial(train_lib.classification_step, spec=spec,
                                    label_smoothing=0.1),
                  in_shardings=(replicated, sharded, replicated),

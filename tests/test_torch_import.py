@@ -1,8 +1,9 @@
 """Torchvision ResNet state dict -> Flax teacher: logits, BN-input statistics, CLI, errors.
 
-The PyTorch ResNet below is written independently of `sre2l_jax.models.resnet`, in
-torchvision's layout and state-dict names, so a layout mistake on either side shows up as a
-numeric mismatch rather than cancelling out.
+The PyTorch ResNet (`benchmarks.torch_reference`, the project's one PyTorch twin of the Flax
+models) is written independently of `sre2l_jax.models.resnet`, in torchvision's layout and
+state-dict names, so a layout mistake on either side shows up as a numeric mismatch rather
+than cancelling out.
 """
 
 import dataclasses
@@ -16,6 +17,9 @@ from sre2l_jax import checkpoint
 from sre2l_jax.models import create_model, iter_in_call_order, model_signature
 from sre2l_jax.models import torch_import
 from sre2l_jax.models.torch_import import StateDictError
+from sre2l_jax import teacher as teacher_lib
+
+from benchmarks import torch_reference
 
 NUM_CLASSES = 10
 BATCH = 2
@@ -25,91 +29,11 @@ CASES = {'resnet18_imagenet_64': ('resnet18', 'imagenet', 64),
          'resnet50_small_32': ('resnet50', 'small', 32)}
 
 
-class TorchBasicBlock(tnn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride, downsample):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.relu = tnn.ReLU()
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    identity = x if self.downsample is None else self.downsample(x)
-    return self.relu(out + identity)
-
-
-class TorchBottleneck(tnn.Module):
-  """torchvision's V1.5 bottleneck: the stride sits on the 3x3 conv."""
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride, downsample):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = tnn.BatchNorm2d(planes * 4)
-    self.relu = tnn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    identity = x if self.downsample is None else self.downsample(x)
-    return self.relu(out + identity)
-
-
-class TorchResNet(tnn.Module):
-  """Input NCHW; 'imagenet' stem: conv7x7/2 + maxpool3x3/2; 'small': conv3x3/1, no pool."""
-
-  def __init__(self, block, layers, num_classes, stem):
-    super().__init__()
-    if stem == 'imagenet':
-      self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
-      self.maxpool = tnn.MaxPool2d(3, 2, 1)
-    else:
-      self.conv1 = tnn.Conv2d(3, 64, 3, 1, 1, bias=False)
-      self.maxpool = tnn.Identity()
-    self.bn1 = tnn.BatchNorm2d(64)
-    self.relu = tnn.ReLU()
-    self.inplanes = 64
-    for i, blocks in enumerate(layers):
-      setattr(self, f'layer{i + 1}', self._make_layer(block, 64 * 2**i, blocks,
-                                                      1 if i == 0 else 2))
-    self.avgpool = tnn.AdaptiveAvgPool2d(1)
-    self.fc = tnn.Linear(512 * block.expansion, num_classes)
-
-  def _make_layer(self, block, planes, blocks, stride):
-    downsample = None
-    if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = tnn.Sequential(
-          tnn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-          tnn.BatchNorm2d(planes * block.expansion))
-    layers = [block(self.inplanes, planes, stride, downsample)]
-    self.inplanes = planes * block.expansion
-    layers += [block(self.inplanes, planes, 1, None) for _ in range(1, blocks)]
-    return tnn.Sequential(*layers)
-
-  def forward(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _torch_resnet(arch, stem):
+def _torch_resnet(arch, stem, size):
   """A randomised eval-mode torch ResNet; BN running statistics are non-trivial too."""
-  block, layers = {'resnet18': (TorchBasicBlock, (2, 2, 2, 2)),
-                   'resnet50': (TorchBottleneck, (3, 4, 6, 3))}[arch]
   torch.manual_seed(0)
-  model = TorchResNet(block, layers, NUM_CLASSES, stem)
+  model = torch_reference.build_model(arch, NUM_CLASSES, 3, size, width=64,
+                                      stem=stem)
   with torch.no_grad():
     for m in model.modules():
       if isinstance(m, tnn.Conv2d):
@@ -158,7 +82,7 @@ class Case:
 
 def _run_case(name, tmp_path):
   arch, stem, size = CASES[name]
-  model = _torch_resnet(arch, stem)
+  model = _torch_resnet(arch, stem, size)
   pth = str(tmp_path / f'{arch}.pth')
   torch.save(model.state_dict(), pth)
 
@@ -218,7 +142,7 @@ def test_cli_round_trip(run_case, tmp_path):
                            '--dataset', 'synthetic', '--out', str(tmp_path / 'teacher')])
   config = torch_import.model_config('resnet18', 'imagenet')
   expected = model_signature(config, NUM_CLASSES, (64, 64, 3))
-  variables, meta = checkpoint.load_teacher(
+  variables, meta = teacher_lib.read(
       out, expected, torch_import.abstract_variables('resnet18', NUM_CLASSES),
       'python -m sre2l_jax.models.torch_import')
   assert meta['dataset'] == 'synthetic' and meta['source'] == case.pth

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -47,5 +48,15 @@ def model_signature(config: ml_collections.ConfigDict, num_classes: int,
           'num_classes': int(num_classes), 'image_shape': [int(s) for s in image_shape]}
 
 
+def abstract_variables(model, image_shape, sharding=None) -> dict:
+  """{'params', 'batch_stats'} of `model` as `jax.ShapeDtypeStruct`s (nothing allocated),
+  with `sharding` attached when given (an Orbax restore target)."""
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1,) + tuple(image_shape))))
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      {k: shapes[k] for k in ('params', 'batch_stats')})
+
+
 __all__ = ['BN_INPUTS', 'ConvNet', 'MODELS', 'ResNet', 'ResNet18', 'ResNet50', 'ResNet101',
-           'create_model', 'iter_in_call_order', 'model_signature']
+           'abstract_variables', 'create_model', 'iter_in_call_order', 'model_signature']

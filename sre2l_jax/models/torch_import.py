@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from sre2l_jax import checkpoint
+from sre2l_jax import teacher
 from sre2l_jax.models import create_model, model_signature
 
 ARCHS = ('resnet18', 'resnet50', 'resnet101')
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> str:
   meta = {'signature': model_signature(model_config(args.arch, args.stem), num_classes,
                                        (args.image_size, args.image_size, 3)),
           'dataset': args.dataset, 'source': pth, 'test_top1': None}
-  checkpoint.save_teacher(args.out, variables, meta)
+  teacher.save(args.out, variables, meta)
   print(f'Wrote {args.arch} teacher ({num_classes} classes) from {pth} to '
         f'{os.path.abspath(args.out)}')
   return os.path.abspath(args.out)

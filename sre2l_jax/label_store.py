@@ -1,0 +1,223 @@
+"""Stored soft labels: the teacher's outputs on every view, compressed, in checksummed shards.
+
+A label directory holds `manifest.json` (what the labels were made for: image digest,
+schedule, view settings, storage, temperature; the shards with their SHA-256) and shards
+`labels_<first>_<last>.npz` of whole epochs. Storage is 'float32' or 'float16' logits, or
+'topk' probabilities + class indices. `StoredLabels.open` refuses labels made for other
+images or settings, and `verify` checks every shard before a student trains on them.
+"""
+
+import functools
+import hashlib
+import io
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sre2l_jax import files
+from sre2l_jax import views
+from sre2l_jax.data import batching
+
+MANIFEST = 'manifest.json'
+MODES = ('online', 'stored')
+STORAGES = ('float32', 'float16', 'topk')
+
+
+class LabelError(ValueError):
+  """Stored labels are missing, corrupted, or were made for other images or settings."""
+
+
+def label_dir(workdir: str, name: str) -> str:
+  """Where the stored labels of image set `name` live."""
+  return os.path.join(workdir, 'relabel', name)
+
+
+def validate(cfg) -> None:
+  """Clear errors for relabel settings that cannot run (cfg: the relabel config)."""
+  if cfg.mode not in MODES:
+    raise ValueError(f'relabel.mode={cfg.mode!r}; valid: {", ".join(MODES)}.')
+  views.validate(cfg)
+  if cfg.storage not in STORAGES:
+    raise ValueError(f'relabel.storage={cfg.storage!r}; valid: {", ".join(STORAGES)}.')
+  if cfg.storage == 'topk' and not 0 < cfg.topk:
+    raise ValueError(f'relabel.topk={cfg.topk} must be positive.')
+
+
+def compress(logits: np.ndarray, storage: str, topk: int, temperature: float) -> dict:
+  """Logits (..., C) float32 -> the arrays that are stored."""
+  if storage == 'float32':
+    return {'logits': logits.astype(np.float32)}
+  if storage == 'float16':
+    return {'logits': logits.astype(np.float16)}
+  if storage == 'topk':
+    probs = np.asarray(jax.nn.softmax(logits / temperature, axis=-1))
+    index = np.argsort(-probs, axis=-1)[..., :topk]
+    dtype = np.uint8 if logits.shape[-1] <= 256 else np.uint16
+    return {'topk_probs': np.take_along_axis(probs, index, -1).astype(np.float16),
+            'topk_index': index.astype(dtype)}
+  raise ValueError(f'relabel.storage={storage!r}; valid: {", ".join(STORAGES)}.')
+
+
+def targets_from_stored(stored: dict, num_classes: int, temperature: float):
+  """Stored arrays (..., k or C) -> target distributions (..., C) float32 at `temperature`.
+
+  top-k: the stored probabilities, the remaining mass spread evenly over the other classes.
+  """
+  if 'logits' in stored:
+    return jax.nn.softmax(stored['logits'].astype(jnp.float32) / temperature, axis=-1)
+  probs = stored['topk_probs'].astype(jnp.float32)
+  index = stored['topk_index'].astype(jnp.int32)
+  k = probs.shape[-1]
+  rest = jnp.clip(1.0 - probs.sum(-1, keepdims=True), 0.0, 1.0) / max(num_classes - k, 1)
+  full = jnp.broadcast_to(rest, probs.shape[:-1] + (num_classes,))
+  onehots = jax.nn.one_hot(index, num_classes)  # (..., k, C)
+  return full * (1 - onehots.sum(-2)) + jnp.einsum('...k,...kc->...c', probs, onehots)
+
+
+def sha256_file(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def images_digest(images: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
+def _write_shard(path: str, arrays: dict) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  files.atomic_write(path, buffer.getvalue())
+
+
+class StoredLabels:
+  """Reads a label directory written by `write_labels`, verifying every shard's checksum."""
+
+  def __init__(self, directory: str, manifest: dict):
+    self.directory, self.manifest = directory, manifest
+    self._cache = (None, None)
+
+  @classmethod
+  def open(cls, directory: str, images: np.ndarray, schedule: views.Schedule,
+           temperature: float, view: dict | None = None) -> 'StoredLabels':
+    """`view`: `views.view_settings` of the relabel config that will replay the views
+    (checked against the labels' when given: other crops or mixing get the wrong labels)."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+      raise LabelError(f'No stored labels at {directory}. Produce them with: python -m '
+                       f'sre2l_jax.main --config=<config> --workdir=<workdir> '
+                       f'--stages=relabel (with relabel.mode=stored).')
+    manifest = files.read_json(path)
+    problems = []
+    if manifest['images_sha256'] != images_digest(images):
+      problems.append('they were made for other images (the distilled set changed)')
+    for key, value in (('num_images', schedule.num_images),
+                       ('batch_size', schedule.batch_size), ('epochs', schedule.epochs),
+                       ('seed', schedule.seed)):
+      if manifest[key] != value:
+        problems.append(f'{key} is {manifest[key]} in the labels but {value} now')
+    for key, value in (view or {}).items():
+      if manifest['view'].get(key) != value:
+        problems.append(f'view setting {key} is {manifest["view"].get(key)!r} in the labels '
+                        f'but {value!r} now')
+    if manifest['storage'] == 'topk' and manifest['temperature'] != temperature:
+      problems.append(f'top-k labels were made at temperature {manifest["temperature"]}, '
+                      f'evaluate uses {temperature}')
+    if problems:
+      raise LabelError(f'The labels in {directory} do not match: {"; ".join(problems)}. '
+                       f'Re-run --stages=relabel on this workdir after removing {directory}.')
+    if not manifest.get('complete'):
+      raise LabelError(f'The labels in {directory} are incomplete (the relabel run did not '
+                       f'finish). Re-run --stages=relabel on this workdir: it resumes from '
+                       f'the last finished shard.')
+    return cls(directory, manifest)
+
+  def shard_for(self, epoch: int) -> dict:
+    for shard in self.manifest['shards']:
+      if shard['epochs'][0] <= epoch < shard['epochs'][1]:
+        return shard
+    raise LabelError(f'No label shard covers epoch {epoch} in {self.directory}.')
+
+  def epoch(self, epoch: int) -> dict:
+    """Stored arrays of one epoch, each (steps_per_epoch, batch, k or C)."""
+    shard = self.shard_for(epoch)
+    if self._cache[0] != shard['file']:
+      path = os.path.join(self.directory, shard['file'])
+      if not os.path.exists(path):
+        raise LabelError(f'Label shard {path} is missing. Re-run --stages=relabel after '
+                         f'removing {self.directory}.')
+      if sha256_file(path) != shard['sha256']:
+        raise LabelError(f'Label shard {path} is corrupted or truncated (SHA-256 mismatch). '
+                         f'Re-run --stages=relabel after removing {self.directory}.')
+      with np.load(path) as data:
+        self._cache = (shard['file'], {k: data[k] for k in data.files})
+    arrays = self._cache[1]
+    return {k: v[epoch - shard['epochs'][0]] for k, v in arrays.items()}
+
+
+def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, cfg, spec,
+                 teacher_logits: Callable, mesh, temperature: float) -> dict:
+  """Runs `teacher_logits(views)` on every view of the schedule and stores its outputs;
+  resumable at shard granularity (finished shards listed in the manifest are kept).
+
+  cfg: the relabel config. teacher_logits: jitted views (B, H, W, C) sharded on 'data' ->
+  logits (B, num_classes) replicated.
+  """
+  os.makedirs(directory, exist_ok=True)
+  manifest_path = os.path.join(directory, MANIFEST)
+  manifest = {'storage': cfg.storage, 'topk': cfg.topk if cfg.storage == 'topk' else None,
+              'temperature': temperature, 'num_images': schedule.num_images,
+              'batch_size': schedule.batch_size, 'epochs': schedule.epochs,
+              'steps_per_epoch': schedule.steps_per_epoch, 'seed': schedule.seed,
+              'num_classes': spec.num_classes, 'images_sha256': images_digest(images),
+              'view': views.view_settings(cfg), 'shards': []}
+  if os.path.exists(manifest_path):
+    old = files.read_json(manifest_path)
+    if {k: v for k, v in old.items() if k not in ('shards', 'complete', 'bytes')} == {
+        k: v for k, v in manifest.items() if k != 'shards'}:
+      # Keep the finished shards up to the first missing or damaged one: shards after a
+      # gap would otherwise hide it (relabel resumes after the last kept shard).
+      for s in old['shards']:
+        path = os.path.join(directory, s['file'])
+        end = manifest['shards'][-1]['epochs'][1] if manifest['shards'] else 0
+        if (s['epochs'][0] != end or not os.path.exists(path)
+            or sha256_file(path) != s['sha256']):
+          break
+        manifest['shards'].append(s)
+  done = max([s['epochs'][1] for s in manifest['shards']], default=0)
+
+  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
+  views_fn = jax.jit(functools.partial(views.batch_views, cfg=cfg, spec=spec),
+                     in_shardings=(replicated, sharded),
+                     out_shardings=(sharded, replicated, replicated))
+  per_shard = max(1, cfg.epochs_per_shard)
+  for first in range(done, schedule.epochs, per_shard):
+    last = min(schedule.epochs, first + per_shard)
+    outputs = []
+    for epoch in range(first, last):
+      epoch_outputs = []
+      for b in range(schedule.steps_per_epoch):
+        batch = jax.device_put(images[schedule.batch_indices(epoch, b)], sharded)
+        batch_views, _, _ = views_fn(schedule.view_key(epoch, b), batch)
+        epoch_outputs.append(teacher_logits(batch_views))
+      # Fetched per epoch: a whole shard of pending device results at once has crashed
+      # XLA's CPU runtime (jaxlib 0.10.2, 8 host devices).
+      outputs.append(np.stack(jax.device_get(epoch_outputs)))
+    logits = np.asarray(outputs, np.float32).reshape(
+        (last - first, schedule.steps_per_epoch, schedule.batch_size, spec.num_classes))
+    name = f'labels_{first:06d}_{last:06d}.npz'
+    path = os.path.join(directory, name)
+    if jax.process_index() == 0:
+      _write_shard(path, compress(logits, cfg.storage, cfg.topk, temperature))
+      manifest['shards'].append({'file': name, 'epochs': [first, last],
+                                 'sha256': sha256_file(path), 'bytes': os.path.getsize(path)})
+      files.write_json(manifest_path, manifest)
+  manifest['bytes'] = sum(s['bytes'] for s in manifest['shards'])
+  manifest['complete'] = True
+  files.write_json(manifest_path, manifest)
+  return manifest

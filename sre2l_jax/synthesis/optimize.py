@@ -1,0 +1,176 @@
+"""Optimising synthetic images with a synthesis method: layout, state, step, measurement.
+
+Images are laid out in groups (`group_layout`): a group holds images of different classes at
+one ipc index, the unit whose BatchNorm statistics a method matches. All groups are vmapped
+in one step and sharded over the mesh's 'data' axis, so more devices mean more groups at once
+without changing the objective. Only the images get gradients (Adam, cosine decay, clipped to
+the valid pixel range): nothing is differentiated with respect to the teacher's weights.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def group_layout(num_classes: int, ipc: int, group_size: int, num_devices: int):
+  """Assigns every synthetic image to a group.
+
+  Group g holds classes [j*B, (j+1)*B) at ipc index i, for g = i * (C/B) + j. The number of
+  groups is padded to a multiple of `num_devices`; padding groups are optimised too (they
+  are independent of the real ones) and dropped on export.
+  Returns labels (G, B) int32, uids (G, B) int32 (image ids that seed per-image randomness),
+  and the number of real groups.
+  """
+  chunks = num_classes // group_size
+  real = ipc * chunks
+  total = math.ceil(real / num_devices) * num_devices
+  g = np.arange(total)[:, None]
+  p = np.arange(group_size)[None, :]
+  labels = ((g % chunks) * group_size + p).astype(np.int32)
+  uids = (g * group_size + p).astype(np.int32)
+  return labels, uids, real
+
+
+def to_class_major(images: np.ndarray, num_classes: int, ipc: int) -> np.ndarray:
+  """Real groups (ipc * C/B, B, ...) -> (C, ipc, ...), images[c, i] of class c, ipc index i."""
+  x = images.reshape((ipc, num_classes) + images.shape[2:])
+  return np.swapaxes(x, 0, 1)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def create_optimizer(cfg) -> optax.GradientTransformation:
+  """Adam (recover.adam_b1, adam_b2) with cosine decay from recover.lr over the iterations."""
+  schedule = optax.cosine_decay_schedule(cfg.lr, cfg.iterations)
+  return optax.adam(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=1e-8)
+
+
+def pixel_bounds(spec: datasets.DatasetSpec):
+  """(low, high) per channel of valid pixels in normalised space, as device arrays."""
+  low, high = datasets.pixel_bounds(spec)
+  return jnp.asarray(low), jnp.asarray(high)
+
+
+def create_state(images, tx) -> dict:
+  """{'images': (G, B, H, W, C), 'opt_state': Adam's, 'step': ()}."""
+  return {'images': images, 'opt_state': tx.init(images), 'step': jnp.int32(0)}
+
+
+def state_shardings(tx, images_shape, mesh):
+  """Shardings of `create_state`: image-shaped leaves on 'data', the rest replicated."""
+  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
+  shapes = jax.eval_shape(lambda x: create_state(x, tx),
+                          jax.ShapeDtypeStruct(tuple(images_shape), jnp.float32))
+  return jax.tree_util.tree_map(lambda x: sharded if x.ndim == 5 else replicated, shapes)
+
+
+def abstract_state(tx, images_shape, mesh):
+  """`create_state`'s shapes with their shardings (an Orbax restore target)."""
+  shapes = jax.eval_shape(lambda x: create_state(x, tx),
+                          jax.ShapeDtypeStruct(tuple(images_shape), jnp.float32))
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+      state_shardings(tx, images_shape, mesh))
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def recover_step(state, labels, uids, rng, *, method, model, teacher, cfg, tx, bounds):
+  """One Adam step on all groups: (state, ...) -> (state, metrics averaged over groups).
+
+  state: `create_state`'s dict. method: a `synthesis` module (its `group_loss`).
+  """
+  step = state['step']
+  key = jax.random.fold_in(rng, step)
+  loss_fn = functools.partial(method.group_loss, model=model, teacher=teacher, cfg=cfg)
+
+  def total_loss(images):
+    keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(uids[:, 0])
+    losses, metrics = jax.vmap(loss_fn, in_axes=(0, 0, 0, 0, None))(
+        images, labels, uids, keys, method.min_scale_at(step, cfg))
+    # A sum, so that each group's gradient is that of its own loss alone.
+    return jnp.sum(losses), metrics
+
+  grads, metrics = jax.grad(total_loss, has_aux=True)(state['images'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['images'])
+  images = jnp.clip(optax.apply_updates(state['images'], updates), bounds[0], bounds[1])
+  metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
+  metrics['finite'] = jnp.isfinite(images).all()
+  return {'images': images, 'opt_state': opt_state, 'step': step + 1}, metrics
+
+
+def create_recover_step(method, model, cfg, tx, bounds, state_shardings_, mesh):
+  """`recover_step` jitted with the stage's shardings and the state donated.
+
+  Call as `step(state, labels, uids, rng, teacher)`. The teacher is an argument, not a
+  closed-over constant: constants would be embedded in the compiled program (slow to
+  compile and duplicated in memory for a ResNet-50).
+  """
+  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
+  return jax.jit(
+      lambda state, labels, uids, rng, teacher: recover_step(
+          state, labels, uids, rng, method=method, model=model, teacher=teacher, cfg=cfg,
+          tx=tx, bounds=bounds),
+      in_shardings=(state_shardings_, sharded, sharded, replicated, replicated),
+      out_shardings=(state_shardings_, replicated), donate_argnums=0)
+
+
+def measure(images, labels, uids, key, *, method, model, teacher, cfg):
+  """BN losses (G,) and teacher hits (G, B) of the images as they are now.
+
+  Returns (BN term of the objective on augmented views drawn from the fixed `key`, so
+  initial and final images are measured on the same views; BN loss of the un-augmented
+  images; teacher correct on the un-augmented images).
+  """
+  def one(group, group_labels, group_uids, group_key):
+    _, metrics = method.group_loss(group, group_labels, group_uids, group_key,
+                                   jnp.float32(cfg.min_scale), model=model, teacher=teacher,
+                                   cfg=cfg)
+    bn, logits = method.unaugmented_bn_loss(group, model=model, teacher=teacher, cfg=cfg)
+    return metrics['bn_loss'], bn, jnp.argmax(logits, -1) == group_labels
+  keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(uids[:, 0])
+  return jax.vmap(one)(images, labels, uids, keys)
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def initial_images(cfg, spec, labels, uids, rng, num_classes: int, train_split=None):
+  """Gaussian noise in normalised space (the reference), or real images of each class.
+
+  labels, uids: (G, B) (`group_layout` of `num_classes`). train_split: the real training split (init 'real').
+  Returns (G, B, H, W, C) float32: noise as a device array sharded like `uids`, real images
+  as host numpy.
+  """
+  shape = spec.image_shape
+  if cfg.init == 'noise':
+    noise = jax.vmap(jax.vmap(lambda u: jax.random.normal(jax.random.fold_in(rng, u), shape)))
+    # Jitted on the (sharded) uids: the set is made where it lives, never on one device.
+    return jax.jit(noise)(uids)
+  if cfg.init != 'real':
+    raise ValueError(f"recover.init={cfg.init!r}; valid: 'noise', 'real'.")
+  train_images, train_labels = train_split.arrays()
+  chosen = np.zeros(labels.shape, np.int64)
+  order = np.random.default_rng(int(jax.random.randint(rng, (), 0, 2**31 - 1)))
+  by_class = {c: order.permutation(np.flatnonzero(train_labels == c))
+              for c in range(num_classes)}
+  for g in range(labels.shape[0]):
+    ipc_index = g // (num_classes // labels.shape[1])
+    for p, c in enumerate(labels[g]):
+      pool = by_class[int(c)]
+      chosen[g, p] = pool[ipc_index % len(pool)]
+  return np.asarray(datasets.normalise(train_images[chosen], spec))
+
+

@@ -1,0 +1,121 @@
+"""The student's views: which images form each batch, and their crops, flips and mixing.
+
+The view of batch b in epoch e (which images, their crops and flips, the CutMix/MixUp
+lambda, box and partner permutation) is a pure function of (seed, e, b): nothing about crops
+is stored, and replay is exact by construction. Relabel (stored labels), evaluate and
+continual all draw their views here, so the labels always belong to the views a student sees.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sre2l_jax import rngs
+from sre2l_jax.data import augment
+from sre2l_jax.data import datasets
+
+MIXES = ('cutmix', 'mixup', 'none')
+# The relabel settings that, with the schedule, fix every view (stored with stored labels).
+VIEW_KEYS = ('min_scale', 'max_scale', 'mix', 'cutmix_alpha', 'mixup_alpha', 'mix_prob')
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Which images form batch b of epoch e. Epochs are padded by wrapping around so every
+  batch has `batch_size` images (one compiled step) and every image is seen each epoch."""
+  num_images: int
+  batch_size: int
+  epochs: int
+  seed: int
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return -(-self.num_images // self.batch_size)
+
+  @property
+  def total_steps(self) -> int:
+    return self.epochs * self.steps_per_epoch
+
+  def batch_indices(self, epoch: int, batch: int) -> np.ndarray:
+    order = rngs.numpy_rng('batch_order', self.seed, epoch).permutation(self.num_images)
+    order = np.resize(order, self.steps_per_epoch * self.batch_size)
+    return order[batch * self.batch_size:(batch + 1) * self.batch_size]
+
+  def view_key(self, epoch: int, batch: int) -> jax.Array:
+    key = rngs.stream_key(self.seed, 'views')
+    return jax.random.fold_in(jax.random.fold_in(key, epoch), batch)
+
+  def position(self, step: int) -> tuple[int, int]:
+    """(epoch, batch) of the 0-based global step `step`."""
+    return divmod(step, self.steps_per_epoch)
+
+
+def create_schedule(config: ml_collections.ConfigDict, num_images: int) -> Schedule:
+  """The evaluate/relabel schedule of a set of `num_images` images."""
+  batch = min(config.relabel.batch_size, num_images)
+  return Schedule(num_images, batch, config.relabel.epochs, config.seed)
+
+
+def view_settings(cfg: ml_collections.ConfigDict) -> dict:
+  """The relabel settings that, with the schedule, fix every view."""
+  return {k: cfg[k] for k in VIEW_KEYS}
+
+
+def cutmix_mask(key, lam, height: int, width: int):
+  """Box mask (H, W) of the CutMix region and the lambda corrected to its clipped area."""
+  k_y, k_x = jax.random.split(key)
+  cut = jnp.sqrt(1.0 - lam)
+  cut_h, cut_w = jnp.floor(height * cut), jnp.floor(width * cut)
+  cy = jax.random.randint(k_y, (), 0, height)
+  cx = jax.random.randint(k_x, (), 0, width)
+  y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
+  x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+  ys, xs = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+  mask = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+  return mask, 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+
+
+def batch_views(key, images_u8, *, cfg, spec: datasets.DatasetSpec):
+  """The augmented, mixed views of one batch.
+
+  images_u8: (B, H, W, C) uint8. cfg: the relabel config (view settings). Returns (views
+  (B, H, W, C) normalised float32, lam () float32, partner (B,) int32): view i mixes image i
+  (weight lam) with image partner[i] (weight 1 - lam), as the hard-label targets need.
+  """
+  x = datasets.normalise(images_u8, spec)
+  b, h, w = x.shape[:3]
+  k_crop, k_flip, k_lam, k_perm, k_box, k_apply = jax.random.split(key, 6)
+  scale = (cfg.min_scale, cfg.max_scale)
+  x = jax.vmap(lambda k, im: augment.random_resized_crop(k, im, (h, w), scale))(
+      jax.random.split(k_crop, b), x)
+  x = jax.vmap(augment.random_flip)(jax.random.split(k_flip, b), x)
+  partner = jax.random.permutation(k_perm, b).astype(jnp.int32)
+  apply = jax.random.uniform(k_apply) < cfg.mix_prob
+  if cfg.mix == 'cutmix':
+    lam = jax.random.beta(k_lam, cfg.cutmix_alpha, cfg.cutmix_alpha)
+    mask, lam = cutmix_mask(k_box, lam, h, w)
+    mixed = jnp.where(mask[None, :, :, None], x[partner], x)
+  elif cfg.mix == 'mixup':
+    lam = jax.random.beta(k_lam, cfg.mixup_alpha, cfg.mixup_alpha)
+    mixed = lam * x + (1 - lam) * x[partner]
+  elif cfg.mix == 'none':
+    lam, mixed = jnp.float32(1.0), x
+  else:
+    raise ValueError(f'relabel.mix={cfg.mix!r}; valid: {", ".join(MIXES)}.')
+  lam = jnp.where(apply, lam, 1.0).astype(jnp.float32)
+  return jnp.where(apply, mixed, x), lam, partner
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Clear errors for view settings that cannot run (called before any work)."""
+  if cfg.mix not in MIXES:
+    raise ValueError(f'relabel.mix={cfg.mix!r}; valid: {", ".join(MIXES)}.')
+  if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
+    raise ValueError(f'relabel needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
+                     f'{cfg.max_scale}.')
+  if cfg.epochs <= 0 or cfg.batch_size <= 0:
+    raise ValueError(f'relabel.epochs and relabel.batch_size must be positive; got '
+                     f'{cfg.epochs}, {cfg.batch_size}.')

@@ -1,0 +1,207 @@
+"""Helpers shared by the tests: config files, random teachers, kill-and-resume, running main.
+
+  load_config(name, arg)          configs/<name>.py's get_config(arg)
+  random_teacher(config, ...)     (model, variables) of config.teacher with random weights
+  write_teacher(config, workdir)  the same, saved where squeeze saves a trained one
+  main_command(name, workdir, stages=...)   argv of `python -m sre2l_jax.main`
+  run_command(command)            runs it from the repository root; asserts it succeeded
+  kill_when(command, ready, log)  starts it, SIGKILLs it as soon as ready() holds
+  checkpoint_steps(directory)     finalized Orbax steps; restore_checkpoint(directory, step)
+"""
+
+import functools
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sre2l_jax import checkpoint
+from sre2l_jax import models
+from sre2l_jax import squeeze
+from sre2l_jax.data import datasets
+from sre2l_jax import teacher as teacher_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def config_file(name: str) -> str:
+  """The path of configs/<name>.py."""
+  return os.path.join(REPO, 'configs', f'{name}.py')
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(arg) of configs/<name>.py (configs/ is not a package: loaded by path)."""
+  spec = importlib.util.spec_from_file_location(name, config_file(name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+@functools.lru_cache
+def _measure_statistics_fn(model, spec):
+  """Jitted (params, key) -> BN-input statistics of `model` on 64 random smooth images."""
+  low, high = datasets.pixel_bounds(spec)
+  height, width, channels = spec.image_shape
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + spec.image_shape), train=False))
+  init_stats = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, x.dtype),
+                                      abstract['batch_stats'])
+
+  @jax.jit
+  def measure(params, key):
+    # Random blobs: noise at a quarter of the resolution, upsampled, inside the pixel range.
+    blobs = jax.image.resize(
+        jax.random.normal(key, (64, height // 4, width // 4, channels)),
+        (64,) + spec.image_shape, 'linear')
+    blobs = jnp.clip(1.5 * blobs + 0.3, low, high)
+    _, state = model.apply({'params': params, 'batch_stats': init_stats}, blobs, train=True,
+                           mutable=['batch_stats', models.BN_INPUTS])
+    stats = {}
+    for path, x in models.iter_in_call_order(state[models.BN_INPUTS]):
+      stats[path[-1][:-len('_input')]] = {'mean': jnp.mean(x, (0, 1, 2)),
+                                          'var': jnp.var(x, (0, 1, 2))}
+    return stats
+
+  return measure
+
+
+def random_teacher(config, seed: int = 0, *, statistics: str = 'random',
+                   var_scale: float = 1.0):
+  """config.teacher for config.dataset with random weights: (model, variables).
+
+  Drawn on the host from the model's shapes (nothing compiled): kernels N(0, 1/fan_in), BN
+  scales U(0.5, 1.5), every bias N(0, 0.2). The BN running statistics are
+    'random'    means N(0, 0.5), variances U(0.2, 2): non-trivial, so that a layout or
+                normalisation slip shows; no image need reach them.
+    'measured'  those of the teacher's own BN inputs on random smooth images (as a BN
+                network holds after training on them), so that recover can approach them;
+                ConvNet-BN only (one jitted forward pass).
+  `var_scale` multiplies the first BN layer's running variances (bn0): a poisoned teacher.
+  """
+  spec = datasets.get_spec(config.dataset.name)
+  model = models.create_model(config.teacher, spec.num_classes)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + spec.image_shape), train=False))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      return rng.normal(0.0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape)
+    if name == 'scale':
+      return rng.uniform(0.5, 1.5, leaf.shape)
+    if name == 'mean':
+      return rng.normal(0.0, 0.5, leaf.shape)
+    if name == 'var':
+      return rng.uniform(0.2, 2.0, leaf.shape)
+    return rng.normal(0.0, 0.2, leaf.shape)  # conv, dense and BN biases
+
+  to_jax = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.asarray(draw(p, x), jnp.float32), tree)
+  params = to_jax(abstract['params'])
+  if statistics == 'measured':
+    stats = _measure_statistics_fn(model, spec)(params, jax.random.PRNGKey(seed))
+  elif statistics == 'random':
+    stats = to_jax(abstract['batch_stats'])
+  else:
+    raise ValueError(f"statistics={statistics!r}; valid: 'random', 'measured'.")
+  if var_scale != 1.0:
+    stats['bn0']['var'] = stats['bn0']['var'] * var_scale
+  return model, {'params': params, 'batch_stats': stats}
+
+
+def write_teacher(config, workdir: str, **kwargs):
+  """A `random_teacher(config, **kwargs)` saved as workdir's squeezed teacher: (model,
+  variables)."""
+  model, variables = random_teacher(config, **kwargs)
+  spec = datasets.get_spec(config.dataset.name)
+  teacher_lib.save(os.path.join(workdir, 'squeeze', 'teacher'), variables,
+                          teacher_lib.teacher_meta(config, spec))
+  return model, variables
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main_command(name: str, workdir, *, stages: str, arg: str = 'smoke',
+                 overrides: dict | None = None, flags=()) -> list[str]:
+  """argv of `python -m sre2l_jax.main --config=configs/<name>.py:<arg>`, with
+  --config.<key>=<value> for every item of `overrides` and the extra `flags`."""
+  config = config_file(name) + (f':{arg}' if arg else '')
+  return ([sys.executable, '-m', 'sre2l_jax.main', *flags, f'--config={config}',
+           f'--workdir={workdir}', f'--stages={stages}'] +
+          [f'--config.{k}={v}' for k, v in (overrides or {}).items()])
+
+
+def run_command(command: list[str], *, env: dict | None = None,
+                timeout_s: float = 300) -> subprocess.CompletedProcess:
+  """Runs `command` from the repository root to its end; asserts that it succeeded."""
+  completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=timeout_s, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  return completed
+
+
+def kill_when(command: list[str], ready, log_path, *, env: dict | None = None,
+              timeout_s: float = 300) -> None:
+  """Starts `command` from the repository root and SIGKILLs it as soon as `ready()` is true
+  (polled every 2 ms), e.g. once its first checkpoint is finalized.
+
+  Fails the test, with the end of the process's output (written to `log_path`), if the
+  process ends by itself first or `ready()` is still false after `timeout_s` seconds.
+  """
+  with open(log_path, 'w') as log:
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                               env=env)
+    try:
+      deadline = time.time() + timeout_s
+      while not (ready_now := ready()):
+        if process.poll() is not None or time.time() > deadline:
+          break
+        time.sleep(0.002)
+      if ready_now:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  if not ready_now:
+    with open(log_path) as f:
+      pytest.fail(f'The process ended (rc {process.returncode}) or ran {timeout_s} s before '
+                  f'it was ready to be killed:\n{f.read()[-3000:]}')
+  assert process.returncode == -signal.SIGKILL
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_steps(directory) -> list[int]:
+  """The finalized steps of an Orbax checkpoint directory (none if it does not exist)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def restore_checkpoint(directory, step: int | None = None):
+  """(step, state as numpy arrays) of a checkpoint under `directory` (the latest by default)."""
+  manager = checkpoint.create_manager(str(directory))
+  step = step or manager.latest_step()
+  state = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return step, jax.tree_util.tree_map(np.asarray, state)
