@@ -32,15 +32,13 @@ def get_config(arg=None):
                     log_every_steps=100)
 
   if arg.smoke:
-    c.dataset.update(train_limit=512, test_limit=256)
-    c.teacher.width = c.student.width = 8
-    c.squeeze.update(epochs=1, batch_size=64, eval_batch_size=128,
-                     checkpoint_every_steps=4, log_every_steps=4)
-    # ipc 1: 100 images in 4 groups of 25 (padded to 8 groups on 8 devices).
-    c.recover.update(ipc=1, batch_size=25, iterations=4, checkpoint_every_steps=2,
-                     log_every_steps=2)
-    c.relabel.update(epochs=2, batch_size=40)
-    # 512 training images need not hold every class: no random-subset baseline.
-    c.evaluate.update(eval_batch_size=128, log_every_steps=4,
-                      checkpoint_every_epochs=1, baselines=())
+    config_lib.smoke(
+        c, width=8, every=4, dataset=dict(train_limit=512, test_limit=256),
+        squeeze=dict(epochs=1, batch_size=64, eval_batch_size=128),
+        # ipc 1: 100 images in 4 groups of 25 (padded to 8 groups on 8 devices).
+        recover=dict(ipc=1, batch_size=25, iterations=4, checkpoint_every_steps=2,
+                     log_every_steps=2),
+        relabel=dict(epochs=2, batch_size=40),
+        # 512 training images need not hold every class: no random-subset baseline.
+        evaluate=dict(eval_batch_size=128, baselines=()))
   return c

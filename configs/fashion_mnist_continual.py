@@ -5,24 +5,16 @@ squeeze, recover and continual. Arguments: `smoke`, `ipc=N` (as fashion_mnist_ip
 `steps=N` (a divisor of the 10 classes).
 """
 
-import importlib.util
 import os
 
 from sre2l_jax import config_lib
 
 
-def _ipc10_config(arg: str):
-  """get_config of fashion_mnist_ipc10.py, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fashion_mnist_ipc10.py')
-  spec = importlib.util.spec_from_file_location('fashion_mnist_ipc10', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, smoke=False, ipc=10, steps=5)
-  c = _ipc10_config(','.join((['smoke'] if arg.smoke else []) + [f'ipc={arg.ipc}']))
+  c = config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fashion_mnist_ipc10.py'),
+      ','.join((['smoke'] if arg.smoke else []) + [f'ipc={arg.ipc}']))
   c.stages = ('squeeze', 'recover', 'continual')
   c.continual.update(steps=arg.steps, epochs_per_step=100, sets=('distilled', 'random'))
   if arg.smoke:

@@ -29,12 +29,10 @@ def get_config(arg=None):
   c.evaluate.update(lr=2e-3, temperature=4.0, seeds=arg.seeds)
 
   if arg.smoke:
-    c.dataset.update(train_limit=512, test_limit=256)
-    c.teacher.width = c.student.width = 16
-    c.squeeze.update(epochs=2, batch_size=64, eval_batch_size=128,
-                     checkpoint_every_steps=4, log_every_steps=4)
-    c.recover.update(iterations=8, checkpoint_every_steps=4, log_every_steps=4)
-    c.relabel.update(epochs=4, batch_size=16, epochs_per_shard=2)
-    c.evaluate.update(eval_batch_size=128, seeds=1, log_every_steps=4,
-                      checkpoint_every_epochs=2)
+    config_lib.smoke(
+        c, width=16, every=4, dataset=dict(train_limit=512, test_limit=256),
+        squeeze=dict(epochs=2, batch_size=64, eval_batch_size=128),
+        recover=dict(iterations=8),
+        relabel=dict(epochs=4, batch_size=16, epochs_per_shard=2),
+        evaluate=dict(eval_batch_size=128, seeds=1, checkpoint_every_epochs=2))
   return c

@@ -34,13 +34,11 @@ def get_config(arg=None):
   if arg.smoke:
     # The random baseline needs images of every class, and the train split is stored class
     # by class: no train_limit (on mock data the mock's size decides).
-    c.dataset.update(train_limit=0, test_limit=400)
-    c.teacher.update(name='convnet', width=8, depth=3)
-    c.student.update(name='convnet', width=8, depth=3)
-    c.squeeze.update(epochs=1, batch_size=64, eval_batch_size=200, warmup_epochs=0.0,
-                     checkpoint_every_steps=4, log_every_steps=4)
-    c.recover.update(ipc=1, iterations=4, checkpoint_every_steps=2, log_every_steps=2)
-    c.relabel.update(batch_size=40, epochs=2, epochs_per_shard=1)
-    c.evaluate.update(eval_batch_size=200, log_every_steps=4, checkpoint_every_epochs=1)
-    c.continual.epochs_per_step = 1
+    config_lib.smoke(
+        c, width=8, every=4, dataset=dict(train_limit=0, test_limit=400),
+        teacher=dict(name='convnet', depth=3), student=dict(name='convnet', depth=3),
+        squeeze=dict(epochs=1, batch_size=64, eval_batch_size=200, warmup_epochs=0.0),
+        recover=dict(ipc=1, iterations=4, checkpoint_every_steps=2, log_every_steps=2),
+        relabel=dict(batch_size=40, epochs=2, epochs_per_shard=1),
+        evaluate=dict(eval_batch_size=200), continual=dict(epochs_per_step=1))
   return c

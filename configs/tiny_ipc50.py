@@ -29,22 +29,18 @@ def get_config(arg=None):
   c.relabel.update(mode='online', epochs=100, batch_size=256, min_scale=0.08, max_scale=1.0,
                    mix='cutmix')
   # SGD students: create_optimizer('sgd') reads momentum and nesterov too.
-  c.evaluate.update(optimizer='sgd', lr=0.2, weight_decay=1e-4, temperature=20.0,
-                    seeds=arg.seeds, eval_batch_size=1024, checkpoint_every_epochs=10,
-                    log_every_steps=100)
-  c.evaluate.momentum = 0.9
-  c.evaluate.nesterov = False
+  c.evaluate.update(optimizer='sgd', lr=0.2, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                    temperature=20.0, seeds=arg.seeds, eval_batch_size=1024,
+                    checkpoint_every_epochs=10, log_every_steps=100)
 
   if arg.smoke:
-    c.dataset.update(train_limit=512, test_limit=256)
-    c.teacher.width = c.student.width = 8
-    c.squeeze.update(epochs=1, batch_size=64, warmup_epochs=0.5, eval_batch_size=128,
-                     checkpoint_every_steps=4, log_every_steps=4)
-    # ipc 1: 200 images in 8 groups of 25 (one per device on 8 devices).
-    c.recover.update(ipc=1, batch_size=25, iterations=4, checkpoint_every_steps=2,
-                     log_every_steps=2)
-    c.relabel.update(epochs=2, batch_size=40)
-    # The first 512 training images hold a few classes only: no random-subset baseline.
-    c.evaluate.update(eval_batch_size=128, log_every_steps=4,
-                      checkpoint_every_epochs=1, baselines=())
+    # ipc 1: 200 images in 8 groups of 25 (one per device on 8 devices). The first 512
+    # training images hold a few classes only: no random-subset baseline.
+    config_lib.smoke(
+        c, width=8, every=4, dataset=dict(train_limit=512, test_limit=256),
+        squeeze=dict(epochs=1, batch_size=64, warmup_epochs=0.5, eval_batch_size=128),
+        recover=dict(ipc=1, batch_size=25, iterations=4, checkpoint_every_steps=2,
+                     log_every_steps=2),
+        relabel=dict(epochs=2, batch_size=40),
+        evaluate=dict(eval_batch_size=128, baselines=()))
   return c

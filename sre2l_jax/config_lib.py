@@ -51,13 +51,13 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 def smoke(c: ml_collections.ConfigDict, *, width: int = 8, every: int = 4,
           **sections: dict) -> ml_collections.ConfigDict:
-  """Shrinks `c` for tests and laptops: teacher and student of `width`, one student seed,
-  logs and checkpoints every `every` steps (students: every epoch), then the per-section
-  overrides, e.g. `smoke(c, recover=dict(ipc=1, iterations=4))`."""
+  """Shrinks `c` for tests and laptops: teacher and student of `width`, logs and checkpoints
+  every `every` steps (students: every epoch), then the per-section overrides, e.g.
+  `smoke(c, recover=dict(ipc=1, iterations=4))`."""
   c.teacher.width = c.student.width = width
   c.squeeze.update(checkpoint_every_steps=every, log_every_steps=every)
   c.recover.update(checkpoint_every_steps=every, log_every_steps=every)
-  c.evaluate.update(seeds=1, log_every_steps=every, checkpoint_every_epochs=1)
+  c.evaluate.update(log_every_steps=every, checkpoint_every_epochs=1)
   for section, values in sections.items():
     c[section].update(values)
   return c

@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from sre2l_jax import files
 from sre2l_jax.data import builders
 
 
@@ -21,8 +22,7 @@ def write_tfds(directory: str, images: np.ndarray, labels: np.ndarray,
   builder = builders.DistilledImages(images=images, labels=labels, num_classes=num_classes,
                                      data_dir=tmp, file_format='array_record')
   builder.download_and_prepare()
-  shutil.rmtree(directory, ignore_errors=True)
-  os.replace(tmp, directory)
+  files.replace_dir(tmp, directory)
   return tfds_dataset_dir(directory)
 
 
@@ -56,8 +56,7 @@ def write_image_folder(directory: str, images: np.ndarray) -> None:
     os.makedirs(folder)
     for ipc, image in enumerate(per_class):
       _to_pil(image).save(os.path.join(folder, f'class{cls:03d}_id{ipc:03d}.png'))
-  shutil.rmtree(directory, ignore_errors=True)
-  os.replace(tmp, directory)
+  files.replace_dir(tmp, directory)
 
 
 def write_grid(path: str, images: np.ndarray, max_classes: int = 100,

@@ -106,6 +106,5 @@ def write(config, workdir: str) -> dict:
   data['workdir'] = os.path.abspath(workdir)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'report.json'), data)
-    with open(os.path.join(workdir, 'report.md'), 'w') as f:
-      f.write(to_markdown(data))
+    files.atomic_write(os.path.join(workdir, 'report.md'), to_markdown(data))
   return data
