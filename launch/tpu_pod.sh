@@ -1,96 +1,372 @@
 #!/usr/bin/env bash
-# Runs an experiment on a Cloud TPU VM pod slice: every worker runs the same
-# `python -m sre2l_jax.main ... --distributed`; JAX finds the other workers by itself.
+# Runs an experiment on a Cloud TPU VM slice, from your machine (with gcloud authenticated):
+# every worker runs the same `python -m sre2l_jax.main ... --distributed`, detached from the
+# ssh session, and JAX finds the other workers by itself.
 #
-# Usage (from the repository root, with gcloud authenticated and a GCS bucket you own):
-#   PROJECT=my-project BUCKET=my-bucket bash launch/tpu_pod.sh [create|setup|mount|run|delete|all]
-# Every variable below can be overridden from the environment. `all` (the default) creates
-# the slice, copies the code, installs it, mounts the bucket and runs the experiment;
-# re-running `run` resumes every stage from its last checkpoint.
+#   PROJECT=my-project BUCKET=my-bucket bash launch/tpu_pod.sh [STEP...]      (default: all)
 #
-# Storage: all workers write one checkpoint together and read what worker 0 exported, so
-# the workdir must be one filesystem they all see. The stages write with POSIX file calls,
-# so the bucket is mounted with gcsfuse at MOUNT on every worker and WORKDIR lives there
-# (a gs:// URL as --workdir is not supported). ImageNet: the TFDS ArrayRecord files under
-# DATA_DIR, or the two ILSVRC2012 tars under MANUAL_DIR, from which worker 0 prepares them
-# once (hours; better done once on a large CPU VM with the same DATA_DIR).
+# Steps (several may be given, run in order):
+#   check    what `all` checks before creating anything: ImageNet in the bucket (prepared, or
+#            the two ILSVRC2012 tars), so a slice never bills while waiting for missing data
+#   create   creates the slice (QUEUED=1: a queued resource, waited for until ACTIVE; SPOT=1:
+#            Spot VMs, about 60-90% cheaper, preemptible); the runtime image follows from
+#            ACCELERATOR (v4, v5e = v5litepod, v5p, v6e)
+#   setup    copies the tracked files of this checkout to every worker, creates a Python 3.12
+#            virtual environment there with the package and jax[tpu], mounts the bucket with
+#            gcsfuse (metadata caches off) and prints the device count
+#   mount    mounts the bucket again (after a maintenance restart or a reboot)
+#   data     prepares ImageNet in the bucket once, on worker 0 (hours; skipped when prepared)
+#   run      checks the mount on every worker, then starts training detached on every worker
+#            (re-running resumes every stage; a run still alive is not started twice)
+#   wait     waits for the run to end on every worker, then copies the logs back
+#   status   the slice's state and health, and per worker: job state, mount, last log lines
+#   logs     copies every worker's log to LOG_DIR/worker-<i>.log
+#   delete   deletes the slice (or the queued resource with its slice)
+#   all      check, create, setup, data, run, wait, logs, delete (KEEP=1 keeps the slice)
+# Cost safety: while create, setup, data or run fail (or are interrupted with Ctrl-C) the slice
+# is deleted again unless KEEP=1. Interrupting `wait` leaves the run going and the slice up
+# (it says how to wait again or delete). DRY_RUN=1 prints every command instead of running it.
+#
+# Storage: all workers write one checkpoint together and read what worker 0 exported, so the
+# workdir is in the bucket, mounted with gcsfuse at MOUNT on every worker. ImageNet: TFDS
+# ArrayRecord files under DATA_DIR, prepared once from the tars in MANUAL_DIR
+# (gs://BUCKET/tensorflow_datasets/downloads/manual/ILSVRC2012_img_{train,val}.tar by default).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 PROJECT="${PROJECT:?set PROJECT to your Google Cloud project}"
-BUCKET="${BUCKET:?set BUCKET to a GCS bucket name (no gs://)}"
-ZONE="${ZONE:-us-central2-b}"
+BUCKET="${BUCKET:?set BUCKET to a GCS bucket name (no gs://) in the region of the slice}"
+ACCELERATOR="${ACCELERATOR:-v4-32}"           # v4-32: 16 chips on 4 workers
 TPU_NAME="${TPU_NAME:-sre2l-pod}"
-ACCELERATOR="${ACCELERATOR:-v4-32}"           # 16 chips on 4 workers
-RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"
+SPOT="${SPOT:-0}"                             # 1: Spot VMs (preemptible, much cheaper)
+QUEUED="${QUEUED:-0}"                         # 1: request through a queued resource
+QUEUED_RESOURCE="${QUEUED_RESOURCE:-${TPU_NAME}-qr}"
+VALID_FOR="${VALID_FOR:-}"                    # queued: give up after e.g. 6h if not provisioned
+KEEP="${KEEP:-0}"                             # 1: never delete the slice automatically
+DRY_RUN="${DRY_RUN:-0}"                       # 1: print the commands, run nothing
+POLL_SECONDS="${POLL_SECONDS:-60}"
 CONFIG="${CONFIG:-configs/in1k_ipc50.py}"
-EXPERIMENT="${EXPERIMENT:-in1k_ipc50}"
+EXPERIMENT="${EXPERIMENT:-in1k_ipc50}"        # names the workdir, the job and the logs
 MOUNT="${MOUNT:-/mnt/${BUCKET}}"              # gcsfuse mount point of gs://BUCKET on every worker
 WORKDIR="${WORKDIR:-${MOUNT}/sre2l/${EXPERIMENT}}"
-DATA_DIR="${DATA_DIR:-${MOUNT}/tensorflow_datasets}"
-MANUAL_DIR="${MANUAL_DIR:-}"                  # folder with the ILSVRC2012 tars, if not prepared
+DATA_PATH="${DATA_PATH:-tensorflow_datasets}"  # in the bucket
+MANUAL_PATH="${MANUAL_PATH:-${DATA_PATH}/downloads/manual}"
+PREPARE_DATA="${PREPARE_DATA:-1}"             # 0: the config reads no ImageNet
 TEACHER_DIR="${TEACHER_DIR:-}"                # an imported PyTorch teacher (skips squeeze)
 STAGES="${STAGES:-}"                          # e.g. recover,relabel,evaluate ('' = config's)
+EXTRA_ARGS="${EXTRA_ARGS:-}"                  # more main.py flags, e.g. --config.seed=1
+PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
 REMOTE_DIR="${REMOTE_DIR:-sre2l_jax}"         # code location in each worker's home
-STEP="${1:-all}"
+LOG_DIR="${LOG_DIR:-runs/${TPU_NAME}/logs}"   # where `logs` copies the workers' logs to
 
-tpu() {
-  gcloud compute tpus tpu-vm "$@" --project="${PROJECT}" --zone="${ZONE}"
+runtime_for() {
+  # The software version the Cloud TPU docs name for JAX on each generation.
+  case "$1" in
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v4-*|v3-*|v2-*) echo tpu-ubuntu2204-base ;;
+    *) echo "tpu_pod.sh: unknown accelerator type ${1}; set RUNTIME." >&2; return 1 ;;
+  esac
+}
+RUNTIME="${RUNTIME:-$(runtime_for "${ACCELERATOR}")}"
+case "${ACCELERATOR}" in
+  v4-*) ZONE="${ZONE:-us-central2-b}" ;;
+  *) ZONE="${ZONE:?set ZONE to a zone that offers ${ACCELERATOR}, see Cloud TPU regions and zones}" ;;
+esac
+
+x() {
+  # Runs a command, or prints it (shell-quoted) with DRY_RUN=1.
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    printf '+'; printf ' %q' "$@"; printf '\n'
+  else
+    "$@"
+  fi
 }
 
-on_all_workers() {
-  tpu ssh "${TPU_NAME}" --worker=all --command="$1"
+tpu() { x gcloud compute tpus tpu-vm "$@" --project="${PROJECT}" --zone="${ZONE}"; }
+queued() { x gcloud compute tpus queued-resources "$@" --project="${PROJECT}" --zone="${ZONE}"; }
+
+worker() {
+  # worker WORKERS ACTION ARGS...: launch/tpu_worker.sh ACTION on WORKERS ('all' or an index).
+  local workers="$1"
+  shift
+  local command
+  command="$(printf 'cd %q && BUCKET=%q MOUNT=%q DATA_DIR=%q MANUAL_DIR=%q PYTHON_VERSION=%q' \
+    "${REMOTE_DIR}" "${BUCKET}" "${MOUNT}" "${MOUNT}/${DATA_PATH}" "${MOUNT}/${MANUAL_PATH}" \
+    "${PYTHON_VERSION}")"
+  command+="$(printf ' %q' bash launch/tpu_worker.sh "$@")"
+  tpu ssh "${TPU_NAME}" --worker="${workers}" --command="${command}"
+}
+
+# ------------------------------------------------------------------------- cost safety
+ARMED=0  # 1 while a failure or Ctrl-C should delete the slice (create, setup, data, run)
+STARTED=0  # 1 once a job (data or training) was started: its logs are worth copying back
+on_exit() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if (( rc != 0 && ARMED )); then
+    if [[ "${KEEP}" == 1 ]]; then
+      echo "tpu_pod.sh: failed (exit ${rc}); KEEP=1, so ${TPU_NAME} is kept and still BILLING." \
+           "Delete it with: PROJECT=${PROJECT} BUCKET=${BUCKET} ZONE=${ZONE} QUEUED=${QUEUED}" \
+           "bash launch/tpu_pod.sh delete" >&2
+    else
+      echo "tpu_pod.sh: failed (exit ${rc}): copying the logs back and deleting ${TPU_NAME}" \
+           "so that it stops billing (KEEP=1 keeps it)." >&2
+      if (( STARTED )); then copy_logs || true; fi
+      delete || echo "tpu_pod.sh: DELETING ${TPU_NAME} FAILED: delete it by hand" \
+                     "(gcloud compute tpus tpu-vm list --zone=${ZONE})." >&2
+    fi
+  fi
+  exit "${rc}"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------------------- steps
+quiet() {
+  # Runs a command for its exit status only (DRY_RUN=1 prints it).
+  if [[ "${DRY_RUN}" == 1 ]]; then x "$@"; else "$@" >/dev/null 2>&1; fi
+}
+
+check() {
+  # ImageNet in the bucket: prepared ArrayRecord files, or the two tars to prepare them from.
+  if [[ "${PREPARE_DATA}" != 1 ]]; then return 0; fi
+  if quiet gcloud storage ls "gs://${BUCKET}/${DATA_PATH}/imagenet2012/*/dataset_info.json"; then
+    echo "tpu_pod.sh: ImageNet is prepared in gs://${BUCKET}/${DATA_PATH}."
+  elif quiet gcloud storage ls "gs://${BUCKET}/${MANUAL_PATH}/ILSVRC2012_img_train.tar" \
+      "gs://${BUCKET}/${MANUAL_PATH}/ILSVRC2012_img_val.tar"; then
+    echo "tpu_pod.sh: the ILSVRC2012 tars are in gs://${BUCKET}/${MANUAL_PATH};" \
+         "the data step prepares them (hours, once)."
+  else
+    echo "tpu_pod.sh: no ImageNet in gs://${BUCKET}: upload ILSVRC2012_img_train.tar and" \
+         "ILSVRC2012_img_val.tar to gs://${BUCKET}/${MANUAL_PATH}/ (or set PREPARE_DATA=0 for" \
+         "a config that reads no ImageNet). Nothing was created." >&2
+    return 1
+  fi
+}
+
+exists() {
+  # Whether the slice (queued: or its request) exists; never in a dry run.
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    x gcloud compute tpus tpu-vm describe "${TPU_NAME}" --format='value(name)' \
+      --project="${PROJECT}" --zone="${ZONE}"
+    return 1
+  fi
+  gcloud compute tpus tpu-vm describe "${TPU_NAME}" --format='value(name)' \
+    --project="${PROJECT}" --zone="${ZONE}" >/dev/null 2>&1 ||
+    { [[ "${QUEUED}" == 1 ]] && gcloud compute tpus queued-resources describe \
+        "${QUEUED_RESOURCE}" --format='value(name)' --project="${PROJECT}" --zone="${ZONE}" \
+        >/dev/null 2>&1; }
 }
 
 create() {
-  tpu create "${TPU_NAME}" --accelerator-type="${ACCELERATOR}" --version="${RUNTIME}"
+  # A slice of the same name may run someone's job: never create over it (and so never
+  # delete it when the create fails).
+  if exists; then
+    echo "tpu_pod.sh: ${TPU_NAME} exists already in ${ZONE}: not creating it (continue with" \
+         "'setup' or 'run', or 'delete' it first)." >&2
+    return 1
+  fi
+  ARMED=1  # a slice half-created (e.g. a queued request that failed) is deleted again
+  local spot=()
+  if [[ "${SPOT}" == 1 ]]; then spot=(--spot); fi
+  if [[ "${QUEUED}" == 1 ]]; then
+    local valid=()
+    if [[ -n "${VALID_FOR}" ]]; then valid=(--valid-until-duration="${VALID_FOR}"); fi
+    queued create "${QUEUED_RESOURCE}" --node-id="${TPU_NAME}" \
+      --accelerator-type="${ACCELERATOR}" --runtime-version="${RUNTIME}" "${spot[@]}" \
+      "${valid[@]}"
+    # Waiting in the queue costs nothing; the slice bills from ACTIVE on.
+    local state=""
+    while [[ "${DRY_RUN}" != 1 ]]; do
+      state="$(queued describe "${QUEUED_RESOURCE}" --format='value(state.state)')"
+      echo "tpu_pod.sh: queued resource ${QUEUED_RESOURCE}: ${state}"
+      case "${state}" in
+        ACTIVE) break ;;
+        FAILED|SUSPENDING|SUSPENDED) return 1 ;;
+      esac
+      sleep "${POLL_SECONDS}"
+    done
+  else
+    tpu create "${TPU_NAME}" --accelerator-type="${ACCELERATOR}" --version="${RUNTIME}" \
+      "${spot[@]}"
+  fi
 }
 
 setup() {
-  # Copy the tracked files of the working tree to every worker, then install them there.
-  local archive
-  archive="$(mktemp -t sre2l_code.XXXXXX).tar.gz"
-  git ls-files -z | tar --null -czf "${archive}" -T -
+  ARMED=1
+  # The tracked files of this checkout (with their working-tree contents), to every worker.
+  local tmp archive
+  tmp="$(mktemp -d)"
+  archive="${tmp}/sre2l_code.tar.gz"
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    echo "+ git ls-files -z | tar --null -czf ${archive} -T -"
+  else
+    git ls-files -z | tar --null -czf "${archive}" -T -
+  fi
   tpu scp "${archive}" "${TPU_NAME}:sre2l_code.tar.gz" --worker=all
-  rm -f "${archive}"
-  on_all_workers "mkdir -p ${REMOTE_DIR} && tar -xzf sre2l_code.tar.gz -C ${REMOTE_DIR} && \
-    cd ${REMOTE_DIR} && pip install -q -U pip && pip install -q -e . && \
-    pip install -q -U 'jax[tpu]' && python -c 'import jax; print(jax.device_count())'"
-  mount_bucket
+  rm -rf "${tmp}"
+  tpu ssh "${TPU_NAME}" --worker=all --command="rm -rf ${REMOTE_DIR} && mkdir -p ${REMOTE_DIR} \
+&& tar -xzf sre2l_code.tar.gz -C ${REMOTE_DIR}"
+  worker all install
+  worker all mount
+  worker all devices  # every worker at once: JAX joins them into one slice
 }
 
-mount_bucket() {
-  # gcsfuse from Google's apt repository; directory renames are what Orbax commits with.
-  on_all_workers "set -e; if ! command -v gcsfuse >/dev/null; then \
-    echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | \
-      sudo tee /etc/apt/sources.list.d/gcsfuse.list && \
-    curl -fsS https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && \
-    sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; fi; \
-    sudo mkdir -p ${MOUNT} && sudo chown \$(id -u):\$(id -g) ${MOUNT}; \
-    mountpoint -q ${MOUNT} || gcsfuse --implicit-dirs --rename-dir-limit=1000000 \
-      ${BUCKET} ${MOUNT}"
+mount_bucket() { worker all mount; }
+
+data() {
+  if [[ "${PREPARE_DATA}" != 1 ]]; then return 0; fi
+  echo "tpu_pod.sh: preparing ImageNet on worker 0 if needed (single process, hours; the" \
+       "whole slice bills meanwhile: a v4-8 slice or any VM with the bucket mounted is cheaper)."
+  STARTED=1
+  worker 0 data
+  wait_or_keep data 0
 }
 
 run() {
-  local args="--config=${CONFIG} --workdir=${WORKDIR} --distributed \
-    --config.dataset.data_dir=${DATA_DIR}"
-  if [[ -n "${MANUAL_DIR}" ]]; then args+=" --config.dataset.manual_dir=${MANUAL_DIR}"; fi
-  if [[ -n "${TEACHER_DIR}" ]]; then args+=" --config.squeeze.teacher_dir=${TEACHER_DIR}"; fi
-  if [[ -n "${STAGES}" ]]; then args+=" --stages=${STAGES}"; fi
-  # Re-running the same command resumes every stage from its last checkpoint.
-  on_all_workers "set -o pipefail; cd ${REMOTE_DIR} && python -m sre2l_jax.main ${args} 2>&1 | \
-    tee -a ~/sre2l_${EXPERIMENT}.log"
+  local args=(--config="${CONFIG}" --workdir="${WORKDIR}" --distributed
+              --config.dataset.data_dir="${MOUNT}/${DATA_PATH}"
+              --config.dataset.manual_dir="${MOUNT}/${MANUAL_PATH}")
+  if [[ -n "${TEACHER_DIR}" ]]; then args+=(--config.squeeze.teacher_dir="${TEACHER_DIR}"); fi
+  if [[ -n "${STAGES}" ]]; then args+=(--stages="${STAGES}"); fi
+  if [[ -n "${EXTRA_ARGS}" ]]; then read -r -a extra <<< "${EXTRA_ARGS}"; args+=("${extra[@]}"); fi
+  # One command per worker: the mount check, then the detached start (see tpu_worker.sh).
+  STARTED=1
+  worker all train "${EXPERIMENT}" "${args[@]}"
+}
+
+wait_job() {
+  # wait_job NAME WORKERS: polls until job NAME runs on none of WORKERS. Returns 0 when it
+  # ended well everywhere, 1 when it failed on a worker, 2 when the workers stopped answering.
+  local name="$1" workers="$2" out running misses=0
+  while true; do
+    if ! out="$(worker "${workers}" state "${name}")"; then
+      misses=$((misses + 1))
+      if (( misses >= 10 )); then return 2; fi
+      echo "tpu_pod.sh: no answer from the workers (${misses}/10); asking again." >&2
+      sleep "${POLL_SECONDS}"
+      continue
+    fi
+    if [[ "${DRY_RUN}" == 1 ]]; then echo "${out}"; return 0; fi
+    if ! grep -q 'state=' <<< "${out}"; then  # answered, but not what tpu_worker.sh prints
+      misses=$((misses + 1))
+      if (( misses >= 10 )); then return 2; fi
+      sleep "${POLL_SECONDS}"
+      continue
+    fi
+    misses=0
+    running="$(grep -c 'state=running' <<< "${out}" || true)"
+    if (( running == 0 )); then break; fi
+    echo "tpu_pod.sh: $(date -u '+%H:%M') ${name}: running on ${running} worker(s)"
+    sleep "${POLL_SECONDS}"
+  done
+  grep '^sre2l-job' <<< "${out}" || true
+  if grep -q 'state=\(failed\|absent\)' <<< "${out}" || ! grep -q 'state=done' <<< "${out}"; then
+    echo "tpu_pod.sh: ${name} failed on a worker (its log: bash launch/tpu_pod.sh logs)." >&2
+    return 1
+  fi
+}
+
+wait_or_keep() {
+  # wait_job, except that unreachable workers stop the script without deleting anything.
+  local rc=0
+  wait_job "$@" || rc=$?
+  if (( rc == 2 )); then
+    ARMED=0
+    echo "tpu_pod.sh: the workers of ${TPU_NAME} do not answer; nothing was deleted and it may" \
+         "still be BILLING. Look: bash launch/tpu_pod.sh status. Stop: bash launch/tpu_pod.sh" \
+         "delete." >&2
+    exit 1
+  fi
+  return "${rc}"
+}
+
+wait_run() {
+  ARMED=0  # Ctrl-C here leaves the run going
+  trap 'echo; echo "tpu_pod.sh: stopped waiting; ${EXPERIMENT} keeps running on ${TPU_NAME}," \
+"which keeps BILLING. Wait again: bash launch/tpu_pod.sh wait. Stop: bash launch/tpu_pod.sh" \
+"delete." >&2; exit 130' INT
+  if ! wait_or_keep "${EXPERIMENT}" all; then
+    ARMED=1  # a failed run: logs back, then the slice goes (unless KEEP=1)
+    return 1
+  fi
+  trap 'exit 130' INT
+  copy_logs
+}
+
+status() {
+  # What can be known: the request, the slice, then each worker (a missing one is said so).
+  if [[ "${QUEUED}" == 1 ]]; then
+    queued describe "${QUEUED_RESOURCE}" --format='value(state.state)' ||
+      echo "tpu_pod.sh: no queued resource ${QUEUED_RESOURCE}"
+  fi
+  tpu describe "${TPU_NAME}" --format='value(state,health,acceleratorType)' ||
+    { echo "tpu_pod.sh: no slice ${TPU_NAME} in ${ZONE}"; return 0; }
+  worker all status "${EXPERIMENT}" || echo "tpu_pod.sh: not every worker answered"
+}
+
+copy_logs() {
+  # Every worker's job log to LOG_DIR/worker-<i>.log (they are lost with the slice). Never
+  # fails: a missing log must not stop the delete that follows.
+  local count="${NUM_WORKERS:-}" i
+  if [[ -z "${count}" && "${DRY_RUN}" == 1 ]]; then
+    tpu describe "${TPU_NAME}" --format='value(networkEndpoints.len())'
+    count=1
+  elif [[ -z "${count}" ]]; then
+    count="$(tpu describe "${TPU_NAME}" --format='value(networkEndpoints.len())' || true)"
+    if [[ ! "${count}" =~ ^[0-9]+$ ]]; then count=1; fi
+  fi
+  x mkdir -p "${LOG_DIR}"
+  for ((i = 0; i < count; i++)); do
+    tpu scp "${TPU_NAME}:sre2l_jobs/${EXPERIMENT}/log" "${LOG_DIR}/worker-${i}.log" \
+      --worker="${i}" || echo "tpu_pod.sh: no log from worker ${i}" >&2
+  done
+  echo "tpu_pod.sh: logs in ${LOG_DIR}/"
 }
 
 delete() {
-  tpu delete "${TPU_NAME}" --quiet
+  if [[ "${QUEUED}" == 1 ]]; then
+    queued delete "${QUEUED_RESOURCE}" --force --quiet  # --force: its slice first
+  else
+    tpu delete "${TPU_NAME}" --quiet
+  fi
+  ARMED=0
+  echo "tpu_pod.sh: deleted ${TPU_NAME}."
 }
 
-case "${STEP}" in
-  create) create ;;
-  setup) setup ;;
-  mount) mount_bucket ;;
-  run) run ;;
-  delete) delete ;;
-  all) create; setup; run ;;
-  *) echo "usage: $0 [create|setup|mount|run|delete|all]" >&2; exit 2 ;;
-esac
+all() {
+  check
+  create
+  setup
+  data
+  run
+  wait_run
+  if [[ "${KEEP}" == 1 ]]; then
+    echo "tpu_pod.sh: KEEP=1: ${TPU_NAME} is kept and still BILLING; delete it with" \
+         "bash launch/tpu_pod.sh delete."
+  else
+    delete
+  fi
+}
+
+STEPS=("$@")
+if (( ${#STEPS[@]} == 0 )); then STEPS=(all); fi
+for step in "${STEPS[@]}"; do
+  case "${step}" in
+    check|create|setup|data|run|status|delete|all) ;;
+    mount|wait|logs) ;;
+    *) echo "usage: $0 [check|create|setup|mount|data|run|wait|status|logs|delete|all]..." >&2
+       exit 2 ;;
+  esac
+done
+for step in "${STEPS[@]}"; do
+  case "${step}" in
+    mount) mount_bucket ;;
+    wait) wait_run ;;
+    logs) copy_logs ;;
+    *) "${step}" ;;
+  esac
+  if [[ "${step}" == run ]]; then ARMED=0; fi  # a started run is not torn down by later steps
+done
