@@ -1,11 +1,18 @@
-"""Launchers: the Colab notebook runs the Fashion-MNIST smoke pipeline headless (no network:
-its install cell is skipped when the package is importable), and the shell launchers parse
-and refuse to start without their required settings."""
+"""Launchers: the exact commands they issue, recorded by stub `gcloud`, `sbatch`, `srun`,
+`scontrol`, `nvidia-smi` (and, for the TPU worker script, `gcsfuse`, `mountpoint`, `sudo`)
+executables put first on PATH; and the Colab notebook, which runs the Fashion-MNIST smoke
+pipeline headless (no network: its install cell is skipped when the package is importable)."""
 
+import configparser
 import glob
+import importlib.metadata
+import json
 import os
 import re
+import signal
 import subprocess
+import sys
+import time
 
 import nbclient
 import nbformat
@@ -14,6 +21,472 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
 NOTEBOOK = os.path.join(LAUNCH, 'colab.ipynb')
+
+# Every stub is this program: it appends {"prog", "argv"} to $STUB_LOG, then follows the first
+# rule of $STUB_RULES whose `prog` matches and whose `contains` occurs in its joined argv:
+# print `stdout`, create the file `touch`, wait until the file `until` exists (at most 20 s),
+# exit with `exit` (default 0). `sudo` runs its arguments.
+STUB = r'''#!{python}
+import json, os, subprocess, sys, time
+prog, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
+if prog == 'sudo':
+  sys.exit(subprocess.call(argv))
+with open(os.environ['STUB_LOG'], 'a') as f:
+  f.write(json.dumps({{'prog': prog, 'argv': argv}}) + '\n')
+joined = ' '.join(argv)
+with open(os.environ['STUB_RULES']) as f:
+  rules = json.load(f)
+for rule in rules:
+  if rule['prog'] == prog and rule.get('contains', '') in joined:
+    if 'touch' in rule:
+      open(rule['touch'], 'w').close()
+    deadline = time.time() + 20
+    while 'until' in rule and not os.path.exists(rule['until']) and time.time() < deadline:
+      time.sleep(0.05)
+    sys.stdout.write(rule.get('stdout', ''))
+    sys.exit(rule.get('exit', 0))
+'''
+PROGRAMS = ('gcloud', 'sbatch', 'srun', 'scontrol', 'nvidia-smi', 'gcsfuse', 'mountpoint',
+            'sudo', 'lsb_release')
+
+
+class Stubs:
+  """A bin/ folder of stubs, their rules and the calls they recorded."""
+
+  def __init__(self, root):
+    self.root = root
+    self.bin = root / 'bin'
+    self.bin.mkdir()
+    for name in PROGRAMS:
+      path = self.bin / name
+      path.write_text(STUB.format(python=sys.executable))
+      path.chmod(0o755)
+    self.log = root / 'calls.jsonl'
+    self.rules_file = root / 'rules.json'
+    self.rules([])
+
+  def rules(self, rules):
+    self.rules_file.write_text(json.dumps(rules))
+
+  def calls(self, prog=None):
+    if not self.log.exists():
+      return []
+    calls = [json.loads(line) for line in self.log.read_text().splitlines()]
+    return [c['argv'] for c in calls if prog is None or c['prog'] == prog]
+
+  def env(self, **env):
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(('SLURM_', 'PROJECT', 'BUCKET', 'COORDINATOR', 'ZONE', 'SPOT',
+                                  'QUEUED', 'KEEP', 'DRY_RUN', 'ACCELERATOR', 'TPU_NAME'))}
+    return {**clean, 'PATH': f'{self.bin}:{os.environ["PATH"]}', 'STUB_LOG': str(self.log),
+            'STUB_RULES': str(self.rules_file), **env}
+
+  def run(self, script, *args, **env):
+    return subprocess.run(['bash', os.path.join(LAUNCH, script), *args], cwd=REPO,
+                          capture_output=True, text=True, check=False, timeout=120,
+                          env=self.env(**env))
+
+
+@pytest.fixture
+def stubs(tmp_path):
+  return Stubs(tmp_path)
+
+
+# ------------------------------------------------------------------------------ TPU pods
+
+TPU = dict(PROJECT='proj', BUCKET='bkt', ZONE='zone-a', POLL_SECONDS='0')
+SUFFIX = ['--project=proj', '--zone=zone-a']
+WORKER_ENV = ('cd sre2l_jax && BUCKET=bkt MOUNT=/mnt/bkt DATA_DIR=/mnt/bkt/tensorflow_datasets '
+              'MANUAL_DIR=/mnt/bkt/tensorflow_datasets/downloads/manual PYTHON_VERSION=3.12 '
+              'bash launch/tpu_worker.sh')
+
+
+# `describe --format=value(name)` is how tpu_pod.sh asks whether a slice exists: not yet.
+ABSENT = [{'prog': 'gcloud', 'contains': 'value(name)', 'exit': 1}]
+EXISTS = ['compute', 'tpus', 'tpu-vm', 'describe', 'sre2l-pod', '--format=value(name)', *SUFFIX]
+
+
+def ssh(workers, command):
+  return ['compute', 'tpus', 'tpu-vm', 'ssh', 'sre2l-pod', f'--worker={workers}',
+          f'--command={command}', *SUFFIX]
+
+
+def worker_ssh(workers, action):
+  return ssh(workers, f'{WORKER_ENV} {action}')
+
+
+def states(name, *states_):
+  return ''.join(f'sre2l-job name={name} worker={i} state={s} exit={0 if s == "done" else 1}\n'
+                 for i, s in enumerate(states_))
+
+
+@pytest.mark.parametrize('accelerator,runtime', [
+    ('v4-32', 'tpu-ubuntu2204-base'), ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
+    ('v5p-32', 'v2-alpha-tpuv5'), ('v6e-16', 'v2-alpha-tpuv6e')])
+def test_tpu_create_uses_the_runtime_of_the_accelerator(stubs, accelerator, runtime):
+  stubs.rules(ABSENT)
+  completed = stubs.run('tpu_pod.sh', 'create', ACCELERATOR=accelerator, **TPU)
+  assert completed.returncode == 0, completed.stderr
+  assert stubs.calls('gcloud') == [
+      EXISTS,
+      ['compute', 'tpus', 'tpu-vm', 'create', 'sre2l-pod', f'--accelerator-type={accelerator}',
+       f'--version={runtime}', *SUFFIX]]
+
+
+def test_tpu_spot_and_queued_resources(stubs):
+  stubs.rules(ABSENT)
+  completed = stubs.run('tpu_pod.sh', 'create', SPOT='1', **TPU)
+  assert completed.returncode == 0, completed.stderr
+  assert stubs.calls('gcloud')[-1] == [
+      'compute', 'tpus', 'tpu-vm', 'create', 'sre2l-pod', '--accelerator-type=v4-32',
+      '--version=tpu-ubuntu2204-base', '--spot', *SUFFIX]
+
+  # Queued: created, then described until ACTIVE, then deleted with its slice.
+  stubs.log.unlink()
+  stubs.rules([*ABSENT, {'prog': 'gcloud', 'contains': 'describe', 'stdout': 'ACTIVE\n'}])
+  completed = stubs.run('tpu_pod.sh', 'create', 'delete', SPOT='1', QUEUED='1',
+                        ACCELERATOR='v5litepod-16', VALID_FOR='6h', **TPU)
+  assert completed.returncode == 0, completed.stderr
+  describe = ['compute', 'tpus', 'queued-resources', 'describe', 'sre2l-pod-qr',
+              '--format=value(state.state)', *SUFFIX]
+  assert stubs.calls('gcloud') == [
+      EXISTS,
+      ['compute', 'tpus', 'queued-resources', 'describe', 'sre2l-pod-qr', '--format=value(name)',
+       *SUFFIX],
+      ['compute', 'tpus', 'queued-resources', 'create', 'sre2l-pod-qr', '--node-id=sre2l-pod',
+       '--accelerator-type=v5litepod-16', '--runtime-version=v2-alpha-tpuv5-lite', '--spot',
+       '--valid-until-duration=6h', *SUFFIX],
+      describe,
+      ['compute', 'tpus', 'queued-resources', 'delete', 'sre2l-pod-qr', '--force', '--quiet',
+       *SUFFIX]]
+
+
+def test_tpu_queued_request_that_fails_is_deleted(stubs):
+  stubs.rules([*ABSENT, {'prog': 'gcloud', 'contains': 'describe', 'stdout': 'FAILED\n'}])
+  completed = stubs.run('tpu_pod.sh', 'create', QUEUED='1', **TPU)
+  assert completed.returncode != 0
+  assert stubs.calls('gcloud')[-1] == ['compute', 'tpus', 'queued-resources', 'delete',
+                                       'sre2l-pod-qr', '--force', '--quiet', *SUFFIX]
+
+
+def test_tpu_create_refuses_to_replace_an_existing_slice(stubs):
+  completed = stubs.run('tpu_pod.sh', 'create', **TPU)  # the stub says it exists
+  assert completed.returncode != 0 and 'exists already' in completed.stderr
+  assert stubs.calls('gcloud') == [EXISTS]  # neither created nor deleted
+
+
+def test_tpu_all_runs_every_step_detached_copies_logs_back_and_deletes(stubs):
+  stubs.rules([
+      *ABSENT,
+      {'prog': 'gcloud', 'contains': 'state data', 'stdout': states('data', 'done')},
+      {'prog': 'gcloud', 'contains': 'state in1k_ipc50',
+       'stdout': 'SSH: connecting\n' + states('in1k_ipc50', *['done'] * 4)},
+      {'prog': 'gcloud', 'contains': 'networkEndpoints', 'stdout': '4\n'}])
+  logs = stubs.root / 'logs'
+  completed = stubs.run('tpu_pod.sh', 'all', LOG_DIR=str(logs), **TPU)
+  assert completed.returncode == 0, completed.stderr
+  calls = stubs.calls('gcloud')
+  assert calls[0] == ['storage', 'ls',
+                      'gs://bkt/tensorflow_datasets/imagenet2012/*/dataset_info.json']
+  assert calls[1:3] == [EXISTS, ['compute', 'tpus', 'tpu-vm', 'create', 'sre2l-pod',
+                                  '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base',
+                                  *SUFFIX]]
+  # Set-up: the tracked files to every worker, unpacked; Python 3.12 venv; mount; devices.
+  scp = calls[3]
+  assert scp[:4] == ['compute', 'tpus', 'tpu-vm', 'scp'] and scp[4].endswith('.tar.gz')
+  assert scp[5:] == ['sre2l-pod:sre2l_code.tar.gz', '--worker=all', *SUFFIX]
+  train = ('train in1k_ipc50 --config=configs/in1k_ipc50.py --workdir=/mnt/bkt/sre2l/in1k_ipc50 '
+           '--distributed --config.dataset.data_dir=/mnt/bkt/tensorflow_datasets '
+           '--config.dataset.manual_dir=/mnt/bkt/tensorflow_datasets/downloads/manual')
+  assert calls[4:] == [
+      ssh('all', 'rm -rf sre2l_jax && mkdir -p sre2l_jax && tar -xzf sre2l_code.tar.gz '
+                 '-C sre2l_jax'),
+      worker_ssh('all', 'install'),
+      worker_ssh('all', 'mount'),
+      worker_ssh('all', 'devices'),
+      # ImageNet once, on worker 0, detached; then waited for.
+      worker_ssh('0', 'data'),
+      worker_ssh('0', 'state data'),
+      # The mount check and the detached start, in one command per worker.
+      worker_ssh('all', train),
+      worker_ssh('all', 'state in1k_ipc50'),
+      ['compute', 'tpus', 'tpu-vm', 'describe', 'sre2l-pod',
+       '--format=value(networkEndpoints.len())', *SUFFIX],
+      *[['compute', 'tpus', 'tpu-vm', 'scp', 'sre2l-pod:sre2l_jobs/in1k_ipc50/log',
+         f'{logs}/worker-{i}.log', f'--worker={i}', *SUFFIX] for i in range(4)],
+      ['compute', 'tpus', 'tpu-vm', 'delete', 'sre2l-pod', '--quiet', *SUFFIX]]
+
+
+def test_tpu_failed_setup_deletes_the_slice(stubs):
+  stubs.rules([*ABSENT, {'prog': 'gcloud', 'contains': 'tpu_worker.sh install', 'exit': 1}])
+  completed = stubs.run('tpu_pod.sh', 'create', 'setup', **TPU)
+  assert completed.returncode != 0
+  assert 'deleting sre2l-pod' in completed.stderr
+  calls = stubs.calls('gcloud')
+  # Right after the failed install (no job ran, so no logs to copy): the delete.
+  assert calls[calls.index(worker_ssh('all', 'install')) + 1:] == [
+      ['compute', 'tpus', 'tpu-vm', 'delete', 'sre2l-pod', '--quiet', *SUFFIX]]
+
+  # KEEP=1: nothing deleted, and the message says it still bills.
+  stubs.log.unlink()
+  completed = stubs.run('tpu_pod.sh', 'setup', KEEP='1', **TPU)
+  assert completed.returncode != 0 and 'BILLING' in completed.stderr
+  assert not [c for c in stubs.calls('gcloud') if 'delete' in c]
+
+
+def test_tpu_failed_run_copies_logs_then_deletes(stubs):
+  stubs.rules([
+      *ABSENT,
+      {'prog': 'gcloud', 'contains': 'state in1k_ipc50',
+       'stdout': states('in1k_ipc50', 'done', 'failed')},
+      {'prog': 'gcloud', 'contains': 'networkEndpoints', 'stdout': '2\n'}])
+  completed = stubs.run('tpu_pod.sh', 'all', PREPARE_DATA='0',
+                        LOG_DIR=str(stubs.root / 'logs'), **TPU)
+  assert completed.returncode != 0
+  assert 'in1k_ipc50 failed on a worker' in completed.stderr
+  assert [c[3] for c in stubs.calls('gcloud')[-4:]] == ['describe', 'scp', 'scp', 'delete']
+
+
+def test_tpu_check_refuses_before_creating_when_imagenet_is_missing(stubs):
+  stubs.rules([{'prog': 'gcloud', 'contains': 'storage ls', 'exit': 1}])
+  completed = stubs.run('tpu_pod.sh', 'all', **TPU)
+  assert completed.returncode != 0 and 'upload ILSVRC2012_img_train.tar' in completed.stderr
+  assert [c[:2] for c in stubs.calls('gcloud')] == [['storage', 'ls'], ['storage', 'ls']]
+
+
+def test_tpu_dry_run_prints_every_command_and_runs_none(stubs):
+  completed = stubs.run('tpu_pod.sh', 'all', DRY_RUN='1', SPOT='1', **TPU)
+  assert completed.returncode == 0, completed.stderr
+  assert stubs.calls() == []
+  printed = [line for line in completed.stdout.splitlines() if line.startswith('+ ')]
+  assert printed[2] == ('+ gcloud compute tpus tpu-vm create sre2l-pod '
+                        '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot '
+                        '--project=proj --zone=zone-a')
+  assert printed[-1] == '+ gcloud compute tpus tpu-vm delete sre2l-pod --quiet --project=proj --zone=zone-a'
+  for action in ('install', 'mount', 'devices', 'data', 'train', 'state'):
+    assert any(f'tpu_worker.sh\\ {action}' in line for line in printed), action
+
+
+def test_tpu_needs_project_bucket_and_a_known_step(stubs):
+  completed = stubs.run('tpu_pod.sh')
+  assert completed.returncode != 0 and 'set PROJECT' in completed.stderr
+  completed = stubs.run('tpu_pod.sh', PROJECT='p')
+  assert completed.returncode != 0 and 'set BUCKET' in completed.stderr
+  completed = stubs.run('tpu_pod.sh', 'nonsense', PROJECT='p', BUCKET='b')
+  assert completed.returncode == 2 and 'usage' in completed.stderr
+  completed = stubs.run('tpu_pod.sh', 'create', PROJECT='p', BUCKET='b', ACCELERATOR='v6e-8')
+  assert completed.returncode != 0 and 'set ZONE' in completed.stderr
+  assert stubs.calls() == []
+
+
+# -------------------------------------------------------------------- TPU worker script
+
+
+def worker(stubs, *args, mounted=True, **env):
+  """Runs launch/tpu_worker.sh with local folders for the mount, venv and jobs."""
+  root = stubs.root
+  (root / 'mnt').mkdir(exist_ok=True)
+  stubs.rules([{'prog': 'mountpoint', 'exit': 0 if mounted else 1}])
+  return stubs.run('tpu_worker.sh', *args, MOUNT=str(root / 'mnt'), BUCKET='bkt',
+                   JOBS_DIR=str(root / 'jobs'), VENV=str(root / 'venv'), WORKER_ID='3', **env)
+
+
+def fake_venv(stubs, body):
+  python = stubs.root / 'venv' / 'bin' / 'python'
+  python.parent.mkdir(parents=True)
+  python.write_text(f'#!/bin/bash\necho "python $*" >> {stubs.root}/started\n{body}\n')
+  python.chmod(0o755)
+
+
+def test_tpu_worker_trains_detached_once_and_reports_its_state(stubs):
+  release = stubs.root / 'release'
+  fake_venv(stubs, f'while [ ! -e {release} ]; do sleep 0.05; done; echo trained')
+  start = time.time()
+  completed = worker(stubs, 'train', 'exp', '--config=c.py', '--workdir=w')
+  assert completed.returncode == 0, completed.stderr
+  assert time.time() - start < 15  # returned while the job runs
+  assert 'started job exp on worker 3' in completed.stdout
+  assert worker(stubs, 'state', 'exp').stdout.strip() == (
+      'sre2l-job name=exp worker=3 state=running exit=-')
+  # A second start (e.g. gcloud retrying the ssh command) does not start a second copy.
+  again = worker(stubs, 'train', 'exp', '--config=c.py', '--workdir=w')
+  assert again.returncode == 0 and 'already running' in again.stdout
+  release.touch()
+  for _ in range(200):
+    state = worker(stubs, 'state', 'exp').stdout.strip()
+    if 'running' not in state:
+      break
+    time.sleep(0.05)
+  assert state == 'sre2l-job name=exp worker=3 state=done exit=0'
+  assert (stubs.root / 'started').read_text() == (
+      'python -m sre2l_jax.main --config=c.py --workdir=w\n')
+  assert 'trained' in (stubs.root / 'jobs' / 'exp' / 'log').read_text()
+
+  # A failing run is reported as failed.
+  fake_python = stubs.root / 'venv' / 'bin' / 'python'
+  fake_python.write_text('#!/bin/bash\nexit 3\n')
+  assert worker(stubs, 'train', 'exp', '--config=c.py').returncode == 0
+  for _ in range(200):
+    state = worker(stubs, 'state', 'exp').stdout.strip()
+    if 'running' not in state:
+      break
+    time.sleep(0.05)
+  assert state == 'sre2l-job name=exp worker=3 state=failed exit=3'
+
+
+def test_tpu_worker_refuses_to_train_without_the_mount(stubs):
+  fake_venv(stubs, 'exit 0')
+  completed = worker(stubs, 'train', 'exp', '--config=c.py', mounted=False)
+  assert completed.returncode != 0
+  assert 'is not mounted on worker 3' in completed.stderr
+  assert not (stubs.root / 'started').exists() and not (stubs.root / 'jobs').exists()
+
+
+def test_tpu_worker_mounts_with_metadata_caches_off(stubs, tmp_path):
+  mount = tmp_path / 'mnt'
+  mounted = tmp_path / 'mounted'
+  stubs.rules([{'prog': 'gcsfuse', 'touch': str(mounted)}])
+  # `mountpoint` answers 1 before the gcsfuse stub ran, 0 after.
+  (stubs.bin / 'mountpoint').write_text(f'#!/bin/bash\n[ -e {mounted} ]\n')
+  completed = stubs.run('tpu_worker.sh', 'mount', MOUNT=str(mount), BUCKET='bkt',
+                        WORKER_ID='0')
+  assert completed.returncode == 0, completed.stderr
+  assert stubs.calls('gcsfuse') == [[
+      '--implicit-dirs', '--rename-dir-limit=1000000', '--metadata-cache-ttl-secs=0',
+      '--metadata-cache-negative-ttl-secs=0', 'bkt', str(mount)]]
+  # Mounted already: not mounted again.
+  assert stubs.run('tpu_worker.sh', 'mount', MOUNT=str(mount), BUCKET='bkt').returncode == 0
+  assert len(stubs.calls('gcsfuse')) == 1
+
+
+# -------------------------------------------------------------------------------- SLURM
+
+SLURM = dict(SLURM_JOB_ID='77', SLURM_NNODES='4', SLURM_NTASKS_PER_NODE='8',
+             SLURM_CPUS_PER_TASK='12')
+GPUS = ''.join(f'GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})\n' for i in range(8))
+SRUN = ['--label', '--kill-on-bad-exit=1', '--gpu-bind=none', '--ntasks-per-node=8',
+        '--cpus-per-task=12', 'python', '-m', 'sre2l_jax.main', '--config=configs/in1k_ipc50.py',
+        '--workdir=/shared/w', '--distributed', '--config.seed=1']
+
+
+def sbatch_header():
+  with open(os.path.join(LAUNCH, 'multi_gpu.sh')) as f:
+    return dict(re.findall(r'^#SBATCH --([\w-]+)(?:=(\S+))?', f.read(), re.M))
+
+
+def test_slurm_submit_asks_for_one_task_per_gpu_cpus_time_and_requeue(stubs):
+  completed = stubs.run('multi_gpu.sh', 'submit', 'configs/in1k_ipc50.py', '/shared/w',
+                        '--config.seed=1', NODES='4', GPUS_PER_NODE='8', CPUS_PER_TASK='12',
+                        TIME='12:00:00', PARTITION='gpu')
+  assert completed.returncode == 0, completed.stderr
+  assert stubs.calls('sbatch') == [[
+      '--nodes=4', '--ntasks-per-node=8', '--gpus-per-node=8', '--cpus-per-task=12',
+      '--time=12:00:00', '--signal=B:USR1@300', '--requeue', '--open-mode=append',
+      '--output=sre2l_%j.log', '--export=ALL,MAX_RESTARTS=10', '--partition=gpu',
+      os.path.join(LAUNCH, 'multi_gpu.sh'), 'configs/in1k_ipc50.py', '/shared/w',
+      '--config.seed=1']]
+  # The script's own defaults (plain `sbatch launch/multi_gpu.sh ...`) are the same layout.
+  header = sbatch_header()
+  assert header['ntasks-per-node'] == header['gpus-per-node'] == '8'
+  assert header['signal'] == 'B:USR1@300' and 'requeue' in header
+  assert header['cpus-per-task'] == '8' and header['time'] == '24:00:00'
+
+
+def test_slurm_job_runs_one_labelled_process_per_gpu(stubs):
+  stubs.rules([{'prog': 'nvidia-smi', 'stdout': GPUS}])
+  completed = stubs.run('multi_gpu.sh', 'configs/in1k_ipc50.py', '/shared/w', '--config.seed=1',
+                        **SLURM)
+  assert completed.returncode == 0, completed.stderr
+  assert stubs.calls('nvidia-smi') == [['-L']]
+  assert stubs.calls('srun') == [SRUN]
+  assert '4 node(s) x 8 GPU processes, 12 CPUs each' in completed.stdout
+
+
+def test_slurm_job_refuses_fewer_tasks_than_gpus(stubs):
+  stubs.rules([{'prog': 'nvidia-smi', 'stdout': GPUS}])
+  completed = stubs.run('multi_gpu.sh', 'configs/in1k_ipc50.py', '/shared/w',
+                        **{**SLURM, 'SLURM_NTASKS_PER_NODE': '1'})
+  assert completed.returncode == 2 and '--ntasks-per-node=8' in completed.stderr
+  assert stubs.calls('srun') == []
+
+
+def test_slurm_job_requeues_itself_before_the_time_limit(stubs):
+  stop = stubs.root / 'stop'
+  started = stubs.root / 'started'
+  stubs.rules([{'prog': 'nvidia-smi', 'stdout': GPUS},
+               {'prog': 'srun', 'touch': str(started), 'until': str(stop)},
+               {'prog': 'scontrol', 'touch': str(stop)}])
+
+  def signalled_run(**env):
+    process = subprocess.Popen(
+        ['bash', os.path.join(LAUNCH, 'multi_gpu.sh'), 'configs/in1k_ipc50.py', '/shared/w'],
+        cwd=REPO, env=stubs.env(**SLURM, **env), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    for _ in range(400):
+      if started.exists():
+        break
+      time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends
+    if env.get('SLURM_RESTART_COUNT') == '10':
+      stop.touch()  # no requeue: the step ends by itself
+    _, stderr = process.communicate(timeout=60)
+    started.unlink()
+    stop.unlink()
+    return process.returncode, stderr
+
+  returncode, stderr = signalled_run()
+  assert returncode == 0, stderr
+  assert stubs.calls('scontrol') == [['requeue', '77']]
+  assert 'requeueing job 77' in stderr
+  returncode, stderr = signalled_run(SLURM_RESTART_COUNT='10')
+  assert returncode == 0 and stubs.calls('scontrol') == [['requeue', '77']]
+  assert 'not requeueing' in stderr
+
+
+def test_multi_gpu_needs_slurm_or_a_coordinator(stubs, tmp_path):
+  completed = stubs.run('multi_gpu.sh', 'configs/in1k_ipc50.py', str(tmp_path))
+  assert completed.returncode == 2 and 'COORDINATOR' in completed.stderr
+
+
+# --------------------------------------------------------------------- all the launchers
+
+
+@pytest.mark.parametrize('script', sorted(glob.glob(os.path.join(LAUNCH, '*.sh'))),
+                         ids=os.path.basename)
+def test_launch_scripts_parse(script):
+  completed = subprocess.run(['bash', '-n', script], capture_output=True, text=True,
+                             check=False)
+  assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize('name', ['tpu_pod.sh', 'tpu_worker.sh', 'gpu.sh', 'multi_gpu.sh'])
+def test_launchers_stop_on_errors(name):
+  with open(os.path.join(LAUNCH, name)) as f:
+    assert 'set -euo pipefail' in f.read()
+
+
+def test_python_requires_what_jax_requires():
+  config = configparser.ConfigParser()
+  config.read(os.path.join(REPO, 'setup.cfg'))
+  ours = config['options']['python_requires']
+  jax_needs = importlib.metadata.metadata('jax')['Requires-Python']
+  version = lambda spec: tuple(int(p) for p in re.search(r'>=\s*([\d.]+)', spec)[1].split('.'))
+  assert version(ours) >= version(jax_needs), (ours, jax_needs)
+
+
+# -------------------------------------------------------------------------------- Colab
+
+
+def test_colab_notebook_has_a_repository_default_and_an_open_link():
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  install = notebook.cells[1].source
+  url = re.search(r"^REPO_URL = '(https://github\.com/([\w.-]+/[\w.-]+))'  # @param", install,
+                  re.M)
+  assert url, 'the install cell needs a REPO_URL form field with a default'
+  link = f'https://colab.research.google.com/github/{url[2]}/blob/main/launch/colab.ipynb'
+  with open(os.path.join(REPO, 'README.md')) as f:
+    assert link in f.read()
+  assert 'raise' not in install
 
 
 def test_colab_notebook_runs_the_smoke_pipeline(fashion_mnist_tfds, tmp_path, monkeypatch):
@@ -51,39 +524,3 @@ def test_colab_notebook_runs_the_smoke_pipeline(fashion_mnist_tfds, tmp_path, mo
   assert any('image/png' in o.data for o in shown)
   assert any(o.data.get('text/markdown', '').startswith('# SRe2L report') for o in shown)
   assert not [o for o in outputs if o.output_type == 'error']
-
-
-@pytest.mark.parametrize('script', sorted(glob.glob(os.path.join(LAUNCH, '*.sh'))),
-                         ids=os.path.basename)
-def test_launch_scripts_parse(script):
-  completed = subprocess.run(['bash', '-n', script], capture_output=True, text=True,
-                             check=False)
-  assert completed.returncode == 0, completed.stderr
-
-
-@pytest.mark.parametrize('name', ['tpu_pod.sh', 'gpu.sh', 'multi_gpu.sh'])
-def test_launchers_stop_on_errors(name):
-  with open(os.path.join(LAUNCH, name)) as f:
-    assert 'set -euo pipefail' in f.read()
-
-
-def _run(script, *args, **env):
-  clean = {k: v for k, v in os.environ.items()
-           if not k.startswith(('SLURM_', 'PROJECT', 'BUCKET', 'COORDINATOR'))}
-  return subprocess.run(['bash', os.path.join(LAUNCH, script), *args], cwd=REPO,
-                        capture_output=True, text=True, check=False, timeout=60,
-                        env={**clean, **env})
-
-
-def test_tpu_pod_needs_project_and_bucket():
-  completed = _run('tpu_pod.sh')
-  assert completed.returncode != 0 and 'set PROJECT' in completed.stderr
-  completed = _run('tpu_pod.sh', PROJECT='p')
-  assert completed.returncode != 0 and 'set BUCKET' in completed.stderr
-  completed = _run('tpu_pod.sh', 'nonsense', PROJECT='p', BUCKET='b')
-  assert completed.returncode == 2 and 'usage' in completed.stderr
-
-
-def test_multi_gpu_needs_slurm_or_a_coordinator(tmp_path):
-  completed = _run('multi_gpu.sh', 'configs/in1k_ipc50.py', str(tmp_path))
-  assert completed.returncode == 2 and 'COORDINATOR' in completed.stderr
