@@ -121,7 +121,7 @@ EOF
   echo "stand-in: tensorflow_datasets"
 fi
 [[ -d $SHIM ]] && export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
-if ! "$PY" -c "import sre2l_jax.bench, sre2l_jax.bench_torch"; then
+if ! "$PY" -c "import benchmarks.bench, benchmarks.torch_reference"; then
   cat <<'EOF'
 sre2l_jax does not import (traceback above). A missing pure-Python package (ml_collections
 is the usual one) travels as a wheel: run `bash launch/gpu_bench.sh --fetch-wheels` on the dev
@@ -166,7 +166,7 @@ run() {
   local t0=$SECONDS
   echo "===== $name: ${env[*]} $* " >>"$LOG"
   rm -f "$OUT/$name.json"
-  env ${env[@]+"${env[@]}"} timeout -k 10 "$cap" "$PY" -m sre2l_jax.bench "${COMMON[@]}" "$@" \
+  env ${env[@]+"${env[@]}"} timeout -k 10 "$cap" "$PY" -m benchmarks.bench "${COMMON[@]}" "$@" \
     --label="$name" --json="$OUT/$name.json" >"$OUT/.run.log" 2>&1
   local rc=$?
   cat "$OUT/.run.log" >>"$LOG"
@@ -197,7 +197,7 @@ run torch_fp32_wgrad 70 JAX_PLATFORMS=cpu -- --what=recover --reference=torch --
 echo
 echo "== summary ($((SECONDS - START)) s so far)"
 if ((${#DONE[@]})); then
-  JAX_PLATFORMS=cpu "$PY" -m sre2l_jax.bench \
+  JAX_PLATFORMS=cpu "$PY" -m benchmarks.bench \
     "--summarize=$(IFS=,; echo "${DONE[*]}")" "--summary_json=$OUT/summary.json"
 else
   echo "no run finished; see $LOG"

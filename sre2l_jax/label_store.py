@@ -7,7 +7,6 @@ schedule, view settings, storage, temperature; the shards with their SHA-256) an
 images or settings, and `verify` checks every shard before a student trains on them.
 """
 
-import functools
 import hashlib
 import io
 import os
@@ -191,10 +190,8 @@ def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, c
         manifest['shards'].append(s)
   done = max([s['epochs'][1] for s in manifest['shards']], default=0)
 
-  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
-  views_fn = jax.jit(functools.partial(views.batch_views, cfg=cfg, spec=spec),
-                     in_shardings=(replicated, sharded),
-                     out_shardings=(sharded, replicated, replicated))
+  sharded = batching.data_sharding(mesh)
+  views_fn = views.create_batch_views(cfg, spec, mesh)
   per_shard = max(1, cfg.epochs_per_shard)
   for first in range(done, schedule.epochs, per_shard):
     last = min(schedule.epochs, first + per_shard)

@@ -5,7 +5,6 @@ weights for recover/relabel) and `workdir/squeeze/result.json`.
 """
 
 import dataclasses
-import functools
 import os
 import time
 
@@ -78,12 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       lambda: train_lib.create_train_state(model, tx, spec.image_shape, init_rng, mesh))
 
   # Steps.
-  replicated, sharded = batching.replicated(mesh), batching.data_sharding(mesh)
-  train_step = jax.jit(
-      functools.partial(train_lib.classification_step, spec=spec,
-                        label_smoothing=c.label_smoothing),
-      in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
-      donate_argnums=0)
+  train_step = train_lib.create_classification_step(spec, mesh, c.label_smoothing)
   eval_step = train_lib.create_eval_step(model, spec, mesh)
 
   def test_top1(state):
@@ -92,7 +86,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Loop.
   writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
-  batches = train.train_batches(c.batch_size, config.seed, start_step, sharded)
+  batches = train.train_batches(c.batch_size, config.seed, start_step,
+                                batching.data_sharding(mesh))
 
   def step_fn(state, step):
     return train_step(state, next(batches), jax.random.fold_in(step_rng, step))

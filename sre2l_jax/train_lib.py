@@ -4,6 +4,7 @@ log and save, the divergence guard) that squeeze, recover, evaluate and continua
 """
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -108,6 +109,16 @@ def classification_step(state: TrainState, batch, rng, *, spec, label_smoothing:
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   return state, {'loss': loss, 'accuracy': accuracy}
+
+
+def create_classification_step(spec, mesh, label_smoothing: float):
+  """Jitted `classification_step`: (state, batch, rng) -> (state, metrics), the state
+  replicated and donated, the batch sharded on 'data' (squeeze's step)."""
+  replicated, sharded = batching.replicated(mesh), batching.data_sharding(mesh)
+  return jax.jit(
+      functools.partial(classification_step, spec=spec, label_smoothing=label_smoothing),
+      in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
+      donate_argnums=0)
 
 
 def mask_logits(logits, class_mask):

@@ -7,6 +7,7 @@ continual all draw their views here, so the labels always belong to the views a 
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import numpy as np
 
 from sre2l_jax import rngs
 from sre2l_jax.data import augment
+from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 
 MIXES = ('cutmix', 'mixup', 'none')
@@ -107,6 +109,15 @@ def batch_views(key, images_u8, *, cfg, spec: datasets.DatasetSpec):
     raise ValueError(f'relabel.mix={cfg.mix!r}; valid: {", ".join(MIXES)}.')
   lam = jnp.where(apply, lam, 1.0).astype(jnp.float32)
   return jnp.where(apply, mixed, x), lam, partner
+
+
+def create_batch_views(cfg, spec: datasets.DatasetSpec, mesh):
+  """Jitted `batch_views`: (key, images_u8 sharded on 'data') -> (views sharded on 'data',
+  lam, partner replicated), as relabel labels them."""
+  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
+  return jax.jit(functools.partial(batch_views, cfg=cfg, spec=spec),
+                 in_shardings=(replicated, sharded),
+                 out_shardings=(sharded, replicated, replicated))
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -1,8 +1,8 @@
 """Benchmark harness: JSON contents on tiny settings, and JAX/torch computing the same thing.
 
-The torch reference (`bench_torch`) is only worth timing beside the JAX recover step if it
-computes the same loss: the BN-statistics loss, the whole un-augmented loss and its gradient
-with respect to the images are compared on shared weights.
+The torch reference (`benchmarks.torch_reference`) is only worth timing beside the JAX
+recover step if it computes the same loss: the BN-statistics loss, the whole un-augmented
+loss and its gradient with respect to the images are compared on shared weights.
 """
 
 import functools
@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sre2l_jax import bench
-from sre2l_jax import bench_torch
 from sre2l_jax import config_lib
 from sre2l_jax import models
-from sre2l_jax import recover
+from sre2l_jax.synthesis import sre2l
+
+from benchmarks import bench
+from benchmarks import torch_reference
 
 RTOL = 1e-4
 TINY = ['--model=convnet', '--width=8', '--depth=2', '--image_size=8', '--channels=1',
@@ -84,9 +85,9 @@ def _shared(model_name, image_size, channels, **kw):
   jax_model = models.create_model(bench.model_config(args.model, args, args.width), 10,
                                   dtype=jnp.float32)
   teacher = bench.teacher_variables(jax_model, (image_size, image_size, channels), seed=3)
-  torch_model = bench_torch.build_model(args.model, 10, channels, image_size, width=8,
-                                        depth=args.depth, stem=args.stem)
-  bench_torch.load_flax_variables(torch_model, jax.device_get(teacher))
+  torch_model = torch_reference.build_model(args.model, 10, channels, image_size, width=8,
+                                            depth=args.depth, stem=args.stem)
+  torch_reference.load_flax_variables(torch_model, jax.device_get(teacher))
   return jax_model, teacher, torch_model
 
 
@@ -98,12 +99,12 @@ def test_resnet18_bn_statistics_loss_and_logits_match_jax():
   @jax.jit
   def jax_side(images):
     logits, state = jax_model.apply(teacher, images, train=False, mutable=[models.BN_INPUTS])
-    total, per_layer = recover.bn_statistics_loss(state[models.BN_INPUTS],
+    total, per_layer = sre2l.bn_statistics_loss(state[models.BN_INPUTS],
                                                   teacher['batch_stats'], 10.0)
     return total, per_layer, logits
 
   total, per_layer, logits = jax.device_get(jax_side(x))
-  t_total, t_per_layer, t_logits = bench_torch.bn_statistics_loss(
+  t_total, t_per_layer, t_logits = torch_reference.bn_statistics_loss(
       torch_model, x.transpose(0, 3, 1, 2), 10.0)
   assert len(t_per_layer) == len(per_layer) == 20
   np.testing.assert_allclose(t_total, total, rtol=RTOL)
@@ -113,18 +114,18 @@ def test_resnet18_bn_statistics_loss_and_logits_match_jax():
 
 def test_recover_loss_bn_loss_and_image_gradient_match_jax():
   """One group, augmentation off: the BN-statistics loss (total and per layer), the whole
-  loss CE + r_bn * BN and d loss / d images of `recover.group_loss` against the reference."""
+  loss CE + r_bn * BN and d loss / d images of `sre2l.group_loss` against the reference."""
   jax_model, teacher, torch_model = _shared('convnet', 16, 1)
   cfg = config_lib.base_config().recover
   cfg.update(batch_size=5, crop='none', flip=False, jitter=0, r_bn=0.5)
   labels = np.array([[1, 3, 5, 7, 9]], np.int32)
   images = np.random.default_rng(1).normal(size=(1, 5, 16, 16, 1)).astype(np.float32)
 
-  loss_fn = functools.partial(recover.group_loss, model=jax_model, teacher=teacher, cfg=cfg)
+  loss_fn = functools.partial(sre2l.group_loss, model=jax_model, teacher=teacher, cfg=cfg)
   (loss, metrics), grads = jax.device_get(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       images[0], labels[0], labels[0], jax.random.PRNGKey(0), jnp.float32(1.0)))
 
-  ref = bench_torch.RecoverReference(
+  ref = torch_reference.RecoverReference(
       torch_model, labels, (16, 16, 1), (0.5,), (0.25,), r_bn=cfg.r_bn,
       first_bn_multiplier=cfg.first_bn_multiplier, jitter=0, crop=False, flip=False,
       init_images=images.transpose(0, 1, 4, 2, 3))
@@ -144,8 +145,8 @@ def test_bottleneck_resnets_take_the_flax_weights(arch):
   args = bench.parse_args([f'--model={arch}', '--width=8', '--image_size=32', '--channels=3'])
   model = models.create_model(bench.model_config(arch, args, 8), 10, dtype=jnp.float32)
   variables = bench.teacher_variables(model, (32, 32, 3), seed=0)
-  torch_model = bench_torch.build_model(arch, 10, 3, 32, width=8)
-  bench_torch.load_flax_variables(torch_model, variables)
+  torch_model = torch_reference.build_model(arch, 10, 3, 32, width=8)
+  torch_reference.load_flax_variables(torch_model, variables)
   np.testing.assert_array_equal(torch_model.layer2[0].downsample[1].running_var.numpy(),
                                 variables['batch_stats']['layer2_0']['downsample_bn']['var'])
 
@@ -153,5 +154,5 @@ def test_bottleneck_resnets_take_the_flax_weights(arch):
 def test_crop_box_is_inside_the_image():
   rng = random.Random(0)
   for _ in range(200):
-    top, left, h, w = bench_torch.crop_box(rng, 24, 32, (0.08, 1.0))
+    top, left, h, w = torch_reference.crop_box(rng, 24, 32, (0.08, 1.0))
     assert 0 < h <= 24 and 0 < w <= 32 and 0 <= top <= 24 - h and 0 <= left <= 32 - w

@@ -19,19 +19,15 @@ from tensorflow_datasets.testing import mocking
 
 from jax.experimental.compilation_cache import compilation_cache as cc
 
-from sre2l_jax import checkpoint
 from sre2l_jax import continual
-from sre2l_jax import evaluate
 from sre2l_jax import export
-from sre2l_jax import recover
-from sre2l_jax import relabel
-from sre2l_jax.data import datasets
-from sre2l_jax.data import pipeline
 from sre2l_jax import files
 from sre2l_jax import image_sets
-from sre2l_jax import views
 from sre2l_jax import student
+from sre2l_jax import views
 from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
 
 import testlib
 

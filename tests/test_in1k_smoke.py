@@ -15,22 +15,21 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sre2l_jax import checkpoint
 from sre2l_jax import evaluate
 from sre2l_jax import export
+from sre2l_jax import files
+from sre2l_jax import image_sets
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import relabel
 from sre2l_jax import squeeze
 from sre2l_jax import train_lib
+from sre2l_jax import views
+from sre2l_jax.data import batching
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 from sre2l_jax.data import streaming
-from sre2l_jax import files
-from sre2l_jax import image_sets
-from sre2l_jax import views
-from sre2l_jax.data import batching
 
 import testlib
 

@@ -21,13 +21,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sre2l_jax import checkpoint
 from sre2l_jax import export
+from sre2l_jax import files
+from sre2l_jax import image_sets
 from sre2l_jax import multihost
 from sre2l_jax import recover
 from sre2l_jax.data import datasets
-from sre2l_jax import files
-from sre2l_jax import image_sets
 
 import testlib
 
@@ -67,9 +66,9 @@ def run_processes(commands, workdir, devices_per_process=4):
   procs = []
   for i, command in enumerate(commands):
     log = open(os.path.join(workdir, f'process{i}.log'), 'w')
-    procs.append((subprocess.Popen(command, cwd=testlib.REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   env=process_env(len(commands), i, port,
-                                                   devices_per_process)), log))
+    env = process_env(len(commands), i, port, devices_per_process)
+    procs.append((subprocess.Popen(command, cwd=testlib.REPO, stdout=log,
+                                   stderr=subprocess.STDOUT, env=env), log))
   out = []
   try:
     for proc, log in procs:

@@ -19,17 +19,15 @@ import torch
 from PIL import Image
 from torch import nn as tnn
 
-from sre2l_jax import checkpoint
 from sre2l_jax import export
+from sre2l_jax import files
 from sre2l_jax import models
 from sre2l_jax import recover
-from sre2l_jax import squeeze
-from sre2l_jax.data import datasets
 from sre2l_jax import teacher as teacher_lib
-from sre2l_jax import files
 from sre2l_jax import train_lib
-from sre2l_jax.synthesis import sre2l
+from sre2l_jax.data import datasets
 from sre2l_jax.synthesis import optimize
+from sre2l_jax.synthesis import sre2l
 
 import testlib
 from benchmarks import torch_reference

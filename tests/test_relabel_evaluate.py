@@ -12,7 +12,6 @@ same relabel/student settings everywhere, so every student of a given label mode
 re-runs of relabel and the resumed subprocess compile nothing new.
 """
 
-import functools
 import hashlib
 import os
 import shutil
@@ -24,23 +23,19 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from sre2l_jax import checkpoint
 from sre2l_jax import evaluate
 from sre2l_jax import export
-from sre2l_jax import recover
+from sre2l_jax import files
+from sre2l_jax import image_sets
+from sre2l_jax import label_store
 from sre2l_jax import relabel
-from sre2l_jax import squeeze
+from sre2l_jax import student
+from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import train_lib
+from sre2l_jax import views
+from sre2l_jax.data import batching
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
-from sre2l_jax.data import pipeline
-from sre2l_jax import teacher as teacher_lib
-from sre2l_jax import files
-from sre2l_jax import label_store
-from sre2l_jax import image_sets
-from sre2l_jax import views
-from sre2l_jax import student
-from sre2l_jax.data import batching
 
 import testlib
 
@@ -242,10 +237,8 @@ def test_stored_float16_is_close_to_online(online_run, stored_float16_run):
 
 def views_fn(mesh, cfg):
   """batch_views jitted as label_store.write_labels jits it (same program, same shardings)."""
-  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
-  fn = jax.jit(functools.partial(views.batch_views, cfg=cfg, spec=SPEC),
-               in_shardings=(replicated, sharded),
-               out_shardings=(sharded, replicated, replicated))
+  fn = views.create_batch_views(cfg, SPEC, mesh)
+  sharded = batching.data_sharding(mesh)
   return lambda key, x: [np.asarray(a) for a in fn(key, jax.device_put(x, sharded))]
 
 

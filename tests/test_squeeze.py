@@ -1,7 +1,6 @@
 """Squeeze stage: kill-and-resume equals an uninterrupted run, 8 vs 1 devices, bad input,
 result.json contents. Runs the `smoke` Fashion-MNIST config on the real IDX files."""
 
-import functools
 import json
 import os
 import shutil
@@ -13,15 +12,15 @@ import pytest
 from absl import app
 
 from sre2l_jax import checkpoint
+from sre2l_jax import files
 from sre2l_jax import main
 from sre2l_jax import squeeze
+from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import train_lib
+from sre2l_jax.data import batching
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
-from sre2l_jax import teacher as teacher_lib
-from sre2l_jax import files
-from sre2l_jax.data import batching
 
 import testlib
 
@@ -123,16 +122,13 @@ def _train_steps(num_devices: int, steps: int = 3):
   model_config = ml_collections.ConfigDict(dict(name='convnet', width=8, depth=1))
   from sre2l_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create_model(model_config, spec.num_classes)
-  opt_config = ml_collections.ConfigDict(dict(optimizer='sgd', weight_decay=5e-4, decay_all=False,
-                                              momentum=0.9, nesterov=True))
+  opt_config = ml_collections.ConfigDict(dict(optimizer='sgd', weight_decay=5e-4,
+                                              decay_all=False, momentum=0.9, nesterov=True))
   tx = train_lib.create_optimizer(opt_config, train_lib.warmup_cosine(0.1, 10, 2))
   state = train_lib.create_train_state(model, tx, spec.image_shape, jax.random.PRNGKey(0),
                                        mesh)
-  replicated, sharded = batching.replicated(mesh), batching.data_sharding(mesh)
-  step = jax.jit(functools.partial(train_lib.classification_step, spec=spec,
-                                   label_smoothing=0.1),
-                 in_shardings=(replicated, sharded, replicated),
-                 out_shardings=(replicated, replicated))
+  sharded = batching.data_sharding(mesh)
+  step = train_lib.create_classification_step(spec, mesh, label_smoothing=0.1)
   rng = np.random.default_rng(0)
   split = pipeline.InMemorySplit(rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
                                  rng.integers(0, 10, 64).astype(np.int32))

@@ -13,11 +13,10 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from sre2l_jax import checkpoint
+from sre2l_jax import teacher as teacher_lib
 from sre2l_jax.models import create_model, iter_in_call_order, model_signature
 from sre2l_jax.models import torch_import
 from sre2l_jax.models.torch_import import StateDictError
-from sre2l_jax import teacher as teacher_lib
 
 from benchmarks import torch_reference
 

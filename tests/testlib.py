@@ -10,7 +10,6 @@
 """
 
 import functools
-import importlib.util
 import os
 import signal
 import subprocess
@@ -25,10 +24,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
 from sre2l_jax import models
-from sre2l_jax import squeeze
-from sre2l_jax.data import datasets
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax.data import datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,11 +41,8 @@ def config_file(name: str) -> str:
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """get_config(arg) of configs/<name>.py (configs/ is not a package: loaded by path)."""
-  spec = importlib.util.spec_from_file_location(name, config_file(name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """get_config(arg) of configs/<name>.py."""
+  return config_lib.load_config_file(config_file(name), arg)
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -131,7 +127,7 @@ def write_teacher(config, workdir: str, **kwargs):
   model, variables = random_teacher(config, **kwargs)
   spec = datasets.get_spec(config.dataset.name)
   teacher_lib.save(os.path.join(workdir, 'squeeze', 'teacher'), variables,
-                          teacher_lib.teacher_meta(config, spec))
+                   teacher_lib.teacher_meta(config, spec))
   return model, variables
 
 

@@ -1,4 +1,5 @@
-"""PyTorch reference of the recover step, for timing beside the JAX one (`sre2l_jax.bench`).
+"""PyTorch reference networks and recover step: the parity tests' twin of the Flax models, and
+the torch side of `benchmarks.bench`.
 
 Written from the paper's loss and the way SRe2L's reference implementation computes it:
   CE(teacher(aug(x)), y) + r_bn * sum_l w_l (||mean_l - running_mean_l||_2 +
@@ -11,9 +12,11 @@ because torchvision is not a dependency), then a random roll ("jitter"), clip to
 pixel range after the step. Groups run one after another, as the reference's batches do.
 
 The models are written here in torchvision's layout and state-dict names (ConvNet-BN, ResNet-
-18/50/101); `load_flax_variables` copies the Flax teacher's weights into them, so both sides
-compute the same function. This is the only module of the package that imports torch (the
-optional `bench` extra).
+18/50/101), independently of `sre2l_jax.models`; `load_flax_variables` copies the Flax
+teacher's weights into them, so both sides compute the same function. They are the one
+PyTorch twin of the Flax models: the parity tests (tests/test_recover.py,
+tests/test_torch_import.py, tests/test_bench.py) use them too. torch is imported here, outside
+the package (the optional `bench` and `test` extras).
 """
 
 import math
@@ -200,7 +203,8 @@ class BNStatistics:
   """Forward pre-hooks on every BatchNorm2d, in module order (the reference's BNFeatureHook).
 
   Each hook stores ||mean - running_mean||_2 + ||var - running_var||_2 of its layer's input,
-  mean and biased variance over (N, H, W), computed in float32 (also under autocast).
+  mean and biased variance over (N, H, W), computed in float32 at least (also under
+  autocast; a float64 model keeps float64).
   """
 
   def __init__(self, model: nn.Module):
@@ -211,7 +215,8 @@ class BNStatistics:
 
   def _hook(self, index: int):
     def hook(module, inputs):
-      x = inputs[0].float()
+      x = inputs[0]
+      x = x.to(torch.promote_types(x.dtype, torch.float32))
       mean = x.mean(dim=(0, 2, 3))
       var = x.var(dim=(0, 2, 3), correction=0)
       self.losses[index] = (torch.norm(mean - module.running_mean, 2) +

@@ -1,16 +1,20 @@
 """Throughput harness: the recover, squeeze, student and relabel steps, beside a PyTorch recover.
 
-  python -m sre2l_jax.bench --what=recover,squeeze,student,relabel --model=convnet --width=64 \
+  python -m benchmarks.bench --what=recover,squeeze,student,relabel --model=convnet --width=64 \
       --image_size=28 --channels=1 --num_classes=10 --group_size=10 --groups=10 \
       --dtype=float32 --repeats=5 --steps=20 --reference=torch --json=out.json
 
-Every JAX workload is the project's own step function, jitted as its stage jits it (one-axis
-mesh of `--devices` devices, shardings, donated state) and compiled ahead of time; the
-compilation and `--warmup` steps are excluded, then `repeats` runs of `steps` steps each are
-timed to `block_until_ready` and the median is reported. Units: recover in image-iterations/s
-(groups * group_size * steps / s); squeeze, student and relabel in images/s. Inputs stay on
-the device (no host input pipeline is measured). Teachers have random weights and random,
-non-trivial BatchNorm running statistics. `--reference=torch` adds `bench_torch`'s recover
+Every JAX workload is built by the stage's own step factory, so it is the program the stage
+runs (one-axis mesh of `--devices` devices, shardings, donated state): recover
+`synthesis.optimize.create_recover_step`, squeeze `train_lib.create_classification_step`,
+student `student.create_student_step` (online soft labels, as evaluate), relabel
+`views.create_batch_views` + `student.create_teacher_logits` (as `label_store.write_labels`).
+Each is compiled ahead of time; the compilation and `--warmup` steps are excluded, then
+`repeats` runs of `steps` steps each are timed to `block_until_ready` and the median is
+reported. Units: recover in image-iterations/s (groups * group_size * steps / s); squeeze,
+student and relabel in images/s. Inputs stay on the device (no host input pipeline is
+measured). Teachers have random weights and random, non-trivial BatchNorm running
+statistics. `--reference=torch` adds `torch_reference`'s recover
 on the same teacher weights and reports the JAX / torch ratio; `--skip_jax` runs the torch
 side alone (run it with JAX_PLATFORMS=cpu on a GPU so that JAX leaves the card to torch).
 `--summarize=a.json,b.json` prints one table over several such JSON files (the GPU script's
@@ -18,7 +22,6 @@ last step) with the projected ImageNet-1K IPC50 recover time.
 """
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -31,16 +34,19 @@ import zlib
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from sre2l_jax import config_lib
 from sre2l_jax import models
-from sre2l_jax import recover
+from sre2l_jax import student
+from sre2l_jax import synthesis
 from sre2l_jax import train_lib
-from sre2l_jax.data import augment
+from sre2l_jax import views
+from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
-from sre2l_jax.data import pipeline
+from sre2l_jax.synthesis import optimize
 
 WORKLOADS = ('recover', 'squeeze', 'student', 'relabel')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -112,6 +118,19 @@ def model_config(name: str, args, width: int):
   c = config_lib.base_config().teacher
   c.update(name=name, width=width, depth=args.depth, pooling=args.pooling, stem=args.stem,
            dtype=args.dtype)
+  return c
+
+
+def bench_config(args) -> ml_collections.ConfigDict:
+  """The stages' config (`config_lib.base_config()`) with the benchmark's settings."""
+  c = config_lib.base_config()
+  c.seed = args.seed
+  c.teacher = model_config(args.model, args, args.width)
+  c.student = model_config(args.student_model, args, args.student_width)
+  c.recover.update(batch_size=args.group_size, dtype=args.dtype, crop=args.crop,
+                   jitter=args.jitter, min_scale=args.min_scale)
+  c.squeeze.batch_size = args.batch_size
+  c.relabel.update(batch_size=args.batch_size, min_scale=args.min_scale)
   return c
 
 
@@ -229,48 +248,55 @@ def recover_labels(args):
     raise ValueError(f'--group_size={args.group_size} must divide --num_classes='
                      f'{args.num_classes} (a group holds different classes).')
   chunks = args.num_classes // args.group_size
-  labels, uids, _ = recover.group_layout(args.num_classes, math.ceil(args.groups / chunks),
-                                         args.group_size, 1)
+  labels, uids, _ = optimize.group_layout(args.num_classes, math.ceil(args.groups / chunks),
+                                          args.group_size, 1)
   return labels[:args.groups], uids[:args.groups]
 
 
-def recover_config(args):
-  cfg = config_lib.base_config().recover
-  cfg.update(batch_size=args.group_size, dtype=args.dtype, crop=args.crop,
-             jitter=args.jitter, min_scale=args.min_scale)
-  return cfg
+def random_keys(args, mesh, count: int):
+  """`count` different replicated step keys (a step sees one each, round robin)."""
+  return [jax.device_put(jax.random.PRNGKey(args.seed + i), batching.replicated(mesh))
+          for i in range(count)]
 
 
-def bench_recover(args, spec, mesh, model, teacher) -> dict:
-  """`recover.recover_step` jitted as `recover.run` jits it; image-iterations/s."""
-  cfg = recover_config(args)
+def random_batch(args, spec, mesh) -> dict:
+  """A fixed uint8 batch of `--batch_size` random images and labels, sharded on 'data'."""
+  if args.batch_size % mesh.size:
+    raise ValueError(f'--batch_size={args.batch_size} must be a multiple of {mesh.size}.')
+  rs = np.random.default_rng(args.seed)
+  batch = {'image': rs.integers(0, 256, (args.batch_size,) + spec.image_shape, np.uint8),
+           'label': rs.integers(0, spec.num_classes, (args.batch_size,), np.int32)}
+  return jax.device_put(batch, batching.data_sharding(mesh))
+
+
+def compile_ahead(jitted, *args):
+  """(compiled, seconds) of a jitted function for these arguments."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def bench_recover(args, config, spec, mesh, model, teacher) -> dict:
+  """`optimize.create_recover_step` with recover's state and shardings; image-iterations/s."""
+  cfg = config.recover
   labels, uids = recover_labels(args)
   if labels.shape[0] % mesh.size:
     raise ValueError(f'--groups={args.groups} must be a multiple of the {mesh.size} devices.')
-  sharded, replicated = pipeline.data_sharding(mesh), pipeline.replicated(mesh)
+  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
   labels_dev, uids_dev = jax.device_put(labels, sharded), jax.device_put(uids, sharded)
   teacher = jax.device_put(teacher, replicated)
-  tx = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.iterations), b1=cfg.adam_b1,
-                  b2=cfg.adam_b2, eps=1e-8)
-  low, high = datasets.pixel_bounds(spec)
-  bounds = (jnp.asarray(low), jnp.asarray(high))
-
-  def create_state(images):
-    return {'images': images, 'opt_state': tx.init(images), 'step': jnp.int32(0)}
-
-  shape = jax.ShapeDtypeStruct(labels.shape + spec.image_shape, jnp.float32)
-  state_shardings = jax.tree_util.tree_map(
-      lambda x: sharded if x.ndim == 5 else replicated, jax.eval_shape(create_state, shape))
-  images = jax.random.normal(jax.random.PRNGKey(args.seed + 2), shape.shape)
-  state = jax.jit(create_state, out_shardings=state_shardings)(
+  tx = optimize.create_optimizer(cfg)
+  images_shape = labels.shape + spec.image_shape
+  shardings = optimize.state_shardings(tx, images_shape, mesh)
+  images = jax.random.normal(jax.random.PRNGKey(args.seed + 2), images_shape)
+  state = jax.jit(lambda x: optimize.create_state(x, tx), out_shardings=shardings)(
       jax.device_put(images, sharded))
   rng = jax.device_put(jax.random.PRNGKey(args.seed + 3), replicated)
 
-  step_fn = recover.jit_recover_step(model, cfg, tx, bounds, state_shardings, mesh)
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, labels_dev, uids_dev, rng, teacher).compile()
-  compile_seconds = time.perf_counter() - start
-
+  step_fn = optimize.create_recover_step(synthesis.get_method(cfg.method), model, cfg, tx,
+                                         optimize.pixel_bounds(spec), shardings, mesh)
+  compiled, compile_seconds = compile_ahead(step_fn, state, labels_dev, uids_dev, rng,
+                                            teacher)
   box = {'state': state}
 
   def run_steps(n):
@@ -281,7 +307,7 @@ def bench_recover(args, spec, mesh, model, teacher) -> dict:
     box['state'] = s
 
   result = time_steps(run_steps, args.steps, args.repeats, args.warmup)
-  metrics = jax.device_get(compiled(box["state"], labels_dev, uids_dev, rng, teacher)[1])
+  metrics = jax.device_get(compiled(box['state'], labels_dev, uids_dev, rng, teacher)[1])
   images_per_step = int(labels.size)
   result.update(compile_s=compile_seconds, images_per_step=images_per_step,
                 groups=int(labels.shape[0]), group_size=int(labels.shape[1]),
@@ -293,28 +319,16 @@ def bench_recover(args, spec, mesh, model, teacher) -> dict:
   return result
 
 
-def bench_classification(args, spec, mesh, model, optimizer_cfg) -> dict:
-  """`train_lib.classification_step` jitted as `squeeze.run` jits it; images/s."""
-  if args.batch_size % mesh.size:
-    raise ValueError(f'--batch_size={args.batch_size} must be a multiple of {mesh.size}.')
-  replicated, sharded = pipeline.replicated(mesh), pipeline.data_sharding(mesh)
-  schedule = train_lib.warmup_cosine(optimizer_cfg.lr, 100_000, 0)
-  tx = train_lib.create_optimizer(optimizer_cfg, schedule)
+def bench_squeeze(args, config, spec, mesh, model) -> dict:
+  """`train_lib.create_classification_step` with squeeze's optimiser; images/s."""
+  cfg = config.squeeze
+  batch = random_batch(args, spec, mesh)
+  tx = train_lib.create_optimizer(cfg, train_lib.warmup_cosine(cfg.lr, 100_000, 0))
   state = train_lib.create_train_state(model, tx, spec.image_shape,
                                        jax.random.PRNGKey(args.seed), mesh)
-  rs = np.random.default_rng(args.seed)
-  batch = {'image': rs.integers(0, 256, (args.batch_size,) + spec.image_shape, np.uint8),
-           'label': rs.integers(0, spec.num_classes, (args.batch_size,), np.int32)}
-  batch = jax.device_put(batch, sharded)
-  keys = [jax.device_put(jax.random.PRNGKey(args.seed + i), replicated)
-          for i in range(max(args.steps, args.warmup, 1))]
-  step_fn = jax.jit(
-      functools.partial(train_lib.classification_step, spec=spec, label_smoothing=0.0),
-      in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
-      donate_argnums=0)
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, batch, keys[0]).compile()
-  compile_seconds = time.perf_counter() - start
+  keys = random_keys(args, mesh, max(args.steps, args.warmup, 1))
+  step_fn = train_lib.create_classification_step(spec, mesh, cfg.label_smoothing)
+  compiled, compile_seconds = compile_ahead(step_fn, state, batch, keys[0])
   box = {'state': state}
 
   def run_steps(n):
@@ -326,66 +340,82 @@ def bench_classification(args, spec, mesh, model, optimizer_cfg) -> dict:
 
   result = time_steps(run_steps, args.steps, args.repeats, args.warmup)
   result.update(compile_s=compile_seconds, batch_size=args.batch_size,
-                optimizer=optimizer_cfg.optimizer, train_augment=spec.train_augment,
+                optimizer=cfg.optimizer, train_augment=spec.train_augment, **cost(compiled))
+  return finish(result, args.batch_size, 'images_per_second', args, mesh.size)
+
+
+def bench_student(args, config, spec, mesh, teacher_model, teacher) -> dict:
+  """`student.create_student_step` (online soft labels: views, teacher forward, KL) with
+  evaluate's optimiser, as evaluate trains a student; images/s."""
+  batch = random_batch(args, spec, mesh)
+  model = models.create_model(config.student, spec.num_classes)
+  cfg = config.evaluate
+  tx = train_lib.create_optimizer(cfg, train_lib.warmup_cosine(cfg.lr, 100_000))
+  state = train_lib.create_train_state(model, tx, spec.image_shape,
+                                       jax.random.PRNGKey(args.seed), mesh)
+  keys = random_keys(args, mesh, max(args.steps, args.warmup, 1))
+  step_fn = student.create_student_step(config, spec, teacher_model, mesh, 'online')
+  compiled, compile_seconds = compile_ahead(step_fn, state, batch['image'], batch['label'],
+                                            None, keys[0], teacher)
+  box = {'state': state}
+
+  def run_steps(n):
+    s = box['state']
+    for i in range(n):
+      s, metrics = compiled(s, batch['image'], batch['label'], None, keys[i % len(keys)],
+                            teacher)
+    jax.block_until_ready((s, metrics))
+    box['state'] = s
+
+  result = time_steps(run_steps, args.steps, args.repeats, args.warmup)
+  result.update(compile_s=compile_seconds, batch_size=args.batch_size,
+                optimizer=cfg.optimizer, model=config.student.name, labels='online',
                 **cost(compiled))
   return finish(result, args.batch_size, 'images_per_second', args, mesh.size)
 
 
-def relabel_logits(variables, images_u8, rng, *, model, spec, min_scale: float):
-  """Teacher logits of one RandomResizedCrop + flip view of every (uint8) image."""
-  x = datasets.normalise(images_u8, spec)
-
-  def view(key, image):
-    k_crop, k_flip = jax.random.split(key)
-    image = augment.random_resized_crop(k_crop, image, scale=(min_scale, 1.0))
-    return augment.random_flip(k_flip, image)
-
-  x = jax.vmap(view)(jax.random.split(rng, x.shape[0]), x)
-  return model.apply(variables, x, train=False)
-
-
-def bench_relabel(args, spec, mesh, model, teacher) -> dict:
-  """Teacher forward on augmented crops (the relabel / online-KD teacher pass); images/s."""
-  if args.batch_size % mesh.size:
-    raise ValueError(f'--batch_size={args.batch_size} must be a multiple of {mesh.size}.')
-  replicated, sharded = pipeline.replicated(mesh), pipeline.data_sharding(mesh)
-  rs = np.random.default_rng(args.seed)
-  images = jax.device_put(
-      rs.integers(0, 256, (args.batch_size,) + spec.image_shape, np.uint8), sharded)
-  keys = [jax.device_put(jax.random.PRNGKey(args.seed + i), replicated)
-          for i in range(max(args.steps, args.warmup, 1))]
-  fn = jax.jit(functools.partial(relabel_logits, model=model, spec=spec,
-                                 min_scale=args.min_scale),
-               in_shardings=(replicated, sharded, replicated), out_shardings=sharded)
-  start = time.perf_counter()
-  compiled = fn.lower(teacher, images, keys[0]).compile()
-  compile_seconds = time.perf_counter() - start
+def bench_relabel(args, config, spec, mesh, model, teacher) -> dict:
+  """`views.create_batch_views` then `student.create_teacher_logits`, the two programs
+  `label_store.write_labels` runs per batch; images/s."""
+  images = random_batch(args, spec, mesh)['image']
+  keys = random_keys(args, mesh, max(args.steps, args.warmup, 1))
+  views_fn = views.create_batch_views(config.relabel, spec, mesh)
+  logits_fn = student.create_teacher_logits(model, teacher, mesh)  # partial(jitted, teacher)
+  compiled_views, views_seconds = compile_ahead(views_fn, keys[0], images)
+  batch_views = compiled_views(keys[0], images)[0]
+  compiled_logits, logits_seconds = compile_ahead(logits_fn.func, *logits_fn.args,
+                                                  batch_views)
 
   def run_steps(n):
-    out = [compiled(teacher, images, keys[i % len(keys)]) for i in range(n)]
+    out = [compiled_logits(teacher, compiled_views(keys[i % len(keys)], images)[0])
+           for i in range(n)]
     jax.block_until_ready(out)
 
   result = time_steps(run_steps, args.steps, args.repeats, args.warmup)
-  result.update(compile_s=compile_seconds, batch_size=args.batch_size, **cost(compiled))
+  costs = [cost(compiled_views), cost(compiled_logits)]
+  total = {k: (sum(c[k] for c in costs) if all(c[k] for c in costs) else None)
+           for k in costs[0]}
+  result.update(compile_s=views_seconds + logits_seconds, batch_size=args.batch_size,
+                mix=config.relabel.mix, **total)
   return finish(result, args.batch_size, 'images_per_second', args, mesh.size)
 
 
 def bench_torch_recover(args, spec, teacher, labels) -> dict:
-  """`bench_torch`'s reference recover on the same teacher weights; image-iterations/s."""
-  from sre2l_jax import bench_torch  # pylint: disable=g-import-not-at-top  # optional torch
-  model = bench_torch.build_model(args.model, args.num_classes, args.channels,
+  """`torch_reference`'s recover on the same teacher weights; image-iterations/s."""
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  # optional torch
+  model = torch_reference.build_model(args.model, args.num_classes, args.channels,
                                   args.image_size, width=args.width, depth=args.depth,
                                   pooling=args.pooling, stem=args.stem)
-  bench_torch.load_flax_variables(model, jax.device_get(teacher))
-  cfg = recover_config(args)
-  result = bench_torch.benchmark_recover(
+  torch_reference.load_flax_variables(model, jax.device_get(teacher))
+  cfg = bench_config(args).recover
+  result = torch_reference.benchmark_recover(
       model, labels, spec.image_shape, spec.mean, spec.std, steps=args.steps,
       repeats=args.repeats, warmup=args.warmup, threads=args.torch_threads, lr=cfg.lr,
       r_bn=cfg.r_bn, first_bn_multiplier=cfg.first_bn_multiplier, betas=(cfg.adam_b1, cfg.adam_b2),
       jitter=cfg.jitter, min_scale=cfg.min_scale, max_scale=cfg.max_scale,
       crop=cfg.crop != 'none', flip=cfg.flip, iterations=cfg.iterations,
       amp=args.torch_amp, weight_grads=args.torch_weight_grads,
-      device=args.torch_device or bench_torch.default_device(), seed=args.seed)
+      device=args.torch_device or torch_reference.default_device(), seed=args.seed)
   result['throughput'] = result['image_iterations_per_second']
   result['throughput_unit'] = 'image_iterations_per_second'
   result['imagenet_ipc50_4k_hours'] = (IMAGENET_IPC50_IMAGE_ITERATIONS /
@@ -420,15 +450,14 @@ def run(args) -> dict:
   if args.skip_jax and args.reference != 'torch':
     raise ValueError('--skip_jax leaves nothing to run without --reference=torch.')
   spec = dataset_spec(args)
-  dtype = DTYPES[args.dtype]
-  teacher_model = models.create_model(model_config(args.model, args, args.width),
-                                      args.num_classes, dtype=dtype)
+  config = bench_config(args)
+  teacher_model = models.create_model(config.teacher, args.num_classes)
   # float32 variables whatever the compute dtype, as a loaded teacher's.
   teacher = teacher_variables(teacher_model, spec.image_shape, args.seed)
   mesh = None
   if not args.skip_jax:
-    mesh = pipeline.create_mesh(args.devices)
-    teacher = jax.device_put(teacher, pipeline.replicated(mesh))
+    mesh = batching.create_mesh(args.devices)
+    teacher = jax.device_put(teacher, batching.replicated(mesh))
   settings = {k: v for k, v in vars(args).items() if k not in ('summarize', 'summary_json')}
   out = {'label': args.label or f'{args.model}_{args.image_size}_{args.dtype}',
          **environment(devices=not args.skip_jax),
@@ -442,24 +471,21 @@ def run(args) -> dict:
              'flops_per_item': "XLA cost_analysis flops of one compiled step / items "
                                "per step (recover: per image-iteration)",
              'inputs': 'fixed on-device batches; no host input pipeline',
-             'relabel': 'teacher forward on one RandomResizedCrop + flip view per image',
-             'student': 'train_lib.classification_step on the student model (AdamW)'}}
+             'relabel': 'views.batch_views (RandomResizedCrop, flip, CutMix) + teacher '
+                        'forward, as label_store.write_labels',
+             'student': 'student.student_step with online soft labels (views, teacher '
+                        'forward, KL), evaluate\'s optimiser (AdamW)'}}
   if not args.skip_jax:
     for what in args.what:
       start = time.perf_counter()
       if what == 'recover':
-        r = bench_recover(args, spec, mesh, teacher_model, teacher)
+        r = bench_recover(args, config, spec, mesh, teacher_model, teacher)
       elif what == 'squeeze':
-        r = bench_classification(args, spec, mesh, teacher_model,
-                                 config_lib.base_config().squeeze)
+        r = bench_squeeze(args, config, spec, mesh, teacher_model)
       elif what == 'student':
-        student = models.create_model(
-            model_config(args.student_model, args, args.student_width), args.num_classes,
-            dtype=dtype)
-        r = bench_classification(args, spec, mesh, student, config_lib.base_config().evaluate)
-        r['model'] = args.student_model
+        r = bench_student(args, config, spec, mesh, teacher_model, teacher)
       else:
-        r = bench_relabel(args, spec, mesh, teacher_model, teacher)
+        r = bench_relabel(args, config, spec, mesh, teacher_model, teacher)
       r['wall_s'] = time.perf_counter() - start
       out['results'][what] = r
   if args.reference == 'torch':
