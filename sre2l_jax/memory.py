@@ -1,0 +1,233 @@
+"""Memory plans from XLA's own analysis: what a jitted step needs per device, before running it.
+
+A step is compiled at abstract shapes (`jax.ShapeDtypeStruct`, nothing allocated) and XLA's
+buffer assignment says how many bytes one device holds while it runs:
+
+  peak = arguments + outputs + temporaries + generated code - aliased (donated) bytes
+
+(`jax.stages.Compiled.memory_analysis()`; the estimate `jax.stages` itself prints). The same
+compiled program gives XLA's FLOP count (`cost_analysis()`), from which a running time is
+*projected* at a stated fraction of a device's peak: a projection, not a measurement.
+
+Work that scales with a count (recover groups per device, student batch) is planned by
+compiling at two counts, fitting `peak = fixed + count * per_unit`, choosing the largest count
+that fits `margin * memory`, and compiling that count to check it (`plan_units`).
+
+The analysis is that of the backend the program was compiled for: on this CPU it estimates a
+GPU or TPU program (same shapes, other fusion and layout decisions), so a plan for another
+device keeps a margin, and `launch/gpu_bench.sh` compares the plan with a measured peak.
+"""
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  """A device the plans know by name. Memory in GiB (2^30 bytes) as vendors state it (an
+  "80 GB" H100 has 80 GiB); peak TFLOP/s dense (no sparsity) per compute dtype."""
+  name: str
+  memory_gib: float
+  peak_tflops: dict
+  note: str = ''
+
+
+# Datasheet figures. 'float32' is what an fp32 program runs at by default: TF32 tensor cores
+# on Hopper (XLA's default precision for fp32 convolutions and matmuls), one bf16 pass on the
+# TPU MXU (JAX's default precision there).
+DEVICES = {
+    'h100': Device('NVIDIA H100 SXM 80 GB', 80, {'bfloat16': 989.4, 'float32': 494.7},
+                   'fp32 as TF32; JAX takes 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION '
+                   'is raised'),
+    'h200': Device('NVIDIA H200 141 GB', 141, {'bfloat16': 989.4, 'float32': 494.7},
+                   'same compute as the H100 SXM; fp32 as TF32'),
+    'tpu_v4': Device('TPU v4 (one chip)', 32, {'bfloat16': 275.0, 'float32': 275.0},
+                     'fp32 matmuls at default precision run as bf16 passes'),
+    'tpu_v5e': Device('TPU v5e (one chip)', 16, {'bfloat16': 197.0, 'float32': 197.0},
+                      'fp32 matmuls at default precision run as bf16 passes'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  """Per-device bytes of one compiled program, and XLA's FLOPs for one call of it (one
+  device's share of the work under SPMD; None where the backend does not count)."""
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  generated_code_bytes: int
+  alias_bytes: int
+  flops: float | None = None
+  bytes_accessed: float | None = None
+
+  @property
+  def peak_bytes(self) -> int:
+    """Bytes one device holds while the program runs (donated buffers counted once)."""
+    return (self.argument_bytes + self.output_bytes + self.temp_bytes +
+            self.generated_code_bytes - self.alias_bytes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self) | {'peak_bytes': self.peak_bytes}
+
+
+def abstract(tree, sharding=None):
+  """Arrays or shapes -> `jax.ShapeDtypeStruct`s (with `sharding` where given, else the
+  array's own); nothing is allocated or copied."""
+  def one(x):
+    s = sharding if sharding is not None else getattr(x, 'sharding', None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  return jax.tree_util.tree_map(one, tree)
+
+
+def analyse(compiled) -> MemoryReport:
+  """XLA's memory and cost analysis of a `jax.stages.Compiled`."""
+  m = compiled.memory_analysis()
+  if m is None:
+    raise RuntimeError('This backend gives no memory analysis of compiled programs.')
+  flops = accessed = None
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    cost = cost or {}
+    flops = float(cost['flops']) if cost.get('flops', 0) > 0 else None
+    accessed = (float(cost['bytes accessed']) if cost.get('bytes accessed', 0) > 0 else None)
+  except Exception:  # pylint: disable=broad-except  # some backends count nothing
+    pass
+  return MemoryReport(
+      argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+      temp_bytes=int(m.temp_size_in_bytes),
+      generated_code_bytes=int(m.generated_code_size_in_bytes),
+      alias_bytes=int(m.alias_size_in_bytes), flops=flops, bytes_accessed=accessed)
+
+
+def compile_abstract(jitted, *args, **kwargs) -> MemoryReport:
+  """Lowers and compiles `jitted` (a `jax.jit` function) at the shapes of `args` (arrays or
+  `ShapeDtypeStruct`s; nothing is allocated) and returns XLA's analysis."""
+  return analyse(jitted.lower(*abstract(args), **kwargs).compile())
+
+
+def device_memory_bytes(memory_gib: float = 0.0) -> int | None:
+  """`memory_gib` GiB if > 0, else what the first local device says it may allocate
+  (`memory_stats()['bytes_limit']`: on a GPU, JAX's share of the card), else None (this
+  CPU states no limit)."""
+  if memory_gib > 0:
+    return int(memory_gib * GIB)
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return int(stats['bytes_limit']) if stats and stats.get('bytes_limit') else None
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitPlan:
+  """How many units (groups, examples) per device fit: the linear fit, the chosen count and
+  the compiled program's own analysis at that count."""
+  units: int
+  fixed_bytes: float
+  bytes_per_unit: float
+  budget_bytes: int
+  report: MemoryReport
+
+  @property
+  def fits(self) -> bool:
+    return self.report.peak_bytes <= self.budget_bytes
+
+
+def fit_line(counts, peaks) -> tuple[float, float]:
+  """Least-squares (fixed, per_unit) of peak = fixed + count * per_unit."""
+  n = len(counts)
+  if n < 2 or len(set(counts)) < 2:
+    raise ValueError('A line needs peaks at two different counts at least.')
+  mean_c, mean_p = sum(counts) / n, sum(peaks) / n
+  slope = (sum((c - mean_c) * (p - mean_p) for c, p in zip(counts, peaks)) /
+           sum((c - mean_c) ** 2 for c in counts))
+  return mean_p - slope * mean_c, slope
+
+
+def plan_units(report_at: Callable[[int], MemoryReport], budget_bytes: int, max_units: int,
+               probe: tuple[int, int] = (1, 2)) -> UnitPlan:
+  """The largest units-per-device count <= `max_units` whose compiled peak fits the budget.
+
+  report_at(n): XLA's analysis of the step at n units per device (compiled at abstract
+  shapes). Two probes give the line; the count it predicts is compiled and checked, and
+  lowered by the excess (at least one unit) until XLA's own peak fits. Raises
+  `MemoryError` when not even one unit fits.
+  """
+  reports = {n: report_at(n) for n in sorted(set(min(p, max_units) for p in probe))}
+  if len(reports) > 1:
+    fixed, per_unit = fit_line(list(reports), [r.peak_bytes for r in reports.values()])
+  else:  # one unit is all there is
+    (n, r), = reports.items()
+    fixed, per_unit = 0.0, r.peak_bytes / n
+  per_unit = max(per_unit, 1.0)
+  units = max(1, min(max_units, int((budget_bytes - fixed) // per_unit)))
+  while True:
+    report = reports.get(units) or report_at(units)
+    reports[units] = report
+    excess = report.peak_bytes - budget_bytes
+    if excess <= 0:
+      return UnitPlan(units, fixed, per_unit, budget_bytes, report)
+    if units == 1:
+      raise MemoryError(
+          f'One unit needs {format_bytes(report.peak_bytes)} per device; the budget is '
+          f'{format_bytes(budget_bytes)}.')
+    units = max(1, units - max(1, math.ceil(excess / per_unit)))
+
+
+def balanced_rounds(total: int, per_round_max: int, multiple: int = 1) -> tuple[int, int]:
+  """(rounds, per_round): the fewest rounds of at most `per_round_max` items, each round
+  equally sized and a multiple of `multiple` (devices), padding at most one round's worth
+  of rounding. E.g. 500 groups, at most 18 per round: 28 rounds of 18 (504, 4 padding)."""
+  if per_round_max < multiple:
+    raise ValueError(f'A round holds at most {per_round_max} items, fewer than the '
+                     f'{multiple} devices that share it.')
+  per_round_max -= per_round_max % multiple
+  rounds = math.ceil(total / per_round_max)
+  per_round = math.ceil(math.ceil(total / rounds) / multiple) * multiple
+  return rounds, per_round
+
+
+def projected_seconds(flops_per_call: float, calls: int, devices: int, peak_tflops: float,
+                      utilisation: float) -> float:
+  """A projection: `calls` runs of a program of `flops_per_call` FLOPs on each of `devices`
+  devices at `utilisation` of `peak_tflops`. Devices run in parallel, so the time is that
+  of one device's share."""
+  del devices  # each device runs its own `flops_per_call` at the same time
+  return calls * flops_per_call / (utilisation * peak_tflops * 1e12)
+
+
+def format_bytes(n: float) -> str:
+  return f'{n / GIB:.2f} GiB'
+
+
+def format_seconds(s: float) -> str:
+  if s < 120:
+    return f'{s:.0f} s'
+  if s < 2 * 3600:
+    return f'{s / 60:.1f} min'
+  return f'{s / 3600:.1f} h'
+
+
+def describe(report: MemoryReport) -> str:
+  """One line: the peak and its parts."""
+  return (f'peak {format_bytes(report.peak_bytes)} per device (arguments '
+          f'{format_bytes(report.argument_bytes)}, outputs {format_bytes(report.output_bytes)}'
+          f', temporaries {format_bytes(report.temp_bytes)}, code '
+          f'{format_bytes(report.generated_code_bytes)}, donated '
+          f'{format_bytes(report.alias_bytes)})')
+
+
+def check_fits(report: MemoryReport, budget_bytes: int | None, what: str) -> None:
+  """Raises `MemoryError` naming `what` when XLA's peak exceeds the budget (None: no limit
+  known, nothing checked)."""
+  if budget_bytes is not None and report.peak_bytes > budget_bytes:
+    raise MemoryError(f'{what} does not fit: XLA plans {describe(report)}, over the '
+                      f'{format_bytes(budget_bytes)} available per device.')
+
