@@ -51,17 +51,13 @@ def get_config(arg=None):
     # Same code paths and 224x224 inputs; tiny widths, few images, a few steps per stage.
     # Every batch is 32 images (evaluation pads to it): a multiple of 8, 16 (a v4-32 slice)
     # and 32 (4 nodes x 8 GPUs) devices.
-    c.dataset.update(train_limit=32, test_limit=16)
-    c.teacher.width = c.student.width = 8
-    c.squeeze.update(epochs=2, batch_size=32, eval_batch_size=32, checkpoint_every_steps=1,
-                     log_every_steps=1)
     # Only the first 40 classes get an image (all 1000 at 224x224 take minutes per step on
-    # a CPU); groups of 5 make 8 groups, padded to a multiple of the device count.
-    c.recover.update(ipc=1, num_classes=40, batch_size=5, iterations=2,
-                     checkpoint_every_steps=1, log_every_steps=1)
-    c.relabel.update(epochs=1, batch_size=32)
-    # A random real subset needs >= ipc training images of every class: not in a few
-    # mock images.
-    c.evaluate.update(eval_batch_size=32, log_every_steps=5,
-                      checkpoint_every_epochs=1, baselines='')
+    # a CPU); groups of 5 make 8 groups, padded to a multiple of the device count. A random
+    # real subset needs >= ipc training images of every class: not in a few mock images.
+    config_lib.smoke(
+        c, width=8, every=1, dataset=dict(train_limit=32, test_limit=16),
+        squeeze=dict(epochs=2, batch_size=32, eval_batch_size=32),
+        recover=dict(ipc=1, num_classes=40, batch_size=5, iterations=2),
+        relabel=dict(epochs=1, batch_size=32),
+        evaluate=dict(eval_batch_size=32, log_every_steps=5, baselines=()))
   return c
