@@ -1,5 +1,7 @@
-"""Orbax checkpoint managers and the config fingerprints that guard a stage's workdir."""
+"""Orbax checkpoint managers, the config fingerprints that guard a stage's workdir, and the
+stage results (`result.json`) that mark it finished."""
 
+import datetime
 import json
 import os
 from typing import Any
@@ -8,6 +10,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from sre2l_jax import files
+
+
+FINGERPRINT = 'fingerprint.json'
+RESULT = 'result.json'
 
 
 class ConfigMismatchError(ValueError):
@@ -49,7 +55,7 @@ def check_fingerprint(stage_dir: str, fingerprint: dict) -> None:
   dataset, sizes, seed). The first run writes it to `stage_dir/fingerprint.json`.
   """
   fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples, numpy scalars
-  path = os.path.join(stage_dir, 'fingerprint.json')
+  path = os.path.join(stage_dir, FINGERPRINT)
   if os.path.exists(path):
     differences = diff(files.read_json(path), fingerprint)
     if differences:
@@ -60,3 +66,18 @@ def check_fingerprint(stage_dir: str, fingerprint: dict) -> None:
     return
   if jax.process_index() == 0:
     files.atomic_write(path, json.dumps(fingerprint, indent=1, sort_keys=True))
+
+
+def finished_result(stage_dir: str) -> dict | None:
+  """The result of the run that finished the stage in `stage_dir` (check its fingerprint
+  first), or None. A finished stage that is run again returns it and changes nothing: the
+  measurements (wall time, throughput) stay those of the run that did the work."""
+  path = os.path.join(stage_dir, RESULT)
+  return files.read_json(path) if os.path.exists(path) else None
+
+
+def write_result(stage_dir: str, result: dict) -> dict:
+  """Writes `stage_dir/result.json`, stamped with when it was measured; returns it."""
+  result = dict(result, measured_at=datetime.datetime.now().isoformat(timespec='seconds'))
+  files.write_json(os.path.join(stage_dir, RESULT), result)
+  return result

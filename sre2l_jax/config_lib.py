@@ -57,6 +57,7 @@ def smoke(c: ml_collections.ConfigDict, *, width: int = 8, every: int = 4,
   c.teacher.width = c.student.width = width
   c.squeeze.update(checkpoint_every_steps=every, log_every_steps=every)
   c.recover.update(checkpoint_every_steps=every, log_every_steps=every)
+  c.recover.update(min_bn_reduction=0.0, min_teacher_top1=0.0)  # a few steps prove nothing
   c.evaluate.update(log_every_steps=every, checkpoint_every_epochs=1)
   for section, values in sections.items():
     c[section].update(values)
@@ -80,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds every random stream (see rngs.py)
   c.stages = DEFAULT_STAGES  # stages `main` runs when --stages is not given
   c.mesh_shape = -1  # devices on the 'data' axis; -1: all
+  c.overwrite = False  # replace a teacher or stored labels that exist (main's --overwrite)
 
   c.dataset = ml_collections.ConfigDict(dict(
       name='fashion_mnist',  # see data/datasets.py
@@ -133,6 +135,11 @@ def base_config() -> ml_collections.ConfigDict:
       dtype='float32',  # teacher compute dtype ('bfloat16': loss stays float32)
       checkpoint_every_steps=200,
       log_every_steps=100,
+      # A finished run is refused (nothing exported) unless the BN term fell at least this
+      # many times (0: off)...
+      min_bn_reduction=1.0,
+      # ...and the teacher recognises at least this fraction of the images (0: off).
+      min_teacher_top1=0.5,
   ))
 
   # Relabel: FKD-style soft labels for every crop of every epoch.

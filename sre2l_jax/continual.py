@@ -215,6 +215,7 @@ def validate(config, spec, mesh) -> None:
   batching.check_batch_size(config.relabel.batch_size, mesh,
                             'relabel.batch_size (continual student batch)')
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
+  train_lib.validate_numbers(config, ('continual', 'evaluate', 'relabel'))
 
 
 def _empty_record() -> dict:
@@ -251,6 +252,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        f'needs every class of {spec.name}.')
     checkpoint.check_fingerprint(os.path.join(stage_dir, name),
                                  fingerprint(config, name, order, images))
+  finished = checkpoint.finished_result(stage_dir)
+  if finished is not None and sorted(finished['sets']) == sorted(names):
+    logging.info('continual: finished already (%s); nothing to do.', finished.get('measured_at'))
+    return finished
 
   # Model, optimiser (one, re-initialised at every class step), steps.
   model = models.create_model(config.student, spec.num_classes)
@@ -305,6 +310,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           config, step_fn, fresh_state(variables[name]), images, labels, mask, schedule,
           teacher, mesh, f'{name} step {k + 1}/{config.continual.steps}')
       variables[name] = {'params': state.params, 'batch_stats': state.batch_stats}
+      if not train_lib.all_finite(variables[name]):  # never saved: the last good step stays
+        raise train_lib.DivergedError(
+            f'continual {name} step {k + 1} diverged (a parameter stopped being finite). '
+            f'Lower evaluate.lr (now {config.evaluate.lr}) and re-run with a new --workdir.')
       top1 = train_lib.top1(eval_fn, variables[name], test_k, config.evaluate.eval_batch_size,
                             mesh, class_mask=mask)
       managers[name].save(k + 1, args=ocp.args.StandardSave(variables[name]))
@@ -337,6 +346,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             'test_top1_unit': 'fraction', 'sets': records, 'resumed_from_step': min(
                 resumed_from.values()), 'resumed_from_step_per_set': resumed_from,
             'plot': plot, 'wall_seconds': time.time() - start_time}
-  files.write_json(os.path.join(stage_dir, 'result.json'), result)
+  result = checkpoint.write_result(stage_dir, result)
   report.write(config, workdir)
   return result

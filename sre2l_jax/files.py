@@ -37,3 +37,8 @@ def write_json(path: str, data: dict) -> None:
 def read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
+
+
+def normalised(data: dict) -> dict:
+  """`data` as it reads back from JSON (tuples as lists, numpy scalars as floats)."""
+  return json.loads(json.dumps(data, default=float))

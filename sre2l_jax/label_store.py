@@ -9,13 +9,16 @@ images or settings, and `verify` checks every shard before a student trains on t
 
 import hashlib
 import io
+import json
 import os
+import shutil
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sre2l_jax import checkpoint
 from sre2l_jax import files
 from sre2l_jax import views
 from sre2l_jax.data import batching
@@ -29,9 +32,34 @@ class LabelError(ValueError):
   """Stored labels are missing, corrupted, or were made for other images or settings."""
 
 
-def label_dir(workdir: str, name: str) -> str:
-  """Where the stored labels of image set `name` live."""
-  return os.path.join(workdir, 'relabel', name)
+def storage_name(cfg) -> str:
+  """'float32', 'float16' or 'topk<k>' (cfg: the relabel config)."""
+  return f'topk{cfg.topk}' if cfg.storage == 'topk' else cfg.storage
+
+
+def label_settings(config) -> dict:
+  """Everything stored labels depend on besides the images: the schedule, the views, the
+  storage, the teacher (and the temperature top-k probabilities are taken at)."""
+  cfg = config.relabel
+  return {'storage': cfg.storage, 'topk': cfg.topk if cfg.storage == 'topk' else None,
+          'temperature': config.evaluate.temperature if cfg.storage == 'topk' else None,
+          'batch_size': cfg.batch_size, 'epochs': cfg.epochs, 'seed': config.seed,
+          'view': views.view_settings(cfg), 'teacher': config.teacher.to_dict(),
+          'teacher_dir': config.squeeze.teacher_dir}
+
+
+def digest(settings: dict, length: int = 8) -> str:
+  """A short stable hash of a JSON-able dict (names folders after their settings)."""
+  text = json.dumps(settings, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def label_dir(config, workdir: str, name: str) -> str:
+  """Where the stored labels of image set `name` under `config`'s settings live:
+  `workdir/relabel/<name>/<storage>-<digest of label_settings>`, so labels of other
+  settings (another storage, schedule, views) sit beside them instead of replacing them."""
+  return os.path.join(workdir, 'relabel', name,
+                      f'{storage_name(config.relabel)}-{digest(label_settings(config))}')
 
 
 def validate(cfg) -> None:
@@ -43,6 +71,8 @@ def validate(cfg) -> None:
     raise ValueError(f'relabel.storage={cfg.storage!r}; valid: {", ".join(STORAGES)}.')
   if cfg.storage == 'topk' and not 0 < cfg.topk:
     raise ValueError(f'relabel.topk={cfg.topk} must be positive.')
+  if not 0 < cfg.epochs_per_shard:
+    raise ValueError(f'relabel.epochs_per_shard={cfg.epochs_per_shard} must be positive.')
 
 
 def compress(logits: np.ndarray, storage: str, topk: int, temperature: float) -> dict:
@@ -136,6 +166,23 @@ class StoredLabels:
                        f'the last finished shard.')
     return cls(directory, manifest)
 
+  def verify(self) -> 'StoredLabels':
+    """Checks every shard against its SHA-256 (call before a student trains: a bad shard
+    found halfway would waste the first half)."""
+    for shard in self.manifest['shards']:
+      self._check(shard)
+    return self
+
+  def _check(self, shard: dict) -> str:
+    path = os.path.join(self.directory, shard['file'])
+    if not os.path.exists(path):
+      raise LabelError(f'Label shard {path} is missing. Re-run --stages=relabel after '
+                       f'removing {self.directory}.')
+    if sha256_file(path) != shard['sha256']:
+      raise LabelError(f'Label shard {path} is corrupted or truncated (SHA-256 mismatch). '
+                       f'Re-run --stages=relabel after removing {self.directory}.')
+    return path
+
   def shard_for(self, epoch: int) -> dict:
     for shard in self.manifest['shards']:
       if shard['epochs'][0] <= epoch < shard['epochs'][1]:
@@ -146,28 +193,32 @@ class StoredLabels:
     """Stored arrays of one epoch, each (steps_per_epoch, batch, k or C)."""
     shard = self.shard_for(epoch)
     if self._cache[0] != shard['file']:
-      path = os.path.join(self.directory, shard['file'])
-      if not os.path.exists(path):
-        raise LabelError(f'Label shard {path} is missing. Re-run --stages=relabel after '
-                         f'removing {self.directory}.')
-      if sha256_file(path) != shard['sha256']:
-        raise LabelError(f'Label shard {path} is corrupted or truncated (SHA-256 mismatch). '
-                         f'Re-run --stages=relabel after removing {self.directory}.')
+      path = self._check(shard)  # again: a shard may change while students train
       with np.load(path) as data:
         self._cache = (shard['file'], {k: data[k] for k in data.files})
     arrays = self._cache[1]
     return {k: v[epoch - shard['epochs'][0]] for k, v in arrays.items()}
 
 
+def _made_for(manifest: dict) -> dict:
+  """What a manifest says the labels were made for (the temperature only matters to top-k)."""
+  out = {k: v for k, v in manifest.items() if k not in ('shards', 'complete', 'bytes')}
+  if out.get('storage') != 'topk':
+    out.pop('temperature', None)
+  return out
+
+
 def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, cfg, spec,
-                 teacher_logits: Callable, mesh, temperature: float) -> dict:
+                 teacher_logits: Callable, mesh, temperature: float, *,
+                 overwrite: bool = False) -> dict:
   """Runs `teacher_logits(views)` on every view of the schedule and stores its outputs;
-  resumable at shard granularity (finished shards listed in the manifest are kept).
+  resumable at shard granularity (finished shards listed in the manifest are kept; finished
+  labels are left untouched).
 
   cfg: the relabel config. teacher_logits: jitted views (B, H, W, C) sharded on 'data' ->
-  logits (B, num_classes) replicated.
+  logits (B, num_classes) replicated. Labels of other images or settings in `directory` are
+  refused (LabelError) unless `overwrite`, which deletes them first.
   """
-  os.makedirs(directory, exist_ok=True)
   manifest_path = os.path.join(directory, MANIFEST)
   manifest = {'storage': cfg.storage, 'topk': cfg.topk if cfg.storage == 'topk' else None,
               'temperature': temperature, 'num_images': schedule.num_images,
@@ -177,8 +228,15 @@ def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, c
               'view': views.view_settings(cfg), 'shards': []}
   if os.path.exists(manifest_path):
     old = files.read_json(manifest_path)
-    if {k: v for k, v in old.items() if k not in ('shards', 'complete', 'bytes')} == {
-        k: v for k, v in manifest.items() if k != 'shards'}:
+    differences = checkpoint.diff(_made_for(old), _made_for(manifest))
+    if differences and not overwrite:
+      raise LabelError(f'{directory} holds labels made for other images or settings '
+                       f'({"; ".join(differences)}); refusing to replace them. Pass '
+                       f'--overwrite to replace them, or use another --workdir.')
+    if differences:
+      if jax.process_index() == 0:
+        shutil.rmtree(directory)
+    else:
       # Keep the finished shards up to the first missing or damaged one: shards after a
       # gap would otherwise hide it (relabel resumes after the last kept shard).
       for s in old['shards']:
@@ -188,6 +246,10 @@ def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, c
             or sha256_file(path) != s['sha256']):
           break
         manifest['shards'].append(s)
+      if old.get('complete') and manifest['shards'] == old['shards'] and (
+          manifest['shards'] and manifest['shards'][-1]['epochs'][1] == schedule.epochs):
+        return old  # finished and intact: nothing to do
+  os.makedirs(directory, exist_ok=True)
   done = max([s['epochs'][1] for s in manifest['shards']], default=0)
 
   sharded = batching.data_sharding(mesh)

@@ -2,11 +2,17 @@
 
 Runs the configured stages in order (squeeze, recover, relabel, evaluate; continual on
 request); each writes only under `workdir/<stage>/` and resumes by itself when re-run on the
-same workdir. The resolved config is written to `workdir/config.json` at start.
+same workdir. Every requested stage's settings are checked before anything is written; the
+resolved config is then written to `workdir/config.json`.
+
+Errors reach the user as one line (what is wrong and the fix) and exit code 1; the
+traceback is shown with --verbosity=1.
 """
 
+import difflib
 import importlib
 import os
+import sys
 
 import jax
 from absl import app
@@ -17,6 +23,9 @@ from ml_collections import config_flags
 from sre2l_jax import config_lib
 from sre2l_jax import files
 from sre2l_jax import multihost
+from sre2l_jax import train_lib
+from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -24,12 +33,22 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and o
 _STAGES = flags.DEFINE_list('stages', None,
                             f'Stages to run, a subset of {",".join(config_lib.STAGES)} '
                             f'(default: config.stages).')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Replace a teacher or stored labels that exist instead of refusing '
+    '(sets config.overwrite).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', None, 'Call jax.distributed.initialize() (multi-host). Default: on when '
     'SRE2L_DISTRIBUTED=1 or a Cloud TPU / SLURM multi-host environment is detected. '
     'Elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Print each stage\'s memory plan (its step compiled at the real shapes, '
+    'nothing allocated, no data or teacher read) and exit; e.g. with '
+    '--config.recover.device_memory_gb=80.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# Errors whose message says what is wrong and what to do; anything else also names its type.
+USER_ERRORS = (ValueError, OSError, app.UsageError, train_lib.DivergedError,
+               train_lib.CheckpointError, train_lib.NotConvergedError, MemoryError)
 
 
 def parse_stages(requested) -> list[str]:
@@ -49,23 +68,132 @@ def want_distributed() -> bool:
           or int(env.get('SLURM_NTASKS', '1')) > 1)
 
 
+def validate(config, stages: list[str]) -> None:
+  """Every check the requested stages make before their work, all before the first stage
+  runs (a typo in evaluate's settings is not found after an hour of squeeze)."""
+  spec = datasets.get_spec(config.dataset.name)
+  mesh = batching.create_mesh(config.mesh_shape)
+  for stage in stages:
+    module = importlib.import_module(f'sre2l_jax.{stage}')
+    if stage in ('squeeze', 'evaluate'):
+      module.validate(config, mesh)
+    elif stage == 'recover':
+      module.validate(config, spec)
+      train_lib.validate_numbers(config, ('recover',))
+    elif stage == 'relabel':
+      module.validate(config)
+    elif stage == 'continual':
+      module.validate(config, spec, mesh)
+
+
+def one_line(error: BaseException) -> str:
+  """An error as one line for the terminal: its message, whitespace folded."""
+  if isinstance(error, USER_ERRORS):
+    text = ' '.join(str(error).split())
+    return text if len(text) <= 1500 else text[:1500] + '...'
+  return (f'{type(error).__name__}: {train_lib.one_line(error)} (the traceback: re-run with '
+          f'--verbosity=1)')
+
+
+def _traceback_wanted(argv) -> bool:
+  for arg in argv:
+    if arg.startswith(('--verbosity=', '-v=')):
+      try:
+        return int(arg.split('=', 1)[1]) >= 1
+      except ValueError:
+        return False
+  return logging.get_verbosity() >= 1
+
+
+def explain_flag_error(argv, error: Exception) -> str:
+  """One line for an error while parsing the flags: a config file that fails to load, an
+  override of a key that does not exist (with the closest keys), a value of the wrong type."""
+  config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if config_arg:
+    path, _, arg = config_arg.partition(':')
+    try:
+      config = config_lib.load_config_file(path, arg or None)
+    except Exception as e:  # pylint: disable=broad-except
+      return f'--config={config_arg}: {" ".join(str(e).split()) or type(e).__name__}'
+    for flag in argv:
+      if not flag.startswith('--config.'):
+        continue
+      key = flag[len('--config.'):].split('=', 1)[0]
+      node, walked = config, []
+      for part in key.split('.'):
+        children = list(node.keys()) if hasattr(node, 'keys') else []
+        if part not in children:
+          close = difflib.get_close_matches(part, children, n=3)
+          prefix = '.'.join(walked)
+          hint = (f' Did you mean {", ".join((prefix + "." if prefix else "") + c for c in close)}?'
+                  if close else '')
+          return (f'--config.{key}: the config has no key {".".join(walked + [part])}.'
+                  f'{hint}')
+        node, walked = node[part], walked + [part]
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  # A config file's own exception comes embedded after a traceback: its last line says it.
+  text = lines[-1] if any(line.startswith('Traceback') for line in lines) else ' '.join(lines)
+  return text or type(error).__name__
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with errors as one line and exit code 1."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if _traceback_wanted(argv):
+      raise
+    print(f'sre2l_jax: {explain_flag_error(argv, e)}', file=sys.stderr)
+    sys.exit(1)
+
+
+def run(config, workdir: str, stages) -> None:
+  """Runs `stages` (names) of `config` on `workdir`."""
+  if not workdir or not workdir.strip():
+    raise app.UsageError('--workdir is empty; name the folder for this run\'s checkpoints and '
+                         'outputs, e.g. --workdir=runs/fm.')
+  stages = parse_stages(stages)
+  validate(config, stages)
+  if _DRY_RUN.value:
+    for stage in stages:
+      module = importlib.import_module(f'sre2l_jax.{stage}')
+      if hasattr(module, 'plan'):
+        module.plan(config, workdir)
+      else:
+        print(f'{stage}: no memory plan (the dry run covers recover)')
+    return
+  if _OVERWRITE.value:
+    config.overwrite = True
+  logging.info('sre2l_jax: stages %s on %d devices (%d processes)', stages,
+               jax.device_count(), jax.process_count())
+  if jax.process_count() > 1:
+    multihost.check_same_config(config)
+  files.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  for stage in stages:
+    module = importlib.import_module(f'sre2l_jax.{stage}')
+    module.run(config, workdir)
+    multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if want_distributed():
     multihost.initialize()  # jax.distributed.initialize(), layout from the environment
-  config = _CONFIG.value
-  stages = parse_stages(_STAGES.value or config.stages)
-  logging.info('sre2l_jax: stages %s on %d devices (%d processes)', stages,
-               jax.device_count(), jax.process_count())
-  if jax.process_count() > 1:
-    multihost.check_same_config(config)
-  files.write_json(os.path.join(_WORKDIR.value, 'config.json'), config.to_dict())
-  for stage in stages:
-    module = importlib.import_module(f'sre2l_jax.{stage}')
-    module.run(config, _WORKDIR.value)
-    multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
+  if logging.get_verbosity() < 1:
+    # Background-thread leftovers of a failed read (e.g. TensorStore's "Event loop is
+    # closed") would print a traceback before the one-line error; --verbosity=1 shows them.
+    sys.unraisablehook = lambda unraisable: logging.debug(
+        'ignored in %s: %r', unraisable.object, unraisable.exc_value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _STAGES.value or _CONFIG.value.stages)
+  except Exception as e:  # pylint: disable=broad-except
+    if logging.get_verbosity() >= 1:
+      raise
+    print(f'sre2l_jax: {one_line(e)}', file=sys.stderr)
+    logging.flush()
+    sys.exit(1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -35,7 +35,8 @@ CROPS = ('per_image', 'per_group', 'none')
 
 def fingerprint(config) -> dict:
   keep = {k: v for k, v in config.recover.to_dict().items()
-          if k not in ('log_every_steps', 'checkpoint_every_steps')}
+          if k not in ('log_every_steps', 'checkpoint_every_steps', 'min_bn_reduction',
+                       'min_teacher_top1')}  # the last two judge the result, not make it
   return {'dataset': config.dataset.name, 'teacher': config.teacher.to_dict(),
           'teacher_dir': config.squeeze.teacher_dir, 'recover': keep, 'seed': config.seed}
 
@@ -142,6 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Outputs.
   bn_final, bn_final_unaugmented, teacher_top1 = mean_losses(state['images'])
+  train_lib.check_recovery(initial['bn_loss'], bn_final, teacher_top1, cfg)
   images = multihost.to_host(state['images'])[:real_groups]  # sharded over processes
   images = optimize.to_class_major(datasets.denormalise(images, spec), num_classes, cfg.ipc)
   if jax.process_index() == 0:

@@ -5,7 +5,8 @@ stored and replay is exact. Two modes give the same labels:
   online  the teacher runs inside the student's step (nothing is stored; this stage only
           records that choice);
   stored  the teacher's logits on each view are written once, compressed, in checksummed
-          shards (`label_store.py`) under `workdir/relabel/<set>/`; evaluate reads them back.
+          shards (`label_store.py`) under `workdir/relabel/<set>/<storage>-<settings digest>/`
+          (labels of other settings sit beside them); evaluate reads them back.
 """
 
 import os
@@ -14,19 +15,31 @@ import time
 import ml_collections
 from absl import logging
 
+from sre2l_jax import checkpoint
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Stored mode: writes `workdir/relabel/<set>/` for the distilled set and each baseline.
-  Online mode: records that labels come from the teacher at training time."""
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Clear errors for relabel settings that cannot run, before any work."""
   label_store.validate(config.relabel)
+  train_lib.validate_numbers(config, ('relabel',))
+  if config.relabel.storage == 'topk':  # top-k probabilities are taken at T
+    train_lib.validate_numbers(config, ('evaluate',))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Stored mode: writes `label_store.label_dir(config, workdir, set)` for the distilled set
+  and each baseline. Online mode: records that labels come from the teacher at training
+  time. Finished labels are kept; `result.json` changes only when the labels do."""
+  validate(config)
   start = time.time()
   spec = datasets.get_spec(config.dataset.name)
   sets = image_sets.image_sets(config, workdir)
@@ -38,14 +51,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name, (images, _) in sets.items():
       schedule = views.create_schedule(config, len(images))
       batching.check_batch_size(schedule.batch_size, mesh, 'relabel.batch_size')
+      directory = label_store.label_dir(config, workdir, name)
       manifest = label_store.write_labels(
-          label_store.label_dir(workdir, name), images, schedule, config.relabel, spec,
-          logits_fn, mesh, config.evaluate.temperature)
+          directory, images, schedule, config.relabel, spec, logits_fn, mesh,
+          config.evaluate.temperature, overwrite=config.overwrite)
       result['sets'][name] = {'label_bytes': manifest['bytes'],
                               'image_bytes': int(images.nbytes),
-                              'storage': manifest['storage'], 'topk': manifest['topk']}
-      logging.info('relabel: %s labels %d bytes (%s)', name, manifest['bytes'],
-                   manifest['storage'])
+                              'storage': manifest['storage'], 'topk': manifest['topk'],
+                              'dir': os.path.relpath(directory, workdir)}
+      logging.info('relabel: %s labels %d bytes (%s) in %s', name, manifest['bytes'],
+                   manifest['storage'], directory)
+  stage_dir = os.path.join(workdir, 'relabel')
+  old = checkpoint.finished_result(stage_dir)
+  if old is not None and {k: old.get(k) for k in result} == files.normalised(result):
+    return old  # the same labels: the measurements stay those of the run that made them
   result['wall_seconds'] = time.time() - start
-  files.write_json(os.path.join(workdir, 'relabel', 'result.json'), result)
-  return result
+  return checkpoint.write_result(stage_dir, result)

@@ -38,6 +38,9 @@ def collect(config, workdir: str) -> dict:
   relabel = stages['relabel']
   if relabel:
     out['storage'] = relabel.get('sets', {})
+  # Which run measured what: a stage that was re-run with nothing to do keeps its result.
+  out['measured'] = {s: {'at': r.get('measured_at'), 'note': r.get('wall_seconds_note')}
+                     for s, r in stages.items() if r}
   grid = os.path.join(workdir, 'recover', 'grid.png')
   out['grid'] = grid if os.path.exists(grid) else None
   return out
@@ -52,11 +55,14 @@ def to_markdown(data: dict) -> str:
   evaluate = data['stages'].get('evaluate')
   if evaluate:
     lines += ['## Student top-1 on the real test split (%)', '',
-              '| variant | labels | images | students | top-1 mean ± std | per seed |',
-              '|---|---|---|---|---|---|']
+              f'Student {evaluate["student"]["name"]} (width {evaluate["student"]["width"]}), '
+              f'soft labels at temperature {evaluate["temperature"]:g}.', '',
+              '| variant | labels | label storage | images | students | top-1 mean ± std | '
+              'per seed |', '|---|---|---|---|---|---|---|']
     for name, v in evaluate['variants'].items():
       seeds = ', '.join(_pct(a) for a in v['test_top1'])
-      lines.append(f'| {name} | {v["labels"]} | {v["images"]} | {v["seeds"]} | '
+      lines.append(f'| {name} | {v["labels"]} | {v.get("label_storage") or "-"} | '
+                   f'{v["images"]} | {v["seeds"]} | '
                    f'{_pct(v["test_top1_mean"])} ± {_pct(v["test_top1_std"])} | {seeds} |')
     ranking = data.get('dd_ranking', {})
     if ranking:
@@ -94,8 +100,14 @@ def to_markdown(data: dict) -> str:
     if continual.get('plot'):
       lines += ['', f'![accuracy per step]({os.path.relpath(continual["plot"], data["workdir"])})']
     lines.append('')
-  lines += ['## Wall time per stage (s)', '', '| stage | seconds |', '|---|---|']
-  lines += [f'| {s} | {w:.1f} |' for s, w in data['wall_seconds'].items() if w is not None]
+  lines += ['## Wall time per stage (s)', '',
+            'Each measured by the run that did the work (re-runs with nothing to do change '
+            'nothing).', '', '| stage | seconds | measured | note |', '|---|---|---|---|']
+  measured = data.get('measured', {})
+  for s, w in data['wall_seconds'].items():
+    if w is not None:
+      m = measured.get(s, {})
+      lines.append(f'| {s} | {w:.1f} | {m.get("at") or "-"} | {m.get("note") or ""} |')
   if data.get('grid'):
     lines += ['', f'![distilled images]({os.path.relpath(data["grid"], data["workdir"])})']
   return '\n'.join(lines) + '\n'

@@ -13,7 +13,6 @@ import ml_collections
 from absl import logging
 
 from sre2l_jax import checkpoint
-from sre2l_jax import files
 from sre2l_jax import models
 from sre2l_jax import rngs
 from sre2l_jax import teacher
@@ -36,10 +35,7 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   c = config.squeeze
   batching.check_batch_size(c.batch_size, mesh, 'squeeze.batch_size')
   batching.check_batch_size(c.eval_batch_size, mesh, 'squeeze.eval_batch_size')
-  if c.epochs <= 0:
-    raise ValueError(f'squeeze.epochs={c.epochs} must be positive.')
-  if c.lr <= 0:
-    raise ValueError(f'squeeze.lr={c.lr} must be positive.')
+  train_lib.validate_numbers(config, ('squeeze',))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -60,9 +56,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if steps_per_epoch == 0:
     raise ValueError(f'squeeze.batch_size={c.batch_size} exceeds the {train.num_examples} '
                      f'training images.')
+  teacher_dir = os.path.join(stage_dir, 'teacher')
+  fingerprint_path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
+  if (teacher.exists(teacher_dir) and not os.path.exists(fingerprint_path)
+      and not config.overwrite):
+    raise teacher.TeacherError(
+        f'{teacher_dir} holds a teacher that no squeeze run of this workdir trained (e.g. one '
+        f'imported from PyTorch); refusing to train over it. Use it with --stages=recover,... '
+        f'(skip squeeze), replace it with --overwrite, or use another --workdir.')
   # Only now, once the config is known to be runnable, may the workdir be claimed: a
   # fingerprint written by a refused config would refuse its corrected version.
   checkpoint.check_fingerprint(stage_dir, fingerprint(config))
+  finished = checkpoint.finished_result(stage_dir)
+  if finished is not None and teacher.exists(teacher_dir):
+    logging.info('squeeze: finished already (%s); nothing to do.', finished.get('measured_at'))
+    return finished
   total_steps = int(c.epochs * steps_per_epoch)
 
   # Model, optimiser, state replicated on the mesh (restored or initialised).
@@ -107,8 +115,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   top1 = test_top1(state)
   writer.write_scalars(total_steps, {'test_top1': top1})
   writer.flush()
-  teacher.save(os.path.join(stage_dir, 'teacher'), variables,
-               teacher.teacher_meta(config, spec, top1))
+  # Replacing is safe here: a teacher in this folder is this run's (checked above) or one
+  # the user asked to replace.
+  teacher.save(teacher_dir, variables, teacher.teacher_meta(config, spec, top1), overwrite=True)
   result = {
       'stage': 'squeeze', 'dataset': spec.name, 'model': config.teacher.to_dict(),
       'test_top1': top1, 'test_top1_unit': 'fraction', 'epochs': c.epochs,
@@ -117,7 +126,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'wall_seconds': time.time() - start_time, 'devices': mesh.size,
   }
   if start_step:
-    result['wall_seconds_note'] = 'this invocation only (the run was resumed)'
-  files.write_json(os.path.join(stage_dir, 'result.json'), result)
+    result['wall_seconds_note'] = f'this invocation only (resumed from step {start_step})'
+  if finished is not None and start_step == total_steps:
+    return finished  # only the teacher was missing: the measurements stay those of the run
+  result = checkpoint.write_result(stage_dir, result)
   logging.info('squeeze: test top-1 %.4f after %d epochs', top1, c.epochs)
   return result

@@ -8,13 +8,17 @@ A teacher folder holds `weights/` (Orbax, {'params', 'batch_stats'}) and `teache
 
 import json
 import os
+import shutil
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from sre2l_jax import checkpoint
 from sre2l_jax import files
 from sre2l_jax import models
+from sre2l_jax import train_lib
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 
@@ -38,16 +42,35 @@ def teacher_meta(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec,
           'dataset': spec.name, 'test_top1': test_top1}
 
 
-def save(directory: str, variables: dict, meta: dict) -> None:
+def exists(directory: str) -> bool:
+  """Whether `directory` holds (part of) a teacher."""
+  return any(os.path.exists(os.path.join(directory, name)) for name in (META, WEIGHTS))
+
+
+def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False) -> None:
   """Writes a frozen teacher: `weights/` ({'params','batch_stats'}) and `teacher.json`.
 
   `meta` holds at least the model signature (`models.model_signature`) and the dataset name.
+  The teacher is written beside `directory` and moved into place when whole, so a kill never
+  leaves half a teacher. Refuses (TeacherError) non-finite weights, and an existing teacher
+  unless `overwrite`.
   """
   directory = os.path.abspath(directory)
+  if exists(directory) and not overwrite:
+    raise TeacherError(f'{directory} already holds a teacher; refusing to replace it. Pass '
+                       f'--overwrite to replace it, or write the new one elsewhere.')
   weights = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, WEIGHTS), weights, force=True)
-  files.write_json(os.path.join(directory, META), meta)
+  if not train_lib.all_finite(weights):
+    raise TeacherError(f'Refusing to save a teacher with non-finite weights to {directory} '
+                       f'(its training diverged).')
+  tmp = directory + '.tmp'
+  if jax.process_index() == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+  with ocp.StandardCheckpointer() as ckptr:  # every process takes part in the save
+    ckptr.save(os.path.join(tmp, WEIGHTS), weights, force=True)
+  files.write_json(os.path.join(tmp, META), meta)
+  if jax.process_index() == 0:
+    files.replace_dir(tmp, directory)
 
 
 def read(directory: str, expected: dict, abstract_variables: dict,
@@ -71,12 +94,30 @@ def read(directory: str, expected: dict, abstract_variables: dict,
                        f'{"; ".join(differences)}. Point the config at a matching teacher or '
                        f'change the model/dataset settings.')
   target = {k: abstract_variables[k] for k in ('params', 'batch_stats')}
+  weights = os.path.join(directory, WEIGHTS)
+  damaged = (f'The teacher weights at {weights} are damaged or truncated ({{}}). Delete '
+             f'{directory} and produce the teacher again: {producer_hint}')
+  # The saved shapes first: a teacher of another model and a damaged file are told apart.
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(os.path.join(directory, WEIGHTS), target)
-  except Exception as e:  # orbax raises several types for tree/shape mismatches
+      saved = ckptr.metadata(weights).item_metadata.tree
+    saved = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(saved, sep='/').items()}
+  except Exception as e:  # pylint: disable=broad-except  # Orbax raises many types
+    raise TeacherError(damaged.format(train_lib.one_line(e))) from e
+  wanted = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(target, sep='/').items()}
+  if saved != wanted:
+    differences = [f'{k}: saved {saved.get(k)}, model {wanted.get(k)}'
+                   for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
     raise TeacherError(f'The teacher weights at {directory} do not match the model '
-                       f'{expected}: {e}') from e
+                       f'{expected}: {len(differences)} arrays differ, e.g. '
+                       f'{"; ".join(differences[:3])}.')
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = ckptr.restore(weights, target)
+  except Exception as e:  # pylint: disable=broad-except
+    raise TeacherError(damaged.format(train_lib.one_line(e))) from e
+  if not train_lib.all_finite(variables):
+    raise TeacherError(damaged.format('non-finite values'))
   return variables, meta
 
 

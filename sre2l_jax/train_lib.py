@@ -196,6 +196,20 @@ class DivergedError(FloatingPointError):
   """A training loop's loss, metrics or state stopped being finite."""
 
 
+@jax.jit
+def _finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def all_finite(tree) -> bool:
+  """Whether every floating-point array of `tree` (a state, variables) is finite; one small
+  reduction on the devices, one scalar fetched."""
+  arrays = [x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, 'dtype')]
+  return bool(jax.device_get(_finite(arrays)))
+
+
 @dataclasses.dataclass
 class Loop:
   """What one training loop needs besides its step.
@@ -207,6 +221,8 @@ class Loop:
   writer: a clu metric writer, or None (a log line per interval instead).
   examples_per_step: for the throughput scalar `<throughput_name>`.
   knobs: what to lower when the loop diverges, e.g. 'squeeze.lr (now 0.1)'.
+  rerun: how to run again with the lowered knob (a stage that fingerprints it: a new
+    --workdir).
   schedule: the learning-rate schedule, written as 'lr' when given.
   prefix: prepended to the metric names in the writer.
   """
@@ -218,6 +234,7 @@ class Loop:
   examples_per_step: int = 0
   throughput_name: str = 'examples_per_second'
   knobs: str = 'the learning rate'
+  rerun: str = 're-run with a new --workdir'
   schedule: Callable | None = None
   prefix: str = ''
 
@@ -231,15 +248,48 @@ class LoopResult:
   resumed_from_step: int
 
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of a stage's folder can be read back."""
+
+
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+  """The first line of an error's text (TensorStore and Orbax errors span dozens)."""
+  text = str(error).strip().splitlines()
+  line = text[0].split(' See full TensorStore details')[0] if text else type(error).__name__
+  return line if len(line) <= limit else line[:limit] + '...'
+
+
 def restore_or_init(manager: ocp.CheckpointManager | None, abstract_state, init_fn):
   """(state, start step): the manager's latest state restored straight into the shardings
-  of `abstract_state` (nothing else is allocated), or `init_fn()` and 0 when there is none."""
-  start = (manager.latest_step() or 0) if manager is not None else 0
-  if not start:
+  of `abstract_state` (nothing else is allocated), or `init_fn()` and 0 when there is none.
+
+  A checkpoint that cannot be read (a truncated or damaged file, a kill during a save that
+  left a partial step) or holds non-finite values is deleted with a warning and the one
+  before it is tried (managers keep two); if none is readable, `CheckpointError` names the
+  folder to delete.
+  """
+  steps = sorted(manager.all_steps(), reverse=True) if manager is not None else []
+  if not steps:
     return init_fn(), 0
-  state = manager.restore(start, args=ocp.args.StandardRestore(abstract_state))
-  logging.info('resumed from step %d (%s)', start, manager.directory)
-  return state, start
+  damaged = []
+  for step in steps:
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      problem = None if all_finite(state) else 'it holds non-finite values'
+    except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many
+      problem = one_line(e)
+    if problem is None:
+      for bad, why in damaged:
+        logging.warning('checkpoint step %d in %s is unreadable (%s): deleted; resuming '
+                        'from step %d instead.', bad, manager.directory, why, step)
+        manager.delete(bad)
+      logging.info('resumed from step %d (%s)', step, manager.directory)
+      return state, step
+    damaged.append((step, problem))
+  raise CheckpointError(
+      f'No checkpoint in {manager.directory} can be read (steps '
+      f'{", ".join(str(s) for s, _ in damaged)}: {damaged[0][1]}). Delete '
+      f'{manager.directory} to run this stage again from its start.')
 
 
 def _scalars(history: list[dict], prefix: str) -> dict:
@@ -314,15 +364,25 @@ def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,
           logging.info('%s: step %d/%d %s', loop.name, step, loop.total_steps, ', '.join(
               f'{k} {v:.4g}' for k, v in scalars.items()))
       if is_save:
+        if not all_finite(state):  # e.g. a parameter overflowed while the loss did not yet
+          _diverged(loop, step, last_saved)
         loop.manager.save(step, args=ocp.args.StandardSave(state))
         last_saved = step
       if after_step is not None:
         after_step(state, step)
-  finally:
+  except BaseException:
+    # Finish (or clean up) a pending async save and stop the writer's and the manager's
+    # threads now: left to interpreter shutdown they bury the error under hundreds of lines
+    # and can leave a *.orbax-checkpoint-tmp folder.
     if loop.manager is not None:
-      loop.manager.wait_until_finished()
+      loop.manager.close()
     if loop.writer is not None:
-      loop.writer.flush()
+      loop.writer.close()
+    raise
+  if loop.manager is not None:
+    loop.manager.wait_until_finished()
+  if loop.writer is not None:
+    loop.writer.flush()
   means = {k: v / count for k, v in sums.items()} if count else {}
   return state, LoopResult(means, throughput.rate(), time.time() - start_time, start_step)
 
@@ -336,4 +396,88 @@ def _diverged(loop: Loop, step: int, last_saved: int):
     kept = ''
   raise DivergedError(
       f'{loop.name} diverged (a loss, metric or the state stopped being finite) by step '
-      f'{step}. Lower {loop.knobs} and re-run with a new --workdir. {kept}'.strip())
+      f'{step}. Lower {loop.knobs} and {loop.rerun}. {kept}'.strip())
+
+
+# ----------------------------------------------------------------------------- checks
+
+# What the numbers of each config section must satisfy, checked before any work: a negative
+# lr trains "fine" to chance accuracy, and NaN passes every `x <= 0` test. Batch sizes are
+# checked against the device count elsewhere (`batching.check_batch_size`).
+#   '>0' positive, '>=0' non-negative, 'int' positive integer, 'int>=0', or a range '[0,1)'.
+NUMBER_RULES = {
+    'squeeze': dict(epochs='>0', lr='>0', momentum='[0,1)', weight_decay='>=0',
+                    warmup_epochs='>=0', label_smoothing='[0,1)', pad='int>=0',
+                    checkpoint_every_steps='int', log_every_steps='int'),
+    'recover': dict(ipc='int', iterations='int', lr='>0', r_bn='>=0',
+                    first_bn_multiplier='>=0', adam_b1='[0,1)', adam_b2='[0,1)',
+                    jitter='int>=0', min_scale='(0,1]', max_scale='(0,1]',
+                    num_classes='int>=0', checkpoint_every_steps='int', log_every_steps='int',
+                    min_bn_reduction='>=0', min_teacher_top1='[0,1]'),
+    'relabel': dict(topk='int', epochs='int', min_scale='(0,1]', max_scale='(0,1]',
+                    cutmix_alpha='>0', mixup_alpha='>0', mix_prob='[0,1]',
+                    epochs_per_shard='int'),
+    'evaluate': dict(lr='>0', momentum='[0,1)', weight_decay='>=0', temperature='>0',
+                     seeds='int', checkpoint_every_epochs='int>=0', log_every_steps='int'),
+    'continual': dict(epochs_per_step='int', class_order_seed='int>=0'),
+}
+_RULE_TEXT = {'>0': 'positive', '>=0': '>= 0', 'int': 'a positive integer',
+              'int>=0': 'an integer >= 0'}
+
+
+def _satisfies(value, rule: str) -> bool:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    return False
+  value = float(value)
+  if not np.isfinite(value):
+    return False
+  if rule.startswith('int') and not value.is_integer():
+    return False
+  if rule in ('>0', 'int'):
+    return value > 0
+  if rule in ('>=0', 'int>=0'):
+    return value >= 0
+  low, high = (float(x) for x in rule[1:-1].split(','))
+  return ((low <= value if rule[0] == '[' else low < value) and
+          (value <= high if rule[-1] == ']' else value < high))
+
+
+def validate_numbers(config: ml_collections.ConfigDict, sections) -> None:
+  """Raises ValueError naming the first number of `sections` (e.g. ('squeeze',)) that is
+  not finite or outside its range (`NUMBER_RULES`); keys a section lacks are skipped."""
+  for section in sections:
+    for key, rule in NUMBER_RULES[section].items():
+      if key in config[section] and not _satisfies(config[section][key], rule):
+        raise ValueError(f'{section}.{key}={config[section][key]!r} must be '
+                         f'{_RULE_TEXT.get(rule, "in " + rule.replace(",", ", "))}.')
+
+
+class NotConvergedError(RuntimeError):
+  """Recover ended without doing what it is for (BN statistics matched, images recognised)."""
+
+
+def check_recovery(initial_bn: float, final_bn: float, teacher_top1: float,
+                   cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a finished recover whose images are not what recover promises.
+
+  initial_bn, final_bn: the objective's BN term at the start and the end (same views).
+  teacher_top1: the teacher's top-1 (fraction) on the final images. cfg: the recover config;
+  `cfg.min_bn_reduction` (the BN term must end at most initial / this; 0: off) and
+  `cfg.min_teacher_top1` (0: off) are the thresholds. A diverging lr can leave every loss
+  finite: the BN term then rises and the teacher no longer recognises the images.
+  """
+  problems = []
+  if cfg.min_bn_reduction > 0 and not final_bn * cfg.min_bn_reduction <= initial_bn:
+    problems.append(f'the BN term went {initial_bn:.4g} -> {final_bn:.4g} (it must fall by a '
+                    f'factor of at least recover.min_bn_reduction={cfg.min_bn_reduction:g}: '
+                    f'lower recover.lr, now {cfg.lr})')
+  if cfg.min_teacher_top1 > 0 and not teacher_top1 >= cfg.min_teacher_top1:
+    problems.append(f'the teacher recognises {100 * teacher_top1:.1f}% of the images (at '
+                    f'least {100 * cfg.min_teacher_top1:.0f}% expected: lower recover.lr, now '
+                    f'{cfg.lr}, or recover.r_bn, now {cfg.r_bn})')
+  if problems:
+    raise NotConvergedError(
+        f'recover did not converge: {"; ".join(problems)}. Nothing was exported. Re-run with '
+        f'the lowered knob and a new --workdir, or accept these images with '
+        f'--config.recover.min_bn_reduction=0 --config.recover.min_teacher_top1=0 (on this '
+        f'workdir: the finished work is kept).')

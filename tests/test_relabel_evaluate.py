@@ -97,14 +97,20 @@ def sha256(path):
 
 
 def label_files(workdir):
-  """{relative path: sha256} of every file under workdir/relabel/<set>/."""
+  """{relative path: sha256} of every file under workdir/relabel/<set>/<labels>/."""
   out = {}
   root = os.path.join(workdir, 'relabel')
-  for name in sorted(os.listdir(root)):
-    if os.path.isdir(os.path.join(root, name)):
-      for f in sorted(os.listdir(os.path.join(root, name))):
-        out[f'{name}/{f}'] = sha256(os.path.join(root, name, f))
+  for folder, _, names in os.walk(root):
+    if folder != root:
+      for f in names:
+        out[os.path.relpath(os.path.join(folder, f), root)] = sha256(os.path.join(folder, f))
   return out
+
+
+def stored_dir(data, workdir, name='distilled', **relabel_overrides):
+  """The stored labels of set `name` under make_config(data, mode='stored', ...)."""
+  config = make_config(data, **{'mode': 'stored', 'storage': 'float32', **relabel_overrides})
+  return label_store.label_dir(config, workdir, name)
 
 
 def run_stages(config, workdir, stored):
@@ -363,10 +369,9 @@ def _fresh_evaluate(stored_float32_run, path):
 @pytest.mark.parametrize('damage', ['flip', 'truncate'])
 def test_corrupted_label_shard_is_refused(data, stored_float32_run, tmp_path, damage):
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
-  manifest = files.read_json(os.path.join(workdir, 'relabel', 'distilled',
-                                               label_store.MANIFEST))
+  manifest = files.read_json(os.path.join(stored_dir(data, workdir), label_store.MANIFEST))
   name = manifest['shards'][0]['file']
-  path = os.path.join(workdir, 'relabel', 'distilled', name)
+  path = os.path.join(stored_dir(data, workdir), name)
   with open(path, 'r+b') as f:
     if damage == 'flip':
       f.seek(os.path.getsize(path) // 2)
@@ -398,22 +403,33 @@ def test_labels_of_other_images_are_refused(data, stored_float32_run, tmp_path):
 ])
 def test_labels_made_under_other_settings_are_refused(data, stored_float32_run, tmp_path,
                                                       change, message):
+  """Labels of other settings live in another folder (evaluate finds none there), and the
+  manifest refuses them if they are read for the other settings all the same."""
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
   config = make_config(data, mode='stored', storage='float32')
   config.relabel.update(**change.get('relabel', {}))
   if 'seed' in change:
     config.seed = change['seed']
-  with pytest.raises(label_store.LabelError, match=r'(?s)' + message + r'.*--stages=relabel'):
+  other = label_store.label_dir(config, workdir, 'distilled')
+  assert other != stored_dir(data, workdir) and not os.path.exists(other)
+  with pytest.raises(label_store.LabelError,
+                     match=r'(?s)No stored labels at ' + other + r'.*--stages=relabel'):
     evaluate.run(config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'evaluate', 'result.json'))
+  images, _ = image_sets.distilled_set(workdir)
+  with pytest.raises(label_store.LabelError, match=r'(?s)' + message + r'.*--stages=relabel'):
+    label_store.StoredLabels.open(stored_dir(data, workdir), images,
+                                  views.create_schedule(config, len(images)),
+                                  config.evaluate.temperature,
+                                  views.view_settings(config.relabel))
 
 
 def test_incomplete_labels_are_refused(data, stored_float32_run, tmp_path):
   """A relabel run killed between shards leaves a manifest without `complete`."""
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
-  path = os.path.join(workdir, 'relabel', 'distilled', label_store.MANIFEST)
+  path = os.path.join(stored_dir(data, workdir), label_store.MANIFEST)
   manifest = files.read_json(path)
-  os.remove(os.path.join(workdir, 'relabel', 'distilled', manifest['shards'][-1]['file']))
+  os.remove(os.path.join(stored_dir(data, workdir), manifest['shards'][-1]['file']))
   manifest['shards'] = manifest['shards'][:-1]
   del manifest['complete'], manifest['bytes']
   files.write_json(path, manifest)
@@ -451,7 +467,8 @@ def main_command(workdir, data):
 def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_run,
                                                     compilation_cache_dir, tmp_path):
   """The subprocess runs the online_run's configuration (its uninterrupted reference)."""
-  student = os.path.join('evaluate', 'distilled', 'seed0')
+  # The students of this configuration: evaluate/distilled/<settings digest>/seed0.
+  student = os.path.join(online_run[1]['variants']['distilled']['dir'], 'seed0')
   total = EPOCHS * 2
   workdir = copy_workdir(base_workdir, tmp_path / 'killed')
   checkpoints = os.path.join(workdir, student, 'checkpoints')
@@ -499,7 +516,8 @@ def test_report_has_the_variants_and_the_storage_table(stored_float32_run, onlin
   assert 'improvement_over_random' in data['dd_ranking']
   assert set(data['storage']) == {'distilled', 'random'}
   for name, s in data['storage'].items():
-    manifest = files.read_json(os.path.join(workdir, 'relabel', name, label_store.MANIFEST))
+    manifest = files.read_json(os.path.join(workdir, s['dir'], label_store.MANIFEST))
+    assert s['dir'].startswith(f'relabel/{name}/float32-')
     assert s['label_bytes'] == manifest['bytes'] > 0
     assert s['storage'] == 'float32'
     assert s['image_bytes'] == 10 * IPC * 28 * 28
@@ -527,7 +545,7 @@ def test_relabel_resumes_at_shard_granularity(data, stored_float32_run, tmp_path
   first_dir = stored_float32_run[0]
   first = label_files(first_dir)
   workdir = copy_workdir(first_dir, tmp_path / 'w')
-  directory = os.path.join(workdir, 'relabel', 'distilled')
+  directory = stored_dir(data, workdir)
   manifest = files.read_json(os.path.join(directory, label_store.MANIFEST))
   assert len(manifest['shards']) == EPOCHS // 2
   kept = {s['file']: os.stat(os.path.join(directory, s['file'])).st_mtime_ns
@@ -549,7 +567,7 @@ def test_relabel_rewrites_from_the_first_bad_shard(data, stored_float32_run, tmp
   first_dir = stored_float32_run[0]
   first = label_files(first_dir)
   workdir = copy_workdir(first_dir, tmp_path / 'w')
-  directory = os.path.join(workdir, 'relabel', 'distilled')
+  directory = stored_dir(data, workdir)
   manifest = files.read_json(os.path.join(directory, label_store.MANIFEST))
   with open(os.path.join(directory, manifest['shards'][1]['file']), 'r+b') as f:
     f.truncate(100)

@@ -122,12 +122,12 @@ def random_teacher(config, seed: int = 0, *, statistics: str = 'random',
 
 
 def write_teacher(config, workdir: str, **kwargs):
-  """A `random_teacher(config, **kwargs)` saved as workdir's squeezed teacher: (model,
-  variables)."""
+  """A `random_teacher(config, **kwargs)` saved as workdir's squeezed teacher, replacing
+  any there: (model, variables)."""
   model, variables = random_teacher(config, **kwargs)
   spec = datasets.get_spec(config.dataset.name)
   teacher_lib.save(os.path.join(workdir, 'squeeze', 'teacher'), variables,
-                   teacher_lib.teacher_meta(config, spec))
+                   teacher_lib.teacher_meta(config, spec), overwrite=True)
   return model, variables
 
 

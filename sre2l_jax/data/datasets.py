@@ -5,6 +5,7 @@ here and nowhere else.
 """
 
 import dataclasses
+import json
 import os
 from typing import Callable
 
@@ -101,10 +102,45 @@ def get_spec(name: str) -> DatasetSpec:
   return DATASETS[name]
 
 
+# Written beside the prepared files: where the raw files were read from.
+SOURCE_RECORD = 'sre2l_source.json'
+
+
+class DataSourceError(ValueError):
+  """The prepared files in data_dir were built from other raw files than the config names."""
+
+
+def source_of(config) -> str:
+  """The folder the raw files are read from (fashion_mnist: source_dir or the Debian
+  package's folder; the others: `manual_dir`)."""
+  if config.name == 'fashion_mnist':
+    return os.path.expanduser(config.get('source_dir') or builders.FASHION_MNIST_DIR)
+  return manual_dir(config)
+
+
+def check_source(config, builder) -> None:
+  """Refuses prepared files built from another folder than the one the config names
+  explicitly (source_dir / manual_dir); without a name in the config any source is used."""
+  path = os.path.join(builder.data_dir, SOURCE_RECORD)
+  named = config.get('source_dir') or config.get('manual_dir')
+  if not named or not os.path.exists(path):
+    return
+  with open(path) as f:
+    recorded = json.load(f)['source']
+  if os.path.realpath(recorded) != os.path.realpath(source_of(config)):
+    raise DataSourceError(
+        f'{builder.data_dir} holds {config.name} prepared from {recorded}, but the config '
+        f'reads it from {source_of(config)}. Set dataset.source_dir/manual_dir back to '
+        f'{recorded}, or use another dataset.data_dir (or delete {builder.data_dir}) to '
+        f'build it from {source_of(config)}.')
+
+
 def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Builds the dataset's ArrayRecord files once (process 0), then returns its builder.
 
   The raw files are read from `manual_dir(config)`, which also becomes TFDS's manual dir.
+  Where they came from is recorded beside the prepared files (`SOURCE_RECORD`); prepared
+  files of another source than the config names are refused (`check_source`).
   """
   spec = get_spec(config.name)
   builder = spec.make_builder(config)
@@ -114,6 +150,10 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     builder.download_and_prepare(
         file_format='array_record',
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
+    with open(os.path.join(builder.data_dir, SOURCE_RECORD), 'w') as f:
+      json.dump({'source': os.path.abspath(source_of(config))}, f)
+  else:
+    check_source(config, builder)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f'prepare {config.name}')

@@ -8,6 +8,7 @@ to one onto `sre2l_jax.models.resnet`, whose module names mirror torchvision's.
 
 import argparse
 import os
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -175,19 +176,28 @@ def main(argv: list[str] | None = None) -> str:
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--dataset', default='imagenet2012')
   parser.add_argument('--out', required=True, help='teacher directory to write')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace a teacher that --out already holds')
   args = parser.parse_args(argv)
 
   pth = os.path.abspath(args.pth)
+  if teacher.exists(args.out) and not args.overwrite:  # before the (slow) conversion
+    raise teacher.TeacherError(f'{os.path.abspath(args.out)} already holds a teacher; '
+                               f'refusing to replace it. Pass --overwrite to replace it, or '
+                               f'choose another --out.')
   variables, num_classes = torchvision_resnet_to_flax(
       load_state_dict(pth), args.arch, args.num_classes, args.stem)
   meta = {'signature': model_signature(model_config(args.arch, args.stem), num_classes,
                                        (args.image_size, args.image_size, 3)),
           'dataset': args.dataset, 'source': pth, 'test_top1': None}
-  teacher.save(args.out, variables, meta)
+  teacher.save(args.out, variables, meta, overwrite=args.overwrite)
   print(f'Wrote {args.arch} teacher ({num_classes} classes) from {pth} to '
         f'{os.path.abspath(args.out)}')
   return os.path.abspath(args.out)
 
 
 if __name__ == '__main__':
-  main()
+  try:
+    main()
+  except (ValueError, FileNotFoundError) as e:  # StateDictError, TeacherError: one line
+    sys.exit(f'torch_import: {e}')
