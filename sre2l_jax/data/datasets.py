@@ -150,8 +150,9 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     builder.download_and_prepare(
         file_format='array_record',
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
-    with open(os.path.join(builder.data_dir, SOURCE_RECORD), 'w') as f:
-      json.dump({'source': os.path.abspath(source_of(config))}, f)
+    if os.path.isdir(builder.data_dir):  # (not under tfds.testing.mock_data)
+      with open(os.path.join(builder.data_dir, SOURCE_RECORD), 'w') as f:
+        json.dump({'source': os.path.abspath(source_of(config))}, f)
   else:
     check_source(config, builder)
   if jax.process_count() > 1:
