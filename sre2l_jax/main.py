@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sre2l_jax import checkpoint
 from sre2l_jax import config_lib
 from sre2l_jax import files
 from sre2l_jax import multihost
@@ -147,14 +148,26 @@ def parse_flags(argv):
     sys.exit(1)
 
 
-def run(config, workdir: str, stages) -> None:
+def finished(stage: str, module, config, workdir: str) -> bool:
+  """Whether recover finished on `workdir` under this config: then it is not run again and
+  its result.json (the measurements of the run that did the work) stays as it is. Under
+  another config it runs, and refuses the workdir with the differences. (The other stages
+  do this themselves; squeeze also checks that its teacher is still there.)"""
+  stage_dir = os.path.join(workdir, stage)
+  paths = [os.path.join(stage_dir, name) for name in (checkpoint.RESULT, checkpoint.FINGERPRINT)]
+  if stage != 'recover' or not all(map(os.path.exists, paths)):
+    return False
+  return files.read_json(paths[1]) == files.normalised(module.fingerprint(config))
+
+
+def run(config, workdir: str, stages, *, dry_run: bool = False) -> None:
   """Runs `stages` (names) of `config` on `workdir`."""
   if not workdir or not workdir.strip():
     raise app.UsageError('--workdir is empty; name the folder for this run\'s checkpoints and '
                          'outputs, e.g. --workdir=runs/fm.')
   stages = parse_stages(stages)
   validate(config, stages)
-  if _DRY_RUN.value:
+  if dry_run:
     for stage in stages:
       module = importlib.import_module(f'sre2l_jax.{stage}')
       if hasattr(module, 'plan'):
@@ -162,8 +175,6 @@ def run(config, workdir: str, stages) -> None:
       else:
         print(f'{stage}: no memory plan (the dry run covers recover)')
     return
-  if _OVERWRITE.value:
-    config.overwrite = True
   logging.info('sre2l_jax: stages %s on %d devices (%d processes)', stages,
                jax.device_count(), jax.process_count())
   if jax.process_count() > 1:
@@ -171,7 +182,10 @@ def run(config, workdir: str, stages) -> None:
   files.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   for stage in stages:
     module = importlib.import_module(f'sre2l_jax.{stage}')
-    module.run(config, workdir)
+    if finished(stage, module, config, workdir):
+      logging.info('%s: finished already on %s; nothing to do.', stage, workdir)
+    else:
+      module.run(config, workdir)
     multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
 
 
@@ -185,8 +199,11 @@ def main(argv):
     # closed") would print a traceback before the one-line error; --verbosity=1 shows them.
     sys.unraisablehook = lambda unraisable: logging.debug(
         'ignored in %s: %r', unraisable.object, unraisable.exc_value)
+  config = _CONFIG.value
+  if _OVERWRITE.value:
+    config.overwrite = True
   try:
-    run(_CONFIG.value, _WORKDIR.value, _STAGES.value or _CONFIG.value.stages)
+    run(config, _WORKDIR.value, _STAGES.value or config.stages, dry_run=_DRY_RUN.value)
   except Exception as e:  # pylint: disable=broad-except
     if logging.get_verbosity() >= 1:
       raise

@@ -39,6 +39,7 @@ from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
+from sre2l_jax import main
 from sre2l_jax import recover
 from sre2l_jax import relabel
 from sre2l_jax import squeeze
@@ -349,21 +350,30 @@ def test_3_recover_that_does_not_converge_is_refused():
   assert (smoke.min_bn_reduction, smoke.min_teacher_top1) == (0.0, 0.0)
 
 
-def test_3_recover_stage_applies_the_check(data, tmp_path):
-  """recover.run itself refuses (nothing exported) and, with the check off, accepts the
-  same images without optimising them again."""
-  workdir = str(tmp_path / 'w')
+@pytest.fixture(scope='module')
+def recovered(data, tmp_path_factory):
+  """A tiny recover refused by its convergence check, then accepted with the check off:
+  (config, workdir, the refusal, result)."""
+  workdir = str(tmp_path_factory.mktemp('recovered') / 'w')
   config = make_config(data, recover=dict(ipc=1, iterations=2, crop='none', flip=False,
                                           jitter=0, checkpoint_every_steps=2,
                                           log_every_steps=2, min_bn_reduction=1e9))
   testlib.write_teacher(config, workdir, statistics='measured')
-  with pytest.raises(train_lib.NotConvergedError,
-                     match=r'min_bn_reduction=1e\+09: lower recover\.lr'):
+  with pytest.raises(train_lib.NotConvergedError) as error:
     recover.run(config, workdir)
-  assert not os.path.exists(image_sets.distilled_dir(workdir))
-  assert testlib.checkpoint_steps(os.path.join(workdir, 'recover', 'checkpoints')) == [2]
+  refused = {'message': str(error.value), 'exported': os.path.exists(
+      image_sets.distilled_dir(workdir)), 'checkpoints': testlib.checkpoint_steps(
+          os.path.join(workdir, 'recover', 'checkpoints'))}
   config.recover.min_bn_reduction = 0.0  # not fingerprinted: the same workdir accepts it
-  result = recover.run(config, workdir)
+  return config, workdir, refused, recover.run(config, workdir)
+
+
+def test_3_recover_stage_applies_the_check(recovered):
+  """recover.run itself refuses (nothing exported) and, with the check off, accepts the
+  same images without optimising them again."""
+  _, workdir, refused, result = recovered
+  assert 'min_bn_reduction=1e+09: lower recover.lr' in refused['message']
+  assert not refused['exported'] and refused['checkpoints'] == [2]
   assert result['iterations'] == 2 and result['bn_loss_final'] < result['bn_loss_initial']
   assert os.path.exists(image_sets.distilled_dir(workdir))
   assert testlib.checkpoint_steps(os.path.join(workdir, 'recover', 'checkpoints')) == [2]
@@ -401,13 +411,18 @@ def test_4_torch_import_does_not_replace_a_teacher(data, tmp_path):
 # ----------------------------------------------------------------------------- 5. re-runs
 
 
-def test_5_rerunning_finished_stages_keeps_their_measurements(data, squeezed, online,
-                                                              tmp_path):
+def test_5_rerunning_finished_stages_keeps_their_measurements(data, squeezed, recovered,
+                                                              online, tmp_path):
   config, squeeze_dir, first = squeezed
   before = listing(os.path.join(squeeze_dir, 'squeeze'))
   assert squeeze.run(config, squeeze_dir) == files.read_json(
       os.path.join(squeeze_dir, 'squeeze', 'result.json')) == first
   assert listing(os.path.join(squeeze_dir, 'squeeze')) == before
+
+  config, recover_dir, _, _ = recovered  # through main, as the README's command runs it
+  before = {s: listing(os.path.join(recover_dir, s)) for s in ('squeeze', 'recover')}
+  main.run(config, recover_dir, ['recover'])
+  assert {s: listing(os.path.join(recover_dir, s)) for s in before} == before
 
   workdir = copy(online[0], tmp_path / 'w')
   relabel.run(make_config(data), workdir)  # online: records the choice once
