@@ -36,6 +36,7 @@ def tiny_run(tmp_path_factory):
   return out, path
 
 
+@pytest.mark.slow
 def test_json_has_every_workload_with_positive_throughput(tiny_run):
   out, path = tiny_run
   with open(path) as f:
@@ -58,6 +59,7 @@ def test_json_has_every_workload_with_positive_throughput(tiny_run):
   assert out['ratios']['recover_jax_over_torch'] > 0
 
 
+@pytest.mark.slow
 def test_summarize_reads_the_json(tiny_run, tmp_path, capsys):
   _, path = tiny_run
   summary = bench.main([f'--summarize={path},{tmp_path}/absent.json',

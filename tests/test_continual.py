@@ -119,6 +119,7 @@ def reference_run(inputs_workdir, fashion_mnist_tfds, compilation_cache, tmp_pat
 # ----------------------------------------------------------------------------- unseen classes
 
 
+@pytest.mark.slow
 def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
   config, calls, result = (reference_run[k] for k in ('config', 'calls', 'result'))
   steps, ipc = config.continual.steps, config.recover.ipc
@@ -206,6 +207,7 @@ def restore_final(workdir, name, step):
   return state
 
 
+@pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted_run(reference_run, inputs_workdir,
                                                     fashion_mnist_tfds, compilation_cache,
                                                     tmp_path):
@@ -238,6 +240,7 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(reference_run, inputs_workdi
                            restore_final(reference_run['workdir'], name, steps))
 
 
+@pytest.mark.slow
 def test_outputs(reference_run):
   workdir, result = reference_run['workdir'], reference_run['result']
   stage_dir = os.path.join(workdir, 'continual')
@@ -300,6 +303,7 @@ def _mock_getitems(record_keys, generator, serialized=False):
   return [generator[k] for k in record_keys]
 
 
+@pytest.mark.slow
 def test_tiny_imagenet_smoke_on_mock_data(tmp_path, monkeypatch):
   for steps, per_step in ((5, 40), (10, 20)):
     config = testlib.load_config('tiny_continual', f'smoke,steps={steps}')

@@ -120,6 +120,7 @@ def test_configs_pass_every_stage_check_on_eight_devices(name, arg):
   assert get_config('smoke,ipc=2,seeds=2', name).evaluate.seeds == 2
 
 
+@pytest.mark.slow
 def test_all_stages_on_mock_imagenet(tmp_path):
   config = smoke_config(str(tmp_path))
   workdir = str(tmp_path / 'work')

@@ -110,6 +110,7 @@ def new_workdir(teacher_workdir, path):
 # ----------------------------------------------------------------------------- 1 vs 8 devices
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_images(teacher_workdir, data_dir, tmp_path):
   # 8 devices pad the 6 real groups to 8; each device then holds one group.
   overrides = dict(RUN, iterations=6, checkpoint_every_steps=3, log_every_steps=3)
@@ -153,6 +154,7 @@ def test_one_and_eight_devices_give_the_same_images(teacher_workdir, data_dir, t
 # ----------------------------------------------------------------------------- per group
 
 
+@pytest.mark.slow
 def test_statistics_are_per_group(data_dir):
   config = make_config(data_dir)
   cfg = config.recover
@@ -309,6 +311,7 @@ def killed_run(teacher_workdir, data_dir, subprocess_env, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted_run(killed_run, reference_run, data_dir,
                                                     subprocess_env, tmp_path):
   workdir = str(tmp_path / 'resumed')
@@ -392,6 +395,7 @@ def test_divergence_from_the_start_stops_without_a_checkpoint(teacher_workdir, d
   assert not os.path.exists(os.path.join(workdir, 'recover', 'tfds'))
 
 
+@pytest.mark.slow
 def test_divergence_midway_keeps_the_last_good_checkpoint(killed_run, data_dir, tmp_path):
   """A run resumed from a good checkpoint diverges: it stops, and that checkpoint stays."""
   workdir = str(tmp_path / 'diverged')
@@ -418,6 +422,7 @@ def test_divergence_midway_keeps_the_last_good_checkpoint(killed_run, data_dir, 
 # ----------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.slow
 def test_bn_loss_falls_and_exports(reference_run):
   workdir, result = reference_run
   assert result['iterations'] == RUN['iterations']

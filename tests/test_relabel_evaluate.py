@@ -210,6 +210,7 @@ def stored_float16_run(data, base_workdir, tmp_path_factory):
 # ----------------------------------------------------------------------------- 1. stored == online
 
 
+@pytest.mark.slow
 def test_stored_float32_and_online_train_the_same_student(online_run, stored_float32_run):
   _, online, online_students = online_run
   _, stored, stored_students = stored_float32_run
@@ -227,6 +228,7 @@ def test_stored_float32_and_online_train_the_same_student(online_run, stored_flo
   print('stored float32 vs online (top-1 online, top-1 stored, max |param diff|):', report)
 
 
+@pytest.mark.slow
 def test_stored_float16_is_close_to_online(online_run, stored_float16_run):
   _, online, online_students = online_run
   _, stored, stored_students = stored_float16_run
@@ -248,6 +250,7 @@ def views_fn(mesh, cfg):
   return lambda key, x: [np.asarray(a) for a in fn(key, jax.device_put(x, sharded))]
 
 
+@pytest.mark.slow
 def test_views_replay_exactly(data):
   config = make_config(data)
   images, _ = noise_set(seed=3)
@@ -366,6 +369,7 @@ def _fresh_evaluate(stored_float32_run, path):
   return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage', ['flip', 'truncate'])
 def test_corrupted_label_shard_is_refused(data, stored_float32_run, tmp_path, damage):
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
@@ -386,6 +390,7 @@ def test_corrupted_label_shard_is_refused(data, stored_float32_run, tmp_path, da
     evaluate.run(config, workdir)
 
 
+@pytest.mark.slow
 def test_labels_of_other_images_are_refused(data, stored_float32_run, tmp_path):
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
   write_distilled(workdir, seed=1)  # the distilled set changed after relabel
@@ -394,6 +399,7 @@ def test_labels_of_other_images_are_refused(data, stored_float32_run, tmp_path):
     evaluate.run(config, workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('change, message', [
     (dict(relabel=dict(batch_size=8)), 'batch_size is 16 in the labels but 8 now'),
     (dict(seed=1), 'seed is 0 in the labels but 1 now'),
@@ -424,6 +430,7 @@ def test_labels_made_under_other_settings_are_refused(data, stored_float32_run, 
                                   views.view_settings(config.relabel))
 
 
+@pytest.mark.slow
 def test_incomplete_labels_are_refused(data, stored_float32_run, tmp_path):
   """A relabel run killed between shards leaves a manifest without `complete`."""
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
@@ -464,6 +471,7 @@ def main_command(workdir, data):
                  **OVERRIDES})
 
 
+@pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_run,
                                                     compilation_cache_dir, tmp_path):
   """The subprocess runs the online_run's configuration (its uninterrupted reference)."""
@@ -507,6 +515,7 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_r
 # ----------------------------------------------------------------------------- 7. report
 
 
+@pytest.mark.slow
 def test_report_has_the_variants_and_the_storage_table(stored_float32_run, online_run):
   workdir, result, _ = stored_float32_run
   data = files.read_json(os.path.join(workdir, 'report.json'))
@@ -541,6 +550,7 @@ def test_report_has_the_variants_and_the_storage_table(stored_float32_run, onlin
 # ----------------------------------------------------------------------------- 8. relabel resume
 
 
+@pytest.mark.slow
 def test_relabel_resumes_at_shard_granularity(data, stored_float32_run, tmp_path):
   first_dir = stored_float32_run[0]
   first = label_files(first_dir)
@@ -561,6 +571,7 @@ def test_relabel_resumes_at_shard_granularity(data, stored_float32_run, tmp_path
     assert os.stat(os.path.join(directory, name)).st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_relabel_rewrites_from_the_first_bad_shard(data, stored_float32_run, tmp_path):
   """A corrupted middle shard: every shard from it on is rewritten, the labels equal the
   first run's (a later intact shard must not make relabel skip the bad one)."""

@@ -69,6 +69,7 @@ def uninterrupted(fashion_mnist_tfds, tmp_path_factory):
   return config, workdir, result
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(uninterrupted, fashion_mnist_tfds, tmp_path):
   config, ref_workdir, ref_result = uninterrupted
   workdir = tmp_path / 'killed'
@@ -96,6 +97,7 @@ def test_resume_after_kill_equals_uninterrupted(uninterrupted, fashion_mnist_tfd
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_result_json(uninterrupted):
   config, workdir, returned = uninterrupted
   result = files.read_json(os.path.join(workdir, 'squeeze', 'result.json'))
@@ -143,6 +145,7 @@ def _train_steps(num_devices: int, steps: int = 3):
       np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
 
 
+@pytest.mark.slow
 def test_8_devices_match_1_device():
   losses8, variables8 = _train_steps(8)
   losses1, variables1 = _train_steps(1)
@@ -185,6 +188,7 @@ def test_unknown_names_list_valid_ones(tmp_path, key, value, valid):
   assert not (tmp_path / 'workdir').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('key, value, expected', [
     ('teacher.width', 8, 'teacher.width: saved 16, now 8'),
     ('squeeze.batch_size', 32, 'squeeze.batch_size: saved 64, now 32'),

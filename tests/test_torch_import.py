@@ -135,6 +135,7 @@ def test_bn_input_statistics_match_torch(run_case, name):
     assert _rel_err(f_var, t_var) <= RTOL, layer
 
 
+@pytest.mark.slow
 def test_cli_round_trip(run_case, tmp_path):
   case = run_case('resnet18_imagenet_64')
   out = torch_import.main(['--pth', case.pth, '--arch', 'resnet18', '--image_size', '64',
