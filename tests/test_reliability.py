@@ -521,10 +521,32 @@ def test_7_corrupt_shard_is_refused_before_any_student_trains(data, stored, tmp_
   assert_one_line_error(completed, bad, 'corrupted', '--stages=relabel')
 
 
+class RecordingWriter:
+  """A metric writer that records what is done to it."""
+
+  def __init__(self):
+    self.calls = []
+
+  def write_scalars(self, step, scalars):
+    self.calls.append(('write_scalars', step))
+
+  def flush(self):
+    self.calls.append(('flush',))
+
+  def close(self):
+    self.calls.append(('close',))
+
+
 def test_7_error_during_an_async_save_leaves_no_temporary_folder(tmp_path):
+  """The save in flight is finished and the manager's and writer's threads are stopped
+  before the error leaves the loop (left to interpreter shutdown, they buried the error
+  under hundreds of lines)."""
   mesh = batching.create_mesh(-1)
   directory = tmp_path / 'ckpt'
   manager = checkpoint.create_manager(str(directory), save_interval_steps=1)
+  closed = []
+  close = manager.close
+  manager.close = lambda: (closed.append(True), close())
   state = jax.device_put({'w': jnp.zeros((4, 1 << 18))}, batching.replicated(mesh))  # 4 MB
 
   def step_fn(state, step):
@@ -532,11 +554,14 @@ def test_7_error_during_an_async_save_leaves_no_temporary_folder(tmp_path):
       raise label_store.LabelError('a corrupted shard')
     return {'w': state['w'] + 1}, {'loss': jnp.float32(0.0)}
 
-  loop = train_lib.Loop(name='toy', total_steps=4, log_every=1, manager=manager)
+  writer = RecordingWriter()
+  loop = train_lib.Loop(name='toy', total_steps=4, log_every=1, manager=manager,
+                        writer=writer)
   with pytest.raises(label_store.LabelError, match='a corrupted shard'):
     train_lib.run_loop(loop, state, 0, step_fn)
   assert not glob.glob(str(directory / '*tmp*')), os.listdir(directory)
   assert testlib.checkpoint_steps(directory) == [1]
+  assert closed == [True] and writer.calls[-1] == ('close',)
 
 
 # ----------------------------------------------------------------------------- 8. inputs
