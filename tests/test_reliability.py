@@ -199,6 +199,7 @@ def squeezed(data, tmp_path_factory):
 # ----------------------------------------------------------------------------- 1. evaluate
 
 
+@pytest.mark.slow
 def test_1_other_student_settings_train_new_students(online, stored):
   workdir, a = online
   _, b = stored
@@ -226,6 +227,7 @@ def test_1_other_student_settings_train_new_students(online, stored):
   assert '| online |' not in md
 
 
+@pytest.mark.slow
 def test_1_evaluate_refuses_a_folder_whose_settings_differ(data, online, tmp_path):
   """The folder's fingerprint is checked too (a digest is no proof): same clear diff."""
   workdir = copy(online[0], tmp_path / 'w')
@@ -241,6 +243,7 @@ def test_1_evaluate_refuses_a_folder_whose_settings_differ(data, online, tmp_pat
 # ----------------------------------------------------------------------------- 2. relabel
 
 
+@pytest.mark.slow
 def test_2_other_label_storage_does_not_replace_stored_labels(data, stored, tmp_path):
   workdir = copy(stored[0], tmp_path / 'w')
   float16_dir = label_store.label_dir(make_config(data, **B), workdir, 'distilled')
@@ -368,6 +371,7 @@ def recovered(data, tmp_path_factory):
   return config, workdir, refused, recover.run(config, workdir)
 
 
+@pytest.mark.slow
 def test_3_recover_stage_applies_the_check(recovered):
   """recover.run itself refuses (nothing exported) and, with the check off, accepts the
   same images without optimising them again."""
@@ -411,6 +415,7 @@ def test_4_torch_import_does_not_replace_a_teacher(data, tmp_path):
 # ----------------------------------------------------------------------------- 5. re-runs
 
 
+@pytest.mark.slow
 def test_5_rerunning_finished_stages_keeps_their_measurements(data, squeezed, recovered,
                                                               online, tmp_path):
   config, squeeze_dir, first = squeezed
@@ -438,6 +443,7 @@ def test_5_rerunning_finished_stages_keeps_their_measurements(data, squeezed, re
 # ----------------------------------------------------------------------------- 6. checkpoints
 
 
+@pytest.mark.slow
 def test_6_truncated_latest_checkpoint_resumes_from_the_previous(squeezed, tmp_path,
                                                                   monkeypatch):
   config, reference, first = squeezed
@@ -478,6 +484,7 @@ def test_6_no_readable_checkpoint_names_the_folder(tmp_path):
   assert 'steps 2, 1' in message and '\n' not in message
 
 
+@pytest.mark.slow
 def test_6_damaged_teacher_says_damaged(data, tmp_path):
   workdir = str(tmp_path / 'w')
   config = make_config(data)
@@ -499,6 +506,7 @@ def test_6_damaged_teacher_says_damaged(data, tmp_path):
 # ----------------------------------------------------------------------------- 7. shards, saves
 
 
+@pytest.mark.slow
 def test_7_corrupt_shard_is_refused_before_any_student_trains(data, stored, tmp_path):
   workdir = copy(stored[0], tmp_path / 'w')
   config = make_config(data, **B)
