@@ -133,6 +133,13 @@ def base_config() -> ml_collections.ConfigDict:
       init='noise',  # 'noise' | 'real'
       num_classes=0,  # recover classes 0..N-1 only (0: all; smoke runs on 1000 classes)
       dtype='float32',  # teacher compute dtype ('bfloat16': loss stays float32)
+      remat='none',  # 'none' | 'teacher' | 'blocks' (ResNets): recompute in the backward
+      parallel_groups=1,  # groups a device computes at once (1: one by one, least memory; 0: all)
+      # Rounds: groups are optimised a round at a time (all iterations each), so that a round
+      # fits the devices; the images do not depend on the round size.
+      groups_per_round=0,  # a multiple of the devices; 0: the most that fit (one round on CPU)
+      device_memory_gb=0.0,  # GiB per device to plan for; 0: the device's own limit
+      memory_margin=0.9,  # a round may plan this fraction of the memory (XLA's estimate)
       checkpoint_every_steps=200,
       log_every_steps=100,
       # A finished run is refused (nothing exported) unless the BN term fell at least this

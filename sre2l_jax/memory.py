@@ -53,6 +53,22 @@ DEVICES = {
 }
 
 
+# The utilisation a projection assumes: a fraction of the datasheet peak that convolutional
+# networks reach in practice (stated with every projected time; measure to know).
+PROJECTED_UTILISATION = 0.35
+
+
+def preset_for(device_kind: str) -> str | None:
+  """The `DEVICES` key of a `jax.Device.device_kind` ('NVIDIA H100 80GB HBM3', 'TPU v4',
+  'TPU v5 lite', ...), or None for a device the presets do not know (a CPU)."""
+  kind = device_kind.lower()
+  for needle, name in (('h200', 'h200'), ('h100', 'h100'), ('v5 lite', 'tpu_v5e'),
+                       ('v5e', 'tpu_v5e'), ('tpu v4', 'tpu_v4')):
+    if needle in kind:
+      return name
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
   """Per-device bytes of one compiled program, and XLA's FLOPs for one call of it (one

@@ -2,10 +2,22 @@
 
 The objective is a synthesis method (`recover.method`, see `synthesis/`; SRe2L's by default);
 `synthesis.optimize` lays the images out in groups, vmaps and shards them over the mesh and
-runs Adam on them. This stage orchestrates: teacher, layout, state (restored or initialised),
-the loop, measurements at start and end, and the exports (TFDS dataset, PNG tree, grid).
+runs Adam on them. This stage orchestrates: teacher, round plan, layout, state (restored or
+initialised), the loop, measurements at start and end, and the exports (TFDS dataset, PNG
+tree, grid).
+
+Rounds: the groups are optimised a round at a time, each round all its iterations, so that a
+round's step fits the devices' memory. The round size comes from XLA's memory analysis of the
+compiled step (`memory`; `recover.device_memory_gb`, `recover.memory_margin`) or from
+`recover.groups_per_round`. Groups are independent (per-group statistics, per-image keys), so
+the images do not depend on the round size. A finished round's images are written at once
+(`recover/rounds/`, `recover/images/`); the checkpoint holds the round in progress.
 """
 
+import dataclasses
+import functools
+import io
+import math
 import os
 import time
 
@@ -14,11 +26,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from sre2l_jax import checkpoint
 from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
+from sre2l_jax import memory
 from sre2l_jax import models
 from sre2l_jax import multihost
 from sre2l_jax import rngs
@@ -29,14 +43,20 @@ from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 from sre2l_jax.synthesis import optimize
+from sre2l_jax.synthesis import sre2l
 
 CROPS = ('per_image', 'per_group', 'none')
+# Settings a run may change on resume: they change neither the images nor their meaning
+# (the round size is kept from the first start, see `plan_rounds`).
+NOT_FINGERPRINTED = ('log_every_steps', 'checkpoint_every_steps', 'groups_per_round',
+                     'device_memory_gb', 'memory_margin', 'remat', 'parallel_groups',
+                     'min_bn_reduction',
+                     'min_teacher_top1')
 
 
 def fingerprint(config) -> dict:
   keep = {k: v for k, v in config.recover.to_dict().items()
-          if k not in ('log_every_steps', 'checkpoint_every_steps', 'min_bn_reduction',
-                       'min_teacher_top1')}  # the last two judge the result, not make it
+          if k not in NOT_FINGERPRINTED}
   return {'dataset': config.dataset.name, 'teacher': config.teacher.to_dict(),
           'teacher_dir': config.squeeze.teacher_dir, 'recover': keep, 'seed': config.seed}
 
@@ -60,13 +80,248 @@ def validate(config, spec) -> None:
                      f'{cfg.iterations}, {cfg.lr}, {cfg.r_bn}.')
   if cfg.crop not in CROPS:
     raise ValueError(f'recover.crop={cfg.crop!r}; valid: {", ".join(map(repr, CROPS))}.')
+  if cfg.remat not in sre2l.REMAT:
+    raise ValueError(f'recover.remat={cfg.remat!r}; valid: {", ".join(map(repr, sre2l.REMAT))}.')
+  if cfg.parallel_groups < 0:
+    raise ValueError(f'recover.parallel_groups={cfg.parallel_groups} must be >= 0 (0: all).')
+  if cfg.groups_per_round < 0 or not cfg.device_memory_gb >= 0 or not 0 < cfg.memory_margin <= 1:
+    raise ValueError(f'recover needs groups_per_round >= 0 (0: planned), device_memory_gb >= 0 '
+                     f'(0: the device\'s own), 0 < memory_margin <= 1; got '
+                     f'{cfg.groups_per_round}, {cfg.device_memory_gb}, {cfg.memory_margin}.')
   if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
     raise ValueError(f'recover needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
                      f'{cfg.max_scale}.')
 
 
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass
+class RoundPlan:
+  """How the groups are split into rounds, and what XLA says one round's step needs.
+
+  groups: real groups; groups_per_round: groups optimised at once (a multiple of the
+  devices; the last rounds may hold padding groups); report: XLA's analysis of one round's
+  step (per device); budget_bytes: what a round may use per device (None: no limit known);
+  how: why this round size.
+  """
+  groups: int
+  groups_per_round: int
+  rounds: int
+  devices: int
+  report: memory.MemoryReport
+  budget_bytes: int | None
+  how: str
+  fixed_bytes: float | None = None
+  bytes_per_group: float | None = None
+  largest_groups_per_round: int | None = None  # planned from memory: the most that fit
+  # XLA's FLOPs of one group's step, from the step compiled for one group per device (XLA
+  # counts a loop's body once, whatever its trip count).
+  flops_per_group_step: float | None = None
+
+  def to_dict(self) -> dict:
+    return {'groups': self.groups, 'groups_per_round': self.groups_per_round,
+            'largest_groups_per_round': self.largest_groups_per_round,
+            'rounds': self.rounds, 'devices': self.devices, 'how': self.how,
+            'budget_bytes': self.budget_bytes, 'fixed_bytes': self.fixed_bytes,
+            'bytes_per_group': self.bytes_per_group,
+            'flops_per_group_step': self.flops_per_group_step, 'step': self.report.to_dict()}
+
+
+def memory_budget(cfg, device_memory_gb: float | None = None) -> int | None:
+  """Bytes a round may use per device: `memory_margin` of the stated or the device's own
+  memory (None where neither is known: a CPU)."""
+  limit = memory.device_memory_bytes(cfg.device_memory_gb if device_memory_gb is None
+                                     else device_memory_gb)
+  return None if limit is None else int(limit * cfg.memory_margin)
+
+
+def plan_rounds(cfg, real_groups: int, devices: int, compile_at, budget: int | None,
+                stored: int = 0) -> RoundPlan:
+  """Chooses the groups per round and returns the plan.
+
+  compile_at(g): the step compiled for g groups (cached by the caller). stored: the round
+  size of an earlier start of this run (0: none), which a resumed run must keep.
+  Raises MemoryError (before any training) when the chosen round does not fit `budget`.
+  """
+  one_round = math.ceil(real_groups / devices) * devices
+  fixed = per_group = largest = None
+  requested = cfg.groups_per_round
+  if requested and requested % devices:
+    raise ValueError(f'recover.groups_per_round={requested} must be a multiple of the '
+                     f'{devices} devices (groups are sharded over them).')
+  if stored:
+    if stored % devices:
+      raise ValueError(f'This run was started with {stored} groups per round, not a multiple '
+                       f'of the {devices} devices now: resume on a mesh whose size divides '
+                       f'{stored}, or use a new --workdir.')
+    if requested and requested != stored:
+      raise ValueError(f'This run was started with {stored} groups per round; '
+                       f'recover.groups_per_round={requested} would change the rounds. Drop '
+                       f'the override (or set it to {stored}) to resume, or use a new '
+                       f'--workdir.')
+    _, per_round = memory.balanced_rounds(real_groups, stored, devices)
+    how = 'kept from the run\'s first start'
+  elif requested:
+    _, per_round = memory.balanced_rounds(real_groups, min(requested, one_round), devices)
+    how = f'recover.groups_per_round={requested}'
+  elif budget is None:
+    per_round, how = one_round, 'one round: no device memory limit known'
+  else:
+    unit = memory.plan_units(lambda k: memory.analyse(compile_at(k * devices)), budget,
+                             max_units=one_round // devices)
+    fixed, per_group, largest = unit.fixed_bytes, unit.bytes_per_unit, unit.units * devices
+    _, per_round = memory.balanced_rounds(real_groups, largest, devices)
+    how = f'the most that fit {memory.format_bytes(budget)} per device'
+  rounds = math.ceil(real_groups / per_round)
+  report = memory.analyse(compile_at(per_round))
+  memory.check_fits(report, budget, f'A round of {per_round} groups ({per_round // devices} '
+                                    f'per device, recover.groups_per_round)')
+  # One group per device: one device's program is one group's step.
+  flops = memory.analyse(compile_at(devices)).flops
+  return RoundPlan(real_groups, per_round, rounds, devices, report, budget, how, fixed,
+                   per_group, largest, flops)
+
+
+def projection(plan: RoundPlan, cfg, device_kind: str) -> str:
+  """The projected time of all rounds on this device (or an H100 where the presets do not
+  know it), from XLA's FLOPs at `memory.PROJECTED_UTILISATION` of the datasheet peak."""
+  if not plan.flops_per_group_step:
+    return 'no projected time (this backend counts no FLOPs)'
+  name = memory.preset_for(device_kind) or 'h100'
+  device = memory.DEVICES[name]
+  dtype = 'bfloat16' if cfg.dtype == 'bfloat16' else 'float32'
+  peak = device.peak_tflops[dtype]
+  per_device = plan.flops_per_group_step * plan.groups_per_round / plan.devices
+  seconds = memory.projected_seconds(per_device, cfg.iterations * plan.rounds, plan.devices,
+                                     peak, memory.PROJECTED_UTILISATION)
+  per_image = plan.flops_per_group_step / cfg.batch_size
+  where = '' if memory.preset_for(device_kind) else f' (this is {device_kind})'
+  return (f'projected {memory.format_seconds(seconds)} on {plan.devices} x {device.name}'
+          f'{where} at {100 * memory.PROJECTED_UTILISATION:.0f}% of its {peak:g} TFLOP/s '
+          f'{dtype} peak, from XLA\'s {per_image / 1e9:.2f} GFLOP per image-iteration: a '
+          f'projection, not a measurement')
+
+
+def describe_plan(plan: RoundPlan, cfg) -> str:
+  budget = ('' if plan.budget_bytes is None else
+            f' of {memory.format_bytes(plan.budget_bytes)} allowed')
+  line = (f'{plan.groups} groups of {cfg.batch_size} images in {plan.rounds} round(s) of '
+          f'{plan.groups_per_round} groups on {plan.devices} device(s) ({plan.how}); XLA: '
+          f'peak {memory.format_bytes(plan.report.peak_bytes)} per device{budget}')
+  if plan.bytes_per_group:
+    line += (f', {memory.format_bytes(plan.bytes_per_group)} per group + '
+             f'{memory.format_bytes(plan.fixed_bytes)}')
+  return line + f'; {cfg.dtype}, remat {cfg.remat}'
+
+
+def _step_factory(config, spec, mesh, teacher, rng):
+  """(compile_at, tx): g -> the recover step compiled for g groups (cached), and Adam."""
+  cfg = config.recover
+  method = synthesis.get_method(cfg.method)
+  model = create_teacher_model(config, spec)
+  tx = optimize.create_optimizer(cfg)
+  shardings = optimize.state_shardings(tx, (mesh.size, cfg.batch_size) + spec.image_shape,
+                                       mesh)
+  step = optimize.create_recover_step(method, model, cfg, tx, optimize.pixel_bounds(spec),
+                                      shardings, mesh)
+
+  @functools.lru_cache(maxsize=None)
+  def compile_at(groups):
+    start = time.time()
+    compiled = optimize.compile_recover_step(step, tx, groups, cfg.batch_size,
+                                             spec.image_shape, mesh, teacher, rng)
+    logging.info('recover: step for %d groups compiled in %.0f s', groups, time.time() - start)
+    return compiled
+  return compile_at, tx
+
+
+def create_teacher_model(config, spec):
+  return models.create_model(config.teacher, spec.num_classes,
+                             dtype=None if config.recover.dtype == 'float32' else jnp.bfloat16)
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Dry run: the round plan at the real shapes, nothing allocated, no data, no teacher file.
+
+  The real step is compiled for this backend at abstract shapes (the teacher's from the
+  model). With `recover.device_memory_gb` (or a device that states its limit) one plan is
+  printed; on a CPU without a stated memory, one per known device (`memory.DEVICES`).
+  Returns {'per_group': ..., 'plans': {device: plan dict}}.
+  """
+  del workdir  # nothing is read or written
+  cfg = config.recover
+  spec = datasets.get_spec(config.dataset.name)
+  validate(config, spec)
+  mesh = batching.create_mesh(config.mesh_shape)
+  teacher = models.abstract_variables(create_teacher_model(config, spec), spec.image_shape)
+  rng = jax.random.split(rngs.stream_key(config.seed, 'recover'))[1]
+  compile_at, _ = _step_factory(config, spec, mesh, teacher, rng)
+  real_groups = cfg.ipc * (image_sets.recovered_classes(cfg, spec) // cfg.batch_size)
+  kind = jax.devices()[0].device_kind
+  budgets = {'this device': memory_budget(cfg)}
+  if budgets['this device'] is None and not cfg.groups_per_round:
+    budgets = {name: int(d.memory_gib * memory.GIB * cfg.memory_margin)
+               for name, d in memory.DEVICES.items()}
+  out = {'backend': jax.default_backend(), 'devices': mesh.size, 'plans': {}}
+  print(f'recover plan (dry run: compiled for {jax.default_backend()} at abstract shapes, '
+        f'nothing allocated): {spec.name}, {config.teacher.name}, '
+        f'{spec.image_shape[0]}x{spec.image_shape[1]}, {cfg.iterations} iterations')
+  for name, budget in budgets.items():
+    try:
+      p = plan_rounds(cfg, real_groups, mesh.size, compile_at, budget)
+    except MemoryError as e:
+      print(f'  {name}: {e}')
+      out['plans'][name] = {'error': str(e)}
+      continue
+    device_kind = memory.DEVICES[name].name if name in memory.DEVICES else kind
+    print(f'  {name}: {describe_plan(p, cfg)}')
+    print(f'  {" " * len(name)}  {projection(p, cfg, device_kind)}')
+    out['plans'][name] = p.to_dict() | {'projection': projection(p, cfg, device_kind)}
+  return out
+
+
+# ----------------------------------------------------------------------------- rounds
+
+
+def _round_path(stage_dir: str, r: int, suffix: str) -> str:
+  return os.path.join(stage_dir, 'rounds', f'round_{r:05d}{suffix}')
+
+
+def _round_done(stage_dir: str, r: int) -> bool:
+  return os.path.exists(_round_path(stage_dir, r, '.json'))
+
+
+def _write_round(stage_dir: str, r: int, images: np.ndarray, summary: dict) -> None:
+  """The round's final images (real groups, B, H, W, C) float32 normalised, then its summary
+  (written last: it marks the round finished)."""
+  if jax.process_index() == 0:
+    buffer = io.BytesIO()
+    np.save(buffer, images)
+    files.atomic_write(_round_path(stage_dir, r, '.npy'), buffer.getvalue())
+  files.write_json(_round_path(stage_dir, r, '.json'), summary)
+
+
+def _write_pngs(directory: str, images: np.ndarray, labels: np.ndarray, uids: np.ndarray,
+                num_classes: int) -> None:
+  """PNGs of some groups (uint8 (G, B, H, W, C)) into the image folder's naming
+  (`new{cls:03d}/class{cls:03d}_id{ipc:03d}.png`), one file at a time, atomically."""
+  for group_images, group_labels, group_uids in zip(images, labels, uids):
+    for image, label, uid in zip(group_images, group_labels, group_uids):
+      ipc_index = int(uid) // num_classes
+      path = os.path.join(directory, f'new{label:03d}', f'class{label:03d}_id{ipc_index:03d}.png')
+      buffer = io.BytesIO()
+      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, 'PNG')
+      files.atomic_write(path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------- run
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Recovers `ipc` images per class; resumes from `workdir/recover/checkpoints`."""
+  """Recovers `ipc` images per class, a round of groups at a time; resumes from
+  `workdir/recover/checkpoints` (the round in progress) and `workdir/recover/rounds`
+  (the finished rounds' images)."""
   cfg = config.recover
   stage_dir = os.path.join(workdir, 'recover')
   spec = datasets.get_spec(config.dataset.name)
@@ -74,107 +329,147 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config, spec)
   method = synthesis.get_method(cfg.method)
   _, teacher = teacher_lib.load(config, workdir, mesh)  # fails early if missing/unfit
-  model = models.create_model(config.teacher, spec.num_classes, dtype=None if
-                              cfg.dtype == 'float32' else jnp.bfloat16)
+  model = create_teacher_model(config, spec)
   checkpoint.check_fingerprint(stage_dir, fingerprint(config))
-
-  # Layout: groups sharded on 'data'.
-  num_classes = image_sets.recovered_classes(cfg, spec)
-  labels, uids, real_groups = optimize.group_layout(num_classes, cfg.ipc, cfg.batch_size,
-                                                    mesh.size)
-  sharded = batching.data_sharding(mesh)
-  labels_dev = jax.device_put(labels, sharded)
-  uids_dev = jax.device_put(uids, sharded)
   init_rng, step_rng = jax.random.split(rngs.stream_key(config.seed, 'recover'))
+  step_rng = jax.device_put(step_rng, batching.replicated(mesh))
 
-  # State: restored, or initialised from noise or real images.
-  tx = optimize.create_optimizer(cfg)
-  images_shape = labels.shape + spec.image_shape
+  # Plan: the round size, from XLA's analysis of the compiled step (before any training).
+  num_classes = image_sets.recovered_classes(cfg, spec)
+  real_groups = cfg.ipc * (num_classes // cfg.batch_size)
+  plan_path = os.path.join(stage_dir, 'plan.json')
+  stored = files.read_json(plan_path)['groups_per_round'] if os.path.exists(plan_path) else 0
+  compile_at, tx = _step_factory(config, spec, mesh, teacher, step_rng)
+  round_plan = plan_rounds(cfg, real_groups, mesh.size, compile_at, memory_budget(cfg), stored)
+  per_round, rounds = round_plan.groups_per_round, round_plan.rounds
+  files.write_json(plan_path, round_plan.to_dict())
+  logging.info('recover plan: %s', describe_plan(round_plan, cfg))
+  logging.info('recover plan: %s', projection(round_plan, cfg, jax.devices()[0].device_kind))
+  step = compile_at(per_round)
+
+  # Layout: every group of every round; round r holds groups [r * per_round, (r+1) * ...).
+  labels, uids, _ = optimize.group_layout(num_classes, cfg.ipc, cfg.batch_size, per_round)
+  sharded = batching.data_sharding(mesh)
+  images_shape = (per_round, cfg.batch_size) + spec.image_shape
   shardings = optimize.state_shardings(tx, images_shape, mesh)
   manager = checkpoint.create_manager(os.path.join(stage_dir, 'checkpoints'),
                                       save_interval_steps=cfg.checkpoint_every_steps,
-                                      final_step=cfg.iterations)
+                                      final_step=rounds * cfg.iterations)
+  # The checkpoint holds the round in progress; its Orbax step is round * iterations + step.
+  state, saved_step = train_lib.restore_or_init(
+      manager, optimize.abstract_state(tx, images_shape, mesh), lambda: None)
+  resumed = None
+  if state is not None:
+    resumed = (saved_step - int(state['step'])) // cfg.iterations, int(state['step'])
 
-  def init_state():
-    train = pipeline.load_split(config.dataset, 'train') if cfg.init == 'real' else None
-    images = optimize.initial_images(cfg, spec, labels, uids_dev, init_rng, num_classes,
-                                     train)
-    return jax.jit(lambda x: optimize.create_state(x, tx), out_shardings=shardings)(
-        jax.device_put(images, sharded))
-
-  state, start_step = train_lib.restore_or_init(
-      manager, optimize.abstract_state(tx, images_shape, mesh), init_state)
-
-  # Replicated outputs: every process reads them (small: one value per group / image).
   measure_key = rngs.stream_key(config.seed, 'recover_measure')
   # Global arrays are passed as arguments: closing over them fails on several processes.
   measure_fn = jax.jit(lambda images, labels, uids, teacher: optimize.measure(
       images, labels, uids, measure_key, method=method, model=model, teacher=teacher,
       cfg=cfg), out_shardings=batching.replicated(mesh))
 
-  def mean_losses(images):
+  def measured_sums(images, labels_dev, uids_dev, real):
+    """Sums over the round's `real` real groups: BN term, un-augmented BN loss, hits."""
     bn, plain, correct = jax.device_get(measure_fn(images, labels_dev, uids_dev, teacher))
-    return (float(bn[:real_groups].mean()), float(plain[:real_groups].mean()),
-            float(correct[:real_groups].mean()))
+    return {'bn_loss': float(bn[:real].sum()), 'bn_loss_unaugmented': float(plain[:real].sum()),
+            'teacher_correct': float(correct[:real].sum())}
 
-  initial_path = os.path.join(stage_dir, 'initial.json')
-  if not start_step or not os.path.exists(initial_path):
-    # Not read back from the file: only process 0 writes it.
-    initial = dict(zip(('bn_loss', 'bn_loss_unaugmented'), mean_losses(state['images'])))
-    files.write_json(initial_path, initial)
-  else:
-    initial = files.read_json(initial_path)
-
-  # Loop.
-  step = optimize.create_recover_step(method, model, cfg, tx, optimize.pixel_bounds(spec),
-                                      shardings, mesh)
   writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
-  num_images = real_groups * cfg.batch_size
-  loop = train_lib.Loop(
-      name='recover', total_steps=cfg.iterations, log_every=cfg.log_every_steps,
-      manager=manager, writer=writer, examples_per_step=num_images,
-      throughput_name='image_iterations_per_second',
-      knobs=f'recover.lr (now {cfg.lr}) or recover.r_bn (now {cfg.r_bn})')
-  start_time = time.time()
-  state, done = train_lib.run_loop(
-      loop, state, start_step,
-      lambda state, _: step(state, labels_dev, uids_dev, step_rng, teacher))
+  png_dir = os.path.join(stage_dir, 'images')
+  start_time, rates, start_step = time.time(), [], 0
+  for r in range(rounds):
+    if _round_done(stage_dir, r):
+      continue
+    groups = slice(r * per_round, (r + 1) * per_round)
+    real = min(per_round, max(0, real_groups - r * per_round))
+    labels_dev = jax.device_put(labels[groups], sharded)
+    uids_dev = jax.device_put(uids[groups], sharded)
+    initial_path = _round_path(stage_dir, r, '.initial.json')
+    if resumed is not None and resumed[0] == r:
+      round_step, start_step = resumed[1], saved_step
+    else:
+      train = pipeline.load_split(config.dataset, 'train') if cfg.init == 'real' else None
+      images = optimize.initial_images(cfg, spec, labels[groups], uids_dev, init_rng,
+                                       num_classes, train)
+      state = jax.jit(lambda x: optimize.create_state(x, tx), out_shardings=shardings)(
+          jax.device_put(images, sharded))
+      round_step = 0
+    if round_step == 0 or not os.path.exists(initial_path):
+      # Not read back from the file: only process 0 writes it.
+      initial = measured_sums(state['images'], labels_dev, uids_dev, real)
+      files.write_json(initial_path, initial)
+    else:
+      initial = files.read_json(initial_path)
+
+    loop = train_lib.Loop(
+        name=f'recover round {r + 1}/{rounds}', total_steps=(r + 1) * cfg.iterations,
+        log_every=cfg.log_every_steps, manager=manager, writer=writer,
+        examples_per_step=real * cfg.batch_size,
+        throughput_name='image_iterations_per_second',
+        knobs=f'recover.lr (now {cfg.lr}) or recover.r_bn (now {cfg.r_bn})')
+    state, done = train_lib.run_loop(
+        loop, state, r * cfg.iterations + round_step,
+        lambda state, _: step(state, labels_dev, uids_dev, step_rng, teacher))
+    rates.append(done.examples_per_second)
+
+    # The round's outputs; its summary last (the mark of a finished round).
+    final = measured_sums(state['images'], labels_dev, uids_dev, real)
+    images = multihost.to_host(state['images'])[:real]  # sharded over processes
+    if jax.process_index() == 0:
+      _write_pngs(png_dir, datasets.denormalise(images, spec), labels[groups][:real],
+                  uids[groups][:real], num_classes)
+    _write_round(stage_dir, r, images.astype(np.float32), {
+        'round': r, 'first_group': r * per_round, 'real_groups': real, 'initial': initial,
+        'final': final, 'image_iterations_per_second': done.examples_per_second})
+    multihost.sync(f'recover round {r} written')
+    logging.info('recover: round %d/%d done (%d groups)', r + 1, rounds, real)
   wall = time.time() - start_time
 
-  # Outputs.
-  bn_final, bn_final_unaugmented, teacher_top1 = mean_losses(state['images'])
-  train_lib.check_recovery(initial['bn_loss'], bn_final, teacher_top1, cfg)
-  images = multihost.to_host(state['images'])[:real_groups]  # sharded over processes
-  images = optimize.to_class_major(datasets.denormalise(images, spec), num_classes, cfg.ipc)
+  # All rounds: the distilled set, and measures averaged over every real group.
+  summaries = [files.read_json(_round_path(stage_dir, r, '.json')) for r in range(rounds)]
+  total = lambda when, key: sum(s[when][key] for s in summaries)
+  # uint8 a round at a time: the float images of every round (30 GB for ImageNet-1K IPC 50)
+  # are never in memory together.
+  images = np.concatenate([
+      datasets.denormalise(np.load(_round_path(stage_dir, r, '.npy'), mmap_mode='r'), spec)
+      for r in range(rounds)])
+  bn_initial = total('initial', 'bn_loss') / real_groups
+  bn_final = total('final', 'bn_loss') / real_groups
+  teacher_top1 = total('final', 'teacher_correct') / (real_groups * cfg.batch_size)
+  train_lib.check_recovery(bn_initial, bn_final, teacher_top1, cfg)
+  images = optimize.to_class_major(images, num_classes, cfg.ipc)
   if jax.process_index() == 0:
     flat_labels = np.repeat(np.arange(num_classes), cfg.ipc)
     export.write_tfds(image_sets.distilled_dir(workdir),
                       images.reshape((-1,) + spec.image_shape), flat_labels, spec.num_classes)
-    export.write_image_folder(os.path.join(stage_dir, 'images'), images)
     export.write_grid(os.path.join(stage_dir, 'grid.png'), images)
-  writer.write_scalars(cfg.iterations, {'bn_loss_final': bn_final,
-                                        'teacher_top1_on_synthetic': teacher_top1})
+  writer.write_scalars(rounds * cfg.iterations, {'bn_loss_final': bn_final,
+                                                 'teacher_top1_on_synthetic': teacher_top1})
   writer.flush()
+  num_images = real_groups * cfg.batch_size
   result = {
       'stage': 'recover', 'method': cfg.method, 'dataset': spec.name, 'ipc': cfg.ipc,
       'iterations': cfg.iterations, 'group_size': cfg.batch_size, 'groups': real_groups,
       'images': num_images, 'classes': num_classes,
-      'bn_loss_initial': initial['bn_loss'], 'bn_loss_final': bn_final,
-      'bn_loss_unaugmented_initial': initial['bn_loss_unaugmented'],
-      'bn_loss_unaugmented_final': bn_final_unaugmented,
+      'rounds': rounds, 'groups_per_round': per_round,
+      'peak_bytes_per_device_planned': round_plan.report.peak_bytes,
+      'bn_loss_initial': bn_initial, 'bn_loss_final': bn_final,
+      'bn_loss_unaugmented_initial': total('initial', 'bn_loss_unaugmented') / real_groups,
+      'bn_loss_unaugmented_final': total('final', 'bn_loss_unaugmented') / real_groups,
       'bn_loss_note': ('sum over BN layers of w_l (|mean - running mean| + |var - running var|)'
                        ', mean over groups; bn_loss_*: the objective\'s BN term on one fixed '
                        'draw of the training augmentation, the same views at start and end; '
                        'bn_loss_unaugmented_*: on the images as they are'),
       'teacher_top1_on_synthetic': teacher_top1, 'teacher_top1_unit': 'fraction',
-      'image_iterations_per_second': done.examples_per_second, 'wall_seconds': wall,
-      'resumed_from_step': start_step, 'devices': mesh.size,
-      'outputs': {'tfds': image_sets.distilled_dir(workdir),
-                  'png': os.path.join(stage_dir, 'images'),
-                  'grid': os.path.join(stage_dir, 'grid.png')},
+      'image_iterations_per_second': float(np.mean(rates)) if rates else None,
+      'wall_seconds': wall, 'resumed_from_step': start_step, 'devices': mesh.size,
+      'outputs': {'tfds': image_sets.distilled_dir(workdir), 'png': png_dir,
+                  'grid': os.path.join(stage_dir, 'grid.png'),
+                  'rounds': os.path.join(stage_dir, 'rounds')},
   }
   files.write_json(os.path.join(stage_dir, 'result.json'), result)
   logging.info('recover: BN loss %.4g -> %.4g (un-augmented %.4g -> %.4g), teacher top-1 '
-               'on synthetic %.4f', initial['bn_loss'], bn_final,
-               initial['bn_loss_unaugmented'], bn_final_unaugmented, teacher_top1)
+               'on synthetic %.4f', bn_initial, bn_final,
+               result['bn_loss_unaugmented_initial'], result['bn_loss_unaugmented_final'],
+               teacher_top1)
   return result

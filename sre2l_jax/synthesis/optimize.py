@@ -1,10 +1,11 @@
 """Optimising synthetic images with a synthesis method: layout, state, step, measurement.
 
 Images are laid out in groups (`group_layout`): a group holds images of different classes at
-one ipc index, the unit whose BatchNorm statistics a method matches. All groups are vmapped
-in one step and sharded over the mesh's 'data' axis, so more devices mean more groups at once
-without changing the objective. Only the images get gradients (Adam, cosine decay, clipped to
-the valid pixel range): nothing is differentiated with respect to the teacher's weights.
+one ipc index, the unit whose BatchNorm statistics a method matches. The groups are sharded
+over the mesh's 'data' axis and each device works through its own (`group_gradients`), so
+more devices mean more groups at once without changing the objective. Only the images get
+gradients (Adam, cosine decay, clipped to the valid pixel range): nothing is differentiated
+with respect to the teacher's weights.
 """
 
 import functools
@@ -87,23 +88,64 @@ def abstract_state(tx, images_shape, mesh):
 # ----------------------------------------------------------------------------- step
 
 
-def recover_step(state, labels, uids, rng, *, method, model, teacher, cfg, tx, bounds):
+def group_gradients(images, labels, uids, keys, min_scale, teacher, *, method, model, cfg):
+  """Each group's gradient of its own loss: (grads like images (G, B, H, W, C), metrics with
+  a leading G axis). keys: (G,) one per group.
+
+  `recover.parallel_groups` of them at a time: 1 (default) runs them one after another in a
+  loop whose trip count the compiler cannot see, so a group's arithmetic is the same program
+  whatever else the device holds: the images do not depend on the round size or the device
+  count, to the bit (Adam's first steps amplify last-bit differences on pixels whose gradient
+  is near its eps), and one group's activations are alive at a time. 0: all at once
+  (vmapped); N: vmapped N at a time (`jax.lax.map`).
+  """
+  loss_fn = functools.partial(method.group_loss, model=model, teacher=teacher, cfg=cfg)
+
+  def one(x, y, u, k):
+    return jax.grad(loss_fn, has_aux=True)(x, y, u, k, min_scale)
+
+  groups, parallel = images.shape[0], cfg.get('parallel_groups', 1)
+  if parallel == 0 or 1 < parallel >= groups:
+    return jax.vmap(one)(images, labels, uids, keys)
+  if parallel > 1:
+    return jax.lax.map(lambda a: one(*a), (images, labels, uids, keys), batch_size=parallel)
+
+  def take(i):
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                                  (images, labels, uids, keys))
+
+  def body(i, out):
+    return jax.tree_util.tree_map(lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0),
+                                  out, one(*take(i)))
+
+  shapes = jax.eval_shape(lambda: one(*take(0)))
+  out = jax.tree_util.tree_map(lambda s: jnp.zeros((groups,) + s.shape, s.dtype), shapes)
+  # = groups, computed from the data: a loop of one iteration would otherwise be inlined and
+  # compiled (fused, rounded) differently from a loop of several.
+  count = jnp.sum(uids[:, 0] >= 0).astype(jnp.int32)
+  return jax.lax.fori_loop(0, count, body, out)
+
+
+def recover_step(state, labels, uids, rng, *, method, model, teacher, cfg, tx, bounds,
+                 mesh=None):
   """One Adam step on all groups: (state, ...) -> (state, metrics averaged over groups).
 
-  state: `create_state`'s dict. method: a `synthesis` module (its `group_loss`).
+  state: `create_state`'s dict. method: a `synthesis` module (its `group_loss`). mesh: the
+  mesh the groups are sharded over ('data'); each device then works through its own groups
+  (`group_gradients`). None: one device.
   """
   step = state['step']
   key = jax.random.fold_in(rng, step)
-  loss_fn = functools.partial(method.group_loss, model=model, teacher=teacher, cfg=cfg)
-
-  def total_loss(images):
-    keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(uids[:, 0])
-    losses, metrics = jax.vmap(loss_fn, in_axes=(0, 0, 0, 0, None))(
-        images, labels, uids, keys, method.min_scale_at(step, cfg))
-    # A sum, so that each group's gradient is that of its own loss alone.
-    return jnp.sum(losses), metrics
-
-  grads, metrics = jax.grad(total_loss, has_aux=True)(state['images'])
+  keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(uids[:, 0])
+  gradients = functools.partial(group_gradients, method=method, model=model, cfg=cfg)
+  if mesh is not None:
+    # Per device: its own groups, sequentially; nothing crosses devices.
+    data, replicated = jax.sharding.PartitionSpec('data'), jax.sharding.PartitionSpec()
+    gradients = jax.shard_map(gradients, mesh=mesh,
+                              in_specs=(data, data, data, data, replicated, replicated),
+                              out_specs=(data, data), check_vma=False)
+  grads, metrics = gradients(state['images'], labels, uids, keys,
+                             method.min_scale_at(step, cfg), teacher)
   updates, opt_state = tx.update(grads, state['opt_state'], state['images'])
   images = jnp.clip(optax.apply_updates(state['images'], updates), bounds[0], bounds[1])
   metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
@@ -122,9 +164,28 @@ def create_recover_step(method, model, cfg, tx, bounds, state_shardings_, mesh):
   return jax.jit(
       lambda state, labels, uids, rng, teacher: recover_step(
           state, labels, uids, rng, method=method, model=model, teacher=teacher, cfg=cfg,
-          tx=tx, bounds=bounds),
+          tx=tx, bounds=bounds, mesh=mesh),
       in_shardings=(state_shardings_, sharded, sharded, replicated, replicated),
       out_shardings=(state_shardings_, replicated), donate_argnums=0)
+
+
+def abstract_step_args(tx, groups: int, group_size: int, image_shape, mesh, teacher, rng):
+  """`create_recover_step`'s arguments (state, labels, uids, rng, teacher) for `groups`
+  groups as `jax.ShapeDtypeStruct`s with the step's shardings: nothing is allocated.
+  teacher, rng: arrays or shapes (e.g. `models.abstract_variables`)."""
+  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
+  ids = jax.ShapeDtypeStruct((groups, group_size), jnp.int32, sharding=sharded)
+  same = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+  return (abstract_state(tx, (groups, group_size) + tuple(image_shape), mesh), ids, ids,
+          same(rng), jax.tree_util.tree_map(same, teacher))
+
+
+def compile_recover_step(step, tx, groups: int, group_size: int, image_shape, mesh, teacher,
+                         rng):
+  """`step` (`create_recover_step`) compiled for `groups` groups at abstract shapes: call
+  it like the step; `memory.analyse` reads its per-device memory and FLOPs."""
+  return step.lower(*abstract_step_args(tx, groups, group_size, image_shape, mesh, teacher,
+                                        rng)).compile()
 
 
 def measure(images, labels, uids, key, *, method, model, teacher, cfg):

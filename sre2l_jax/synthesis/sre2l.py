@@ -8,6 +8,7 @@ w_1 = first_bn_multiplier and w_l = 1 otherwise. Statistics are per group, as in
 reference. The CDA curriculum (`recover.curriculum`) shrinks the crops' minimum scale.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,13 +28,70 @@ def bn_statistics_loss(bn_inputs: dict, batch_stats: dict, first_bn_multiplier: 
     stats = batch_stats
     for key in path[:-1] + (path[-1][:-len('_input')],):
       stats = stats[key]
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))  # biased, as the reference
-    losses.append(jnp.linalg.norm(mean - stats['mean']) + jnp.linalg.norm(var - stats['var']))
-  losses = jnp.stack(losses)
-  weights = jnp.ones_like(losses).at[0].set(first_bn_multiplier)
-  return jnp.sum(weights * losses), losses
+    losses.append(layer_bn_loss(x, stats))
+  return weighted_bn_loss(jnp.stack(losses), first_bn_multiplier)
+
+
+def layer_bn_loss(x, stats):
+  """||mean - running_mean||_2 + ||var - running_var||_2 of one BN layer's input x
+  (N, H, W, C), statistics in float32 over (N, H, W); stats {'mean', 'var'} (C,)."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))  # biased, as the reference
+  return jnp.linalg.norm(mean - stats['mean']) + jnp.linalg.norm(var - stats['var'])
+
+
+def weighted_bn_loss(per_layer, first_bn_multiplier: float):
+  """(sum_l w_l loss_l, per_layer) with w_1 = first_bn_multiplier, w_l = 1 otherwise."""
+  weights = jnp.ones_like(per_layer).at[0].set(first_bn_multiplier)
+  return jnp.sum(weights * per_layer), per_layer
+
+
+# ----------------------------------------------------------------------------- remat
+
+REMAT = ('none', 'teacher', 'blocks')
+# Where 'blocks' collects each BN layer's loss term (a scalar): the layer inputs never leave
+# a block, so the block's activations can be recomputed in the backward instead of kept.
+BN_TERMS = 'bn_terms'
+
+
+def _sow_bn_term(next_fun, args, kwargs, context):
+  """Method interceptor: a BatchNorm call sows its input's loss term before it runs."""
+  if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+    term = layer_bn_loss(args[0], context.module.variables['batch_stats'])
+    context.module.sow(BN_TERMS, 'term', term, init_fn=lambda: None,
+                       reduce_fn=lambda _, new: new)
+  return next_fun(*args, **kwargs)
+
+
+def teacher_forward(x, *, model, teacher, remat: str = 'none'):
+  """(logits (B, C), per-layer BN losses (L,) in call order) of the teacher on x.
+
+  remat: 'none' keeps every activation the backward needs; 'teacher' recomputes the whole
+  forward in the backward (`jax.checkpoint`, nothing saved); 'blocks' (ResNets) recomputes
+  each residual block's activations in the backward from the block's input, the BN loss
+  terms computed inside the block. The same loss either way; memory against FLOPs.
+  """
+  if remat == 'blocks':
+    if not hasattr(model, 'block_cls'):
+      raise ValueError(f"recover.remat='blocks' needs a ResNet teacher; "
+                       f"{type(model).__name__} has no residual blocks.")
+    # `train` (argument 2, after self and x) selects Python branches: static.
+    blocks = model.clone(block_cls=nn.remat(model.block_cls, static_argnums=(2,)))
+    with nn.intercept_methods(_sow_bn_term):
+      logits, state = blocks.apply(teacher, x, train=False, mutable=[BN_TERMS])
+    return logits, jnp.stack([t for _, t in models.iter_in_call_order(state[BN_TERMS])])
+
+  def forward(teacher, x):
+    logits, state = model.apply(teacher, x, train=False, mutable=[models.BN_INPUTS])
+    _, per_layer = bn_statistics_loss(state[models.BN_INPUTS], teacher['batch_stats'], 1.0)
+    return logits, per_layer
+
+  if remat == 'teacher':
+    forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.nothing_saveable)
+  elif remat != 'none':
+    raise ValueError(f'recover.remat={remat!r}; valid: {", ".join(map(repr, REMAT))}.')
+  return forward(teacher, x)
 
 
 def augment_group(key, images, uids, *, cfg, min_scale):
@@ -62,10 +120,10 @@ def augment_group(key, images, uids, *, cfg, min_scale):
 def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
   """Loss of one group and its metrics. images (B, H, W, C) normalised float32."""
   x = augment_group(key, images, uids, cfg=cfg, min_scale=min_scale)
-  logits, state = model.apply(teacher, x, train=False, mutable=[models.BN_INPUTS])
+  logits, per_layer = teacher_forward(x, model=model, teacher=teacher,
+                                      remat=cfg.get('remat', 'none'))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  bn, per_layer = bn_statistics_loss(state[models.BN_INPUTS], teacher['batch_stats'],
-                                     cfg.first_bn_multiplier)
+  bn, per_layer = weighted_bn_loss(per_layer, cfg.first_bn_multiplier)
   loss = ce + cfg.r_bn * bn
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return loss, {'loss': loss, 'ce': ce, 'bn_loss': bn, 'bn_loss_per_layer': per_layer,
