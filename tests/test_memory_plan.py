@@ -25,6 +25,7 @@ from sre2l_jax import synthesis
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.synthesis import optimize
+from sre2l_jax.synthesis import sre2l
 
 import testlib
 
@@ -245,3 +246,36 @@ def test_dry_run_of_the_imagenet_config_needs_no_data_or_teacher(tmp_path):
   assert 'imagenet2012, resnet18, 224x224' in done.stdout
   assert 'groups of 5 images in' in done.stdout and 'projected' in done.stdout
   assert not os.path.exists(workdir)  # nothing written
+
+
+# ----------------------------------------------------------------------------- remat
+
+
+def test_rematerialised_loss_and_gradient_are_the_same(data_dir):
+  # A ResNet-18 teacher (small stem, width 8) on Fashion-MNIST shapes; random statistics.
+  config = make_config(data_dir)
+  config.teacher.update(name='resnet18', stem='small', width=WIDTH)
+  model, teacher = testlib.random_teacher(config)
+  cfg = config.recover
+  images = jax.random.normal(jax.random.key(3), (5,) + SPEC.image_shape)
+  labels, uids = np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32)
+
+  def loss_and_grad(remat):
+    with cfg.unlocked():
+      cfg.remat = remat
+    fn = lambda x: sre2l.group_loss(x, labels, uids, jax.random.key(4), jax.numpy.float32(0.5),
+                                    model=model, teacher=teacher, cfg=cfg)
+    (loss, metrics), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(images)
+    return float(loss), np.asarray(metrics['bn_loss_per_layer']), np.asarray(grad)
+
+  loss, per_layer, grad = loss_and_grad('none')
+  assert per_layer.shape == (1 + 2 * 8 + 3,)  # stem, two per block, three downsamples
+  assert np.abs(grad).max() > 0
+  for remat in ('teacher', 'blocks'):
+    r_loss, r_per_layer, r_grad = loss_and_grad(remat)
+    assert r_loss == pytest.approx(loss, rel=1e-5), remat
+    np.testing.assert_allclose(r_per_layer, per_layer, rtol=1e-5, err_msg=remat)  # call order
+    assert np.linalg.norm(r_grad - grad) <= 1e-5 * np.linalg.norm(grad), remat
+  with pytest.raises(ValueError, match="remat='blocks' needs a ResNet teacher"):
+    sre2l.teacher_forward(images, model=models.create_model(make_config('').teacher, 10),
+                          teacher=None, remat='blocks')
