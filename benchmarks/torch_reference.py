@@ -20,7 +20,6 @@ the package (the optional `bench` and `test` extras).
 """
 
 import math
-import random
 import statistics
 import time
 
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sre2l_jax.data import streaming
 
 RESNET_STAGES = {'resnet18': ('basic', (2, 2, 2, 2)), 'resnet50': ('bottleneck', (3, 4, 6, 3)),
                  'resnet101': ('bottleneck', (3, 4, 23, 3))}
@@ -250,27 +251,6 @@ def bn_statistics_loss(model: nn.Module, images_nchw, first_bn_multiplier: float
 # ----------------------------------------------------------------------------- recover
 
 
-def crop_box(rng: random.Random, height: int, width: int, scale, ratio=(3 / 4, 4 / 3)):
-  """torchvision's RandomResizedCrop.get_params: (top, left, h, w) ints."""
-  area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w = int(round(math.sqrt(target * aspect)))
-    h = int(round(math.sqrt(target / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-  in_ratio = width / height
-  if in_ratio < ratio[0]:
-    w, h = width, int(round(width / ratio[0]))
-  elif in_ratio > ratio[1]:
-    h, w = height, int(round(height * ratio[1]))
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
-
-
 class RecoverReference:
   """The reference's recover loop for `groups` batches of images, one Adam per batch.
 
@@ -312,7 +292,7 @@ class RecoverReference:
     self.lr, self.r_bn, self.first_bn_multiplier = lr, r_bn, first_bn_multiplier
     self.jitter, self.scale, self.crop, self.flip = jitter, (min_scale, max_scale), crop, flip
     self.iterations, self.amp = iterations, amp
-    self.rng = random.Random(seed)
+    self.rng = np.random.default_rng(seed)
     self.scaler = torch.amp.GradScaler(self.device.type) if amp == 'fp16' else None
     self.iteration = 0
 
@@ -320,14 +300,14 @@ class RecoverReference:
     """One crop (resized back, bilinear), one flip and one roll for the whole batch."""
     height, width = x.shape[-2:]
     if self.crop:
-      top, left, h, w = crop_box(self.rng, height, width, self.scale)
+      top, left, h, w = streaming.sample_crop_box(self.rng, height, width, self.scale)
       # The crop is never larger than the output: upsampling, where antialias changes nothing.
       x = F.interpolate(x[:, :, top:top + h, left:left + w], size=(height, width),
                         mode='bilinear', align_corners=False, antialias=False)
     if self.flip and self.rng.random() < 0.5:
       x = torch.flip(x, dims=(3,))
     if self.jitter > 0:
-      shifts = (self.rng.randint(0, self.jitter), self.rng.randint(0, self.jitter))
+      shifts = tuple(int(v) for v in self.rng.integers(0, self.jitter + 1, size=2))
       x = torch.roll(x, shifts=shifts, dims=(2, 3))
     return x
 
