@@ -81,8 +81,8 @@ def restore_state(workdir, step=None):
 def listing(directory):
   """Every file under `directory` with its size and mtime: detects any modification."""
   out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
+  for root, _, names in os.walk(directory):
+    for name in names:
       path = os.path.join(root, name)
       st = os.stat(path)
       out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)

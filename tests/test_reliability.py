@@ -21,7 +21,6 @@ import glob
 import hashlib
 import os
 import shutil
-import struct
 import subprocess
 import sys
 
@@ -46,20 +45,12 @@ from sre2l_jax import squeeze
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import train_lib
 from sre2l_jax.data import batching
-from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 
 import testlib
 
 SPEC = datasets.get_spec('fashion_mnist')
 IPC = 2  # 20 noise images; student batch 16 -> 2 steps per epoch
-
-
-def write_idx(path, array):
-  with open(path, 'wb') as f:
-    f.write(struct.pack('>HBB', 0, 0x08, array.ndim))
-    f.write(struct.pack(f'>{array.ndim}I', *array.shape))
-    f.write(np.ascontiguousarray(array, np.uint8).tobytes())
 
 
 def make_config(data, **sections) -> ml_collections.ConfigDict:
@@ -138,17 +129,7 @@ def assert_one_line_error(completed, *fragments):
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
   """A TFDS data dir of real Fashion-MNIST cut to its first 600 train / 300 test images."""
-  root = tmp_path_factory.mktemp('fashion_mnist')
-  source = root / 'idx'
-  source.mkdir()
-  sizes = {'train': 600, 'test': 300}
-  for split, names in builders.FASHION_MNIST_FILES.items():
-    for name in names:
-      array = builders.read_idx(os.path.join(builders.FASHION_MNIST_DIR, name))
-      write_idx(source / name[:-len('.gz')], array[:sizes[split]])
-  out = {'data_dir': str(root / 'tfds'), 'source_dir': str(source)}
-  datasets.prepare(ml_collections.ConfigDict(dict(name='fashion_mnist', **out)))
-  return out
+  return testlib.cut_fashion_mnist(tmp_path_factory.mktemp('fashion_mnist'))
 
 
 @pytest.fixture(scope='module')

@@ -53,8 +53,8 @@ def teacher_arrays(config, workdir) -> dict:
 def snapshot(directory) -> dict:
   """Every path under `directory` with its size and mtime."""
   out = {}
-  for root, dirs, files in os.walk(directory):
-    for name in dirs + files:
+  for root, dirs, names in os.walk(directory):
+    for name in dirs + names:
       st = os.stat(os.path.join(root, name))
       out[os.path.relpath(os.path.join(root, name), directory)] = (st.st_size, st.st_mtime_ns)
   return out

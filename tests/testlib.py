@@ -12,6 +12,7 @@
 import functools
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from sre2l_jax import checkpoint
 from sre2l_jax import config_lib
 from sre2l_jax import models
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,3 +203,26 @@ def restore_checkpoint(directory, step: int | None = None):
   state = manager.restore(step, args=ocp.args.StandardRestore())
   manager.close()
   return step, jax.tree_util.tree_map(np.asarray, state)
+
+
+def write_idx(path, array):
+  """`array` (uint8) as an IDX file (the Fashion-MNIST format) at `path`."""
+  with open(path, 'wb') as f:
+    f.write(struct.pack('>HBB', 0, 0x08, array.ndim))
+    f.write(struct.pack(f'>{array.ndim}I', *array.shape))
+    f.write(np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def cut_fashion_mnist(root, train: int = 600, test: int = 300) -> dict:
+  """A TFDS data dir of real Fashion-MNIST cut to its first `train` / `test` images, built
+  under `root` (a pathlib folder). Returns the dataset config keys {data_dir, source_dir}."""
+  source = root / 'idx'
+  source.mkdir()
+  sizes = {'train': train, 'test': test}
+  for split, names in builders.FASHION_MNIST_FILES.items():
+    for name in names:
+      array = builders.read_idx(os.path.join(builders.FASHION_MNIST_DIR, name))
+      write_idx(source / name[:-len('.gz')], array[:sizes[split]])
+  out = {'data_dir': str(root / 'tfds'), 'source_dir': str(source)}
+  datasets.prepare(ml_collections.ConfigDict(dict(name='fashion_mnist', **out)))
+  return out

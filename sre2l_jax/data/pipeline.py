@@ -17,10 +17,6 @@ from jax.sharding import NamedSharding
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import streaming
-# Transition (issue 10): these moved to `batching`; callers import them from there.
-from sre2l_jax.data.batching import (  # pylint: disable=unused-import
-    check_batch_size, create_mesh, data_sharding, prefetch, process_rows, replicated,
-    to_global, train_indices)
 
 
 @runtime_checkable
