@@ -332,7 +332,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = create_teacher_model(config, spec)
   checkpoint.check_fingerprint(stage_dir, fingerprint(config))
   init_rng, step_rng = jax.random.split(rngs.stream_key(config.seed, 'recover'))
-  step_rng = jax.device_put(step_rng, batching.replicated(mesh))
+  # The step key as a global replicated array, made inside jit so that it also exists when
+  # the mesh spans several processes (device_put cannot place a host value on devices of
+  # other processes).
+  step_rng = jax.jit(lambda: jax.random.split(rngs.stream_key(config.seed, 'recover'))[1],
+                     out_shardings=batching.replicated(mesh))()
 
   # Plan: the round size, from XLA's analysis of the compiled step (before any training).
   num_classes = image_sets.recovered_classes(cfg, spec)
