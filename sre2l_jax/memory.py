@@ -168,33 +168,53 @@ def fit_line(counts, peaks) -> tuple[float, float]:
 
 
 def plan_units(report_at: Callable[[int], MemoryReport], budget_bytes: int, max_units: int,
-               probe: tuple[int, int] = (1, 2)) -> UnitPlan:
+               probe: tuple[int, int] = (1, 2), tolerance: float = 0.05,
+               max_compiles: int = 8) -> UnitPlan:
   """The largest units-per-device count <= `max_units` whose compiled peak fits the budget.
 
   report_at(n): XLA's analysis of the step at n units per device (compiled at abstract
-  shapes). Two probes give the line; the count it predicts is compiled and checked, and
-  lowered by the excess (at least one unit) until XLA's own peak fits. Raises
-  `MemoryError` when not even one unit fits.
+  shapes). Two probes give a line; the count it predicts is compiled and checked. Peaks grow
+  faster than the probes' slope where buffers that small counts share stop being shared, so
+  the search then narrows between the largest count known to fit and the smallest known not
+  to (interpolating their peaks) until they are within `tolerance` of each other (exact for
+  small counts) or `max_compiles` compilations were spent; it returns a count whose own
+  compiled peak fits. Raises `MemoryError` when not even one unit fits.
   """
-  reports = {n: report_at(n) for n in sorted(set(min(p, max_units) for p in probe))}
+  reports = {}
+
+  def peak(n):
+    if n not in reports:
+      reports[n] = report_at(n)
+    return reports[n].peak_bytes
+
+  for n in sorted(set(min(p, max_units) for p in probe)):
+    peak(n)
   if len(reports) > 1:
     fixed, per_unit = fit_line(list(reports), [r.peak_bytes for r in reports.values()])
   else:  # one unit is all there is
     (n, r), = reports.items()
     fixed, per_unit = 0.0, r.peak_bytes / n
   per_unit = max(per_unit, 1.0)
-  units = max(1, min(max_units, int((budget_bytes - fixed) // per_unit)))
-  while True:
-    report = reports.get(units) or report_at(units)
-    reports[units] = report
-    excess = report.peak_bytes - budget_bytes
-    if excess <= 0:
-      return UnitPlan(units, fixed, per_unit, budget_bytes, report)
-    if units == 1:
-      raise MemoryError(
-          f'One unit needs {format_bytes(report.peak_bytes)} per device; the budget is '
-          f'{format_bytes(budget_bytes)}.')
-    units = max(1, units - max(1, math.ceil(excess / per_unit)))
+  fits = [n for n in reports if peak(n) <= budget_bytes]
+  over = [n for n in reports if peak(n) > budget_bytes]
+  lo, hi = max(fits, default=0), min(over, default=max_units + 1)
+  guess = max(1, min(max_units, int((budget_bytes - fixed) // per_unit)))
+  while hi - lo > max(1, int(lo * tolerance)) and len(reports) < max_compiles:
+    if not lo < guess < hi:  # interpolate between the bounds' own peaks
+      if lo and hi <= max_units:
+        slope = max((peak(hi) - peak(lo)) / (hi - lo), 1.0)
+        guess = lo + int((budget_bytes - peak(lo)) // slope)
+      guess = min(max(guess, lo + 1), hi - 1)
+    if peak(guess) <= budget_bytes:
+      lo = guess
+    else:
+      hi = guess
+    guess = 0
+  if not lo:
+    raise MemoryError(
+        f'One unit needs {format_bytes(peak(1))} per device; the budget is '
+        f'{format_bytes(budget_bytes)}.')
+  return UnitPlan(lo, fixed, per_unit, budget_bytes, reports[lo])
 
 
 def balanced_rounds(total: int, per_round_max: int, multiple: int = 1) -> tuple[int, int]:
