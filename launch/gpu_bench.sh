@@ -10,6 +10,8 @@
 # There, through the device tool:
 #   command: bash launch/gpu_bench.sh    carry: [".whl"]    timeout_s: 540
 # It installs nothing from the internet: wheels under .whl/ are installed to /tmp/site.
+# Then one full-size round of the real recover stage (benchmarks/recover_round.py: planned vs
+# measured peak memory, throughput; BENCH_ROUND=0 skips it, ROUND_ITERATIONS=20).
 # Settings (environment): BENCH_GROUPS (4 groups of 100 images), BENCH_STEPS (10),
 # BENCH_REPEATS (5), BENCH_BUDGET_S (450, the whole script), SQUEEZE_BATCH (256);
 # BENCH_ARGS replaces the model/size flags and BENCH_ALLOW_CPU=1 skips the GPU check (a dry
@@ -187,6 +189,20 @@ run jax_fp32 150 -- --what=recover --dtype=float32 "--peak_tflops=$PEAK_TF32"
 run torch_fp32 90 JAX_PLATFORMS=cpu -- --what=recover --reference=torch --skip_jax \
   --torch_amp=none
 run jax_bf16 130 -- --what=recover --dtype=bfloat16 "--peak_tflops=$PEAK_BF16"
+
+# One full-size round of the real recover stage (configs/in1k_ipc50.py, a random teacher):
+# the dry-run plan for this card's memory (groups per round, XLA's predicted peak) beside the
+# measured peak memory and throughput. JAX may use 90% of the card here (75% by default).
+LEFT=$((BUDGET_S - (SECONDS - START) - 15)); CAP=$((LEFT < 240 ? LEFT : 240))
+if [[ ${BENCH_ROUND:-1} == 1 ]] && ((CAP >= 60)); then
+  echo "== recover_round (limit ${CAP} s)"
+  echo "===== recover_round" >>"$LOG"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9} timeout -k 10 "$CAP" \
+    "$PY" -m benchmarks.recover_round --workdir=/tmp/recover_round \
+    "--iterations=${ROUND_ITERATIONS:-20}" "--json=$OUT/recover_round.json" >>"$LOG" 2>&1 \
+    && grep '^recover round on' "$LOG" | tail -n 1 \
+    || { echo "   failed (rc $?); last lines:"; tail -n 15 "$LOG" | sed 's/^/   | /'; }
+fi
 run torch_amp 90 JAX_PLATFORMS=cpu -- --what=recover --reference=torch --skip_jax \
   --torch_amp=bf16
 run squeeze_fp32 130 -- --what=squeeze --dtype=float32 "--batch_size=$SQUEEZE_BATCH" \
