@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds every random stream (see rngs.py)
   c.stages = DEFAULT_STAGES  # stages `main` runs when --stages is not given
   c.mesh_shape = -1  # devices on the 'data' axis; -1: all
+  # squeeze and evaluate check before training that one step fits this many GiB per device
+  # (XLA's analysis of the compiled step); 0: the device's own limit (a CPU states none).
+  c.device_memory_gb = 0.0
   c.overwrite = False  # replace a teacher or stored labels that exist (main's --overwrite)
 
   c.dataset = ml_collections.ConfigDict(dict(

@@ -24,6 +24,7 @@ from sre2l_jax import checkpoint
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
+from sre2l_jax import memory
 from sre2l_jax import models
 from sre2l_jax import report
 from sre2l_jax import rngs
@@ -104,6 +105,10 @@ def train_student(config, student_dir, images, labels, target, stored, seed, mes
   step = student.create_student_step(config, spec, teacher_model, mesh, target)
   batch = student.batch_fn(schedule, images, labels, mesh, stored)
   teacher_arg = teacher if target == 'online' else None
+  memory.check_step_fits(
+      step, lambda: (state, *batch(1)[:3], schedule.view_key(0, 0), teacher_arg),
+      config.device_memory_gb, f'The student step at relabel.batch_size='
+      f'{schedule.batch_size} (lower it, or use more devices)')
   loop = train_lib.Loop(
       name=f'evaluate {log_name} seed {seed}', total_steps=total,
       log_every=config.evaluate.log_every_steps, manager=manager,

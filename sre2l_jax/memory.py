@@ -260,6 +260,20 @@ def describe(report: MemoryReport) -> str:
           f'{format_bytes(report.alias_bytes)})')
 
 
+def check_step_fits(jitted, args_fn: Callable[[], tuple], memory_gib: float,
+                    what: str) -> MemoryReport | None:
+  """Before training: compiles `jitted` at the shapes of `args_fn()` and raises
+  `MemoryError` naming `what` when XLA's peak exceeds `memory_gib` GiB per device (0: the
+  device's own limit). Where no limit is known (a CPU with memory_gib 0) nothing is built,
+  compiled or checked."""
+  budget = device_memory_bytes(memory_gib)
+  if budget is None:
+    return None
+  report = compile_abstract(jitted, *args_fn())
+  check_fits(report, budget, what)
+  return report
+
+
 def check_fits(report: MemoryReport, budget_bytes: int | None, what: str) -> None:
   """Raises `MemoryError` naming `what` when XLA's peak exceeds the budget (None: no limit
   known, nothing checked)."""

@@ -13,6 +13,7 @@ import ml_collections
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import memory
 from sre2l_jax import models
 from sre2l_jax import rngs
 from sre2l_jax import teacher
@@ -86,6 +87,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Steps.
   train_step = train_lib.create_classification_step(spec, mesh, c.label_smoothing)
+  sharded = batching.data_sharding(mesh)
+  batch_shapes = {
+      'image': jax.ShapeDtypeStruct((c.batch_size,) + spec.image_shape, jax.numpy.uint8,
+                                    sharding=sharded),
+      'label': jax.ShapeDtypeStruct((c.batch_size,), jax.numpy.int32, sharding=sharded)}
+  memory.check_step_fits(
+      train_step, lambda: (state, batch_shapes, step_rng), config.device_memory_gb,
+      f'The squeeze step at squeeze.batch_size={c.batch_size} (lower it, or use more '
+      f'devices)')
   eval_step = train_lib.create_eval_step(model, spec, mesh)
 
   def test_top1(state):

@@ -15,12 +15,15 @@ import jax
 import numpy as np
 import pytest
 
+from sre2l_jax import evaluate
 from sre2l_jax import export
 from sre2l_jax import files
+from sre2l_jax import image_sets
 from sre2l_jax import memory
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import rngs
+from sre2l_jax import squeeze
 from sre2l_jax import synthesis
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -279,3 +282,29 @@ def test_rematerialised_loss_and_gradient_are_the_same(data_dir):
   with pytest.raises(ValueError, match="remat='blocks' needs a ResNet teacher"):
     sre2l.teacher_forward(images, model=models.create_model(make_config('').teacher, 10),
                           teacher=None, remat='blocks')
+
+
+# ----------------------------------------------------------------------------- squeeze, students
+
+
+def test_squeeze_and_student_steps_that_cannot_fit_stop_before_training(data_dir, tmp_path):
+  """A stated device memory no step can fit (1 KiB) stops squeeze and evaluate with a
+  MemoryError naming the batch, before any training step or checkpoint."""
+  config = make_config(data_dir)
+  config.device_memory_gb = 2**-20  # 1 KiB
+  workdir = str(tmp_path / 'w')
+  with pytest.raises(MemoryError, match=r'squeeze.batch_size=64 .*does not fit'):
+    squeeze.run(config, workdir)
+  assert not testlib.checkpoint_steps(os.path.join(workdir, 'squeeze', 'checkpoints'))
+
+  testlib.write_teacher(config, workdir)
+  spec = datasets.get_spec('fashion_mnist')
+  images = np.random.default_rng(0).integers(0, 256, (20,) + spec.image_shape, np.uint8)
+  export.write_tfds(image_sets.distilled_dir(workdir), images,
+                    np.repeat(np.arange(10), 2).astype(np.int32), 10)
+  config.evaluate.baselines = ()
+  with pytest.raises(MemoryError, match=r'relabel.batch_size=16 .*does not fit'):
+    evaluate.run(config, workdir)
+  # Nothing trained: no student checkpoint anywhere under evaluate/.
+  assert not any('checkpoints' in root and dirs for root, dirs, _ in
+                 os.walk(os.path.join(workdir, 'evaluate')))
