@@ -24,6 +24,12 @@ def fashion_mnist_tfds(tmp_path_factory):
   return data_dir
 
 
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  """An empty TFDS data dir per test module (Fashion-MNIST is prepared into it on first use)."""
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
 def pytest_configure(config):
   del config
   assert jax.device_count() == 8, 'tests expect 8 fake CPU devices'

@@ -291,6 +291,16 @@ def worker(stubs, *args, mounted=True, **env):
                    JOBS_DIR=str(root / 'jobs'), VENV=str(root / 'venv'), WORKER_ID='3', **env)
 
 
+def finished_state(stubs, name: str) -> str:
+  """The worker's state line of job `name` once it stops running (polls up to 10 s)."""
+  for _ in range(200):
+    state = worker(stubs, 'state', name).stdout.strip()
+    if 'running' not in state:
+      return state
+    time.sleep(0.05)
+  return state
+
+
 def fake_venv(stubs, body):
   python = stubs.root / 'venv' / 'bin' / 'python'
   python.parent.mkdir(parents=True)
@@ -312,11 +322,7 @@ def test_tpu_worker_trains_detached_once_and_reports_its_state(stubs):
   again = worker(stubs, 'train', 'exp', '--config=c.py', '--workdir=w')
   assert again.returncode == 0 and 'already running' in again.stdout
   release.touch()
-  for _ in range(200):
-    state = worker(stubs, 'state', 'exp').stdout.strip()
-    if 'running' not in state:
-      break
-    time.sleep(0.05)
+  state = finished_state(stubs, 'exp')
   assert state == 'sre2l-job name=exp worker=3 state=done exit=0'
   assert (stubs.root / 'started').read_text() == (
       'python -m sre2l_jax.main --config=c.py --workdir=w\n')
@@ -326,11 +332,7 @@ def test_tpu_worker_trains_detached_once_and_reports_its_state(stubs):
   fake_python = stubs.root / 'venv' / 'bin' / 'python'
   fake_python.write_text('#!/bin/bash\nexit 3\n')
   assert worker(stubs, 'train', 'exp', '--config=c.py').returncode == 0
-  for _ in range(200):
-    state = worker(stubs, 'state', 'exp').stdout.strip()
-    if 'running' not in state:
-      break
-    time.sleep(0.05)
+  state = finished_state(stubs, 'exp')
   assert state == 'sre2l-job name=exp worker=3 state=failed exit=3'
 
 

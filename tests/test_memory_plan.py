@@ -50,11 +50,6 @@ def make_config(data_dir, **recover_overrides):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
 def teacher_workdir(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('teacher_workdir'))
   testlib.write_teacher(make_config(data_dir), workdir, statistics='measured')

@@ -90,11 +90,6 @@ def listing(directory):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
 def teacher_workdir(tmp_path_factory, data_dir):
   """A workdir holding only `squeeze/teacher` (random weights and running statistics)."""
   workdir = str(tmp_path_factory.mktemp('teacher_workdir'))
