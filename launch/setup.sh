@@ -1,17 +1,38 @@
 #!/usr/bin/env bash
-# Installs everything sre2l_jax needs on a fresh Debian/Ubuntu machine (or any machine with
-# pip): the Fashion-MNIST data package (apt, where available), a CPU build of PyTorch for
-# the parity tests and the benchmark reference, and the package with its test extras.
-# Usage: bash launch/setup.sh            (run from the repository root; idempotent)
+# Sets up sre2l_jax on a fresh Debian/Ubuntu machine that has only the system `python3`
+# (Python >= 3.11): the Fashion-MNIST data package (apt, where available), a project
+# environment `.venv` (a stock Debian 12 / Ubuntu 24.04 interpreter refuses `pip install`,
+# PEP 668), and this package installed into it. Nothing is installed outside `.venv` but the
+# two Debian packages (data, and python3-venv where `python3 -m venv` lacks it).
+#
+# Usage (from anywhere; idempotent: a second run reuses `.venv`):
+#   bash launch/setup.sh           what the pipeline needs; then run .venv/bin/python -m ...
+#   bash launch/setup.sh --test    also a CPU build of PyTorch (the parity tests and the
+#                                  benchmark reference) and the test extras (launch/test.sh)
+# PYTHON=/path/to/python3.12 bash launch/setup.sh picks the interpreter that creates `.venv`
+# (default: `python3` on PATH). `source .venv/bin/activate` puts `.venv`'s `python` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+TEST=0
+for arg in "$@"; do
+  case "${arg}" in
+    --test) TEST=1 ;;
+    *) echo "usage: bash launch/setup.sh [--test]" >&2; exit 2 ;;
+  esac
+done
+
+as_root() { if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+APT_UPDATED=0
+apt_install() {
+  if [[ "${APT_UPDATED}" == 0 ]]; then as_root apt-get update -qq; APT_UPDATED=1; fi
+  as_root apt-get install -y -qq "$@"
+}
+
 FASHION_MNIST_DIR=/usr/share/datasets/fashion-mnist
-if [ ! -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+if [[ ! -f "${FASHION_MNIST_DIR}/train-images-idx3-ubyte.gz" ]]; then
   if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq dataset-fashion-mnist
+    apt_install dataset-fashion-mnist
   else
     echo "No apt-get here: place train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz," \
          "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz in a folder and run with" \
@@ -19,10 +40,35 @@ if [ ! -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then
   fi
 fi
 
-PIP="python3 -m pip"
-# torch 2.13.0 resolves to a CPU build on this project's machines; an unpinned torch would
-# pull a multi-GB CUDA build.
-if ! python3 -c "import torch" >/dev/null 2>&1; then
-  $PIP install -q "torch==2.13.0"
+PYTHON="${PYTHON:-python3}"
+if ! "${PYTHON}" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup.sh: ${PYTHON} is missing or older than Python 3.11; install python3 >= 3.11" \
+       "or name one with PYTHON=..." >&2
+  exit 1
 fi
-$PIP install -q -e ".[test]"
+# A `.venv` whose pip works is reused; a half-made one (e.g. venv without ensurepip) is not.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  rm -rf .venv
+  if ! "${PYTHON}" -m venv .venv; then
+    # Debian and Ubuntu ship venv's pip bootstrap (ensurepip) in a package of its own.
+    if ! command -v apt-get >/dev/null 2>&1; then
+      echo "setup.sh: '${PYTHON} -m venv' failed and there is no apt-get to add venv." >&2
+      exit 1
+    fi
+    apt_install python3-venv
+    rm -rf .venv
+    "${PYTHON}" -m venv .venv
+  fi
+fi
+
+PIP=(.venv/bin/python -m pip install -q)
+if [[ "${TEST}" == 1 ]]; then
+  # Pinned: torch 2.13.0 resolves to the CPU build on this project's machines, an unpinned
+  # torch to a multi-GB CUDA build. The pipeline itself never needs torch.
+  if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    "${PIP[@]}" "torch==2.13.0"
+  fi
+  "${PIP[@]}" -e ".[test]"
+else
+  "${PIP[@]}" -e .
+fi

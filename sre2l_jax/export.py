@@ -59,9 +59,36 @@ def write_image_folder(directory: str, images: np.ndarray) -> None:
   files.replace_dir(tmp, directory)
 
 
+def _label_rows(image: Image.Image, names: list[str], row_height: int,
+                top: int) -> Image.Image:
+  """`image` behind a white left margin that names each row (right-aligned, centred)."""
+  from PIL import ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  names = [n if len(n) <= 24 else n[:23] + '…' for n in names]
+  try:  # Pillow >= 10.1 with FreeType: a scalable font sized to the rows
+    font = ImageFont.load_default(size=max(10, min(40, row_height // 6)))
+  except (TypeError, ImportError, OSError):
+    font = ImageFont.load_default()
+  white, black = (255, 0) if image.mode == 'L' else ((255,) * 3, (0,) * 3)
+  boxes = [ImageDraw.Draw(image).textbbox((0, 0), n, font=font) for n in names]
+  pad = max(4, row_height // 16)
+  margin = max(b[2] - b[0] for b in boxes) + 2 * pad
+  out = Image.new(image.mode, (image.width + margin, image.height), white)
+  out.paste(image, (margin, 0))
+  draw = ImageDraw.Draw(out)
+  for r, (name, (left, upper, right, lower)) in enumerate(zip(names, boxes)):
+    middle = top + r * row_height + row_height // 2
+    draw.text((margin - pad - right, middle - (upper + lower) // 2), name, fill=black,
+              font=font)
+  return out
+
+
 def write_grid(path: str, images: np.ndarray, max_classes: int = 100,
-               max_ipc: int = 20) -> None:
-  """One PNG with a row per class and a column per ipc index (1 px gaps)."""
+               max_ipc: int = 20, class_names: list[str] | None = None) -> None:
+  """One PNG with a row per class and a column per ipc index (1 px gaps).
+
+  images: uint8 (num_classes, ipc, H, W, C). class_names: one per class, written left of its
+  row (e.g. `datasets.class_names(config.dataset)`); None leaves the rows unnamed.
+  """
   images = images[:max_classes, :max_ipc]
   rows, cols, h, w, c = images.shape
   grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
@@ -72,4 +99,6 @@ def write_grid(path: str, images: np.ndarray, max_classes: int = 100,
   scale = max(1, 256 // max(h, w))  # small images are hard to see at 1x
   pil = _to_pil(grid)
   pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+  if class_names is not None:
+    pil = _label_rows(pil, [str(n) for n in class_names[:rows]], (h + 1) * scale, scale)
   pil.save(path)

@@ -1,7 +1,19 @@
-"""`workdir/report.json` and `workdir/report.md`: results, storage and wall time per stage."""
+"""`workdir/report.json` and `workdir/report.md`: results, storage and wall time per stage.
 
+Also the plots, drawn from the runs' own files: student test accuracy over training per variant
+(the students' `metrics.jsonl`), recover's BN loss per layer over iterations (recover's
+`metrics.jsonl`, keys `bn/<layer>`), and, from the command line, top-1 against IPC over several
+workdirs (their `evaluate/result.json`):
+
+  python -m sre2l_jax.report --workdirs=runs/fm_ipc1,runs/fm,runs/fm_ipc50 --out_dir=docs
+"""
+
+import io
+import json
 import os
 
+from absl import logging
+from etils import epath
 import jax
 
 from sre2l_jax import config_lib
@@ -110,6 +122,10 @@ def to_markdown(data: dict) -> str:
       lines.append(f'| {s} | {w:.1f} | {m.get("at") or "-"} | {m.get("note") or ""} |')
   if data.get('grid'):
     lines += ['', f'![distilled images]({os.path.relpath(data["grid"], data["workdir"])})']
+  captions = {'student_accuracy': 'student test top-1 over training',
+              'recover_bn': 'recover BN loss per layer'}
+  for name, path in data.get('plots', {}).items():
+    lines += ['', f'![{captions.get(name, name)}]({os.path.relpath(path, data["workdir"])})']
   return '\n'.join(lines) + '\n'
 
 
@@ -117,6 +133,219 @@ def write(config, workdir: str) -> dict:
   data = collect(config, workdir)
   data['workdir'] = os.path.abspath(workdir)
   if jax.process_index() == 0:
+    data['plots'] = write_plots(workdir)
     files.write_json(os.path.join(workdir, 'report.json'), data)
     files.atomic_write(os.path.join(workdir, 'report.md'), to_markdown(data))
   return data
+
+
+# ----------------------------------------------------------------------------- plots
+
+PLOTS = 'plots'  # workdir/plots/: the report's figures
+
+
+def read_metrics(path) -> list[dict]:
+  """The rows of one `metrics.jsonl` (one `{"step": int, "<name>": float, ...}` per line).
+
+  Returns one dict per step, in step order. Rows of the same step are merged, later ones
+  winning (a resumed run writes its steps again); a line cut short by a kill is skipped.
+  """
+  rows = {}
+  for line in epath.Path(path).read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and 'step' in row:
+      rows.setdefault(int(row['step']), {}).update(row)
+  return [rows[step] for step in sorted(rows)]
+
+
+def find_metrics(folder) -> epath.Path | None:
+  """The `metrics.jsonl` a writer made in `folder` or below it (e.g. `folder/logs/`)."""
+  folder = epath.Path(folder)
+  for candidate in (folder / 'metrics.jsonl', folder / 'logs' / 'metrics.jsonl'):
+    if candidate.exists():
+      return candidate
+  found = sorted(folder.rglob('metrics.jsonl')) if folder.exists() else []
+  return found[0] if found else None
+
+
+def student_curves(workdir) -> dict[str, list[tuple[list[int], list[float]]]]:
+  """{variant: [(steps, test top-1 as fractions) per student seed]} of the last evaluation.
+
+  The students are those `evaluate/result.json` names (its variants' `dir`, the settings
+  digest); students of other settings beside them are left out.
+  """
+  result_path = epath.Path(workdir) / 'evaluate' / 'result.json'
+  if not result_path.exists():
+    return {}
+  curves = {}
+  for name, variant in json.loads(result_path.read_text())['variants'].items():
+    if not variant.get('dir'):
+      continue
+    for seed in range(variant['seeds']):
+      path = find_metrics(epath.Path(workdir) / variant['dir'] / f'seed{seed}')
+      rows = [r for r in read_metrics(path) if 'test_top1' in r] if path else []
+      if rows:
+        curves.setdefault(name, []).append(([r['step'] for r in rows],
+                                            [r['test_top1'] for r in rows]))
+  return curves
+
+
+def bn_curves(workdir) -> dict[str, tuple[list[int], list[float]]]:
+  """{layer: (steps, BN loss)} from recover's `metrics.jsonl` keys `bn/<layer>`."""
+  path = find_metrics(epath.Path(workdir) / 'recover')
+  curves = {}
+  for row in read_metrics(path) if path else []:
+    for key, value in row.items():
+      if key.startswith('bn/'):
+        steps, values = curves.setdefault(key[len('bn/'):], ([], []))
+        steps.append(row['step'])
+        values.append(value)
+  return curves
+
+
+def ipc_points(workdirs) -> dict[str, dict[str, dict[int, tuple[float, float]]]]:
+  """{dataset: {variant: {ipc: (top-1 mean, std) as fractions}}} from each workdir's
+  `evaluate/result.json` (a later workdir with the same dataset and IPC wins)."""
+  points = {}
+  for workdir in workdirs:
+    path = epath.Path(workdir) / 'evaluate' / 'result.json'
+    if not path.exists():
+      raise FileNotFoundError(f'{path} does not exist: run the evaluate stage on {workdir}')
+    result = json.loads(path.read_text())
+    for name, v in result['variants'].items():
+      points.setdefault(result['dataset'], {}).setdefault(name, {})[int(result['ipc'])] = (
+          v['test_top1_mean'], v['test_top1_std'])
+  return points
+
+
+def _figure(width=6.0, height=4.0):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(width, height))
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig, path) -> str:
+  """PNG through a buffer, so that `path` may be a bucket (`gs://...`)."""
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=120)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buffer.getvalue())
+  return os.fspath(path)
+
+
+def plot_student_accuracy(curves: dict, path, title: str = '') -> str:
+  """Test top-1 (%) against student step: a colour per variant, a line per seed."""
+  fig = _figure()
+  ax = fig.add_subplot()
+  for k, (name, runs) in enumerate(curves.items()):
+    final = 100 * sum(accs[-1] for _, accs in runs) / len(runs)
+    for j, (steps, accs) in enumerate(runs):
+      ax.plot(steps, [100 * a for a in accs], color=f'C{k}', alpha=0.8, marker='.',
+              label=f'{name} ({len(runs)} seed{"s" * (len(runs) > 1)}, final {final:.2f}%)'
+              if j == 0 else None)
+  ax.set_xlabel('student step')
+  ax.set_ylabel('test top-1 (%)')
+  ax.set_title(title or 'Students: test top-1 over training')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_bn_loss(curves: dict, path, title: str = '') -> str:
+  """Recover's BN loss per layer against iteration, log scale."""
+  fig = _figure()
+  ax = fig.add_subplot()
+  for name, (steps, values) in curves.items():
+    ax.plot(steps, values, label=name)
+  if all(v > 0 for _, values in curves.values() for v in values):
+    ax.set_yscale('log')
+  ax.set_xlabel('recover iteration')
+  ax.set_ylabel('BN loss (|mean - running mean| + |var - running var|)')
+  ax.set_title(title or 'Recover: BN loss per layer')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize='small', ncol=2 if len(curves) > 6 else 1)
+  return _save(fig, path)
+
+
+def plot_accuracy_vs_ipc(variants: dict, path, title: str = '',
+                         published: dict | None = None) -> str:
+  """Top-1 (%) mean ± std against IPC (log scale), a line per variant; `published`
+  ({method: {ipc: top-1 %}}) as grey dashed lines for context."""
+  fig = _figure()
+  ax = fig.add_subplot()
+  ipcs = sorted({ipc for points in variants.values() for ipc in points})
+  for name, points in variants.items():
+    xs = sorted(points)
+    ax.errorbar(xs, [100 * points[x][0] for x in xs], yerr=[100 * points[x][1] for x in xs],
+                marker='o', capsize=4, label=name)
+  for k, (method, points) in enumerate((published or {}).items()):
+    xs = [x for x in ipcs if x in points]
+    if xs:
+      ax.plot(xs, [points[x] for x in xs], color='0.5', linestyle=('--', ':', '-.')[k % 3],
+              linewidth=1, label=f'{method} (published)')
+  ax.set_xscale('log')
+  ax.set_xticks(ipcs, [str(x) for x in ipcs])
+  ax.minorticks_off()
+  ax.set_xlabel('images per class (IPC)')
+  ax.set_ylabel('test top-1 (%), mean ± std over students')
+  ax.set_title(title or 'Top-1 against IPC')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize='small')
+  return _save(fig, path)
+
+
+def write_plots(workdir, out_dir=None, prefix: str = '') -> dict[str, str]:
+  """The plots one run's files allow, into `out_dir` (default `workdir/plots/`).
+
+  Returns {'student_accuracy' | 'recover_bn': path} for those written. A plot that cannot be
+  drawn is logged and skipped: it never fails the stage that asked for the report.
+  """
+  out_dir = epath.Path(out_dir or epath.Path(workdir) / PLOTS)
+  written = {}
+  for name, curves, plot in (('student_accuracy', student_curves, plot_student_accuracy),
+                             ('recover_bn', bn_curves, plot_bn_loss)):
+    try:
+      data = curves(workdir)
+      if data:
+        written[name] = plot(data, out_dir / f'{prefix}{name}.png')
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('report: no %s plot for %s (%s: %s)', name, workdir,
+                      type(e).__name__, e)
+  return written
+
+
+def main(argv=None) -> None:
+  """`python -m sre2l_jax.report --workdirs=A,B,C --out_dir=docs`: every plot of every
+  workdir (`<dataset>_ipc<k>_<plot>.png`, and its image grid) and, over them all,
+  `<dataset>_accuracy_vs_ipc.png`."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='python -m sre2l_jax.report', description=main.__doc__)
+  parser.add_argument('--workdirs', required=True, help='comma-separated workdirs')
+  parser.add_argument('--out_dir', default='docs', help='where the PNG files go')
+  args = parser.parse_args(argv)
+  workdirs = [w for w in args.workdirs.split(',') if w]
+  out_dir = epath.Path(args.out_dir)
+  for workdir in workdirs:
+    config = json.loads((epath.Path(workdir) / 'config.json').read_text())
+    prefix = f'{config["dataset"]["name"]}_ipc{config["recover"]["ipc"]}_'
+    for path in write_plots(workdir, out_dir, prefix).values():
+      print(path)
+    grid = epath.Path(workdir) / 'recover' / 'grid.png'
+    if grid.exists():
+      (out_dir / f'{prefix}grid.png').write_bytes(grid.read_bytes())
+      print(out_dir / f'{prefix}grid.png')
+  for dataset, variants in ipc_points(workdirs).items():
+    print(plot_accuracy_vs_ipc(variants, out_dir / f'{dataset}_accuracy_vs_ipc.png',
+                               title=f'{dataset}: top-1 against IPC',
+                               published=PUBLISHED.get(dataset)))
+
+
+if __name__ == '__main__':
+  main()

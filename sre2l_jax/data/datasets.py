@@ -7,7 +7,8 @@ here and nowhere else.
 import dataclasses
 import json
 import os
-from typing import Callable
+from typing import Callable, Sequence
+import zipfile
 
 import jax
 import ml_collections
@@ -27,6 +28,7 @@ class DatasetSpec:
   'random_resized_crop_flip' (large images held in memory) or 'flip' (the host already
   cropped, see `streaming`). in_memory: whether a split fits in host RAM as uint8 arrays.
   check_source: called before a first build to fail early when the raw files are missing.
+  class_names: the classes' names in label order (read offline; see `class_names`).
   """
   name: str
   num_classes: int
@@ -40,6 +42,7 @@ class DatasetSpec:
   in_memory: bool = True
   pad: int = 4
   check_source: Callable[[ml_collections.ConfigDict], None] | None = None
+  class_names: Callable[[ml_collections.ConfigDict], Sequence[str]] | None = None
 
 
 def _data_dir(config) -> str:
@@ -53,6 +56,45 @@ def manual_dir(config) -> str:
   return os.path.expanduser(path)
 
 
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
+                         'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+# The archives' own `label_names` / `fine_label_names`, in label order.
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
+                   'ship', 'truck')
+CIFAR100_CLASSES = tuple('''
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+    butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
+    crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house
+    kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle
+    mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree
+    plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark
+    shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table
+    tank telephone television tiger tractor train trout tulip turtle wardrobe whale
+    willow_tree wolf woman worm'''.split())
+
+
+def _tiny_imagenet_classes(config) -> list[str]:
+  """The first name of each class in `words.txt` of the zip, in label order (sorted wnids,
+  as `builders.TinyImagenetLocal` numbers them)."""
+  path = os.path.join(manual_dir(config), builders.TinyImagenetLocal.ARCHIVE)
+  with zipfile.ZipFile(path) as archive:
+    root = next(n[:-len('wnids.txt')] for n in archive.namelist()
+                if os.path.basename(n) == 'wnids.txt')
+    wnids = sorted(archive.read(root + 'wnids.txt').decode().split())
+    words = dict(line.split('\t', 1) for line in
+                 archive.read(root + 'words.txt').decode().splitlines() if '\t' in line)
+  return [words.get(w, w).split(',')[0].strip() for w in wnids]
+
+
+def _imagenet_classes(config) -> list[str]:
+  """WordNet ids (n01440764, ...) in label order: TFDS's own list, installed with it (no
+  human-readable names are available offline)."""
+  del config
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.resource_path('tensorflow_datasets') / 'datasets' / 'imagenet2012' / 'labels.txt'
+  return path.read_text().split()
+
+
 DATASETS: dict[str, DatasetSpec] = {}
 
 
@@ -63,24 +105,28 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 
 register(DatasetSpec(
     name='fashion_mnist', num_classes=10, image_shape=(28, 28, 1),
+    class_names=lambda c: FASHION_MNIST_CLASSES,
     mean=(0.2860,), std=(0.3530,), train_augment='pad_crop_flip',
     make_builder=lambda c: builders.FashionMnistLocal(
         source_dir=c.get('source_dir'), data_dir=_data_dir(c), file_format='array_record')))
 
 register(DatasetSpec(
     name='cifar10', num_classes=10, image_shape=(32, 32, 3),
+    class_names=lambda c: CIFAR10_CLASSES,
     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), train_augment='pad_crop_flip',
     make_builder=lambda c: builders.Cifar10Local(
         manual_dir=manual_dir(c), data_dir=_data_dir(c), file_format='array_record')))
 
 register(DatasetSpec(
     name='cifar100', num_classes=100, image_shape=(32, 32, 3),
+    class_names=lambda c: CIFAR100_CLASSES,
     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), train_augment='pad_crop_flip',
     make_builder=lambda c: builders.Cifar100Local(
         manual_dir=manual_dir(c), data_dir=_data_dir(c), file_format='array_record')))
 
 register(DatasetSpec(
     name='tiny_imagenet', num_classes=200, image_shape=(64, 64, 3),
+    class_names=_tiny_imagenet_classes,
     mean=IMAGENET_MEAN, std=IMAGENET_STD, train_augment='random_resized_crop_flip',
     test_split='validation',
     make_builder=lambda c: builders.TinyImagenetLocal(
@@ -89,6 +135,7 @@ register(DatasetSpec(
 # TFDS's own builder: JPEG-encoded, variable-size records, decoded and cropped on the host.
 register(DatasetSpec(
     name='imagenet2012', num_classes=1000, image_shape=(224, 224, 3),
+    class_names=_imagenet_classes,
     mean=IMAGENET_MEAN, std=IMAGENET_STD, train_augment='flip', test_split='validation',
     in_memory=False,
     make_builder=lambda c: tfds.builder('imagenet2012', data_dir=_data_dir(c),
@@ -100,6 +147,20 @@ def get_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
     raise ValueError(f'Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}.')
   return DATASETS[name]
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The names of `config.name`'s classes in label order, for figures.
+
+  Where the names cannot be read (no Tiny-ImageNet zip at hand, say), or there are not as
+  many as classes, the class indices ('0', '1', ...): a name never stops a stage.
+  """
+  spec = get_spec(config.name)
+  try:
+    names = [str(n) for n in spec.class_names(config)] if spec.class_names else []
+  except (OSError, KeyError, ValueError, StopIteration, zipfile.BadZipFile):
+    names = []
+  return names if len(names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]
 
 
 # Written beside the prepared files: where the raw files were read from.
