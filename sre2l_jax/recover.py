@@ -446,7 +446,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flat_labels = np.repeat(np.arange(num_classes), cfg.ipc)
     export.write_tfds(image_sets.distilled_dir(workdir),
                       images.reshape((-1,) + spec.image_shape), flat_labels, spec.num_classes)
-    export.write_grid(os.path.join(stage_dir, 'grid.png'), images)
+    export.write_grid(os.path.join(stage_dir, 'grid.png'), images,
+                      class_names=datasets.class_names(config.dataset))
   writer.write_scalars(rounds * cfg.iterations, {'bn_loss_final': bn_final,
                                                  'teacher_top1_on_synthetic': teacher_top1})
   writer.flush()
