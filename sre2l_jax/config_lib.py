@@ -133,7 +133,21 @@ def base_config() -> ml_collections.ConfigDict:
       crop='per_image',  # 'per_image' | 'per_group' (the reference: one crop per batch) | 'none'
       flip=True,  # random horizontal flip
       curriculum=False,  # CDA: min crop scale from max_scale down to min_scale (cosine)
-      init='noise',  # 'noise' | 'real'
+      init='noise',  # 'noise' | 'real' (random images of the class) | 'scored' (selection.py)
+      # init 'scored': per class, this many random candidate images (0: all of the class)...
+      init_candidates=300,
+      init_crops=1,  # ...each scored on its best of this many crops (1: the whole image)...
+      init_coverage=True,  # ...best of each of ipc k-means clusters (False: the top ipc)
+      # Group layout: 'ipc_index' (B classes at one ipc index; B divides the classes) or
+      # 'class' (B images of one class; B divides ipc): what per-group statistics mean.
+      group_by='ipc_index',
+      # edc: weight of the class's own BN-input statistics (class_stats.py) in each layer's
+      # term, the global running statistics getting 1 - weight (EDC's soft matching: 0.5).
+      class_bn_weight=0.5,
+      # Diversity: 'none' | 'early_late' (DELT: a class's images start optimising at
+      # early_late_stages staggered steps, so they get different numbers of iterations).
+      diversity='none',
+      early_late_stages=4,
       num_classes=0,  # recover classes 0..N-1 only (0: all; smoke runs on 1000 classes)
       dtype='float32',  # teacher compute dtype ('bfloat16': loss stays float32)
       remat='none',  # 'none' | 'teacher' | 'blocks' (ResNets): recompute in the backward

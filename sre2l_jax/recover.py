@@ -29,6 +29,7 @@ from absl import logging
 from PIL import Image
 
 from sre2l_jax import checkpoint
+from sre2l_jax import class_stats
 from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
@@ -42,7 +43,9 @@ from sre2l_jax import train_lib
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
+from sre2l_jax.synthesis import diversity
 from sre2l_jax.synthesis import optimize
+from sre2l_jax.synthesis import selection
 from sre2l_jax.synthesis import sre2l
 
 CROPS = ('per_image', 'per_group', 'none')
@@ -70,7 +73,13 @@ def validate(config, spec) -> None:
   if not 0 < num_classes <= spec.num_classes:
     raise ValueError(f'recover.num_classes={num_classes}; {spec.name} has '
                      f'{spec.num_classes} classes (0: all).')
-  if cfg.batch_size <= 0 or num_classes % cfg.batch_size:
+  if cfg.group_by not in ('ipc_index', 'class'):
+    raise ValueError(f"recover.group_by={cfg.group_by!r}; valid: 'ipc_index', 'class'.")
+  if cfg.group_by == 'class' and (cfg.batch_size <= 0 or cfg.ipc % cfg.batch_size):
+    raise ValueError(
+        f'recover.batch_size={cfg.batch_size} is the group size; with '
+        f"recover.group_by='class' (groups of one class) it must divide ipc={cfg.ipc}.")
+  if cfg.group_by == 'ipc_index' and (cfg.batch_size <= 0 or num_classes % cfg.batch_size):
     raise ValueError(
         f'recover.batch_size={cfg.batch_size} is the group size (images of different classes '
         f'sharing an ipc index); it must divide the {num_classes} classes of '
@@ -88,6 +97,14 @@ def validate(config, spec) -> None:
     raise ValueError(f'recover needs groups_per_round >= 0 (0: planned), device_memory_gb >= 0 '
                      f'(0: the device\'s own), 0 < memory_margin <= 1; got '
                      f'{cfg.groups_per_round}, {cfg.device_memory_gb}, {cfg.memory_margin}.')
+  if cfg.init not in ('noise', 'real', 'scored'):
+    raise ValueError(f"recover.init={cfg.init!r}; valid: 'noise', 'real', 'scored'.")
+  if cfg.init == 'scored' and (cfg.init_candidates < 0 or cfg.init_crops < 1):
+    raise ValueError(f'recover.init_candidates={cfg.init_candidates} (>= 0, 0: all) and '
+                     f'init_crops={cfg.init_crops} (>= 1) are invalid.')
+  if not 0 <= cfg.class_bn_weight <= 1:
+    raise ValueError(f'recover.class_bn_weight={cfg.class_bn_weight} must be in [0, 1].')
+  diversity.validate(cfg)
   if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
     raise ValueError(f'recover needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
                      f'{cfg.max_scale}.')
@@ -215,6 +232,13 @@ def describe_plan(plan: RoundPlan, cfg) -> str:
   return line + f'; {cfg.dtype}, remat {cfg.remat}'
 
 
+def real_group_count(cfg, num_classes: int) -> int:
+  """Groups holding real images (`optimize.group_layout`)."""
+  if cfg.group_by == 'class':
+    return num_classes * (cfg.ipc // cfg.batch_size)
+  return cfg.ipc * (num_classes // cfg.batch_size)
+
+
 def _step_factory(config, spec, mesh, teacher, rng):
   """(compile_at, tx): g -> the recover step compiled for g groups (cached), and Adam."""
   cfg = config.recover
@@ -224,7 +248,8 @@ def _step_factory(config, spec, mesh, teacher, rng):
   shardings = optimize.state_shardings(tx, (mesh.size, cfg.batch_size) + spec.image_shape,
                                        mesh)
   step = optimize.create_recover_step(method, model, cfg, tx, optimize.pixel_bounds(spec),
-                                      shardings, mesh)
+                                      shardings, mesh,
+                                      num_classes=image_sets.recovered_classes(cfg, spec))
 
   @functools.lru_cache(maxsize=None)
   def compile_at(groups):
@@ -255,9 +280,11 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate(config, spec)
   mesh = batching.create_mesh(config.mesh_shape)
   teacher = models.abstract_variables(create_teacher_model(config, spec), spec.image_shape)
+  if getattr(synthesis.get_method(cfg.method), 'NEEDS_CLASS_STATS', False):
+    teacher[class_stats.KEY] = class_stats.abstract(teacher['batch_stats'], spec.num_classes)
   rng = jax.random.split(rngs.stream_key(config.seed, 'recover'))[1]
   compile_at, _ = _step_factory(config, spec, mesh, teacher, rng)
-  real_groups = cfg.ipc * (image_sets.recovered_classes(cfg, spec) // cfg.batch_size)
+  real_groups = real_group_count(cfg, image_sets.recovered_classes(cfg, spec))
   kind = jax.devices()[0].device_kind
   budgets = {'this device': memory_budget(cfg)}
   if budgets['this device'] is None and not cfg.groups_per_round:
@@ -331,6 +358,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _, teacher = teacher_lib.load(config, workdir, mesh)  # fails early if missing/unfit
   model = create_teacher_model(config, spec)
   checkpoint.check_fingerprint(stage_dir, fingerprint(config))
+  plain_teacher = teacher
+  scored = None  # init 'scored': the starting images, chosen when a round first needs them
+  if getattr(method, 'NEEDS_CLASS_STATS', False):  # per-class BN statistics (edc)
+    stats = class_stats.load_or_compute(
+        config, teacher, lambda: pipeline.load_split(config.dataset, 'train'),
+        teacher_lib.teacher_dir(config, workdir), stage_dir, mesh)
+    teacher = dict(teacher, **{class_stats.KEY: jax.device_put(stats,
+                                                               batching.replicated(mesh))})
   init_rng, step_rng = jax.random.split(rngs.stream_key(config.seed, 'recover'))
   # The step key as a global replicated array, made inside jit so that it also exists when
   # the mesh spans several processes (device_put cannot place a host value on devices of
@@ -340,7 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Plan: the round size, from XLA's analysis of the compiled step (before any training).
   num_classes = image_sets.recovered_classes(cfg, spec)
-  real_groups = cfg.ipc * (num_classes // cfg.batch_size)
+  real_groups = real_group_count(cfg, num_classes)
   plan_path = os.path.join(stage_dir, 'plan.json')
   stored = files.read_json(plan_path)['groups_per_round'] if os.path.exists(plan_path) else 0
   compile_at, tx = _step_factory(config, spec, mesh, teacher, step_rng)
@@ -352,7 +387,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = compile_at(per_round)
 
   # Layout: every group of every round; round r holds groups [r * per_round, (r+1) * ...).
-  labels, uids, _ = optimize.group_layout(num_classes, cfg.ipc, cfg.batch_size, per_round)
+  labels, uids, _ = optimize.group_layout(num_classes, cfg.ipc, cfg.batch_size, per_round,
+                                          by_class=cfg.group_by == 'class')
   sharded = batching.data_sharding(mesh)
   images_shape = (per_round, cfg.batch_size) + spec.image_shape
   shardings = optimize.state_shardings(tx, images_shape, mesh)
@@ -392,9 +428,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if resumed is not None and resumed[0] == r:
       round_step, start_step = resumed[1], saved_step
     else:
-      train = pipeline.load_split(config.dataset, 'train') if cfg.init == 'real' else None
-      images = optimize.initial_images(cfg, spec, labels[groups], uids_dev, init_rng,
-                                       num_classes, train)
+      if cfg.init == 'scored':  # chosen once for the whole set; (class, ipc index) here
+        if scored is None:
+          scored = selection.scored_images(config, model, plain_teacher,
+                                           pipeline.load_split(config.dataset, 'train'),
+                                           num_classes)
+        images = scored[labels[groups], (uids[groups] // num_classes) % cfg.ipc]
+      else:
+        train = pipeline.load_split(config.dataset, 'train') if cfg.init == 'real' else None
+        # Real images take the host uids (their ipc index); noise is made where it lives.
+        images = optimize.initial_images(cfg, spec, labels[groups],
+                                         uids[groups] if train else uids_dev, init_rng,
+                                         num_classes, train)
       state = jax.jit(lambda x: optimize.create_state(x, tx), out_shardings=shardings)(
           jax.device_put(images, sharded))
       round_step = 0
@@ -441,7 +486,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bn_final = total('final', 'bn_loss') / real_groups
   teacher_top1 = total('final', 'teacher_correct') / (real_groups * cfg.batch_size)
   train_lib.check_recovery(bn_initial, bn_final, teacher_top1, cfg)
-  images = optimize.to_class_major(images, num_classes, cfg.ipc)
+  images = optimize.to_class_major(images, num_classes, cfg.ipc,
+                                   by_class=cfg.group_by == 'class')
   if jax.process_index() == 0:
     flat_labels = np.repeat(np.arange(num_classes), cfg.ipc)
     export.write_tfds(image_sets.distilled_dir(workdir),

@@ -6,9 +6,10 @@ teacher, cfg) -> (loss, metrics)` for one group of images; `optimize` runs any o
 an entry in `METHODS`, not an edit of the recover stage.
 """
 
+from sre2l_jax.synthesis import edc
 from sre2l_jax.synthesis import sre2l
 
-METHODS = {'sre2l': sre2l}
+METHODS = {'sre2l': sre2l, 'edc': edc}
 
 
 def get_method(name: str):

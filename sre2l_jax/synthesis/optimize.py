@@ -18,20 +18,35 @@ import optax
 
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
+from sre2l_jax.synthesis import diversity
 
 
 # ----------------------------------------------------------------------------- layout
 
 
-def group_layout(num_classes: int, ipc: int, group_size: int, num_devices: int):
+def group_layout(num_classes: int, ipc: int, group_size: int, num_devices: int,
+                 by_class: bool = False):
   """Assigns every synthetic image to a group.
 
-  Group g holds classes [j*B, (j+1)*B) at ipc index i, for g = i * (C/B) + j. The number of
-  groups is padded to a multiple of `num_devices`; padding groups are optimised too (they
-  are independent of the real ones) and dropped on export.
+  Group g holds classes [j*B, (j+1)*B) at ipc index i, for g = i * (C/B) + j; with
+  `by_class` (recover.group_by='class') it holds ipc indices [k*B, (k+1)*B) of class c, for
+  g = c * (ipc/B) + k. Either way the image of class c at ipc index i has uid i * C + c. The
+  number of groups is padded to a multiple of `num_devices`; padding groups are optimised too
+  (they are independent of the real ones) and dropped on export.
   Returns labels (G, B) int32, uids (G, B) int32 (image ids that seed per-image randomness),
   and the number of real groups.
   """
+  if by_class:
+    chunks = ipc // group_size
+    real = num_classes * chunks
+    total = math.ceil(real / num_devices) * num_devices
+    g = np.arange(total)[:, None]
+    p = np.arange(group_size)[None, :]
+    labels = ((g // chunks) % num_classes).astype(np.int32)
+    uids = ((g % chunks) * group_size + p) * num_classes + labels
+    # Padding groups: uids past the real ones (C * ipc), so no real image's randomness repeats.
+    uids = np.where(g < real, uids, g * group_size + p).astype(np.int32)
+    return np.broadcast_to(labels, uids.shape).copy(), uids, real
   chunks = num_classes // group_size
   real = ipc * chunks
   total = math.ceil(real / num_devices) * num_devices
@@ -42,8 +57,12 @@ def group_layout(num_classes: int, ipc: int, group_size: int, num_devices: int):
   return labels, uids, real
 
 
-def to_class_major(images: np.ndarray, num_classes: int, ipc: int) -> np.ndarray:
-  """Real groups (ipc * C/B, B, ...) -> (C, ipc, ...), images[c, i] of class c, ipc index i."""
+def to_class_major(images: np.ndarray, num_classes: int, ipc: int,
+                   by_class: bool = False) -> np.ndarray:
+  """Real groups (G, B, ...) of `group_layout` -> (C, ipc, ...), images[c, i] of class c,
+  ipc index i."""
+  if by_class:  # groups already run class by class, ipc indices in order
+    return images.reshape((num_classes, ipc) + images.shape[2:])
   x = images.reshape((ipc, num_classes) + images.shape[2:])
   return np.swapaxes(x, 0, 1)
 
@@ -127,12 +146,13 @@ def group_gradients(images, labels, uids, keys, min_scale, teacher, *, method, m
 
 
 def recover_step(state, labels, uids, rng, *, method, model, teacher, cfg, tx, bounds,
-                 mesh=None):
+                 mesh=None, num_classes: int = 0):
   """One Adam step on all groups: (state, ...) -> (state, metrics averaged over groups).
 
   state: `create_state`'s dict. method: a `synthesis` module (its `group_loss`). mesh: the
   mesh the groups are sharded over ('data'); each device then works through its own groups
-  (`group_gradients`). None: one device.
+  (`group_gradients`). None: one device. num_classes: the recovered classes (the uids'
+  stride), needed by recover.diversity only.
   """
   step = state['step']
   key = jax.random.fold_in(rng, step)
@@ -146,6 +166,7 @@ def recover_step(state, labels, uids, rng, *, method, model, teacher, cfg, tx, b
                               out_specs=(data, data), check_vma=False)
   grads, metrics = gradients(state['images'], labels, uids, keys,
                              method.min_scale_at(step, cfg), teacher)
+  grads = diversity.mask_gradients(grads, uids, step, num_classes, cfg)
   updates, opt_state = tx.update(grads, state['opt_state'], state['images'])
   images = jnp.clip(optax.apply_updates(state['images'], updates), bounds[0], bounds[1])
   metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
@@ -153,7 +174,8 @@ def recover_step(state, labels, uids, rng, *, method, model, teacher, cfg, tx, b
   return {'images': images, 'opt_state': opt_state, 'step': step + 1}, metrics
 
 
-def create_recover_step(method, model, cfg, tx, bounds, state_shardings_, mesh):
+def create_recover_step(method, model, cfg, tx, bounds, state_shardings_, mesh,
+                        num_classes: int = 0):
   """`recover_step` jitted with the stage's shardings and the state donated.
 
   Call as `step(state, labels, uids, rng, teacher)`. The teacher is an argument, not a
@@ -164,7 +186,7 @@ def create_recover_step(method, model, cfg, tx, bounds, state_shardings_, mesh):
   return jax.jit(
       lambda state, labels, uids, rng, teacher: recover_step(
           state, labels, uids, rng, method=method, model=model, teacher=teacher, cfg=cfg,
-          tx=tx, bounds=bounds, mesh=mesh),
+          tx=tx, bounds=bounds, mesh=mesh, num_classes=num_classes),
       in_shardings=(state_shardings_, sharded, sharded, replicated, replicated),
       out_shardings=(state_shardings_, replicated), donate_argnums=0)
 
@@ -227,11 +249,11 @@ def initial_images(cfg, spec, labels, uids, rng, num_classes: int, train_split=N
   order = np.random.default_rng(int(jax.random.randint(rng, (), 0, 2**31 - 1)))
   by_class = {c: order.permutation(np.flatnonzero(train_labels == c))
               for c in range(num_classes)}
+  uids = np.asarray(uids)  # host uids (the recover stage passes them for real images)
   for g in range(labels.shape[0]):
-    ipc_index = g // (num_classes // labels.shape[1])
     for p, c in enumerate(labels[g]):
       pool = by_class[int(c)]
-      chosen[g, p] = pool[ipc_index % len(pool)]
+      chosen[g, p] = pool[(int(uids[g, p]) // num_classes) % len(pool)]  # the ipc index
   return np.asarray(datasets.normalise(train_images[chosen], spec))
 
 

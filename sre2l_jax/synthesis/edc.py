@@ -1,0 +1,124 @@
+"""EDC-style recovery: soft category-aware BN matching on real starting images.
+
+EDC: Shao, Zhou, Chen, Shen, "Elucidating the Design Space of Dataset Condensation",
+NeurIPS 2024 (arXiv 2404.13733; code github.com/shaoshitong/EDC). On top of RDED's selected
+real crops it runs a short recovery whose BN term mixes the global running statistics with
+the statistics of the images' own classes computed over the real data ("soft category-aware
+matching"), uses several backbones, and trains the student with a smoothed schedule.
+
+Loss of one group (`recover.batch_size` images; with recover.group_by='class', all of one
+class c, the layout the Fashion-MNIST config uses):
+  CE(teacher(aug(x)), y) + r_bn * sum_l w_l [(1 - a) (||mu_l - running_mean_l|| +
+                                                      ||var_l - running_var_l||)
+                                              + a (||mu_l - m_l[c]|| + ||var_l - v_l[c]||)]
+mu_l, var_l: mean and biased variance over (N, H, W) of BN layer l's input in this group (as
+`sre2l`); m_l[c], v_l[c]: the same over all real training images of class c
+(`class_stats.py`, teacher in inference mode); a = recover.class_bn_weight; w_1 =
+first_bn_multiplier. In a group of several classes the class target is the mean of its
+images' class statistics (what EDC's code matches); in a one-class group it is exactly
+class c's. Starting images: recover.init='scored' (`selection.py`: per class the teacher's
+best-scored real candidates, one per source image, spread over k-means clusters of the
+teacher's features) or 'real'.
+
+EDC's settings (paper and its scripts), for reference; configs/in1k_edc.py uses them:
+- ImageNet-1K, ResNet-18 recovery: 1,000 iterations (the paper's ablations also use 2,000 and
+  fewer), Adam lr 0.05 (betas 0.5/0.9, cosine), batch 80 (100 in the paper's table), r_bn
+  (its `r-loss`) 0.1, category-aware weight 0.5 against the global term 0.5, crops of scale
+  0.5-1 (weak augmentation), initial images: RDED's selected crops; several backbones
+  (ResNet-18, MobileNet-V2, EfficientNet-B0, ShuffleNet-V2, ConvNet) for statistics and soft
+  labels. Its code also smooths each layer's batch statistics over iterations with momentum
+  0.8 (from G-VBSM); not done here (the statistics are each step's own).
+- CIFAR-10 (ConvNet/ResNet-18 backbones): lr 0.05, batch 10 (one image per class), 75
+  iterations at IPC 1.
+- Student (relabel + evaluate): 300 epochs (ImageNet), AdamW lr 1e-3, weight decay 0.01,
+  batch 100 (smaller than SRe2L's 1,024), T = 20, CutMix, crops of scale 0.5-1 for the soft
+  labels, and the smoothed schedule lr(t) = lr * (1 + cos(pi * t / (zeta * T))) / 2 with
+  zeta = 2 (the rate decays only to half of its peak at the last step, T the total steps),
+  EMA of the student's weights (decay 0.99) for evaluation, and an MSE + 0.025 x CE loss to
+  the soft labels. Published ImageNet-1K ResNet-18 top-1: IPC 10 48.6, IPC 50 58.0.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sre2l_jax import class_stats
+from sre2l_jax import models
+from sre2l_jax.synthesis import sre2l
+
+CLASS_STATS = class_stats.KEY  # the teacher pytree's extra entry (set by the recover stage)
+NEEDS_CLASS_STATS = True
+
+# Shared with sre2l: the augmentation, the crop curriculum, the BN-term weighting.
+augment_group = sre2l.augment_group
+min_scale_at = sre2l.min_scale_at
+layer_bn_loss = sre2l.layer_bn_loss
+
+
+def _teacher_only(teacher: dict) -> dict:
+  return {k: v for k, v in teacher.items() if k != CLASS_STATS}
+
+
+def _stats_at(tree: dict, path) -> dict:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def class_target(class_stats: dict, labels) -> dict:
+  """{'mean', 'var'} (C,) a group of images with `labels` (B,) is matched to: the mean of
+  their classes' statistics (class c's own when the group is all of class c)."""
+  return {k: jnp.mean(class_stats[k][labels], axis=0) for k in ('mean', 'var')}
+
+
+def bn_terms(bn_inputs: dict, teacher: dict, labels):
+  """Per-layer (global term (L,), class term (L,)) in call order."""
+  global_terms, class_terms = [], []
+  for path, x in models.iter_in_call_order(bn_inputs):
+    layer = path[:-1] + (path[-1][:-len('_input')],)
+    global_terms.append(layer_bn_loss(x, _stats_at(teacher['batch_stats'], layer)))
+    target = class_target(_stats_at(teacher[CLASS_STATS], layer), labels)
+    class_terms.append(layer_bn_loss(x, target))
+  return jnp.stack(global_terms), jnp.stack(class_terms)
+
+
+def teacher_forward(x, labels, *, model, teacher, remat: str = 'none'):
+  """(logits (B, K), global terms (L,), class terms (L,)) of the teacher on x."""
+
+  def forward(teacher, x):
+    logits, state = model.apply(_teacher_only(teacher), x, train=False,
+                                mutable=[models.BN_INPUTS])
+    return (logits,) + bn_terms(state[models.BN_INPUTS], teacher, labels)
+
+  if remat == 'teacher':
+    forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.nothing_saveable)
+  elif remat != 'none':
+    raise ValueError(f"recover.method='edc' supports recover.remat 'none' and 'teacher'; got "
+                     f'{remat!r}.')
+  return forward(teacher, x)
+
+
+def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
+  """Loss of one group and its metrics. images (B, H, W, C) normalised float32; teacher:
+  {'params', 'batch_stats', 'class_stats'} (class statistics (K, C) per BN layer)."""
+  x = augment_group(key, images, uids, cfg=cfg, min_scale=min_scale)
+  logits, global_terms, class_terms = teacher_forward(x, labels, model=model, teacher=teacher,
+                                                      remat=cfg.get('remat', 'none'))
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  weight = cfg.class_bn_weight
+  bn, per_layer = sre2l.weighted_bn_loss((1 - weight) * global_terms + weight * class_terms,
+                                         cfg.first_bn_multiplier)
+  loss = ce + cfg.r_bn * bn
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return loss, {'loss': loss, 'ce': ce, 'bn_loss': bn, 'bn_loss_per_layer': per_layer,
+                'bn_loss_global': sre2l.weighted_bn_loss(global_terms,
+                                                         cfg.first_bn_multiplier)[0],
+                'bn_loss_class': sre2l.weighted_bn_loss(class_terms,
+                                                        cfg.first_bn_multiplier)[0],
+                'accuracy': accuracy}
+
+
+def unaugmented_bn_loss(images, *, model, teacher, cfg):
+  """(the global BN loss of the images as they are (), their logits (B, K)), as `sre2l`."""
+  return sre2l.unaugmented_bn_loss(images, model=model, teacher=_teacher_only(teacher),
+                                   cfg=cfg)
