@@ -44,15 +44,20 @@ import optax
 
 from sre2l_jax import class_stats
 from sre2l_jax import models
-from sre2l_jax.synthesis import sre2l
+# Names, not the module: `from sre2l_jax.synthesis import sre2l` would import this package's
+# __init__, which imports this module (a cycle).
+from sre2l_jax.synthesis.sre2l import augment_group
+from sre2l_jax.synthesis.sre2l import layer_bn_loss
+from sre2l_jax.synthesis.sre2l import min_scale_at
+from sre2l_jax.synthesis.sre2l import unaugmented_bn_loss as global_unaugmented_bn_loss
+from sre2l_jax.synthesis.sre2l import weighted_bn_loss
 
 CLASS_STATS = class_stats.KEY  # the teacher pytree's extra entry (set by the recover stage)
 NEEDS_CLASS_STATS = True
 
-# Shared with sre2l: the augmentation, the crop curriculum, the BN-term weighting.
-augment_group = sre2l.augment_group
-min_scale_at = sre2l.min_scale_at
-layer_bn_loss = sre2l.layer_bn_loss
+# Shared with sre2l: the augmentation, the crop curriculum (min_scale_at, which the
+# optimizer calls on the method), the BN-term weighting.
+__all__ = ['group_loss', 'unaugmented_bn_loss', 'min_scale_at']
 
 
 def _teacher_only(teacher: dict) -> dict:
@@ -106,19 +111,19 @@ def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
                                                       remat=cfg.get('remat', 'none'))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   weight = cfg.class_bn_weight
-  bn, per_layer = sre2l.weighted_bn_loss((1 - weight) * global_terms + weight * class_terms,
+  bn, per_layer = weighted_bn_loss((1 - weight) * global_terms + weight * class_terms,
                                          cfg.first_bn_multiplier)
   loss = ce + cfg.r_bn * bn
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return loss, {'loss': loss, 'ce': ce, 'bn_loss': bn, 'bn_loss_per_layer': per_layer,
-                'bn_loss_global': sre2l.weighted_bn_loss(global_terms,
+                'bn_loss_global': weighted_bn_loss(global_terms,
                                                          cfg.first_bn_multiplier)[0],
-                'bn_loss_class': sre2l.weighted_bn_loss(class_terms,
+                'bn_loss_class': weighted_bn_loss(class_terms,
                                                         cfg.first_bn_multiplier)[0],
                 'accuracy': accuracy}
 
 
 def unaugmented_bn_loss(images, *, model, teacher, cfg):
   """(the global BN loss of the images as they are (), their logits (B, K)), as `sre2l`."""
-  return sre2l.unaugmented_bn_loss(images, model=model, teacher=_teacher_only(teacher),
-                                   cfg=cfg)
+  return global_unaugmented_bn_loss(images, model=model, teacher=_teacher_only(teacher),
+                                    cfg=cfg)
