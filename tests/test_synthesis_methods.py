@@ -1,0 +1,309 @@
+"""Synthesis methods beyond SRe2L: per-class BN statistics, the edc loss on groups of one
+class, the one-class group layout, teacher-scored selection, DELT's early-late mask, and
+SIGKILL + resume of an edc run.
+
+Teachers are random ConvNet-BNs of width 8 (`testlib.random_teacher`); nothing is trained.
+"""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sre2l_jax import class_stats
+from sre2l_jax import export
+from sre2l_jax import files
+from sre2l_jax import models
+from sre2l_jax import recover
+from sre2l_jax import synthesis
+from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
+from sre2l_jax.synthesis import diversity
+from sre2l_jax.synthesis import edc
+from sre2l_jax.synthesis import optimize
+from sre2l_jax.synthesis import selection
+from sre2l_jax.synthesis import sre2l
+
+import testlib
+
+SPEC = datasets.get_spec('fashion_mnist')
+
+
+def small_config(**recover_overrides):
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
+  config.teacher.width = 8
+  config.recover.update(**recover_overrides)
+  return config
+
+
+def layer_of(path):
+  """A BN-input path ('bn0_input') -> the BN layer's path in batch_stats ('bn0')."""
+  return path[:-1] + (path[-1][:-len('_input')],)
+
+
+def at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def random_class_stats(variables, num_classes, seed=0):
+  """Per-class statistics (K, C) per BN layer, random but plausible (var > 0)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path in class_stats.layer_paths(variables['batch_stats']):
+    channels = at(variables['batch_stats'], path)['mean'].shape[0]
+    leaf = {'mean': jnp.asarray(rng.normal(0, 0.5, (num_classes, channels)), jnp.float32),
+            'var': jnp.asarray(rng.uniform(0.2, 2.0, (num_classes, channels)), jnp.float32)}
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return out
+
+
+# ----------------------------------------------------------------------------- class stats
+
+
+def test_class_statistics_equal_a_numpy_computation():
+  config = small_config()
+  model, variables = testlib.random_teacher(config, statistics='random')
+  rng = np.random.default_rng(0)
+  # 37 images of classes 0..3 only, batches of 16: the last batch is padded (mask) and
+  # classes 4..9 have no image.
+  images = rng.integers(0, 256, (37,) + SPEC.image_shape, dtype=np.uint8)
+  labels = rng.integers(0, 4, 37).astype(np.int32)
+  stats = class_stats.compute(model, variables, pipeline.InMemorySplit(images, labels), 10,
+                              SPEC, batching.create_mesh(8), batch_size=16)
+
+  _, state = model.apply(variables, datasets.normalise(images, SPEC), train=False,
+                         mutable=[models.BN_INPUTS])
+  layers = 0
+  for path, x in models.iter_in_call_order(state[models.BN_INPUTS]):
+    x = np.asarray(x, np.float64)
+    got, running = at(stats, layer_of(path)), at(variables['batch_stats'], layer_of(path))
+    for k in range(4):
+      mine = x[labels == k]
+      np.testing.assert_allclose(got['mean'][k], mine.mean(axis=(0, 1, 2)), rtol=1e-4,
+                                 atol=1e-5)
+      np.testing.assert_allclose(got['var'][k], mine.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+      assert got['count'][k] == mine.shape[0] * mine.shape[1] * mine.shape[2]
+    for k in range(4, 10):  # no image: the running statistics
+      np.testing.assert_array_equal(got['mean'][k], np.asarray(running['mean']))
+      np.testing.assert_array_equal(got['var'][k], np.asarray(running['var']))
+      assert got['count'][k] == 0
+    layers += 1
+  assert layers == 3  # depth 3 ConvNet-BN
+
+
+def test_class_statistics_are_stored_beside_the_teacher_and_read_back(tmp_path, monkeypatch):
+  config = small_config()
+  model, variables = testlib.random_teacher(config, statistics='random')
+  del model
+  teacher_dir, fallback = tmp_path / 'teacher', tmp_path / 'recover'
+  teacher_dir.mkdir()
+  (teacher_dir / 'teacher.json').write_text('{}')  # stands for the teacher's own files
+  rng = np.random.default_rng(1)
+  split = pipeline.InMemorySplit(rng.integers(0, 256, (24,) + SPEC.image_shape, np.uint8),
+                                 np.arange(24, dtype=np.int32) % 10)
+  config.squeeze.eval_batch_size = 8
+  mesh = batching.create_mesh(8)
+  first = class_stats.load_or_compute(config, variables, lambda: split, str(teacher_dir),
+                                      str(fallback), mesh)
+  written = sorted(os.listdir(teacher_dir))
+  assert written[0].startswith('class_stats-') and written[1] == 'teacher.json'
+  assert (teacher_dir / 'teacher.json').read_text() == '{}'
+
+  def no_compute(*args, **kwargs):
+    raise AssertionError('recomputed although stored')
+
+  monkeypatch.setattr(class_stats, 'compute', no_compute)
+  again = class_stats.load_or_compute(config, variables, lambda: split, str(teacher_dir),
+                                      str(fallback), mesh)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
+  # Another teacher (other weights) does not read them.
+  other = jax.tree_util.tree_map(lambda x: x + 1, variables)
+  with pytest.raises(AssertionError, match='recomputed'):
+    class_stats.load_or_compute(config, other, lambda: split, str(teacher_dir), str(fallback),
+                                mesh)
+
+
+# ----------------------------------------------------------------------------- edc loss
+
+
+def edc_inputs(label=3, group=4, seed=0):
+  config = small_config(method='edc', class_bn_weight=0.5, r_bn=1.0)
+  model, variables = testlib.random_teacher(config, statistics='random')
+  teacher = dict(variables, **{class_stats.KEY: random_class_stats(variables, 10, seed)})
+  images = jax.random.normal(jax.random.key(seed), (group,) + SPEC.image_shape)
+  labels = jnp.full((group,), label, jnp.int32)
+  uids = jnp.arange(group, dtype=jnp.int32) * 10 + label
+  return config, model, teacher, images, labels, uids
+
+
+def edc_loss(config, model, teacher, images, labels, uids):
+  loss, metrics = edc.group_loss(images, labels, uids, jax.random.key(7), jnp.float32(0.5),
+                                 model=model, teacher=teacher, cfg=config.recover)
+  return float(loss), metrics
+
+
+def test_groups_of_one_class_use_only_that_class_statistics():
+  config, model, teacher, images, labels, uids = edc_inputs(label=3)
+  reference, metrics = edc_loss(config, model, teacher, images, labels, uids)
+  assert float(metrics['bn_loss_class']) > 0 and float(metrics['bn_loss_global']) > 0
+
+  def shifted(classes):
+    moved = jax.tree_util.tree_map(
+        lambda a: a.at[np.asarray(classes)].add(1.0), teacher[class_stats.KEY])
+    return dict(teacher, **{class_stats.KEY: moved})
+
+  others = [k for k in range(10) if k != 3]
+  assert edc_loss(config, model, shifted(others), images, labels, uids)[0] == reference
+  assert edc_loss(config, model, shifted([3]), images, labels, uids)[0] != reference
+
+  # The class term is the layer loss against class 3's statistics, by hand.
+  _, state = model.apply(
+      {k: teacher[k] for k in ('params', 'batch_stats')},
+      sre2l.augment_group(jax.random.key(7), images, uids, cfg=config.recover,
+                          min_scale=jnp.float32(0.5)),
+      train=False, mutable=[models.BN_INPUTS])
+  terms = [sre2l.layer_bn_loss(x, {k: v[3] for k, v in
+                                   at(teacher[class_stats.KEY], layer_of(p)).items()})
+           for p, x in models.iter_in_call_order(state[models.BN_INPUTS])]
+  by_hand, _ = sre2l.weighted_bn_loss(jnp.stack(terms), config.recover.first_bn_multiplier)
+  np.testing.assert_allclose(float(metrics['bn_loss_class']), float(by_hand), rtol=1e-6)
+
+
+def test_class_weight_zero_is_the_sre2l_loss():
+  config, model, teacher, images, labels, uids = edc_inputs()
+  config.recover.class_bn_weight = 0.0
+  loss, _ = edc_loss(config, model, teacher, images, labels, uids)
+  plain = {k: teacher[k] for k in ('params', 'batch_stats')}
+  expected, _ = sre2l.group_loss(images, labels, uids, jax.random.key(7), jnp.float32(0.5),
+                                 model=model, teacher=plain, cfg=config.recover)
+  np.testing.assert_allclose(loss, float(expected), rtol=1e-6)
+  assert synthesis.get_method('edc') is edc
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_one_class_layout_covers_every_image_once_and_exports_class_major():
+  num_classes, ipc, size = 10, 4, 2
+  labels, uids, real = optimize.group_layout(num_classes, ipc, size, 8, by_class=True)
+  assert real == 20 and labels.shape == uids.shape == (24, size)
+  assert (labels[:real] == labels[:real, :1]).all()  # one class per group
+  pairs = {(int(c), int(u) // num_classes) for c, u in zip(labels[:real].ravel(),
+                                                           uids[:real].ravel())}
+  assert pairs == {(c, i) for c in range(num_classes) for i in range(ipc)}
+  np.testing.assert_array_equal(uids[:real] % num_classes, labels[:real])
+  assert uids[real:].min() >= num_classes * ipc  # padding ids repeat no real image's
+  major = optimize.to_class_major(uids[:real], num_classes, ipc, by_class=True)
+  np.testing.assert_array_equal(major, np.arange(ipc)[None] * num_classes +
+                                np.arange(num_classes)[:, None])
+  # The default layout keeps its ids (i * C + c) and its export.
+  labels, uids, real = optimize.group_layout(num_classes, ipc, 5, 8)
+  np.testing.assert_array_equal(optimize.to_class_major(uids[:real], num_classes, ipc),
+                                major)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_selection_returns_the_top_scored_candidates_one_per_source_image():
+  rng = np.random.default_rng(0)
+  sources = np.repeat(np.arange(8), 3)  # 8 images, 3 crops each
+  scores = rng.permutation(len(sources)) / len(sources)
+  chosen = selection.select(scores, sources, 4)
+  best_of = {s: np.flatnonzero(sources == s)[np.argmax(scores[sources == s])]
+             for s in range(8)}
+  ranked = sorted(best_of.values(), key=lambda i: -scores[i])
+  np.testing.assert_array_equal(chosen, ranked[:4])
+  assert len(set(sources[chosen])) == 4
+
+  # Coverage: three far-apart clusters of sources; the best-scored of each, one per source.
+  centres = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+  cluster = np.repeat(np.arange(8) % 3, 3)
+  features = centres[cluster] + rng.normal(0, 1, (len(sources), 2))
+  chosen = selection.select(scores, sources, 3, features, np.random.default_rng(0))
+  assert sorted(cluster[chosen]) == [0, 1, 2]
+  for i in chosen:
+    mates = np.flatnonzero(cluster == cluster[i])
+    assert scores[i] == scores[mates].max()
+  assert list(scores[chosen]) == sorted(scores[chosen], reverse=True)
+  with pytest.raises(ValueError, match='init_candidates'):
+    selection.select(scores, sources, 9)
+
+
+# ----------------------------------------------------------------------------- diversity
+
+
+def test_early_late_starts_each_stage_at_its_step():
+  cfg = small_config(ipc=4, iterations=10, diversity='early_late', early_late_stages=2).recover
+  _, uids, _ = optimize.group_layout(3, 4, 2, 1, by_class=True)
+  grads = jnp.ones(uids.shape + (2, 2, 1))
+  ipc_index = uids // 3
+  for step, active in ((0, ipc_index < 2), (4, ipc_index < 2), (5, ipc_index < 4)):
+    masked = diversity.mask_gradients(grads, jnp.asarray(uids), step, 3, cfg)
+    np.testing.assert_array_equal(np.asarray(masked)[..., 0, 0, 0], active.astype(np.float32))
+  cfg.diversity = 'none'
+  assert diversity.mask_gradients(grads, uids, 0, 3, cfg) is grads
+
+
+# ----------------------------------------------------------------------------- resume
+
+WIDTH = 8
+RUN = dict(method='edc', group_by='class', init='scored', init_candidates=6, init_crops=2,
+           ipc=2, batch_size=2, iterations=12, checkpoint_every_steps=2, log_every_steps=2,
+           diversity='early_late', early_late_stages=2)
+
+
+def edc_config(data_dir):
+  config = small_config(**RUN)
+  config.dataset.data_dir = str(data_dir)
+  config.mesh_shape = 1
+  return config
+
+
+@pytest.mark.slow
+def test_edc_resumes_after_sigkill(data_dir, tmp_path):
+  teacher_workdir = str(tmp_path / 'teacher')
+  testlib.write_teacher(edc_config(data_dir), teacher_workdir, statistics='measured')
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jit_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  overrides = {'dataset.data_dir': data_dir, 'teacher.width': WIDTH, 'mesh_shape': 1}
+  overrides.update({f'recover.{k}': v for k, v in RUN.items()})
+
+  def fresh(name):
+    workdir = str(tmp_path / name)
+    shutil.copytree(os.path.join(teacher_workdir, 'squeeze'), os.path.join(workdir, 'squeeze'))
+    return workdir
+
+  reference = fresh('reference')
+  ref_result = recover.run(edc_config(data_dir), reference)
+  teacher_files = sorted(os.listdir(os.path.join(reference, 'squeeze', 'teacher')))
+  assert any(n.startswith('class_stats-') for n in teacher_files)
+
+  killed = fresh('killed')
+  command = testlib.main_command('fashion_mnist_ipc10', killed, stages='recover',
+                                 overrides=overrides)
+  checkpoints = os.path.join(killed, 'recover', 'checkpoints')
+  testlib.kill_when(command, lambda: testlib.checkpoint_steps(checkpoints),
+                    os.path.join(killed, 'log.txt'), env=env)
+  killed_step = testlib.checkpoint_steps(checkpoints)[-1]
+  assert killed_step < RUN['iterations']
+  testlib.run_command(command, env=env)
+  result = files.read_json(os.path.join(killed, 'recover', 'result.json'))
+  assert result['method'] == 'edc'
+  assert 0 < result['resumed_from_step'] == killed_step
+  for key in ('bn_loss_initial', 'bn_loss_final', 'teacher_top1_on_synthetic'):
+    assert result[key] == ref_result[key], key
+  read = lambda r: export.read_tfds(export.tfds_dataset_dir(r['outputs']['tfds']))
+  (images, labels), (ref_images, ref_labels) = read(result), read(ref_result)
+  np.testing.assert_array_equal(images, ref_images)
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(10), RUN['ipc']))
+  np.testing.assert_array_equal(labels, ref_labels)
