@@ -4,9 +4,11 @@
 # Usage (from the repository root):
 #   bash launch/gpu.sh [CONFIG[:ARGS]] [WORKDIR] [extra main.py flags...]
 #   bash launch/gpu.sh configs/in1k_ipc50.py:smoke /tmp/in1k_smoke
-# Install once (CUDA 12 wheels bring their own CUDA libraries; a recent driver is enough):
-#   pip install -e . && pip install -U "jax[cuda12]"
-# Set INSTALL=1 to run those two installs first.
+# Install once: INSTALL=1 runs launch/setup.sh (the project environment .venv, see the
+# README) and adds JAX's CUDA 12 build to it (its wheels bring their own CUDA libraries; a
+# recent NVIDIA driver is enough):
+#   bash launch/setup.sh && .venv/bin/python -m pip install -U "jax[cuda12]"
+# PYTHON: the interpreter to run (default .venv/bin/python where it exists, else python3).
 set -euo pipefail
 
 CONFIG="${1:-configs/in1k_ipc50.py}"
@@ -17,9 +19,12 @@ INSTALL="${INSTALL:-0}"
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
 
 if [[ "${INSTALL}" == "1" ]]; then
-  pip install -e .
-  pip install -U "jax[cuda12]"
+  bash "$(dirname "$0")/setup.sh"
+  .venv/bin/python -m pip install -q -U "jax[cuda12]"
 fi
-python -c 'import jax; assert jax.default_backend() == "gpu", jax.devices(); print(jax.devices())'
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+"${PYTHON}" -c 'import jax; assert jax.default_backend() == "gpu", jax.devices(); print(jax.devices())'
 # Re-running the same command resumes every stage from its last checkpoint.
-python -m sre2l_jax.main --config="${CONFIG}" --workdir="${WORKDIR}" "$@"
+"${PYTHON}" -m sre2l_jax.main --config="${CONFIG}" --workdir="${WORKDIR}" "$@"

@@ -3,8 +3,10 @@
 # jax.distributed (under SLURM it reads the layout from SLURM's variables: process i drives GPU
 # SLURM_LOCALID of its node, so a node must run as many tasks as it has GPUs).
 #
-# Under SLURM, from the repository root with the package installed (pip install -e .
-# "jax[cuda12]") in the environment you submit from (sbatch passes it on):
+# Under SLURM, from the repository root, with the package and JAX's CUDA build in the
+# environment you submit from (sbatch passes it on), e.g. `bash launch/setup.sh &&
+# .venv/bin/python -m pip install -U "jax[cuda12]" && source .venv/bin/activate`
+# (PYTHON names another interpreter than `python`):
 #   NODES=4 GPUS_PER_NODE=8 bash launch/multi_gpu.sh submit configs/in1k_ipc50.py \
 #       /shared/sre2l_runs/in1k_ipc50 [main.py flags...]
 # which runs `sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=...
