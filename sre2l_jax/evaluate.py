@@ -5,20 +5,35 @@ distilled set and for the random real subset) and learns from the teacher's soft
 (online or stored) or from hard labels (the DD-Ranking hard-label variant); see `student.py`.
 Students differ by their initialisation seed. Top-1 is measured on the real test split.
 
-Students live in `evaluate/<variant>/<settings digest>/seed<k>/`, the digest taken over
-everything a student's result depends on (`student_settings`, also written to
-`fingerprint.json` beside the seeds): another student model, temperature, label storage,
+Students are trained together: every student of one architecture whose variant has the same
+label kind and set size (all seeds, the distilled set and the random subset alike) is one
+member of a stack, a `TrainState` with a leading student axis, trained by one compiled step
+(`student.stacked_student_step`): the views of a batch depend on `config.seed`, not on the
+student, so they and the teacher's soft labels on them are computed once per image set and
+shared by all its students. `evaluate.stack_students` caps a stack's size (1: one by one).
+A stack's resumable state lives in `evaluate/stacks/<digest of its members>/checkpoints`
+(removed once every member's result is written); `evaluate.students` lists architectures,
+trained one after another.
+
+Students live in `evaluate/<variant>/<settings digest>/seed<k>/` (result.json, the finished
+student in checkpoints/, metrics: one TensorBoard run and `metrics.jsonl` per student), the
+digest taken over everything a student's result depends on (`student_settings`, also written
+to `fingerprint.json` beside the seeds): another student model, temperature, label storage,
 schedule or image set trains new students beside the old ones, and a finished student is
 reused only under its own settings. `evaluate/result.json` is the evaluation of the last
 run's settings.
 """
 
+import dataclasses
 import os
 import time
 
+import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from sre2l_jax import checkpoint
 from sre2l_jax import files
@@ -54,6 +69,26 @@ def variants(config) -> list[tuple[str, str, bool]]:
   return out
 
 
+def student_configs(config) -> list[ml_collections.ConfigDict]:
+  """The student model configs to evaluate: `config.student` with `name` set to each of
+  `evaluate.students` (in order, once each), or `config.student` itself when none is listed."""
+  names = config.evaluate.students
+  names = names.split(',') if isinstance(names, str) else list(names)
+  names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+  if not names:
+    return [config.student]
+  unknown = sorted(set(names) - set(models.MODELS))
+  if unknown:
+    raise ValueError(f'evaluate.students has unknown models {unknown}; valid: '
+                     f'{sorted(models.MODELS)}.')
+  out = []
+  for name in names:
+    cfg = ml_collections.ConfigDict(config.student.to_dict())
+    cfg.name = name
+    out.append(cfg)
+  return out
+
+
 def labels_of(config, hard: bool) -> str:
   """'hard', 'online' or 'stored <storage>' (the report's label column)."""
   if hard:
@@ -63,11 +98,13 @@ def labels_of(config, hard: bool) -> str:
   return config.relabel.mode
 
 
-def student_settings(config, hard: bool, images: np.ndarray) -> dict:
-  """Everything the result of a student of one variant depends on (besides its seed)."""
+def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -> dict:
+  """Everything the result of a student of one variant depends on (besides its seed).
+  student_cfg: the student model (default `config.student`)."""
+  student_cfg = config.student if student_cfg is None else student_cfg
   settings = {
       'dataset': config.dataset.name, 'test_limit': config.dataset.test_limit,
-      'student': config.student.to_dict(), 'seed': config.seed,
+      'student': student_cfg.to_dict(), 'seed': config.seed,
       'optimizer': {k: config.evaluate[k] for k in OPTIMIZER_KEYS},
       'schedule': {'batch_size': config.relabel.batch_size, 'epochs': config.relabel.epochs},
       'view': views.view_settings(config.relabel),
@@ -83,36 +120,142 @@ def variant_dir(workdir: str, name: str, settings: dict) -> str:
   return os.path.join(workdir, 'evaluate', name, label_store.digest(settings, 10))
 
 
-def train_student(config, student_dir, images, labels, target, stored, seed, mesh,
-                  teacher_model, teacher, test, eval_step, log_name) -> dict:
-  """Trains one student (resumable) and returns its result; reuses a finished one."""
-  spec = datasets.get_spec(config.dataset.name)
-  finished = checkpoint.finished_result(student_dir)
-  if finished is not None:
-    return finished
-  schedule = views.create_schedule(config, len(images))
-  model = models.create_model(config.student, spec.num_classes)
-  total = schedule.total_steps
-  tx = train_lib.create_optimizer(config.evaluate,
-                                  train_lib.warmup_cosine(config.evaluate.lr, total))
-  every = max(1, config.evaluate.checkpoint_every_epochs) * schedule.steps_per_epoch
-  manager = checkpoint.create_manager(os.path.join(student_dir, 'checkpoints'),
-                                      save_interval_steps=every, final_step=total)
-  state, start = train_lib.restore_or_init(
-      manager, train_lib.abstract_train_state(model, tx, spec.image_shape, mesh),
-      lambda: train_lib.create_train_state(model, tx, spec.image_shape, rngs.key(seed), mesh))
+@dataclasses.dataclass(eq=False)
+class Variant:
+  """One student family of one architecture: its image set, labels and folder."""
+  name: str
+  arch: str
+  student_cfg: ml_collections.ConfigDict
+  images: np.ndarray
+  labels: np.ndarray
+  target: str  # 'online' | 'stored' | 'hard'
+  stored: label_store.StoredLabels | None
+  settings: dict
+  directory: str
 
-  step = student.create_student_step(config, spec, teacher_model, mesh, target)
-  batch = student.batch_fn(schedule, images, labels, mesh, stored)
-  teacher_arg = teacher if target == 'online' else None
+  def seed_dir(self, seed: int) -> str:
+    return os.path.join(self.directory, f'seed{seed}')
+
+
+def hparams(config, **extra) -> dict:
+  """The resolved config flattened to {'section.key': scalar} (tuples as text), plus `extra`
+  (TensorBoard's hparams take scalars only)."""
+  out = {}
+
+  def walk(tree, prefix):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        walk(value, f'{prefix}{key}.')
+      elif isinstance(value, (bool, int, float, str)):
+        out[prefix + key] = value
+      else:
+        out[prefix + key] = str(value)
+  walk(config.to_dict(), '')
+  out.update(extra)
+  return out
+
+
+class StudentWriters:
+  """One metric writer per stacked student behind the writer interface `train_lib.run_loop`
+  uses: a scalar named `<name>_<i>` (the loop writes a metric of shape (M,) so) goes to
+  student i's writer as `<name>`; any other scalar (lr, throughput) goes to every writer."""
+
+  def __init__(self, writers):
+    self.writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    shared, own = {}, [{} for _ in self.writers]
+    for key, value in scalars.items():
+      base, _, index = key.rpartition('_')
+      if base and index.isdigit() and int(index) < len(self.writers) and len(index) >= 2:
+        own[int(index)][base] = value
+      else:
+        shared[key] = value
+    for writer, mine in zip(self.writers, own):
+      writer.write_scalars(step, {**shared, **mine})
+
+  def __getattr__(self, name):
+    """write_hparams, write_texts, flush, close, ...: every writer's, in turn."""
+    def call(*args, **kwargs):
+      for writer in self.writers:
+        getattr(writer, name)(*args, **kwargs)
+    return call
+
+
+def stack_dir(workdir: str, members) -> str:
+  """`workdir/evaluate/stacks/<digest>`: the resumable state of the stack of `members`
+  ((Variant, seed) pairs), named after its members' folders and seeds."""
+  names = [[os.path.relpath(v.directory, workdir), seed] for v, seed in members]
+  return os.path.join(workdir, 'evaluate', 'stacks', label_store.digest({'students': names}, 10))
+
+
+def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) -> list[dict]:
+  """Trains the students `members` ((Variant, seed) pairs of one architecture, label kind
+  and set size) together, resumable; writes and returns each one's result."""
+  spec = datasets.get_spec(config.dataset.name)
+  sets = list(dict.fromkeys(v for v, _ in members))  # the image sets, in order
+  set_index = tuple(sets.index(v) for v, _ in members)
+  first = sets[0]
+  count = len(members)
+  schedule = views.create_schedule(config, len(first.images))
+  model = models.create_model(first.student_cfg, spec.num_classes)
+  total = schedule.total_steps
+  lr_schedule = train_lib.warmup_cosine(config.evaluate.lr, total)
+  tx = train_lib.create_optimizer(config.evaluate, lr_schedule)
+  every = max(1, config.evaluate.checkpoint_every_epochs) * schedule.steps_per_epoch
+  directory = stack_dir(workdir, members)
+  checkpoint.check_fingerprint(directory, {
+      'students': [[os.path.relpath(v.directory, workdir), seed] for v, seed in members],
+      'settings': [v.settings for v in sets]})
+  manager = checkpoint.create_manager(os.path.join(directory, 'checkpoints'),
+                                      save_interval_steps=every, final_step=total)
+  replicated = batching.replicated(mesh)
+  one = train_lib.abstract_train_state(model, tx, spec.image_shape, mesh)
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((count,) + x.shape, x.dtype, sharding=replicated), one)
+
+  def init():
+    # Each member initialised exactly as a student trained alone, then stacked.
+    states = [train_lib.create_train_state(model, tx, spec.image_shape, rngs.key(seed), mesh)
+              for _, seed in members]
+    return jax.jit(student.stack, out_shardings=replicated)(states)
+
+  state, start = train_lib.restore_or_init(manager, abstract, init)
+  step = student.create_stacked_student_step(config, spec, teacher_model, mesh, first.target,
+                                             set_index)
+  stored = [v.stored for v in sets] if first.target == 'stored' else None
+  batch = student.stacked_batch_fn(schedule, [(v.images, v.labels) for v in sets], mesh,
+                                   stored)
+  teacher_arg = teacher if first.target == 'online' else None
   memory.check_step_fits(
       step, lambda: (state, *batch(1)[:3], schedule.view_key(0, 0), teacher_arg),
-      config.device_memory_gb, f'The student step at relabel.batch_size='
-      f'{schedule.batch_size} (lower it, or use more devices)')
+      config.device_memory_gb, f'The student step of {count} students trained together at '
+      f'relabel.batch_size={schedule.batch_size} (lower evaluate.stack_students, now '
+      f'{config.evaluate.stack_students}, or relabel.batch_size, or use more devices)')
+
+  names = ', '.join(f'{v.name} seed {seed}' for v, seed in members)
+  log_name = f'evaluate {first.arch} ({names})'
+  writers = StudentWriters(train_lib.create_writer(v.seed_dir(seed)) for v, seed in members)
+  for (v, seed), writer in zip(members, writers.writers):
+    writer.write_hparams(hparams(config, **{'evaluate.variant': v.name, 'student.seed': seed,
+                                            'student.name': first.arch}))
+  eval_step = student.create_stacked_eval_step(model, spec, mesh)
+  eval_every = config.evaluate.eval_every_epochs * schedule.steps_per_epoch
+
+  def test_top1(state):
+    return student.stacked_top1(eval_step, {'params': state.params,
+                                            'batch_stats': state.batch_stats},
+                                test, config.evaluate.eval_batch_size, mesh)
+
+  def after_step(state, s):
+    if eval_every and s % eval_every == 0 and s < total:
+      for writer, acc in zip(writers.writers, test_top1(state)):
+        writer.write_scalars(s, {'test_top1': float(acc)})
+
   loop = train_lib.Loop(
-      name=f'evaluate {log_name} seed {seed}', total_steps=total,
-      log_every=config.evaluate.log_every_steps, manager=manager,
-      examples_per_step=schedule.batch_size, throughput_name='images_per_second',
+      name=log_name, total_steps=total, log_every=config.evaluate.log_every_steps,
+      manager=manager, writer=writers, examples_per_step=schedule.batch_size,
+      throughput_name='images_per_second', schedule=lr_schedule,
       knobs=f'evaluate.lr (now {config.evaluate.lr})',
       rerun='re-run (students of other settings get their own folder)')
   start_time = time.time()
@@ -121,37 +264,74 @@ def train_student(config, student_dir, images, labels, target, stored, seed, mes
     images_s, labels_s, stored_s, key = batch(s)
     return step(state, images_s, labels_s, stored_s, key, teacher_arg)
 
-  state, _ = train_lib.run_loop(loop, state, start, step_fn)
-  top1 = train_lib.top1(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
-                        test, config.evaluate.eval_batch_size, mesh)
-  result = {'variant': log_name, 'seed': seed, 'test_top1': top1, 'steps': total,
-            'epochs': schedule.epochs, 'batch_size': schedule.batch_size,
-            'labels': target, 'wall_seconds': time.time() - start_time,
-            'resumed_from_step': start}
-  if stored is not None:
-    result['label_storage'] = stored.manifest['storage'] + (
-        f' (k={stored.manifest["topk"]})' if stored.manifest.get('topk') else '')
-  result = checkpoint.write_result(student_dir, result)
-  logging.info('evaluate: %s seed %d test top-1 %.4f', log_name, seed, top1)
-  return result
+  state, _ = train_lib.run_loop(loop, state, start, step_fn, after_step)
+  manager.close()
+  accs = test_top1(state)
+  wall = time.time() - start_time
+  # Every finished student first (its state in its own folder), then the results that mark
+  # them finished: a kill in between re-trains the stack's members still without a result.
+  for i, (v, seed) in enumerate(members):
+    seed_manager = checkpoint.create_manager(os.path.join(v.seed_dir(seed), 'checkpoints'))
+    seed_manager.save(total, args=ocp.args.StandardSave(student.unstack(state, i)))
+    seed_manager.wait_until_finished()
+    seed_manager.close()
+  results = []
+  for i, (v, seed) in enumerate(members):
+    writers.writers[i].write_scalars(total, {'test_top1': float(accs[i])})
+    result = {'variant': v.name, 'seed': seed, 'test_top1': float(accs[i]), 'steps': total,
+              'epochs': schedule.epochs, 'batch_size': schedule.batch_size,
+              'labels': v.target, 'wall_seconds': wall, 'resumed_from_step': start,
+              'student': v.student_cfg.to_dict(), 'trained_with': count}
+    if v.stored is not None:
+      result['label_storage'] = v.stored.manifest['storage'] + (
+          f' (k={v.stored.manifest["topk"]})' if v.stored.manifest.get('topk') else '')
+    results.append(checkpoint.write_result(v.seed_dir(seed), result))
+    logging.info('evaluate: %s %s seed %d test top-1 %.4f', first.arch, v.name, seed, accs[i])
+  writers.close()
+  if jax.process_index() == 0:
+    epath.Path(directory).rmtree()  # every member's result is written: the stack is done
+  return results
 
 
 def validate(config, mesh) -> None:
   """Clear errors for settings the stage cannot run, before any work."""
   label_store.validate(config.relabel)
   variants(config)
+  student_configs(config)
   if config.evaluate.seeds <= 0:
     raise ValueError(f'evaluate.seeds={config.evaluate.seeds} must be positive.')
   if config.evaluate.temperature <= 0:
     raise ValueError(f'evaluate.temperature={config.evaluate.temperature} must be positive.')
+  for key in ('eval_every_epochs', 'stack_students'):
+    value = config.evaluate[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f'evaluate.{key}={value!r} must be an integer >= 0.')
   train_lib.validate_numbers(config, ('evaluate', 'relabel'))
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
 
 
+def stacks(config, plan: list[Variant]) -> list[list[tuple[Variant, int]]]:
+  """The students still to train ((Variant, seed) pairs), in stacks trained together: one
+  per architecture, label kind and set size (what one compiled step needs to agree on), cut
+  into `evaluate.stack_students` members at most (0: no cap)."""
+  groups = {}
+  for v in plan:
+    for seed in range(config.evaluate.seeds):
+      if checkpoint.finished_result(v.seed_dir(seed)) is None:
+        groups.setdefault((v.arch, v.target, len(v.images)), []).append((v, seed))
+  cap = config.evaluate.stack_students
+  out = []
+  for members in groups.values():
+    size = cap if cap > 0 else len(members)
+    out += [members[i:i + size] for i in range(0, len(members), size)]
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `evaluate.seeds` students per variant; writes evaluate/result.json and the
-  workdir's report.json / report.md. Finished students are reused, and a re-run that trains
-  nothing leaves evaluate/result.json as the run that measured it wrote it."""
+  """Trains `evaluate.seeds` students per variant and student architecture; writes
+  evaluate/result.json and the workdir's report.json / report.md. Finished students are
+  reused, and a re-run that trains nothing leaves evaluate/result.json as the run that
+  measured it wrote it."""
   start_time = time.time()
   spec = datasets.get_spec(config.dataset.name)
   mesh = batching.create_mesh(config.mesh_shape)
@@ -162,6 +342,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Every input is checked before any student trains: sizes, and every stored label shard.
   plan = []
+  student_cfgs = student_configs(config)
   for name, set_name, hard in variants(config):
     images, labels = sets[set_name]
     schedule = views.create_schedule(config, len(images))
@@ -172,38 +353,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       stored = label_store.StoredLabels.open(
           label_store.label_dir(config, workdir, set_name), images, schedule,
           config.evaluate.temperature, views.view_settings(config.relabel)).verify()
-    settings = student_settings(config, hard, images)
-    plan.append((name, images, labels, target, stored, settings,
-                 variant_dir(workdir, name, settings)))
-  for *_, settings, directory in plan:
-    checkpoint.check_fingerprint(directory, settings)
+    for student_cfg in student_cfgs:
+      settings = student_settings(config, hard, images, student_cfg)
+      plan.append(Variant(name, student_cfg.name, student_cfg, images, labels, target, stored,
+                          settings, variant_dir(workdir, name, settings)))
+  for v in plan:
+    checkpoint.check_fingerprint(v.directory, v.settings)
 
-  # Every student is the same architecture: one compiled evaluation step serves them all.
-  eval_step = train_lib.create_eval_step(
-      models.create_model(config.student, spec.num_classes), spec, mesh)
-  per_variant, trained = {}, 0
-  for name, images, labels, target, stored, settings, directory in plan:
-    runs = []
-    for seed in range(config.evaluate.seeds):
-      student_dir = os.path.join(directory, f'seed{seed}')
-      trained += checkpoint.finished_result(student_dir) is None
-      runs.append(train_student(config, student_dir, images, labels, target, stored, seed,
-                                mesh, teacher_model, teacher, test, eval_step, name))
+  todo = stacks(config, plan)
+  trained = sum(len(members) for members in todo)
+  for members in todo:
+    train_stack(config, workdir, members, mesh, teacher_model, teacher, test)
+
+  architectures = {}
+  for v in plan:
+    runs = [checkpoint.finished_result(v.seed_dir(seed)) for seed in range(config.evaluate.seeds)]
     accs = np.asarray([r['test_top1'] for r in runs])
-    per_variant[name] = {'test_top1_mean': float(accs.mean()),
-                         'test_top1_std': float(accs.std()), 'test_top1': accs.tolist(),
-                         'seeds': len(runs), 'labels': runs[0]['labels'],
-                         'label_storage': runs[0].get('label_storage'),
-                         'images': int(len(images)), 'steps': runs[0]['steps'],
-                         'dir': os.path.relpath(directory, workdir)}
+    architectures.setdefault(v.arch, {})[v.name] = {
+        'test_top1_mean': float(accs.mean()), 'test_top1_std': float(accs.std()),
+        'test_top1': accs.tolist(), 'seeds': len(runs), 'labels': runs[0]['labels'],
+        'label_storage': runs[0].get('label_storage'), 'images': int(len(v.images)),
+        'steps': runs[0]['steps'], 'dir': os.path.relpath(v.directory, workdir)}
+  first = student_cfgs[0]
   result = {'stage': 'evaluate', 'dataset': spec.name, 'ipc': config.recover.ipc,
-            'student': config.student.to_dict(), 'temperature': config.evaluate.temperature,
-            'test_top1_unit': 'fraction', 'variants': per_variant}
+            'student': first.to_dict(), 'temperature': config.evaluate.temperature,
+            'test_top1_unit': 'fraction', 'variants': architectures[first.name],
+            # Every student architecture (`evaluate.students`): {arch: {variant: row}}, rows
+            # as in 'variants' (which is the first architecture's).
+            'architectures': architectures}
   stage_dir = os.path.join(workdir, 'evaluate')
   old = checkpoint.finished_result(stage_dir)
   if trained or old is None or {k: old.get(k) for k in result} != files.normalised(result):
     result['wall_seconds'] = time.time() - start_time
-    students = sum(v['seeds'] for v in per_variant.values())
+    students = len(plan) * config.evaluate.seeds
     if trained < students:
       result['wall_seconds_note'] = (f'this invocation only: {students - trained} of '
                                      f'{students} students were trained by an earlier run')

@@ -10,12 +10,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sre2l_jax import label_store
 from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
 
 TARGETS = ('online', 'stored', 'hard')
 
@@ -50,6 +52,45 @@ def soft_targets(teacher, batch_views, *, teacher_model, temperature: float,
   return jax.nn.softmax(train_lib.mask_logits(logits, class_mask) / temperature, axis=-1)
 
 
+def set_targets(key, images, labels, stored, teacher, *, cfg, spec, teacher_model,
+                temperature: float, target: str, class_mask=None):
+  """The views of one batch of one image set and their targets.
+
+  images: (B, H, W, C) uint8; labels: (B,) int; stored: this batch's stored arrays (target
+  'stored') or None. target: 'online' (teacher logits computed here), 'stored' or 'hard'
+  (mixed one-hot labels). Returns (views (B, H, W, C) float32, targets (B, C) float32).
+  """
+  x, lam, partner = views.batch_views(key, images, cfg=cfg, spec=spec)
+  if target == 'online':
+    targets = soft_targets(teacher, x, teacher_model=teacher_model,
+                           temperature=temperature, class_mask=class_mask)
+  elif target == 'stored':
+    targets = label_store.targets_from_stored(stored, spec.num_classes, temperature)
+  else:
+    onehot = jax.nn.one_hot(labels, spec.num_classes)
+    targets = lam * onehot + (1 - lam) * onehot[partner]
+  return x, targets
+
+
+def update(state, x, targets, *, temperature: float, target: str, class_mask=None):
+  """One optimiser step of one student on views `x` (B, H, W, C) and `targets` (B, C):
+  KL divergence at `temperature` (soft targets) or cross-entropy (target 'hard').
+  Returns (state, {'loss': ()})."""
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                     x, train=True, mutable=['batch_stats'])
+    logits = train_lib.mask_logits(logits, class_mask)
+    if target == 'hard':
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+    else:
+      loss = kl_divergence(logits, targets, temperature)
+    return loss, updates.get('batch_stats', {})  # {}: a model without BatchNorm
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), {'loss': loss}
+
+
 def student_step(state, images, labels, stored, key, teacher, *, cfg, spec, teacher_model,
                  temperature: float, target: str, class_mask=None):
   """One student step on one batch of views.
@@ -62,28 +103,42 @@ def student_step(state, images, labels, stored, key, teacher, *, cfg, spec, teac
   """
   if class_mask is not None and target != 'online':
     raise ValueError(f"class_mask needs target='online', not {target!r}.")
-  x, lam, partner = views.batch_views(key, images, cfg=cfg, spec=spec)
-  if target == 'online':
-    targets = soft_targets(teacher, x, teacher_model=teacher_model,
-                           temperature=temperature, class_mask=class_mask)
-  elif target == 'stored':
-    targets = label_store.targets_from_stored(stored, spec.num_classes, temperature)
-  else:
-    onehot = jax.nn.one_hot(labels, spec.num_classes)
-    targets = lam * onehot + (1 - lam) * onehot[partner]
+  x, targets = set_targets(key, images, labels, stored, teacher, cfg=cfg, spec=spec,
+                           teacher_model=teacher_model, temperature=temperature,
+                           target=target, class_mask=class_mask)
+  return update(state, x, targets, temperature=temperature, target=target,
+                class_mask=class_mask)
 
-  def loss_fn(params):
-    logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
-                                     x, train=True, mutable=['batch_stats'])
-    logits = train_lib.mask_logits(logits, class_mask)
-    if target == 'hard':
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
-    else:
-      loss = kl_divergence(logits, targets, temperature)
-    return loss, updates['batch_stats']
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), {'loss': loss}
+def stacked_student_step(states, images, labels, stored, key, teacher, *, set_index, cfg,
+                         spec, teacher_model, temperature: float, target: str):
+  """One step of M students stacked on a leading axis, trained on S image sets at once.
+
+  states: a `TrainState` whose leaves have a leading axis M (one student each). images:
+  (S, B, H, W, C) uint8, labels (S, B), stored: dict of (S, B, ...) or None: batch b of every
+  set (the sets share a schedule, so the same positions). set_index: static tuple of M ints,
+  the set each student trains on. The views of a set (they depend on `key`, not on the
+  student) and the teacher's targets on them are computed once, for all S sets in one batch,
+  and shared by every student of that set; each student's forward, backward and update is
+  `update`, vmapped. Per student the result equals `student_step` up to float rounding (XLA
+  batches the students' convolutions as one grouped convolution).
+  Returns (states, {'loss': (M,)}).
+  """
+  x, targets = jax.vmap(
+      lambda im, lb, st: set_targets(key, im, lb, st, teacher, cfg=cfg, spec=spec,
+                                     teacher_model=teacher_model, temperature=temperature,
+                                     target=target))(images, labels, stored)
+  one = functools.partial(update, temperature=temperature, target=target)
+  if len(set(set_index)) == 1:  # one set: its views go to every student without a copy
+    return jax.vmap(one, in_axes=(0, None, None))(states, x[set_index[0]],
+                                                   targets[set_index[0]])
+  index = np.asarray(set_index)
+  return jax.vmap(one)(states, x[index], targets[index])
+
+
+def stacked_sharding(mesh):
+  """Stacked batches (S, B, ...): the set axis whole on every device, rows on 'data'."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
 
 
 def create_student_step(config, spec, teacher_model, mesh, target: str):
@@ -96,6 +151,54 @@ def create_student_step(config, spec, teacher_model, mesh, target: str):
                         target=target),
       in_shardings=(replicated, sharded, sharded, sharded, replicated, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def create_stacked_student_step(config, spec, teacher_model, mesh, target: str,
+                                set_index: tuple[int, ...]):
+  """Jitted `stacked_student_step`: (states, images, labels, stored, key, teacher) ->
+  (states, metrics). The stacked states are replicated (every device holds every student:
+  the data axis splits each batch as for one student) and donated; the stacked batches are
+  sharded on their rows (`stacked_sharding`)."""
+  stacked, replicated = stacked_sharding(mesh), batching.replicated(mesh)
+  return jax.jit(
+      functools.partial(stacked_student_step, set_index=tuple(int(i) for i in set_index),
+                        cfg=config.relabel, spec=spec, teacher_model=teacher_model,
+                        temperature=config.evaluate.temperature, target=target),
+      in_shardings=(replicated, stacked, stacked, stacked, replicated, replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def stack(trees):
+  """A list of M pytrees of equal structure -> one pytree with a leading axis M."""
+  return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
+
+
+def unstack(tree, index: int):
+  """Member `index` of a stacked pytree."""
+  return jax.tree_util.tree_map(lambda x: x[index], tree)
+
+
+def create_stacked_eval_step(model, spec, mesh):
+  """Jitted (stacked variables, batch, class_mask=None) -> (correct (M,), count ()): the
+  `train_lib.create_eval_step` of M students at once on one batch."""
+  def eval_step(variables, batch, class_mask=None):
+    x = datasets.normalise(batch['image'], spec)
+    logits = jax.vmap(lambda v: model.apply(v, x, train=False))(variables)  # (M, B, C)
+    correct = jnp.argmax(train_lib.mask_logits(logits, class_mask), -1) == batch['label']
+    return (correct * batch['mask']).sum(-1), batch['mask'].sum()
+  replicated = batching.replicated(mesh)
+  return jax.jit(eval_step, in_shardings=(replicated, batching.data_sharding(mesh),
+                                          replicated))
+
+
+def stacked_top1(eval_step, variables, split, batch_size: int, mesh,
+                 class_mask=None) -> np.ndarray:
+  """Top-1 (fractions, (M,) float64) of M stacked students on a whole split."""
+  correct, count = 0.0, 0.0
+  for batch in split.eval_batches(batch_size, batching.data_sharding(mesh)):
+    c, n = eval_step(variables, batch, class_mask)
+    correct, count = correct + c, count + n
+  return np.asarray(jax.device_get(correct), np.float64) / max(float(count), 1.0)
 
 
 def continual_step(state, images, labels, key, teacher, mask, learning_rate, *, cfg, spec,
@@ -118,6 +221,41 @@ def create_continual_step(config, spec, teacher_model, mesh):
       in_shardings=(replicated, sharded, sharded, replicated, replicated, replicated,
                     replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def create_stacked_continual_step(config, spec, teacher_model, mesh):
+  """Jitted `continual_step` of S students stacked on a leading axis, each on its own set:
+  (states, images (S, B, H, W, C), labels (S, B), key, teacher, mask, lr) -> (states,
+  {'loss': (S,)}). The views' key, mask and lr are shared (the sets share the schedule);
+  the teacher's forward on the S batches runs as one batch."""
+  stacked, replicated = stacked_sharding(mesh), batching.replicated(mesh)
+  one = functools.partial(continual_step, cfg=config.relabel, spec=spec,
+                          teacher_model=teacher_model, temperature=config.evaluate.temperature)
+  fn = jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))
+  return jax.jit(fn, in_shardings=(replicated, stacked, stacked, replicated, replicated,
+                                   replicated, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def stacked_batch_fn(schedule: views.Schedule, sets, mesh, stored=None):
+  """`batch_fn` of S image sets of equal size sharing `schedule`: step (1-based) ->
+  (images (S, B, ...), labels (S, B), stored arrays (S, B, ...) or None, view key).
+
+  sets: [(images, labels)] per set; stored: None, or a `label_store.StoredLabels` per set."""
+  sharding = stacked_sharding(mesh)
+
+  def get(step):
+    epoch, b = schedule.position(step - 1)
+    index = schedule.batch_indices(epoch, b)
+    batch_stored = None
+    if stored is not None:
+      per_set = [s.epoch(epoch) for s in stored]
+      batch_stored = {k: jax.device_put(np.stack([p[k][b] for p in per_set]), sharding)
+                      for k in per_set[0]}
+    return (jax.device_put(np.stack([images[index] for images, _ in sets]), sharding),
+            jax.device_put(np.stack([labels[index] for _, labels in sets]), sharding),
+            batch_stored, schedule.view_key(epoch, b))
+  return get
 
 
 def batch_fn(schedule: views.Schedule, images, labels, mesh, stored=None):

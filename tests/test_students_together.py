@@ -1,0 +1,267 @@
+"""Students trained together (issue 15): evaluate's stacked students equal students trained
+alone, on 1 and 8 devices; a SIGKILLed stack resumes to the uninterrupted result; every student
+writes its own metrics; architectures listed in `evaluate.students` each get their students.
+
+The reference "alone" is the single-student step (`student.create_student_step`, the program
+evaluate ran per student before stacking) driven here step by step, with the student's seed
+and the variant's image set. The teacher has random weights, the distilled set is noise (IPC
+2: 20 images, the random subset 20 real ones): distilled and random stack together, so one
+program trains 2 sets x 3 seeds.
+
+Tolerance: the stacked step batches the students' convolutions (a grouped convolution over
+the student axis), which sums in another order than one student's convolution, so results
+agree up to float32 rounding: every parameter within PARAM_ATOL after STEPS steps (measured:
+at most 2.5e-6 on 1 and 8 devices) except the biases of the convolutions, and test top-1 within
+TOP1_TOL (one test image of 64 may flip). A convolution's bias feeds a BatchNorm, which
+subtracts it again: its gradient is zero but for rounding noise, which Adam scales to steps of
+about the learning rate, in whatever direction the noise points (measured: differences up to
+2e-3 = evaluate.lr, already after one step, between two runs that differ only in summation
+order). They change nothing the network computes in training mode, so they are excluded.
+"""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from sre2l_jax import evaluate
+from sre2l_jax import export
+from sre2l_jax import files
+from sre2l_jax import image_sets
+from sre2l_jax import models
+from sre2l_jax import rngs
+from sre2l_jax import student
+from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import train_lib
+from sre2l_jax import views
+from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
+
+import testlib
+
+SPEC = datasets.get_spec('fashion_mnist')
+IPC = 2
+EPOCHS = 3  # 20 images in batches of 8: 3 steps per epoch (one wraps), 9 steps
+STEPS = EPOCHS * 3
+SEEDS = 3
+PARAM_ATOL = 1e-5
+TOP1_TOL = 1.5 / 64
+
+OVERRIDES = {'teacher.width': 4, 'student.width': 4, 'recover.ipc': IPC,
+             'relabel.epochs': EPOCHS, 'relabel.batch_size': 8,
+             'evaluate.seeds': SEEDS, 'evaluate.checkpoint_every_epochs': 1,
+             'evaluate.eval_every_epochs': 1, 'evaluate.eval_batch_size': 32,
+             'dataset.test_limit': 64}
+
+
+def make_config(data, **evaluate_overrides):
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
+  config.dataset.update(data_dir=data['data_dir'], source_dir=data['source_dir'])
+  for key, value in OVERRIDES.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  config.evaluate.update(**evaluate_overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  return testlib.cut_fashion_mnist(tmp_path_factory.mktemp('fashion_mnist'))
+
+
+@pytest.fixture(scope='module')
+def base_workdir(data, tmp_path_factory):
+  """A random teacher and a noise distilled set (do not modify)."""
+  workdir = str(tmp_path_factory.mktemp('base'))
+  testlib.write_teacher(make_config(data), workdir)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (SPEC.num_classes * IPC,) + SPEC.image_shape, np.uint8)
+  labels = np.repeat(np.arange(SPEC.num_classes), IPC).astype(np.int32)
+  export.write_tfds(image_sets.distilled_dir(workdir), images, labels, SPEC.num_classes)
+  return workdir
+
+
+def copy_workdir(source, path):
+  shutil.copytree(source, path)
+  return str(path)
+
+
+def seed_dirs(workdir, result):
+  """{(variant, seed): seed folder} of an evaluate result."""
+  return {(name, seed): os.path.join(workdir, v['dir'], f'seed{seed}')
+          for name, v in result['variants'].items() for seed in range(SEEDS)}
+
+
+def final_state(seed_dir):
+  return testlib.restore_checkpoint(os.path.join(seed_dir, 'checkpoints'), STEPS)[1]
+
+
+def train_alone(config, workdir, set_name, seed, mesh):
+  """One student trained by itself with the single-student step: (params, test top-1)."""
+  images, labels = image_sets.image_sets(config, workdir)[set_name]
+  teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
+  schedule = views.create_schedule(config, len(images))
+  model = models.create_model(config.student, SPEC.num_classes)
+  tx = train_lib.create_optimizer(config.evaluate,
+                                  train_lib.warmup_cosine(config.evaluate.lr, STEPS))
+  state = train_lib.create_train_state(model, tx, SPEC.image_shape, rngs.key(seed), mesh)
+  step = student.create_student_step(config, SPEC, teacher_model, mesh, 'online')
+  batch = student.batch_fn(schedule, images, labels, mesh)
+  assert schedule.total_steps == STEPS
+  for s in range(1, STEPS + 1):
+    images_s, labels_s, stored_s, key = batch(s)
+    state, _ = step(state, images_s, labels_s, stored_s, key, teacher)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  top1 = train_lib.top1(train_lib.create_eval_step(model, SPEC, mesh), variables,
+                        pipeline.load_split(config.dataset, 'test'),
+                        config.evaluate.eval_batch_size, mesh)
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(state.params)), top1
+
+
+@pytest.fixture(scope='module')
+def together_run(data, base_workdir, tmp_path_factory):
+  """evaluate on 8 devices, all 6 students in one stack; the writers' calls recorded."""
+  workdir = copy_workdir(base_workdir, tmp_path_factory.mktemp('together') / 'w')
+  calls = {}
+
+  class RecordingWriter:
+    def __init__(self, logdir):
+      self.logdir = str(logdir)
+      calls[self.logdir] = {'scalars': [], 'hparams': []}
+
+    def write_scalars(self, step, scalars):
+      calls[self.logdir]['scalars'].append((step, dict(scalars)))
+
+    def write_hparams(self, hparams):
+      calls[self.logdir]['hparams'].append(dict(hparams))
+
+    def flush(self):
+      pass
+
+    def close(self):
+      pass
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train_lib, 'create_writer', RecordingWriter)
+    result = evaluate.run(make_config(data), workdir)
+  return workdir, result, calls
+
+
+@pytest.mark.parametrize('devices', [8, 1])
+def test_together_equals_alone(devices, data, base_workdir, together_run, tmp_path):
+  """3 seeds x {distilled, random} in one stack vs each student alone, on 1 and 8 devices."""
+  if devices == 8:
+    workdir, result, _ = together_run
+  else:
+    workdir = copy_workdir(base_workdir, tmp_path / 'w')
+    config = make_config(data)
+    config.mesh_shape = 1
+    result = evaluate.run(config, workdir)
+  config = make_config(data)
+  config.mesh_shape = devices
+  mesh = batching.create_mesh(devices)
+  assert mesh.size == devices
+  assert set(result['variants']) == {'distilled', 'random'}
+  worst = 0.0
+  for (name, seed), seed_dir in seed_dirs(workdir, result).items():
+    saved = files.read_json(os.path.join(seed_dir, 'result.json'))
+    assert saved['trained_with'] == 2 * SEEDS and saved['steps'] == STEPS
+    assert saved['test_top1'] == result['variants'][name]['test_top1'][seed]
+    params, top1 = train_alone(config, workdir, name, seed, mesh)
+    stacked = traverse_util.flatten_dict(final_state(seed_dir)['params'], sep='/')
+    params = traverse_util.flatten_dict(params, sep='/')
+    assert stacked.keys() == params.keys()
+    worst = max(worst, *(float(np.max(np.abs(stacked[k] - params[k]))) for k in params
+                         if not (k.startswith('conv') and k.endswith('/bias'))))
+    assert abs(saved['test_top1'] - top1) <= TOP1_TOL, (name, seed, saved['test_top1'], top1)
+  print(f'{devices} devices: max |together - alone| parameter difference {worst:.3g}')
+  assert worst <= PARAM_ATOL
+  # The students differ from each other (seeds and sets are not collapsed into one).
+  states = [final_state(d)['params']['fc']['kernel'] for d in seed_dirs(workdir, result).values()]
+  assert min(np.abs(a - b).max() for i, a in enumerate(states) for b in states[i + 1:]) > 1e-3
+  # The stack's checkpoints are gone once every member's result is written.
+  assert not os.listdir(os.path.join(workdir, 'evaluate', 'stacks'))
+
+
+def test_each_student_writes_its_own_metrics(together_run):
+  workdir, result, calls = together_run
+  dirs = seed_dirs(workdir, result)
+  assert set(calls) == set(dirs.values())
+  for (name, seed), seed_dir in dirs.items():
+    call = calls[seed_dir]
+    assert call['hparams'][0]['evaluate.variant'] == name
+    assert call['hparams'][0]['student.seed'] == seed
+    assert call['hparams'][0]['relabel.epochs'] == EPOCHS
+    scalars = {}
+    for step, values in call['scalars']:
+      scalars.setdefault(step, {}).update(values)
+    # Loss, lr and throughput every log interval; test top-1 every epoch and at the end.
+    assert all(np.isfinite(v['loss']) for v in scalars.values() if 'loss' in v)
+    assert {'loss', 'lr', 'images_per_second'} <= set(scalars[STEPS])
+    tops = {s: v['test_top1'] for s, v in scalars.items() if 'test_top1' in v}
+    assert sorted(tops) == [3, 6, 9]
+    saved = files.read_json(os.path.join(seed_dir, 'result.json'))
+    assert tops[STEPS] == saved['test_top1']
+  # Each student's loss is its own (the stacked metric is split, not shared).
+  losses = {d: dict(calls[d]['scalars'][0][1]).get('loss') for d in dirs.values()}
+  assert len(set(losses.values())) == len(losses)
+
+
+def _stack_checkpoints(workdir):
+  root = os.path.join(workdir, 'evaluate', 'stacks')
+  steps = []
+  if os.path.isdir(root):
+    for name in os.listdir(root):
+      steps += testlib.checkpoint_steps(os.path.join(root, name, 'checkpoints'))
+  return steps
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, together_run,
+                                                    tmp_path):
+  reference_dir, reference, _ = together_run
+  workdir = copy_workdir(base_workdir, tmp_path / 'killed')
+  command = testlib.main_command(
+      'fashion_mnist_ipc10', workdir, stages='evaluate',
+      overrides={'dataset.data_dir': data['data_dir'], 'dataset.source_dir': data['source_dir'],
+                 **OVERRIDES})
+  testlib.kill_when(command, lambda: _stack_checkpoints(workdir), tmp_path / 'log.txt',
+                    timeout_s=240)
+  killed_step = max(_stack_checkpoints(workdir))
+  assert 0 < killed_step < STEPS
+  assert not os.path.exists(os.path.join(workdir, 'evaluate', 'result.json'))
+
+  testlib.run_command(command, timeout_s=240)
+  result = files.read_json(os.path.join(workdir, 'evaluate', 'result.json'))
+  assert result['variants'] == reference['variants']
+  for key, seed_dir in seed_dirs(workdir, result).items():
+    resumed = files.read_json(os.path.join(seed_dir, 'result.json'))
+    assert resumed['resumed_from_step'] >= killed_step, key
+    ref_dir = seed_dirs(reference_dir, reference)[key]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final_state(seed_dir),
+                           final_state(ref_dir))
+
+
+def test_architectures_each_train_their_students(data, base_workdir, tmp_path):
+  """Two student architectures: each its own variant folders, stacks and result rows."""
+  workdir = copy_workdir(base_workdir, tmp_path / 'w')
+  config = make_config(data, seeds=1, baselines=(), eval_every_epochs=0)
+  config.relabel.epochs = 1
+  names = [n for n in ('convnet', 'mlp') if n in models.MODELS]
+  config.evaluate.students = tuple(names)
+  result = evaluate.run(config, workdir)
+  assert list(result['architectures']) == names
+  assert result['variants'] == result['architectures'][names[0]]
+  dirs = {result['architectures'][n]['distilled']['dir'] for n in names}
+  assert len(dirs) == len(names)
+  for name in names:
+    row = result['architectures'][name]['distilled']
+    saved = files.read_json(os.path.join(workdir, row['dir'], 'seed0', 'result.json'))
+    assert saved['student']['name'] == name and saved['test_top1'] == row['test_top1'][0]
+  with pytest.raises(ValueError, match='unknown models'):
+    config.evaluate.students = ('convnet', 'no_such_net')
+    evaluate.run(config, workdir)
