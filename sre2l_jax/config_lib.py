@@ -197,6 +197,17 @@ def base_config() -> ml_collections.ConfigDict:
       baselines=('random',),  # any of: 'random' (real subset), 'hard_label'
       checkpoint_every_epochs=50,
       log_every_steps=100,
+      # Test top-1 of every student written to its metrics this often (and at the end);
+      # 0: at the end only. Each is a pass over the test split for all students at once.
+      eval_every_epochs=50,
+      # Student architectures (model names, see models/): each trains its own students and
+      # gets a row of the report's cross-architecture table; () or '': config.student only.
+      # A listed name replaces config.student.name; the other student keys apply to all.
+      students=(),
+      # Students trained together in one compiled step (all seeds, and the distilled and
+      # baseline sets of the same size; the teacher's labels shared): at most this many at
+      # once; 0: no cap, 1: one by one. Results equal up to float rounding either way.
+      stack_students=0,
   ))
 
   # Continual: class-incremental evaluation (`--stages=continual`); the student uses
