@@ -35,7 +35,7 @@ def create_manager(directory: str, *, save_interval_steps: int = 1,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True,
       save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies))
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(files.as_path(directory), options=options)  # gs:// too
 
 
 def diff(a: Any, b: Any, prefix: str = '') -> list[str]:
@@ -56,7 +56,7 @@ def check_fingerprint(stage_dir: str, fingerprint: dict) -> None:
   """
   fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples, numpy scalars
   path = os.path.join(stage_dir, FINGERPRINT)
-  if os.path.exists(path):
+  if files.exists(path):
     differences = diff(files.read_json(path), fingerprint)
     if differences:
       raise ConfigMismatchError(
@@ -73,7 +73,7 @@ def finished_result(stage_dir: str) -> dict | None:
   first), or None. A finished stage that is run again returns it and changes nothing: the
   measurements (wall time, throughput) stay those of the run that did the work."""
   path = os.path.join(stage_dir, RESULT)
-  return files.read_json(path) if os.path.exists(path) else None
+  return files.read_json(path) if files.exists(path) else None
 
 
 def write_result(stage_dir: str, result: dict) -> dict:

@@ -135,10 +135,10 @@ def save(path: str, stats: dict, expected: dict) -> None:
 
 def load(path: str, expected: dict) -> dict | None:
   """The statistics stored at `path`, or None if missing, unreadable or for other inputs."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
   try:
-    with np.load(path) as data:
+    with np.load(io.BytesIO(files.read_bytes(path))) as data:
       stored = json.loads(bytes(data['__fingerexpected_']).decode())
       if stored != json.loads(json.dumps(expected, sort_keys=True)):
         return None

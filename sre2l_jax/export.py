@@ -1,7 +1,8 @@
 """Writing and reading distilled sets: TFDS ArrayRecord, ImageFolder PNGs, an image grid."""
 
+import io
 import os
-import shutil
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -15,15 +16,28 @@ def write_tfds(directory: str, images: np.ndarray, labels: np.ndarray,
                num_classes: int) -> str:
   """Writes uint8 images (N, H, W, C) + labels as a TFDS dataset; returns its data dir.
 
-  Read back with `tfds.builder_from_directory(<returned dir>)`.
+  Read back with `read_tfds(<returned dir>)` (or, when local,
+  `tfds.builder_from_directory`). Built on the local disk (ArrayRecord's C++ writer opens
+  files itself, so cannot write gs://), then moved into place (`files.replace_dir`: a
+  rename, or an upload into a bucket).
   """
-  tmp = directory + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  builder = builders.DistilledImages(images=images, labels=labels, num_classes=num_classes,
-                                     data_dir=tmp, file_format='array_record')
-  builder.download_and_prepare()
-  files.replace_dir(tmp, directory)
+  if files.is_remote(directory):
+    with tempfile.TemporaryDirectory(prefix='sre2l_tfds_', ignore_cleanup_errors=True) as tmp:
+      _build_tfds(tmp, images, labels, num_classes)
+      files.replace_dir(tmp, directory)
+  else:
+    tmp = files.absolute(directory) + '.tmp'
+    files.rmtree(tmp)
+    _build_tfds(tmp, images, labels, num_classes)
+    files.replace_dir(tmp, directory)
   return tfds_dataset_dir(directory)
+
+
+def _build_tfds(data_dir: str, images: np.ndarray, labels: np.ndarray,
+                num_classes: int) -> None:
+  builder = builders.DistilledImages(images=images, labels=labels, num_classes=num_classes,
+                                     data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare()
 
 
 def tfds_dataset_dir(directory: str) -> str:
@@ -33,9 +47,11 @@ def tfds_dataset_dir(directory: str) -> str:
 
 def read_tfds(dataset_dir: str) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 (N, H, W, C), labels int32 (N,)) of a dataset written by `write_tfds`,
-  in the order they were written (class-major: class, then ipc index)."""
-  source = tfds.builder_from_directory(dataset_dir).as_data_source(split='train')
-  records = [source[i] for i in range(len(source))]
+  in the order they were written (class-major: class, then ipc index). A dataset in a
+  bucket is read from a temporary local copy (ArrayRecord's reader needs local files)."""
+  with files.local_copy(dataset_dir) as local:
+    source = tfds.builder_from_directory(local).as_data_source(split='train')
+    records = [source[i] for i in range(len(source))]
   images = np.stack([r['image'] for r in records])
   labels = np.asarray([r['label'] for r in records], np.int32)
   order = np.argsort([r['index'] for r in records])  # TFDS shuffles on write
@@ -46,17 +62,27 @@ def _to_pil(image: np.ndarray) -> Image.Image:
   return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
+def png_bytes(image) -> bytes:
+  """A uint8 image (H, W, C) or a PIL image, as PNG file contents."""
+  buffer = io.BytesIO()
+  (image if isinstance(image, Image.Image) else _to_pil(image)).save(buffer, 'PNG')
+  return buffer.getvalue()
+
+
 def write_image_folder(directory: str, images: np.ndarray) -> None:
   """images uint8 (num_classes, ipc, H, W, C) -> `new{cls:03d}/class{cls:03d}_id{ipc:03d}.png`
   (the reference's ImageFolder naming, lossless PNG instead of JPEG)."""
-  tmp = directory + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  for cls, per_class in enumerate(images):
-    folder = os.path.join(tmp, f'new{cls:03d}')
-    os.makedirs(folder)
-    for ipc, image in enumerate(per_class):
-      _to_pil(image).save(os.path.join(folder, f'class{cls:03d}_id{ipc:03d}.png'))
-  files.replace_dir(tmp, directory)
+  with tempfile.TemporaryDirectory(prefix='sre2l_png_', ignore_cleanup_errors=True) as scratch:
+    # Written beside `directory` and renamed when local; uploaded from a local folder when
+    # `directory` is in a bucket.
+    tmp = scratch if files.is_remote(directory) else files.absolute(directory) + '.tmp'
+    files.rmtree(tmp)
+    for cls, per_class in enumerate(images):
+      folder = os.path.join(tmp, f'new{cls:03d}')
+      os.makedirs(folder)
+      for ipc, image in enumerate(per_class):
+        _to_pil(image).save(os.path.join(folder, f'class{cls:03d}_id{ipc:03d}.png'))
+    files.replace_dir(tmp, directory)
 
 
 def _label_rows(image: Image.Image, names: list[str], row_height: int,
@@ -101,4 +127,4 @@ def write_grid(path: str, images: np.ndarray, max_classes: int = 100,
   pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
   if class_names is not None:
     pil = _label_rows(pil, [str(n) for n in class_names[:rows]], (h + 1) * scale, scale)
-  pil.save(path)
+  files.atomic_write(path, png_bytes(pil))  # local or gs://

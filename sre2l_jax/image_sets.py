@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 
 from sre2l_jax import export
+from sre2l_jax import files
 from sre2l_jax import rngs
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
@@ -28,7 +29,7 @@ def distilled_dir(workdir: str) -> str:
 def distilled_set(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """The recovered images (uint8, class-major) and labels, or a clear error."""
   directory = distilled_dir(workdir)
-  if not os.path.exists(directory):
+  if not files.exists(directory):
     raise FileNotFoundError(
         f'No distilled set in {directory}. Run the recover stage first: python -m '
         f'sre2l_jax.main --config=<config> --workdir={workdir} --stages=recover')

@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from typing import Callable
 
 import jax
@@ -108,7 +107,7 @@ def targets_from_stored(stored: dict, num_classes: int, temperature: float):
 
 def sha256_file(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with files.open_file(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
       digest.update(chunk)
   return digest.hexdigest()
@@ -118,10 +117,13 @@ def images_digest(images: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
 
 
-def _write_shard(path: str, arrays: dict) -> None:
+def _write_shard(path: str, arrays: dict) -> bytes:
+  """Writes `arrays` as an .npz file; returns its bytes (checksummed without reading the
+  file back, which in a bucket is a download)."""
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   files.atomic_write(path, buffer.getvalue())
+  return buffer.getvalue()
 
 
 class StoredLabels:
@@ -137,7 +139,7 @@ class StoredLabels:
     """`view`: `views.view_settings` of the relabel config that will replay the views
     (checked against the labels' when given: other crops or mixing get the wrong labels)."""
     path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise LabelError(f'No stored labels at {directory}. Produce them with: python -m '
                        f'sre2l_jax.main --config=<config> --workdir=<workdir> '
                        f'--stages=relabel (with relabel.mode=stored).')
@@ -173,15 +175,17 @@ class StoredLabels:
       self._check(shard)
     return self
 
-  def _check(self, shard: dict) -> str:
+  def _check(self, shard: dict) -> bytes:
+    """The shard's bytes, read once (a download in a bucket) and checked."""
     path = os.path.join(self.directory, shard['file'])
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise LabelError(f'Label shard {path} is missing. Re-run --stages=relabel after '
                        f'removing {self.directory}.')
-    if sha256_file(path) != shard['sha256']:
+    data = files.read_bytes(path)
+    if hashlib.sha256(data).hexdigest() != shard['sha256']:
       raise LabelError(f'Label shard {path} is corrupted or truncated (SHA-256 mismatch). '
                        f'Re-run --stages=relabel after removing {self.directory}.')
-    return path
+    return data
 
   def shard_for(self, epoch: int) -> dict:
     for shard in self.manifest['shards']:
@@ -193,8 +197,8 @@ class StoredLabels:
     """Stored arrays of one epoch, each (steps_per_epoch, batch, k or C)."""
     shard = self.shard_for(epoch)
     if self._cache[0] != shard['file']:
-      path = self._check(shard)  # again: a shard may change while students train
-      with np.load(path) as data:
+      data = self._check(shard)  # again: a shard may change while students train
+      with np.load(io.BytesIO(data)) as data:
         self._cache = (shard['file'], {k: data[k] for k in data.files})
     arrays = self._cache[1]
     return {k: v[epoch - shard['epochs'][0]] for k, v in arrays.items()}
@@ -226,7 +230,7 @@ def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, c
               'steps_per_epoch': schedule.steps_per_epoch, 'seed': schedule.seed,
               'num_classes': spec.num_classes, 'images_sha256': images_digest(images),
               'view': views.view_settings(cfg), 'shards': []}
-  if os.path.exists(manifest_path):
+  if files.exists(manifest_path):
     old = files.read_json(manifest_path)
     differences = checkpoint.diff(_made_for(old), _made_for(manifest))
     if differences and not overwrite:
@@ -235,21 +239,21 @@ def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, c
                        f'--overwrite to replace them, or use another --workdir.')
     if differences:
       if jax.process_index() == 0:
-        shutil.rmtree(directory)
+        files.rmtree(directory)
     else:
       # Keep the finished shards up to the first missing or damaged one: shards after a
       # gap would otherwise hide it (relabel resumes after the last kept shard).
       for s in old['shards']:
         path = os.path.join(directory, s['file'])
         end = manifest['shards'][-1]['epochs'][1] if manifest['shards'] else 0
-        if (s['epochs'][0] != end or not os.path.exists(path)
+        if (s['epochs'][0] != end or not files.exists(path)
             or sha256_file(path) != s['sha256']):
           break
         manifest['shards'].append(s)
       if old.get('complete') and manifest['shards'] == old['shards'] and (
           manifest['shards'] and manifest['shards'][-1]['epochs'][1] == schedule.epochs):
         return old  # finished and intact: nothing to do
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   done = max([s['epochs'][1] for s in manifest['shards']], default=0)
 
   sharded = batching.data_sharding(mesh)
@@ -272,9 +276,10 @@ def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, c
     name = f'labels_{first:06d}_{last:06d}.npz'
     path = os.path.join(directory, name)
     if jax.process_index() == 0:
-      _write_shard(path, compress(logits, cfg.storage, cfg.topk, temperature))
+      data = _write_shard(path, compress(logits, cfg.storage, cfg.topk, temperature))
       manifest['shards'].append({'file': name, 'epochs': [first, last],
-                                 'sha256': sha256_file(path), 'bytes': os.path.getsize(path)})
+                                 'sha256': hashlib.sha256(data).hexdigest(),
+                                 'bytes': len(data)})
       files.write_json(manifest_path, manifest)
   manifest['bytes'] = sum(s['bytes'] for s in manifest['shards'])
   manifest['complete'] = True

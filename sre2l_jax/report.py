@@ -26,7 +26,7 @@ PUBLISHED = {'fashion_mnist': {'DC': {1: 70.5, 10: 82.3, 50: 83.6},
 
 
 def _load(path):
-  return files.read_json(path) if os.path.exists(path) else None
+  return files.read_json(path) if files.exists(path) else None
 
 
 def collect(config, workdir: str) -> dict:
@@ -54,7 +54,7 @@ def collect(config, workdir: str) -> dict:
   out['measured'] = {s: {'at': r.get('measured_at'), 'note': r.get('wall_seconds_note')}
                      for s, r in stages.items() if r}
   grid = os.path.join(workdir, 'recover', 'grid.png')
-  out['grid'] = grid if os.path.exists(grid) else None
+  out['grid'] = grid if files.exists(grid) else None
   return out
 
 
@@ -131,7 +131,7 @@ def to_markdown(data: dict) -> str:
 
 def write(config, workdir: str) -> dict:
   data = collect(config, workdir)
-  data['workdir'] = os.path.abspath(workdir)
+  data['workdir'] = files.absolute(workdir)
   if jax.process_index() == 0:
     data['plots'] = write_plots(workdir)
     files.write_json(os.path.join(workdir, 'report.json'), data)

@@ -8,7 +8,6 @@ A teacher folder holds `weights/` (Orbax, {'params', 'batch_stats'}) and `teache
 
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -44,7 +43,7 @@ def teacher_meta(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec,
 
 def exists(directory: str) -> bool:
   """Whether `directory` holds (part of) a teacher."""
-  return any(os.path.exists(os.path.join(directory, name)) for name in (META, WEIGHTS))
+  return any(files.exists(os.path.join(directory, name)) for name in (META, WEIGHTS))
 
 
 def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False) -> None:
@@ -55,7 +54,7 @@ def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False
   leaves half a teacher. Refuses (TeacherError) non-finite weights, and an existing teacher
   unless `overwrite`.
   """
-  directory = os.path.abspath(directory)
+  directory = files.absolute(directory)  # local or gs://
   if exists(directory) and not overwrite:
     raise TeacherError(f'{directory} already holds a teacher; refusing to replace it. Pass '
                        f'--overwrite to replace it, or write the new one elsewhere.')
@@ -65,9 +64,9 @@ def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False
                        f'(its training diverged).')
   tmp = directory + '.tmp'
   if jax.process_index() == 0:
-    shutil.rmtree(tmp, ignore_errors=True)
+    files.rmtree(tmp)
   with ocp.StandardCheckpointer() as ckptr:  # every process takes part in the save
-    ckptr.save(os.path.join(tmp, WEIGHTS), weights, force=True)
+    ckptr.save(files.as_path(os.path.join(tmp, WEIGHTS)), weights, force=True)
   files.write_json(os.path.join(tmp, META), meta)
   if jax.process_index() == 0:
     files.replace_dir(tmp, directory)
@@ -82,9 +81,9 @@ def read(directory: str, expected: dict, abstract_variables: dict,
   shardings, used as the restore target. producer_hint: the command that writes a teacher.
   Returns (variables, meta).
   """
-  directory = os.path.abspath(directory)
+  directory = files.absolute(directory)  # local or gs://
   meta_path = os.path.join(directory, META)
-  if not os.path.exists(meta_path):
+  if not files.exists(meta_path):
     raise TeacherError(f'No teacher at {directory} (missing {META}). Produce one '
                        f'with: {producer_hint}')
   meta = files.read_json(meta_path)
@@ -94,7 +93,7 @@ def read(directory: str, expected: dict, abstract_variables: dict,
                        f'{"; ".join(differences)}. Point the config at a matching teacher or '
                        f'change the model/dataset settings.')
   target = {k: abstract_variables[k] for k in ('params', 'batch_stats')}
-  weights = os.path.join(directory, WEIGHTS)
+  weights = files.as_path(os.path.join(directory, WEIGHTS))
   damaged = (f'The teacher weights at {weights} are damaged or truncated ({{}}). Delete '
              f'{directory} and produce the teacher again: {producer_hint}')
   # The saved shapes first: a teacher of another model and a damaged file are told apart.

@@ -2,7 +2,8 @@
 
 Images are stored as fixed-shape uint8 tensors (`tfds.features.Tensor`), not encoded
 PNG/JPEG: encoding needs TensorFlow, and raw pixels are what the pipeline reads anyway.
-Every builder reads files the user placed locally; none downloads anything. ImageNet-1K is
+Every builder reads files the user placed (on a local disk or in a bucket: paths go
+through `files`); none downloads anything. ImageNet-1K is
 the exception to the storage rule: it uses TFDS's own `imagenet2012` builder (JPEG-encoded,
 variable-size images), checked up front by `check_imagenet_manual_dir`.
 """
@@ -19,6 +20,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from sre2l_jax import files
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
@@ -32,9 +35,9 @@ class MissingDataError(FileNotFoundError):
 
 def read_idx(path: str) -> np.ndarray:
   """Reads an IDX file (optionally gzipped) into a numpy array (uint8 data only)."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  data = files.read_bytes(path)
+  if path.endswith('.gz'):
+    data = gzip.decompress(data)
   if len(data) < 4:
     raise ValueError(f'{path} is not an IDX file (too short).')
   zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
@@ -50,7 +53,7 @@ def read_idx(path: str) -> np.ndarray:
 def _find_idx(source_dir: str, name: str) -> str:
   for candidate in (name, name[:-3]):  # gzipped or not
     path = os.path.join(source_dir, candidate)
-    if os.path.exists(path):
+    if files.exists(path):
       return path
   raise MissingDataError(
       f'Fashion-MNIST file {name} not found in {source_dir}. Install the Debian package '
@@ -149,7 +152,7 @@ def read_cifar_batch(archive_path: str, member: str, label_key: bytes):
 
   `member` is the batch's file name inside the archive's folder (e.g. 'data_batch_1').
   """
-  with tarfile.open(archive_path, 'r:gz') as tar:
+  with files.open_file(archive_path, 'rb') as f, tarfile.open(fileobj=f, mode='r:gz') as tar:
     names = [n for n in tar.getnames() if os.path.basename(n) == member]
     if not names:
       raise ValueError(f'{archive_path} has no member {member!r}; is it the official '
@@ -175,7 +178,7 @@ class _CifarLocal(tfds.core.GeneratorBasedBuilder):
   SPLIT_MEMBERS: dict[str, tuple[str, ...]] = {}
 
   def __init__(self, *, manual_dir: str | None = None, **kwargs):
-    self._manual_dir = os.path.abspath(os.path.expanduser(manual_dir or '.'))
+    self._manual_dir = files.absolute(manual_dir or '.')
     super().__init__(**kwargs)
 
   def _info(self):
@@ -186,7 +189,7 @@ class _CifarLocal(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     path = os.path.join(self._manual_dir, self.ARCHIVE)
-    if not os.path.isfile(path):
+    if not files.exists(path):
       raise _missing_archive(self.TITLE, self.ARCHIVE, self._manual_dir, self.URL)
     return {split: self._generate_examples(path, members)
             for split, members in self.SPLIT_MEMBERS.items()}
@@ -244,7 +247,7 @@ class TinyImagenetLocal(tfds.core.GeneratorBasedBuilder):
   SHAPE = (64, 64, 3)
 
   def __init__(self, *, manual_dir: str | None = None, **kwargs):
-    self._manual_dir = os.path.abspath(os.path.expanduser(manual_dir or '.'))
+    self._manual_dir = files.absolute(manual_dir or '.')
     super().__init__(**kwargs)
 
   def _info(self):
@@ -254,9 +257,9 @@ class TinyImagenetLocal(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     path = os.path.join(self._manual_dir, self.ARCHIVE)
-    if not os.path.isfile(path):
+    if not files.exists(path):
       raise _missing_archive('Tiny-ImageNet', self.ARCHIVE, self._manual_dir, self.URL)
-    with zipfile.ZipFile(path) as archive:
+    with files.open_file(path, 'rb') as f, zipfile.ZipFile(f) as archive:
       names = archive.namelist()
       roots = [n[:-len('wnids.txt')] for n in names if os.path.basename(n) == 'wnids.txt']
       if not roots:
@@ -274,7 +277,7 @@ class TinyImagenetLocal(tfds.core.GeneratorBasedBuilder):
             'validation': self._generate_examples(path, val)}
 
   def _generate_examples(self, path, items):
-    with zipfile.ZipFile(path) as archive:
+    with files.open_file(path, 'rb') as f, zipfile.ZipFile(f) as archive:
       for name, label in items:
         image = decode_rgb(archive.read(name), f'{path}:{name}', self.SHAPE)
         yield name, {'image': image, 'label': label}
@@ -290,7 +293,7 @@ def check_imagenet_manual_dir(manual_dir: str) -> None:
   as prepared, so the check has to come first.
   """
   missing = [f for f in IMAGENET_MANUAL_FILES
-             if not os.path.isfile(os.path.join(manual_dir, f))]
+             if not files.exists(os.path.join(manual_dir, f))]
   if missing:
     raise MissingDataError(
         f'ImageNet-1K archive(s) {", ".join(missing)} not found in {manual_dir}. TFDS\'s '

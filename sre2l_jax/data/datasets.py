@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sre2l_jax import files
 from sre2l_jax.data import builders
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -77,7 +78,7 @@ def _tiny_imagenet_classes(config) -> list[str]:
   """The first name of each class in `words.txt` of the zip, in label order (sorted wnids,
   as `builders.TinyImagenetLocal` numbers them)."""
   path = os.path.join(manual_dir(config), builders.TinyImagenetLocal.ARCHIVE)
-  with zipfile.ZipFile(path) as archive:
+  with files.open_file(path, 'rb') as f, zipfile.ZipFile(f) as archive:
     root = next(n[:-len('wnids.txt')] for n in archive.namelist()
                 if os.path.basename(n) == 'wnids.txt')
     wnids = sorted(archive.read(root + 'wnids.txt').decode().split())
@@ -179,16 +180,30 @@ def source_of(config) -> str:
   return manual_dir(config)
 
 
+def _real(path: str) -> str:
+  """`path` with links resolved when local (a URL as it is), for comparing places."""
+  return path if files.is_remote(path) else os.path.realpath(files.absolute(path))
+
+
+def check_data_dir(config) -> None:
+  """Refuses a data_dir in a bucket with the way that works instead."""
+  if files.is_remote(_data_dir(config)):
+    raise ValueError(
+        f'dataset.data_dir={_data_dir(config)}: the prepared ArrayRecord files are read by '
+        f'a C++ reader that opens local files only. Put data_dir on a local disk or a '
+        f'gcsfuse mount of the bucket (launch/tpu_worker.sh mount); the raw archives '
+        f'(manual_dir/source_dir) and the workdir may be gs:// paths.')
+
+
 def check_source(config, builder) -> None:
   """Refuses prepared files built from another folder than the one the config names
   explicitly (source_dir / manual_dir); without a name in the config any source is used."""
   path = os.path.join(builder.data_dir, SOURCE_RECORD)
   named = config.get('source_dir') or config.get('manual_dir')
-  if not named or not os.path.exists(path):
+  if not named or not files.exists(path):
     return
-  with open(path) as f:
-    recorded = json.load(f)['source']
-  if os.path.realpath(recorded) != os.path.realpath(source_of(config)):
+  recorded = files.read_json(path)['source']
+  if _real(recorded) != _real(source_of(config)):
     raise DataSourceError(
         f'{builder.data_dir} holds {config.name} prepared from {recorded}, but the config '
         f'reads it from {source_of(config)}. Set dataset.source_dir/manual_dir back to '
@@ -204,6 +219,7 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   files of another source than the config names are refused (`check_source`).
   """
   spec = get_spec(config.name)
+  check_data_dir(config)
   builder = spec.make_builder(config)
   if jax.process_index() == 0 and not builder.is_prepared():
     if spec.check_source is not None:
@@ -211,9 +227,9 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     builder.download_and_prepare(
         file_format='array_record',
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(config)))
-    if os.path.isdir(builder.data_dir):  # (not under tfds.testing.mock_data)
-      with open(os.path.join(builder.data_dir, SOURCE_RECORD), 'w') as f:
-        json.dump({'source': os.path.abspath(source_of(config))}, f)
+    if files.isdir(builder.data_dir):  # (not under tfds.testing.mock_data)
+      files.atomic_write(os.path.join(builder.data_dir, SOURCE_RECORD),
+                         json.dumps({'source': files.absolute(source_of(config))}))
   else:
     check_source(config, builder)
   if jax.process_count() > 1:
