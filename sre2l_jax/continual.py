@@ -173,7 +173,8 @@ def write_plot(path: str, classes_seen: list[int], accuracies: dict, title: str)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with files.open_file(path, 'wb') as f:  # local or gs://
+    fig.savefig(f, format='png', dpi=120)
 
 
 def fingerprint(config, name: str, order: list[int], images: np.ndarray) -> dict:
@@ -279,7 +280,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name in names:
     managers[name] = checkpoint.create_manager(os.path.join(stage_dir, name, 'checkpoints'))
     path = os.path.join(stage_dir, name, 'steps.json')
-    records[name] = files.read_json(path) if os.path.exists(path) else _empty_record()
+    records[name] = files.read_json(path) if files.exists(path) else _empty_record()
     done = len(records[name]['test_top1'])
     for extra in [s for s in managers[name].all_steps() if s > done]:
       managers[name].delete(extra)  # saved, but killed before steps.json recorded it
@@ -332,7 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager.close()
 
   classes_seen = [len(seen_classes(groups, k)) for k in range(len(groups))]
-  plot = os.path.abspath(os.path.join(stage_dir, 'accuracy.png'))
+  plot = files.absolute(os.path.join(stage_dir, 'accuracy.png'))
   if jax.process_index() == 0:
     write_plot(plot, classes_seen, {n: records[n]['test_top1'] for n in names},
                f'{spec.name}, IPC {config.recover.ipc}: {len(groups)} class-incremental steps')

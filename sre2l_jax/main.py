@@ -155,7 +155,7 @@ def finished(stage: str, module, config, workdir: str) -> bool:
   do this themselves; squeeze also checks that its teacher is still there.)"""
   stage_dir = os.path.join(workdir, stage)
   paths = [os.path.join(stage_dir, name) for name in (checkpoint.RESULT, checkpoint.FINGERPRINT)]
-  if stage != 'recover' or not all(map(os.path.exists, paths)):
+  if stage != 'recover' or not all(map(files.exists, paths)):
     return False
   return files.read_json(paths[1]) == files.normalised(module.fingerprint(config))
 

@@ -316,7 +316,7 @@ def _round_path(stage_dir: str, r: int, suffix: str) -> str:
 
 
 def _round_done(stage_dir: str, r: int) -> bool:
-  return os.path.exists(_round_path(stage_dir, r, '.json'))
+  return files.exists(_round_path(stage_dir, r, '.json'))
 
 
 def _write_round(stage_dir: str, r: int, images: np.ndarray, summary: dict) -> None:
@@ -377,7 +377,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_classes = image_sets.recovered_classes(cfg, spec)
   real_groups = real_group_count(cfg, num_classes)
   plan_path = os.path.join(stage_dir, 'plan.json')
-  stored = files.read_json(plan_path)['groups_per_round'] if os.path.exists(plan_path) else 0
+  stored = files.read_json(plan_path)['groups_per_round'] if files.exists(plan_path) else 0
   compile_at, tx = _step_factory(config, spec, mesh, teacher, step_rng)
   round_plan = plan_rounds(cfg, real_groups, mesh.size, compile_at, memory_budget(cfg), stored)
   per_round, rounds = round_plan.groups_per_round, round_plan.rounds
@@ -443,7 +443,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = jax.jit(lambda x: optimize.create_state(x, tx), out_shardings=shardings)(
           jax.device_put(images, sharded))
       round_step = 0
-    if round_step == 0 or not os.path.exists(initial_path):
+    if round_step == 0 or not files.exists(initial_path):
       # Not read back from the file: only process 0 writes it.
       initial = measured_sums(state['images'], labels_dev, uids_dev, real)
       files.write_json(initial_path, initial)
@@ -480,7 +480,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # uint8 a round at a time: the float images of every round (30 GB for ImageNet-1K IPC 50)
   # are never in memory together.
   images = np.concatenate([
-      datasets.denormalise(np.load(_round_path(stage_dir, r, '.npy'), mmap_mode='r'), spec)
+      datasets.denormalise(files.load_npy(_round_path(stage_dir, r, '.npy')), spec)
       for r in range(rounds)])
   bn_initial = total('initial', 'bn_loss') / real_groups
   bn_final = total('final', 'bn_loss') / real_groups

@@ -13,6 +13,7 @@ import ml_collections
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import files
 from sre2l_jax import memory
 from sre2l_jax import models
 from sre2l_jax import rngs
@@ -59,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f'training images.')
   teacher_dir = os.path.join(stage_dir, 'teacher')
   fingerprint_path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
-  if (teacher.exists(teacher_dir) and not os.path.exists(fingerprint_path)
+  if (teacher.exists(teacher_dir) and not files.exists(fingerprint_path)
       and not config.overwrite):
     raise teacher.TeacherError(
         f'{teacher_dir} holds a teacher that no squeeze run of this workdir trained (e.g. one '
