@@ -307,3 +307,44 @@ def test_edc_resumes_after_sigkill(data_dir, tmp_path):
   np.testing.assert_array_equal(images, ref_images)
   np.testing.assert_array_equal(labels, np.repeat(np.arange(10), RUN['ipc']))
   np.testing.assert_array_equal(labels, ref_labels)
+
+
+# ----------------------------------------------------------------------------- ImageNet
+
+
+def test_in1k_edc_config_has_edc_settings_and_passes_the_stage_checks():
+  for arg in (None, 'smoke'):
+    config = testlib.load_config('in1k_edc', arg)
+    spec = datasets.get_spec(config.dataset.name)
+    recover.validate(config, spec)
+    assert config.recover.method == 'edc' and config.recover.group_by == 'class'
+  r = testlib.load_config('in1k_edc').recover
+  assert (r.ipc, r.batch_size, r.iterations, r.lr, r.r_bn, r.class_bn_weight, r.min_scale,
+          r.jitter, r.init, r.init_crops) == (10, 10, 1000, 0.05, 0.1, 0.5, 0.5, 0, 'scored', 5)
+  relabel, e = testlib.load_config('in1k_edc').relabel, testlib.load_config('in1k_edc').evaluate
+  assert (relabel.epochs, relabel.batch_size, relabel.min_scale, e.lr, e.temperature) == (
+      300, 100, 0.5, 1e-3, 20.0)
+
+
+@pytest.mark.slow
+def test_in1k_edc_smoke_recovers_on_mock_imagenet(tmp_path):
+  import test_in1k_smoke  # pylint: disable=g-import-not-at-top  # its mock ImageNet
+  config = testlib.load_config('in1k_edc', 'smoke')
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  for name in test_in1k_smoke.builders.IMAGENET_MANUAL_FILES:
+    (manual / name).write_text('')
+  config.dataset.update(data_dir=str(tmp_path / 'tfds'), manual_dir=str(manual))
+  workdir = str(tmp_path / 'work')
+  testlib.write_teacher(config, workdir)  # random ResNet-18 (width 8)
+  with test_in1k_smoke.mock_imagenet():
+    result = recover.run(config, workdir)
+  assert result['method'] == 'edc' and result['images'] == 40
+  assert np.isfinite(result['bn_loss_initial']) and np.isfinite(result['bn_loss_final'])
+  stored = [n for n in os.listdir(os.path.join(workdir, 'squeeze', 'teacher'))
+            if n.startswith('class_stats-')]
+  assert len(stored) == 1
+  with np.load(os.path.join(workdir, 'squeeze', 'teacher', stored[0])) as data:
+    counts = [data[k] for k in data.files if k.endswith('/count')]
+  assert len(counts) == 20  # ResNet-18: 20 BN layers
+  assert counts[0].shape == (1000,) and counts[0].sum() > 0

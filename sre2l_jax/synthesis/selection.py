@@ -103,7 +103,11 @@ def create_score_fn(model, spec: datasets.DatasetSpec, cfg):
 def scored_images(config, model, variables, train_split, num_classes: int,
                   chunk: int = 256) -> np.ndarray:
   """The starting images (num_classes, ipc, H, W, C) normalised float32 (host), chosen per
-  class as the module docstring says. Deterministic in config.seed."""
+  class as the module docstring says. Deterministic in config.seed.
+
+  Only each candidate's best crop is kept (uint8, as the real images are), so the host holds
+  num_classes * init_candidates images, whatever init_crops is.
+  """
   cfg = config.recover
   spec = datasets.get_spec(config.dataset.name)
   rng = rngs.numpy_rng('recover_init_scored', config.seed)
@@ -111,18 +115,22 @@ def scored_images(config, model, variables, train_split, num_classes: int,
       num_classes, cfg.init_candidates or _smallest_class(train_split, num_classes), rng)
   score_fn = create_score_fn(model, spec, cfg)
   key = rngs.stream_key(config.seed, 'recover_init_crops')
-  parts = [jax.device_get(score_fn(variables, images[i:i + chunk], labels[i:i + chunk],
-                                   jax.random.fold_in(key, i)))
-           for i in range(0, len(labels), chunk)]
-  crops, scores, features = (np.concatenate([p[j] for p in parts]) for j in range(3))
+  best, scores, features = [], [], []
+  for i in range(0, len(labels), chunk):
+    crops, score, feature = jax.device_get(score_fn(
+        variables, images[i:i + chunk], labels[i:i + chunk], jax.random.fold_in(key, i)))
+    top = np.argmax(score, axis=1)  # each source image's best crop
+    rows = np.arange(len(top))
+    best.append(datasets.denormalise(crops[rows, top], spec))
+    scores.append(score[rows, top])
+    features.append(feature[rows, top])
+  best, scores, features = map(np.concatenate, (best, scores, features))
   out = np.zeros((num_classes, cfg.ipc) + spec.image_shape, np.float32)
-  per_crop = lambda a: a.reshape((-1,) + a.shape[2:])
   for c in range(num_classes):
     rows = np.flatnonzero(labels == c)
-    sources = np.repeat(rows, cfg.init_crops)
-    chosen = select(per_crop(scores[rows]), sources, cfg.ipc,
-                    per_crop(features[rows]) if cfg.init_coverage else None, rng)
-    out[c] = per_crop(crops[rows])[chosen]
+    chosen = select(scores[rows], rows, cfg.ipc,
+                    features[rows] if cfg.init_coverage else None, rng)
+    out[c] = np.asarray(datasets.normalise(best[rows][chosen], spec))
   return out
 
 

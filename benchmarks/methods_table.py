@@ -1,0 +1,170 @@
+"""The issue-13 methods table on Fashion-MNIST: every synthesis lever beside the baselines.
+
+  python -m benchmarks.methods_table --teacher_dir=runs/fm/squeeze/teacher \
+      --root=runs/methods --ipcs=1,10,50 --seeds=3
+
+One teacher for every row (train it once: `python -m sre2l_jax.main
+--config=configs/fashion_mnist_ipc10.py --workdir=runs/fm --stages=squeeze`). Each (row, IPC)
+runs `python -m sre2l_jax.main --config=configs/fashion_mnist_ipc10.py:ipc=N,seeds=S,method=M`
+with the row's overrides and `--stages=recover,relabel,evaluate` in its own workdir
+`<root>/ipc<N>/<row>`, so the same student protocol (views, soft labels, schedule) applies
+to every row; the baselines (random real subset, hard-label variants, and the k-means
+coreset when the evaluate stage offers it) are trained once per IPC, in the `sre2l` row.
+Resumable: a (row, IPC) whose evaluate result already holds `seeds` students per variant is
+not run again, and a rerun of an interrupted one resumes its stages. Writes
+`<root>/methods_table.json` (every row, IPC, variant: mean, std, per-seed top-1 %, the
+command, wall seconds) and `<root>/methods_table.md` (mean +- std, %). `--rows=a,b` runs
+some rows only; `--dry_run` prints the commands.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
+
+# (row, config `method` argument, overrides, what it shows). SRe2L as published first, then
+# each lever alone on top of it, then the combination (the config's edc recipe).
+ROWS = (
+    ('sre2l', 'sre2l', {}, 'SRe2L as published: noise, 1,000 steps, mixed-class groups, '
+     'global BN statistics'),
+    ('real_init', 'sre2l', {'recover.init': 'real', 'recover.lr': 0.05},
+     'lever: start from random real images (lr 0.05)'),
+    ('scored_init', 'sre2l', {'recover.init': 'scored', 'recover.lr': 0.05},
+     'lever: start from teacher-scored real images with k-means coverage (lr 0.05)'),
+    ('class_stats', 'edc', {'recover.init': 'noise', 'recover.iterations': 1000,
+                            'recover.lr': 0.25},
+     'lever: one-class groups matched to their class\'s BN statistics, from noise'),
+    ('early_late', 'sre2l', {'recover.diversity': 'early_late'},
+     'lever: DELT early-late (a class\'s images start at 4 staggered steps), from noise'),
+    ('edc', 'edc', {}, 'combination: scored real init + class statistics, 300 steps (the '
+     'Fashion-MNIST default)'),
+    ('edc_early_late', 'edc', {'recover.diversity': 'early_late',
+                               'recover.init_coverage': False},
+     'combination + early-late (top-scored first, started first)'),
+)
+BASELINE_ROW = 'sre2l'
+# Names of the baseline variants in evaluate's result, as table rows.
+BASELINE_VARIANTS = (('distilled_hard', 'SRe2L, hard labels'),
+                     ('random', 'random real subset'),
+                     ('random_hard', 'random real subset, hard labels'),
+                     ('coreset', 'k-means coreset (teacher features)'),
+                     ('coreset_hard', 'k-means coreset, hard labels'))
+
+
+def available_baselines() -> tuple[str, ...]:
+  """The evaluate baselines this checkout offers ('coreset' once the evaluate stage has it)."""
+  sys.path.insert(0, REPO)
+  from sre2l_jax import image_sets  # pylint: disable=g-import-not-at-top
+  return tuple(b for b in ('random', 'hard_label', 'coreset') if b in image_sets.BASELINES)
+
+
+def command(row: str, ipc: int, seeds: int, teacher_dir: str, root: str,
+            extra: tuple[str, ...] = ()) -> tuple[list[str], str]:
+  """(argv, workdir) of one (row, IPC)."""
+  _, method, overrides, _ = next(r for r in ROWS if r[0] == row)
+  workdir = os.path.join(root, f'ipc{ipc}', row)
+  baselines = available_baselines() if row == BASELINE_ROW else ()
+  argv = [sys.executable, '-m', 'sre2l_jax.main',
+          f'--config={CONFIG}:ipc={ipc},seeds={seeds},method={method}',
+          f'--workdir={workdir}', '--stages=recover,relabel,evaluate',
+          f'--config.squeeze.teacher_dir={os.path.abspath(teacher_dir)}',
+          f'--config.evaluate.baselines={tuple(baselines)!r}']
+  argv += [f'--config.{k}={v}' for k, v in overrides.items()] + list(extra)
+  return argv, workdir
+
+
+def finished(workdir: str, seeds: int) -> dict | None:
+  """The evaluate result of `workdir` if every variant has `seeds` students, else None."""
+  path = os.path.join(workdir, 'evaluate', 'result.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    result = json.load(f)
+  if all(v.get('seeds') == seeds for v in result.get('variants', {}).values()):
+    return result
+  return None
+
+
+def percent(variant: dict) -> dict:
+  accs = [100 * a for a in variant['test_top1']]
+  return {'mean': 100 * variant['test_top1_mean'], 'std': 100 * variant['test_top1_std'],
+          'test_top1': accs, 'seeds': variant['seeds'], 'steps': variant.get('steps')}
+
+
+def markdown(table: dict, ipcs: list[int]) -> str:
+  """mean +- std (%) per row and IPC; '-' where not measured."""
+  lines = ['| row | ' + ' | '.join(f'IPC {i}' for i in ipcs) + ' |',
+           '|---|' + '---|' * len(ipcs)]
+  for name, cells in table.items():
+    values = []
+    for ipc in ipcs:
+      cell = cells.get(str(ipc))
+      values.append('-' if cell is None else f'{cell["mean"]:.2f} ± {cell["std"]:.2f}')
+    lines.append(f'| {name} | ' + ' | '.join(values) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--teacher_dir', required=True)
+  parser.add_argument('--root', default='runs/methods')
+  parser.add_argument('--ipcs', default='1,10,50')
+  parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument('--rows', default=','.join(r[0] for r in ROWS))
+  parser.add_argument('--extra', default='',
+                      help='space-separated extra main flags for every run, e.g. '
+                           '--config.evaluate.stack_students=0')
+  parser.add_argument('--dry_run', action='store_true')
+  args = parser.parse_args(argv)
+  ipcs = [int(i) for i in args.ipcs.split(',')]
+  rows = [r for r in args.rows.split(',') if r]
+  unknown = set(rows) - {r[0] for r in ROWS}
+  if unknown:
+    parser.error(f'unknown rows {sorted(unknown)}; valid: {[r[0] for r in ROWS]}')
+  extra = tuple(args.extra.split())
+
+  out = {'rows': {}, 'runs': {}, 'teacher_dir': os.path.abspath(args.teacher_dir),
+         'seeds': args.seeds, 'unit': 'test top-1 %, mean and std (ddof 0) over seeds'}
+  for ipc in ipcs:
+    # The baseline row first: it trains the baselines the other rows are read against.
+    for row in sorted(rows, key=lambda r: r != BASELINE_ROW):
+      argv, workdir = command(row, ipc, args.seeds, args.teacher_dir, args.root, extra)
+      print(' '.join(argv), flush=True)
+      if args.dry_run:
+        continue
+      start = time.time()
+      result = finished(workdir, args.seeds)
+      if result is None:
+        subprocess.run(argv, cwd=REPO, check=True)
+        result = finished(workdir, args.seeds)
+        if result is None:
+          raise RuntimeError(f'{workdir}: evaluate finished without {args.seeds} seeds')
+      out['runs'][f'{row}/ipc{ipc}'] = {'command': ' '.join(argv),
+                                         'wall_seconds': time.time() - start}
+      variants = result['variants']
+      label = next(r[3] for r in ROWS if r[0] == row)
+      out['rows'].setdefault(f'{row}: {label}', {})[str(ipc)] = percent(variants['distilled'])
+      if row == BASELINE_ROW:
+        for name, title in BASELINE_VARIANTS:
+          if name in variants:
+            out['rows'].setdefault(title, {})[str(ipc)] = percent(variants[name])
+      _write(args.root, out, ipcs)
+  return out
+
+
+def _write(root: str, out: dict, ipcs: list[int]) -> None:
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, 'methods_table.json'), 'w') as f:
+    json.dump(out, f, indent=1)
+  with open(os.path.join(root, 'methods_table.md'), 'w') as f:
+    f.write(markdown(out['rows'], ipcs))
+  print(markdown(out['rows'], ipcs), flush=True)
+
+
+if __name__ == '__main__':
+  main()
