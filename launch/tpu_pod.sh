@@ -13,10 +13,10 @@
 #            ACCELERATOR (v4, v5e = v5litepod, v5p, v6e)
 #   setup    copies the tracked files of this checkout to every worker, creates a Python 3.12
 #            virtual environment there with the package and jax[tpu], mounts the bucket with
-#            gcsfuse (metadata caches off) and prints the device count
+#            gcsfuse for the data (metadata caches off) and prints the device count
 #   mount    mounts the bucket again (after a maintenance restart or a reboot)
 #   data     prepares ImageNet in the bucket once, on worker 0 (hours; skipped when prepared)
-#   run      checks the mount on every worker, then starts training detached on every worker
+#   run      checks the data mount on every worker, then starts training detached on every worker
 #            (re-running resumes every stage; a run still alive is not started twice)
 #   wait     waits for the run to end on every worker, then copies the logs back
 #   status   the slice's state and health, and per worker: job state, mount, last log lines
@@ -28,9 +28,12 @@
 # (it says how to wait again or delete). DRY_RUN=1 prints every command instead of running it.
 #
 # Storage: all workers write one checkpoint together and read what worker 0 exported, so the
-# workdir is in the bucket, mounted with gcsfuse at MOUNT on every worker. ImageNet: TFDS
-# ArrayRecord files under DATA_DIR, prepared once from the tars in MANUAL_DIR
-# (gs://BUCKET/tensorflow_datasets/downloads/manual/ILSVRC2012_img_{train,val}.tar by default).
+# workdir is in the bucket: gs://BUCKET/sre2l/EXPERIMENT, written straight to GCS (Orbax
+# writes checkpoints there natively, the rest goes through etils.epath and gcsfs; no mount).
+# ImageNet: TFDS ArrayRecord files under DATA_DIR, read through a gcsfuse mount of the bucket
+# at MOUNT (ArrayRecord's C++ reader opens local paths only), prepared once from the tars in
+# MANUAL_DIR (gs://BUCKET/tensorflow_datasets/downloads/manual/ILSVRC2012_img_{train,val}.tar
+# by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,8 +50,8 @@ DRY_RUN="${DRY_RUN:-0}"                       # 1: print the commands, run nothi
 POLL_SECONDS="${POLL_SECONDS:-60}"
 CONFIG="${CONFIG:-configs/in1k_ipc50.py}"
 EXPERIMENT="${EXPERIMENT:-in1k_ipc50}"        # names the workdir, the job and the logs
-MOUNT="${MOUNT:-/mnt/${BUCKET}}"              # gcsfuse mount point of gs://BUCKET on every worker
-WORKDIR="${WORKDIR:-${MOUNT}/sre2l/${EXPERIMENT}}"
+MOUNT="${MOUNT:-/mnt/${BUCKET}}"              # gcsfuse mount of gs://BUCKET: the data only
+WORKDIR="${WORKDIR:-gs://${BUCKET}/sre2l/${EXPERIMENT}}"  # straight to the bucket, no mount
 DATA_PATH="${DATA_PATH:-tensorflow_datasets}"  # in the bucket
 MANUAL_PATH="${MANUAL_PATH:-${DATA_PATH}/downloads/manual}"
 PREPARE_DATA="${PREPARE_DATA:-1}"             # 0: the config reads no ImageNet
@@ -232,7 +235,8 @@ run() {
   if [[ -n "${TEACHER_DIR}" ]]; then args+=(--config.squeeze.teacher_dir="${TEACHER_DIR}"); fi
   if [[ -n "${STAGES}" ]]; then args+=(--stages="${STAGES}"); fi
   if [[ -n "${EXTRA_ARGS}" ]]; then read -r -a extra <<< "${EXTRA_ARGS}"; args+=("${extra[@]}"); fi
-  # One command per worker: the mount check, then the detached start (see tpu_worker.sh).
+  # One command per worker: the data mount check, then the detached start (tpu_worker.sh).
+  # The workdir is a gs:// URL: every worker writes the bucket directly.
   STARTED=1
   worker all train "${EXPERIMENT}" "${args[@]}"
 }

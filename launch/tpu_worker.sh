@@ -6,16 +6,18 @@
 # Actions:
 #   install          a Python >= 3.11 virtual environment at VENV (uv, Python PYTHON_VERSION:
 #                    the TPU runtime images ship Python 3.10, jax >= 0.7 needs 3.11), with this
-#                    package and jax[tpu] installed in it
+#                    package (its `gcs` extra: gcsfs, for gs:// workdirs) and jax[tpu] in it
 #   devices          prints the slice's device count (run on all workers at once: every
 #                    worker must join, or the call waits for the missing ones)
-#   mount            installs gcsfuse and mounts gs://BUCKET at MOUNT with its metadata caches
-#                    off (several workers write the same bucket), then checks the mount
+#   mount            installs gcsfuse and mounts gs://BUCKET at MOUNT for the data (DATA_DIR:
+#                    ArrayRecord's reader opens local paths only), metadata caches off, then
+#                    checks the mount. The workdir is a gs:// URL, written without the mount.
 #   check-mount      fails unless MOUNT is a mounted, writable bucket
 #   data             prepares ImageNet (TFDS imagenet2012, ArrayRecord) in DATA_DIR once, from
 #                    the two ILSVRC2012 tars in MANUAL_DIR, as a detached job named `data`
-#   train NAME ARGS  checks the mount, then starts `python -m sre2l_jax.main ARGS` as a detached
-#                    job NAME (survives the ssh session; a second start while it runs is refused)
+#   train NAME ARGS  checks the data mount, then starts `python -m sre2l_jax.main ARGS` detached,
+#                    as job NAME (survives the ssh session; a second start while it runs is
+#                    refused)
 #   state NAME       prints one line `sre2l-job name=NAME worker=W state=S exit=N`, S one of
 #                    running / done / failed / absent
 #   status NAME      state, mount, disk and the last lines of the job's log
@@ -57,7 +59,7 @@ install() {
   if [[ ! -x "${VENV}/bin/python" ]]; then
     "${uv}" venv --python "${PYTHON_VERSION}" "${VENV}"  # downloads that Python if needed
   fi
-  "${uv}" pip install --python "${VENV}/bin/python" -q -e . 'jax[tpu]'
+  "${uv}" pip install --python "${VENV}/bin/python" -q -e '.[gcs]' 'jax[tpu]'
   "${VENV}/bin/python" -c 'import sys; assert sys.version_info >= (3, 11), sys.version
 import sre2l_jax; print("worker", sys.argv[1], "python", sys.version.split()[0])' "$(worker_id)"
 }
@@ -102,9 +104,10 @@ mount_bucket() {
   if ! mountpoint -q "${MOUNT}"; then
     sudo mkdir -p "${MOUNT}"
     sudo chown "$(id -u):$(id -g)" "${MOUNT}"
-    # Metadata caches off: every worker writes the same bucket (one Orbax checkpoint), and
-    # gcsfuse's stat/type caches are only safe with a single writer. Orbax commits by renaming
-    # directories, which gcsfuse allows up to --rename-dir-limit descendants.
+    # Only the data is read through the mount (the workdir is written to gs:// directly).
+    # Metadata caches off: worker 0 prepares the data while the others may look, and
+    # gcsfuse's stat/type caches could hide it from them. TFDS renames its finished
+    # folder, which gcsfuse allows up to --rename-dir-limit descendants.
     gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 \
       --metadata-cache-negative-ttl-secs=0 "${BUCKET}" "${MOUNT}"
   fi

@@ -195,7 +195,8 @@ def test_tpu_all_runs_every_step_detached_copies_logs_back_and_deletes(stubs):
   scp = calls[3]
   assert scp[:4] == ['compute', 'tpus', 'tpu-vm', 'scp'] and scp[4].endswith('.tar.gz')
   assert scp[5:] == ['sre2l-pod:sre2l_code.tar.gz', '--worker=all', *SUFFIX]
-  train = ('train in1k_ipc50 --config=configs/in1k_ipc50.py --workdir=/mnt/bkt/sre2l/in1k_ipc50 '
+  # The workdir straight in the bucket (no mount); the data through the gcsfuse mount.
+  train = ('train in1k_ipc50 --config=configs/in1k_ipc50.py --workdir=gs://bkt/sre2l/in1k_ipc50 '
            '--distributed --config.dataset.data_dir=/mnt/bkt/tensorflow_datasets '
            '--config.dataset.manual_dir=/mnt/bkt/tensorflow_datasets/downloads/manual')
   assert calls[4:] == [
@@ -359,6 +360,19 @@ def test_tpu_worker_mounts_with_metadata_caches_off(stubs, tmp_path):
   # Mounted already: not mounted again.
   assert stubs.run('tpu_worker.sh', 'mount', MOUNT=str(mount), BUCKET='bkt').returncode == 0
   assert len(stubs.calls('gcsfuse')) == 1
+
+
+def test_tpu_worker_installs_gcsfs_for_the_gs_workdir(stubs):
+  # `uv` as a stub (first on PATH), the venv's python as a script that succeeds.
+  uv = stubs.bin / 'uv'
+  uv.write_text((stubs.bin / 'gcloud').read_text())
+  uv.chmod(0o755)
+  fake_venv(stubs, 'exit 0')
+  completed = worker(stubs, 'install')
+  assert completed.returncode == 0, completed.stderr
+  python = str(stubs.root / 'venv' / 'bin' / 'python')
+  assert stubs.calls('uv') == [
+      ['pip', 'install', '--python', python, '-q', '-e', '.[gcs]', 'jax[tpu]']]
 
 
 # -------------------------------------------------------------------------------- SLURM
