@@ -126,7 +126,7 @@ def atomic_write(path: PathLike, data: bytes | str) -> None:
   os.replace(tmp, path)
 
 
-def _files_in_copy_order(root: epath.Path) -> list[epath.Path]:
+def files_in_copy_order(root: epath.Path) -> list[epath.Path]:
   """The files under `root`: in subfolders first, then the others, JSON files last."""
   # One listing per folder: epath refuses rglob('**') on GCS, and its walk() there yields
   # folders without the gs:// prefix (etils 1.15).
@@ -140,9 +140,9 @@ def _files_in_copy_order(root: epath.Path) -> list[epath.Path]:
 
 def copy_tree(source: PathLike, target: PathLike) -> None:
   """Copies every file under the folder `source` to the same place under `target`
-  (either may be local or in a bucket), in `_files_in_copy_order`."""
+  (either may be local or in a bucket), in `files_in_copy_order`."""
   source, target = as_path(source), as_path(target)
-  for p in _files_in_copy_order(source):
+  for p in files_in_copy_order(source):
     out = target / os.fspath(p.relative_to(source))
     makedirs(out.parent)
     with p.open('rb') as src, out.open('wb') as dst:

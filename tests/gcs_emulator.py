@@ -91,7 +91,8 @@ def main(bucket: str) -> None:
   from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
   emulator = server.create_server('127.0.0.1', 0, in_memory=True, default_bucket=bucket)
   emulator.start()
-  print(f'port {emulator._api._httpd.server_address[1]}', flush=True)  # pylint: disable=protected-access
+  port = emulator._api._httpd.server_address[1]  # pylint: disable=protected-access
+  print(f'port {port}', flush=True)
   while True:  # until the test stops the process
     time.sleep(3600)
 
