@@ -148,6 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
       # early_late_stages staggered steps, so they get different numbers of iterations).
       diversity='none',
       early_late_stages=4,
+      # rded (synthesis/rded.py, no optimisation): per class, this many random real
+      # candidates (RDED's mipc)...
+      rded_candidates=300,
+      rded_crops=5,  # ...each scored on its best of this many square crops (min/max_scale)...
+      rded_factor=2,  # ...and f x f of the best stitched into one image (1: whole crops)
       num_classes=0,  # recover classes 0..N-1 only (0: all; smoke runs on 1000 classes)
       dtype='float32',  # teacher compute dtype ('bfloat16': loss stays float32)
       remat='none',  # 'none' | 'teacher' | 'blocks' (ResNets): recompute in the backward

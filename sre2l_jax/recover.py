@@ -345,6 +345,34 @@ def _write_pngs(directory: str, images: np.ndarray, labels: np.ndarray, uids: np
 # ----------------------------------------------------------------------------- run
 
 
+def run_direct(config, workdir: str, method, spec, mesh, model, teacher) -> dict:
+  """A method without optimisation (`method.synthesize`, e.g. rded): its images, exported
+  like recovered ones. Nothing to resume: a killed run starts again (deterministic)."""
+  cfg = config.recover
+  stage_dir = os.path.join(workdir, 'recover')
+  num_classes = image_sets.recovered_classes(cfg, spec)
+  start = time.time()
+  images = method.synthesize(config, spec, model=model, teacher=teacher,
+                             train=pipeline.load_split(config.dataset, 'train'),
+                             num_classes=num_classes, mesh=mesh)  # uint8 (C, ipc, H, W, ch)
+  if jax.process_index() == 0:
+    labels = np.repeat(np.arange(num_classes), cfg.ipc)
+    export.write_tfds(image_sets.distilled_dir(workdir),
+                      images.reshape((-1,) + spec.image_shape), labels, spec.num_classes)
+    export.write_grid(os.path.join(stage_dir, 'grid.png'), images)
+    uids = np.arange(cfg.ipc)[None, :] * num_classes + np.arange(num_classes)[:, None]
+    _write_pngs(os.path.join(stage_dir, 'images'), images, labels.reshape(uids.shape), uids,
+                num_classes)
+  result = {'stage': 'recover', 'method': cfg.method, 'dataset': spec.name, 'ipc': cfg.ipc,
+            'images': int(num_classes * cfg.ipc), 'classes': num_classes,
+            'wall_seconds': time.time() - start, 'devices': mesh.size,
+            'outputs': {'tfds': image_sets.distilled_dir(workdir),
+                        'png': os.path.join(stage_dir, 'images'),
+                        'grid': os.path.join(stage_dir, 'grid.png')}}
+  files.write_json(os.path.join(stage_dir, 'result.json'), result)
+  return result
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Recovers `ipc` images per class, a round of groups at a time; resumes from
   `workdir/recover/checkpoints` (the round in progress) and `workdir/recover/rounds`
@@ -358,6 +386,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _, teacher = teacher_lib.load(config, workdir, mesh)  # fails early if missing/unfit
   model = create_teacher_model(config, spec)
   checkpoint.check_fingerprint(stage_dir, fingerprint(config))
+  if hasattr(method, 'synthesize'):  # no optimisation (rded): the images in one pass
+    return run_direct(config, workdir, method, spec, mesh, model, teacher)
   plain_teacher = teacher
   scored = None  # init 'scored': the starting images, chosen when a round first needs them
   if getattr(method, 'NEEDS_CLASS_STATS', False):  # per-class BN statistics (edc)

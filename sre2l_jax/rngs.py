@@ -14,6 +14,9 @@ STREAMS = {
     'recover_measure': 2,  # recover: the fixed views on which the BN term is measured
     'recover_init_scored': 3,  # recover init 'scored': candidates and k-means (selection.py)
     'recover_init_crops': 4,  # recover init 'scored': the candidates' crops
+    'rded_candidates': 5,  # recover method 'rded': the real candidates of each class
+    'rded_crops': 6,  # recover method 'rded': the candidates' crops
+    'coreset': 8,  # the k-means coreset baseline: k-means++ seeding
     'batch_order': 7,  # views: which images form each student batch
     'views': 0x5e1ab,  # views: crops, flips and mixing of each student batch
     'random_subset': 0xba5e,  # the class-balanced random real subset (baseline)

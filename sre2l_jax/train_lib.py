@@ -67,7 +67,7 @@ def _train_state_init(model, tx, image_shape):
   def init(rng):
     variables = model.init(rng, jnp.zeros((1,) + tuple(image_shape)), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                             batch_stats=variables['batch_stats'])
+                             batch_stats=variables.get('batch_stats', {}))  # {}: no BN
   return init
 
 
@@ -101,7 +101,7 @@ def classification_step(state: TrainState, batch, rng, *, spec, label_smoothing:
     logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                      images, train=True, mutable=['batch_stats'])
     loss = cross_entropy(logits, batch['label'], spec.num_classes, label_smoothing)
-    return loss, (logits, updates['batch_stats'])
+    return loss, (logits, updates.get('batch_stats', {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)

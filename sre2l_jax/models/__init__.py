@@ -9,12 +9,26 @@ import ml_collections
 from sre2l_jax.models.convnet import ConvNet
 from sre2l_jax.models.layers import BN_INPUTS, iter_in_call_order
 from sre2l_jax.models.resnet import ResNet, ResNet18, ResNet50, ResNet101
+from sre2l_jax.models.zoo import MLP, AlexNet, LeNet, VGG11
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 MODELS = {
     'convnet': lambda c, n, dt: ConvNet(num_classes=n, width=c.get('width', 128),
                                         depth=c.get('depth', 3),
                                         pooling=c.get('pooling', 'avg'), dtype=dt),
+    # The evaluation zoo (DC/DSA/MTT's students); no BatchNorm except resnet18_small.
+    'convnet_in': lambda c, n, dt: ConvNet(num_classes=n, width=c.get('width', 128),
+                                           depth=c.get('depth', 3),
+                                           pooling=c.get('pooling', 'avg'), norm='instance',
+                                           dtype=dt),
+    'mlp': lambda c, n, dt: MLP(num_classes=n, width=c.get('width', 128),
+                                depth=c.get('depth', 3), dtype=dt),
+    'lenet': lambda c, n, dt: LeNet(num_classes=n, dtype=dt),
+    'alexnet': lambda c, n, dt: AlexNet(num_classes=n, width=c.get('width', 128), dtype=dt),
+    'vgg11': lambda c, n, dt: VGG11(num_classes=n, width=c.get('width', 128), dtype=dt),
+    # ResNet-18 with the CIFAR stem (3x3/1 conv, no max-pool) whatever `stem` says.
+    'resnet18_small': lambda c, n, dt: ResNet18(num_classes=n, stem='small',
+                                                width=c.get('width', 64), dtype=dt),
     'resnet18': lambda c, n, dt: ResNet18(num_classes=n, stem=c.get('stem', 'imagenet'),
                                           width=c.get('width', 64), dtype=dt),
     'resnet50': lambda c, n, dt: ResNet50(num_classes=n, stem=c.get('stem', 'imagenet'),
@@ -27,7 +41,8 @@ MODELS = {
 def create_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any = None):
   """Builds the Linen module named by `config.name` (see `MODELS`).
 
-  `config` may carry `width`, `depth`, `pooling` (ConvNet) or `stem`, `width` (ResNets);
+  `config` may carry `width`, `depth`, `pooling` (ConvNet, ConvNet-IN; MLP: width, depth),
+  `width` (AlexNet, VGG-11; 128 = the papers' sizes) or `stem`, `width` (ResNets);
   `dtype` overrides `config.dtype` ('float32' or 'bfloat16').
   """
   if config.name not in MODELS:
@@ -55,8 +70,9 @@ def abstract_variables(model, image_shape, sharding=None) -> dict:
       lambda: model.init(jax.random.key(0), jnp.zeros((1,) + tuple(image_shape))))
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      {k: shapes[k] for k in ('params', 'batch_stats')})
+      {k: shapes.get(k, {}) for k in ('params', 'batch_stats')})  # {}: a model without BN
 
 
-__all__ = ['BN_INPUTS', 'ConvNet', 'MODELS', 'ResNet', 'ResNet18', 'ResNet50', 'ResNet101',
-           'abstract_variables', 'create_model', 'iter_in_call_order', 'model_signature']
+__all__ = ['AlexNet', 'BN_INPUTS', 'ConvNet', 'LeNet', 'MLP', 'MODELS', 'ResNet', 'ResNet18',
+           'ResNet50', 'ResNet101', 'VGG11', 'abstract_variables', 'create_model',
+           'iter_in_call_order', 'model_signature']

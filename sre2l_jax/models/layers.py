@@ -39,3 +39,10 @@ def iter_in_call_order(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], Any]]
       yield from iter_in_call_order(value, prefix + (key,))
     else:
       yield prefix + (key,), value
+
+
+def instance_norm(x: jnp.ndarray, *, name: str, dtype: Any = jnp.float32) -> jnp.ndarray:
+  """Instance norm with a per-channel affine, as DC's GroupNorm(C, C): each image's each
+  channel normalised over (H, W), eps 1e-5; no running statistics. Call it inside a compact
+  method (the GroupNorm belongs to the calling module)."""
+  return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, dtype=dtype, name=name)(x)

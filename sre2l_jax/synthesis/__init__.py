@@ -7,9 +7,10 @@ an entry in `METHODS`, not an edit of the recover stage.
 """
 
 from sre2l_jax.synthesis import edc
+from sre2l_jax.synthesis import rded
 from sre2l_jax.synthesis import sre2l
 
-METHODS = {'sre2l': sre2l, 'edc': edc}
+METHODS = {'sre2l': sre2l, 'edc': edc, 'rded': rded}
 
 
 def get_method(name: str):

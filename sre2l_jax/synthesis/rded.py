@@ -1,0 +1,176 @@
+"""RDED: realistic and diverse patches of real images, scored by the teacher and stitched
+(Sun, Shi, Xu, Zhang, Zhang, "On the Diversity and Realism of Distilled Dataset", CVPR 2024).
+
+No optimisation. For each class c:
+  1. `recover.rded_candidates` random real training images of c (RDED's `mipc`, 300 on
+     ImageNet-1K);
+  2. `recover.rded_crops` random square resized crops of each (RDED's `num_crop`, 5), of side
+     ceil(H / f) with f = `recover.rded_factor`, crop area in [min_scale, max_scale] of the
+     image (torchvision's RandomResizedCrop defaults: 0.08, 1);
+  3. realism score of a crop = -CE(teacher(crop zero-padded to H x W, centred), c) (the
+     teacher sees the crop at its stitched size, the rest of the image at the normalised
+     mean, as RDED's `pad`);
+  4. each candidate keeps its best crop; the ipc * f^2 candidates with the best scores are
+     kept, ranked (one crop per source image);
+  5. image t (t < ipc) is stitched from f x f of them: cell k = i * f + j (row i, column j)
+     holds the crop ranked k * ipc + t, resized to the cell (cells are H // f, the first
+     H % f rows/columns one pixel more). f = 1: the top ipc whole crops.
+RDED's ImageNet-1K setting (ResNet-18 teacher, IPC 10): factor 2, 5 crops, 300 candidates.
+The student then learns from the teacher's soft labels on views of the stitched images
+(relabel/evaluate), like every other set here; RDED's own patch-level labels are not used.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sre2l_jax import rngs
+from sre2l_jax.data import augment
+from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for settings RDED cannot run with."""
+  if cfg.rded_factor < 1 or cfg.rded_crops < 1:
+    raise ValueError(f'recover.rded_factor={cfg.rded_factor} and recover.rded_crops='
+                     f'{cfg.rded_crops} must be >= 1.')
+  needed = cfg.ipc * cfg.rded_factor**2
+  if cfg.rded_candidates < needed:
+    raise ValueError(f'recover.rded_candidates={cfg.rded_candidates} must be at least ipc * '
+                     f'rded_factor^2 = {needed} (one patch per source image).')
+
+
+def patch_size(image_size: int, factor: int) -> int:
+  """Side of the crops scored for factor f: the largest stitched cell, ceil(H / f)."""
+  return math.ceil(image_size / factor)
+
+
+def cell_bounds(size: int, factor: int) -> list[tuple[int, int]]:
+  """[(start, length)] of the f cells along one side of `size` pixels: size // f each,
+  the first size % f one pixel more (RDED's `mix_images`)."""
+  base, extra = divmod(size, factor)
+  bounds, start = [], 0
+  for i in range(factor):
+    length = base + (1 if i < extra else 0)
+    bounds.append((start, length))
+    start += length
+  return bounds
+
+
+def random_crops(keys, images, *, num_crops: int, size: int, scale: tuple[float, float]):
+  """`num_crops` square random resized crops of each image.
+
+  keys: (N,) one per image; images (N, H, W, C) float. Returns (N, num_crops, size, size, C).
+  """
+  def one(key, image):
+    crop_keys = jax.random.split(key, num_crops)
+    return jax.vmap(lambda k: augment.random_resized_crop(k, image, (size, size), scale,
+                                                          ratio=(1.0, 1.0)))(crop_keys)
+  return jax.vmap(one)(keys, images)
+
+
+def pad_to(patches, height: int, width: int):
+  """Zero-pads patches (N, h, w, C) to (N, height, width, C), centred (RDED's `pad`)."""
+  h, w = patches.shape[1:3]
+  top, left = (height - h) // 2, (width - w) // 2
+  return jnp.pad(patches, ((0, 0), (top, height - h - top), (left, width - w - left), (0, 0)))
+
+
+def realism_scores(logits, label):
+  """-CE of the true class: log_softmax(logits)[..., label]. logits (..., K); label ()."""
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[..., label]
+
+
+def select(scores, count: int):
+  """The best crop of each candidate, then the `count` best candidates.
+
+  scores: (N, m) realism of crop j of candidate i. Returns (candidates (count,), crops
+  (count,)) int arrays, best first: distinct candidates (one crop per source image), ties
+  broken by the lower candidate index.
+  """
+  scores = np.asarray(scores)
+  best_crop = np.argmax(scores, axis=1)
+  best = scores[np.arange(len(scores)), best_crop]
+  order = np.argsort(-best, kind='stable')[:count]
+  return order, best_crop[order]
+
+
+def stitch(patches, factor: int, ipc: int, out_shape):
+  """Stitches ranked patches into `ipc` images.
+
+  patches: (ipc * f^2, h, w, C), best first. Image t, cell k = i * f + j holds patch
+  k * ipc + t resized (bilinear) to the cell (`cell_bounds`). out_shape: (H, W, C).
+  Returns (ipc, H, W, C) float32.
+  """
+  patches = jnp.asarray(patches, jnp.float32)
+  height, width, channels = out_shape
+  out = jnp.zeros((ipc, height, width, channels), jnp.float32)
+  rows, cols = cell_bounds(height, factor), cell_bounds(width, factor)
+  for i, (top, h) in enumerate(rows):
+    for j, (left, w) in enumerate(cols):
+      k = i * factor + j
+      cell = patches[k * ipc:(k + 1) * ipc]
+      if cell.shape[1:3] != (h, w):
+        cell = jax.image.resize(cell, (ipc, h, w, channels), 'linear', antialias=False)
+      out = out.at[:, top:top + h, left:left + w].set(cell)
+  return out
+
+
+def create_scorer(model, spec: datasets.DatasetSpec, cfg, mesh):
+  """Jitted (teacher, images uint8 (N, H, W, C), ids (N,), label (), key) -> (crops (N, m,
+  p, p, C) normalised, scores (N, m)); N a multiple of the mesh size, sharded on 'data'.
+  Each candidate's crops come from fold_in(key, id): the same on any number of devices."""
+  height, width = spec.image_shape[:2]
+  size = patch_size(min(height, width), cfg.rded_factor)
+
+  def score(teacher, images, ids, label, key):
+    x = datasets.normalise(images, spec)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    crops = random_crops(keys, x, num_crops=cfg.rded_crops, size=size,
+                         scale=(cfg.min_scale, cfg.max_scale))
+    n, m = crops.shape[:2]
+    flat = pad_to(crops.reshape((n * m,) + crops.shape[2:]), height, width)
+    logits = model.apply(teacher, flat, train=False)
+    return crops, realism_scores(logits, label).reshape(n, m)
+
+  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
+  return jax.jit(score, in_shardings=(replicated, sharded, sharded, replicated, replicated),
+                 out_shardings=(sharded, sharded))
+
+
+def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *, model,
+               teacher, train, num_classes: int, mesh) -> np.ndarray:
+  """RDED's images for classes 0..num_classes-1: uint8 (num_classes, ipc, H, W, C).
+
+  model, teacher: the frozen teacher (module, variables replicated on `mesh`); train: the
+  training split (`pipeline.Split`). Deterministic for (config.seed, settings), whatever
+  the device count.
+  """
+  cfg = config.recover
+  validate(cfg)
+  candidates, labels = train.class_balanced_subset(
+      num_classes, cfg.rded_candidates, rngs.numpy_rng('rded_candidates', config.seed))
+  scorer = create_scorer(model, spec, cfg, mesh)
+  key = rngs.stream_key(config.seed, 'rded_crops')
+  per_class = cfg.rded_candidates
+  padded = math.ceil(per_class / mesh.size) * mesh.size  # a multiple of the devices
+  sharded = batching.data_sharding(mesh)
+  count = cfg.ipc * cfg.rded_factor**2
+  out = np.zeros((num_classes, cfg.ipc) + tuple(spec.image_shape), np.uint8)
+  for c in range(num_classes):
+    assert (labels[c * per_class:(c + 1) * per_class] == c).all()
+    # Padded with repeats up to a multiple of the devices; their scores are dropped below.
+    images = candidates[c * per_class + np.arange(padded) % per_class]
+    ids = np.arange(padded, dtype=np.int32)
+    crops, scores = scorer(teacher, jax.device_put(images, sharded),
+                           jax.device_put(ids, sharded), jnp.int32(c),
+                           jax.random.fold_in(key, c))
+    source, crop = select(jax.device_get(scores)[:per_class], count)
+    patches = np.asarray(jax.device_get(crops))[source, crop]
+    out[c] = datasets.denormalise(stitch(patches, cfg.rded_factor, cfg.ipc, spec.image_shape),
+                                  spec)
+  return out

@@ -1,0 +1,105 @@
+"""RDED (synthesis/rded.py): selection, stitching layout, scores, and the whole method on a
+random teacher (the same images on 1 and 8 devices)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from sre2l_jax import config_lib
+from sre2l_jax import models
+from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
+from sre2l_jax.synthesis import rded
+
+
+def test_select_takes_each_sources_best_crop_then_the_best_sources():
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=(20, 3))
+  candidates, crops = rded.select(scores, 5)
+  best = scores.max(axis=1)
+  assert len(set(candidates.tolist())) == 5  # one crop per source image
+  np.testing.assert_array_equal(candidates, np.argsort(-best)[:5])
+  np.testing.assert_array_equal(crops, scores[candidates].argmax(axis=1))
+  assert np.all(np.diff(scores[candidates, crops]) <= 0)  # best first
+
+
+@pytest.mark.parametrize('factor,size', [(2, 5), (3, 7), (1, 4)])
+def test_stitch_layout(factor, size):
+  ipc, channels = 3, 2
+  cells = rded.cell_bounds(size, factor)
+  assert sum(length for _, length in cells) == size
+  assert [length for _, length in cells] == sorted((length for _, length in cells),
+                                                    reverse=True)
+  p = rded.patch_size(size, factor)
+  # Patch r is constant r + 1 (resizing keeps it), so every cell names its patch.
+  patches = np.broadcast_to(np.arange(1, ipc * factor**2 + 1, dtype=np.float32)[
+      :, None, None, None], (ipc * factor**2, p, p, channels))
+  out = np.asarray(rded.stitch(patches, factor, ipc, (size, size, channels)))
+  assert out.shape == (ipc, size, size, channels)
+  for t in range(ipc):
+    for i, (top, h) in enumerate(cells):
+      for j, (left, w) in enumerate(cells):
+        k = i * factor + j
+        np.testing.assert_array_equal(out[t, top:top + h, left:left + w], k * ipc + t + 1)
+  if factor == 1:  # whole crops, untouched
+    np.testing.assert_array_equal(out, patches)
+
+
+def test_pad_to_centres():
+  x = jnp.ones((1, 3, 2, 1))
+  y = np.asarray(rded.pad_to(x, 6, 5))
+  assert y.shape == (1, 6, 5, 1) and y.sum() == 6
+  np.testing.assert_array_equal(y[0, 1:4, 1:3, 0], 1)
+
+
+def _setup(factor):
+  config = config_lib.base_config()
+  config.teacher.update(width=4, depth=2)
+  config.recover.update(method='rded', ipc=2, rded_candidates=10, rded_crops=3,
+                        rded_factor=factor, min_scale=0.3)
+  spec = datasets.get_spec('fashion_mnist')
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (60,) + spec.image_shape, dtype=np.uint8)
+  labels = np.repeat(np.arange(3), 20).astype(np.int32)
+  model = models.create_model(config.teacher, spec.num_classes)
+  teacher = model.init(jax.random.key(3), jnp.zeros((1,) + spec.image_shape))
+  return config, spec, pipeline.InMemorySplit(images, labels), model, teacher
+
+
+def test_scores_are_minus_cross_entropy_of_the_padded_crop():
+  config, spec, train, model, teacher = _setup(2)
+  mesh = batching.create_mesh(8)
+  scorer = rded.create_scorer(model, spec, config.recover, mesh)
+  images = train.images[:8]
+  crops, scores = scorer(teacher, images, np.arange(8, dtype=np.int32), jnp.int32(4),
+                         jax.random.key(5))
+  assert crops.shape == (8, 3, 14, 14, 1)
+  padded = rded.pad_to(np.asarray(crops).reshape(24, 14, 14, 1), 28, 28)
+  logits = model.apply(teacher, padded)
+  expected = -optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(24, 4))
+  np.testing.assert_allclose(np.asarray(scores).ravel(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('factor', [1, 2])
+def test_synthesize_same_on_1_and_8_devices(factor):
+  config, spec, train, model, teacher = _setup(factor)
+  outs = [rded.synthesize(config, spec, model=model, teacher=teacher, train=train,
+                          num_classes=3, mesh=batching.create_mesh(n)) for n in (1, 8)]
+  assert outs[0].shape == (3, 2) + spec.image_shape and outs[0].dtype == np.uint8
+  np.testing.assert_allclose(outs[0].astype(int), outs[1].astype(int), atol=1)
+  again = rded.synthesize(config, spec, model=model, teacher=teacher, train=train,
+                          num_classes=3, mesh=batching.create_mesh(8))
+  np.testing.assert_array_equal(again, outs[1])  # deterministic for a seed
+
+
+def test_validate():
+  cfg = ml_collections.ConfigDict(dict(ipc=10, rded_candidates=39, rded_crops=5,
+                                       rded_factor=2))
+  with pytest.raises(ValueError, match='rded_candidates'):
+    rded.validate(cfg)
+  cfg.rded_candidates = 40
+  rded.validate(cfg)
