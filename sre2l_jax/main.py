@@ -7,12 +7,19 @@ resolved config is then written to `workdir/config.json`.
 
 Errors reach the user as one line (what is wrong and the fix) and exit code 1; the
 traceback is shown with --verbosity=1.
+
+Output: by default this project's own lines only (a few per stage, and each loop's progress
+line with its ETA; `metric_writers.Progress`) and every library's warnings, as 'HH:MM:SS
+text'; --verbosity=1 adds every library's INFO log (Orbax, TFDS, JAX) in absl's format.
+Metrics go to files (`workdir/<stage>/logs/`: TensorBoard events, metrics.jsonl), not here.
 """
 
 import difflib
 import importlib
+import logging as std_logging
 import os
 import sys
+import time
 
 import jax
 from absl import app
@@ -23,6 +30,7 @@ from ml_collections import config_flags
 from sre2l_jax import checkpoint
 from sre2l_jax import config_lib
 from sre2l_jax import files
+from sre2l_jax import metric_writers
 from sre2l_jax import multihost
 from sre2l_jax import train_lib
 from sre2l_jax.data import batching
@@ -45,11 +53,57 @@ _DRY_RUN = flags.DEFINE_bool(
     'dry_run', False, 'Print each stage\'s memory plan (its step compiled at the real shapes, '
     'nothing allocated, no data or teacher read) and exit; e.g. with '
     '--config.recover.device_memory_gb=80.')
+_METRIC_WRITER = flags.DEFINE_enum(
+    'metric_writer', 'tensorboardx', metric_writers.BACKENDS,
+    'What writes the TensorBoard event files: tensorboardx (no TensorFlow) or clu (clu\'s '
+    'TensorFlow writer: pip install -e ".[tensorflow]"). metrics.jsonl is written either way.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Errors whose message says what is wrong and what to do; anything else also names its type.
 USER_ERRORS = (ValueError, OSError, app.UsageError, train_lib.DivergedError,
                train_lib.CheckpointError, train_lib.NotConvergedError, MemoryError)
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class QuietFilter(std_logging.Filter):
+  """Passes warnings and errors, and INFO lines logged from this package on process 0."""
+
+  # Set once JAX's backend is up (asking here could start it inside a log call: deadlock).
+  process_index = 0
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return (record.levelno >= std_logging.INFO and self.process_index == 0 and
+            os.path.abspath(record.pathname).startswith(PACKAGE_DIR + os.sep))
+
+
+class ShortFormatter(std_logging.Formatter):
+  """'HH:MM:SS text' ('HH:MM:SS WARNING: text' for warnings and errors)."""
+
+  def format(self, record: std_logging.LogRecord) -> str:
+    level = '' if record.levelno < std_logging.WARNING else f'{record.levelname}: '
+    text = f'{time.strftime("%H:%M:%S", time.localtime(record.created))} {level}'
+    return text + record.getMessage()
+
+
+def configure_output() -> None:
+  """Below --verbosity=1, this project's INFO lines and everyone's warnings, short; from 1
+  on, absl's logging as it is (every library's INFO, with absl's prefixes)."""
+  if logging.get_verbosity() >= 1:
+    return
+  handler = logging.get_absl_handler()
+  quiet = QuietFilter()
+  handler.addFilter(quiet)
+  handler.python_handler.setFormatter(ShortFormatter())
+  quiet.process_index = jax.process_index()  # starts the backend (its INFO lines filtered)
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds.disable_progress_bar()  # dataset preparation: dozens of progress-bar lines
+  except ImportError:
+    pass
 
 
 def parse_stages(requested) -> list[str]:
@@ -194,6 +248,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if want_distributed():
     multihost.initialize()  # jax.distributed.initialize(), layout from the environment
+  configure_output()
+  metric_writers.set_default_backend(_METRIC_WRITER.value)
   if logging.get_verbosity() < 1:
     # Background-thread leftovers of a failed read (e.g. TensorStore's "Event loop is
     # closed") would print a traceback before the one-line error; --verbosity=1 shows them.

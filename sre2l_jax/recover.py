@@ -261,6 +261,29 @@ def _step_factory(config, spec, mesh, teacher, rng):
   return compile_at, tx
 
 
+def bn_layer_names(model, teacher, image_shape) -> list[str]:
+  """The teacher's BatchNorm layers in call order (the order of the per-layer BN terms), as
+  'bn0' or 'layer1_0/bn1'; nothing is computed (the names are read while tracing)."""
+  names = []
+
+  def forward(teacher):
+    _, state = model.apply(teacher, jnp.zeros((1,) + tuple(image_shape)), train=False,
+                           mutable=[models.BN_INPUTS])
+    names.extend('/'.join(path)[:-len('_input')]
+                 for path, _ in models.iter_in_call_order(state[models.BN_INPUTS]))
+    return 0
+
+  jax.eval_shape(forward, teacher)
+  return names
+
+
+def adam_lr(cfg, step: int) -> float:
+  """The learning rate of the loop's `step` (1-based, counted over rounds): Adam's cosine
+  decay from recover.lr over each round's iterations (`optimize.create_optimizer`)."""
+  k = (step - 1) % cfg.iterations
+  return 0.5 * cfg.lr * (1 + math.cos(math.pi * k / cfg.iterations))
+
+
 def create_teacher_model(config, spec):
   return models.create_model(config.teacher, spec.num_classes,
                              dtype=None if config.recover.dtype == 'float32' else jnp.bfloat16)
@@ -445,6 +468,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             'teacher_correct': float(correct[:real].sum())}
 
   writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
+  writer.write_hparams(config.to_dict())
+  # The step's per-layer BN terms (bn_loss_per_layer) are written as bn/<layer>.
+  per_layer = {'bn_loss_per_layer': tuple(
+      f'bn/{name}' for name in bn_layer_names(model, teacher, spec.image_shape))}
   png_dir = os.path.join(stage_dir, 'images')
   start_time, rates, start_step = time.time(), [], 0
   for r in range(rounds):
@@ -484,7 +511,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         name=f'recover round {r + 1}/{rounds}', total_steps=(r + 1) * cfg.iterations,
         log_every=cfg.log_every_steps, manager=manager, writer=writer,
         examples_per_step=real * cfg.batch_size,
-        throughput_name='image_iterations_per_second',
+        throughput_name='image_iterations_per_second', vector_names=per_layer,
+        show=('loss', 'bn_loss', 'ce'), schedule=lambda s: adam_lr(cfg, s),
         knobs=f'recover.lr (now {cfg.lr}) or recover.r_bn (now {cfg.r_bn})')
     state, done = train_lib.run_loop(
         loop, state, r * cfg.iterations + round_step,

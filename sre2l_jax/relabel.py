@@ -12,6 +12,7 @@ stored and replay is exact. Two modes give the same labels:
 import os
 import time
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -35,6 +36,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     train_lib.validate_numbers(config, ('evaluate',))
 
 
+def counted(logits_fn, progress):
+  """`logits_fn` that ticks `progress` once per call (a batch of views; the calls already
+  made show as `progress.calls`): the stored labels' progress line."""
+  progress.calls = 0
+
+  def call(batch_views):
+    out = logits_fn(batch_views)
+    progress.calls += 1
+    if progress.calls == 1:
+      jax.block_until_ready(out)  # compiled on the first call: not counted in the rate
+      progress.start(1)
+    progress.update(progress.calls, {})
+    return out
+  return call
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Stored mode: writes `label_store.label_dir(config, workdir, set)` for the distilled set
   and each baseline. Online mode: records that labels come from the teacher at training
@@ -44,6 +61,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spec = datasets.get_spec(config.dataset.name)
   sets = image_sets.image_sets(config, workdir)
   result = {'stage': 'relabel', 'mode': config.relabel.mode, 'sets': {}}
+  stage_dir = os.path.join(workdir, 'relabel')
+  writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
+  writer.write_hparams(config.to_dict())
+  if config.relabel.mode == 'online':
+    logging.info('relabel: online mode: the teacher labels each view inside the student\'s '
+                 'step (nothing to store; relabel.mode=stored writes them once)')
   if config.relabel.mode == 'stored':
     mesh = batching.create_mesh(config.mesh_shape)
     model, teacher = teacher_lib.load(config, workdir, mesh)
@@ -52,16 +75,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       schedule = views.create_schedule(config, len(images))
       batching.check_batch_size(schedule.batch_size, mesh, 'relabel.batch_size')
       directory = label_store.label_dir(config, workdir, name)
+      progress = train_lib.create_progress(f'relabel {name}', schedule.total_steps)
+      set_start = time.time()
       manifest = label_store.write_labels(
-          directory, images, schedule, config.relabel, spec, logits_fn, mesh,
-          config.evaluate.temperature, overwrite=config.overwrite)
+          directory, images, schedule, config.relabel, spec,
+          counted(logits_fn, progress), mesh, config.evaluate.temperature,
+          overwrite=config.overwrite)
+      scalars = {f'{name}/shards': len(manifest['shards']),
+                 f'{name}/label_bytes': manifest['bytes']}
+      if progress.calls:  # labels were made now (not found finished)
+        scalars[f'{name}/views_per_second'] = (progress.calls * schedule.batch_size /
+                                               max(time.time() - set_start, 1e-9))
+      writer.write_scalars(schedule.total_steps, scalars)
       result['sets'][name] = {'label_bytes': manifest['bytes'],
                               'image_bytes': int(images.nbytes),
                               'storage': manifest['storage'], 'topk': manifest['topk'],
                               'dir': os.path.relpath(directory, workdir)}
       logging.info('relabel: %s labels %d bytes (%s) in %s', name, manifest['bytes'],
                    manifest['storage'], directory)
-  stage_dir = os.path.join(workdir, 'relabel')
+  writer.close()
   old = checkpoint.finished_result(stage_dir)
   if old is not None and {k: old.get(k) for k in result} == files.normalised(result):
     return old  # the same labels: the measurements stay those of the run that made them

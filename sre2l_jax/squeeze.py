@@ -105,6 +105,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Loop.
   writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
+  writer.write_hparams(config.to_dict())
+  logging.info('squeeze: training the %s teacher on %s, %d steps (%g epochs of %d) on %d '
+               'device(s)%s', config.teacher.name, spec.name, total_steps, c.epochs,
+               steps_per_epoch, mesh.size, f', resumed at step {start_step}' if start_step
+               else '')
   batches = train.train_batches(c.batch_size, config.seed, start_step,
                                 batching.data_sharding(mesh))
 
@@ -141,5 +146,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if finished is not None and start_step == total_steps:
     return finished  # only the teacher was missing: the measurements stay those of the run
   result = checkpoint.write_result(stage_dir, result)
-  logging.info('squeeze: test top-1 %.4f after %d epochs', top1, c.epochs)
+  logging.info('squeeze: teacher test top-1 %.2f%% after %g epochs (%.0f s, %.0f images/s)',
+               100 * top1, c.epochs, result['wall_seconds'], done.examples_per_second)
   return result

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax.training import train_state
 
+from sre2l_jax import metric_writers
 from sre2l_jax.data import augment
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -147,19 +148,17 @@ def top1(eval_step, variables, split, batch_size: int, mesh, class_mask=None) ->
   return float(correct) / max(float(count), 1.0)
 
 
-def create_writer(logdir: str):
-  """clu TensorBoard + logging writer on process 0, logging only elsewhere."""
-  # Imported here: clu's writers import TensorFlow, which only the stages need.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0,
-                                              asynchronous=True)
+def create_writer(logdir):
+  """A clu `MetricWriter`-compatible writer of TensorBoard events and `metrics.jsonl` in
+  `logdir` on process 0 (no TensorFlow; see `metric_writers`); nothing on the others."""
+  return metric_writers.create_writer(logdir)
 
 
-def create_progress(total_steps: int, writer, every_steps: int):
-  """clu progress reporter: steps/s and ETA in the log and in TensorBoard."""
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                         every_steps=every_steps)
+def create_progress(name: str, total_steps: int, start_step: int = 0, *, lines: int = 4,
+                    show=('loss', 'accuracy')) -> metric_writers.Progress:
+  """The console progress line of a loop (step/total, `show` metrics, steps/s, ETA), about
+  `lines` times over its steps."""
+  return metric_writers.Progress(name, total_steps, start_step, lines=lines, show=show)
 
 
 class Throughput:
@@ -217,13 +216,20 @@ class Loop:
   total_steps: the loop runs steps start+1 .. total_steps (1-based).
   log_every: metrics are fetched, checked and written every this many steps (and last).
   manager: saves the state when its policy says so (`checkpoint.create_manager`), or None.
-  writer: a clu metric writer, or None (a log line per interval instead).
+  writer: a clu metric writer (`create_writer`), or None (nothing written; the progress
+    line is printed either way).
   examples_per_step: for the throughput scalar `<throughput_name>`.
   knobs: what to lower when the loop diverges, e.g. 'squeeze.lr (now 0.1)'.
   rerun: how to run again with the lowered knob (a stage that fingerprints it: a new
     --workdir).
   schedule: the learning-rate schedule, written as 'lr' when given.
   prefix: prepended to the metric names in the writer.
+  vector_names: names of the entries of vector metrics, e.g. {'bn_loss_per_layer':
+    ('bn/bn0', 'bn/bn1')}: written under those names (others as <name>_00, <name>_01, ...).
+  show: the metrics of the console progress line (those the step returns), besides
+    step/total, steps/s and the ETA.
+  progress_lines: about how many progress lines the loop prints (a fraction of its steps
+    apart; at least one every 10 minutes).
   """
   name: str
   total_steps: int
@@ -236,6 +242,9 @@ class Loop:
   rerun: str = 're-run with a new --workdir'
   schedule: Callable | None = None
   prefix: str = ''
+  vector_names: dict = dataclasses.field(default_factory=dict)
+  show: tuple = ('loss', 'accuracy')
+  progress_lines: int = 4
 
 
 @dataclasses.dataclass
@@ -291,14 +300,18 @@ def restore_or_init(manager: ocp.CheckpointManager | None, abstract_state, init_
       f'{manager.directory} to run this stage again from its start.')
 
 
-def _scalars(history: list[dict], prefix: str) -> dict:
-  """Host metric history -> {name: mean}; vector metrics become name_00, name_01, ..."""
+def _scalars(history: list[dict], prefix: str, vector_names: dict | None = None) -> dict:
+  """Host metric history -> {name: mean}; the entries of a vector metric take their names
+  from `vector_names[key]` when it names them all, else name_00, name_01, ..."""
   out = {}
   for key in history[0]:
     if key == 'finite':
       continue
     mean = np.mean([np.asarray(m[key], np.float64) for m in history], axis=0)
-    if np.ndim(mean):
+    names = (vector_names or {}).get(key)
+    if np.ndim(mean) and names is not None and len(names) == np.size(mean):
+      out |= {f'{prefix}{n}': float(v) for n, v in zip(names, np.ravel(mean))}
+    elif np.ndim(mean):
       out |= {f'{prefix}{key}_{i:02d}': float(v) for i, v in enumerate(mean)}
     else:
       out[f'{prefix}{key}'] = float(mean)
@@ -327,9 +340,8 @@ def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,
   step (e.g. a per-epoch evaluation). The writer is flushed and pending saves finished on
   the way out, also on error. Returns (state, LoopResult).
   """
-  progress = None
-  if loop.writer is not None:
-    progress = create_progress(loop.total_steps, loop.writer, loop.log_every)
+  progress = create_progress(loop.name, loop.total_steps, start_step,
+                             lines=loop.progress_lines, show=loop.show)
   throughput = Throughput()
   start_time, pending = time.time(), []
   sums, count = {}, 0
@@ -340,9 +352,8 @@ def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,
       pending.append(metrics)
       if step == start_step + 1:
         jax.block_until_ready(state)  # the first step compiles: not counted in throughput
+        progress.start(step)
       throughput.tick(loop.examples_per_step)
-      if progress is not None:
-        progress(step)
       is_log = step % loop.log_every == 0 or step == loop.total_steps
       is_save = loop.manager is not None and loop.manager.should_save(step)
       if is_log or is_save:
@@ -350,8 +361,9 @@ def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,
         pending = []
         if not _all_finite(host):
           _diverged(loop, step, last_saved)
-        scalars = _scalars(host, loop.prefix)
-        for key, value in _scalars(host, '').items():
+        scalars = _scalars(host, loop.prefix, loop.vector_names)
+        plain = _scalars(host, '', loop.vector_names)
+        for key, value in plain.items():
           sums[key] = sums.get(key, 0.0) + value * len(host)
         count += len(host)
         if loop.schedule is not None:
@@ -359,9 +371,7 @@ def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,
         scalars[loop.throughput_name] = throughput.rate()
         if loop.writer is not None:
           loop.writer.write_scalars(step, scalars)
-        else:
-          logging.info('%s: step %d/%d %s', loop.name, step, loop.total_steps, ', '.join(
-              f'{k} {v:.4g}' for k, v in scalars.items()))
+        progress.update(step, plain)
       if is_save:
         if not all_finite(state):  # e.g. a parameter overflowed while the loss did not yet
           _diverged(loop, step, last_saved)
