@@ -199,7 +199,9 @@ def base_config() -> ml_collections.ConfigDict:
       temperature=20.0,  # soft-label temperature T
       seeds=3,  # students per variant
       eval_batch_size=1000,  # test-set batch, a multiple of the device count
-      baselines=('random',),  # any of: 'random' (real subset), 'hard_label'
+      # any of: 'random' (real subset), 'coreset' (k-means in the teacher's features, one
+      # real image per cluster; image_sets.coreset), 'hard_label'
+      baselines=('random',),
       checkpoint_every_epochs=50,
       log_every_steps=100,
       # Test top-1 of every student written to its metrics this often (and at the end);

@@ -62,7 +62,7 @@ def variants(config) -> list[tuple[str, str, bool]]:
   if unknown:
     raise ValueError(f'evaluate.baselines has {sorted(unknown)}; valid: '
                      f'{", ".join(image_sets.BASELINES)}.')
-  sets = ['distilled'] + (['random'] if 'random' in baselines else [])
+  sets = ['distilled'] + [s for s in ('random', 'coreset') if s in baselines]
   out = [(s, s, False) for s in sets]
   if 'hard_label' in baselines:
     out += [(f'{s}_hard', s, True) for s in sets]

@@ -1,18 +1,23 @@
 """The image sets students are trained on: the distilled set recover wrote, and the
-class-balanced random real subset (the same-protocol baseline)."""
+same-protocol baselines: the class-balanced random real subset and the k-means coreset."""
 
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from sre2l_jax import export
 from sre2l_jax import files
+from sre2l_jax import models
 from sre2l_jax import rngs
+from sre2l_jax import teacher as teacher_lib
+from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
-BASELINES = ('random', 'hard_label')
+BASELINES = ('random', 'coreset', 'hard_label')
 
 
 def recovered_classes(cfg: ml_collections.ConfigDict, spec: datasets.DatasetSpec) -> int:
@@ -45,9 +50,98 @@ def random_subset(config: ml_collections.ConfigDict, ipc: int) -> tuple[np.ndarr
                                      rngs.numpy_rng('random_subset', config.seed))
 
 
+def kmeans(features: np.ndarray, k: int, rng: np.random.Generator,
+           max_iterations: int = 100) -> np.ndarray:
+  """Centroids (k, D) of features (N, D): k-means++ seeding, then Lloyd's iterations until
+  no assignment changes (float64)."""
+  x = np.asarray(features, np.float64)
+  centroids = [x[rng.integers(len(x))]]
+  for _ in range(1, k):
+    distance = np.min(_squared_distances(x, np.asarray(centroids)), axis=1)
+    total = distance.sum()
+    centroids.append(x[rng.choice(len(x), p=distance / total)] if total > 0
+                     else x[rng.integers(len(x))])
+  centroids = np.asarray(centroids)
+  assign = None
+  for _ in range(max_iterations):
+    new = np.argmin(_squared_distances(x, centroids), axis=1)
+    if assign is not None and np.array_equal(new, assign):
+      break
+    assign = new
+    for j in range(k):
+      if np.any(assign == j):  # an empty cluster keeps its centroid
+        centroids[j] = x[assign == j].mean(0)
+  return centroids
+
+
+def _squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+  """(N, K) squared Euclidean distances of rows of x (N, D) to centroids (K, D)."""
+  return ((x[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+
+
+def nearest_to_centroids(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+  """For each centroid in turn, the index of the nearest row of features not taken by an
+  earlier centroid (k distinct images; ties: the lower index)."""
+  distances = _squared_distances(np.asarray(features, np.float64), centroids)
+  chosen = []
+  for j in range(len(centroids)):
+    order = np.argsort(distances[:, j], kind='stable')
+    chosen.append(next(int(i) for i in order if int(i) not in chosen))
+  return np.asarray(chosen, np.int64)
+
+
+def teacher_features(model, variables, images: np.ndarray, spec: datasets.DatasetSpec, mesh,
+                     batch_size: int = 512) -> np.ndarray:
+  """The teacher's features of uint8 images (N, H, W, C): its last BatchNorm layer's input
+  averaged over (H, W), (N, D) float32 (the space of the issue-13 coreset)."""
+  def features(variables, x):
+    _, state = model.apply(variables, datasets.normalise(x, spec), train=False,
+                           mutable=[models.BN_INPUTS])
+    *_, (_, last) = models.iter_in_call_order(state[models.BN_INPUTS])
+    return jnp.mean(last.astype(jnp.float32), axis=tuple(range(1, last.ndim - 1)))
+
+  step = jax.jit(features, in_shardings=(batching.replicated(mesh),
+                                         batching.data_sharding(mesh)),
+                 out_shardings=batching.replicated(mesh))
+  batch_size = -(-batch_size // mesh.size) * mesh.size
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
+                                             chunk.dtype)])  # one compiled shape
+    out.append(np.asarray(jax.device_get(step(variables, padded)))[:len(chunk)])
+  return np.concatenate(out)
+
+
+def coreset(config: ml_collections.ConfigDict, workdir: str,
+            ipc: int) -> tuple[np.ndarray, np.ndarray]:
+  """The k-means coreset baseline: per class, k-means (k = ipc) over the teacher's features
+  (`teacher_features`) of all its real training images, and the real image nearest each
+  centroid. Images uint8 (C * ipc, H, W, C) class-major, labels int32. Needs a split held in
+  memory; deterministic in config.seed."""
+  spec = datasets.get_spec(config.dataset.name)
+  mesh = batching.create_mesh(config.mesh_shape)
+  model, variables = teacher_lib.load(config, workdir, mesh)
+  images, labels = pipeline.load_split(config.dataset, 'train').arrays()
+  chosen = []
+  for c in range(recovered_classes(config.recover, spec)):
+    rows = np.flatnonzero(labels == c)
+    if len(rows) < ipc:
+      raise ValueError(f'Class {c} has {len(rows)} training images; the coreset needs '
+                       f'ipc={ipc}.')
+    features = teacher_features(model, variables, images[rows], spec, mesh)
+    centroids = kmeans(features, ipc, rngs.numpy_rng('coreset', config.seed, c))
+    chosen.append(rows[nearest_to_centroids(features, centroids)])
+  chosen = np.concatenate(chosen)
+  return images[chosen], labels[chosen].astype(np.int32)
+
+
 def image_sets(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """{'distilled': (images, labels), 'random': (images, labels)} as evaluate uses them."""
+  """{'distilled': (images, labels), and each of evaluate.baselines' sets ('random',
+  'coreset'): (images, labels)} as evaluate uses them."""
   sets = {'distilled': distilled_set(workdir)}
   if 'random' in config.evaluate.baselines:
     sets['random'] = random_subset(config, config.recover.ipc)
+  if 'coreset' in config.evaluate.baselines:
+    sets['coreset'] = coreset(config, workdir, config.recover.ipc)
   return sets

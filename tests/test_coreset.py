@@ -1,0 +1,77 @@
+"""The k-means coreset baseline (image_sets.coreset): k-means, nearest images, determinism,
+and the set built from a teacher's features."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sre2l_jax import image_sets
+from sre2l_jax import models
+from sre2l_jax import rngs
+from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
+
+import testlib
+
+
+def test_kmeans_finds_separated_clusters_and_is_deterministic():
+  rng = np.random.default_rng(0)
+  centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+  x = np.concatenate([c + rng.normal(scale=0.1, size=(30, 2)) for c in centres])
+  found = image_sets.kmeans(x, 3, np.random.default_rng(1))
+  order = np.argsort(found[:, 0] * 100 + found[:, 1])
+  expected = np.stack([x[i * 30:(i + 1) * 30].mean(0) for i in range(3)])
+  np.testing.assert_allclose(found[order], expected[np.argsort(
+      expected[:, 0] * 100 + expected[:, 1])], atol=1e-9)  # each centroid = its cluster mean
+  np.testing.assert_array_equal(found, image_sets.kmeans(x, 3, np.random.default_rng(1)))
+
+
+def test_nearest_to_centroids_are_the_nearest_distinct_images():
+  rng = np.random.default_rng(2)
+  features = rng.normal(size=(50, 4))
+  centroids = rng.normal(size=(5, 4))
+  chosen = image_sets.nearest_to_centroids(features, centroids)
+  assert len(set(chosen.tolist())) == 5
+  d = ((features[:, None] - centroids[None]) ** 2).sum(-1)
+  for j, i in enumerate(chosen):  # nearest among the images earlier centroids left
+    left = np.setdiff1d(np.arange(50), chosen[:j])
+    assert i == left[np.argmin(d[left, j])]
+  # Two centroids on the same image: the second takes the next nearest.
+  same = image_sets.nearest_to_centroids(features, np.stack([features[7], features[7]]))
+  assert same[0] == 7 and same[1] == np.argsort(((features - features[7]) ** 2).sum(-1))[1]
+
+
+def test_teacher_features_are_the_last_bn_input_averaged():
+  spec = datasets.get_spec('fashion_mnist')
+  model = models.ConvNet(num_classes=10, width=4, depth=2)
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + spec.image_shape))
+  images = np.random.default_rng(3).integers(0, 256, (13,) + spec.image_shape, np.uint8)
+  got = image_sets.teacher_features(model, variables, images, spec, batching.create_mesh(8),
+                                    batch_size=8)
+  _, state = model.apply(variables, datasets.normalise(images, spec),
+                         mutable=[models.BN_INPUTS])
+  last = state[models.BN_INPUTS]['bn1_input']
+  np.testing.assert_allclose(got, np.asarray(last).mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_coreset_of_a_workdir_teacher(data_dir, tmp_path):
+  """coreset(): per class the real images nearest the k-means centroids of the teacher's
+  features, class-major, the same for the same seed."""
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
+  config.dataset.update(data_dir=data_dir, train_limit=300)
+  config.recover.num_classes = 3
+  model, variables = testlib.write_teacher(config, str(tmp_path))
+  images, labels = image_sets.coreset(config, str(tmp_path), 2)
+  np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
+  train_images, train_labels = pipeline.load_split(config.dataset, 'train').arrays()
+  mesh = batching.create_mesh(8)
+  for c in range(3):
+    rows = np.flatnonzero(train_labels == c)
+    features = image_sets.teacher_features(model, variables, train_images[rows],
+                                           datasets.get_spec('fashion_mnist'), mesh)
+    centroids = image_sets.kmeans(features, 2, rngs.numpy_rng('coreset', config.seed, c))
+    nearest = rows[np.argmin(((features[:, None] - centroids[None]) ** 2).sum(-1), axis=0)]
+    np.testing.assert_array_equal(images[2 * c:2 * c + 2], train_images[nearest])
+  again, _ = image_sets.coreset(config, str(tmp_path), 2)
+  np.testing.assert_array_equal(again, images)
