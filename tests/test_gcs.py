@@ -49,8 +49,11 @@ def gcs(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import fsspec  # pylint: disable=g-import-not-at-top
-    fsspec.config.conf.setdefault('gcs', {})['token'] = 'anon'  # read at import otherwise
+    gcs_conf = fsspec.config.conf.setdefault('gcs', {})
+    saved_token = gcs_conf.get('token')
+    gcs_conf['token'] = 'anon'  # fsspec reads FSSPEC_GCS_TOKEN at import only
     yield env
+    gcs_conf.pop('token') if saved_token is None else gcs_conf.update(token=saved_token)  # pylint: disable=expression-not-assigned
   finally:
     process.kill()
     process.wait()
@@ -133,14 +136,15 @@ def finalized_steps(directory: str) -> list[int]:
 @pytest.mark.slow
 def test_pipeline_in_a_bucket_killed_and_resumed_makes_the_local_images(gcs, tmp_path):
   """The smoke pipeline with --workdir=gs://..., SIGKILLed mid-recover and run again there,
-  ends like a local workdir: the same teacher-made images, bit for bit."""
+  ends like a local workdir: the same teacher-made images, bit for bit. Its labels are
+  stored (label shards in the bucket, checked and read back by evaluate)."""
   data = testlib.cut_fashion_mnist(tmp_path)
   overrides = {f'dataset.{k}': v for k, v in data.items()}
   env = dict(os.environ, **gcs)
   workdir = f'gs://{BUCKET}/run'
   stages = 'squeeze,recover,relabel,evaluate'
   command = testlib.main_command('fashion_mnist_ipc10', workdir, stages=stages,
-                                 overrides=overrides)
+                                 overrides={**overrides, 'relabel.mode': 'stored'})
   checkpoints = f'{workdir}/recover/checkpoints'
   last_poll = [0.0]
 
@@ -156,10 +160,13 @@ def test_pipeline_in_a_bucket_killed_and_resumed_makes_the_local_images(gcs, tmp
   saved = finalized_steps(checkpoints)[-1]
   resumed = testlib.run_command(command, env=env, timeout_s=600)
   assert f'resumed from step {saved} ({checkpoints})' in resumed.stderr, resumed.stderr[-3000:]
-  for stage in ('squeeze', 'recover', 'evaluate'):
+  for stage in ('squeeze', 'recover', 'relabel', 'evaluate'):
     assert files.exists(f'{workdir}/{stage}/result.json'), stage
-  assert files.exists(f'{workdir}/config.json')
-  assert files.exists(f'{workdir}/recover/images/new009/class009_id009.png')
+  for name in ('config.json', 'report.md', 'recover/images/new009/class009_id009.png'):
+    assert files.exists(f'{workdir}/{name}'), name
+  labels = files.read_json(f'{workdir}/relabel/result.json')['sets']['distilled']['dir']
+  manifest = files.read_json(f'{workdir}/{labels}/manifest.json')
+  assert manifest['complete'] and len(manifest['shards']) == 2  # 4 epochs, 2 per shard
 
   local = str(tmp_path / 'local')
   testlib.run_command(testlib.main_command('fashion_mnist_ipc10', local, stages='squeeze,recover',
