@@ -1,6 +1,9 @@
 """RDED (synthesis/rded.py): selection, stitching layout, scores, and the whole method on a
 random teacher (the same images on 1 and 8 devices)."""
 
+import os
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,11 +12,15 @@ import optax
 import pytest
 
 from sre2l_jax import config_lib
+from sre2l_jax import export
 from sre2l_jax import models
+from sre2l_jax import recover
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 from sre2l_jax.synthesis import rded
+
+import testlib
 
 
 def test_select_takes_each_sources_best_crop_then_the_best_sources():
@@ -103,3 +110,36 @@ def test_validate():
     rded.validate(cfg)
   cfg.rded_candidates = 40
   rded.validate(cfg)
+
+
+def test_in1k_rded_config_has_rded_settings_and_passes_the_stage_checks():
+  for arg in (None, 'smoke', 'ipc=50'):
+    config = testlib.load_config('in1k_rded', arg)
+    recover.validate(config, datasets.get_spec(config.dataset.name))
+    rded.validate(config.recover)
+    assert config.recover.method == 'rded'
+  r = testlib.load_config('in1k_rded').recover
+  assert (r.ipc, r.rded_candidates, r.rded_crops, r.rded_factor, r.min_scale, r.max_scale) == (
+      10, 300, 5, 2, 0.08, 1.0)
+  config = testlib.load_config('in1k_rded')
+  assert (config.relabel.epochs, config.relabel.batch_size, config.evaluate.lr,
+          config.evaluate.temperature) == (300, 100, 1e-3, 20.0)
+  assert testlib.load_config('in1k_rded', 'ipc=50').relabel.batch_size == 200
+
+
+def test_in1k_rded_smoke_recovers_at_224(tmp_path):
+  """recover with in1k_rded:smoke on 224 x 224 images (random, 8 per class; the mock
+  ImageNet's random labels rarely cover a class) and a random ResNet-18 teacher."""
+  config = testlib.load_config('in1k_rded', 'smoke')
+  workdir = str(tmp_path)
+  testlib.write_teacher(config, workdir)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 224, 224, 3), dtype=np.uint8)
+  split = pipeline.InMemorySplit(images, np.repeat(np.arange(2), 8).astype(np.int32))
+  with mock.patch.object(pipeline, 'load_split', lambda *_: split):
+    result = recover.run(config, workdir)
+  assert result['method'] == 'rded' and result['images'] == 2
+  out, labels = export.read_tfds(export.tfds_dataset_dir(result['outputs']['tfds']))
+  assert out.shape == (2, 224, 224, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(labels, [0, 1])
+  assert os.path.exists(os.path.join(workdir, 'recover', 'grid.png'))
