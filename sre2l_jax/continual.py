@@ -13,6 +13,14 @@ ever reaches them. It is then evaluated on the real test images of the seen clas
 predicting among the seen classes. Labels are computed online (stored labels were made for
 another schedule).
 
+The sets train side by side: at every class step the students of the sets (of equal size:
+ipc images per seen class) are stacked and trained by one compiled step
+(`student.create_stacked_continual_step`, `evaluate.stack_students` caps the stack; 1: one
+by one), each on its own images, with the same views, mask and learning rate; per set the
+result equals a student trained alone up to float rounding. A set's metrics (loss, lr,
+images/s, and test top-1 after every class step, steps counting every iteration so far) go
+to its own writer in `continual/<set>/` (TensorBoard and metrics.jsonl).
+
 Each finished (set, step) is checkpointed (`continual/<set>/checkpoints`, checkpoint step =
 class steps done) and recorded in `continual/<set>/steps.json`, and `continual/progress.json`
 counts the steps every set has finished; a killed run resumes from the last finished step.
@@ -132,26 +140,45 @@ def create_optimizer(config):
           learning_rate=0.0)
 
 
-def train_class_step(config, step_fn, state, images, labels, mask, schedule, teacher, mesh,
-                     log_name: str):
-  """Trains `state` (fresh optimiser) on `images` over `schedule`, restricted to `mask`;
-  returns (state, mean loss over the class step)."""
+def train_class_step(config, step_fn, states, subsets, mask, schedule, teacher, mesh,
+                     log_name: str, writers=None):
+  """Trains the stacked `states` (S students, fresh optimisers), student i on `subsets[i]`
+  ((images, labels), all of one size, sharing `schedule`), restricted to `mask`; returns
+  (states, mean loss over the class step per student (S,)). writers: a
+  `student.StudentWriters` of the S students, or None."""
   total = schedule.total_steps
-  lrs = np.asarray(train_lib.warmup_cosine(config.evaluate.lr, total)(np.arange(total)))
+  lr_schedule = train_lib.warmup_cosine(config.evaluate.lr, total)
+  lrs = np.asarray(lr_schedule(np.arange(total)))
   mask = jax.device_put(mask, batching.replicated(mesh))
-  batch = student.batch_fn(schedule, images, labels, mesh)
+  batch = student.stacked_batch_fn(schedule, subsets, mesh)
 
   def one_step(state, step):
     images_s, labels_s, _, key = batch(step)
     return step_fn(state, images_s, labels_s, key, teacher, mask, lrs[step - 1])
 
   loop = train_lib.Loop(name=f'continual {log_name}', total_steps=total,
-                        log_every=config.evaluate.log_every_steps,
+                        log_every=config.evaluate.log_every_steps, writer=writers,
                         examples_per_step=schedule.batch_size,
                         throughput_name='images_per_second',
+                        show=tuple(f'loss_{i:02d}' for i in range(len(subsets))),
+                        schedule=lambda step: lr_schedule(step - 1),
                         knobs=f'evaluate.lr (now {config.evaluate.lr})')
-  state, done = train_lib.run_loop(loop, state, 0, one_step)
-  return state, done.means['loss']
+  states, done = train_lib.run_loop(loop, states, 0, one_step)
+  return states, [done.means[f'loss_{i:02d}'] for i in range(len(subsets))]
+
+
+def together(config, names: list[str], sizes: dict) -> list[list[str]]:
+  """The sets to train in one stack: those of equal size (a class-balanced set of every
+  class has ipc images per seen class), at most `evaluate.stack_students` (0: no cap)."""
+  by_size = {}
+  for name in names:
+    by_size.setdefault(sizes[name], []).append(name)
+  cap = config.evaluate.stack_students
+  out = []
+  for group in by_size.values():
+    size = cap if cap > 0 else len(group)
+    out += [group[i:i + size] for i in range(0, len(group), size)]
+  return out
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -272,8 +299,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           apply_fn=model.apply, tx=tx, params=jax.tree_util.tree_map(jnp.copy, v['params']),
           batch_stats=jax.tree_util.tree_map(jnp.copy, v['batch_stats'])),
       out_shardings=replicated)
-  step_fn = student.create_continual_step(config, spec, teacher_model, mesh)
-  eval_fn = train_lib.create_eval_step(model, spec, mesh)
+  step_fn = student.create_stacked_continual_step(config, spec, teacher_model, mesh)
+  eval_fn = student.create_stacked_eval_step(model, spec, mesh)
+  stack_states = jax.jit(student.stack, out_shardings=replicated)
 
   # Resume: every set continues after its last finished class step.
   managers, records, variables = {}, {}, {}
@@ -296,39 +324,58 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       variables[name] = template
   resumed_from = {name: len(records[name]['test_top1']) for name in names}
 
-  # Loop: class steps, each set in turn.
+  # Metrics: one writer (TensorBoard run, metrics.jsonl) per set; steps count every
+  # iteration of every class step so far.
+  writers = {}
+  for name in names:
+    writers[name] = train_lib.create_writer(os.path.join(stage_dir, name))
+    writers[name].write_hparams(student.hparams(config, **{'continual.set': name}))
+
+  # Loop: class steps; the sets that still need a step train together (one stacked step).
   for k in range(config.continual.steps):
     seen = seen_classes(groups, k)
     mask = class_mask(seen, spec.num_classes)
     test_k = pipeline.InMemorySplit(*seen_subset(*test.arrays(), seen))
-    for name in names:
-      if len(records[name]['test_top1']) > k:
-        continue
+    todo = [name for name in names if len(records[name]['test_top1']) <= k]
+    subsets = {name: seen_subset(*sets[name], seen) for name in todo}
+    for stack in together(config, todo, {n: len(subsets[n][0]) for n in todo}):
       step_start = time.time()
-      images, labels = seen_subset(*sets[name], seen)
-      schedule = step_schedule(config, len(images), k, mesh.size)
-      state, loss = train_class_step(
-          config, step_fn, fresh_state(variables[name]), images, labels, mask, schedule,
-          teacher, mesh, f'{name} step {k + 1}/{config.continual.steps}')
-      variables[name] = {'params': state.params, 'batch_stats': state.batch_stats}
-      if not train_lib.all_finite(variables[name]):  # never saved: the last good step stays
-        raise train_lib.DivergedError(
-            f'continual {name} step {k + 1} diverged (a parameter stopped being finite). '
-            f'Lower evaluate.lr (now {config.evaluate.lr}) and re-run with a new --workdir.')
-      top1 = train_lib.top1(eval_fn, variables[name], test_k, config.evaluate.eval_batch_size,
-                            mesh, class_mask=mask)
-      managers[name].save(k + 1, args=ocp.args.StandardSave(variables[name]))
-      managers[name].wait_until_finished()
-      record = records[name]
-      for key, value in (('test_top1', top1), ('train_images', len(images)),
-                         ('test_images', test_k.num_examples),
-                         ('iterations', schedule.total_steps), ('loss', loss),
-                         ('seconds', time.time() - step_start)):
-        record[key].append(value)
-      files.write_json(os.path.join(stage_dir, name, 'steps.json'), record)
-      logging.info('continual: %s step %d/%d, %d classes, %d images: top-1 %.4f', name, k + 1,
-                   config.continual.steps, len(seen), len(images), top1)
+      count = len(subsets[stack[0]][0])
+      schedule = step_schedule(config, count, k, mesh.size)
+      states = stack_states([fresh_state(variables[name]) for name in stack])
+      offset = sum(records[stack[0]]['iterations'])
+      stack_writers = student.StudentWriters([writers[n] for n in stack], step_offset=offset)
+      states, losses = train_class_step(
+          config, step_fn, states, [subsets[n] for n in stack], mask, schedule, teacher, mesh,
+          f'{", ".join(stack)} step {k + 1}/{config.continual.steps}', stack_writers)
+      tops = student.stacked_top1(
+          eval_fn, {'params': states.params, 'batch_stats': states.batch_stats}, test_k,
+          config.evaluate.eval_batch_size, mesh, class_mask=mask)
+      for i, name in enumerate(stack):
+        state = student.unstack(states, i)
+        variables[name] = {'params': state.params, 'batch_stats': state.batch_stats}
+        if not train_lib.all_finite(variables[name]):  # never saved: the last good step stays
+          raise train_lib.DivergedError(
+              f'continual {name} step {k + 1} diverged (a parameter stopped being finite). '
+              f'Lower evaluate.lr (now {config.evaluate.lr}) and re-run with a new --workdir.')
+        managers[name].save(k + 1, args=ocp.args.StandardSave(variables[name]))
+      for i, name in enumerate(stack):
+        managers[name].wait_until_finished()
+        top1 = float(tops[i])
+        record = records[name]
+        for key, value in (('test_top1', top1), ('train_images', count),
+                           ('test_images', test_k.num_examples),
+                           ('iterations', schedule.total_steps), ('loss', losses[i]),
+                           ('seconds', time.time() - step_start)):
+          record[key].append(value)
+        files.write_json(os.path.join(stage_dir, name, 'steps.json'), record)
+        writers[name].write_scalars(offset + schedule.total_steps,
+                                    {'test_top1': top1, 'classes_seen': len(seen)})
+        logging.info('continual: %s step %d/%d, %d classes, %d images: top-1 %.4f', name,
+                     k + 1, config.continual.steps, len(seen), count, top1)
     files.write_json(os.path.join(stage_dir, PROGRESS), {'finished_steps': k + 1})
+  for writer in writers.values():
+    writer.close()
   for manager in managers.values():
     manager.close()
 

@@ -137,51 +137,6 @@ class Variant:
     return os.path.join(self.directory, f'seed{seed}')
 
 
-def hparams(config, **extra) -> dict:
-  """The resolved config flattened to {'section.key': scalar} (tuples as text), plus `extra`
-  (TensorBoard's hparams take scalars only)."""
-  out = {}
-
-  def walk(tree, prefix):
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        walk(value, f'{prefix}{key}.')
-      elif isinstance(value, (bool, int, float, str)):
-        out[prefix + key] = value
-      else:
-        out[prefix + key] = str(value)
-  walk(config.to_dict(), '')
-  out.update(extra)
-  return out
-
-
-class StudentWriters:
-  """One metric writer per stacked student behind the writer interface `train_lib.run_loop`
-  uses: a scalar named `<name>_<i>` (the loop writes a metric of shape (M,) so) goes to
-  student i's writer as `<name>`; any other scalar (lr, throughput) goes to every writer."""
-
-  def __init__(self, writers):
-    self.writers = list(writers)
-
-  def write_scalars(self, step: int, scalars: dict) -> None:
-    shared, own = {}, [{} for _ in self.writers]
-    for key, value in scalars.items():
-      base, _, index = key.rpartition('_')
-      if base and index.isdigit() and int(index) < len(self.writers) and len(index) >= 2:
-        own[int(index)][base] = value
-      else:
-        shared[key] = value
-    for writer, mine in zip(self.writers, own):
-      writer.write_scalars(step, {**shared, **mine})
-
-  def __getattr__(self, name):
-    """write_hparams, write_texts, flush, close, ...: every writer's, in turn."""
-    def call(*args, **kwargs):
-      for writer in self.writers:
-        getattr(writer, name)(*args, **kwargs)
-    return call
-
-
 def stack_dir(workdir: str, members) -> str:
   """`workdir/evaluate/stacks/<digest>`: the resumable state of the stack of `members`
   ((Variant, seed) pairs), named after its members' folders and seeds."""
@@ -235,10 +190,11 @@ def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) ->
 
   names = ', '.join(f'{v.name} seed {seed}' for v, seed in members)
   log_name = f'evaluate {first.arch} ({names})'
-  writers = StudentWriters(train_lib.create_writer(v.seed_dir(seed)) for v, seed in members)
+  writers = student.StudentWriters(
+      train_lib.create_writer(v.seed_dir(seed)) for v, seed in members)
   for (v, seed), writer in zip(members, writers.writers):
-    writer.write_hparams(hparams(config, **{'evaluate.variant': v.name, 'student.seed': seed,
-                                            'student.name': first.arch}))
+    writer.write_hparams(student.hparams(
+        config, **{'evaluate.variant': v.name, 'student.seed': seed, 'student.name': first.arch}))
   eval_step = student.create_stacked_eval_step(model, spec, mesh)
   eval_every = config.evaluate.eval_every_epochs * schedule.steps_per_epoch
 
@@ -255,7 +211,8 @@ def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) ->
   loop = train_lib.Loop(
       name=log_name, total_steps=total, log_every=config.evaluate.log_every_steps,
       manager=manager, writer=writers, examples_per_step=schedule.batch_size,
-      throughput_name='images_per_second', schedule=lr_schedule,
+      throughput_name='images_per_second', show=tuple(f'loss_{i:02d}' for i in range(count)),
+      schedule=lambda s: lr_schedule(s - 1),  # step s (1-based) applies lr_schedule(s - 1)
       knobs=f'evaluate.lr (now {config.evaluate.lr})',
       rerun='re-run (students of other settings get their own folder)')
   start_time = time.time()

@@ -272,3 +272,54 @@ def batch_fn(schedule: views.Schedule, images, labels, mesh, stored=None):
     return (jax.device_put(images[index], sharded), jax.device_put(labels[index], sharded),
             batch_stored, schedule.view_key(epoch, b))
   return get
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def hparams(config, **extra) -> dict:
+  """The resolved config flattened to {'section.key': scalar} (tuples as text), plus `extra`
+  (TensorBoard's hparams take scalars only)."""
+  out = {}
+
+  def walk(tree, prefix):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        walk(value, f'{prefix}{key}.')
+      elif isinstance(value, (bool, int, float, str)):
+        out[prefix + key] = value
+      else:
+        out[prefix + key] = str(value)
+  walk(config.to_dict(), '')
+  out.update(extra)
+  return out
+
+
+class StudentWriters:
+  """One metric writer per stacked student behind the writer interface `train_lib.run_loop`
+  uses: a scalar named `<name>_<i>` (the loop writes a metric of shape (M,) so) goes to
+  student i's writer as `<name>`; any other scalar (lr, throughput) goes to every writer.
+  `student.writers[i].write_scalars` writes to one student alone."""
+
+  def __init__(self, writers, step_offset: int = 0):
+    self.writers = list(writers)
+    self.step_offset = step_offset  # added to every step (continual: earlier class steps)
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    step += self.step_offset
+    shared, own = {}, [{} for _ in self.writers]
+    for key, value in scalars.items():
+      base, _, index = key.rpartition('_')
+      if base and index.isdigit() and int(index) < len(self.writers) and len(index) >= 2:
+        own[int(index)][base] = value
+      else:
+        shared[key] = value
+    for writer, mine in zip(self.writers, own):
+      writer.write_scalars(step, {**shared, **mine})
+
+  def __getattr__(self, name):
+    """write_hparams, write_texts, flush, close, ...: every writer's, in turn."""
+    def call(*args, **kwargs):
+      for writer in self.writers:
+        getattr(writer, name)(*args, **kwargs)
+    return call

@@ -14,6 +14,7 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
@@ -97,21 +98,23 @@ def reference_run(inputs_workdir, fashion_mnist_tfds, compilation_cache, tmp_pat
   config = fashion_config(fashion_mnist_tfds)
   workdir = copy_inputs(inputs_workdir, tmp_path_factory.mktemp('reference'))
   calls = []
-  create_step_fn = student.create_continual_step
+  create_step_fn = student.create_stacked_continual_step
 
   def spying_create_step_fn(*args, **kwargs):
     step_fn = create_step_fn(*args, **kwargs)
 
-    def spy(state, images, labels, key, teacher, mask, learning_rate):
-      call = dict(images=np.asarray(images), labels=np.asarray(labels), key=key,
-                  mask=np.asarray(mask))
-      state, metrics = step_fn(state, images, labels, key, teacher, mask, learning_rate)
-      calls.append(dict(call, bias_after=np.asarray(state.params['fc']['bias'])))
-      return state, metrics
+    def spy(states, images, labels, key, teacher, mask, learning_rate):
+      # One call trains the stacked sets: one record per set (student) of the stack.
+      images, labels = np.asarray(images), np.asarray(labels)
+      states, metrics = step_fn(states, images, labels, key, teacher, mask, learning_rate)
+      bias = np.asarray(states.params['fc']['bias'])
+      calls.extend(dict(images=images[i], labels=labels[i], key=key, mask=np.asarray(mask),
+                        bias_after=bias[i], stack=len(images)) for i in range(len(images)))
+      return states, metrics
     return spy
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(student, 'create_continual_step', spying_create_step_fn)
+    patch.setattr(student, 'create_stacked_continual_step', spying_create_step_fn)
     result = continual.run(config, workdir)
   return dict(config=config, workdir=workdir, result=result, calls=calls)
 
@@ -160,6 +163,7 @@ def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
     steps_done[name].add(k)
     first_calls.setdefault((k, name), call)
   assert steps_done == {name: set(range(steps)) for name in sets}
+  assert {call['stack'] for call in calls} == {2}  # both sets in one stacked step
 
   # The targets the step trains on: exactly zero mass on unseen classes (the unrestricted
   # teacher puts some there), rows still distributions.
@@ -188,6 +192,46 @@ def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
     assert record['train_images'] == [ipc * len(s) for s in prefixes]
     assert np.isfinite(record['loss']).all()
     assert all(0.0 <= a <= 1.0 for a in record['test_top1'])
+
+
+# ----------------------------------------------------------------------------- together
+
+
+@pytest.mark.slow
+def test_sets_together_equal_sets_alone(reference_run, inputs_workdir, fashion_mnist_tfds,
+                                        compilation_cache, tmp_path):
+  """The reference trains both sets in one stacked step; here each set trains alone, with
+  the single-student step (`student.create_continual_step`) behind the stacked interface.
+  Tolerances as in test_students_together (float rounding; conv biases before BatchNorm,
+  whose gradient is rounding noise, excluded)."""
+  config = fashion_config(fashion_mnist_tfds)
+  config.evaluate.stack_students = 1
+  workdir = copy_inputs(inputs_workdir, tmp_path / 'alone')
+
+  def alone_step(*args, **kwargs):
+    step = student.create_continual_step(*args, **kwargs)
+
+    def fn(states, images, labels, key, teacher, mask, learning_rate):
+      assert images.shape[0] == 1
+      state, metrics = step(student.unstack(states, 0), images[0], labels[0], key, teacher,
+                            mask, learning_rate)
+      return student.stack([state]), {'loss': metrics['loss'][None]}
+    return fn
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(student, 'create_stacked_continual_step', alone_step)
+    result = continual.run(config, workdir)
+  steps = config.continual.steps
+  for name, record in result['sets'].items():
+    reference = reference_run['result']['sets'][name]
+    np.testing.assert_allclose(record['test_top1'], reference['test_top1'], atol=0.03)
+    np.testing.assert_allclose(record['loss'], reference['loss'], rtol=1e-3)
+    alone = traverse_util.flatten_dict(restore_final(workdir, name, steps)['params'], sep='/')
+    together = traverse_util.flatten_dict(
+        restore_final(reference_run['workdir'], name, steps)['params'], sep='/')
+    for key in alone:
+      if not (key.startswith('conv') and key.endswith('/bias')):
+        np.testing.assert_allclose(alone[key], together[key], atol=1e-4, err_msg=key)
 
 
 # ----------------------------------------------------------------------------- resume

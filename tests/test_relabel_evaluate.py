@@ -1,6 +1,6 @@
 """Relabel + evaluate: stored labels == online labels, exact view replay, top-k storage,
-checksums and mismatches, missing stages, SIGKILL + resume of a student, the report, and
-shard-level resume of relabel.
+checksums and mismatches, missing stages, SIGKILL + resume of the students (trained
+together), the report, and shard-level resume of relabel.
 
 The teacher is a ConvNet-BN with random weights and random (non-trivial) BatchNorm running
 statistics, and the distilled set is random uint8 noise (IPC 2): no squeeze or recover run
@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache
 
 from sre2l_jax import evaluate
@@ -30,7 +31,6 @@ from sre2l_jax import label_store
 from sre2l_jax import relabel
 from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
-from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -42,7 +42,7 @@ WIDTH = 8
 IPC = 2  # 20 distilled images; relabel.batch_size 16 -> 2 steps per epoch (one wraps)
 EPOCHS = 8  # relabel/student epochs of every run: 16 student steps
 # Stored-vs-online tolerances (see test_stored_float32_and_online_train_the_same_student).
-PARAM_ATOL = 1e-4  # float32 stored vs online: measured 0.0 (bit-identical students)
+PARAM_ATOL = 1e-4  # float32 stored vs online (conv biases excepted, see max_abs_diff)
 # float16 targets: measured 0 top-1 difference (of 256 test images) and a max parameter
 # difference of 2.4e-3 after 16 steps; the tolerance allows ~5 test images.
 FLOAT16_TOP1_TOL = 0.02
@@ -88,11 +88,12 @@ def sha256(path):
 
 
 def label_files(workdir):
-  """{relative path: sha256} of every file under workdir/relabel/<set>/<labels>/."""
+  """{relative path: sha256} of every file under workdir/relabel/<set>/<labels>/ (not the
+  stage's metrics in relabel/logs/, which a re-run appends to)."""
   out = {}
   root = os.path.join(workdir, 'relabel')
   for folder, _, names in os.walk(root):
-    if folder != root:
+    if folder != root and os.path.relpath(folder, root).split(os.sep)[0] != 'logs':
       for f in names:
         out[os.path.relpath(os.path.join(folder, f), root)] = sha256(os.path.join(folder, f))
   return out
@@ -106,27 +107,31 @@ def stored_dir(data, workdir, name='distilled', **relabel_overrides):
 
 def run_stages(config, workdir, stored):
   """relabel (stored mode) + evaluate in process; returns (evaluate result, final student
-  variables per variant), the variables caught where evaluate measures test top-1."""
-  caught = []
-  top1 = train_lib.top1
-
-  def recording_top1(eval_step, variables, *args, **kwargs):
-    caught.append(jax.tree_util.tree_map(np.asarray, jax.device_get(variables)))
-    return top1(eval_step, variables, *args, **kwargs)
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train_lib, 'top1', recording_top1)
-    if stored:
-      relabel.run(config, workdir)
-    result = evaluate.run(config, workdir)
+  variables of seed 0 per variant), read from the seed's folder (the finished student)."""
+  if stored:
+    relabel.run(config, workdir)
+  result = evaluate.run(config, workdir)
   names = [name for name, _, _ in evaluate.variants(config)]
-  assert len(caught) == len(names) * config.evaluate.seeds
-  return result, dict(zip(names, caught))
+  caught = {}
+  for name in names:
+    _, state = testlib.restore_checkpoint(
+        os.path.join(workdir, result['variants'][name]['dir'], 'seed0', 'checkpoints'))
+    caught[name] = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  return result, caught
 
 
 def max_abs_diff(a, b):
-  diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
-  return max(jax.tree_util.tree_leaves(diffs))
+  """Max |a - b| over two students' variables, the convolutions' biases and the BatchNorm
+  running means that follow them excepted: each bias feeds a BatchNorm that subtracts it
+  again, so its gradient is rounding noise, which Adam scales to steps of about the learning
+  rate (the teacher's logits, computed for the stacked students' sets in one batch online and
+  per set in relabel, round differently; see tests/test_students_together.py)."""
+  a = traverse_util.flatten_dict(a, sep='/')
+  b = traverse_util.flatten_dict(b, sep='/')
+  assert a.keys() == b.keys()
+  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a
+             if not (k.startswith('params/conv') and k.endswith('/bias'))
+             and not k.endswith('/mean'))
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -460,14 +465,14 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_r
   student = os.path.join(online_run[1]['variants']['distilled']['dir'], 'seed0')
   total = EPOCHS * 2
   workdir = copy_workdir(base_workdir, tmp_path / 'killed')
-  checkpoints = os.path.join(workdir, student, 'checkpoints')
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  # Asserts that the run died of the SIGKILL.
-  testlib.kill_when(main_command(workdir, data), lambda: testlib.checkpoint_steps(checkpoints),
+  # The students train together (evaluate/stacks/<digest>/checkpoints holds their state
+  # until every result is written). Asserts that the run died of the SIGKILL.
+  testlib.kill_when(main_command(workdir, data), lambda: stack_steps(workdir),
                     tmp_path / 'log.txt', env=env, timeout_s=240)
-  killed_step = testlib.checkpoint_steps(checkpoints)[-1]
-  assert 0 < killed_step < total, f'killed too late: {testlib.checkpoint_steps(checkpoints)}'
+  killed_step = stack_steps(workdir)[-1]
+  assert 0 < killed_step < total, f'killed too late: {stack_steps(workdir)}'
   assert not os.path.exists(os.path.join(workdir, student, 'result.json'))
   assert not os.path.exists(os.path.join(workdir, 'evaluate', 'result.json'))
 
@@ -475,6 +480,7 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_r
   resumed = files.read_json(os.path.join(workdir, student, 'result.json'))
   assert resumed['resumed_from_step'] == killed_step > 0
   assert resumed['steps'] == total
+  assert not stack_steps(workdir)  # removed once every member's result is written
 
   reference_dir, reference, _ = online_run
   ref_student = files.read_json(os.path.join(reference_dir, student, 'result.json'))
@@ -482,15 +488,22 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_r
   assert resumed['test_top1'] == ref_student['test_top1']
   result = files.read_json(os.path.join(workdir, 'evaluate', 'result.json'))
   assert result['variants'] == reference['variants']
-  # The last checkpoints (the finished students, kept since issue 10) hold the same state,
-  # bit for bit.
-  last = total
+  # The finished students (kept in their seed folders) hold the same state, bit for bit.
+  checkpoints = os.path.join(workdir, student, 'checkpoints')
   ref_checkpoints = os.path.join(reference_dir, student, 'checkpoints')
   assert (testlib.checkpoint_steps(checkpoints)[-1] ==
-          testlib.checkpoint_steps(ref_checkpoints)[-1] == last)
+          testlib.checkpoint_steps(ref_checkpoints)[-1] == total)
   jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         testlib.restore_checkpoint(checkpoints, last)[1],
-                         testlib.restore_checkpoint(ref_checkpoints, last)[1])
+                         testlib.restore_checkpoint(checkpoints, total)[1],
+                         testlib.restore_checkpoint(ref_checkpoints, total)[1])
+
+
+def stack_steps(workdir):
+  """The finalized checkpoint steps of every stack of students in `workdir`'s evaluate."""
+  root = os.path.join(workdir, 'evaluate', 'stacks')
+  names = os.listdir(root) if os.path.isdir(root) else []
+  return sorted(s for n in names for s in testlib.checkpoint_steps(
+      os.path.join(root, n, 'checkpoints')))
 
 
 # ----------------------------------------------------------------------------- 7. report
