@@ -97,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Squeeze: teacher training.
   c.teacher = _model()
+  # Several teachers (G-VBSM, EDC): more teachers beside config.teacher, as model specs
+  # 'name:key=value,...' over config.teacher's keys (e.g. 'convnet:width=64,depth=2').
+  # squeeze trains each in workdir/squeeze/teachers/<spec>/; recover sums the teachers'
+  # losses; relabel/evaluate average their soft labels at evaluate.temperature (teacher.py).
+  c.teacher.extra_teachers = ()
   c.squeeze = ml_collections.ConfigDict(dict(
       epochs=5,  # may be fractional
       batch_size=128,  # global batch, a multiple of the device count

@@ -121,7 +121,7 @@ def coreset(config: ml_collections.ConfigDict, workdir: str,
   memory; deterministic in config.seed."""
   spec = datasets.get_spec(config.dataset.name)
   mesh = batching.create_mesh(config.mesh_shape)
-  model, variables = teacher_lib.load(config, workdir, mesh)
+  model, variables = teacher_lib.load_one(config, workdir, mesh)  # config.teacher's features
   images, labels = pipeline.load_split(config.dataset, 'train').arrays()
   chosen = []
   for c in range(recovered_classes(config.recover, spec)):

@@ -285,8 +285,8 @@ def adam_lr(cfg, step: int) -> float:
 
 
 def create_teacher_model(config, spec):
-  return models.create_model(config.teacher, spec.num_classes,
-                             dtype=None if config.recover.dtype == 'float32' else jnp.bfloat16)
+  return teacher_lib.create_model(  # several teachers: their Ensemble (the losses summed)
+      config, spec.num_classes, dtype=None if config.recover.dtype == 'float32' else jnp.bfloat16)
 
 
 def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -27,7 +27,9 @@ from sre2l_jax.data import pipeline
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
   """What fixes the meaning and shapes of the squeeze state."""
   return {'dataset': config.dataset.name, 'train_limit': config.dataset.train_limit,
-          'teacher': config.teacher.to_dict(), 'squeeze': {
+          # Extra teachers are squeezed in folders of their own (teacher.extra_configs).
+          'teacher': {k: v for k, v in config.teacher.to_dict().items()
+                      if k != 'extra_teachers'}, 'squeeze': {
               k: v for k, v in config.squeeze.to_dict().items()
               if k not in ('log_every_steps', 'checkpoint_every_steps', 'eval_batch_size')},
           'seed': config.seed}
@@ -41,7 +43,10 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains the teacher; resumes from `workdir/squeeze/checkpoints` when present."""
+  """Trains the teacher; resumes from `workdir/squeeze/checkpoints` when present. Each of
+  teacher.extra_teachers is trained first, by its own squeeze run (`teacher.extra_configs`)."""
+  for extra, extra_workdir in teacher.extra_configs(config, workdir):
+    run(extra, extra_workdir)
   stage_dir = os.path.join(workdir, 'squeeze')
   spec = datasets.get_spec(config.dataset.name)
   model = models.create_model(config.teacher, spec.num_classes)

@@ -120,8 +120,9 @@ def read(directory: str, expected: dict, abstract_variables: dict,
   return variables, meta
 
 
-def load(config: ml_collections.ConfigDict, workdir: str, mesh):
-  """(model, variables) of the frozen teacher, replicated on `mesh`, checked against config."""
+def load_one(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """(model, variables) of config.teacher alone (not its extra teachers), replicated on
+  `mesh`, checked against config."""
   spec = datasets.get_spec(config.dataset.name)
   model = models.create_model(config.teacher, spec.num_classes)
   abstract = models.abstract_variables(model, spec.image_shape, batching.replicated(mesh))
@@ -130,3 +131,79 @@ def load(config: ml_collections.ConfigDict, workdir: str, mesh):
   variables, _ = read(teacher_dir(config, workdir), teacher_meta(config, spec)['signature'],
                       abstract, hint)
   return model, variables
+
+
+# ----------------------------------------------------------------------------- several
+
+
+def parse_spec(spec: str, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """'convnet:width=32,depth=2' -> a model config: `base` (config.teacher) with that name
+  and those keys (ints, floats or strings, like the keys of `base`)."""
+  name, _, rest = spec.partition(':')
+  out = ml_collections.ConfigDict({k: v for k, v in base.to_dict().items()
+                                   if k != 'extra_teachers'})
+  out.name = name.strip()
+  for item in filter(None, (x.strip() for x in rest.split(','))):
+    key, sep, value = item.partition('=')
+    if not sep or key not in out:
+      raise ValueError(f'Teacher spec {spec!r}: {item!r} is not key=value with a model key '
+                       f'({", ".join(sorted(out))}).')
+    out[key] = type(out[key])(value) if out[key] is not None else value
+  return out
+
+
+def spec_slug(spec: str) -> str:
+  """A folder name for a teacher spec: 'convnet:width=32,depth=2' -> 'convnet-width32-depth2'."""
+  return spec.replace(':', '-').replace(',', '-').replace('=', '').replace(' ', '')
+
+
+def extra_configs(config: ml_collections.ConfigDict, workdir: str) -> list:
+  """[(config, workdir)] of each of config.teacher.extra_teachers: the config of its own
+  squeeze run (config.teacher replaced by the spec) and the workdir it runs in
+  (`workdir/squeeze/teachers/<slug>`, its teacher in `.../squeeze/teacher`)."""
+  out = []
+  for spec in config.teacher.get('extra_teachers', ()):
+    extra = ml_collections.ConfigDict(config.to_dict())
+    extra.teacher = parse_spec(spec, config.teacher)
+    extra.teacher.extra_teachers = ()
+    extra.squeeze.teacher_dir = ''
+    out.append((extra, os.path.join(workdir, 'squeeze', 'teachers', spec_slug(spec))))
+  return out
+
+
+def load_all(config: ml_collections.ConfigDict, workdir: str, mesh) -> list:
+  """[(model, variables)] of config.teacher, then each of teacher.extra_teachers."""
+  return [load_one(config, workdir, mesh)] + [
+      load_one(extra, extra_workdir, mesh)
+      for extra, extra_workdir in extra_configs(config, workdir)]
+
+
+def ensemble_temperature(config: ml_collections.ConfigDict) -> float:
+  """The T the ensemble's soft labels are averaged at: the students' (evaluate.temperature)."""
+  return float(config.evaluate.temperature)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int, dtype=None):
+  """The teacher module: config.teacher's, or with teacher.extra_teachers the `Ensemble` of
+  it and them (`models.ensemble`)."""
+  model = models.create_model(config.teacher, num_classes, dtype)
+  extras = extra_configs(config, '')
+  if not extras:
+    return model
+  return models.Ensemble(
+      members=(model,) + tuple(models.create_model(c.teacher, num_classes, dtype)
+                               for c, _ in extras),
+      temperature=ensemble_temperature(config))
+
+
+def load(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """(model, variables) of the frozen teacher, replicated on `mesh`, checked against config:
+  config.teacher's, or with teacher.extra_teachers their `Ensemble` (its logits give the
+  average of the members' soft labels at evaluate.temperature; recover sums the members'
+  losses)."""
+  loaded = load_all(config, workdir, mesh)
+  if len(loaded) == 1:
+    return loaded[0]
+  spec = datasets.get_spec(config.dataset.name)
+  return (create_model(config, spec.num_classes),
+          models.ensemble.combine_variables([v for _, v in loaded]))

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sre2l_jax.models import ensemble
 from sre2l_jax.models.convnet import ConvNet
+from sre2l_jax.models.ensemble import Ensemble
 from sre2l_jax.models.layers import BN_INPUTS, iter_in_call_order
 from sre2l_jax.models.resnet import ResNet, ResNet18, ResNet50, ResNet101
 from sre2l_jax.models.zoo import MLP, AlexNet, LeNet, VGG11
@@ -73,6 +75,6 @@ def abstract_variables(model, image_shape, sharding=None) -> dict:
       {k: shapes.get(k, {}) for k in ('params', 'batch_stats')})  # {}: a model without BN
 
 
-__all__ = ['AlexNet', 'BN_INPUTS', 'ConvNet', 'LeNet', 'MLP', 'MODELS', 'ResNet', 'ResNet18',
-           'ResNet50', 'ResNet101', 'VGG11', 'abstract_variables', 'create_model',
-           'iter_in_call_order', 'model_signature']
+__all__ = ['AlexNet', 'BN_INPUTS', 'ConvNet', 'Ensemble', 'LeNet', 'MLP', 'MODELS', 'ResNet',
+           'ResNet18', 'ResNet50', 'ResNet101', 'VGG11', 'abstract_variables', 'create_model',
+           'ensemble', 'iter_in_call_order', 'model_signature']

@@ -118,7 +118,11 @@ def augment_group(key, images, uids, *, cfg, min_scale):
 
 
 def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
-  """Loss of one group and its metrics. images (B, H, W, C) normalised float32."""
+  """Loss of one group and its metrics. images (B, H, W, C) normalised float32. Several
+  teachers (`models.Ensemble`): the sum of each teacher's loss on the same views."""
+  if isinstance(model, models.Ensemble):
+    return models.ensemble.sum_over_members(group_loss, model, teacher, images, labels, uids,
+                                            key, min_scale, cfg=cfg)
   x = augment_group(key, images, uids, cfg=cfg, min_scale=min_scale)
   logits, per_layer = teacher_forward(x, model=model, teacher=teacher,
                                       remat=cfg.get('remat', 'none'))
@@ -131,7 +135,13 @@ def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
 
 
 def unaugmented_bn_loss(images, *, model, teacher, cfg):
-  """(BN loss of the images as they are (), their logits (B, C))."""
+  """(BN loss of the images as they are (), their logits (B, C)); several teachers: the sum
+  of their BN losses, the ensemble's logits."""
+  if isinstance(model, models.Ensemble):
+    bn = sum(unaugmented_bn_loss(images, model=models.ensemble.member(model, i),
+                                 teacher=models.ensemble.member_variables(teacher, i),
+                                 cfg=cfg)[0] for i in range(len(model.members)))
+    return bn, model.apply(teacher, images, train=False)
   logits, state = model.apply(teacher, images, train=False, mutable=[models.BN_INPUTS])
   bn, _ = bn_statistics_loss(state[models.BN_INPUTS], teacher['batch_stats'],
                              cfg.first_bn_multiplier)
