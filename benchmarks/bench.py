@@ -14,9 +14,13 @@ Each is compiled ahead of time; the compilation and `--warmup` steps are exclude
 reported. Units: recover in image-iterations/s (groups * group_size * steps / s); squeeze,
 student and relabel in images/s. Inputs stay on the device (no host input pipeline is
 measured). Teachers have random weights and random, non-trivial BatchNorm running
-statistics. `--reference=torch` adds `torch_reference`'s recover
-on the same teacher weights and reports the JAX / torch ratio; `--skip_jax` runs the torch
-side alone (run it with JAX_PLATFORMS=cpu on a GPU so that JAX leaves the card to torch).
+statistics. `--reference=torch` adds `torch_reference`'s twin of every requested workload
+it has (recover on the same teacher weights; squeeze's teacher training step; the student
+step with the teacher's forward, same teacher weights) on the same models and batch, and
+reports each JAX / torch ratio; `--skip_jax` runs the torch side alone (run it with
+JAX_PLATFORMS=cpu on a GPU so that JAX leaves the card to torch). Every result records the
+machine's load average (os.getloadavg()) before and after it; the JSON records torch's thread
+count and JAX's device count.
 `--summarize=a.json,b.json` prints one table over several such JSON files (the GPU script's
 last step) with the projected ImageNet-1K IPC50 recover time.
 """
@@ -49,6 +53,7 @@ from sre2l_jax.data import datasets
 from sre2l_jax.synthesis import optimize
 
 WORKLOADS = ('recover', 'squeeze', 'student', 'relabel')
+TORCH_WORKLOADS = ('recover', 'squeeze', 'student')  # those with a PyTorch twin
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # ImageNet-1K IPC50 at 4K iterations: the headline recover run (~29 h on one RTX 4090).
 IMAGENET_IPC50_IMAGE_ITERATIONS = 50_000 * 4_000
@@ -427,6 +432,62 @@ def bench_torch_recover(args, spec, teacher, labels) -> dict:
   return result
 
 
+def torch_model(args, name: str, width: int, variables=None):
+  """`torch_reference`'s twin of a model of this benchmark (Flax weights copied when given)."""
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  # optional torch
+  model = torch_reference.build_model(name, args.num_classes, args.channels, args.image_size,
+                                      width=width, depth=args.depth, pooling=args.pooling,
+                                      stem=args.stem)
+  if variables is not None:
+    torch_reference.load_flax_variables(model, jax.device_get(variables))
+  return model
+
+
+def host_batch(args, spec):
+  """The uint8 images and labels of `random_batch`, on the host."""
+  rs = np.random.default_rng(args.seed)
+  return (rs.integers(0, 256, (args.batch_size,) + spec.image_shape, np.uint8),
+          rs.integers(0, spec.num_classes, (args.batch_size,), np.int32))
+
+
+def bench_torch_training(args, config, spec, teacher, what: str) -> dict:
+  """`torch_reference`'s squeeze step (the teacher network, trained) or student step (a
+  fresh student, the teacher's weights frozen), on `random_batch`'s images; images/s."""
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  # optional torch
+  device = args.torch_device or torch_reference.default_device()
+  if what == 'squeeze':
+    cfg = config.squeeze
+    reference = torch_reference.SqueezeReference(
+        torch_model(args, args.model, args.width, teacher), spec.image_shape, spec.mean,
+        spec.std, augment=spec.train_augment, pad=spec.pad, lr=cfg.lr, momentum=cfg.momentum,
+        nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.label_smoothing, device=device, seed=args.seed)
+  else:
+    cfg, rcfg = config.evaluate, config.relabel
+    reference = torch_reference.StudentReference(
+        torch_model(args, args.model, args.width, teacher),
+        torch_model(args, args.student_model, args.student_width), spec.image_shape,
+        spec.mean, spec.std, temperature=cfg.temperature, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, min_scale=rcfg.min_scale, max_scale=rcfg.max_scale,
+        cutmix_alpha=rcfg.cutmix_alpha, device=device, seed=args.seed)
+  images, labels = host_batch(args, spec)
+  result = torch_reference.benchmark_training(
+      reference, images, labels, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
+      threads=args.torch_threads)
+  result['throughput'] = result['images_per_second']
+  result['throughput_unit'] = 'images_per_second'
+  result['amp'] = 'none'
+  return result
+
+
+def load_average() -> list[float] | None:
+  """os.getloadavg() (1, 5, 15 min), None where the platform has none."""
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -436,7 +497,8 @@ def environment(devices: bool = True) -> dict:
          'optax_version': optax.__version__, 'python': platform.python_version(),
          'host': platform.node(),
          'default_matmul_precision': str(jax.config.jax_default_matmul_precision),
-         'xla_flags': os.environ.get('XLA_FLAGS', '')}
+         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_count': os.cpu_count(),
+         'loadavg_at_start': load_average()}
   if devices:
     env.update(backend=jax.default_backend(), device_kind=jax.local_devices()[0].device_kind,
                device_count=jax.device_count())
@@ -481,7 +543,7 @@ def run(args) -> dict:
                         'forward, KL), evaluate\'s optimiser (AdamW)'}}
   if not args.skip_jax:
     for what in args.what:
-      start = time.perf_counter()
+      start, load_before = time.perf_counter(), load_average()
       if what == 'recover':
         r = bench_recover(args, config, spec, mesh, teacher_model, teacher)
       elif what == 'squeeze':
@@ -491,14 +553,28 @@ def run(args) -> dict:
       else:
         r = bench_relabel(args, config, spec, mesh, teacher_model, teacher)
       r['wall_s'] = time.perf_counter() - start
+      r['loadavg_before'], r['loadavg_after'] = load_before, load_average()
       out['results'][what] = r
   if args.reference == 'torch':
-    labels, _ = recover_labels(args)
-    out['results']['torch_recover'] = bench_torch_recover(args, spec, teacher, labels)
-    if 'recover' in out['results']:
-      out['ratios'] = {'recover_jax_over_torch': (
-          out['results']['recover']['image_iterations_per_second'] /
-          out['results']['torch_recover']['image_iterations_per_second'])}
+    import torch  # pylint: disable=g-import-not-at-top  # optional (the bench extra)
+    out['torch_version'] = torch.__version__
+    out['torch_threads'] = (args.torch_threads if args.torch_threads > 0
+                            else torch.get_num_threads())
+    out['ratios'] = {}
+    for what in [w for w in args.what if w in TORCH_WORKLOADS]:
+      start, load_before = time.perf_counter(), load_average()
+      if what == 'recover':
+        labels, _ = recover_labels(args)
+        r = bench_torch_recover(args, spec, teacher, labels)
+      else:
+        r = bench_torch_training(args, config, spec, teacher, what)
+      r['wall_s'] = time.perf_counter() - start
+      r['loadavg_before'], r['loadavg_after'] = load_before, load_average()
+      out['results'][f'torch_{what}'] = r
+      if what in out['results']:
+        out['ratios'][f'{what}_jax_over_torch'] = (out['results'][what]['throughput'] /
+                                                   r['throughput'])
+  out['loadavg_at_end'] = load_average()
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, 'w') as f:
@@ -538,7 +614,8 @@ def table(results: list[dict]) -> str:
 
 
 def summarize(paths: list[str], summary_json: str = '') -> dict:
-  """Reads result JSONs (missing ones are skipped), prints the table and the recover ratios."""
+  """Reads result JSONs (missing ones are skipped), prints the table and every JAX / torch
+  ratio of a workload measured on both sides (recover, squeeze, student)."""
   runs = []
   for path in paths:
     if os.path.exists(path):
@@ -547,17 +624,19 @@ def summarize(paths: list[str], summary_json: str = '') -> dict:
     else:
       print(f'(missing: {path})')
   print(table(runs))
-  jax_recover = [(o['label'], o['settings']['dtype'], o['results']['recover'])
-                 for o in runs if 'recover' in o['results']]
-  torch_recover = [(o['label'], o['results']['torch_recover']) for o in runs
-                   if 'torch_recover' in o['results']]
   ratios = {}
-  for jl, dt, j in jax_recover:
-    for tl, t in torch_recover:
-      key = f'{jl} ({dt}) / {tl} (torch amp={t["amp"]}{", wgrad" if t["weight_grads"] else ""})'
-      ratios[key] = j['image_iterations_per_second'] / t['image_iterations_per_second']
+  for what in TORCH_WORKLOADS:
+    jax_runs = [(o['label'], o['settings']['dtype'], o['results'][what])
+                for o in runs if what in o['results']]
+    torch_runs = [(o['label'], o['results'][f'torch_{what}']) for o in runs
+                  if f'torch_{what}' in o['results']]
+    for jl, dt, j in jax_runs:
+      for tl, t in torch_runs:
+        extra = ', wgrad' if t.get('weight_grads') else ''
+        key = f'{what}: {jl} ({dt}) / {tl} (torch amp={t.get("amp", "none")}{extra})'
+        ratios[key] = j['throughput'] / t['throughput']
   if ratios:
-    print('\nrecover throughput ratios, JAX / torch:')
+    print('\nthroughput ratios, JAX / torch:')
     for key, value in ratios.items():
       print(f'  {value:6.2f}x  {key}')
   summary = {'runs': runs, 'ratios': ratios,

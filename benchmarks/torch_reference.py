@@ -1,5 +1,6 @@
-"""PyTorch reference networks and recover step: the parity tests' twin of the Flax models, and
-the torch side of `benchmarks.bench`.
+"""PyTorch reference networks, recover step and training steps (squeeze's teacher step,
+evaluate's student step): the parity tests' twin of the Flax models, and the torch side of
+`benchmarks.bench`.
 
 Written from the paper's loss and the way SRe2L's reference implementation computes it:
   CE(teacher(aug(x)), y) + r_bn * sum_l w_l (||mean_l - running_mean_l||_2 +
@@ -412,3 +413,203 @@ def _benchmark(ref: RecoverReference, labels, steps: int, repeats: int, warmup: 
       'matmul_allow_tf32': bool(torch.backends.cuda.matmul.allow_tf32),
       'crop': 'per_group (one RandomResizedCrop for the batch, as the reference)',
   }
+
+
+# ----------------------------------------------------------------------------- squeeze, student
+#
+# The training steps beside squeeze (`train_lib.classification_step`) and evaluate's student
+# (`student.student_step`, online soft labels), written the way a PyTorch user would: the
+# same networks, batch, optimiser and per-image augmentations, on the device, one Python call
+# per step. Per-image crops are one batched `grid_sample` (an affine map per image, bilinear),
+# the boxes drawn on the host by the same sampler as the JAX side's; inputs are uint8 batches
+# already on the device (no data loader is measured, as on the JAX side).
+
+
+def crop_theta(boxes, height: int, width: int, out_height: int, out_width: int):
+  """Affine maps (B, 2, 3) for `F.affine_grid` that resample boxes (top, left, h, w) of a
+  (height, width) image to (out_height, out_width), pixel centres as in a resize
+  (align_corners=False): output pixel j reads input position left + (j + 0.5) w / out - 0.5."""
+  del out_height, out_width  # the map is in normalised coordinates
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  top, left, h, w = boxes.T
+  theta = np.zeros((len(boxes), 2, 3), np.float32)
+  theta[:, 0, 0] = w / width
+  theta[:, 0, 2] = (2 * left + w) / width - 1
+  theta[:, 1, 1] = h / height
+  theta[:, 1, 2] = (2 * top + h) / height - 1
+  return torch.from_numpy(theta)
+
+
+def crop_batch(x, boxes, out_size):
+  """Every image of x (B, C, H, W) cropped to its box and resized (bilinear) to out_size."""
+  height, width = x.shape[-2:]
+  theta = crop_theta(boxes, height, width, *out_size).to(x.device)
+  grid = F.affine_grid(theta, (x.shape[0], x.shape[1]) + tuple(out_size), align_corners=False)
+  # 'border': a sample within half a pixel outside the image takes the edge pixel, as the JAX
+  # side's `jax.image.scale_and_translate` (its kernel renormalised over the image) does.
+  return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+
+
+def flip_batch(x, flips):
+  """Images whose entry of `flips` (B,) bool is set, flipped left-right."""
+  flips = torch.as_tensor(flips, device=x.device).view(-1, 1, 1, 1)
+  return torch.where(flips, x.flip(3), x)
+
+
+def normalise(images_u8, mean, std):
+  """uint8 (B, H, W, C) on the device -> float32 (B, C, H, W), (x / 255 - mean) / std."""
+  x = images_u8.permute(0, 3, 1, 2).float() / 255.0
+  mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+  std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+  return (x - mean) / std
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+  """Optimiser parameter groups: weight decay on conv and linear weights only (the JAX
+  side's `train_lib.decay_mask`: kernels, not biases or BatchNorm parameters)."""
+  decay, rest = [], []
+  for module in model.modules():
+    for name, p in module.named_parameters(recurse=False):
+      is_kernel = name == 'weight' and isinstance(module, (nn.Conv2d, nn.Linear))
+      (decay if is_kernel else rest).append(p)
+  return [{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}]
+
+
+class SqueezeReference:
+  """Teacher training step: per-image augmentation (`augment`: 'pad_crop_flip' with `pad`,
+  'random_resized_crop_flip' or 'flip'), cross-entropy, SGD with Nesterov momentum and
+  coupled weight decay on kernels (squeeze's defaults)."""
+
+  def __init__(self, model: nn.Module, image_shape, mean, std, *, augment: str, pad: int = 4,
+               lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
+               weight_decay: float = 5e-4, label_smoothing: float = 0.0,
+               device: str = 'cpu', seed: int = 0):
+    if augment not in ('pad_crop_flip', 'random_resized_crop_flip', 'flip'):
+      raise ValueError(f'Unknown augmentation {augment!r}.')
+    self.device = torch.device(device)
+    self.model = model.to(self.device).train()
+    self.optimizer = torch.optim.SGD(decay_groups(self.model, weight_decay), lr=lr,
+                                     momentum=momentum, nesterov=nesterov)
+    self.image_shape, self.mean, self.std = image_shape, mean, std
+    self.augment_kind, self.pad, self.label_smoothing = augment, pad, label_smoothing
+    self.rng = np.random.default_rng(seed)
+
+  def augment(self, x):
+    b, _, height, width = x.shape
+    if self.augment_kind == 'pad_crop_flip':
+      p = self.pad
+      x = F.pad(x, (p, p, p, p))
+      offsets = self.rng.integers(0, 2 * p + 1, size=(b, 2))
+      boxes = [(dy, dx, height, width) for dy, dx in offsets]
+      x = crop_batch(x, boxes, (height, width))  # whole-pixel shifts: exact copies
+    elif self.augment_kind == 'random_resized_crop_flip':
+      boxes = [streaming.sample_crop_box(self.rng, height, width) for _ in range(b)]
+      x = crop_batch(x, boxes, (height, width))
+    return flip_batch(x, self.rng.random(b) < 0.5)
+
+  def loss(self, x, labels):
+    """Cross-entropy of the model (training mode) on augmented images x (B, C, H, W)."""
+    return F.cross_entropy(self.model(x), labels, label_smoothing=self.label_smoothing)
+
+  def step(self, images_u8, labels):
+    loss = self.loss(self.augment(normalise(images_u8, self.mean, self.std)), labels)
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    self.optimizer.step()
+    return loss
+
+
+class StudentReference:
+  """Evaluate's student step with online soft labels: per-image RandomResizedCrop
+  (`min_scale`..`max_scale`) and flip, CutMix of the batch (one lambda ~ Beta(alpha, alpha),
+  one box, a partner permutation), the frozen teacher's softmax at temperature T on the views
+  (eval mode, no gradient), the student's KL divergence at T (KLDivLoss 'batchmean'), AdamW
+  with decoupled weight decay on kernels (evaluate's defaults)."""
+
+  def __init__(self, teacher: nn.Module, student: nn.Module, image_shape, mean, std, *,
+               temperature: float = 20.0, lr: float = 1e-3, weight_decay: float = 0.01,
+               min_scale: float = 0.08, max_scale: float = 1.0, cutmix_alpha: float = 1.0,
+               device: str = 'cpu', seed: int = 0):
+    self.device = torch.device(device)
+    self.teacher = teacher.to(self.device).eval()
+    for p in self.teacher.parameters():
+      p.requires_grad_(False)
+    self.student = student.to(self.device).train()
+    self.optimizer = torch.optim.AdamW(decay_groups(self.student, weight_decay), lr=lr)
+    self.image_shape, self.mean, self.std = image_shape, mean, std
+    self.temperature, self.scale, self.alpha = temperature, (min_scale, max_scale), cutmix_alpha
+    self.rng = np.random.default_rng(seed)
+
+  def views(self, images_u8):
+    x = normalise(images_u8, self.mean, self.std)
+    b, _, height, width = x.shape
+    boxes = [streaming.sample_crop_box(self.rng, height, width, self.scale) for _ in range(b)]
+    x = flip_batch(crop_batch(x, boxes, (height, width)), self.rng.random(b) < 0.5)
+    lam = self.rng.beta(self.alpha, self.alpha)
+    cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+    cy, cx = int(self.rng.integers(0, height)), int(self.rng.integers(0, width))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    partner = torch.as_tensor(self.rng.permutation(b), device=x.device)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x[partner][:, :, y0:y1, x0:x1]
+    return x
+
+  def loss(self, x):
+    """KL(teacher || student) at T on views x (B, C, H, W), 'batchmean'."""
+    with torch.no_grad():
+      targets = F.softmax(self.teacher(x) / self.temperature, dim=-1)
+    log_q = F.log_softmax(self.student(x) / self.temperature, dim=-1)
+    return F.kl_div(log_q, targets, reduction='batchmean')
+
+  def step(self, images_u8, labels=None):
+    del labels  # soft labels only
+    loss = self.loss(self.views(images_u8))
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    self.optimizer.step()
+    return loss
+
+
+def benchmark_training(reference, images_u8: np.ndarray, labels: np.ndarray, *, steps: int,
+                       repeats: int, warmup: int = 2, threads: int = 0) -> dict:
+  """Times `reference.step(images, labels)` (a `SqueezeReference` or `StudentReference`) on
+  one fixed batch kept on its device: median over `repeats` of `steps` steps. Returns
+  images_per_second, the timings (s), the thread count and device."""
+  previous_threads = torch.get_num_threads()
+  if threads > 0:
+    torch.set_num_threads(threads)
+  try:
+    device = reference.device
+    images = torch.as_tensor(np.asarray(images_u8), device=device)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
+    if device.type == 'cuda':
+      torch.backends.cudnn.benchmark = True
+      torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+      loss = reference.step(images, labels)
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - start
+    timings = []
+    for _ in range(repeats):
+      synchronize(device)
+      start = time.perf_counter()
+      for _ in range(steps):
+        loss = reference.step(images, labels)
+      synchronize(device)
+      timings.append(time.perf_counter() - start)
+    median = statistics.median(timings)
+    return {
+        'images_per_second': len(images) * steps / median, 'seconds_per_step': median / steps,
+        'timings_s': timings, 'warmup_s': warmup_seconds, 'batch_size': len(images),
+        'loss_after': float(loss.detach().float().cpu()),
+        'peak_bytes_in_use': (int(torch.cuda.max_memory_allocated(device))
+                              if device.type == 'cuda' else None),
+        'torch_version': torch.__version__, 'device': str(device),
+        'device_name': (torch.cuda.get_device_name(device) if device.type == 'cuda'
+                        else 'cpu'),
+        'threads': torch.get_num_threads(),
+        'cudnn_benchmark': bool(torch.backends.cudnn.benchmark)}
+  finally:
+    torch.set_num_threads(previous_threads)

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# Recover and squeeze throughput of ResNet-18 at 224x224 on one lent GPU (H100/H200): JAX in
-# fp32 and bf16 beside the PyTorch reference in fp32, AMP and with weight gradients on, one
-# call of under 8 minutes. Writes one JSON per run and summary.json to $OUT, the runs' output
-# to $OUT/gpu_bench.log, and prints a table with the projected ImageNet-1K IPC50 recover time
-# (50,000 images x 4,000 iterations / throughput).
+# Recover, squeeze and student-training throughput of ResNet-18 at 224x224 on one NVIDIA GPU:
+# JAX in fp32 and bf16 beside the PyTorch reference of each step (benchmarks/torch_reference.py)
+# on the same card, models and batch, then one full-size round of the real recover stage.
+# Writes one JSON per run and summary.json to $OUT (default runs/gpu_bench), the runs' output
+# to $OUT/gpu_bench.log, and prints a table with every JAX / PyTorch ratio and the projected
+# ImageNet-1K IPC50 recover time (50,000 images x 4,000 iterations / throughput).
 #
-# Here, once (pip's registry; the GPU image has no ml_collections):
+# Run from the repository root on the GPU machine:   bash launch/gpu_bench.sh
+# What it needs there: python3 with CUDA JAX (jax and its CUDA plugin, e.g.
+# `pip install "jax[cuda12]"`) and CUDA PyTorch, plus this package's pure-Python
+# dependencies (flax, optax, orbax-checkpoint, ml_collections, ...; `pip install -e .` gives
+# them). TensorFlow and tensorflow_datasets are not needed: where they are missing, import-only
+# stand-ins are put first on the path (the benchmark reads no dataset and writes no summary).
+# What it installs: nothing from the network. On a machine without network, bring missing
+# pure-Python packages as wheels in .whl/ (made on a machine with network by
 #   bash launch/gpu_bench.sh --fetch-wheels        # -> .whl/ml_collections-*.whl
-# There, through the device tool:
-#   command: bash launch/gpu_bench.sh    carry: [".whl"]    timeout_s: 540
-# It installs nothing from the internet: wheels under .whl/ are installed to /tmp/site.
-# Then one full-size round of the real recover stage (benchmarks/recover_round.py: planned vs
-# measured peak memory, throughput; BENCH_ROUND=0 skips it, ROUND_ITERATIONS=20).
+# the usual missing one); wheels found in .whl/ are installed into /tmp/site for this run.
+# recover_round (benchmarks/recover_round.py: planned vs measured peak memory, throughput)
+# runs one round of the stage; BENCH_ROUND=0 skips it, ROUND_ITERATIONS=20.
 # Settings (environment): BENCH_GROUPS (4 groups of 100 images), BENCH_STEPS (10),
-# BENCH_REPEATS (5), BENCH_BUDGET_S (450, the whole script), SQUEEZE_BATCH (256);
-# BENCH_ARGS replaces the model/size flags and BENCH_ALLOW_CPU=1 skips the GPU check (a dry
-# run of this script on a CPU with tiny settings).
+# BENCH_REPEATS (5), BENCH_BUDGET_S (540, the whole script), SQUEEZE_BATCH (256),
+# STUDENT_BATCH (256); BENCH_ARGS replaces the model/size flags and BENCH_ALLOW_CPU=1 skips the
+# GPU check (a dry run of this script on a CPU with tiny settings).
 set -u
 
 PY=${PYTHON:-python3}
@@ -26,18 +32,19 @@ if [[ ${1:-} == --fetch-wheels ]]; then
 fi
 
 START=$SECONDS
-BUDGET_S=${BENCH_BUDGET_S:-450}
+BUDGET_S=${BENCH_BUDGET_S:-540}
 GROUPS_N=${BENCH_GROUPS:-4}
 STEPS=${BENCH_STEPS:-10}
 REPEATS=${BENCH_REPEATS:-5}
 SQUEEZE_BATCH=${SQUEEZE_BATCH:-256}
+STUDENT_BATCH=${STUDENT_BATCH:-256}
 OUT=${OUT:-runs/gpu_bench}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_bench.log
 : >"$LOG"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 
-# 1. Carried wheels (see the header).
+# 1. Wheels brought in .whl/ (see the header).
 if compgen -G '.whl/*.whl' >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || { echo "installing .whl/*.whl failed"; exit 2; }
@@ -50,20 +57,20 @@ if ! "$PY" -c "import jax; print('jax', jax.__version__, jax.devices()); \
 assert jax.default_backend() == 'gpu' or '${BENCH_ALLOW_CPU:-0}' == '1', 'no GPU backend'"
 then
   cat <<'EOF'
-CUDA JAX is missing or sees no GPU. The lent image normally has jax + jax-cuda13-plugin. If
-not, on the dev machine download matching wheels into .whl/ (see /work/.library/device/
-README.md: pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
-manylinux_2_27_x86_64 ... jax==V jaxlib==V jax-cuda13-plugin==V jax-cuda13-pjrt==V) and run
-again with carry [".whl"].
+CUDA JAX is missing or sees no GPU. Install it (pip install "jax[cuda12]", or the CUDA 13
+plugin for a CUDA 13 driver); without network, download matching wheels elsewhere into .whl/
+(pip download --no-deps --only-binary=:all: --python-version <this python> --platform
+manylinux_2_27_x86_64 -d .whl jax==V jaxlib==V jax-cuda12-plugin==V jax-cuda12-pjrt==V) and
+run again.
 EOF
   exit 2
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 # 3. The package must import. clu's metric_writers imports TensorFlow and the data builders
-# import tensorflow_datasets; the image has neither, TensorFlow is too large to carry, and the
-# benchmark uses neither (no summaries, no datasets). Where they fail to import, import-only
-# stand-ins go first on the path; any use of them raises.
+# import tensorflow_datasets; a GPU machine often has neither, and the benchmark uses neither
+# (no summaries, no datasets). Where they fail to import, import-only stand-ins go first on
+# the path; any use of them raises.
 SHIM=/tmp/sre2l_bench_shim
 rm -rf "$SHIM"
 if ! "$PY" -c "import clu.metric_writers, clu.periodic_actions" 2>/dev/null; then
@@ -125,9 +132,10 @@ fi
 [[ -d $SHIM ]] && export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
 if ! "$PY" -c "import benchmarks.bench, benchmarks.torch_reference"; then
   cat <<'EOF'
-sre2l_jax does not import (traceback above). A missing pure-Python package (ml_collections
-is the usual one) travels as a wheel: run `bash launch/gpu_bench.sh --fetch-wheels` on the dev
-machine (or pip download the named package the same way) and call again with carry [".whl"].
+sre2l_jax does not import (traceback above). Install the missing package (pip install -e .
+installs them all); without network, a pure-Python one (ml_collections is the usual one) can
+come as a wheel in .whl/: `bash launch/gpu_bench.sh --fetch-wheels` on a machine with network
+(or pip download the named package the same way), copy .whl/ over, and run again.
 EOF
   exit 3
 fi
@@ -207,6 +215,14 @@ run torch_amp 90 JAX_PLATFORMS=cpu -- --what=recover --reference=torch --skip_ja
   --torch_amp=bf16
 run squeeze_fp32 130 -- --what=squeeze --dtype=float32 "--batch_size=$SQUEEZE_BATCH" \
   "--peak_tflops=$PEAK_TF32"
+# Squeeze and student training beside their PyTorch twins (the student step: views, the
+# teacher's forward, KL, AdamW; the same teacher weights on both sides).
+run torch_squeeze 90 JAX_PLATFORMS=cpu -- --what=squeeze --reference=torch --skip_jax \
+  "--batch_size=$SQUEEZE_BATCH"
+run student_fp32 120 -- --what=student --dtype=float32 "--batch_size=$STUDENT_BATCH" \
+  "--peak_tflops=$PEAK_TF32"
+run torch_student 90 JAX_PLATFORMS=cpu -- --what=student --reference=torch --skip_jax \
+  "--batch_size=$STUDENT_BATCH"
 run torch_fp32_wgrad 70 JAX_PLATFORMS=cpu -- --what=recover --reference=torch --skip_jax \
   --torch_amp=none --torch_weight_grads
 

@@ -1,8 +1,10 @@
 """Benchmark harness: JSON contents on tiny settings, and JAX/torch computing the same thing.
 
 The torch reference (`benchmarks.torch_reference`) is only worth timing beside the JAX
-recover step if it computes the same loss: the BN-statistics loss, the whole un-augmented
-loss and its gradient with respect to the images are compared on shared weights.
+steps if it computes the same thing: for recover the BN-statistics loss, the whole
+un-augmented loss and its gradient with respect to the images; for the student step the KD
+loss and its gradient on shared teacher and student weights; for squeeze the cross-entropy;
+and the per-image crops of both sides are the same resampling.
 """
 
 import functools
@@ -13,8 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import torch
+
 from sre2l_jax import config_lib
 from sre2l_jax import models
+from sre2l_jax import student
+from sre2l_jax import train_lib
+from sre2l_jax.data import augment
 from sre2l_jax.data import streaming
 from sre2l_jax.synthesis import sre2l
 
@@ -46,7 +53,8 @@ def test_json_has_every_workload_with_positive_throughput(tiny_run):
   assert out['settings']['groups'] == 2 and out['settings']['group_size'] == 5
   units = {'recover': 'image_iterations_per_second', 'squeeze': 'images_per_second',
            'student': 'images_per_second', 'relabel': 'images_per_second',
-           'torch_recover': 'image_iterations_per_second'}
+           'torch_recover': 'image_iterations_per_second',
+           'torch_squeeze': 'images_per_second', 'torch_student': 'images_per_second'}
   for what, unit in units.items():
     r = out['results'][what]
     assert r[unit] > 0 and r['throughput'] == r[unit] and r['throughput_unit'] == unit
@@ -56,7 +64,16 @@ def test_json_has_every_workload_with_positive_throughput(tiny_run):
   assert recover_result['images_per_step'] == 10 and recover_result['finite']
   assert recover_result['flops_per_item'] > 0 and recover_result['compile_s'] > 0
   assert recover_result['imagenet_ipc50_4k_hours'] > 0
-  assert out['ratios']['recover_jax_over_torch'] > 0
+  assert set(out['ratios']) == {'recover_jax_over_torch', 'squeeze_jax_over_torch',
+                                'student_jax_over_torch'}
+  for what in ('recover', 'squeeze', 'student'):
+    assert out['ratios'][f'{what}_jax_over_torch'] == pytest.approx(
+        out['results'][what]['throughput'] / out['results'][f'torch_{what}']['throughput'])
+    for side in (what, f'torch_{what}'):
+      assert len(out['results'][side]['loadavg_before']) == 3
+      assert len(out['results'][side]['loadavg_after']) == 3
+  assert out['torch_threads'] == 1 and out['results']['torch_student']['threads'] == 1
+  assert out['device_count'] == jax.device_count() and len(out['loadavg_at_start']) == 3
 
 
 @pytest.mark.slow
@@ -66,7 +83,7 @@ def test_summarize_reads_the_json(tiny_run, tmp_path, capsys):
                         f'--summary_json={tmp_path}/summary.json'])
   printed = capsys.readouterr().out
   assert 'torch_recover' in printed and 'missing' in printed
-  assert len(summary['runs']) == 1 and len(summary['ratios']) == 1
+  assert len(summary['runs']) == 1 and len(summary['ratios']) == 3
   assert all(v > 0 for v in summary['ratios'].values())
   with open(tmp_path / 'summary.json') as f:
     assert json.load(f)['ratios'] == summary['ratios']
@@ -151,6 +168,63 @@ def test_bottleneck_resnets_take_the_flax_weights(arch):
   torch_reference.load_flax_variables(torch_model, variables)
   np.testing.assert_array_equal(torch_model.layer2[0].downsample[1].running_var.numpy(),
                                 variables['batch_stats']['layer2_0']['downsample_bn']['var'])
+
+
+def test_torch_crops_resample_like_jax():
+  """The torch steps' batched crops (one affine grid_sample) equal the JAX views' crops
+  (`augment.crop_and_resize`, scale_and_translate) for the same boxes, edges included."""
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(16, 12, 10, 2)).astype(np.float32)
+  boxes = [streaming.sample_crop_box(rng, 12, 10, (0.08, 1.0)) for _ in range(16)]
+  boxes[0] = (0, 0, 12, 10)  # the whole image: a copy (up to the affine map's rounding)
+  jax_side = np.stack([np.asarray(augment.crop_and_resize(
+      jnp.asarray(im), tuple(jnp.float32(v) for v in box), (12, 10)))
+      for im, box in zip(images, boxes)])
+  torch_side = torch_reference.crop_batch(
+      torch.as_tensor(images.transpose(0, 3, 1, 2)), boxes, (12, 10)).numpy()
+  np.testing.assert_allclose(torch_side.transpose(0, 2, 3, 1), jax_side, atol=1e-5)
+  np.testing.assert_allclose(torch_side[0], images[0].transpose(2, 0, 1), atol=1e-5)
+
+
+def test_student_and_squeeze_losses_and_gradients_match_jax():
+  """On shared weights and views (augmentation aside): the student step's KD loss (teacher
+  eval mode, student training mode, KL at T 'batchmean') and its gradient, and squeeze's
+  cross-entropy, equal the JAX side's."""
+  jax_model, teacher, torch_teacher = _shared('convnet', 16, 1)
+  _, student_vars, torch_student = _shared('convnet', 16, 1)
+  student_vars = jax.tree_util.tree_map(lambda x: x * 0.9, student_vars)  # not the teacher
+  torch_reference.load_flax_variables(torch_student, student_vars)
+  x = np.random.default_rng(2).normal(size=(6, 16, 16, 1)).astype(np.float32)
+  labels = np.array([0, 1, 2, 3, 4, 5], np.int32)
+  temperature = 4.0
+
+  def kd_loss(params):
+    targets = student.soft_targets(teacher, x, teacher_model=jax_model,
+                                   temperature=temperature)
+    logits, _ = jax_model.apply({'params': params, 'batch_stats': student_vars['batch_stats']},
+                                x, train=True, mutable=['batch_stats'])
+    return student.kl_divergence(logits, targets, temperature)
+
+  loss, grads = jax.device_get(jax.value_and_grad(kd_loss)(student_vars['params']))
+  ref = torch_reference.StudentReference(torch_teacher, torch_student, (16, 16, 1), (0.5,),
+                                         (0.25,), temperature=temperature)
+  t_loss = ref.loss(torch.as_tensor(x.transpose(0, 3, 1, 2)))
+  t_loss.backward()
+  np.testing.assert_allclose(float(t_loss.detach()), loss, rtol=RTOL)
+  np.testing.assert_allclose(torch_student.fc.weight.grad.numpy().T,
+                             grads['fc']['kernel'], rtol=1e-3, atol=1e-6)
+
+  def ce_loss(params):
+    logits, _ = jax_model.apply({'params': params, 'batch_stats': teacher['batch_stats']},
+                                x, train=True, mutable=['batch_stats'])
+    return train_lib.cross_entropy(logits, labels, 10)
+
+  squeeze = torch_reference.SqueezeReference(torch_teacher.train(), (16, 16, 1), (0.5,),
+                                             (0.25,), augment='flip')
+  t_ce = squeeze.loss(torch.as_tensor(x.transpose(0, 3, 1, 2)),
+                      torch.as_tensor(labels, dtype=torch.long))
+  np.testing.assert_allclose(float(t_ce.detach()), float(ce_loss(teacher['params'])),
+                             rtol=RTOL)
 
 
 def test_crop_box_is_inside_the_image():
