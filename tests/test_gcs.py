@@ -13,12 +13,14 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 from etils import epath
 
 from sre2l_jax import export
 from sre2l_jax import files
+from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 import testlib
 
@@ -53,7 +55,10 @@ def gcs(tmp_path_factory):
     saved_token = gcs_conf.get('token')
     gcs_conf['token'] = 'anon'  # fsspec reads FSSPEC_GCS_TOKEN at import only
     yield env
-    gcs_conf.pop('token') if saved_token is None else gcs_conf.update(token=saved_token)  # pylint: disable=expression-not-assigned
+    if saved_token is None:
+      del gcs_conf['token']
+    else:
+      gcs_conf['token'] = saved_token
   finally:
     process.kill()
     process.wait()
@@ -182,3 +187,27 @@ def test_pipeline_in_a_bucket_killed_and_resumed_makes_the_local_images(gcs, tmp
   np.testing.assert_array_equal(gs_labels, labels)
   assert files.read_bytes(f'{workdir}/recover/grid.png') == files.read_bytes(
       f'{local}/recover/grid.png')
+
+
+def test_raw_files_are_read_from_a_bucket(gcs, tmp_path):
+  """Fashion-MNIST prepared from IDX files in a bucket (source_dir=gs://...) into a local
+  data_dir reads back as written."""
+  del gcs
+  rng = np.random.default_rng(1)
+  arrays = {}
+  for split, (images_name, labels_name) in builders.FASHION_MNIST_FILES.items():
+    n = {'train': 24, 'test': 8}[split]
+    arrays[split] = (rng.integers(0, 256, (n, 28, 28), np.uint8),
+                     rng.integers(0, 10, (n,), np.uint8))
+    for name, array in zip((images_name, labels_name), arrays[split]):
+      local = tmp_path / name[:-len('.gz')]
+      testlib.write_idx(local, array)
+      files.atomic_write(f'gs://{BUCKET}/idx/{local.name}', local.read_bytes())
+  config = ml_collections.ConfigDict(dict(name='fashion_mnist', data_dir=str(tmp_path / 'tfds'),
+                                          source_dir=f'gs://{BUCKET}/idx'))
+  for split, (images, labels) in arrays.items():
+    got_images, got_labels = datasets.load_arrays(config, split)
+    order = np.argsort([np.flatnonzero((images == g[..., 0]).all((1, 2)))[0]
+                        for g in got_images])  # TFDS shuffles on write
+    np.testing.assert_array_equal(got_images[order][..., 0], images)
+    np.testing.assert_array_equal(got_labels[order], labels)

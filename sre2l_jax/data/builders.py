@@ -84,8 +84,8 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    paths = {split: [_find_idx(self._source_dir, f) for f in files]
-             for split, files in FASHION_MNIST_FILES.items()}  # fail before writing anything
+    paths = {split: [_find_idx(self._source_dir, f) for f in names]
+             for split, names in FASHION_MNIST_FILES.items()}  # fail before writing anything
     return {split: self._generate_examples(*p) for split, p in paths.items()}
 
   def _generate_examples(self, images_path, labels_path):
