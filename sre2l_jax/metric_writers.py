@@ -275,7 +275,8 @@ def format_seconds(seconds: float) -> str:
 
 class Progress:
   """The console's progress line of one loop, about `lines` times over its steps (and at
-  least every `every_seconds`), on process 0:
+  least every `every_seconds`), on process 0 (`lines=0`: never, for loops that say their
+  own summary line):
 
     squeeze: step 250/1000 (25%) loss 0.4213 accuracy 0.8512 | 11.3 steps/s | ETA 1:06
 
@@ -292,7 +293,7 @@ class Progress:
     self.every_seconds = every_seconds
     self.t0 = self.s0 = None
     self.last_line = time.time()
-    self.enabled = jax.process_index() == 0
+    self.enabled = jax.process_index() == 0 and lines > 0
 
   def start(self, step: int) -> None:
     if self.t0 is None:

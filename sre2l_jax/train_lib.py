@@ -229,7 +229,7 @@ class Loop:
   show: the metrics of the console progress line (those the step returns), besides
     step/total, steps/s and the ETA.
   progress_lines: about how many progress lines the loop prints (a fraction of its steps
-    apart; at least one every 10 minutes).
+    apart; at least one every 10 minutes); 0: none (e.g. many short loops).
   """
   name: str
   total_steps: int

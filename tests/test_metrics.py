@@ -175,3 +175,11 @@ def test_progress_line_and_eta(monkeypatch):
   assert line == ('recover round 1/1: step 100/1000 (10%) loss 0.1235 accuracy 1 | '
                   '1 steps/s | ETA 15:00')
   assert metric_writers.format_seconds(3725) == '1:02:05'
+
+
+def test_progress_lines_0_prints_nothing(caplog):
+  progress = metric_writers.Progress('continual step 1/5', 10, lines=0)
+  progress.start(1)
+  with caplog.at_level(logging.INFO):
+    assert not any(progress.update(step, {'loss': 1.0}) for step in range(2, 11))
+  assert not caplog.records
