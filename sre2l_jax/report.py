@@ -76,6 +76,14 @@ def to_markdown(data: dict) -> str:
       lines.append(f'| {name} | {v["labels"]} | {v.get("label_storage") or "-"} | '
                    f'{v["images"]} | {v["seeds"]} | '
                    f'{_pct(v["test_top1_mean"])} ± {_pct(v["test_top1_std"])} | {seeds} |')
+    archs = evaluate.get('architectures', {})  # evaluate.students: {arch: {variant: row}}
+    if len(archs) > 1:
+      names = list(next(iter(archs.values())))
+      lines += ['', '### Across student architectures (top-1 mean ± std, %)', '',
+                '| student | ' + ' | '.join(names) + ' |', '|---' * (len(names) + 1) + '|']
+      lines += [f'| {arch} | ' + ' | '.join(
+          f'{_pct(rows[n]["test_top1_mean"])} ± {_pct(rows[n]["test_top1_std"])}'
+          if n in rows else '-' for n in names) + ' |' for arch, rows in archs.items()]
     ranking = data.get('dd_ranking', {})
     if ranking:
       lines += ['', 'DD-Ranking style: ' + ', '.join(
@@ -90,7 +98,10 @@ def to_markdown(data: dict) -> str:
     lines += [f'Teacher: {squeeze["model"]["name"]} test top-1 {_pct(squeeze["test_top1"])}% '
               f'after {squeeze["epochs"]} epochs.', '']
   recover = data['stages'].get('recover')
-  if recover:
+  if recover and 'bn_loss_initial' not in recover:  # a method without optimisation (rded)
+    lines += [f'Recover: {recover["method"]} (no optimisation); teacher top-1 on the '
+              f'synthetic images {_pct(recover["teacher_top1_on_synthetic"])}%.', '']
+  elif recover:
     lines += [f'Recover: BN loss {recover["bn_loss_initial"]:.4g} -> '
               f'{recover["bn_loss_final"]:.4g}; teacher top-1 on the synthetic images '
               f'{_pct(recover["teacher_top1_on_synthetic"])}%.', '']
@@ -175,21 +186,24 @@ def student_curves(workdir) -> dict[str, list[tuple[list[int], list[float]]]]:
   """{variant: [(steps, test top-1 as fractions) per student seed]} of the last evaluation.
 
   The students are those `evaluate/result.json` names (its variants' `dir`, the settings
-  digest); students of other settings beside them are left out.
+  digest); students of other settings beside them are left out. With several student
+  architectures (`architectures` in the result) a variant is named '<architecture> <variant>'.
   """
   result_path = epath.Path(workdir) / 'evaluate' / 'result.json'
   if not result_path.exists():
     return {}
+  result = json.loads(result_path.read_text())
+  architectures = result.get('architectures') or {None: result['variants']}
   curves = {}
-  for name, variant in json.loads(result_path.read_text())['variants'].items():
-    if not variant.get('dir'):
-      continue
-    for seed in range(variant['seeds']):
-      path = find_metrics(epath.Path(workdir) / variant['dir'] / f'seed{seed}')
-      rows = [r for r in read_metrics(path) if 'test_top1' in r] if path else []
-      if rows:
-        curves.setdefault(name, []).append(([r['step'] for r in rows],
-                                            [r['test_top1'] for r in rows]))
+  for arch, variants in architectures.items():
+    for name, variant in variants.items():
+      label = name if len(architectures) == 1 else f'{arch} {name}'
+      for seed in range(variant['seeds'] if variant.get('dir') else 0):
+        path = find_metrics(epath.Path(workdir) / variant['dir'] / f'seed{seed}')
+        rows = [r for r in read_metrics(path) if 'test_top1' in r] if path else []
+        if rows:
+          curves.setdefault(label, []).append(([r['step'] for r in rows],
+                                               [r['test_top1'] for r in rows]))
   return curves
 
 
@@ -266,9 +280,9 @@ def plot_bn_loss(curves: dict, path, title: str = '') -> str:
     ax.plot(steps, values, label=name)
   if all(v > 0 for _, values in curves.values() for v in values):
     ax.set_yscale('log')
-  ax.set_xlabel('recover iteration')
-  ax.set_ylabel('BN loss (|mean - running mean| + |var - running var|)')
-  ax.set_title(title or 'Recover: BN loss per layer')
+  ax.set_xlabel('recover iteration (rounds one after another)')
+  ax.set_ylabel('BN loss of the layer')  # |mean - running mean| + |var - running var|
+  ax.set_title(title or 'Recover: BN loss per layer (before the first-layer weight)')
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize='small', ncol=2 if len(curves) > 6 else 1)
   return _save(fig, path)

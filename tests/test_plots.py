@@ -85,6 +85,17 @@ def test_curves_come_from_the_last_evaluation_and_recover(tmp_path):
   assert bn['conv1'] == ([1, 2, 4], [4.0, 2.0, 1.0])
 
 
+def test_student_curves_name_the_architecture_when_there_are_several(tmp_path):
+  workdir = tmp_path / 'run'
+  _fake_run(str(workdir))
+  result = json.loads((workdir / 'evaluate' / 'result.json').read_text())
+  result['architectures'] = {'convnet': result['variants'],
+                             'resnet18': {'distilled': result['variants']['distilled']}}
+  (workdir / 'evaluate' / 'result.json').write_text(json.dumps(result))
+  curves = report.student_curves(str(workdir))
+  assert sorted(curves) == ['convnet distilled', 'convnet random', 'resnet18 distilled']
+
+
 def test_report_writes_and_links_the_run_plots(tmp_path):
   workdir = str(tmp_path / 'run')
   _fake_run(workdir)
