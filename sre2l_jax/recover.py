@@ -386,8 +386,15 @@ def run_direct(config, workdir: str, method, spec, mesh, model, teacher) -> dict
     uids = np.arange(cfg.ipc)[None, :] * num_classes + np.arange(num_classes)[:, None]
     _write_pngs(os.path.join(stage_dir, 'images'), images, labels.reshape(uids.shape), uids,
                 num_classes)
+  flat = images.reshape((-1,) + spec.image_shape)
+  logits_fn = jax.jit(lambda t, x: model.apply(t, datasets.normalise(x, spec), train=False))
+  predicted = np.concatenate([np.argmax(jax.device_get(logits_fn(teacher, flat[i:i + 256])),
+                                        -1) for i in range(0, len(flat), 256)])
   result = {'stage': 'recover', 'method': cfg.method, 'dataset': spec.name, 'ipc': cfg.ipc,
             'images': int(num_classes * cfg.ipc), 'classes': num_classes,
+            'teacher_top1_on_synthetic': float(np.mean(
+                predicted == np.repeat(np.arange(num_classes), cfg.ipc))),
+            'teacher_top1_unit': 'fraction',
             'wall_seconds': time.time() - start, 'devices': mesh.size,
             'outputs': {'tfds': image_sets.distilled_dir(workdir),
                         'png': os.path.join(stage_dir, 'images'),
