@@ -144,3 +144,9 @@ def test_in1k_rded_smoke_recovers_at_224(tmp_path):
   assert out.shape == (2, 224, 224, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(labels, [0, 1])
   assert os.path.exists(os.path.join(workdir, 'recover', 'grid.png'))
+  # A run killed before its result.json starts again and makes the same images.
+  os.remove(os.path.join(workdir, 'recover', 'result.json'))
+  with mock.patch.object(pipeline, 'load_split', lambda *_: split):
+    again = recover.run(config, workdir)
+  np.testing.assert_array_equal(
+      export.read_tfds(export.tfds_dataset_dir(again['outputs']['tfds']))[0], out)
