@@ -66,7 +66,11 @@ def fingerprint(config) -> dict:
 
 def validate(config, spec) -> None:
   cfg = config.recover
-  synthesis.get_method(cfg.method)
+  method = synthesis.get_method(cfg.method)
+  if config.teacher.get('extra_teachers') and not hasattr(method, 'synthesize') and (
+      method is not sre2l):
+    raise ValueError(f'Several teachers (teacher.extra_teachers) are summed by the sre2l and '
+                     f'rded objectives only; recover.method={cfg.method!r} takes one teacher.')
   if cfg.ipc <= 0:
     raise ValueError(f'recover.ipc={cfg.ipc} must be a positive number of images per class.')
   num_classes = image_sets.recovered_classes(cfg, spec)

@@ -10,6 +10,7 @@ import pytest
 
 from sre2l_jax import files
 from sre2l_jax import models
+from sre2l_jax import recover
 from sre2l_jax import squeeze
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax.data import batching
@@ -130,3 +131,14 @@ def test_squeeze_trains_every_teacher(data_dir, tmp_path):
   assert 0.0 <= meta['test_top1'] <= 1.0
   model, _ = teacher_lib.load(config, workdir, batching.create_mesh(8))
   assert isinstance(model, models.Ensemble) and len(model.members) == 2
+
+
+def test_recover_accepts_several_teachers_for_the_methods_that_sum_them():
+  config = _config()
+  spec = datasets.get_spec(config.dataset.name)
+  for method in ('sre2l', 'rded'):
+    config.recover.method = method
+    recover.validate(config, spec)
+  config.recover.method = 'edc'  # per-class statistics of one teacher
+  with pytest.raises(ValueError, match='extra_teachers'):
+    recover.validate(config, spec)
