@@ -172,7 +172,7 @@ def test_missing_fashion_mnist_files(tmp_path):
 
 
 @pytest.mark.parametrize('key, value, valid', [
-    ('teacher.name', 'vgg11', ['convnet', 'resnet18', 'resnet50']),
+    ('teacher.name', 'vgg19', ['convnet', 'resnet18', 'resnet50']),  # vgg11 is a student
     ('dataset.name', 'mnist', ['fashion_mnist', 'cifar10', 'imagenet2012']),
 ])
 def test_unknown_names_list_valid_ones(tmp_path, key, value, valid):
