@@ -41,7 +41,9 @@ def label_settings(config) -> dict:
   storage, the teacher (and the temperature top-k probabilities are taken at)."""
   cfg = config.relabel
   return {'storage': cfg.storage, 'topk': cfg.topk if cfg.storage == 'topk' else None,
-          'temperature': config.evaluate.temperature if cfg.storage == 'topk' else None,
+          # Several teachers: their Ensemble's logits are taken at this temperature too.
+          'temperature': (config.evaluate.temperature if cfg.storage == 'topk'
+                          or config.teacher.get('extra_teachers') else None),
           'batch_size': cfg.batch_size, 'epochs': cfg.epochs, 'seed': config.seed,
           'view': views.view_settings(cfg), 'teacher': config.teacher.to_dict(),
           'teacher_dir': config.squeeze.teacher_dir}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sre2l_jax import files
+from sre2l_jax import label_store
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import squeeze
@@ -142,3 +143,15 @@ def test_recover_accepts_several_teachers_for_the_methods_that_sum_them():
   config.recover.method = 'edc'  # per-class statistics of one teacher
   with pytest.raises(ValueError, match='extra_teachers'):
     recover.validate(config, spec)
+
+
+def test_stored_labels_of_several_teachers_depend_on_the_temperature():
+  """The Ensemble's logits are taken at evaluate.temperature: stored labels must not be
+  reused at another."""
+  config = _config()
+  config.relabel.storage = 'float16'
+  hot = config.copy_and_resolve_references()
+  hot.evaluate.temperature = 4.0
+  assert label_store.label_settings(config) != label_store.label_settings(hot)
+  config.teacher.extra_teachers = hot.teacher.extra_teachers = ()
+  assert label_store.label_settings(config) == label_store.label_settings(hot)
