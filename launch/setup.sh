@@ -5,7 +5,8 @@
 # PEP 668), and this package installed into it. Nothing is installed outside `.venv` but the
 # two Debian packages (data, and python3-venv where `python3 -m venv` lacks it).
 #
-# Usage (from anywhere; idempotent: a second run reuses `.venv`):
+# Usage (from anywhere; idempotent: a second run reuses `.venv` and installs only when
+# setup.cfg or pyproject.toml changed):
 #   bash launch/setup.sh           what the pipeline needs; then run .venv/bin/python -m ...
 #   bash launch/setup.sh --test    also a CPU build of PyTorch (the parity tests and the
 #                                  benchmark reference) and the test extras (launch/test.sh)
@@ -61,14 +62,26 @@ if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
   fi
 fi
 
+# Done before with these requirements (the install is editable: code changes need no new
+# one): nothing to install. Delete `.venv` to start again.
+STAMP=.venv/sre2l_setup_done
+requirements="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
+if grep -qxF "${requirements} test=${TEST}" "${STAMP}" 2>/dev/null; then
+  exit 0
+fi
 PIP=(.venv/bin/python -m pip install -q)
 if [[ "${TEST}" == 1 ]]; then
-  # Pinned: torch 2.13.0 resolves to the CPU build on this project's machines, an unpinned
-  # torch to a multi-GB CUDA build. The pipeline itself never needs torch.
+  # The CPU build: PyPI's Linux torch is a multi-GB CUDA build; PyTorch's CPU index has the
+  # same version as 2.13.0+cpu, which pip prefers. TORCH_INDEX_URL= (empty) leaves pip's own
+  # configuration (e.g. a local wheel) alone. The pipeline itself never needs torch.
   if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-    "${PIP[@]}" "torch==2.13.0"
+    index="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
+    "${PIP[@]}" "torch==2.13.0" ${index:+--extra-index-url "${index}"}
   fi
   "${PIP[@]}" -e ".[test]"
 else
   "${PIP[@]}" -e .
 fi
+# --test installs everything a plain set-up does.
+{ echo "${requirements} test=0"; [[ "${TEST}" == 0 ]] || echo "${requirements} test=1"; } \
+  > "${STAMP}"

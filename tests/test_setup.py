@@ -46,6 +46,8 @@ def _checkout(tmp_path):
   repo = tmp_path / 'repo'
   (repo / 'launch').mkdir(parents=True)
   shutil.copy(os.path.join(REPO, 'launch', 'setup.sh'), repo / 'launch' / 'setup.sh')
+  for name in ('setup.cfg', 'pyproject.toml'):
+    shutil.copy(os.path.join(REPO, name), repo / name)
   stubs = tmp_path / 'bin'
   stubs.mkdir()
   for name in ('python3', 'apt-get', 'sudo'):
@@ -78,11 +80,17 @@ def test_setup_makes_a_venv_adding_python3_venv_by_apt_and_reuses_it(tmp_path):
       [apt, 'install', '-y', '-qq', 'python3-venv'],
       [python3, '-m', 'venv', '.venv'],
       ['.venv/bin/python', '-m', 'pip', 'install', '-q', '-e', '.']]  # no torch
-  # The tests' set-up: torch pinned to 2.13.0 (an unpinned one is a CUDA build), test extras;
-  # the environment is reused, and torch is not installed twice.
+  assert _setup(repo, stubs) == []  # done: nothing to install
+  # The tests' set-up: torch 2.13.0's CPU build (PyPI's is a CUDA build), the test extras,
+  # in the same environment.
   assert _setup(repo, stubs, '--test') == [
-      ['.venv/bin/python', '-m', 'pip', 'install', '-q', 'torch==2.13.0'],
+      ['.venv/bin/python', '-m', 'pip', 'install', '-q', 'torch==2.13.0',
+       '--extra-index-url', 'https://download.pytorch.org/whl/cpu'],
       ['.venv/bin/python', '-m', 'pip', 'install', '-q', '-e', '.[test]']]
+  assert _setup(repo, stubs, '--test') == _setup(repo, stubs) == []
+  # New requirements are installed; torch, there already, is not installed again.
+  with open(repo / 'setup.cfg', 'a') as f:
+    f.write('\n# changed\n')
   assert _setup(repo, stubs, '--test') == [
       ['.venv/bin/python', '-m', 'pip', 'install', '-q', '-e', '.[test]']]
 
