@@ -90,6 +90,9 @@ def test_files_helpers_work_in_a_bucket(gcs, tmp_path):
   files.save_npy(f'{root}/a.npy', array)
   np.testing.assert_array_equal(files.load_npy(f'{root}/a.npy'), array)
   assert files.size(f'{root}/a.npy') == len(files.read_bytes(f'{root}/a.npy')) > array.nbytes
+  many = [(f'{root}/many/{i:02d}.bin', bytes([i]) * (100 + i)) for i in range(40)]
+  files.write_all(many)  # 16 uploads at a time
+  assert [files.read_bytes(path) for path, _ in many] == [data for _, data in many]
 
   # A folder replaced from a local one and from one in the bucket: whole, old files gone,
   # the temporary folder deleted; JSON files copied last, files in subfolders first.
