@@ -207,7 +207,7 @@ def write_plot(path: str, classes_seen: list[int], accuracies: dict, title: str)
 def fingerprint(config, name: str, order: list[int], images: np.ndarray) -> dict:
   """What fixes the meaning of one set's continual state."""
   skip_eval = ('seeds', 'eval_batch_size', 'baselines', 'checkpoint_every_epochs',
-               'log_every_steps')
+               'log_every_steps', 'eval_every_epochs', 'students', 'stack_students')
   skip_relabel = ('mode', 'storage', 'topk', 'epochs', 'epochs_per_shard')
   return {'set': name, 'dataset': config.dataset.name, 'test_limit': config.dataset.test_limit,
           'student': config.student.to_dict(), 'teacher': config.teacher.to_dict(),

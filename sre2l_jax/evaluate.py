@@ -229,6 +229,8 @@ def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) ->
   # them finished: a kill in between re-trains the stack's members still without a result.
   for i, (v, seed) in enumerate(members):
     seed_manager = checkpoint.create_manager(os.path.join(v.seed_dir(seed), 'checkpoints'))
+    if total in seed_manager.all_steps():  # saved by a run killed before the results
+      seed_manager.delete(total)
     seed_manager.save(total, args=ocp.args.StandardSave(student.unstack(state, i)))
     seed_manager.wait_until_finished()
     seed_manager.close()

@@ -262,6 +262,10 @@ def test_architectures_each_train_their_students(data, base_workdir, tmp_path):
     row = result['architectures'][name]['distilled']
     saved = files.read_json(os.path.join(workdir, row['dir'], 'seed0', 'result.json'))
     assert saved['student']['name'] == name and saved['test_top1'] == row['test_top1'][0]
+  with open(os.path.join(workdir, 'report.md')) as f:
+    markdown = f.read()
+  assert '### Across student architectures' in markdown
+  assert all(f'| {name} | ' in markdown for name in names)
   with pytest.raises(ValueError, match='unknown models'):
     config.evaluate.students = ('convnet', 'no_such_net')
     evaluate.run(config, workdir)
