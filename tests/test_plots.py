@@ -2,6 +2,7 @@
 
 import json
 import os
+import zipfile
 
 import ml_collections
 import numpy as np
@@ -147,3 +148,15 @@ def test_grid_labels_its_rows_with_class_names(tmp_path):
   margin = b[:, :b.shape[1] - a.shape[1]]
   assert (margin < 128).any()  # text drawn in it
   np.testing.assert_array_equal(b[:, b.shape[1] - a.shape[1]:], a)  # the images unchanged
+
+
+def test_tiny_imagenet_class_names_come_from_the_zip_else_indices(tmp_path):
+  config = ml_collections.ConfigDict({'name': 'tiny_imagenet', 'manual_dir': str(tmp_path)})
+  assert datasets.class_names(config)[:3] == ['0', '1', '2']  # no zip at hand
+  wnids = [f'n{i:08d}' for i in range(200)]
+  with zipfile.ZipFile(tmp_path / 'tiny-imagenet-200.zip', 'w') as archive:
+    archive.writestr('tiny-imagenet-200/wnids.txt', '\n'.join(reversed(wnids)) + '\n')
+    archive.writestr('tiny-imagenet-200/words.txt', ''.join(
+        f'{w}\tname {i}, other name\n' for i, w in enumerate(wnids)) + 'n99999999\tunused\n')
+  names = datasets.class_names(config)
+  assert len(names) == 200 and names[:2] == ['name 0', 'name 1'] and names[-1] == 'name 199'
