@@ -4,6 +4,11 @@ Every student sees the views of `views.Schedule` and learns from the teacher's s
 by KL divergence at temperature T (computed online, or read from `label_store`), or from
 hard (mixed one-hot) labels. Evaluate trains one per seed and variant; continual trains one
 class step after another with the labels restricted to the classes seen so far.
+
+Both train their students stacked: a `TrainState` whose leaves carry a leading student axis,
+updated by one compiled step (`stacked_student_step`, `create_stacked_continual_step`) in
+which the views of a batch, and the teacher's labels on them, are computed once per image set
+and shared by its students. `StudentWriters` gives each stacked student its own metrics.
 """
 
 import functools
