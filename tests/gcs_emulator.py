@@ -96,7 +96,8 @@ def add_generations() -> None:
 def main(bucket: str) -> None:
   logging.basicConfig(level=logging.WARNING)
   add_generations()
-  emulator_storage.Storage._write_config_to_file = lambda self: None  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  emulator_storage.Storage._write_config_to_file = lambda self: None
   socketserver.TCPServer.request_queue_size = 128
   from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
   emulator = server.create_server('127.0.0.1', 0, in_memory=True, default_bucket=bucket)
