@@ -42,13 +42,13 @@ if [[ ! -f "${FASHION_MNIST_DIR}/train-images-idx3-ubyte.gz" ]]; then
 fi
 
 PYTHON="${PYTHON:-python3}"
-if ! "${PYTHON}" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  echo "setup.sh: ${PYTHON} is missing or older than Python 3.11; install python3 >= 3.11" \
-       "or name one with PYTHON=..." >&2
-  exit 1
-fi
 # A `.venv` whose pip works is reused; a half-made one (e.g. venv without ensurepip) is not.
 if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  if ! "${PYTHON}" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "setup.sh: ${PYTHON} is missing or older than Python 3.11; install python3 >= 3.11" \
+         "or name one with PYTHON=..." >&2
+    exit 1
+  fi
   rm -rf .venv
   if ! "${PYTHON}" -m venv .venv; then
     # Debian and Ubuntu ship venv's pip bootstrap (ensurepip) in a package of its own.

@@ -34,6 +34,8 @@ if argv[:2] == ['-m', 'venv']:
     sys.exit('The virtual environment was not created successfully because ensurepip is not '
              'available.')
   os.symlink(sys.argv[0], os.path.join(argv[2], 'bin', 'python'))
+if argv[:1] == ['-c'] and 'version_info' in argv[1] and os.environ.get('STUB_PYTHON_310'):
+  sys.exit(1)
 if argv[:1] == ['-c'] and 'import torch' in argv[1]:
   sys.exit(0 if os.path.exists(os.path.join(root, 'torch-installed')) else 1)
 if argv[:3] == ['-m', 'pip', 'install'] and 'torch==2.13.0' in argv:
@@ -56,10 +58,14 @@ def _checkout(tmp_path):
   return repo, stubs
 
 
+def _run(repo, stubs, *args, **env):
+  env = {'PATH': f'{stubs}:/usr/bin:/bin', 'HOME': str(repo), 'STUB_ROOT': str(stubs), **env}
+  return subprocess.run(['bash', str(repo / 'launch' / 'setup.sh'), *args], cwd='/', env=env,
+                        capture_output=True, text=True, timeout=60, check=False)
+
+
 def _setup(repo, stubs, *args):
-  env = {'PATH': f'{stubs}:/usr/bin:/bin', 'HOME': str(repo), 'STUB_ROOT': str(stubs)}
-  completed = subprocess.run(['bash', str(repo / 'launch' / 'setup.sh'), *args], cwd='/',
-                             env=env, capture_output=True, text=True, timeout=60, check=False)
+  completed = _run(repo, stubs, *args)
   assert completed.returncode == 0, completed.stderr
   calls = [json.loads(line) for line in (stubs / 'calls.jsonl').read_text().splitlines()]
   (stubs / 'calls.jsonl').unlink()
@@ -93,6 +99,14 @@ def test_setup_makes_a_venv_adding_python3_venv_by_apt_and_reuses_it(tmp_path):
     f.write('\n# changed\n')
   assert _setup(repo, stubs, '--test') == [
       ['.venv/bin/python', '-m', 'pip', 'install', '-q', '-e', '.[test]']]
+
+
+def test_setup_refuses_a_python_older_than_3_11(tmp_path):
+  repo, stubs = _checkout(tmp_path)
+  completed = _run(repo, stubs, STUB_PYTHON_310='1')
+  assert completed.returncode == 1
+  assert 'older than Python 3.11' in completed.stderr
+  assert not (repo / '.venv').exists()
 
 
 def test_venv_is_ignored_by_git():
