@@ -55,6 +55,18 @@ def is_remote(path: PathLike) -> bool:
   return '://' in os.fspath(path)
 
 
+def check_reachable(path: PathLike) -> None:
+  """Raises ValueError, with the fix, for a gs:// path without gcsfs installed (before a
+  stage starts, rather than an ImportError from its first write)."""
+  if not os.fspath(path).startswith('gs://'):
+    return
+  try:
+    import gcsfs  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ValueError(f'{os.fspath(path)}: gs:// paths are reached through gcsfs, which is not '
+                     f'installed: pip install -e ".[gcs]" (or pip install gcsfs).') from e
+
+
 def absolute(path: PathLike) -> str:
   """`path` with `~` expanded and made absolute when local; a URL as it is."""
   path = os.fspath(path)

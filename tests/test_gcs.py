@@ -20,6 +20,7 @@ from etils import epath
 
 from sre2l_jax import export
 from sre2l_jax import files
+from sre2l_jax import main
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 import testlib
@@ -214,3 +215,12 @@ def test_raw_files_are_read_from_a_bucket(gcs, tmp_path):
                         for g in got_images])  # TFDS shuffles on write
     np.testing.assert_array_equal(got_images[order][..., 0], images)
     np.testing.assert_array_equal(got_labels[order], labels)
+
+
+def test_a_bucket_workdir_without_gcsfs_says_what_to_install(monkeypatch):
+  files.check_reachable(f'gs://{BUCKET}/run')  # installed here: nothing to say
+  monkeypatch.setitem(sys.modules, 'gcsfs', None)  # `import gcsfs` now fails
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
+  with pytest.raises(ValueError, match=r'pip install -e "\.\[gcs\]"'):
+    main.run(config, f'gs://{BUCKET}/run', ['squeeze'])
+  files.check_reachable('/tmp/run')  # a local folder needs nothing
