@@ -219,6 +219,7 @@ def run(config, workdir: str, stages, *, dry_run: bool = False) -> None:
   if not workdir or not workdir.strip():
     raise app.UsageError('--workdir is empty; name the folder for this run\'s checkpoints and '
                          'outputs, e.g. --workdir=runs/fm.')
+  files.check_reachable(workdir)  # gs:// works like a local folder, given gcsfs
   stages = parse_stages(stages)
   validate(config, stages)
   if dry_run:
