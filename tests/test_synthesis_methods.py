@@ -348,3 +348,17 @@ def test_in1k_edc_smoke_recovers_on_mock_imagenet(tmp_path):
     counts = [data[k] for k in data.files if k.endswith('/count')]
   assert len(counts) == 20  # ResNet-18: 20 BN layers
   assert counts[0].shape == (1000,) and counts[0].sum() > 0
+
+
+def test_fashion_mnist_config_defaults_to_edc_and_keeps_sre2l_as_published():
+  default = testlib.load_config('fashion_mnist_ipc10').recover
+  assert (default.method, default.group_by, default.init, default.batch_size,
+          default.iterations, default.lr, default.jitter) == (
+              'edc', 'class', 'scored', 10, 300, 0.05, 0)
+  recover.validate(testlib.load_config('fashion_mnist_ipc10', 'ipc=1'), SPEC)
+  published = testlib.load_config('fashion_mnist_ipc10', 'method=sre2l').recover
+  assert (published.method, published.group_by, published.init, published.iterations,
+          published.lr) == ('sre2l', 'ipc_index', 'noise', 1000, 0.25)
+  assert testlib.load_config('fashion_mnist_ipc10', 'smoke').recover.method == 'sre2l'
+  with pytest.raises(ValueError, match='method'):
+    testlib.load_config('fashion_mnist_ipc10', 'method=dc')
