@@ -362,3 +362,20 @@ def test_fashion_mnist_config_defaults_to_edc_and_keeps_sre2l_as_published():
   assert testlib.load_config('fashion_mnist_ipc10', 'smoke').recover.method == 'sre2l'
   with pytest.raises(ValueError, match='method'):
     testlib.load_config('fashion_mnist_ipc10', 'method=dc')
+
+
+def test_every_methods_table_row_is_a_valid_recover_config():
+  from benchmarks import methods_table  # pylint: disable=g-import-not-at-top
+  for row, method, overrides, _ in methods_table.ROWS:
+    for ipc in (1, 10, 50):
+      config = testlib.load_config('fashion_mnist_ipc10', f'ipc={ipc},seeds=3,method={method}')
+      for key, value in overrides.items():
+        section, name = key.split('.')
+        assert name in config[section], key  # a typo would fail only in the subprocess
+        config[section][name] = value
+      recover.validate(config, SPEC)
+      argv, workdir = methods_table.command(row, ipc, 3, '/t', '/root')
+      assert workdir == f'/root/ipc{ipc}/{row}' and f'method={method}' in argv[3]
+  table = {'a': {'1': {'mean': 71.234, 'std': 0.5}}}
+  assert methods_table.markdown(table, [1, 10]) == (
+      '| row | IPC 1 | IPC 10 |\n|---|---|---|\n| a | 71.23 ± 0.50 | - |\n')
