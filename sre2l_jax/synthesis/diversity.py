@@ -1,8 +1,8 @@
 """Diversity within a class: DELT's early-late schedule (recover.diversity='early_late').
 
 DELT (Shen, Sherif, Yin, Shao, "DELT: A Simple Diversity-driven EarlyLate Training for
-Dataset Distillation", CVPR 2025) splits each class's IPC into sub-tasks that start optimising at different
-iterations from different real images, so the images of a class end at different distances
+Dataset Distillation", CVPR 2025) splits each class's IPC into sub-tasks that start
+optimising at different iterations from different real images, so the images of a class end at different distances
 from their starting points instead of all collapsing to the same mode. Here: the image at
 ipc index i belongs to stage s = floor(i * S / ipc), S = min(recover.early_late_stages, ipc),
 and gets gradients only from step s * iterations / S on; before that its gradient is zero, so
