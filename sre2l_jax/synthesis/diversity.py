@@ -1,15 +1,15 @@
 """Diversity within a class: DELT's early-late schedule (recover.diversity='early_late').
 
-DELT (Shen, Sherif, Yin, Shao, "DELT: A Simple Diversity-driven EarlyLate Training for
-Dataset Distillation", CVPR 2025) splits each class's IPC into sub-tasks that start
-optimising at different iterations from different real images, so the images of a class end at different distances
-from their starting points instead of all collapsing to the same mode. Here: the image at
-ipc index i belongs to stage s = floor(i * S / ipc), S = min(recover.early_late_stages, ipc),
+DELT (Shen, Sherif, Yin, Shao, "DELT: A Simple Diversity-driven EarlyLate Training for Dataset
+Distillation", CVPR 2025) splits each class's IPC into sub-tasks that start optimising at
+different iterations from different real images, so the images of a class end at different
+distances from their starting points instead of all collapsing to the same mode. Here: the image
+at ipc index i belongs to stage s = floor(i * S / ipc), S = min(recover.early_late_stages, ipc),
 and gets gradients only from step s * iterations / S on; before that its gradient is zero, so
 Adam leaves it untouched (its moments stay zero). Stage 0 (the first ipc indices: with
 init='scored' and init_coverage=False, the teacher's best-scored images) runs all the
-iterations, stage S-1 the last 1/S of them, at the cosine schedule's tail. Works with any
-method (the mask is applied to the gradients in `optimize.recover_step`).
+iterations, stage S-1 the last 1/S of them, at the cosine schedule's tail. Works with any method
+(the mask is applied to the gradients in `optimize.recover_step`).
 """
 
 import jax.numpy as jnp
