@@ -4,6 +4,11 @@ A method is a module with `group_loss(images, labels, uids, key, min_scale, *, m
 teacher, cfg) -> (loss, metrics)` for one group of images; `optimize` runs any of them
 (groups vmapped and sharded, Adam on the images). A second method is a new module here and
 an entry in `METHODS`, not an edit of the recover stage.
+
+Methods: `sre2l` (SRe2L's BN matching), `edc` (EDC's soft category-aware matching against the
+per-class statistics of `class_stats.py`; set NEEDS_CLASS_STATS). Shared by every method:
+`selection` (teacher-scored real starting images, recover.init='scored') and `diversity`
+(DELT's early-late schedule, recover.diversity).
 """
 
 from sre2l_jax.synthesis import edc
