@@ -184,7 +184,7 @@ def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) ->
   teacher_arg = teacher if first.target == 'online' else None
   memory.check_step_fits(
       step, lambda: (state, *batch(1)[:3], schedule.view_key(0, 0), teacher_arg),
-      config.device_memory_gb, f'The student step of {count} students trained together at '
+      config.device_memory_gb, f'The student step of {count} student(s) trained together at '
       f'relabel.batch_size={schedule.batch_size} (lower evaluate.stack_students, now '
       f'{config.evaluate.stack_students}, or relabel.batch_size, or use more devices)')
 
