@@ -76,7 +76,9 @@ if [[ "${TEST}" == 1 ]]; then
   # configuration (e.g. a local wheel) alone. The pipeline itself never needs torch.
   if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     index="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
-    "${PIP[@]}" "torch==2.13.0" ${index:+--extra-index-url "${index}"}
+    # --retries 0: where that index cannot be reached (an offline mirror), pip moves on at
+    # once instead of retrying it for torch and each of its dependencies.
+    "${PIP[@]}" "torch==2.13.0" ${index:+--extra-index-url "${index}" --retries 0}
   fi
   "${PIP[@]}" -e ".[test]"
 else
