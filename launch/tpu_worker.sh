@@ -59,7 +59,7 @@ install() {
   if [[ ! -x "${VENV}/bin/python" ]]; then
     "${uv}" venv --python "${PYTHON_VERSION}" "${VENV}"  # downloads that Python if needed
   fi
-  "${uv}" pip install --python "${VENV}/bin/python" -q -e '.[gcs]' 'jax[tpu]'
+  "${uv}" pip install --python "${VENV}/bin/python" -q -e '.[gcs,imagenet]' 'jax[tpu]'
   "${VENV}/bin/python" -c 'import sys; assert sys.version_info >= (3, 11), sys.version
 import sre2l_jax; print("worker", sys.argv[1], "python", sys.version.split()[0])' "$(worker_id)"
 }

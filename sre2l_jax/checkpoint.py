@@ -80,4 +80,5 @@ def write_result(stage_dir: str, result: dict) -> dict:
   """Writes `stage_dir/result.json`, stamped with when it was measured; returns it."""
   result = dict(result, measured_at=datetime.datetime.now().isoformat(timespec='seconds'))
   files.write_json(os.path.join(stage_dir, RESULT), result)
-  return result
+  # As it reads back (tuples as lists): a re-run that returns the stored result returns the same.
+  return files.normalised(result)

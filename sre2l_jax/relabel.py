@@ -62,8 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sets = image_sets.image_sets(config, workdir)
   result = {'stage': 'relabel', 'mode': config.relabel.mode, 'sets': {}}
   stage_dir = os.path.join(workdir, 'relabel')
-  writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
-  writer.write_hparams(config.to_dict())
+  scalars = []  # (step, dict): written only if this run changes the result (below)
   if config.relabel.mode == 'online':
     logging.info('relabel: online mode: the teacher labels each view inside the student\'s '
                  'step (nothing to store; relabel.mode=stored writes them once)')
@@ -81,21 +80,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           directory, images, schedule, config.relabel, spec,
           counted(logits_fn, progress), mesh, config.evaluate.temperature,
           overwrite=config.overwrite)
-      scalars = {f'{name}/shards': len(manifest['shards']),
-                 f'{name}/label_bytes': manifest['bytes']}
+      set_scalars = {f'{name}/shards': len(manifest['shards']),
+                     f'{name}/label_bytes': manifest['bytes']}
       if progress.calls:  # labels were made now (not found finished)
-        scalars[f'{name}/views_per_second'] = (progress.calls * schedule.batch_size /
-                                               max(time.time() - set_start, 1e-9))
-      writer.write_scalars(schedule.total_steps, scalars)
+        set_scalars[f'{name}/views_per_second'] = (progress.calls * schedule.batch_size /
+                                                   max(time.time() - set_start, 1e-9))
+      scalars.append((schedule.total_steps, set_scalars))
       result['sets'][name] = {'label_bytes': manifest['bytes'],
                               'image_bytes': int(images.nbytes),
                               'storage': manifest['storage'], 'topk': manifest['topk'],
                               'dir': os.path.relpath(directory, workdir)}
       logging.info('relabel: %s labels %d bytes (%s) in %s', name, manifest['bytes'],
                    manifest['storage'], directory)
-  writer.close()
   old = checkpoint.finished_result(stage_dir)
   if old is not None and {k: old.get(k) for k in result} == files.normalised(result):
-    return old  # the same labels: the measurements stay those of the run that made them
+    return old  # the same labels: the measurements (and logs) stay those of the run that made them
+  writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
+  writer.write_hparams(config.to_dict())
+  for step, values in scalars:
+    writer.write_scalars(step, values)
+  writer.close()
   result['wall_seconds'] = time.time() - start
   return checkpoint.write_result(stage_dir, result)

@@ -372,7 +372,7 @@ def test_tpu_worker_installs_gcsfs_for_the_gs_workdir(stubs):
   assert completed.returncode == 0, completed.stderr
   python = str(stubs.root / 'venv' / 'bin' / 'python')
   assert stubs.calls('uv') == [
-      ['pip', 'install', '--python', python, '-q', '-e', '.[gcs]', 'jax[tpu]']]
+      ['pip', 'install', '--python', python, '-q', '-e', '.[gcs,imagenet]', 'jax[tpu]']]
 
 
 # -------------------------------------------------------------------------------- SLURM
