@@ -2,7 +2,7 @@
 
   python -m benchmarks.recover_round --workdir=/tmp/round --iterations=20 --json=round.json
 
-On the device this runs on (a lent GPU in `launch/gpu_bench.sh`): the dry-run plan of
+On the device this runs on (a GPU in `launch/gpu_bench.sh`): the dry-run plan of
 configs/in1k_ipc50.py for this device's own memory limit (`recover.plan`: groups per round,
 XLA's predicted peak per device), then the stage itself (`recover.run`) on exactly one round
 of that size (`ipc` chosen so the groups fill one round; `--iterations` instead of 4000), with
