@@ -173,12 +173,7 @@ def together(config, names: list[str], sizes: dict) -> list[list[str]]:
   by_size = {}
   for name in names:
     by_size.setdefault(sizes[name], []).append(name)
-  cap = config.evaluate.stack_students
-  out = []
-  for group in by_size.values():
-    size = cap if cap > 0 else len(group)
-    out += [group[i:i + size] for i in range(0, len(group), size)]
-  return out
+  return student.split_stacks(by_size.values(), config.evaluate.stack_students)
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -278,12 +278,7 @@ def stacks(config, plan: list[Variant]) -> list[list[tuple[Variant, int]]]:
     for seed in range(config.evaluate.seeds):
       if checkpoint.finished_result(v.seed_dir(seed)) is None:
         groups.setdefault((v.arch, v.target, len(v.images)), []).append((v, seed))
-  cap = config.evaluate.stack_students
-  out = []
-  for members in groups.values():
-    size = cap if cap > 0 else len(members)
-    out += [members[i:i + size] for i in range(0, len(members), size)]
-  return out
+  return student.split_stacks(groups.values(), config.evaluate.stack_students)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -173,6 +173,16 @@ def create_stacked_student_step(config, spec, teacher_model, mesh, target: str,
       out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+def split_stacks(groups, cap: int) -> list[list]:
+  """Every group (a list of students that can share a stacked step) cut into stacks of at
+  most `cap` members (0: no cap), groups in order."""
+  out = []
+  for members in groups:
+    size = cap if cap > 0 else len(members)
+    out += [members[i:i + size] for i in range(0, len(members), size)]
+  return out
+
+
 def stack(trees):
   """A list of M pytrees of equal structure -> one pytree with a leading axis M."""
   return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
