@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import struct
+import subprocess
 import sys
 
 import jax
@@ -92,7 +93,14 @@ def test_writer_writes_events_and_jsonl_without_tensorflow(tmp_path):
   # The flattened config is in TensorBoard's HParams tab.
   assert b'squeeze.lr' in session.metadata.plugin_data.content
   assert b'squeeze.augment' in session.metadata.plugin_data.content
-  assert 'tensorflow' not in sys.modules
+  # In a fresh interpreter: other tests of this process may import TensorFlow themselves
+  # (the ImageNet builder's tests), so this process's sys.modules proves nothing.
+  code = ('import sys; from sre2l_jax import metric_writers as m; w = m.create_writer(sys.argv[1]); '
+          'w.write_scalars(1, {"loss": 1.0}); w.write_hparams({"a": 1}); w.close(); '
+          'print(sorted(k for k in ("tensorflow", "torch", "clu") if k in sys.modules))')
+  out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'fresh')], check=True,
+                       capture_output=True, text=True).stdout
+  assert out.strip() == '[]'
 
 
 def test_resumed_writer_appends(tmp_path):

@@ -91,7 +91,7 @@ def test_setup_makes_a_venv_adding_python3_venv_by_apt_and_reuses_it(tmp_path):
   # in the same environment.
   assert _setup(repo, stubs, '--test') == [
       ['.venv/bin/python', '-m', 'pip', 'install', '-q', 'torch==2.13.0',
-       '--extra-index-url', 'https://download.pytorch.org/whl/cpu'],
+       '--extra-index-url', 'https://download.pytorch.org/whl/cpu', '--retries', '0'],
       ['.venv/bin/python', '-m', 'pip', 'install', '-q', '-e', '.[test]']]
   assert _setup(repo, stubs, '--test') == _setup(repo, stubs) == []
   # New requirements are installed; torch, there already, is not installed again.
