@@ -99,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = _model()
   # Several teachers (G-VBSM, EDC): more teachers beside config.teacher, as model specs
   # 'name:key=value,...' over config.teacher's keys (e.g. 'convnet:width=64,depth=2').
-  # squeeze trains each in workdir/squeeze/teachers/<spec>/; recover sums the teachers'
+  # squeeze trains each in workdir/squeeze/teachers/<spec>/ (read from beside
+  # squeeze.teacher_dir when that is given); recover sums the teachers'
   # losses; relabel/evaluate average their soft labels at evaluate.temperature (teacher.py).
   c.teacher.extra_teachers = ()
   c.squeeze = ml_collections.ConfigDict(dict(
@@ -212,9 +213,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Test top-1 of every student written to its metrics this often (and at the end);
       # 0: at the end only. Each is a pass over the test split for all students at once.
       eval_every_epochs=50,
-      # Student architectures (model names, see models/): each trains its own students and
-      # gets a row of the report's cross-architecture table; () or '': config.student only.
-      # A listed name replaces config.student.name; the other student keys apply to all.
+      # Student architectures (models/): each trains its own students and gets a row of
+      # the report's cross-architecture table; () or '': config.student only. A listed
+      # name replaces config.student.name, the other student keys applying to it; a spec
+      # 'name:key=value,...' sets its own keys too (e.g. 'resnet18_small:width=16').
       students=(),
       # Students trained together in one compiled step (all seeds, and the distilled and
       # baseline sets of the same size; the teacher's labels shared): at most this many at

@@ -69,23 +69,21 @@ def variants(config) -> list[tuple[str, str, bool]]:
   return out
 
 
-def student_configs(config) -> list[ml_collections.ConfigDict]:
-  """The student model configs to evaluate: `config.student` with `name` set to each of
-  `evaluate.students` (in order, once each), or `config.student` itself when none is listed."""
-  names = config.evaluate.students
-  names = names.split(',') if isinstance(names, str) else list(names)
-  names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
-  if not names:
-    return [config.student]
-  unknown = sorted(set(names) - set(models.MODELS))
-  if unknown:
-    raise ValueError(f'evaluate.students has unknown models {unknown}; valid: '
-                     f'{sorted(models.MODELS)}.')
+def student_configs(config) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """(architecture, model config) of each student architecture to evaluate: each of
+  `evaluate.students` (in order, once each; a model name, or a spec 'name:key=value,...'
+  over config.student's keys, e.g. 'resnet18_small:width=16', named by that spec), or
+  (config.student.name, config.student) when none is listed."""
+  specs = models.split_specs(config.evaluate.students)
+  if not specs:
+    return [(config.student.name, config.student)]
   out = []
-  for name in names:
-    cfg = ml_collections.ConfigDict(config.student.to_dict())
-    cfg.name = name
-    out.append(cfg)
+  for spec in specs:
+    try:
+      cfg = models.from_spec(spec, config.student)
+    except ValueError as e:
+      raise ValueError(f'evaluate.students: {e}') from None
+    out.append((spec, cfg))
   return out
 
 
@@ -307,9 +305,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       stored = label_store.StoredLabels.open(
           label_store.label_dir(config, workdir, set_name), images, schedule,
           config.evaluate.temperature, views.view_settings(config.relabel)).verify()
-    for student_cfg in student_cfgs:
+    for arch, student_cfg in student_cfgs:
       settings = student_settings(config, hard, images, student_cfg)
-      plan.append(Variant(name, student_cfg.name, student_cfg, images, labels, target, stored,
+      plan.append(Variant(name, arch, student_cfg, images, labels, target, stored,
                           settings, variant_dir(workdir, name, settings)))
   for v in plan:
     checkpoint.check_fingerprint(v.directory, v.settings)
@@ -328,10 +326,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'test_top1': accs.tolist(), 'seeds': len(runs), 'labels': runs[0]['labels'],
         'label_storage': runs[0].get('label_storage'), 'images': int(len(v.images)),
         'steps': runs[0]['steps'], 'dir': os.path.relpath(v.directory, workdir)}
-  first = student_cfgs[0]
+  first_arch, first = student_cfgs[0]
   result = {'stage': 'evaluate', 'dataset': spec.name, 'ipc': config.recover.ipc,
             'student': first.to_dict(), 'temperature': config.evaluate.temperature,
-            'test_top1_unit': 'fraction', 'variants': architectures[first.name],
+            'test_top1_unit': 'fraction', 'variants': architectures[first_arch],
             # Every student architecture (`evaluate.students`): {arch: {variant: row}}, rows
             # as in 'variants' (which is the first architecture's).
             'architectures': architectures}

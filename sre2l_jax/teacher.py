@@ -139,17 +139,7 @@ def load_one(config: ml_collections.ConfigDict, workdir: str, mesh):
 def parse_spec(spec: str, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """'convnet:width=32,depth=2' -> a model config: `base` (config.teacher) with that name
   and those keys (ints, floats or strings, like the keys of `base`)."""
-  name, _, rest = spec.partition(':')
-  out = ml_collections.ConfigDict({k: v for k, v in base.to_dict().items()
-                                   if k != 'extra_teachers'})
-  out.name = name.strip()
-  for item in filter(None, (x.strip() for x in rest.split(','))):
-    key, sep, value = item.partition('=')
-    if not sep or key not in out:
-      raise ValueError(f'Teacher spec {spec!r}: {item!r} is not key=value with a model key '
-                       f'({", ".join(sorted(out))}).')
-    out[key] = type(out[key])(value) if out[key] is not None else value
-  return out
+  return models.from_spec(spec, base, drop=('extra_teachers',))
 
 
 def spec_slug(spec: str) -> str:
@@ -159,15 +149,19 @@ def spec_slug(spec: str) -> str:
 
 def extra_configs(config: ml_collections.ConfigDict, workdir: str) -> list:
   """[(config, workdir)] of each of config.teacher.extra_teachers: the config of its own
-  squeeze run (config.teacher replaced by the spec) and the workdir it runs in
-  (`workdir/squeeze/teachers/<slug>`, its teacher in `.../squeeze/teacher`)."""
+  squeeze run (config.teacher replaced by the spec) and the workdir it runs in, beside the
+  main teacher: `<teacher_dir>/../teachers/<slug>` (`workdir/squeeze/teachers/<slug>` for a
+  teacher this workdir squeezes; with squeeze.teacher_dir, the extras trained beside that
+  teacher by its own workdir's squeeze), its teacher in `.../squeeze/teacher`."""
+  root = os.path.join(os.path.dirname(os.path.normpath(teacher_dir(config, workdir))),
+                      'teachers')
   out = []
   for spec in config.teacher.get('extra_teachers', ()):
     extra = ml_collections.ConfigDict(config.to_dict())
     extra.teacher = parse_spec(spec, config.teacher)
     extra.teacher.extra_teachers = ()
     extra.squeeze.teacher_dir = ''
-    out.append((extra, os.path.join(workdir, 'squeeze', 'teachers', spec_slug(spec))))
+    out.append((extra, os.path.join(root, spec_slug(spec))))
   return out
 
 

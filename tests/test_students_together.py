@@ -23,6 +23,7 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -251,21 +252,36 @@ def test_architectures_each_train_their_students(data, base_workdir, tmp_path):
   workdir = copy_workdir(base_workdir, tmp_path / 'w')
   config = make_config(data, seeds=1, baselines=(), eval_every_epochs=0)
   config.relabel.epochs = 1
-  names = [n for n in ('convnet', 'mlp') if n in models.MODELS]
+  # A plain name takes config.student's keys; a spec sets its own (here a wider MLP).
+  names = ['convnet', 'mlp:width=24']
   config.evaluate.students = tuple(names)
   result = evaluate.run(config, workdir)
   assert list(result['architectures']) == names
   assert result['variants'] == result['architectures'][names[0]]
   dirs = {result['architectures'][n]['distilled']['dir'] for n in names}
   assert len(dirs) == len(names)
-  for name in names:
+  for name, width in zip(names, (config.student.width, 24)):
     row = result['architectures'][name]['distilled']
     saved = files.read_json(os.path.join(workdir, row['dir'], 'seed0', 'result.json'))
-    assert saved['student']['name'] == name and saved['test_top1'] == row['test_top1'][0]
+    assert saved['student']['name'] == name.split(':')[0]
+    assert saved['student']['width'] == width and saved['test_top1'] == row['test_top1'][0]
   with open(os.path.join(workdir, 'report.md')) as f:
     markdown = f.read()
   assert '### Across student architectures' in markdown
   assert all(f'| {name} | ' in markdown for name in names)
-  with pytest.raises(ValueError, match='unknown models'):
+  with pytest.raises(ValueError, match='unknown model'):
     config.evaluate.students = ('convnet', 'no_such_net')
     evaluate.run(config, workdir)
+  with pytest.raises(ValueError, match='not key=value with a model key'):
+    config.evaluate.students = ('mlp:widht=24',)
+    evaluate.run(config, workdir)
+
+
+def test_model_specs_split_and_parse():
+  assert models.split_specs('convnet, mlp:width=128,depth=2,lenet') == [
+      'convnet', 'mlp:width=128,depth=2', 'lenet']
+  assert models.split_specs(('mlp', 'mlp', '')) == ['mlp']
+  base = ml_collections.ConfigDict({'name': 'convnet', 'width': 64, 'depth': 3, 'dtype': 'float32'})
+  got = models.from_spec('resnet18_small:width=16', base)
+  assert got.name == 'resnet18_small' and got.width == 16 and got.depth == 3
+  assert base.width == 64  # the base is not changed

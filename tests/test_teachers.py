@@ -119,6 +119,19 @@ def test_load_all_and_load_read_each_teachers_folder(tmp_path):
     teacher_lib.load(config, workdir, mesh)
 
 
+def test_extra_teachers_live_beside_a_given_teacher_dir(tmp_path):
+  # With squeeze.teacher_dir (a teacher trained by another workdir), the extra teachers are
+  # read from beside it, where that workdir's squeeze trained them, not from this workdir.
+  config = _config()
+  trained_in = str(tmp_path / 'teacher_run')
+  config.squeeze.teacher_dir = os.path.join(trained_in, 'squeeze', 'teacher')
+  got = [w for _, w in teacher_lib.extra_configs(config, str(tmp_path / 'other'))]
+  config.squeeze.teacher_dir = ''
+  want = [w for _, w in teacher_lib.extra_configs(config, trained_in)]
+  assert got == want and got[0] == os.path.join(trained_in, 'squeeze', 'teachers',
+                                               'convnet-width6-depth2')
+
+
 @pytest.mark.slow
 def test_squeeze_trains_every_teacher(data_dir, tmp_path):
   config = _config(data_dir)

@@ -57,6 +57,42 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any
   return MODELS[config.name](config, num_classes, dtype)
 
 
+def from_spec(spec: str, base: ml_collections.ConfigDict,
+              drop: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """'convnet:width=32,depth=2' -> a model config: `base` (without the keys in `drop`) with
+  that name and those keys (converted to the type of `base`'s value); 'mlp' -> `base` named
+  mlp. Keys must be keys of `base`; the name must be one of `MODELS`."""
+  name, _, rest = spec.partition(':')
+  out = ml_collections.ConfigDict({k: v for k, v in base.to_dict().items() if k not in drop})
+  out.name = name.strip()
+  if out.name not in MODELS:
+    raise ValueError(f'Model spec {spec!r}: unknown model {out.name!r}; valid models: '
+                     f'{sorted(MODELS)}.')
+  for item in filter(None, (x.strip() for x in rest.split(','))):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep or key not in out or key == 'name':
+      raise ValueError(f'Model spec {spec!r}: {item!r} is not key=value with a model key '
+                       f'({", ".join(sorted(k for k in out if k != "name"))}).')
+    out[key] = type(out[key])(value.strip()) if out[key] is not None else value.strip()
+  return out
+
+
+def split_specs(specs) -> list[str]:
+  """A list of model specs from a tuple, or from a comma-separated string where the commas
+  inside a spec ('mlp:width=128,depth=2,lenet') stay with their spec; stripped, in order,
+  each once."""
+  if isinstance(specs, str):
+    items = []
+    for token in specs.split(','):
+      if '=' in token and ':' not in token and items:
+        items[-1] += ',' + token
+      else:
+        items.append(token)
+    specs = items
+  return list(dict.fromkeys(s.strip() for s in specs if s.strip()))
+
+
 def model_signature(config: ml_collections.ConfigDict, num_classes: int,
                     image_shape) -> dict:
   """What must match for a checkpoint of this model to be reusable (JSON-serialisable)."""
