@@ -13,8 +13,11 @@ coreset when the evaluate stage offers it) are trained once per IPC, in the `sre
 Resumable: a (row, IPC) whose evaluate result already holds `seeds` students per variant is
 not run again, and a rerun of an interrupted one resumes its stages. Writes
 `<root>/methods_table.json` (every row, IPC, variant: mean, std, per-seed top-1 %, the
-command, wall seconds) and `<root>/methods_table.md` (mean +- std, %). `--rows=a,b` runs
-some rows only; `--dry_run` prints the commands.
+command, wall seconds of the invocation and of each stage) and `<root>/methods_table.md`
+(mean +- std, %), keeping the cells of earlier invocations. `--rows=a,b` runs some rows only;
+`--baselines=random,coreset` trains only those baselines (default: all, hard labels too);
+`--dry_run` prints the commands. The `teachers` row first trains its extra teachers beside
+`--teacher_dir` (that workdir's squeeze; a no-op once they exist).
 """
 
 import argparse
@@ -26,6 +29,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
+
+# The `teachers` row's extra teachers, trained once beside the given teacher (by its own
+# workdir's squeeze; teacher.extra_configs reads them from there).
+EXTRA_TEACHERS = ('convnet:width=32', 'convnet:width=32,depth=2')
 
 # (row, config `method` argument, overrides, what it shows). SRe2L as published first, then
 # each lever alone on top of it, then the combination (the config's edc recipe).
@@ -50,6 +57,16 @@ ROWS = (
     ('edc_early_late', 'edc', {'recover.diversity': 'early_late',
                                'recover.init_coverage': False},
      'combination + early-late (top-scored first, started first)'),
+    ('edc_mix', 'edc', {'recover.class_bn_weight': 0.5},
+     'combination with EDC\'s soft matching: half class, half global statistics'),
+    ('rded', 'sre2l', {'recover.method': 'rded', 'recover.rded_factor': 1},
+     'RDED without stitching: per class the top-scored of 300 real candidates (best of 5 '
+     'crops each)'),
+    ('rded_f2', 'sre2l', {'recover.method': 'rded', 'recover.rded_factor': 2},
+     'RDED as published: 2 x 2 stitched top-scored crops'),
+    ('teachers', 'sre2l', {'teacher.extra_teachers': EXTRA_TEACHERS},
+     'lever: three teachers (+ ConvNet width 32 of depth 3 and 2): BN losses summed, soft '
+     'labels averaged'),
 )
 BASELINE_ROW = 'sre2l'
 # Names of the baseline variants in evaluate's result, as table rows.
@@ -68,11 +85,16 @@ def available_baselines() -> tuple[str, ...]:
 
 
 def command(row: str, ipc: int, seeds: int, teacher_dir: str, root: str,
-            extra: tuple[str, ...] = ()) -> tuple[list[str], str]:
-  """(argv, workdir) of one (row, IPC)."""
+            extra: tuple[str, ...] = (),
+            baselines: tuple[str, ...] | None = None) -> tuple[list[str], str]:
+  """(argv, workdir) of one (row, IPC); `baselines` (default: all available) are trained in
+  the baseline row only."""
   _, method, overrides, _ = next(r for r in ROWS if r[0] == row)
   workdir = os.path.join(root, f'ipc{ipc}', row)
-  baselines = available_baselines() if row == BASELINE_ROW else ()
+  if row != BASELINE_ROW:
+    baselines = ()
+  elif baselines is None:
+    baselines = available_baselines()
   argv = [sys.executable, '-m', 'sre2l_jax.main',
           f'--config={CONFIG}:ipc={ipc},seeds={seeds},method={method}',
           f'--workdir={workdir}', '--stages=recover,relabel,evaluate',
@@ -80,6 +102,34 @@ def command(row: str, ipc: int, seeds: int, teacher_dir: str, root: str,
           f'--config.evaluate.baselines={tuple(baselines)!r}']
   argv += [f'--config.{k}={v}' for k, v in overrides.items()] + list(extra)
   return argv, workdir
+
+
+def squeeze_extra_teachers(teacher_dir: str) -> list[str] | None:
+  """The command that trains EXTRA_TEACHERS beside `teacher_dir` (<workdir>/squeeze/teacher
+  of the run that trained it: that workdir's squeeze, its own teacher already finished), or
+  None when `teacher_dir` is not such a folder."""
+  squeeze_dir = os.path.dirname(os.path.normpath(os.path.abspath(teacher_dir)))
+  if os.path.basename(squeeze_dir) != 'squeeze':
+    return None
+  return [sys.executable, '-m', 'sre2l_jax.main', f'--config={CONFIG}',
+          f'--workdir={os.path.dirname(squeeze_dir)}', '--stages=squeeze',
+          f'--config.teacher.extra_teachers={EXTRA_TEACHERS!r}']
+
+
+def stage_seconds(workdir: str) -> dict:
+  """Wall seconds of each stage as its result.json records them (the run that did the
+  work; a later no-op keeps them), with the stage's note when it has one."""
+  out = {}
+  for stage in ('recover', 'relabel', 'evaluate'):
+    path = os.path.join(workdir, stage, 'result.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        result = json.load(f)
+      if 'wall_seconds' in result:
+        out[stage] = round(result['wall_seconds'], 1)
+      if result.get('wall_seconds_note'):
+        out[f'{stage}_note'] = result['wall_seconds_note']
+  return out
 
 
 def finished(workdir: str, seeds: int) -> dict | None:
@@ -123,8 +173,13 @@ def main(argv=None) -> dict:
   parser.add_argument('--extra', default='',
                       help='space-separated extra main flags for every run, e.g. '
                            '--config.evaluate.stack_students=0')
+  parser.add_argument('--baselines', default=None,
+                      help='comma-separated evaluate baselines of the sre2l row (default: '
+                           'every one available: random, hard_label, coreset)')
   parser.add_argument('--dry_run', action='store_true')
   args = parser.parse_args(argv)
+  baselines = None if args.baselines is None else tuple(
+      b for b in args.baselines.split(',') if b)
   ipcs = [int(i) for i in args.ipcs.split(',')]
   rows = [r for r in args.rows.split(',') if r]
   unknown = set(rows) - {r[0] for r in ROWS}
@@ -132,24 +187,44 @@ def main(argv=None) -> dict:
     parser.error(f'unknown rows {sorted(unknown)}; valid: {[r[0] for r in ROWS]}')
   extra = tuple(args.extra.split())
 
-  out = {'rows': {}, 'runs': {}, 'teacher_dir': os.path.abspath(args.teacher_dir),
-         'seeds': args.seeds, 'unit': 'test top-1 %, mean and std (ddof 0) over seeds'}
+  # Rows and IPCs of earlier invocations stay in the table (each cell is re-read below when
+  # this invocation runs or finds it).
+  out = {'rows': {}, 'runs': {}}
+  previous = os.path.join(args.root, 'methods_table.json')
+  if os.path.exists(previous):
+    with open(previous) as f:
+      out = json.load(f)
+  out.update(teacher_dir=os.path.abspath(args.teacher_dir), seeds=args.seeds,
+             unit='test top-1 %, mean and std (ddof 0) over seeds')
+  ipcs_all = sorted({int(i) for cells in out['rows'].values() for i in cells} | set(ipcs))
+  if 'teachers' in rows and not args.dry_run:
+    squeeze = squeeze_extra_teachers(args.teacher_dir)
+    if squeeze is None:
+      parser.error(f'the teachers row trains its extra teachers beside --teacher_dir, which '
+                   f'must be <workdir>/squeeze/teacher; got {args.teacher_dir}')
+    print(' '.join(squeeze), flush=True)
+    subprocess.run(squeeze, cwd=REPO, check=True)
   for ipc in ipcs:
     # The baseline row first: it trains the baselines the other rows are read against.
     for row in sorted(rows, key=lambda r: r != BASELINE_ROW):
-      argv, workdir = command(row, ipc, args.seeds, args.teacher_dir, args.root, extra)
+      argv, workdir = command(row, ipc, args.seeds, args.teacher_dir, args.root, extra,
+                              baselines)
       print(' '.join(argv), flush=True)
       if args.dry_run:
         continue
       start = time.time()
       result = finished(workdir, args.seeds)
-      if result is None:
+      ran_now = result is None
+      if ran_now:
         subprocess.run(argv, cwd=REPO, check=True)
         result = finished(workdir, args.seeds)
         if result is None:
           raise RuntimeError(f'{workdir}: evaluate finished without {args.seeds} seeds')
-      out['runs'][f'{row}/ipc{ipc}'] = {'command': ' '.join(argv),
-                                         'wall_seconds': time.time() - start}
+      ran = out['runs'].get(f'{row}/ipc{ipc}', {})
+      if ran_now or 'command' not in ran:
+        ran = {'command': ' '.join(argv), 'wall_seconds': round(time.time() - start, 1)}
+      ran['stage_seconds'] = stage_seconds(workdir)
+      out['runs'][f'{row}/ipc{ipc}'] = ran
       variants = result['variants']
       label = next(r[3] for r in ROWS if r[0] == row)
       out['rows'].setdefault(f'{row}: {label}', {})[str(ipc)] = percent(variants['distilled'])
@@ -157,7 +232,7 @@ def main(argv=None) -> dict:
         for name, title in BASELINE_VARIANTS:
           if name in variants:
             out['rows'].setdefault(title, {})[str(ipc)] = percent(variants[name])
-      _write(args.root, out, ipcs)
+      _write(args.root, out, ipcs_all)
   return out
 
 

@@ -376,6 +376,13 @@ def test_every_methods_table_row_is_a_valid_recover_config():
       recover.validate(config, SPEC)
       argv, workdir = methods_table.command(row, ipc, 3, '/t', '/root')
       assert workdir == f'/root/ipc{ipc}/{row}' and f'method={method}' in argv[3]
+  argv, _ = methods_table.command('sre2l', 10, 3, '/t', '/root', baselines=('random',))
+  assert "--config.evaluate.baselines=('random',)" in argv
+  argv, _ = methods_table.command('edc', 10, 3, '/t', '/root', baselines=('random',))
+  assert '--config.evaluate.baselines=()' in argv  # baselines train in the sre2l row only
+  squeeze = methods_table.squeeze_extra_teachers('/runs/fm/squeeze/teacher')
+  assert '--workdir=/runs/fm' in squeeze and '--stages=squeeze' in squeeze
+  assert methods_table.squeeze_extra_teachers('/imported/teacher') is None
   table = {'a': {'1': {'mean': 71.234, 'std': 0.5}}}
   assert methods_table.markdown(table, [1, 10]) == (
       '| row | IPC 1 | IPC 10 |\n|---|---|---|\n| a | 71.23 ± 0.50 | - |\n')
