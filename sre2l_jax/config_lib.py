@@ -143,7 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
       # init 'scored': per class, this many random candidate images (0: all of the class)...
       init_candidates=300,
       init_crops=1,  # ...each scored on its best of this many crops (1: the whole image)...
-      init_coverage=True,  # ...best of each of ipc k-means clusters (False: the top ipc)
+      init_coverage=True,  # ...best of each of ipc k-means clusters (False: the top ipc)...
+      init_pick='score',  # ...best = best-scored; 'centre': nearest the cluster's mean
       # Group layout: 'ipc_index' (B classes at one ipc index; B divides the classes) or
       # 'class' (B images of one class; B divides ipc): what per-group statistics mean.
       group_by='ipc_index',

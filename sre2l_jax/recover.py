@@ -57,9 +57,15 @@ NOT_FINGERPRINTED = ('log_every_steps', 'checkpoint_every_steps', 'groups_per_ro
                      'min_teacher_top1')
 
 
+# Keys added after workdirs existed, with the value that does what the code did before:
+# left out of the fingerprint at that value, so those workdirs still resume.
+ADDED_WITH_DEFAULT = {'init_pick': 'score'}
+
+
 def fingerprint(config) -> dict:
   keep = {k: v for k, v in config.recover.to_dict().items()
-          if k not in NOT_FINGERPRINTED}
+          if k not in NOT_FINGERPRINTED and not (
+              k in ADDED_WITH_DEFAULT and v == ADDED_WITH_DEFAULT[k])}
   return {'dataset': config.dataset.name, 'teacher': config.teacher.to_dict(),
           'teacher_dir': config.squeeze.teacher_dir, 'recover': keep, 'seed': config.seed}
 
@@ -103,6 +109,9 @@ def validate(config, spec) -> None:
                      f'{cfg.groups_per_round}, {cfg.device_memory_gb}, {cfg.memory_margin}.')
   if cfg.init not in ('noise', 'real', 'scored'):
     raise ValueError(f"recover.init={cfg.init!r}; valid: 'noise', 'real', 'scored'.")
+  if cfg.get('init_pick', 'score') not in ('score', 'centre'):
+    raise ValueError(f"recover.init_pick={cfg.init_pick!r}; valid: 'score' (the best-scored "
+                     f"of each cluster), 'centre' (the one nearest its mean).")
   if cfg.init == 'scored' and (cfg.init_candidates < 0 or cfg.init_crops < 1):
     raise ValueError(f'recover.init_candidates={cfg.init_candidates} (>= 0, 0: all) and '
                      f'init_crops={cfg.init_crops} (>= 1) are invalid.')

@@ -238,6 +238,26 @@ def test_selection_returns_the_top_scored_candidates_one_per_source_image():
   with pytest.raises(ValueError, match='init_candidates'):
     selection.select(scores, sources, 9)
 
+  # pick 'centre': of each cluster the source whose best candidate is nearest the mean of
+  # the cluster's sources' best candidates (the coreset's choice), whatever the scores.
+  chosen = selection.select(scores, sources, 3, features, np.random.default_rng(0), 'centre')
+  best = np.asarray(sorted(best_of.values()))
+  assert sorted(cluster[chosen]) == [0, 1, 2] and len(set(sources[chosen])) == 3
+  for i in chosen:
+    mates = best[cluster[best] == cluster[i]]
+    distance = ((features[mates] - features[mates].mean(0)) ** 2).sum(-1)
+    assert i == mates[np.argmin(distance)]
+  with pytest.raises(ValueError, match='init_pick'):
+    selection.select(scores, sources, 3, features, np.random.default_rng(0), 'middle')
+
+
+def test_a_new_recover_key_at_its_old_behaviour_keeps_old_workdirs_resumable():
+  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,method=edc')
+  before = recover.fingerprint(config)
+  assert 'init_pick' not in before['recover']  # 'score': what workdirs before it did
+  config.recover.init_pick = 'centre'
+  assert recover.fingerprint(config)['recover']['init_pick'] == 'centre'
+
 
 # ----------------------------------------------------------------------------- diversity
 

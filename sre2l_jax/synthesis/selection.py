@@ -6,8 +6,9 @@ recover.min_scale..max_scale; 1: the whole image, no crop) by the teacher's prob
 the true class, and keeps its best crop (one per source image, so no image fills two
 places). Then `ipc` of them: with `recover.init_coverage`, k-means (Lloyd, k = ipc) on the
 teacher's features of the candidates (the last BN layer's input averaged over H, W) and the
-best-scored candidate of each cluster, so the set spreads over the class instead of piling
-on its most typical images (at Fashion-MNIST IPC 10 the plain top 10 scored 82.96% against
+best-scored candidate of each cluster (`recover.init_pick='score'`; 'centre': the one
+nearest the cluster's mean, as the k-means coreset picks), so the set spreads over the class
+instead of piling on its most typical images (at Fashion-MNIST IPC 10 the plain top 10 scored 82.96% against
 the random subset's 83.46%, issue 13); without it, the top `ipc` by score. The chosen
 images of a class are ordered best score first (ipc index 0 = best).
 """
@@ -51,14 +52,17 @@ def kmeans(features: np.ndarray, k: int, rng: np.random.Generator,
 
 
 def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
-           rng: np.random.Generator | None = None) -> np.ndarray:
+           rng: np.random.Generator | None = None, pick: str = 'score') -> np.ndarray:
   """Indices of `count` candidates, at most one per source image, best score first.
 
   scores (N,): higher is better; sources (N,): the source image of each candidate (crops of
   one image share it). features (N, D) or None: None takes the `count` best-scored sources'
-  best candidates; else k-means with k = count over the sources' best candidates, and the
-  best-scored of each cluster.
+  best candidates; else k-means with k = count over the sources' best candidates, and of
+  each cluster the best-scored (pick 'score') or the one nearest the cluster's mean (pick
+  'centre': the k-means coreset's choice, the cluster's most typical member).
   """
+  if pick not in ('score', 'centre'):
+    raise ValueError(f"recover.init_pick={pick!r}; valid: 'score', 'centre'.")
   best = best_per_source(scores, sources)
   if len(best) < count:
     raise ValueError(f'{len(best)} source images cannot give {count} distinct starting '
@@ -66,9 +70,19 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
   if features is None:
     chosen = best[np.argsort(-scores[best], kind='stable')[:count]]
   else:
-    assign = kmeans(np.asarray(features)[best], count, rng or np.random.default_rng(0))
-    chosen = np.asarray([best[assign == j][np.argmax(scores[best[assign == j]])]
-                         for j in range(count) if np.any(assign == j)])
+    feats = np.asarray(features, np.float64)[best]
+    assign = kmeans(feats, count, rng or np.random.default_rng(0))
+    chosen = []
+    for j in range(count):
+      members = np.flatnonzero(assign == j)
+      if not len(members):
+        continue
+      if pick == 'score':
+        chosen.append(best[members[np.argmax(scores[best[members]])]])
+      else:
+        distance = ((feats[members] - feats[members].mean(0)) ** 2).sum(-1)
+        chosen.append(best[members[np.argmin(distance)]])
+    chosen = np.asarray(chosen)
     if len(chosen) < count:  # an empty cluster: fill with the best remaining sources
       rest = np.setdiff1d(best, chosen)
       chosen = np.concatenate([chosen, rest[np.argsort(-scores[rest], kind='stable')]
@@ -129,7 +143,7 @@ def scored_images(config, model, variables, train_split, num_classes: int,
   for c in range(num_classes):
     rows = np.flatnonzero(labels == c)
     chosen = select(scores[rows], rows, cfg.ipc,
-                    features[rows] if cfg.init_coverage else None, rng)
+                    features[rows] if cfg.init_coverage else None, rng, cfg.init_pick)
     out[c] = np.asarray(datasets.normalise(best[rows][chosen], spec))
   return out
 
