@@ -57,6 +57,9 @@ ROWS = (
     ('edc_early_late', 'edc', {'recover.diversity': 'early_late',
                                'recover.init_coverage': False},
      'combination + early-late (top-scored first, started first)'),
+    ('edc_centre', 'edc', {'recover.init_pick': 'centre', 'recover.init_candidates': 0},
+     'combination starting from the k-means coreset\'s images (each cluster\'s most typical '
+     'image of the whole class) instead of the best-scored'),
     ('edc_mix', 'edc', {'recover.class_bn_weight': 0.5},
      'combination with EDC\'s soft matching: half class, half global statistics'),
     ('rded', 'sre2l', {'recover.method': 'rded', 'recover.rded_factor': 1},
