@@ -223,6 +223,10 @@ def base_config() -> ml_collections.ConfigDict:
       # baseline sets of the same size; the teacher's labels shared): at most this many at
       # once; 0: no cap, 1: one by one. Results equal up to float rounding either way.
       stack_students=0,
+      # How a stack's students run inside the step: 'unrolled' (written out one after
+      # another), 'vmap' (batched: each convolution one grouped convolution of all of
+      # them), 'auto' (vmap on GPU/TPU, unrolled on CPU, where grouped ones are slow).
+      stack_mode='auto',
   ))
 
   # Continual: class-incremental evaluation (`--stages=continual`); the student uses

@@ -295,7 +295,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           batch_stats=jax.tree_util.tree_map(jnp.copy, v['batch_stats'])),
       out_shardings=replicated)
   step_fn = student.create_stacked_continual_step(config, spec, teacher_model, mesh)
-  eval_fn = student.create_stacked_eval_step(model, spec, mesh)
+  eval_fn = student.create_stacked_eval_step(model, spec, mesh, student.stack_mode(config))
   stack_states = jax.jit(student.stack, out_shardings=replicated)
 
   # Resume: every set continues after its last finished class step.

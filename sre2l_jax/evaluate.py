@@ -193,7 +193,7 @@ def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) ->
   for (v, seed), writer in zip(members, writers.writers):
     writer.write_hparams(student.hparams(
         config, **{'evaluate.variant': v.name, 'student.seed': seed, 'student.name': first.arch}))
-  eval_step = student.create_stacked_eval_step(model, spec, mesh)
+  eval_step = student.create_stacked_eval_step(model, spec, mesh, student.stack_mode(config))
   eval_every = config.evaluate.eval_every_epochs * schedule.steps_per_epoch
 
   def test_top1(state):
@@ -255,6 +255,7 @@ def validate(config, mesh) -> None:
   label_store.validate(config.relabel)
   variants(config)
   student_configs(config)
+  student.stack_mode(config)
   if config.evaluate.seeds <= 0:
     raise ValueError(f'evaluate.seeds={config.evaluate.seeds} must be positive.')
   if config.evaluate.temperature <= 0:

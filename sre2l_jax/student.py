@@ -8,7 +8,8 @@ class step after another with the labels restricted to the classes seen so far.
 Both train their students stacked: a `TrainState` whose leaves carry a leading student axis,
 updated by one compiled step (`stacked_student_step`, `create_stacked_continual_step`) in
 which the views of a batch, and the teacher's labels on them, are computed once per image set
-and shared by its students, whose updates follow one another in the program. `StudentWriters` gives each stacked student its own metrics.
+and shared by its students, whose updates follow one another in the program (or are
+vmapped: `evaluate.stack_mode`, by default vmapped on GPU/TPU only). `StudentWriters` gives each stacked student its own metrics.
 """
 
 import functools
@@ -115,8 +116,25 @@ def student_step(state, images, labels, stored, key, teacher, *, cfg, spec, teac
                 class_mask=class_mask)
 
 
+STACK_MODES = ('auto', 'unrolled', 'vmap')
+
+
+def stack_mode(config) -> str:
+  """'unrolled' or 'vmap': how a stacked step runs its students (`evaluate.stack_mode`;
+  'auto': vmap on GPU/TPU, where a batched convolution is one kernel, and unrolled on CPU,
+  where XLA runs the grouped convolutions vmap makes of them slowly, see
+  `stacked_student_step`)."""
+  mode = config.evaluate.get('stack_mode', 'auto')
+  if mode not in STACK_MODES:
+    raise ValueError(f'evaluate.stack_mode={mode!r}; valid: {", ".join(STACK_MODES)}.')
+  if mode == 'auto':
+    return 'unrolled' if jax.default_backend() == 'cpu' else 'vmap'
+  return mode
+
+
 def stacked_student_step(states, images, labels, stored, key, teacher, *, set_index, cfg,
-                         spec, teacher_model, temperature: float, target: str):
+                         spec, teacher_model, temperature: float, target: str,
+                         mode: str = 'unrolled'):
   """One step of M students stacked on a leading axis, trained on S image sets at once.
 
   states: a `TrainState` whose leaves have a leading axis M (one student each). images:
@@ -125,10 +143,11 @@ def stacked_student_step(states, images, labels, stored, key, teacher, *, set_in
   the set each student trains on. The views of a set (they depend on `key`, not on the
   student) and the teacher's targets on them are computed once, for all S sets in one batch,
   and shared by every student of that set; each student's forward, backward and update is
-  `update`, written out once per student in the program (M copies, compiled once). Measured on
-  a 2-core CPU, 6 ConvNet-BN students (width 64, batch 50 at 28x28) in one step take 505 ms
-  against 6 x 100 ms one by one; vmapped instead, every convolution becomes a grouped one and
-  the step took 1,913 ms, and `jax.lax.map` (a loop in the program) 12.7 s.
+  `update`: mode 'unrolled' writes it out once per student in the program (M copies,
+  compiled once), mode 'vmap' vmaps it over the students (every convolution becomes one
+  grouped convolution of the M students). Measured on a 2-core CPU, 6 ConvNet-BN students
+  (width 64, batch 50 at 28x28) in one step take 505 ms unrolled against 6 x 100 ms one by
+  one; vmapped, 1,913 ms, and `jax.lax.map` (a loop in the program) 12.7 s.
   Per student the result equals `student_step` up to float rounding.
   Returns (states, {'loss': (M,)}).
   """
@@ -137,6 +156,9 @@ def stacked_student_step(states, images, labels, stored, key, teacher, *, set_in
                                      teacher_model=teacher_model, temperature=temperature,
                                      target=target))(images, labels, stored)
   one = functools.partial(update, temperature=temperature, target=target)
+  if mode == 'vmap':
+    index = jnp.asarray(set_index)
+    return jax.vmap(one)(states, x[index], jax.tree_util.tree_map(lambda t: t[index], targets))
   outs = [one(unstack(states, i), x[s], targets[s]) for i, s in enumerate(set_index)]
   return stack([state for state, _ in outs]), stack([metrics for _, metrics in outs])
 
@@ -168,7 +190,8 @@ def create_stacked_student_step(config, spec, teacher_model, mesh, target: str,
   return jax.jit(
       functools.partial(stacked_student_step, set_index=tuple(int(i) for i in set_index),
                         cfg=config.relabel, spec=spec, teacher_model=teacher_model,
-                        temperature=config.evaluate.temperature, target=target),
+                        temperature=config.evaluate.temperature, target=target,
+                        mode=stack_mode(config)),
       in_shardings=(replicated, stacked, stacked, stacked, replicated, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
 
@@ -193,15 +216,18 @@ def unstack(tree, index: int):
   return jax.tree_util.tree_map(lambda x: x[index], tree)
 
 
-def create_stacked_eval_step(model, spec, mesh):
+def create_stacked_eval_step(model, spec, mesh, mode: str = 'unrolled'):
   """Jitted (stacked variables, batch, class_mask=None) -> (correct (M,), count ()): the
-  `train_lib.create_eval_step` of M students at once on one batch."""
+  `train_lib.create_eval_step` of M students at once on one batch, unrolled or vmapped
+  (`stack_mode`) like the training step."""
   def eval_step(variables, batch, class_mask=None):
     x = datasets.normalise(batch['image'], spec)
     count = jax.tree_util.tree_leaves(variables)[0].shape[0]
-    # One student after another, as in the training step (vmapped: grouped convolutions).
-    logits = jnp.stack([model.apply(unstack(variables, i), x, train=False)
-                        for i in range(count)])  # (M, B, C)
+    if mode == 'vmap':
+      logits = jax.vmap(lambda v: model.apply(v, x, train=False))(variables)
+    else:
+      logits = jnp.stack([model.apply(unstack(variables, i), x, train=False)
+                          for i in range(count)])  # (M, B, C)
     correct = jnp.argmax(train_lib.mask_logits(logits, class_mask), -1) == batch['label']
     return (correct * batch['mask']).sum(-1), batch['mask'].sum()
   replicated = batching.replicated(mesh)
@@ -250,8 +276,13 @@ def create_stacked_continual_step(config, spec, teacher_model, mesh):
   one = functools.partial(continual_step, cfg=config.relabel, spec=spec,
                           teacher_model=teacher_model, temperature=config.evaluate.temperature)
 
+  mode = stack_mode(config)
+
   def fn(states, images, labels, key, teacher, mask, learning_rate):
-    # Each student's step written out in turn (not vmapped: see `stacked_student_step`).
+    if mode == 'vmap':
+      return jax.vmap(one, in_axes=(0, 0, 0, None, None, None, None))(
+          states, images, labels, key, teacher, mask, learning_rate)
+    # Each student's step written out in turn (see `stacked_student_step`).
     outs = [one(unstack(states, i), images[i], labels[i], key, teacher, mask, learning_rate)
             for i in range(images.shape[0])]
     return stack([state for state, _ in outs]), stack([metrics for _, metrics in outs])

@@ -152,15 +152,16 @@ def together_run(data, base_workdir, tmp_path_factory):
   return workdir, result, calls
 
 
-@pytest.mark.parametrize('devices', [8, 1])
-def test_together_equals_alone(devices, data, base_workdir, together_run, tmp_path):
-  """3 seeds x {distilled, random} in one stack vs each student alone, on 1 and 8 devices."""
-  if devices == 8:
+@pytest.mark.parametrize('devices,mode', [(8, 'auto'), (1, 'auto'), (8, 'vmap')])
+def test_together_equals_alone(devices, mode, data, base_workdir, together_run, tmp_path):
+  """3 seeds x {distilled, random} in one stack vs each student alone, on 1 and 8 devices;
+  the stack's students unrolled (what 'auto' is on CPU) or vmapped."""
+  if devices == 8 and mode == 'auto':
     workdir, result, _ = together_run
   else:
     workdir = copy_workdir(base_workdir, tmp_path / 'w')
-    config = make_config(data)
-    config.mesh_shape = 1
+    config = make_config(data, stack_mode=mode)
+    config.mesh_shape = devices
     result = evaluate.run(config, workdir)
   config = make_config(data)
   config.mesh_shape = devices
@@ -179,7 +180,7 @@ def test_together_equals_alone(devices, data, base_workdir, together_run, tmp_pa
     worst = max(worst, *(float(np.max(np.abs(stacked[k] - params[k]))) for k in params
                          if not (k.startswith('conv') and k.endswith('/bias'))))
     assert abs(saved['test_top1'] - top1) <= TOP1_TOL, (name, seed, saved['test_top1'], top1)
-  print(f'{devices} devices: max |together - alone| parameter difference {worst:.3g}')
+  print(f'{devices} devices, {mode}: max |together - alone| parameter difference {worst:.3g}')
   assert worst <= PARAM_ATOL
   # The students differ from each other (seeds and sets are not collapsed into one).
   states = [final_state(d)['params']['fc']['kernel'] for d in seed_dirs(workdir, result).values()]
@@ -275,6 +276,52 @@ def test_architectures_each_train_their_students(data, base_workdir, tmp_path):
   with pytest.raises(ValueError, match='not key=value with a model key'):
     config.evaluate.students = ('mlp:widht=24',)
     evaluate.run(config, workdir)
+
+
+def test_stack_mode_auto_is_unrolled_on_cpu_and_bad_modes_are_refused(data):
+  config = make_config(data)
+  assert jax.default_backend() == 'cpu' and student.stack_mode(config) == 'unrolled'
+  config.evaluate.stack_mode = 'vmap'
+  assert student.stack_mode(config) == 'vmap'
+  config.evaluate.stack_mode = 'pmap'
+  with pytest.raises(ValueError, match='stack_mode'):
+    evaluate.validate(config, batching.create_mesh(1))
+
+
+def test_continual_step_vmapped_equals_unrolled(data, base_workdir):
+  """Three continual students (different seeds and sets) for a few steps: the vmapped step
+  and the unrolled one agree to float rounding (1e-5) in parameters (but the conv biases
+  feeding a BN, as in `test_together_equals_alone`) and losses."""
+  from sre2l_jax import continual  # pylint: disable=g-import-not-at-top
+  config = make_config(data)
+  mesh = batching.create_mesh(1)
+  teacher_model, teacher = teacher_lib.load(config, base_workdir, mesh)
+  model = models.create_model(config.student, SPEC.num_classes)
+  tx = continual.create_optimizer(config)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (3, 8) + SPEC.image_shape, np.uint8)
+  labels = rng.integers(0, SPEC.num_classes, (3, 8)).astype(np.int32)
+  mask = np.arange(SPEC.num_classes) < 6
+  out = {}
+  for mode in ('unrolled', 'vmap'):
+    config.evaluate.stack_mode = mode
+    step = student.create_stacked_continual_step(config, SPEC, teacher_model, mesh)
+    states = student.stack([train_lib.create_train_state(model, tx, SPEC.image_shape,
+                                                         rngs.key(seed), mesh)
+                            for seed in range(3)])
+    losses = []
+    for i in range(3):
+      states, metrics = step(states, images, labels, rngs.key(100 + i), teacher, mask,
+                             np.float32(1e-3))
+      losses.append(np.asarray(metrics['loss']))
+    out[mode] = (jax.device_get(states.params), np.stack(losses))
+  unrolled, vmapped = (traverse_util.flatten_dict(out[m][0], sep='/') for m in out)
+  assert unrolled.keys() == vmapped.keys()
+  for key in unrolled:  # not the conv biases before a BN: their gradient is rounding noise
+    if not (key.startswith('conv') and key.endswith('/bias')):
+      np.testing.assert_allclose(unrolled[key], vmapped[key], atol=1e-5, err_msg=key)
+  np.testing.assert_allclose(out['unrolled'][1], out['vmap'][1], rtol=1e-5)
+  assert np.ptp(out['vmap'][1][-1]) > 0  # three different students
 
 
 def test_model_specs_split_and_parse():
