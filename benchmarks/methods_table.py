@@ -50,16 +50,17 @@ ROWS = (
      'lever: no roll during recovery (crops and flips only, EDC\'s weak augmentation)'),
     ('early_late', 'sre2l', {'recover.diversity': 'early_late'},
      'lever: DELT early-late (a class\'s images start at 4 staggered steps), from noise'),
-    ('edc', 'edc', {}, 'combination: scored real init + class statistics + no roll, 300 '
-     'steps (the Fashion-MNIST default)'),
+    ('edc', 'edc', {'recover.init_pick': 'score', 'recover.init_candidates': 300},
+     'combination: scored real init + class statistics + no roll, 300 steps (the '
+     'Fashion-MNIST default before edc_centre)'),
     ('edc_real_init', 'edc', {'recover.init': 'real'},
      'combination with random real starting images instead of scored ones'),
     ('edc_early_late', 'edc', {'recover.diversity': 'early_late',
                                'recover.init_coverage': False},
      'combination + early-late (top-scored first, started first)'),
     ('edc_centre', 'edc', {'recover.init_pick': 'centre', 'recover.init_candidates': 0},
-     'combination starting from the k-means coreset\'s images (each cluster\'s most typical '
-     'image of the whole class) instead of the best-scored'),
+     'the Fashion-MNIST default: edc starting from the k-means coreset\'s images (each '
+     'cluster\'s most typical image of the whole class) instead of the best-scored'),
     ('edc_mix', 'edc', {'recover.class_bn_weight': 0.5},
      'combination with EDC\'s soft matching: half class, half global statistics'),
     ('rded', 'sre2l', {'recover.method': 'rded', 'recover.rded_factor': 1},

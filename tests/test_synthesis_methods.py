@@ -253,6 +253,7 @@ def test_selection_returns_the_top_scored_candidates_one_per_source_image():
 
 def test_a_new_recover_key_at_its_old_behaviour_keeps_old_workdirs_resumable():
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,method=edc')
+  config.recover.init_pick = 'score'
   before = recover.fingerprint(config)
   assert 'init_pick' not in before['recover']  # 'score': what workdirs before it did
   config.recover.init_pick = 'centre'
