@@ -16,7 +16,8 @@ not run again, and a rerun of an interrupted one resumes its stages. Writes
 command, wall seconds of the invocation and of each stage) and `<root>/methods_table.md`
 (mean +- std, %), keeping the cells of earlier invocations. `--rows=a,b` runs some rows only;
 `--baselines=random,coreset` trains only those baselines (default: all, hard labels too);
-`--dry_run` prints the commands. The `teachers` row first trains its extra teachers beside
+`--dry_run` prints the commands; `--collect` runs nothing and writes the table from the runs
+finished. The `teachers` row first trains its extra teachers beside
 `--teacher_dir` (that workdir's squeeze; a no-op once they exist).
 """
 
@@ -181,6 +182,8 @@ def main(argv=None) -> dict:
                       help='comma-separated evaluate baselines of the sre2l row (default: '
                            'every one available: random, hard_label, coreset)')
   parser.add_argument('--dry_run', action='store_true')
+  parser.add_argument('--collect', action='store_true',
+                      help='run nothing: write the table from the (row, IPC) runs finished')
   args = parser.parse_args(argv)
   baselines = None if args.baselines is None else tuple(
       b for b in args.baselines.split(',') if b)
@@ -198,10 +201,12 @@ def main(argv=None) -> dict:
   if os.path.exists(previous):
     with open(previous) as f:
       out = json.load(f)
+  current = {f'{r[0]}: {r[3]}' for r in ROWS} | {title for _, title in BASELINE_VARIANTS}
+  out['rows'] = {k: v for k, v in out['rows'].items() if k in current}  # renamed rows go
   out.update(teacher_dir=os.path.abspath(args.teacher_dir), seeds=args.seeds,
              unit='test top-1 %, mean and std (ddof 0) over seeds')
   ipcs_all = sorted({int(i) for cells in out['rows'].values() for i in cells} | set(ipcs))
-  if 'teachers' in rows and not args.dry_run:
+  if 'teachers' in rows and not (args.dry_run or args.collect):
     squeeze = squeeze_extra_teachers(args.teacher_dir)
     if squeeze is None:
       parser.error(f'the teachers row trains its extra teachers beside --teacher_dir, which '
@@ -213,11 +218,14 @@ def main(argv=None) -> dict:
     for row in sorted(rows, key=lambda r: r != BASELINE_ROW):
       argv, workdir = command(row, ipc, args.seeds, args.teacher_dir, args.root, extra,
                               baselines)
-      print(' '.join(argv), flush=True)
+      if not args.collect:
+        print(' '.join(argv), flush=True)
       if args.dry_run:
         continue
       start = time.time()
       result = finished(workdir, args.seeds)
+      if result is None and args.collect:
+        continue
       ran_now = result is None
       if ran_now:
         subprocess.run(argv, cwd=REPO, check=True)

@@ -5,6 +5,7 @@ SIGKILL + resume of an edc run.
 Teachers are random ConvNet-BNs of width 8 (`testlib.random_teacher`); nothing is trained.
 """
 
+import json
 import os
 import shutil
 
@@ -407,3 +408,21 @@ def test_every_methods_table_row_is_a_valid_recover_config():
   table = {'a': {'1': {'mean': 71.234, 'std': 0.5}}}
   assert methods_table.markdown(table, [1, 10]) == (
       '| row | IPC 1 | IPC 10 |\n|---|---|---|\n| a | 71.23 ± 0.50 | - |\n')
+
+
+def test_methods_table_collect_reads_finished_runs_and_runs_nothing(tmp_path, monkeypatch):
+  from benchmarks import methods_table  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(methods_table.subprocess, 'run', lambda *a, **k: pytest.fail('ran'))
+  evaluate_dir = tmp_path / 'ipc1' / 'edc' / 'evaluate'
+  evaluate_dir.mkdir(parents=True)
+  (evaluate_dir / 'result.json').write_text(json.dumps({'wall_seconds': 12.5, 'variants': {
+      'distilled': {'seeds': 3, 'test_top1': [0.7, 0.71, 0.72], 'test_top1_mean': 0.71,
+                    'test_top1_std': 0.01}}}))
+  args = ['--teacher_dir=/t/squeeze/teacher', f'--root={tmp_path}', '--ipcs=1,10', '--seeds=3',
+          '--rows=edc,teachers', '--collect']
+  out = methods_table.main(args)
+  (key, cells), = out['rows'].items()  # teachers (not run) and IPC 10 (not run) left out
+  assert key.startswith('edc: ') and list(cells) == ['1']
+  assert cells['1']['mean'] == pytest.approx(71.0) and cells['1']['seeds'] == 3
+  assert out['runs']['edc/ipc1']['stage_seconds'] == {'evaluate': 12.5}
+  assert '| 71.00 ± 1.00 | - |' in (tmp_path / 'methods_table.md').read_text()
