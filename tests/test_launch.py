@@ -438,10 +438,12 @@ def test_slurm_job_requeues_itself_before_the_time_limit(stubs):
         ['bash', os.path.join(LAUNCH, 'multi_gpu.sh'), 'configs/in1k_ipc50.py', '/shared/w'],
         cwd=REPO, env=stubs.env(**SLURM, **env), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-    for _ in range(400):
-      if started.exists():
-        break
+    # The signal must come once srun runs (the trap is set just before it); under a loaded
+    # suite the script's start (stub programs are Python) has taken over 20 s.
+    deadline = time.monotonic() + 180
+    while not started.exists() and process.poll() is None and time.monotonic() < deadline:
       time.sleep(0.05)
+    assert started.exists(), 'multi_gpu.sh never reached srun'
     process.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends
     if env.get('SLURM_RESTART_COUNT') == '10':
       stop.touch()  # no requeue: the step ends by itself
