@@ -233,8 +233,9 @@ def main(argv=None) -> dict:
         if result is None:
           raise RuntimeError(f'{workdir}: evaluate finished without {args.seeds} seeds')
       ran = out['runs'].get(f'{row}/ipc{ipc}', {})
-      if ran_now or 'command' not in ran:
-        ran = {'command': ' '.join(argv), 'wall_seconds': round(time.time() - start, 1)}
+      if ran_now or 'command' not in ran:  # wall seconds only of a run this one made
+        ran = {'command': ' '.join(argv),
+               'wall_seconds': round(time.time() - start, 1) if ran_now else None}
       ran['stage_seconds'] = stage_seconds(workdir)
       out['runs'][f'{row}/ipc{ipc}'] = ran
       variants = result['variants']

@@ -425,4 +425,5 @@ def test_methods_table_collect_reads_finished_runs_and_runs_nothing(tmp_path, mo
   assert key.startswith('edc: ') and list(cells) == ['1']
   assert cells['1']['mean'] == pytest.approx(71.0) and cells['1']['seeds'] == 3
   assert out['runs']['edc/ipc1']['stage_seconds'] == {'evaluate': 12.5}
+  assert out['runs']['edc/ipc1']['wall_seconds'] is None  # found, not run by this call
   assert '| 71.00 ± 1.00 | - |' in (tmp_path / 'methods_table.md').read_text()
