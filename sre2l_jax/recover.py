@@ -109,9 +109,7 @@ def validate(config, spec) -> None:
                      f'{cfg.groups_per_round}, {cfg.device_memory_gb}, {cfg.memory_margin}.')
   if cfg.init not in ('noise', 'real', 'scored'):
     raise ValueError(f"recover.init={cfg.init!r}; valid: 'noise', 'real', 'scored'.")
-  if cfg.get('init_pick', 'score') not in ('score', 'centre'):
-    raise ValueError(f"recover.init_pick={cfg.init_pick!r}; valid: 'score' (the best-scored "
-                     f"of each cluster), 'centre' (the one nearest its mean).")
+  selection.check_pick(cfg.init_pick)
   if cfg.init == 'scored' and (cfg.init_candidates < 0 or cfg.init_crops < 1):
     raise ValueError(f'recover.init_candidates={cfg.init_candidates} (>= 0, 0: all) and '
                      f'init_crops={cfg.init_crops} (>= 1) are invalid.')

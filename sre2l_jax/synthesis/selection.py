@@ -23,6 +23,15 @@ from sre2l_jax.data import augment
 from sre2l_jax.data import datasets
 
 
+PICKS = ('score', 'centre')  # recover.init_pick: a cluster's best-scored or most typical
+
+
+def check_pick(pick: str) -> None:
+  if pick not in PICKS:
+    raise ValueError(f"recover.init_pick={pick!r}; valid: 'score' (the best-scored of each "
+                     f"cluster), 'centre' (the one nearest its mean).")
+
+
 def best_per_source(scores: np.ndarray, sources: np.ndarray) -> np.ndarray:
   """Index of the best-scored candidate of every source image (sorted by source id)."""
   order = np.lexsort((-scores, sources))  # by source, best score first within a source
@@ -61,8 +70,7 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
   each cluster the best-scored (pick 'score') or the one nearest the cluster's mean (pick
   'centre': the k-means coreset's choice, the cluster's most typical member).
   """
-  if pick not in ('score', 'centre'):
-    raise ValueError(f"recover.init_pick={pick!r}; valid: 'score', 'centre'.")
+  check_pick(pick)
   best = best_per_source(scores, sources)
   if len(best) < count:
     raise ValueError(f'{len(best)} source images cannot give {count} distinct starting '
