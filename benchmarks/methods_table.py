@@ -10,8 +10,9 @@ with the row's overrides and `--stages=recover,relabel,evaluate` in its own work
 `<root>/ipc<N>/<row>`, so the same student protocol (views, soft labels, schedule) applies
 to every row; the baselines (random real subset, hard-label variants, and the k-means
 coreset when the evaluate stage offers it) are trained once per IPC, in the `sre2l` row.
-Resumable: a (row, IPC) whose evaluate result already holds `seeds` students per variant is
-not run again, and a rerun of an interrupted one resumes its stages. Writes
+Resumable: a (row, IPC) whose evaluate result already holds `seeds` students of every variant
+it asks for is not run again (the baseline row asked for a baseline it lacks runs again and
+trains only that one's students), and a rerun of an interrupted one resumes its stages. Writes
 `<root>/methods_table.json` (every row, IPC, variant: mean, std, per-seed top-1 %, the
 command, wall seconds of the invocation and of each stage) and `<root>/methods_table.md`
 (mean +- std, %), keeping the cells of earlier invocations. `--rows=a,b` runs some rows only;
@@ -137,14 +138,26 @@ def stage_seconds(workdir: str) -> dict:
   return out
 
 
-def finished(workdir: str, seeds: int) -> dict | None:
-  """The evaluate result of `workdir` if every variant has `seeds` students, else None."""
+def expected_variants(baselines: tuple[str, ...]) -> set[str]:
+  """The evaluate variants a run with these baselines trains (evaluate.variants' names)."""
+  sys.path.insert(0, REPO)
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sre2l_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'evaluate': {'baselines': tuple(baselines)}})
+  return {name for name, _, _ in evaluate.variants(config)}
+
+
+def finished(workdir: str, seeds: int, variants: set[str] = frozenset({'distilled'})
+             ) -> dict | None:
+  """The evaluate result of `workdir` if it has each of `variants` and every variant has
+  `seeds` students, else None (so a finished run asked for another baseline runs again)."""
   path = os.path.join(workdir, 'evaluate', 'result.json')
   if not os.path.exists(path):
     return None
   with open(path) as f:
     result = json.load(f)
-  if all(v.get('seeds') == seeds for v in result.get('variants', {}).values()):
+  done = result.get('variants', {})
+  if set(variants) <= set(done) and all(v.get('seeds') == seeds for v in done.values()):
     return result
   return None
 
@@ -223,13 +236,16 @@ def main(argv=None) -> dict:
       if args.dry_run:
         continue
       start = time.time()
-      result = finished(workdir, args.seeds)
+      # The baseline row asked for baselines it lacks runs again (evaluate trains only those).
+      wanted = ({'distilled'} if row != BASELINE_ROW or args.collect else expected_variants(
+          available_baselines() if baselines is None else baselines))
+      result = finished(workdir, args.seeds, wanted)
       if result is None and args.collect:
         continue
       ran_now = result is None
       if ran_now:
         subprocess.run(argv, cwd=REPO, check=True)
-        result = finished(workdir, args.seeds)
+        result = finished(workdir, args.seeds, wanted)
         if result is None:
           raise RuntimeError(f'{workdir}: evaluate finished without {args.seeds} seeds')
       ran = out['runs'].get(f'{row}/ipc{ipc}', {})

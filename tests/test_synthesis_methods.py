@@ -427,3 +427,22 @@ def test_methods_table_collect_reads_finished_runs_and_runs_nothing(tmp_path, mo
   assert out['runs']['edc/ipc1']['stage_seconds'] == {'evaluate': 12.5}
   assert out['runs']['edc/ipc1']['wall_seconds'] is None  # found, not run by this call
   assert '| 71.00 ± 1.00 | - |' in (tmp_path / 'methods_table.md').read_text()
+
+
+def test_methods_table_reruns_the_baseline_row_for_a_baseline_it_lacks(tmp_path, monkeypatch):
+  from benchmarks import methods_table  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(methods_table.subprocess, 'run', lambda argv, **k: calls.append(argv))
+  evaluate_dir = tmp_path / 'ipc10' / 'sre2l' / 'evaluate'
+  evaluate_dir.mkdir(parents=True)
+  student = {'seeds': 3, 'test_top1': [0.8] * 3, 'test_top1_mean': 0.8, 'test_top1_std': 0.0}
+  (evaluate_dir / 'result.json').write_text(json.dumps({'variants': {
+      'distilled': student, 'random': student}}))
+  base = ['--teacher_dir=/t/squeeze/teacher', f'--root={tmp_path}', '--ipcs=10', '--seeds=3',
+          '--rows=sre2l']
+  methods_table.main(base + ['--baselines=random'])
+  assert not calls  # everything asked for is there
+  with pytest.raises(RuntimeError, match='without 3 seeds'):  # the stub trained nothing
+    methods_table.main(base + ['--baselines=random,hard_label'])
+  (argv,) = calls
+  assert "--config.evaluate.baselines=('random', 'hard_label')" in argv
