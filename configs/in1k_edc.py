@@ -20,31 +20,24 @@ import are as in configs/in1k_ipc50.py; the per-class statistics (one pass over 
 set) are computed on the first recover run and stored beside the teacher.
 """
 
+import os
+
 from sre2l_jax import config_lib
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, smoke=False, ipc=10, seeds=1)
-  c = config_lib.base_config()
-  c.dataset.name = 'imagenet2012'
-
-  c.teacher.update(name='resnet18', width=64, stem='imagenet')
-  c.squeeze.update(epochs=90, batch_size=256, optimizer='sgd', lr=0.1, momentum=0.9,
-                   nesterov=False, weight_decay=1e-4, warmup_epochs=0, eval_batch_size=1024,
-                   checkpoint_every_steps=2000, log_every_steps=500)
-
+  # in1k_ipc50's dataset, teacher, squeeze and student; EDC's recover, relabel and evaluate.
+  c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), 'in1k_ipc50.py'),
+                                  f'ipc={arg.ipc},seeds={arg.seeds}')
+  c.recover = config_lib.base_config().recover
   c.recover.update(method='edc', group_by='class', ipc=arg.ipc, batch_size=arg.ipc,
                    iterations=1000, lr=0.05, r_bn=0.1, class_bn_weight=0.5,
                    first_bn_multiplier=10.0, jitter=0, min_scale=0.5, max_scale=1.0,
                    crop='per_image', init='scored', init_candidates=20, init_crops=5,
                    init_coverage=True, checkpoint_every_steps=200, log_every_steps=50)
-
-  c.student.update(name='resnet18', width=64, stem='imagenet')
-  c.relabel.update(mode='online', epochs=300, batch_size=100, min_scale=0.5, max_scale=1.0,
-                   mix='cutmix', cutmix_alpha=1.0)
-  c.evaluate.update(optimizer='adamw', lr=1e-3, weight_decay=0.01, temperature=20.0,
-                    seeds=arg.seeds, eval_batch_size=1000, checkpoint_every_epochs=10,
-                    log_every_steps=100)
+  c.relabel.update(batch_size=100, min_scale=0.5)
+  c.evaluate.update(eval_batch_size=1000)
 
   if arg.smoke:
     # As in1k_ipc50's smoke: 224x224, tiny widths, 40 classes, a few steps. Noise starting

@@ -19,28 +19,21 @@ GB: lower recover.rded_candidates on smaller hosts). Import the teacher as in
 configs/in1k_ipc50.py (python -m sre2l_jax.models.torch_import) and skip squeeze.
 """
 
+import os
+
 from sre2l_jax import config_lib
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, smoke=False, ipc=10, seeds=1)
-  c = config_lib.base_config()
-  c.dataset.name = 'imagenet2012'
-
-  c.teacher.update(name='resnet18', width=64, stem='imagenet')
-  c.squeeze.update(epochs=90, batch_size=256, optimizer='sgd', lr=0.1, momentum=0.9,
-                   nesterov=False, weight_decay=1e-4, warmup_epochs=0, eval_batch_size=1024,
-                   checkpoint_every_steps=2000, log_every_steps=500)
-
+  # in1k_ipc50's dataset, teacher, squeeze and student; RDED's recover, relabel and evaluate.
+  c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), 'in1k_ipc50.py'),
+                                  f'ipc={arg.ipc},seeds={arg.seeds}')
+  c.recover = config_lib.base_config().recover
   c.recover.update(method='rded', ipc=arg.ipc, batch_size=arg.ipc, rded_candidates=300,
                    rded_crops=5, rded_factor=2, min_scale=0.08, max_scale=1.0)
-
-  c.student.update(name='resnet18', width=64, stem='imagenet')
-  c.relabel.update(mode='online', epochs=300, batch_size=100 if arg.ipc <= 10 else 200,
-                   min_scale=0.08, max_scale=1.0, mix='cutmix', cutmix_alpha=1.0)
-  c.evaluate.update(optimizer='adamw', lr=1e-3, weight_decay=0.01, temperature=20.0,
-                    seeds=arg.seeds, eval_batch_size=1000, checkpoint_every_epochs=10,
-                    log_every_steps=100)
+  c.relabel.update(batch_size=100 if arg.ipc <= 10 else 200)
+  c.evaluate.update(eval_batch_size=1000)
 
   if arg.smoke:
     # 224x224, tiny widths, 2 classes of 8 candidates, 2 crops each.
