@@ -374,9 +374,9 @@ def test_in1k_edc_smoke_recovers_on_mock_imagenet(tmp_path):
 
 def test_fashion_mnist_config_defaults_to_edc_and_keeps_sre2l_as_published():
   default = testlib.load_config('fashion_mnist_ipc10').recover
-  assert (default.method, default.group_by, default.init, default.batch_size,
-          default.iterations, default.lr, default.jitter) == (
-              'edc', 'class', 'scored', 10, 300, 0.05, 0)
+  assert (default.method, default.group_by, default.init, default.init_pick,
+          default.batch_size, default.iterations, default.lr, default.jitter,
+          default.class_bn_weight) == ('edc', 'class', 'scored', 'centre', 10, 300, 0.05, 0, 0.5)
   recover.validate(testlib.load_config('fashion_mnist_ipc10', 'ipc=1'), SPEC)
   published = testlib.load_config('fashion_mnist_ipc10', 'method=sre2l').recover
   assert (published.method, published.group_by, published.init, published.iterations,
