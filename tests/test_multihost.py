@@ -1,6 +1,7 @@
 """Multi-host: 2 processes x 4 CPU devices recover the same images as 1 process x 8 devices.
 
-The processes are real: `python -m sre2l_jax.main --distributed` twice, joined through
+The processes are real: `python -m sre2l_jax.main --distributed` twice (SRe2L, and edc with its
+per-class statistics and k-means start), joined through
 jax.distributed on localhost (gloo collectives), writing one Orbax checkpoint and one
 workdir together. Also: processes started with different configs refuse to run, and
 `multihost.to_host` gathers an array spread over processes chunk by chunk.
@@ -150,6 +151,55 @@ def test_two_processes_recover_the_same_images_as_one(teacher_workdir, tmp_path)
   # Process 0 alone wrote the exports; both wrote their part of the checkpoint.
   assert os.path.exists(os.path.join(multi, 'recover', 'grid.png'))
   assert not [p for p in os.listdir(os.path.join(multi, 'recover')) if p.endswith('.tmp')]
+
+
+# edc: a group is one class's `ipc` images (10 groups of 3, padded to 16: 2 per device).
+EDC_OVERRIDES = dict(OVERRIDES, **{'recover.batch_size': 3})
+
+
+@pytest.mark.slow
+def test_two_processes_run_edc_like_one(teacher_workdir, tmp_path):
+  """What edc adds, across processes: the per-class statistics (one pass over the training
+  split, the sums reduced over the 8-device mesh), the k-means coreset start and groups of one
+  class give the same statistics file and the same images as one process."""
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke,method=edc')
+  config.update_from_flattened_dict(EDC_OVERRIDES)
+  single = new_workdir(teacher_workdir, tmp_path / 'one_process')
+  single_result = recover.run(config, single)
+
+  multi = new_workdir(teacher_workdir, tmp_path / 'two_processes')
+  command = testlib.main_command('fashion_mnist_ipc10', multi, stages='recover',
+                                 arg='smoke,method=edc', overrides=EDC_OVERRIDES,
+                                 flags=['--distributed'])
+  outputs = run_processes([command] * 2, multi)
+  for i, (rc, log) in enumerate(outputs):
+    assert rc == 0, f'process {i} failed:\n{log[-4000:]}'
+  assert 'class_stats: computed and wrote' in outputs[0][1]
+
+  result = files.read_json(os.path.join(multi, 'recover', 'result.json'))
+  assert result['method'] == 'edc' and result['devices'] == 8 and result['images'] == 30
+  stats = {}
+  for name, workdir in (('single', single), ('multi', multi)):
+    teacher_dir = os.path.join(workdir, 'squeeze', 'teacher')
+    written = [n for n in os.listdir(teacher_dir) if n.startswith('class_stats-')]
+    assert len(written) == 1, written
+    with np.load(os.path.join(teacher_dir, written[0])) as data:
+      stats[name] = {k: np.asarray(data[k]) for k in data.files}
+  assert stats['multi'].keys() == stats['single'].keys()
+  for key, value in stats['single'].items():
+    np.testing.assert_allclose(stats['multi'][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+  images, labels = export.read_tfds(export.tfds_dataset_dir(image_sets.distilled_dir(multi)))
+  ref_images, ref_labels = export.read_tfds(
+      export.tfds_dataset_dir(image_sets.distilled_dir(single)))
+  np.testing.assert_array_equal(labels, ref_labels)
+  np.testing.assert_array_equal(images, ref_images)
+  step, floats = restore_images(multi)
+  ref_step, ref_floats = restore_images(single)
+  assert step == ref_step == EDC_OVERRIDES['recover.iterations']
+  assert floats.shape == ref_floats.shape == (16, 3) + SPEC.image_shape
+  np.testing.assert_allclose(floats, ref_floats, rtol=0, atol=1e-5)
+  assert result['bn_loss_final'] == pytest.approx(single_result['bn_loss_final'], rel=1e-5)
+  assert result['bn_loss_final'] != result['bn_loss_initial']  # the images moved
 
 
 def test_different_configs_refuse_to_start(teacher_workdir, tmp_path):
