@@ -12,8 +12,9 @@ soft labels on crops of scale 0.5-1 with CutMix, students trained 300 epochs wit
 Here, and where it differs: groups of one class (all `ipc` images of a class, matched to that
 class's statistics; EDC's code mixes 80 images of several classes against the mean of their
 classes' statistics); the starting images are scored on whole random-resized crops (RDED's
-5 crops of scale 0.5-1 per candidate, 20 candidates per class rather than RDED's 300, since
-every candidate is decoded into host memory) without stitching; one teacher (EDC uses
+300 candidates per class, 5 crops of scale 0.5-1 each, scored as they are read: the host keeps
+per candidate its best crop's score, key and 512 features, about 0.6 GB in all, and reads the
+chosen 10 per class again) without stitching; one teacher (EDC uses
 several backbones); the student's smoothed schedule (zeta = 2), EMA weights and MSE + CE loss
 are not part of this toolkit's student yet (cosine to 0, plain KL). The teacher and its
 import are as in configs/in1k_ipc50.py; the per-class statistics (one pass over the training
@@ -34,7 +35,7 @@ def get_config(arg=None):
   c.recover.update(method='edc', group_by='class', ipc=arg.ipc, batch_size=arg.ipc,
                    iterations=1000, lr=0.05, r_bn=0.1, class_bn_weight=0.5,
                    first_bn_multiplier=10.0, jitter=0, min_scale=0.5, max_scale=1.0,
-                   crop='per_image', init='scored', init_candidates=20, init_crops=5,
+                   crop='per_image', init='scored', init_candidates=300, init_crops=5,
                    init_coverage=True, checkpoint_every_steps=200, log_every_steps=50)
   c.relabel.update(batch_size=100, min_scale=0.5)
   c.evaluate.update(eval_batch_size=1000)

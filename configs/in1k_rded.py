@@ -13,9 +13,10 @@ with T = 20, crops of scale 0.08-1. Published: ResNet-18 IPC 10 42.3%, IPC 50 56
 
 Here, and where it differs: the students learn from the teacher's soft labels on views of the
 stitched images (relabel, FKD-style) rather than RDED's patch-level soft labels; candidates
-are centre crops at 224 x 224 of the training images (`class_balanced_subset`) rather than
-crops of the full-size JPEGs, and are held in host memory at once (1000 x 300 x 150 KB = 45
-GB: lower recover.rded_candidates on smaller hosts). Import the teacher as in
+are centre crops at 224 x 224 of the training images (`Split.candidate_batches`) rather than
+crops of the full-size JPEGs, scored as they are read, 1,024 at a time: the host keeps their
+scores (1000 x 300 x 5 floats) and reads the 40 chosen per class again, never holding the
+300,000 candidates (45 GB) at once. Import the teacher as in
 configs/in1k_ipc50.py (python -m sre2l_jax.models.torch_import) and skip squeeze.
 """
 

@@ -288,6 +288,30 @@ def test_streaming_class_balanced_subset_reads_records_in_a_random_order(imagene
     train.class_balanced_subset(2, 6, np.random.default_rng(0))
 
 
+def test_streaming_candidate_batches_hold_one_batch_and_draw_the_subset(imagenet_config):
+  """candidate_batches: class_balanced_subset's examples, in reading order, `batch_size` at a
+  time (what RDED and the scored start keep per candidate instead of the images); `take`
+  reads chosen ones again, identical."""
+  train = pipeline.load_split(imagenet_config, 'train')
+  expected_images, expected_labels = train.class_balanced_subset(
+      2, 3, np.random.default_rng([3, 0xba5e]))
+  rng = np.random.default_rng([3, 0xba5e])
+  batches = list(train.candidate_batches(2, 3, rng, batch_size=4, chunk=3))
+  assert [len(labels) for _, labels, _ in batches] == [4, 2]
+  images, labels, ids = (np.concatenate(parts) for parts in zip(*batches))
+  assert ids.dtype == np.int64 and len(set(ids.tolist())) == 6
+  # Reading order: the permutation's order of the records kept.
+  order = np.random.default_rng([3, 0xba5e]).permutation(train.num_examples).tolist()
+  assert [order.index(i) for i in ids] == sorted(order.index(i) for i in ids)
+  assert [train.source[int(i)]['label'] for i in ids] == labels.tolist()
+  by_class = np.argsort(labels, kind='stable')
+  np.testing.assert_array_equal(images[by_class], expected_images)
+  np.testing.assert_array_equal(labels[by_class], expected_labels)
+  np.testing.assert_array_equal(train.take(ids[::-1]), images[::-1])
+  with pytest.raises(ValueError, match=r'needs 6 .* 2 classes'):
+    list(train.candidate_batches(2, 6, np.random.default_rng(0), batch_size=4))
+
+
 def test_streaming_split_has_no_arrays(imagenet_config):
   train = pipeline.load_split(imagenet_config, 'train')
   with pytest.raises(ValueError, match=r"needs a dataset held in memory.*imagenet2012's "
@@ -312,6 +336,12 @@ def test_in_memory_class_balanced_subset_is_the_random_subset_draw():
     assert got_labels.dtype == np.int32
     np.testing.assert_array_equal(got_labels, np.repeat(np.arange(10), 5))
     assert rng.random() == expected_rng.random()  # the same draws, no more
+    # candidate_batches: the same draw, class-major, in batches; take reads them again.
+    batches = list(split.candidate_batches(10, 5, np.random.default_rng([seed, 0xba5e]), 16))
+    assert [len(ids) for _, _, ids in batches] == [16, 16, 16, 2]
+    np.testing.assert_array_equal(np.concatenate([ids for _, _, ids in batches]), index)
+    np.testing.assert_array_equal(np.concatenate([im for im, _, _ in batches]), images[index])
+    np.testing.assert_array_equal(split.take(index[:3]), images[index[:3]])
   rare = np.flatnonzero(np.bincount(labels, minlength=12) < 30)[0]
   with pytest.raises(ValueError, match=rf'random-subset baseline needs 30 .*\[{rare}'):
     split.class_balanced_subset(12, 30, np.random.default_rng(0))

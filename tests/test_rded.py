@@ -15,6 +15,7 @@ from sre2l_jax import config_lib
 from sre2l_jax import export
 from sre2l_jax import models
 from sre2l_jax import recover
+from sre2l_jax import rngs
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
@@ -82,13 +83,18 @@ def test_scores_are_minus_cross_entropy_of_the_padded_crop():
   mesh = batching.create_mesh(8)
   scorer = rded.create_scorer(model, spec, config.recover, mesh)
   images = train.images[:8]
-  crops, scores = scorer(teacher, images, np.arange(8, dtype=np.int32), jnp.int32(4),
+  labels = np.array([4, 4, 1, 4, 0, 4, 4, 2], np.int32)
+  crops, scores = scorer(teacher, images, labels, np.arange(8, dtype=np.int32),
                          jax.random.key(5))
   assert crops.shape == (8, 3, 14, 14, 1)
   padded = rded.pad_to(np.asarray(crops).reshape(24, 14, 14, 1), 28, 28)
   logits = model.apply(teacher, padded)
-  expected = -optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(24, 4))
+  expected = -optax.softmax_cross_entropy_with_integer_labels(logits, np.repeat(labels, 3))
   np.testing.assert_allclose(np.asarray(scores).ravel(), expected, rtol=1e-5, atol=1e-5)
+  # A candidate's crops depend on its (class, rank) only, not on the batch around it.
+  alone, _ = scorer(teacher, np.repeat(images[2:3], 8, 0), np.full(8, 1, np.int32),
+                    np.full(8, 2, np.int32), jax.random.key(5))
+  np.testing.assert_array_equal(np.asarray(alone)[0], np.asarray(crops)[2])
 
 
 @pytest.mark.parametrize('factor', [1, 2])
@@ -101,6 +107,36 @@ def test_synthesize_same_on_1_and_8_devices(factor):
   again = rded.synthesize(config, spec, model=model, teacher=teacher, train=train,
                           num_classes=3, mesh=batching.create_mesh(8))
   np.testing.assert_array_equal(again, outs[1])  # deterministic for a seed
+
+
+def test_synthesize_scores_candidates_as_they_come_whatever_the_batch():
+  """The pass keeps scores, not images: candidates handed over 7 at a time (mixed classes)
+  give the same images as every candidate scored at once (the reference below)."""
+  config, spec, train, model, teacher = _setup(2)
+  mesh = batching.create_mesh(1)
+  whole = rded.synthesize(config, spec, model=model, teacher=teacher, train=train,
+                          num_classes=3, mesh=mesh)
+  small = testlib.BatchesOnly(train)
+  out = rded.synthesize(config, spec, model=model, teacher=teacher, train=small,
+                        num_classes=3, mesh=mesh, batch_size=7)
+  np.testing.assert_array_equal(out, whole)
+  # A batch of 7, or the ipc * f^2 = 8 chosen of a class read again; never all 30 candidates.
+  assert small.most == 8
+  # Reference: every candidate's crops and scores at once, the best ipc * f^2 stitched.
+  cfg = config.recover
+  images, labels = train.class_balanced_subset(
+      3, cfg.rded_candidates, rngs.numpy_rng('rded_candidates', config.seed))
+  scorer = rded.create_scorer(model, spec, cfg, mesh)
+  ranks = np.tile(np.arange(cfg.rded_candidates), 3).astype(np.int32)
+  crops, scores = scorer(teacher, images, labels, ranks, rngs.stream_key(config.seed,
+                                                                          'rded_crops'))
+  crops, scores = np.asarray(crops), np.asarray(scores)
+  for c in range(3):
+    rows = slice(c * cfg.rded_candidates, (c + 1) * cfg.rded_candidates)
+    source, crop = rded.select(scores[rows], 8)
+    patches = crops[rows][source, crop]
+    np.testing.assert_array_equal(
+        out[c], datasets.denormalise(rded.stitch(patches, 2, 2, spec.image_shape), spec))
 
 
 def test_validate():

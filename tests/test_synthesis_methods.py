@@ -19,6 +19,7 @@ from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import models
 from sre2l_jax import recover
+from sre2l_jax import rngs
 from sre2l_jax import synthesis
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -252,6 +253,40 @@ def test_selection_returns_the_top_scored_candidates_one_per_source_image():
     selection.select(scores, sources, 3, features, np.random.default_rng(0), 'middle')
 
 
+def test_scored_start_keeps_scores_and_crops_the_chosen_images_again():
+  """selection.scored_images scores the candidates a chunk at a time and keeps numbers, not
+  images: its starting images equal the best crops of the top-scored candidates of every
+  candidate scored and cropped at once (the reference below)."""
+  config = small_config(init='scored', init_candidates=6, init_crops=3, init_coverage=False,
+                        ipc=2, min_scale=0.3)
+  model, variables = testlib.random_teacher(config)
+  data = np.random.default_rng(2)
+  split = pipeline.InMemorySplit(data.integers(0, 256, (40,) + SPEC.image_shape, np.uint8),
+                                 np.repeat(np.arange(4), 10).astype(np.int32))
+  held = testlib.BatchesOnly(split)
+  out = selection.scored_images(config, model, variables, held, 3, chunk=4)
+  assert out.shape == (3, 2) + SPEC.image_shape and held.most == 4  # a chunk, never all 18
+
+  rng = rngs.numpy_rng('recover_init_scored', config.seed)
+  images, labels = split.class_balanced_subset(3, 6, rng)
+  key = rngs.stream_key(config.seed, 'recover_init_crops')
+  keys = jnp.concatenate([selection.crop_keys(key, i, min(4, 18 - i), 3)
+                          for i in range(0, 18, 4)])
+  crops = np.asarray(selection.create_crop_fn(SPEC, config.recover)(images, keys))
+  scores, _ = selection.create_score_fn(model, SPEC, config.recover)(variables, images, labels,
+                                                                      keys)
+  scores = np.asarray(scores)
+  assert crops.shape == (18, 3) + SPEC.image_shape
+  assert len({crops[0, k].tobytes() for k in range(3)}) == 3  # three different crops
+  for c in range(3):
+    rows = np.flatnonzero(labels == c)
+    best = scores[rows].max(1)
+    top = rows[np.argsort(-best, kind='stable')[:2]]
+    expected = crops[top, scores[top].argmax(1)]
+    np.testing.assert_array_equal(
+        out[c], datasets.normalise(datasets.denormalise(expected, SPEC), SPEC))
+
+
 def test_a_new_recover_key_at_its_old_behaviour_keeps_old_workdirs_resumable():
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,method=edc')
   config.recover.init_pick = 'score'
@@ -342,7 +377,8 @@ def test_in1k_edc_config_has_edc_settings_and_passes_the_stage_checks():
     assert config.recover.method == 'edc' and config.recover.group_by == 'class'
   r = testlib.load_config('in1k_edc').recover
   assert (r.ipc, r.batch_size, r.iterations, r.lr, r.r_bn, r.class_bn_weight, r.min_scale,
-          r.jitter, r.init, r.init_crops) == (10, 10, 1000, 0.05, 0.1, 0.5, 0.5, 0, 'scored', 5)
+          r.jitter, r.init, r.init_crops, r.init_candidates) == (
+              10, 10, 1000, 0.05, 0.1, 0.5, 0.5, 0, 'scored', 5, 300)
   relabel, e = testlib.load_config('in1k_edc').relabel, testlib.load_config('in1k_edc').evaluate
   assert (relabel.epochs, relabel.batch_size, relabel.min_scale, e.lr, e.temperature) == (
       300, 100, 0.5, 1e-3, 20.0)

@@ -46,6 +46,17 @@ class Split(Protocol):
     """`ipc` random examples of each class < `num_classes`, class-major, drawn with `rng`:
     images uint8 (num_classes * ipc, H, W, C), labels int32 (num_classes * ipc,)."""
 
+  def candidate_batches(self, num_classes: int, per_class: int, rng: np.random.Generator,
+                        batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`class_balanced_subset`'s draw (the same examples for the same `rng` state) in
+    batches of `batch_size` (the last may be shorter), for passes that keep a little per
+    example rather than the images: (images uint8 (b, H, W, C), labels int32 (b,), ids
+    int64 (b,) for `take`). Only one batch is held at a time."""
+
+  def take(self, ids) -> np.ndarray:
+    """The images of examples `ids` (from `candidate_batches`), uint8 (n, H, W, C), as
+    `candidate_batches` gave them."""
+
   def arrays(self) -> tuple[np.ndarray, np.ndarray]:
     """The whole split in host memory: images uint8 (N, H, W, C), labels int32 (N,).
 
@@ -86,13 +97,27 @@ class InMemorySplit:
                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """`ipc` examples of each class < `num_classes`, each class's drawn without replacement
     by `rng.choice`: images uint8 (num_classes * ipc, H, W, C), labels int32, class-major."""
+    index = self._balanced_index(num_classes, ipc, rng)
+    return self.images[index], self.labels[index]
+
+  def candidate_batches(self, num_classes: int, per_class: int, rng: np.random.Generator,
+                        batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`class_balanced_subset`'s draw in class-major batches: (images, labels, ids)."""
+    index = self._balanced_index(num_classes, per_class, rng)
+    for start in range(0, len(index), batch_size):
+      ids = index[start:start + batch_size]
+      yield self.images[ids], self.labels[ids], ids
+
+  def take(self, ids) -> np.ndarray:
+    return self.images[np.asarray(ids, np.int64)]
+
+  def _balanced_index(self, num_classes: int, ipc: int, rng: np.random.Generator) -> np.ndarray:
     counts = np.bincount(self.labels, minlength=num_classes)[:num_classes]
     if (counts < ipc).any():
       raise batching.too_few_per_class(ipc, np.flatnonzero(counts < ipc).tolist(),
                                        self.num_examples)
-    index = np.concatenate([rng.choice(np.flatnonzero(self.labels == c), ipc, replace=False)
-                            for c in range(num_classes)])
-    return self.images[index], self.labels[index]
+    return np.concatenate([rng.choice(np.flatnonzero(self.labels == c), ipc, replace=False)
+                           for c in range(num_classes)]).astype(np.int64)
 
   def arrays(self) -> tuple[np.ndarray, np.ndarray]:
     """The split itself: images uint8 (N, H, W, C), labels int32 (N,) (not copies)."""

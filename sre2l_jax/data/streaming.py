@@ -182,27 +182,59 @@ class StreamingSplit:
   def class_balanced_subset(self, num_classes: int, ipc: int, rng: np.random.Generator,
                             chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """`ipc` random examples of each class < `num_classes`, centre-cropped like the test
-    images: images uint8 (num_classes * ipc, H, W, C), labels int32, class-major.
+    images: images uint8 (num_classes * ipc, H, W, C), labels int32, class-major (within a
+    class in reading order); the examples of `candidate_batches`."""
+    images, labels = [], []
+    for batch_images, batch_labels, _ in self.candidate_batches(num_classes, ipc, rng, chunk,
+                                                                chunk):
+      images.append(batch_images)
+      labels.append(batch_labels)
+    labels = np.concatenate(labels)
+    order = np.argsort(labels, kind='stable')
+    return np.concatenate(images)[order], labels[order]
+
+  def candidate_batches(self, num_classes: int, per_class: int, rng: np.random.Generator,
+                        batch_size: int, chunk: int = 1024
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`per_class` random examples of each class < `num_classes`, in batches of
+    `batch_size` in reading order: (images uint8 (b, H, W, C) centre-cropped, labels int32
+    (b,), record ids int64 (b,)).
 
     Records are read `chunk` at a time in the order `rng.permutation(num_examples)` until
-    every class has `ipc`; labels come with the records, so only a little more than
-    num_classes * ipc are read, never the whole split.
+    every class has `per_class`; labels come with the records, so only a little more than
+    num_classes * per_class are read, never the whole split, and the host holds one chunk
+    and one batch, whatever num_classes * per_class is.
     """
-    chosen = {c: [] for c in range(num_classes)}
-    missing = num_classes * ipc
+    counts = np.zeros(num_classes, np.int64)
+    missing = num_classes * per_class
     order = rng.permutation(self.num_examples)
+    pending = []
     for start in range(0, len(order), chunk):
-      for image, label in self.read(order[start:start + chunk]):
-        if label < num_classes and len(chosen[label]) < ipc:
-          chosen[label].append(center_crop(image, self.image_shape))
+      ids = order[start:start + chunk]
+      for record_id, (image, label) in zip(ids, self.read(ids)):
+        if label < num_classes and counts[label] < per_class:
+          counts[label] += 1
           missing -= 1
+          pending.append((center_crop(image, self.image_shape), label, int(record_id)))
+          if len(pending) == batch_size:
+            yield self._candidates(pending)
+            pending = []
       if not missing:
         break
     if missing:
-      short = [c for c in range(num_classes) if len(chosen[c]) < ipc]
-      raise batching.too_few_per_class(ipc, short, self.num_examples)
-    images = np.stack([image for c in range(num_classes) for image in chosen[c]])
-    return images, np.repeat(np.arange(num_classes), ipc).astype(np.int32)
+      short = np.flatnonzero(counts < per_class).tolist()
+      raise batching.too_few_per_class(per_class, short, self.num_examples)
+    if pending:
+      yield self._candidates(pending)
+
+  @staticmethod
+  def _candidates(pending) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    images, labels, ids = zip(*pending)
+    return np.stack(images), np.asarray(labels, np.int32), np.asarray(ids, np.int64)
+
+  def take(self, ids) -> np.ndarray:
+    """Records `ids` centre-cropped (as `candidate_batches` gave them): uint8 (n, H, W, C)."""
+    return np.stack([center_crop(image, self.image_shape) for image, _ in self.read(ids)])
 
   def arrays(self) -> tuple[np.ndarray, np.ndarray]:
     """Always raises: a streamed split is too large to hold in host memory."""

@@ -80,9 +80,12 @@ def pad_to(patches, height: int, width: int):
   return jnp.pad(patches, ((0, 0), (top, height - h - top), (left, width - w - left), (0, 0)))
 
 
-def realism_scores(logits, label):
-  """-CE of the true class: log_softmax(logits)[..., label]. logits (..., K); label ()."""
-  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[..., label]
+def realism_scores(logits, labels):
+  """-CE of the true class: log_softmax(logits)[..., label]. logits (..., K); labels (...)
+  or () for all."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  labels = jnp.broadcast_to(jnp.asarray(labels, jnp.int32), log_probs.shape[:-1])
+  return jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
 
 
 def select(scores, count: int):
@@ -121,56 +124,77 @@ def stitch(patches, factor: int, ipc: int, out_shape):
 
 
 def create_scorer(model, spec: datasets.DatasetSpec, cfg, mesh):
-  """Jitted (teacher, images uint8 (N, H, W, C), ids (N,), label (), key) -> (crops (N, m,
-  p, p, C) normalised, scores (N, m)); N a multiple of the mesh size, sharded on 'data'.
-  Each candidate's crops come from fold_in(key, id): the same on any number of devices."""
+  """Jitted (teacher, images uint8 (N, H, W, C), labels (N,), ranks (N,), key) -> (crops (N,
+  m, p, p, C) normalised, scores (N, m)); N a multiple of the mesh size, sharded on 'data'.
+  A candidate's crops come from fold_in(fold_in(key, label), rank), rank its place among its
+  class's candidates: the same on any number of devices and in any batch."""
   height, width = spec.image_shape[:2]
   size = patch_size(min(height, width), cfg.rded_factor)
 
-  def score(teacher, images, ids, label, key):
+  def score(teacher, images, labels, ranks, key):
     x = datasets.normalise(images, spec)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    keys = jax.vmap(lambda c, i: jax.random.fold_in(jax.random.fold_in(key, c), i))(
+        labels, ranks)
     crops = random_crops(keys, x, num_crops=cfg.rded_crops, size=size,
                          scale=(cfg.min_scale, cfg.max_scale))
     n, m = crops.shape[:2]
     flat = pad_to(crops.reshape((n * m,) + crops.shape[2:]), height, width)
     logits = model.apply(teacher, flat, train=False)
-    return crops, realism_scores(logits, label).reshape(n, m)
+    scores = realism_scores(logits, jnp.repeat(labels, m)).reshape(n, m)
+    return crops, scores
 
   sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
-  return jax.jit(score, in_shardings=(replicated, sharded, sharded, replicated, replicated),
+  return jax.jit(score, in_shardings=(replicated, sharded, sharded, sharded, replicated),
                  out_shardings=(sharded, sharded))
 
 
+def _pad(arrays, multiple: int):
+  """Every array (n, ...) repeated cyclically to the next multiple of `multiple` rows."""
+  n = len(arrays[0])
+  index = np.arange(math.ceil(n / multiple) * multiple) % n
+  return [a[index] for a in arrays]
+
+
 def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *, model,
-               teacher, train, num_classes: int, mesh) -> np.ndarray:
+               teacher, train, num_classes: int, mesh, batch_size: int = 1024) -> np.ndarray:
   """RDED's images for classes 0..num_classes-1: uint8 (num_classes, ipc, H, W, C).
 
   model, teacher: the frozen teacher (module, variables replicated on `mesh`); train: the
-  training split (`pipeline.Split`). Deterministic for (config.seed, settings), whatever
+  training split (`pipeline.Split`). One pass scores the candidates as they are read
+  (`Split.candidate_batches`, `batch_size` at a time) and keeps their scores only; the
+  chosen ones are read again (`Split.take`) and cropped again, so the host never holds all
+  num_classes * rded_candidates images. Deterministic for (config.seed, settings), whatever
   the device count.
   """
   cfg = config.recover
   validate(cfg)
-  candidates, labels = train.class_balanced_subset(
-      num_classes, cfg.rded_candidates, rngs.numpy_rng('rded_candidates', config.seed))
   scorer = create_scorer(model, spec, cfg, mesh)
   key = rngs.stream_key(config.seed, 'rded_crops')
-  per_class = cfg.rded_candidates
-  padded = math.ceil(per_class / mesh.size) * mesh.size  # a multiple of the devices
   sharded = batching.data_sharding(mesh)
+  per_class = cfg.rded_candidates
+  scores = np.zeros((num_classes, per_class, cfg.rded_crops), np.float32)
+  ids = np.zeros((num_classes, per_class), np.int64)
+  seen = np.zeros(num_classes, np.int64)  # each class's candidates so far: the next rank
+
+  def run(images, labels, ranks):
+    n = len(labels)
+    padded = _pad([images, labels.astype(np.int32), ranks.astype(np.int32)], mesh.size)
+    crops, score = scorer(teacher, *(jax.device_put(a, sharded) for a in padded), key)
+    return crops, np.asarray(jax.device_get(score))[:n]  # the repeats' scores dropped
+
+  for images, labels, batch_ids in train.candidate_batches(
+      num_classes, per_class, rngs.numpy_rng('rded_candidates', config.seed), batch_size):
+    ranks = np.zeros(len(labels), np.int64)
+    for j, c in enumerate(labels):
+      ranks[j], seen[c] = seen[c], seen[c] + 1
+    _, score = run(images, labels, ranks)
+    scores[labels, ranks], ids[labels, ranks] = score, batch_ids
   count = cfg.ipc * cfg.rded_factor**2
   out = np.zeros((num_classes, cfg.ipc) + tuple(spec.image_shape), np.uint8)
   for c in range(num_classes):
-    assert (labels[c * per_class:(c + 1) * per_class] == c).all()
-    # Padded with repeats up to a multiple of the devices; their scores are dropped below.
-    images = candidates[c * per_class + np.arange(padded) % per_class]
-    ids = np.arange(padded, dtype=np.int32)
-    crops, scores = scorer(teacher, jax.device_put(images, sharded),
-                           jax.device_put(ids, sharded), jnp.int32(c),
-                           jax.random.fold_in(key, c))
-    source, crop = select(jax.device_get(scores)[:per_class], count)
-    patches = np.asarray(jax.device_get(crops))[source, crop]
+    source, crop = select(scores[c], count)
+    crops, _ = run(train.take(ids[c, source]), np.full(count, c), source)
+    patches = np.asarray(jax.device_get(crops))[np.arange(count), crop]
     out[c] = datasets.denormalise(stitch(patches, cfg.rded_factor, cfg.ipc, spec.image_shape),
                                   spec)
   return out

@@ -11,6 +11,11 @@ nearest the cluster's mean, as the k-means coreset picks), so the set spreads ov
 instead of piling on its most typical images (at Fashion-MNIST IPC 10 the plain top 10 scored 82.96% against
 the random subset's 83.46%, issue 13); without it, the top `ipc` by score. The chosen
 images of a class are ordered best score first (ipc index 0 = best).
+
+The candidates are scored as they are read (`Split.candidate_batches`, a streamed split
+included): the host keeps per candidate its best crop's score, crop key and features, and
+reads the chosen images again (`Split.take`) to crop them again. A candidate's crop keys come
+from its position in the candidate stream (`crop_keys`).
 """
 
 import jax
@@ -98,28 +103,46 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
   return chosen[np.argsort(-scores[chosen], kind='stable')]
 
 
-def create_score_fn(model, spec: datasets.DatasetSpec, cfg):
-  """A jitted (variables, images uint8 (N, H, W, C), labels (N,), key) -> (crops normalised
-  (N, K, H, W, C), scores (N, K) = teacher's probability of the label, features (N, K, D))."""
-  crops, size = cfg.init_crops, spec.image_shape[:2]
+def create_crop_fn(spec: datasets.DatasetSpec, cfg):
+  """A jitted (images uint8 (N, H, W, C), keys (N, K)) -> crops normalised (N, K, H, W, C):
+  K = recover.init_crops random-resized crops (scale min_scale..max_scale) of each image, crop
+  k from keys[:, k]; K = 1 is the whole image."""
+  size = spec.image_shape[:2]
 
-  def score(variables, images, labels, key):
+  def crop(images, keys):
     x = datasets.normalise(images, spec)
-    if crops > 1:
-      keys = jax.random.split(key, x.shape[0] * crops).reshape((x.shape[0], crops))
-      x = jax.vmap(lambda ks, im: jax.vmap(lambda k: augment.random_resized_crop(
-          k, im, size, (cfg.min_scale, cfg.max_scale)))(ks))(keys, x)
-    else:
-      x = x[:, None]
+    if cfg.init_crops == 1:
+      return x[:, None]
+    return jax.vmap(lambda ks, im: jax.vmap(lambda k: augment.random_resized_crop(
+        k, im, size, (cfg.min_scale, cfg.max_scale)))(ks))(keys, x)
+
+  return jax.jit(crop)
+
+
+def create_score_fn(model, spec: datasets.DatasetSpec, cfg):
+  """A jitted (variables, images uint8 (N, H, W, C), labels (N,), keys (N, K)) -> (scores
+  (N, K) = the teacher's probability of the label on each crop of `create_crop_fn`,
+  features (N, K, D) = the last BN layer's input averaged over H, W)."""
+  crop_fn = create_crop_fn(spec, cfg)
+
+  def score(variables, images, labels, keys):
+    x = crop_fn(images, keys)
     flat = x.reshape((-1,) + x.shape[2:])
     logits, state = model.apply(variables, flat, train=False, mutable=[models.BN_INPUTS])
     *_, (_, last) = models.iter_in_call_order(state[models.BN_INPUTS])
     features = jnp.mean(last.astype(jnp.float32), axis=(1, 2))
     probs = jax.nn.softmax(logits.astype(jnp.float32))
     hit = jnp.take_along_axis(probs, jnp.repeat(labels, x.shape[1])[:, None], axis=1)[:, 0]
-    return x, hit.reshape(x.shape[:2]), features.reshape(x.shape[:2] + features.shape[1:])
+    return hit.reshape(x.shape[:2]), features.reshape(x.shape[:2] + features.shape[1:])
 
   return jax.jit(score)
+
+
+def crop_keys(key, offset: int, count: int, crops: int):
+  """The crop keys (count, crops) of the `count` candidates read from position `offset` of
+  the candidate stream on: a pure function of the position (one split per `chunk`)."""
+  return jax.random.split(jax.random.fold_in(key, offset), count * crops).reshape(
+      (count, crops))
 
 
 def scored_images(config, model, variables, train_split, num_classes: int,
@@ -127,32 +150,43 @@ def scored_images(config, model, variables, train_split, num_classes: int,
   """The starting images (num_classes, ipc, H, W, C) normalised float32 (host), chosen per
   class as the module docstring says. Deterministic in config.seed.
 
-  Only each candidate's best crop is kept (uint8, as the real images are), so the host holds
-  num_classes * init_candidates images, whatever init_crops is.
+  One pass over the candidates (`Split.candidate_batches`, `chunk` at a time): each is
+  scored on its crops and keeps only its best crop's score, key and features; the chosen
+  images are read again (`Split.take`) and cropped again. So the host holds a chunk of
+  images and D + 3 numbers per candidate, whatever num_classes * init_candidates is.
   """
   cfg = config.recover
   spec = datasets.get_spec(config.dataset.name)
   rng = rngs.numpy_rng('recover_init_scored', config.seed)
-  images, labels = train_split.class_balanced_subset(
-      num_classes, cfg.init_candidates or _smallest_class(train_split, num_classes), rng)
+  per_class = cfg.init_candidates or _smallest_class(train_split, num_classes)
   score_fn = create_score_fn(model, spec, cfg)
   key = rngs.stream_key(config.seed, 'recover_init_crops')
-  best, scores, features = [], [], []
-  for i in range(0, len(labels), chunk):
-    crops, score, feature = jax.device_get(score_fn(
-        variables, images[i:i + chunk], labels[i:i + chunk], jax.random.fold_in(key, i)))
+  labels, ids, keys, scores, features = [], [], [], [], []
+  offset = 0
+  for images, batch_labels, batch_ids in train_split.candidate_batches(
+      num_classes, per_class, rng, chunk):
+    batch_keys = crop_keys(key, offset, len(batch_labels), cfg.init_crops)
+    score, feature = jax.device_get(score_fn(variables, images, batch_labels, batch_keys))
     top = np.argmax(score, axis=1)  # each source image's best crop
     rows = np.arange(len(top))
-    best.append(datasets.denormalise(crops[rows, top], spec))
+    keys.append(np.asarray(jax.random.key_data(batch_keys))[rows, top])
     scores.append(score[rows, top])
     features.append(feature[rows, top])
-  best, scores, features = map(np.concatenate, (best, scores, features))
+    labels.append(batch_labels)
+    ids.append(batch_ids)
+    offset += len(batch_labels)
+  labels, ids, keys, scores, features = map(np.concatenate,
+                                            (labels, ids, keys, scores, features))
+  crop_fn = create_crop_fn(spec, cfg)
   out = np.zeros((num_classes, cfg.ipc) + spec.image_shape, np.float32)
   for c in range(num_classes):
     rows = np.flatnonzero(labels == c)
-    chosen = select(scores[rows], rows, cfg.ipc,
-                    features[rows] if cfg.init_coverage else None, rng, cfg.init_pick)
-    out[c] = np.asarray(datasets.normalise(best[rows][chosen], spec))
+    chosen = rows[select(scores[rows], rows, cfg.ipc,
+                         features[rows] if cfg.init_coverage else None, rng, cfg.init_pick)]
+    best = jax.random.wrap_key_data(keys[chosen])[:, None]
+    crops = crop_fn(train_split.take(ids[chosen]), best)[:, 0]
+    # Through uint8, as a real image is stored.
+    out[c] = np.asarray(datasets.normalise(datasets.denormalise(crops, spec), spec))
   return out
 
 
