@@ -90,18 +90,22 @@ def nearest_to_centroids(features: np.ndarray, centroids: np.ndarray) -> np.ndar
   return np.asarray(chosen, np.int64)
 
 
-def teacher_features(model, variables, images: np.ndarray, spec: datasets.DatasetSpec, mesh,
-                     batch_size: int = 512) -> np.ndarray:
-  """The teacher's features of uint8 images (N, H, W, C): its last BatchNorm layer's input
-  averaged over (H, W), (N, D) float32 (the space of the issue-13 coreset)."""
+def _features_fn(model, spec: datasets.DatasetSpec):
+  """(variables, images uint8 (B, H, W, C)) -> the teacher's last BatchNorm layer's input
+  averaged over (H, W), (B, D) float32 (the space of the issue-13 coreset)."""
   def features(variables, x):
     _, state = model.apply(variables, datasets.normalise(x, spec), train=False,
                            mutable=[models.BN_INPUTS])
     *_, (_, last) = models.iter_in_call_order(state[models.BN_INPUTS])
     return jnp.mean(last.astype(jnp.float32), axis=tuple(range(1, last.ndim - 1)))
+  return features
 
-  step = jax.jit(features, in_shardings=(batching.replicated(mesh),
-                                         batching.data_sharding(mesh)),
+
+def teacher_features(model, variables, images: np.ndarray, spec: datasets.DatasetSpec, mesh,
+                     batch_size: int = 512) -> np.ndarray:
+  """The teacher's features (`_features_fn`) of uint8 images (N, H, W, C): (N, D) float32."""
+  step = jax.jit(_features_fn(model, spec), in_shardings=(batching.replicated(mesh),
+                                                          batching.data_sharding(mesh)),
                  out_shardings=batching.replicated(mesh))
   batch_size = -(-batch_size // mesh.size) * mesh.size
   out = []
@@ -113,27 +117,45 @@ def teacher_features(model, variables, images: np.ndarray, spec: datasets.Datase
   return np.concatenate(out)
 
 
+def split_features(model, variables, split, spec: datasets.DatasetSpec, mesh,
+                   batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+  """The teacher's features of every image of `split` (a `pipeline.Split`, a streamed one
+  included), in order, in one pass: (features (N, D) float32, labels (N,) int32)."""
+  features = _features_fn(model, spec)
+  step = jax.jit(lambda v, b: (features(v, b['image']), b['label'], b['mask']),
+                 out_shardings=batching.replicated(mesh))  # readable on every process
+  batch_size = -(-batch_size // mesh.size) * mesh.size
+  out, labels = [], []
+  for batch in split.eval_batches(batch_size, batching.data_sharding(mesh)):
+    feature, label, mask = jax.device_get(step(variables, batch))
+    real = np.asarray(mask) > 0  # the last batch's padding out
+    out.append(np.asarray(feature)[real])
+    labels.append(np.asarray(label, np.int32)[real])
+  return np.concatenate(out), np.concatenate(labels)
+
+
 def coreset(config: ml_collections.ConfigDict, workdir: str,
             ipc: int) -> tuple[np.ndarray, np.ndarray]:
   """The k-means coreset baseline: per class, k-means (k = ipc) over the teacher's features
-  (`teacher_features`) of all its real training images, and the real image nearest each
-  centroid. Images uint8 (C * ipc, H, W, C) class-major, labels int32. Needs a split held in
-  memory; deterministic in config.seed."""
+  (`split_features`) of all its real training images, and the real image nearest each
+  centroid. Images uint8 (C * ipc, H, W, C) class-major, labels int32; deterministic in
+  config.seed. One pass over the training split (streamed ones included: the host keeps
+  the features, N x D floats, and reads the chosen images again)."""
   spec = datasets.get_spec(config.dataset.name)
   mesh = batching.create_mesh(config.mesh_shape)
   model, variables = teacher_lib.load_one(config, workdir, mesh)  # config.teacher's features
-  images, labels = pipeline.load_split(config.dataset, 'train').arrays()
+  train = pipeline.load_split(config.dataset, 'train')
+  features, labels = split_features(model, variables, train, spec, mesh)
   chosen = []
   for c in range(recovered_classes(config.recover, spec)):
     rows = np.flatnonzero(labels == c)
     if len(rows) < ipc:
       raise ValueError(f'Class {c} has {len(rows)} training images; the coreset needs '
                        f'ipc={ipc}.')
-    features = teacher_features(model, variables, images[rows], spec, mesh)
-    centroids = kmeans(features, ipc, rngs.numpy_rng('coreset', config.seed, c))
-    chosen.append(rows[nearest_to_centroids(features, centroids)])
+    centroids = kmeans(features[rows], ipc, rngs.numpy_rng('coreset', config.seed, c))
+    chosen.append(rows[nearest_to_centroids(features[rows], centroids)])
   chosen = np.concatenate(chosen)
-  return images[chosen], labels[chosen].astype(np.int32)
+  return train.take(chosen), labels[chosen]
 
 
 def image_sets(config: ml_collections.ConfigDict, workdir: str) -> dict:

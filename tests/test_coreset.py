@@ -1,5 +1,6 @@
 """The k-means coreset baseline (image_sets.coreset): k-means, nearest images, determinism,
-and the set built from a teacher's features."""
+the features of a whole split in one pass (held or streamed), and the set built from a
+teacher's features."""
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from sre2l_jax import rngs
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
+from sre2l_jax.data import streaming
 
 import testlib
 
@@ -53,6 +55,44 @@ def test_teacher_features_are_the_last_bn_input_averaged():
                          mutable=[models.BN_INPUTS])
   last = state[models.BN_INPUTS]['bn1_input']
   np.testing.assert_allclose(got, np.asarray(last).mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+
+
+class _Records(list):
+  """A random-access record source as TFDS's data sources are (for a StreamingSplit)."""
+
+  def __getitems__(self, indices):
+    return [self[i] for i in indices]
+
+
+def test_split_features_stream_one_pass_in_order():
+  """split_features: the features of every image of a split, in order, padding dropped, for
+  an in-memory split and a streamed one (records of other sizes, centre-cropped) alike; the
+  coreset reads its chosen images again with `take`."""
+  spec = datasets.get_spec('fashion_mnist')
+  model = models.ConvNet(num_classes=10, width=4, depth=2)
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + spec.image_shape))
+  data = np.random.default_rng(4)
+  mesh = batching.create_mesh(8)
+  images = data.integers(0, 256, (13,) + spec.image_shape, np.uint8)
+  labels = data.integers(0, 10, 13).astype(np.int32)
+  features, got_labels = image_sets.split_features(
+      model, variables, pipeline.InMemorySplit(images, labels), spec, mesh, batch_size=8)
+  np.testing.assert_array_equal(got_labels, labels)
+  np.testing.assert_allclose(
+      features, image_sets.teacher_features(model, variables, images, spec, mesh),
+      rtol=1e-5, atol=1e-5)
+
+  raw = [data.integers(0, 256, (36, 30), np.uint8) for _ in range(11)]
+  split = streaming.StreamingSplit(_Records({'image': im, 'label': int(l)}
+                                            for im, l in zip(raw, labels)), 11, (28, 28, 1))
+  features, got_labels = image_sets.split_features(model, variables, split, spec, mesh,
+                                                   batch_size=8)
+  cropped = np.stack([streaming.center_crop(im[..., None], (28, 28, 1)) for im in raw])
+  np.testing.assert_array_equal(got_labels, labels[:11])
+  np.testing.assert_allclose(
+      features, image_sets.teacher_features(model, variables, cropped, spec, mesh),
+      rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(split.take([9, 2]), cropped[[9, 2]])
 
 
 def test_coreset_of_a_workdir_teacher(data_dir, tmp_path):
