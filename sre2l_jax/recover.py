@@ -110,6 +110,13 @@ def validate(config, spec) -> None:
   if cfg.init not in ('noise', 'real', 'scored'):
     raise ValueError(f"recover.init={cfg.init!r}; valid: 'noise', 'real', 'scored'.")
   selection.check_pick(cfg.init_pick)
+  if not spec.in_memory and (cfg.init == 'real' or (cfg.init == 'scored' and
+                                                    cfg.init_candidates == 0)):
+    what = "init='real'" if cfg.init == 'real' else "init='scored' with init_candidates=0"
+    raise ValueError(
+        f'recover.{what} needs the whole training split in host memory; {spec.name} is '
+        f'streamed. Use init=\'scored\' with init_candidates > 0 (candidates are scored as '
+        f'they are read) or init=\'noise\'.')
   if cfg.init == 'scored' and (cfg.init_candidates < 0 or cfg.init_crops < 1):
     raise ValueError(f'recover.init_candidates={cfg.init_candidates} (>= 0, 0: all) and '
                      f'init_crops={cfg.init_crops} (>= 1) are invalid.')

@@ -379,6 +379,16 @@ def test_in1k_edc_config_has_edc_settings_and_passes_the_stage_checks():
   assert (r.ipc, r.batch_size, r.iterations, r.lr, r.r_bn, r.class_bn_weight, r.min_scale,
           r.jitter, r.init, r.init_crops, r.init_candidates) == (
               10, 10, 1000, 0.05, 0.1, 0.5, 0.5, 0, 'scored', 5, 300)
+  # What needs the whole split in host memory is refused early on a streamed one.
+  spec = datasets.get_spec('imagenet2012')
+  for overrides, what in (({'recover.init': 'real'}, "init='real'"),
+                          ({'recover.init_candidates': 0},
+                           "init='scored' with init_candidates=0")):
+    config = testlib.load_config('in1k_edc')
+    config.update_from_flattened_dict(overrides)
+    with pytest.raises(ValueError, match=f"recover.{what} needs the whole training split in "
+                                         f"host memory; imagenet2012 is streamed"):
+      recover.validate(config, spec)
   relabel, e = testlib.load_config('in1k_edc').relabel, testlib.load_config('in1k_edc').evaluate
   assert (relabel.epochs, relabel.batch_size, relabel.min_scale, e.lr, e.temperature) == (
       300, 100, 0.5, 1e-3, 20.0)
