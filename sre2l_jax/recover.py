@@ -517,7 +517,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if scored is None:
           scored = selection.scored_images(config, model, plain_teacher,
                                            pipeline.load_split(config.dataset, 'train'),
-                                           num_classes)
+                                           num_classes, mesh)
         images = scored[labels[groups], (uids[groups] // num_classes) % cfg.ipc]
       else:
         train = pipeline.load_split(config.dataset, 'train') if cfg.init == 'real' else None

@@ -273,8 +273,8 @@ def test_scored_start_keeps_scores_and_crops_the_chosen_images_again():
   keys = jnp.concatenate([selection.crop_keys(key, i, min(4, 18 - i), 3)
                           for i in range(0, 18, 4)])
   crops = np.asarray(selection.create_crop_fn(SPEC, config.recover)(images, keys))
-  scores, _ = selection.create_score_fn(model, SPEC, config.recover)(variables, images, labels,
-                                                                      keys)
+  scores, _ = selection.create_score_fn(model, SPEC, config.recover)(
+      variables, images, labels, jax.random.key_data(keys))
   scores = np.asarray(scores)
   assert crops.shape == (18, 3) + SPEC.image_shape
   assert len({crops[0, k].tobytes() for k in range(3)}) == 3  # three different crops
@@ -285,6 +285,10 @@ def test_scored_start_keeps_scores_and_crops_the_chosen_images_again():
     expected = crops[top, scores[top].argmax(1)]
     np.testing.assert_array_equal(
         out[c], datasets.normalise(datasets.denormalise(expected, SPEC), SPEC))
+  # Scored across 8 devices (chunks of 4 padded to 8): the same choice.
+  spread = selection.scored_images(config, model, variables, split, 3,
+                                   batching.create_mesh(8), chunk=4)
+  np.testing.assert_allclose(spread, out, atol=1e-5)
 
 
 def test_a_new_recover_key_at_its_old_behaviour_keeps_old_workdirs_resumable():

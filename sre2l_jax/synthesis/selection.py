@@ -25,6 +25,7 @@ import numpy as np
 from sre2l_jax import models
 from sre2l_jax import rngs
 from sre2l_jax.data import augment
+from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 
 
@@ -119,14 +120,16 @@ def create_crop_fn(spec: datasets.DatasetSpec, cfg):
   return jax.jit(crop)
 
 
-def create_score_fn(model, spec: datasets.DatasetSpec, cfg):
-  """A jitted (variables, images uint8 (N, H, W, C), labels (N,), keys (N, K)) -> (scores
-  (N, K) = the teacher's probability of the label on each crop of `create_crop_fn`,
-  features (N, K, D) = the last BN layer's input averaged over H, W)."""
+def create_score_fn(model, spec: datasets.DatasetSpec, cfg, mesh=None):
+  """A jitted (variables, images uint8 (N, H, W, C), labels (N,), key data uint32 (N, K, 2))
+  -> (scores (N, K) = the teacher's probability of the label on each crop of
+  `create_crop_fn`, features (N, K, D) = the last BN layer's input averaged over H, W).
+  With a `mesh`, the candidates are split over its 'data' axis (N a multiple of its size,
+  the inputs placed by `batching.data_sharding`) and the outputs replicated."""
   crop_fn = create_crop_fn(spec, cfg)
 
-  def score(variables, images, labels, keys):
-    x = crop_fn(images, keys)
+  def score(variables, images, labels, key_data):
+    x = crop_fn(images, jax.random.wrap_key_data(key_data))
     flat = x.reshape((-1,) + x.shape[2:])
     logits, state = model.apply(variables, flat, train=False, mutable=[models.BN_INPUTS])
     *_, (_, last) = models.iter_in_call_order(state[models.BN_INPUTS])
@@ -135,7 +138,11 @@ def create_score_fn(model, spec: datasets.DatasetSpec, cfg):
     hit = jnp.take_along_axis(probs, jnp.repeat(labels, x.shape[1])[:, None], axis=1)[:, 0]
     return hit.reshape(x.shape[:2]), features.reshape(x.shape[:2] + features.shape[1:])
 
-  return jax.jit(score)
+  if mesh is None:
+    return jax.jit(score)
+  sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
+  return jax.jit(score, in_shardings=(replicated, sharded, sharded, sharded),
+                 out_shardings=replicated)
 
 
 def crop_keys(key, offset: int, count: int, crops: int):
@@ -145,7 +152,7 @@ def crop_keys(key, offset: int, count: int, crops: int):
       (count, crops))
 
 
-def scored_images(config, model, variables, train_split, num_classes: int,
+def scored_images(config, model, variables, train_split, num_classes: int, mesh=None,
                   chunk: int = 256) -> np.ndarray:
   """The starting images (num_classes, ipc, H, W, C) normalised float32 (host), chosen per
   class as the module docstring says. Deterministic in config.seed.
@@ -153,23 +160,31 @@ def scored_images(config, model, variables, train_split, num_classes: int,
   One pass over the candidates (`Split.candidate_batches`, `chunk` at a time): each is
   scored on its crops and keeps only its best crop's score, key and features; the chosen
   images are read again (`Split.take`) and cropped again. So the host holds a chunk of
-  images and D + 3 numbers per candidate, whatever num_classes * init_candidates is.
+  images and D + 3 numbers per candidate, whatever num_classes * init_candidates is. With a
+  `mesh` (variables replicated on it), each chunk is scored across its devices.
   """
   cfg = config.recover
   spec = datasets.get_spec(config.dataset.name)
   rng = rngs.numpy_rng('recover_init_scored', config.seed)
   per_class = cfg.init_candidates or _smallest_class(train_split, num_classes)
-  score_fn = create_score_fn(model, spec, cfg)
+  score_fn = create_score_fn(model, spec, cfg, mesh)
+  place = ((lambda a: a) if mesh is None else
+           (lambda a: jax.device_put(a, batching.data_sharding(mesh))))
+  multiple = 1 if mesh is None else mesh.size
   key = rngs.stream_key(config.seed, 'recover_init_crops')
   labels, ids, keys, scores, features = [], [], [], [], []
   offset = 0
   for images, batch_labels, batch_ids in train_split.candidate_batches(
       num_classes, per_class, rng, chunk):
-    batch_keys = crop_keys(key, offset, len(batch_labels), cfg.init_crops)
-    score, feature = jax.device_get(score_fn(variables, images, batch_labels, batch_keys))
+    n = len(batch_labels)
+    key_data = np.asarray(jax.random.key_data(crop_keys(key, offset, n, cfg.init_crops)))
+    pad = np.arange(-(-n // multiple) * multiple) % n  # repeats, dropped below
+    score, feature = jax.device_get(score_fn(
+        variables, *(place(a[pad]) for a in (images, batch_labels, key_data))))
+    score, feature = np.asarray(score)[:n], np.asarray(feature)[:n]
     top = np.argmax(score, axis=1)  # each source image's best crop
-    rows = np.arange(len(top))
-    keys.append(np.asarray(jax.random.key_data(batch_keys))[rows, top])
+    rows = np.arange(n)
+    keys.append(key_data[rows, top])
     scores.append(score[rows, top])
     features.append(feature[rows, top])
     labels.append(batch_labels)
