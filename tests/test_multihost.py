@@ -106,6 +106,28 @@ def restore_images(workdir):
   return step, np.asarray(state['images'])
 
 
+def assert_same_recovery(multi, single, single_result, groups_shape) -> dict:
+  """The two workdirs recovered the same set: equal exported images and labels, equal float
+  images (`groups_shape` (G, B) of them) in the checkpoint the processes wrote together, the
+  same BN losses, and the images moved. Returns the multi-process run's result.json."""
+  result = files.read_json(os.path.join(multi, 'recover', 'result.json'))
+  images, labels = export.read_tfds(export.tfds_dataset_dir(image_sets.distilled_dir(multi)))
+  ref_images, ref_labels = export.read_tfds(
+      export.tfds_dataset_dir(image_sets.distilled_dir(single)))
+  assert images.shape == (result['images'],) + SPEC.image_shape
+  np.testing.assert_array_equal(labels, ref_labels)
+  np.testing.assert_array_equal(images, ref_images)
+  step, floats = restore_images(multi)
+  ref_step, ref_floats = restore_images(single)
+  assert step == ref_step == OVERRIDES['recover.iterations']
+  assert floats.shape == ref_floats.shape == tuple(groups_shape) + SPEC.image_shape
+  np.testing.assert_allclose(floats, ref_floats, rtol=0, atol=1e-5)
+  for key in ('bn_loss_final', 'bn_loss_initial'):
+    assert result[key] == pytest.approx(single_result[key], rel=1e-5)
+  assert result['bn_loss_final'] != result['bn_loss_initial']  # the images moved
+  return result
+
+
 @pytest.fixture(scope='module')
 def teacher_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('teacher'))
@@ -130,24 +152,8 @@ def test_two_processes_recover_the_same_images_as_one(teacher_workdir, tmp_path)
     assert rc == 0, f'process {i} failed:\n{log[-4000:]}'
   assert 'stages [\'recover\'] on 8 devices (2 processes)' in outputs[0][1]
 
-  result = files.read_json(os.path.join(multi, 'recover', 'result.json'))
+  result = assert_same_recovery(multi, single, single_result, (8, 5))
   assert result['devices'] == 8 and result['groups'] == 6 and result['images'] == 30
-  images, labels = export.read_tfds(export.tfds_dataset_dir(image_sets.distilled_dir(multi)))
-  ref_images, ref_labels = export.read_tfds(
-      export.tfds_dataset_dir(image_sets.distilled_dir(single)))
-  assert images.shape == (30,) + SPEC.image_shape
-  np.testing.assert_array_equal(labels, ref_labels)
-  np.testing.assert_array_equal(images, ref_images)
-  # The float state of the checkpoint both processes wrote together.
-  step, floats = restore_images(multi)
-  ref_step, ref_floats = restore_images(single)
-  assert step == ref_step == OVERRIDES['recover.iterations']
-  assert floats.shape == ref_floats.shape == (8, 5) + SPEC.image_shape
-  np.testing.assert_allclose(floats, ref_floats, rtol=0, atol=1e-5)
-  assert result['bn_loss_final'] == pytest.approx(single_result['bn_loss_final'], rel=1e-5)
-  assert result['bn_loss_initial'] == pytest.approx(single_result['bn_loss_initial'],
-                                                    rel=1e-5)
-  assert result['bn_loss_final'] != result['bn_loss_initial']  # the images moved
   # Process 0 alone wrote the exports; both wrote their part of the checkpoint.
   assert os.path.exists(os.path.join(multi, 'recover', 'grid.png'))
   assert not [p for p in os.listdir(os.path.join(multi, 'recover')) if p.endswith('.tmp')]
@@ -176,7 +182,7 @@ def test_two_processes_run_edc_like_one(teacher_workdir, tmp_path):
     assert rc == 0, f'process {i} failed:\n{log[-4000:]}'
   assert 'class_stats: computed and wrote' in outputs[0][1]
 
-  result = files.read_json(os.path.join(multi, 'recover', 'result.json'))
+  result = assert_same_recovery(multi, single, single_result, (16, 3))
   assert result['method'] == 'edc' and result['devices'] == 8 and result['images'] == 30
   stats = {}
   for name, workdir in (('single', single), ('multi', multi)):
@@ -188,18 +194,6 @@ def test_two_processes_run_edc_like_one(teacher_workdir, tmp_path):
   assert stats['multi'].keys() == stats['single'].keys()
   for key, value in stats['single'].items():
     np.testing.assert_allclose(stats['multi'][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
-  images, labels = export.read_tfds(export.tfds_dataset_dir(image_sets.distilled_dir(multi)))
-  ref_images, ref_labels = export.read_tfds(
-      export.tfds_dataset_dir(image_sets.distilled_dir(single)))
-  np.testing.assert_array_equal(labels, ref_labels)
-  np.testing.assert_array_equal(images, ref_images)
-  step, floats = restore_images(multi)
-  ref_step, ref_floats = restore_images(single)
-  assert step == ref_step == EDC_OVERRIDES['recover.iterations']
-  assert floats.shape == ref_floats.shape == (16, 3) + SPEC.image_shape
-  np.testing.assert_allclose(floats, ref_floats, rtol=0, atol=1e-5)
-  assert result['bn_loss_final'] == pytest.approx(single_result['bn_loss_final'], rel=1e-5)
-  assert result['bn_loss_final'] != result['bn_loss_initial']  # the images moved
 
 
 def test_different_configs_refuse_to_start(teacher_workdir, tmp_path):
