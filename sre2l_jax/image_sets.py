@@ -46,8 +46,12 @@ def random_subset(config: ml_collections.ConfigDict, ipc: int) -> tuple[np.ndarr
   of the classes the recover stage covers: images uint8 (C * ipc, H, W, C), labels int32."""
   spec = datasets.get_spec(config.dataset.name)
   train = pipeline.load_split(config.dataset, 'train')
-  return train.class_balanced_subset(recovered_classes(config.recover, spec), ipc,
-                                     rngs.numpy_rng('random_subset', config.seed))
+  try:
+    return train.class_balanced_subset(recovered_classes(config.recover, spec), ipc,
+                                       rngs.numpy_rng('random_subset', config.seed))
+  except batching.TooFewPerClass as e:
+    raise ValueError(f'The random-subset baseline: {e} Remove "random" from '
+                     f'evaluate.baselines to skip it.') from e
 
 
 def kmeans(features: np.ndarray, k: int, rng: np.random.Generator,

@@ -284,7 +284,7 @@ def test_streaming_class_balanced_subset_reads_records_in_a_random_order(imagene
   # num_classes=1 keeps class 0 only; another seed draws other images.
   images, labels = train.class_balanced_subset(1, 3, np.random.default_rng(4))
   assert labels.tolist() == [0, 0, 0] and not np.array_equal(images, np.stack(expected[0]))
-  with pytest.raises(ValueError, match=r'random-subset baseline needs 6 .* 2 classes'):
+  with pytest.raises(batching.TooFewPerClass, match=r'^6 training images of every class are needed; 2 classes'):
     train.class_balanced_subset(2, 6, np.random.default_rng(0))
 
 
@@ -308,7 +308,7 @@ def test_streaming_candidate_batches_hold_one_batch_and_draw_the_subset(imagenet
   np.testing.assert_array_equal(images[by_class], expected_images)
   np.testing.assert_array_equal(labels[by_class], expected_labels)
   np.testing.assert_array_equal(train.take(ids[::-1]), images[::-1])
-  with pytest.raises(ValueError, match=r'needs 6 .* 2 classes'):
+  with pytest.raises(batching.TooFewPerClass, match=r'6 training images .* 2 classes'):
     list(train.candidate_batches(2, 6, np.random.default_rng(0), batch_size=4))
 
 
@@ -343,7 +343,7 @@ def test_in_memory_class_balanced_subset_is_the_random_subset_draw():
     np.testing.assert_array_equal(np.concatenate([im for im, _, _ in batches]), images[index])
     np.testing.assert_array_equal(split.take(index[:3]), images[index[:3]])
   rare = np.flatnonzero(np.bincount(labels, minlength=12) < 30)[0]
-  with pytest.raises(ValueError, match=rf'random-subset baseline needs 30 .*\[{rare}'):
+  with pytest.raises(batching.TooFewPerClass, match=rf'30 training images .*\[{rare}'):
     split.class_balanced_subset(12, 30, np.random.default_rng(0))
   held_images, held_labels = split.arrays()
   assert held_images is images and held_labels is labels

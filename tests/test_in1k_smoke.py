@@ -202,7 +202,7 @@ def test_random_subset_of_a_streaming_split(tmp_path):
   with mock.patch.object(pipeline, 'load_split', lambda *_: split):
     images, subset_labels = image_sets.random_subset(config, 3)
     again, _ = image_sets.random_subset(config, 3)
-    with pytest.raises(ValueError, match='random-subset baseline needs 6'):
+    with pytest.raises(ValueError, match=r'random-subset baseline: 6 training images of every class are needed.*Remove "random" from evaluate.baselines'):
       image_sets.random_subset(config, 6)
   assert images.shape == (30, 224, 224, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(subset_labels, np.repeat(np.arange(10), 3))

@@ -139,6 +139,16 @@ def test_synthesize_scores_candidates_as_they_come_whatever_the_batch():
         out[c], datasets.denormalise(rded.stitch(patches, 2, 2, spec.image_shape), spec))
 
 
+def test_too_few_candidates_name_the_setting_to_lower():
+  config, spec, train, model, teacher = _setup(1)
+  config.recover.rded_candidates = 21  # 20 images per class
+  with pytest.raises(ValueError, match=r'^recover.rded_candidates: 21 training images of every '
+                                       r'class are needed; 3 classes .* Lower '
+                                       r'recover.rded_candidates.$'):
+    rded.synthesize(config, spec, model=model, teacher=teacher, train=train, num_classes=3,
+                    mesh=batching.create_mesh(1))
+
+
 def test_validate():
   cfg = ml_collections.ConfigDict(dict(ipc=10, rded_candidates=39, rded_crops=5,
                                        rded_factor=2))

@@ -285,6 +285,11 @@ def test_scored_start_keeps_scores_and_crops_the_chosen_images_again():
     expected = crops[top, scores[top].argmax(1)]
     np.testing.assert_array_equal(
         out[c], datasets.normalise(datasets.denormalise(expected, SPEC), SPEC))
+  config.recover.init_candidates = 11  # 10 images per class
+  with pytest.raises(ValueError, match=r'^recover.init_candidates: 11 training images of every '
+                                       r'class are needed; 3 classes'):
+    selection.scored_images(config, model, variables, split, 3)
+  config.recover.init_candidates = 6
   # Scored across 8 devices (chunks of 4 padded to 8): the same choice.
   spread = selection.scored_images(config, model, variables, split, 3,
                                    batching.create_mesh(8), chunk=4)

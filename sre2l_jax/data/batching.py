@@ -118,10 +118,14 @@ def eval_indices(num_examples: int,
     yield np.where(mask, index, 0)[rows], mask[rows].astype(np.float32)
 
 
-def too_few_per_class(ipc: int, short: list[int], num_examples: int) -> ValueError:
-  """The error of `Split.class_balanced_subset` when classes `short` have < `ipc` examples."""
-  return ValueError(
-      f'The random-subset baseline needs {ipc} training images of every class; '
-      f'{len(short)} classes (e.g. {short[:10]}) have fewer among the {num_examples} '
-      f'training images used (dataset.train_limit?). Remove "random" from '
-      f'evaluate.baselines to skip the baseline.')
+class TooFewPerClass(ValueError):
+  """A class-balanced draw (`Split.class_balanced_subset`, `Split.candidate_batches`) asked
+  for more examples of a class than the split has; the caller says what asked for them."""
+
+
+def too_few_per_class(count: int, short: list[int], num_examples: int) -> TooFewPerClass:
+  """The error of a class-balanced draw when classes `short` have < `count` examples."""
+  return TooFewPerClass(
+      f'{count} training images of every class are needed; {len(short)} classes (e.g. '
+      f'{short[:10]}) have fewer among the {num_examples} training images used '
+      f'(dataset.train_limit?).')

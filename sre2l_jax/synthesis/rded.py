@@ -31,6 +31,7 @@ from sre2l_jax import rngs
 from sre2l_jax.data import augment
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
+from sre2l_jax.synthesis import selection
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -182,8 +183,9 @@ def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *,
     crops, score = scorer(teacher, *(jax.device_put(a, sharded) for a in padded), key)
     return crops, np.asarray(jax.device_get(score))[:n]  # the repeats' scores dropped
 
-  for images, labels, batch_ids in train.candidate_batches(
-      num_classes, per_class, rngs.numpy_rng('rded_candidates', config.seed), batch_size):
+  batches = train.candidate_batches(num_classes, per_class,
+                                    rngs.numpy_rng('rded_candidates', config.seed), batch_size)
+  for images, labels, batch_ids in selection.candidates(batches, 'rded_candidates'):
     ranks = np.zeros(len(labels), np.int64)
     for j, c in enumerate(labels):
       ranks[j], seen[c] = seen[c], seen[c] + 1
