@@ -129,3 +129,12 @@ def too_few_per_class(count: int, short: list[int], num_examples: int) -> TooFew
       f'{count} training images of every class are needed; {len(short)} classes (e.g. '
       f'{short[:10]}) have fewer among the {num_examples} training images used '
       f'(dataset.train_limit?).')
+
+
+def named_draw(batches, setting: str):
+  """`batches` (a `Split.candidate_batches` iterator) as they come; a split too small for the
+  draw raises a ValueError naming `setting` (e.g. 'recover.rded_candidates'), to be lowered."""
+  try:
+    yield from batches
+  except TooFewPerClass as e:
+    raise ValueError(f'{setting}: {e} Lower {setting}.') from e

@@ -31,7 +31,6 @@ from sre2l_jax import rngs
 from sre2l_jax.data import augment
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
-from sre2l_jax.synthesis import selection
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -185,7 +184,7 @@ def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *,
 
   batches = train.candidate_batches(num_classes, per_class,
                                     rngs.numpy_rng('rded_candidates', config.seed), batch_size)
-  for images, labels, batch_ids in selection.candidates(batches, 'rded_candidates'):
+  for images, labels, batch_ids in batching.named_draw(batches, 'recover.rded_candidates'):
     ranks = np.zeros(len(labels), np.int64)
     for j, c in enumerate(labels):
       ranks[j], seen[c] = seen[c], seen[c] + 1

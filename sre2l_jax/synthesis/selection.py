@@ -174,8 +174,8 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
   key = rngs.stream_key(config.seed, 'recover_init_crops')
   labels, ids, keys, scores, features = [], [], [], [], []
   offset = 0
-  for images, batch_labels, batch_ids in candidates(train_split.candidate_batches(
-      num_classes, per_class, rng, chunk), 'init_candidates'):
+  for images, batch_labels, batch_ids in batching.named_draw(train_split.candidate_batches(
+      num_classes, per_class, rng, chunk), 'recover.init_candidates'):
     n = len(batch_labels)
     key_data = np.asarray(jax.random.key_data(crop_keys(key, offset, n, cfg.init_crops)))
     pad = np.arange(-(-n // multiple) * multiple) % n  # repeats, dropped below
@@ -208,12 +208,3 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
 def _smallest_class(split, num_classes: int) -> int:
   _, labels = split.arrays()  # 0 (all of the class) needs an in-memory split
   return int(np.bincount(labels, minlength=num_classes)[:num_classes].min())
-
-
-def candidates(batches, knob: str):
-  """`batches` (a `Split.candidate_batches` iterator), with the error of a split too small
-  for the draw naming recover.`knob`, the setting to lower."""
-  try:
-    yield from batches
-  except batching.TooFewPerClass as e:
-    raise ValueError(f'recover.{knob}: {e} Lower recover.{knob}.') from e
