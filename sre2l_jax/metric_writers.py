@@ -8,7 +8,7 @@ process 0 only:
   logdir/metrics.jsonl          one JSON object per write_scalars call:
                                 {"step": int, "<name>": float, ...} (plots read this; a
                                 resumed run appends, so a step may appear twice: the later
-                                line wins);
+                                line wins, see `read_metrics`);
   logdir/hparams.json           the last write_hparams dict (a stage's resolved config).
 Nothing goes to the console: `Progress` prints the progress lines.
 
@@ -18,7 +18,6 @@ Local files are appended to; remote ones (gs://) are rewritten whole on flush (o
 cannot append), at most every `REMOTE_FLUSH_SECONDS` between explicit flushes.
 """
 
-import io
 import json
 import math
 import os
@@ -327,6 +326,18 @@ class Progress:
 
 
 def read_metrics(path) -> list[dict]:
-  """The records of a metrics.jsonl (a reader for plots and tests)."""
-  text = epath.Path(path).read_text()
-  return [json.loads(line) for line in io.StringIO(text) if line.strip()]
+  """The rows of one `metrics.jsonl` (one `{"step": int, "<name>": float, ...}` per line),
+  for plots and tests.
+
+  Returns one dict per step, in step order. Rows of the same step are merged, later ones
+  winning (a resumed run writes its steps again); a line cut short by a kill is skipped.
+  """
+  rows = {}
+  for line in epath.Path(path).read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and 'step' in row:
+      rows.setdefault(int(row['step']), {}).update(row)
+  return [rows[step] for step in sorted(rows)]

@@ -18,6 +18,7 @@ import jax
 
 from sre2l_jax import config_lib
 from sre2l_jax import files
+from sre2l_jax import metric_writers
 
 # Published ConvNet results on Fashion-MNIST (top-1 %, IPC 1 / 10 / 50), for context.
 PUBLISHED = {'fashion_mnist': {'DC': {1: 70.5, 10: 82.3, 50: 83.6},
@@ -155,23 +156,6 @@ def write(config, workdir: str) -> dict:
 PLOTS = 'plots'  # workdir/plots/: the report's figures
 
 
-def read_metrics(path) -> list[dict]:
-  """The rows of one `metrics.jsonl` (one `{"step": int, "<name>": float, ...}` per line).
-
-  Returns one dict per step, in step order. Rows of the same step are merged, later ones
-  winning (a resumed run writes its steps again); a line cut short by a kill is skipped.
-  """
-  rows = {}
-  for line in epath.Path(path).read_text().splitlines():
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(row, dict) and 'step' in row:
-      rows.setdefault(int(row['step']), {}).update(row)
-  return [rows[step] for step in sorted(rows)]
-
-
 def find_metrics(folder) -> epath.Path | None:
   """The `metrics.jsonl` a writer made in `folder` or below it (e.g. `folder/logs/`)."""
   folder = epath.Path(folder)
@@ -200,7 +184,7 @@ def student_curves(workdir) -> dict[str, list[tuple[list[int], list[float]]]]:
       label = name if len(architectures) == 1 else f'{arch} {name}'
       for seed in range(variant['seeds'] if variant.get('dir') else 0):
         path = find_metrics(epath.Path(workdir) / variant['dir'] / f'seed{seed}')
-        rows = [r for r in read_metrics(path) if 'test_top1' in r] if path else []
+        rows = [r for r in metric_writers.read_metrics(path) if 'test_top1' in r] if path else []
         if rows:
           curves.setdefault(label, []).append(([r['step'] for r in rows],
                                                [r['test_top1'] for r in rows]))
@@ -211,7 +195,7 @@ def bn_curves(workdir) -> dict[str, tuple[list[int], list[float]]]:
   """{layer: (steps, BN loss)} from recover's `metrics.jsonl` keys `bn/<layer>`."""
   path = find_metrics(epath.Path(workdir) / 'recover')
   curves = {}
-  for row in read_metrics(path) if path else []:
+  for row in metric_writers.read_metrics(path) if path else []:
     for key, value in row.items():
       if key.startswith('bn/'):
         steps, values = curves.setdefault(key[len('bn/'):], ([], []))

@@ -110,6 +110,12 @@ def test_resumed_writer_appends(tmp_path):
     writer.close()
   assert [r['step'] for r in metric_writers.read_metrics(tmp_path / 'metrics.jsonl')] == [1, 2]
   assert [s for s, _ in scalars_of(read_events(tmp_path))['loss']] == [1, 2]
+  # A run resumed from an earlier checkpoint writes step 2 again: the later line wins.
+  writer = metric_writers.create_writer(tmp_path)
+  writer.write_scalars(2, {'loss': 5.0, 'lr': 0.1})
+  writer.close()
+  assert metric_writers.read_metrics(tmp_path / 'metrics.jsonl') == [
+      {'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 5.0, 'lr': 0.1}]
 
 
 def test_remote_files_are_rewritten_whole_on_flush(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from PIL import Image
 
 from sre2l_jax import config_lib
 from sre2l_jax import export
+from sre2l_jax import metric_writers
 from sre2l_jax import report
 from sre2l_jax.data import datasets
 
@@ -68,8 +69,8 @@ def test_read_metrics_merges_a_step_and_skips_a_line_cut_by_a_kill(tmp_path):
   _write_jsonl(str(path), [{'step': 2, 'loss': 1.0}, {'step': 1, 'loss': 3.0},
                            {'step': 2, 'test_top1': 0.5}, {'step': 2, 'loss': 0.5}],
                tail='{"step": 3, "lo')
-  assert report.read_metrics(path) == [{'step': 1, 'loss': 3.0},
-                                       {'step': 2, 'loss': 0.5, 'test_top1': 0.5}]
+  assert metric_writers.read_metrics(path) == [{'step': 1, 'loss': 3.0},
+                                               {'step': 2, 'loss': 0.5, 'test_top1': 0.5}]
 
 
 def test_curves_come_from_the_last_evaluation_and_recover(tmp_path):
