@@ -160,7 +160,8 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
   One pass over the candidates (`Split.candidate_batches`, `chunk` at a time): each is
   scored on its crops and keeps only its best crop's score, key and features; the chosen
   images are read again (`Split.take`) and cropped again. So the host holds a chunk of
-  images and D + 3 numbers per candidate, whatever num_classes * init_candidates is. With a
+  images and, per candidate, its D features and a few numbers, whatever num_classes *
+  init_candidates is. With a
   `mesh` (variables replicated on it), each chunk is scored across its devices.
   """
   cfg = config.recover
@@ -189,7 +190,7 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
     features.append(feature[rows, top])
     labels.append(batch_labels)
     ids.append(batch_ids)
-    offset += len(batch_labels)
+    offset += n
   labels, ids, keys, scores, features = map(np.concatenate,
                                             (labels, ids, keys, scores, features))
   crop_fn = create_crop_fn(spec, cfg)
