@@ -105,26 +105,10 @@ def _features_fn(model, spec: datasets.DatasetSpec):
   return features
 
 
-def teacher_features(model, variables, images: np.ndarray, spec: datasets.DatasetSpec, mesh,
-                     batch_size: int = 512) -> np.ndarray:
-  """The teacher's features (`_features_fn`) of uint8 images (N, H, W, C): (N, D) float32."""
-  step = jax.jit(_features_fn(model, spec), in_shardings=(batching.replicated(mesh),
-                                                          batching.data_sharding(mesh)),
-                 out_shardings=batching.replicated(mesh))
-  batch_size = -(-batch_size // mesh.size) * mesh.size
-  out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
-                                             chunk.dtype)])  # one compiled shape
-    out.append(np.asarray(jax.device_get(step(variables, padded)))[:len(chunk)])
-  return np.concatenate(out)
-
-
 def split_features(model, variables, split, spec: datasets.DatasetSpec, mesh,
                    batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-  """The teacher's features of every image of `split` (a `pipeline.Split`, a streamed one
-  included), in order, in one pass: (features (N, D) float32, labels (N,) int32)."""
+  """The teacher's features (`_features_fn`) of every image of `split` (a `pipeline.Split`, a
+  streamed one included), in order, in one pass: (features (N, D) float32, labels (N,) int32)."""
   features = _features_fn(model, spec)
   step = jax.jit(lambda v, b: (features(v, b['image']), b['label'], b['mask']),
                  out_shardings=batching.replicated(mesh))  # readable on every process

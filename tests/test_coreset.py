@@ -44,19 +44,6 @@ def test_nearest_to_centroids_are_the_nearest_distinct_images():
   assert same[0] == 7 and same[1] == np.argsort(((features - features[7]) ** 2).sum(-1))[1]
 
 
-def test_teacher_features_are_the_last_bn_input_averaged():
-  spec = datasets.get_spec('fashion_mnist')
-  model = models.ConvNet(num_classes=10, width=4, depth=2)
-  variables = model.init(jax.random.key(0), jnp.zeros((1,) + spec.image_shape))
-  images = np.random.default_rng(3).integers(0, 256, (13,) + spec.image_shape, np.uint8)
-  got = image_sets.teacher_features(model, variables, images, spec, batching.create_mesh(8),
-                                    batch_size=8)
-  _, state = model.apply(variables, datasets.normalise(images, spec),
-                         mutable=[models.BN_INPUTS])
-  last = state[models.BN_INPUTS]['bn1_input']
-  np.testing.assert_allclose(got, np.asarray(last).mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
-
-
 class _Records(list):
   """A random-access record source as TFDS's data sources are (for a StreamingSplit)."""
 
@@ -64,10 +51,16 @@ class _Records(list):
     return [self[i] for i in indices]
 
 
-def test_split_features_stream_one_pass_in_order():
-  """split_features: the features of every image of a split, in order, padding dropped, for
-  an in-memory split and a streamed one (records of other sizes, centre-cropped) alike; the
-  coreset reads its chosen images again with `take`."""
+def _last_bn_input_mean(model, variables, images, spec):
+  """The coreset's features written out: the last BN layer's input averaged over (H, W)."""
+  _, state = model.apply(variables, datasets.normalise(images, spec), mutable=[models.BN_INPUTS])
+  return np.asarray(state[models.BN_INPUTS]['bn1_input']).mean(axis=(1, 2))
+
+
+def test_split_features_are_the_last_bn_input_averaged_in_one_pass():
+  """split_features: the last BN layer's input averaged over (H, W) of every image of a
+  split, in order, padding dropped, for an in-memory split and a streamed one (records of
+  other sizes, centre-cropped) alike; the coreset reads its chosen images again with `take`."""
   spec = datasets.get_spec('fashion_mnist')
   model = models.ConvNet(num_classes=10, width=4, depth=2)
   variables = model.init(jax.random.key(0), jnp.zeros((1,) + spec.image_shape))
@@ -78,9 +71,8 @@ def test_split_features_stream_one_pass_in_order():
   features, got_labels = image_sets.split_features(
       model, variables, pipeline.InMemorySplit(images, labels), spec, mesh, batch_size=8)
   np.testing.assert_array_equal(got_labels, labels)
-  np.testing.assert_allclose(
-      features, image_sets.teacher_features(model, variables, images, spec, mesh),
-      rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(features, _last_bn_input_mean(model, variables, images, spec),
+                             rtol=1e-5, atol=1e-5)
 
   raw = [data.integers(0, 256, (36, 30), np.uint8) for _ in range(11)]
   split = streaming.StreamingSplit(_Records({'image': im, 'label': int(l)}
@@ -89,9 +81,8 @@ def test_split_features_stream_one_pass_in_order():
                                                    batch_size=8)
   cropped = np.stack([streaming.center_crop(im[..., None], (28, 28, 1)) for im in raw])
   np.testing.assert_array_equal(got_labels, labels[:11])
-  np.testing.assert_allclose(
-      features, image_sets.teacher_features(model, variables, cropped, spec, mesh),
-      rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(features, _last_bn_input_mean(model, variables, cropped, spec),
+                             rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(split.take([9, 2]), cropped[[9, 2]])
 
 
@@ -104,12 +95,14 @@ def test_coreset_of_a_workdir_teacher(data_dir, tmp_path):
   model, variables = testlib.write_teacher(config, str(tmp_path))
   images, labels = image_sets.coreset(config, str(tmp_path), 2)
   np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2, 2])
-  train_images, train_labels = pipeline.load_split(config.dataset, 'train').arrays()
-  mesh = batching.create_mesh(8)
+  train = pipeline.load_split(config.dataset, 'train')
+  train_images, train_labels = train.arrays()
+  all_features, _ = image_sets.split_features(model, variables, train,
+                                              datasets.get_spec('fashion_mnist'),
+                                              batching.create_mesh(8))
   for c in range(3):
     rows = np.flatnonzero(train_labels == c)
-    features = image_sets.teacher_features(model, variables, train_images[rows],
-                                           datasets.get_spec('fashion_mnist'), mesh)
+    features = all_features[rows]
     centroids = image_sets.kmeans(features, 2, rngs.numpy_rng('coreset', config.seed, c))
     nearest = rows[np.argmin(((features[:, None] - centroids[None]) ** 2).sum(-1), axis=0)]
     np.testing.assert_array_equal(images[2 * c:2 * c + 2], train_images[nearest])
