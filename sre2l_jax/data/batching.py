@@ -57,6 +57,15 @@ def process_rows(global_batch: int) -> slice:
   return slice(index * per, (index + 1) * per)
 
 
+def pad_rows(arrays, multiple: int) -> list[np.ndarray]:
+  """Every array (n, ...) with its rows repeated cyclically up to the next multiple of
+  `multiple` (e.g. the device count), so that a sharded batch divides; the repeats' results
+  are for the caller to drop (rows n and on)."""
+  n = len(arrays[0])
+  index = np.arange(-(-n // multiple) * multiple) % n
+  return [np.asarray(a)[index] for a in arrays]
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, what: str) -> None:
   """Raises unless `batch_size` (named `what` in the message) splits over the mesh."""
   if batch_size <= 0 or batch_size % mesh.size:

@@ -148,13 +148,6 @@ def create_scorer(model, spec: datasets.DatasetSpec, cfg, mesh):
                  out_shardings=(sharded, sharded))
 
 
-def _pad(arrays, multiple: int):
-  """Every array (n, ...) repeated cyclically to the next multiple of `multiple` rows."""
-  n = len(arrays[0])
-  index = np.arange(math.ceil(n / multiple) * multiple) % n
-  return [a[index] for a in arrays]
-
-
 def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *, model,
                teacher, train, num_classes: int, mesh, batch_size: int = 1024) -> np.ndarray:
   """RDED's images for classes 0..num_classes-1: uint8 (num_classes, ipc, H, W, C).
@@ -178,7 +171,8 @@ def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *,
 
   def run(images, labels, ranks):
     n = len(labels)
-    padded = _pad([images, labels.astype(np.int32), ranks.astype(np.int32)], mesh.size)
+    padded = batching.pad_rows([images, labels.astype(np.int32), ranks.astype(np.int32)],
+                              mesh.size)
     crops, score = scorer(teacher, *(jax.device_put(a, sharded) for a in padded), key)
     return crops, np.asarray(jax.device_get(score))[:n]  # the repeats' scores dropped
 

@@ -179,9 +179,8 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
       num_classes, per_class, rng, chunk), 'recover.init_candidates'):
     n = len(batch_labels)
     key_data = np.asarray(jax.random.key_data(crop_keys(key, offset, n, cfg.init_crops)))
-    pad = np.arange(-(-n // multiple) * multiple) % n  # repeats, dropped below
-    score, feature = jax.device_get(score_fn(
-        variables, *(place(a[pad]) for a in (images, batch_labels, key_data))))
+    padded = batching.pad_rows([images, batch_labels, key_data], multiple)  # repeats dropped
+    score, feature = jax.device_get(score_fn(variables, *(place(a) for a in padded)))
     score, feature = np.asarray(score)[:n], np.asarray(feature)[:n]
     top = np.argmax(score, axis=1)  # each source image's best crop
     rows = np.arange(n)
