@@ -199,6 +199,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate = ml_collections.ConfigDict(dict(
       optimizer='adamw',  # sgd | adamw
       lr=1e-3,  # peak learning rate (cosine to 0)
+      # The cosine runs over lr_zeta times the schedule: lr (1 + cos(pi t / (zeta T))) / 2;
+      # 1: to 0 at the last step (SRe2L), 2: EDC's smoothed schedule, ending at half the peak.
+      lr_zeta=1.0,
+      # > 0: test (and save) the students' parameters averaged over the steps with this
+      # decay (EDC: 0.99; train_lib.param_ema); 0: the last step's parameters.
+      ema_decay=0.0,
       momentum=0.9,  # sgd
       nesterov=False,  # sgd
       weight_decay=0.01,

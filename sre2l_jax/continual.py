@@ -147,7 +147,7 @@ def train_class_step(config, step_fn, states, subsets, mask, schedule, teacher, 
   (states, mean loss over the class step per student (S,)). writers: a
   `student.StudentWriters` of the S students, or None."""
   total = schedule.total_steps
-  lr_schedule = train_lib.warmup_cosine(config.evaluate.lr, total)
+  lr_schedule = train_lib.student_schedule(config.evaluate, total)
   lrs = np.asarray(lr_schedule(np.arange(total)))
   mask = jax.device_put(mask, batching.replicated(mesh))
   batch = student.stacked_batch_fn(schedule, subsets, mesh)
@@ -204,11 +204,15 @@ def fingerprint(config, name: str, order: list[int], images: np.ndarray) -> dict
   skip_eval = ('seeds', 'eval_batch_size', 'baselines', 'checkpoint_every_epochs',
                'log_every_steps', 'eval_every_epochs', 'students', 'stack_students')
   skip_relabel = ('mode', 'storage', 'topk', 'epochs', 'epochs_per_shard')
+  evaluate = {k: v for k, v in config.evaluate.to_dict().items() if k not in skip_eval}
+  if evaluate.get('lr_zeta') == 1.0:  # added later: named only when set, so that the
+    del evaluate['lr_zeta']            # states of earlier runs keep their fingerprint
+  evaluate.pop('ema_decay', None)  # always 0 here (validate)
   return {'set': name, 'dataset': config.dataset.name, 'test_limit': config.dataset.test_limit,
           'student': config.student.to_dict(), 'teacher': config.teacher.to_dict(),
           'class_order': order, 'seed': config.seed,
           'continual': {k: v for k, v in config.continual.to_dict().items() if k != 'sets'},
-          'evaluate': {k: v for k, v in config.evaluate.to_dict().items() if k not in skip_eval},
+          'evaluate': evaluate,
           'relabel': {k: v for k, v in config.relabel.to_dict().items()
                       if k not in skip_relabel},
           'images_sha256': label_store.images_digest(images)}
@@ -232,6 +236,10 @@ def validate(config, spec, mesh) -> None:
     raise ValueError(f'continual.epochs_per_step={cfg.epochs_per_step} must be positive.')
   if config.evaluate.temperature <= 0:
     raise ValueError(f'evaluate.temperature={config.evaluate.temperature} must be positive.')
+  if config.evaluate.ema_decay:
+    raise ValueError(f'evaluate.ema_decay={config.evaluate.ema_decay}: continual trains and '
+                     'carries over the parameters themselves, not a moving average; set '
+                     'evaluate.ema_decay=0 for the continual stage.')
   if not spec.in_memory:
     raise ValueError(f'continual needs a dataset held in memory; {spec.name} is streamed.')
   views.validate(config.relabel)

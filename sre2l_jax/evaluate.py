@@ -107,6 +107,12 @@ def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -
       'schedule': {'batch_size': config.relabel.batch_size, 'epochs': config.relabel.epochs},
       'view': views.view_settings(config.relabel),
       'images_sha256': label_store.images_digest(images), 'labels': labels_of(config, hard)}
+  # EDC's student (the smoothed schedule, the parameters' moving average) only where set, so
+  # that the students of the default settings keep their folders.
+  if config.evaluate.lr_zeta != 1.0:
+    settings['schedule']['lr_zeta'] = config.evaluate.lr_zeta
+  if config.evaluate.ema_decay:
+    settings['ema_decay'] = config.evaluate.ema_decay
   if not hard:
     settings.update(temperature=config.evaluate.temperature,
                     teacher=config.teacher.to_dict(), teacher_dir=config.squeeze.teacher_dir)
@@ -153,7 +159,7 @@ def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) ->
   schedule = views.create_schedule(config, len(first.images))
   model = models.create_model(first.student_cfg, spec.num_classes)
   total = schedule.total_steps
-  lr_schedule = train_lib.warmup_cosine(config.evaluate.lr, total)
+  lr_schedule = train_lib.student_schedule(config.evaluate, total)
   tx = train_lib.create_optimizer(config.evaluate, lr_schedule)
   every = max(1, config.evaluate.checkpoint_every_epochs) * schedule.steps_per_epoch
   directory = stack_dir(workdir, members)
@@ -197,7 +203,7 @@ def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) ->
   eval_every = config.evaluate.eval_every_epochs * schedule.steps_per_epoch
 
   def test_top1(state):
-    return student.stacked_top1(eval_step, {'params': state.params,
+    return student.stacked_top1(eval_step, {'params': train_lib.eval_params(state),
                                             'batch_stats': state.batch_stats},
                                 test, config.evaluate.eval_batch_size, mesh)
 

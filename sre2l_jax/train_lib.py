@@ -6,7 +6,7 @@ log and save, the divergence guard) that squeeze, recover, evaluate and continua
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,44 @@ def warmup_cosine(lr: float, total_steps: int, warmup_steps: int = 0) -> optax.S
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, 1), 0.0)
 
 
+def student_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """The students' learning rate (`evaluate.lr`, `evaluate.lr_zeta`): cosine from the peak,
+  lr(t) = lr (1 + cos(pi t / (zeta T))) / 2 over T = `total_steps`; zeta 1 decays to 0 at
+  the last step (SRe2L), EDC's smoothed schedule zeta 2 only to half the peak."""
+  zeta = cfg.get('lr_zeta', 1.0)
+  if zeta == 1.0:
+    return warmup_cosine(cfg.lr, total_steps)
+  return optax.cosine_decay_schedule(cfg.lr, max(int(round(zeta * total_steps)), 1))
+
+
+class ParamEmaState(NamedTuple):
+  params_ema: Any
+
+
+def param_ema(decay: float) -> optax.GradientTransformation:
+  """Keeps an exponential moving average of the parameters in the optimiser state: chained
+  last, after each update ema <- decay * ema + (1 - decay) * new params (from the initial
+  parameters, no bias correction: EDC's student EMA). The updates pass unchanged; read the
+  average with `eval_params`."""
+
+  def init(params):
+    return ParamEmaState(jax.tree_util.tree_map(jnp.asarray, params))
+
+  def update(updates, state, params):
+    new = optax.apply_updates(params, updates)
+    return updates, ParamEmaState(jax.tree_util.tree_map(
+        lambda e, p: decay * e + (1.0 - decay) * p, state.params_ema, new))
+
+  return optax.GradientTransformation(init, update)
+
+
+def eval_params(state: TrainState):
+  """The parameters to evaluate: their moving average when the optimiser keeps one
+  (`param_ema`), else the parameters."""
+  found = optax.tree_utils.tree_get(state.opt_state, 'params_ema')
+  return state.params if found is None else found
+
+
 def decay_mask(params):
   """True for weights that get weight decay: kernels, not biases or BatchNorm parameters."""
   return jax.tree_util.tree_map_with_path(
@@ -40,7 +78,14 @@ def decay_mask(params):
 
 
 def create_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
-  """SGD with momentum (teacher, like the reference) or AdamW (students)."""
+  """SGD with momentum (teacher, like the reference) or AdamW (students), keeping a moving
+  average of the parameters when `cfg.ema_decay` > 0 (`param_ema`)."""
+  tx = _base_optimizer(cfg, schedule)
+  ema = cfg.get('ema_decay', 0.0)
+  return optax.chain(tx, param_ema(ema)) if ema else tx
+
+
+def _base_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
   if cfg.optimizer == 'sgd':
     # Coupled (PyTorch-style) weight decay; on kernels only unless decay_all is set (the
     # reference's SGD decays every parameter, BatchNorm scales included).
@@ -426,7 +471,7 @@ NUMBER_RULES = {
     'relabel': dict(topk='int', epochs='int', min_scale='(0,1]', max_scale='(0,1]',
                     cutmix_alpha='>0', mixup_alpha='>0', mix_prob='[0,1]',
                     epochs_per_shard='int'),
-    'evaluate': dict(lr='>0', momentum='[0,1)', weight_decay='>=0', temperature='>0',
+    'evaluate': dict(lr='>0', lr_zeta='[1,inf)', ema_decay='[0,1)', momentum='[0,1)', weight_decay='>=0', temperature='>0',
                      seeds='int', checkpoint_every_epochs='int>=0', log_every_steps='int'),
     'continual': dict(epochs_per_step='int', class_order_seed='int>=0'),
 }

@@ -19,6 +19,7 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache
@@ -28,12 +29,15 @@ from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
+from sre2l_jax import models
 from sre2l_jax import relabel
 from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
+from sre2l_jax.data import pipeline
 
 import testlib
 
@@ -578,3 +582,76 @@ def test_relabel_rewrites_from_the_first_bad_shard(data, stored_float32_run, tmp
     f.truncate(100)
   relabel.run(make_config(data, mode='stored', storage='float32'), workdir)
   assert label_files(workdir) == first
+
+
+# ----------------------------------------------------------------------------- 9. EDC's student
+
+
+def test_student_schedule_is_the_smoothed_cosine():
+  """lr_zeta 1: the cosine to 0 of every earlier run; lr_zeta 2 (EDC): lr (1 + cos(pi t /
+  (2 T))) / 2, half the peak at the last step."""
+  cfg = ml_collections.ConfigDict(dict(lr=1e-3, lr_zeta=1.0))
+  t = np.arange(101)
+  np.testing.assert_array_equal(train_lib.student_schedule(cfg, 100)(t),
+                                train_lib.warmup_cosine(1e-3, 100)(t))
+  cfg.lr_zeta = 2.0
+  np.testing.assert_allclose(train_lib.student_schedule(cfg, 100)(t),
+                             1e-3 * (1 + np.cos(np.pi * t / 200)) / 2, rtol=1e-5, atol=1e-9)
+  cfg.lr_zeta = 0.5
+  with pytest.raises(ValueError, match=r'evaluate.lr_zeta=0.5 must be in \[1, inf\)'):
+    train_lib.validate_numbers(ml_collections.ConfigDict({'evaluate': cfg}), ('evaluate',))
+
+
+def test_param_ema_averages_the_parameters_after_each_update():
+  """The optimiser's moving average equals the NumPy recursion over the parameters it saw
+  (from the initial ones), and leaves the updates, so the parameters, unchanged."""
+  cfg = ml_collections.ConfigDict(dict(optimizer='adamw', weight_decay=0.01, ema_decay=0.8))
+  schedule = lambda _: 0.1
+  plain = train_lib.create_optimizer(ml_collections.ConfigDict(
+      dict(optimizer='adamw', weight_decay=0.01)), schedule)
+  tx = train_lib.create_optimizer(cfg, schedule)
+  rng = np.random.default_rng(0)
+  params = {'dense': {'kernel': rng.normal(size=(3, 2)).astype(np.float32)}}
+  p_plain, s_plain, s = params, plain.init(params), tx.init(params)
+  p, ema = params, params['dense']['kernel'].astype(np.float64)
+  for _ in range(5):
+    grads = {'dense': {'kernel': rng.normal(size=(3, 2)).astype(np.float32)}}
+    u, s = tx.update(grads, s, p)
+    u_plain, s_plain = plain.update(grads, s_plain, p_plain)
+    p, p_plain = optax.apply_updates(p, u), optax.apply_updates(p_plain, u_plain)
+    ema = 0.8 * ema + 0.2 * np.asarray(p['dense']['kernel'], np.float64)
+    np.testing.assert_array_equal(p['dense']['kernel'], p_plain['dense']['kernel'])
+  state = train_lib.TrainState(step=5, apply_fn=None, params=p, tx=tx, opt_state=s,
+                               batch_stats={})
+  np.testing.assert_allclose(train_lib.eval_params(state)['dense']['kernel'], ema, rtol=1e-6)
+  assert not np.allclose(ema, p['dense']['kernel'], atol=1e-3)
+  assert train_lib.eval_params(state.replace(opt_state=s_plain)) is p
+
+
+@pytest.mark.slow
+def test_edc_student_reports_the_moving_average(data, base_workdir, online_run, tmp_path):
+  """evaluate.lr_zeta=2, ema_decay=0.9: the students get a folder of their own (the default
+  ones are not reused), and the top-1 reported is that of the parameters' moving average
+  with the last batch statistics, recomputed here from the saved student."""
+  workdir = copy_workdir(base_workdir, tmp_path / 'w')
+  config = make_config(data, mode='online', evaluate_overrides=dict(
+      lr_zeta=2.0, ema_decay=0.9, baselines=(), seeds=1))
+  result = evaluate.run(config, workdir)
+  variant = result['variants']['distilled']
+  assert variant['dir'] != online_run[1]['variants']['distilled']['dir']
+  seed_dir = os.path.join(workdir, variant['dir'], 'seed0')
+  _, state = testlib.restore_checkpoint(os.path.join(seed_dir, 'checkpoints'))
+  ema = state['opt_state'][-1]['params_ema']  # the chain's last state (train_lib.param_ema)
+  assert jax.tree_util.tree_structure(ema) == jax.tree_util.tree_structure(state['params'])
+  model = models.create_model(config.student, SPEC.num_classes)
+  test = pipeline.load_split(config.dataset, 'test')
+  x = datasets.normalise(test.images, SPEC)
+
+  def top1(params):
+    logits = model.apply({'params': params, 'batch_stats': state['batch_stats']}, x,
+                         train=False)
+    return float(np.mean(np.argmax(logits, -1) == test.labels))
+
+  reported = files.read_json(os.path.join(seed_dir, 'result.json'))['test_top1']
+  assert reported == pytest.approx(top1(ema), abs=1.5 / len(test.labels))
+  assert max_abs_diff({'params': ema}, {'params': state['params']}) > 1e-4
