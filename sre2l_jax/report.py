@@ -162,7 +162,9 @@ def find_metrics(folder) -> epath.Path | None:
   for candidate in (folder / 'metrics.jsonl', folder / 'logs' / 'metrics.jsonl'):
     if candidate.exists():
       return candidate
-  found = sorted(folder.rglob('metrics.jsonl')) if folder.exists() else []
+  # Two levels below at most: epath's rglob refuses '**' (it could mean thousands of GCS calls).
+  found = sorted(p for pattern in ('*/metrics.jsonl', '*/*/metrics.jsonl')
+                 for p in folder.glob(pattern)) if folder.exists() else []
   return found[0] if found else None
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import zipfile
+from unittest import mock
 
 import ml_collections
 import numpy as np
@@ -114,6 +115,18 @@ def test_report_writes_and_links_the_run_plots(tmp_path):
 def test_a_run_without_metrics_gets_no_plots_and_no_error(tmp_path):
   assert report.write_plots(str(tmp_path)) == {}
   assert not os.path.exists(tmp_path / report.PLOTS)
+  # A recover folder without metrics (a set written by another tool): no plot, no warning.
+  os.makedirs(tmp_path / 'recover' / 'tfds' / 'distilled_images')
+  with mock.patch.object(report.logging, 'warning') as warning:
+    assert report.write_plots(str(tmp_path)) == {}
+  warning.assert_not_called()
+
+
+def test_metrics_are_found_below_the_stage_folder(tmp_path):
+  path = tmp_path / 'recover' / 'rounds' / 'metrics.jsonl'
+  os.makedirs(path.parent)
+  path.write_text('')
+  assert str(report.find_metrics(tmp_path / 'recover')) == str(path)
 
 
 def test_command_line_plots_accuracy_against_ipc_over_workdirs(tmp_path):
