@@ -1,7 +1,7 @@
 """Fashion-MNIST, ConvNet-BN teacher and student: the default demo (runs on a 2-core CPU).
 
 Arguments: `smoke` (a few steps on a data subset), `ipc=N` (1, 10, 50, ...), `seeds=N`,
-`full` (the longer student schedule behind the README's results table), `method=NAME` (default
+`epochs=N` (student epochs, relabel.epochs: 300, the README's tables), `method=NAME` (default
 `METHOD` below; `smoke` alone keeps 'sre2l', whose group layout the stage tests assume):
   sre2l  SRe2L as published (noise, 1,000 Adam steps at lr 0.25, groups of the 10 classes
          sharing an ipc index, the global BN statistics);
@@ -20,7 +20,7 @@ CLASS_BN_WEIGHT = 0.5  # edc: half class, half global statistics (EDC's soft mat
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, smoke=False, ipc=10, seeds=1, full=False, method='')
+  arg = config_lib.parse_arg(arg, smoke=False, ipc=10, seeds=1, epochs=300, method='')
   method = arg.method or ('sre2l' if arg.smoke else METHOD)
   c = config_lib.base_config()
   c.dataset.name = 'fashion_mnist'
@@ -53,7 +53,7 @@ def get_config(arg=None):
     raise ValueError(f"method={method!r}; valid: 'sre2l', 'edc'.")
 
   c.student.update(name='convnet', width=64, depth=3)
-  c.relabel.update(mode='online', batch_size=50, epochs=300, min_scale=0.25)
+  c.relabel.update(mode='online', batch_size=50, epochs=arg.epochs, min_scale=0.25)
   c.evaluate.update(lr=2e-3, temperature=4.0, seeds=arg.seeds)
 
   if arg.smoke:

@@ -597,9 +597,13 @@ def test_student_schedule_is_the_smoothed_cosine():
   cfg.lr_zeta = 2.0
   np.testing.assert_allclose(train_lib.student_schedule(cfg, 100)(t),
                              1e-3 * (1 + np.cos(np.pi * t / 200)) / 2, rtol=1e-5, atol=1e-9)
-  cfg.lr_zeta = 0.5
-  with pytest.raises(ValueError, match=r'evaluate.lr_zeta=0.5 must be in \[1, inf\)'):
-    train_lib.validate_numbers(ml_collections.ConfigDict({'evaluate': cfg}), ('evaluate',))
+
+
+def test_fashion_config_epochs_sets_the_student_schedule():
+  assert testlib.load_config('fashion_mnist_ipc10').relabel.epochs == 300
+  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,epochs=1500')
+  assert config.relabel.epochs == 1500
+  assert views.create_schedule(config, 100).total_steps == 3000
 
 
 def test_param_ema_averages_the_parameters_after_each_update():

@@ -275,6 +275,8 @@ def test_3_evaluate_refuses_bad_numbers_before_any_work(data, base, tmp_path, ke
     ('relabel.mix_prob', 1.5, 'relabel.mix_prob=1.5 must be in [0, 1]'),
     ('relabel.epochs_per_shard', 0, 'must be a positive integer'),
     ('evaluate.seeds', 0, 'evaluate.seeds=0 must be a positive integer'),
+    ('evaluate.ema_decay', 1.0, 'evaluate.ema_decay=1.0 must be in [0, 1)'),
+    ('evaluate.lr_zeta', 0.5, 'evaluate.lr_zeta=0.5 must be in [1, inf)'),
     ('continual.epochs_per_step', 0, 'must be a positive integer'),
 ])
 def test_3_every_number_is_validated(key, value, fragment):
@@ -583,6 +585,7 @@ def test_8_changed_source_dir_is_detected(data, tmp_path):
 @pytest.mark.parametrize('args, fragments', [
     (['--config=configs/fashion_mnist_ipc10.py:ipc=abc'], ["ipc='abc' is not a valid int"]),
     (['--config=configs/fashion_mnist_ipc10.py:smok'], ["'smok'", 'smoke']),
+    (['--config=configs/fashion_mnist_ipc10.py:full'], ["'full'", 'epochs']),
     (['--config=configs/fashion_mnist_ipc10.py', '--config.recover.lrr=1'],
      ['no key recover.lrr', 'Did you mean recover.lr?']),
     (['--config=configs/fashion_mnist_ipc10.py', '--config.recover.lr=abc'],
