@@ -15,8 +15,10 @@ classes' statistics); the starting images are scored on whole random-resized cro
 300 candidates per class, 5 crops of scale 0.5-1 each, scored as they are read: the host keeps
 per candidate its best crop's score, key and 512 features, about 0.6 GB in all, and reads the
 chosen 10 per class again) without stitching; one teacher (EDC uses
-several backbones); the student's smoothed schedule (zeta = 2), EMA weights and MSE + CE loss
-are not part of this toolkit's student yet (cosine to 0, plain KL). The teacher and its
+several backbones). The student is EDC's: the smoothed schedule (evaluate.lr_zeta 2), the
+weights' moving average (evaluate.ema_decay 0.99) tested, and MSE to the teacher's logits +
+0.025 x cross-entropy (evaluate.loss 'mse_ce'; EDC's code takes the cross-entropy to the
+unmixed image's class, here to the CutMix-mixed labels of the view). The teacher and its
 import are as in configs/in1k_ipc50.py; the per-class statistics (one pass over the training
 set) are computed on the first recover run and stored beside the teacher.
 """
@@ -38,7 +40,8 @@ def get_config(arg=None):
                    crop='per_image', init='scored', init_candidates=300, init_crops=5,
                    init_coverage=True, checkpoint_every_steps=200, log_every_steps=50)
   c.relabel.update(batch_size=100, min_scale=0.5)
-  c.evaluate.update(eval_batch_size=1000)
+  c.evaluate.update(eval_batch_size=1000, lr_zeta=2.0, ema_decay=0.99, loss='mse_ce',
+                    ce_weight=0.025)
 
   if arg.smoke:
     # As in1k_ipc50's smoke: 224x224, tiny widths, 40 classes, a few steps. Noise starting

@@ -210,6 +210,11 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.01,
       decay_all=False,  # sgd: decay every parameter, not kernels only
       temperature=20.0,  # soft-label temperature T
+      # The students' loss on soft labels: 'kl' (KL divergence at temperature T, SRe2L) or
+      # 'mse_ce' (EDC: mean squared error to the teacher's logits + ce_weight x cross-entropy
+      # to the views' one-hot labels, mixed as the views are; T unused).
+      loss='kl',
+      ce_weight=0.025,  # 'mse_ce' only (EDC's)
       seeds=3,  # students per variant
       eval_batch_size=1000,  # test-set batch, a multiple of the device count
       # any of: 'random' (real subset), 'coreset' (k-means in the teacher's features, one

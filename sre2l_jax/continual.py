@@ -207,7 +207,8 @@ def fingerprint(config, name: str, order: list[int], images: np.ndarray) -> dict
   evaluate = {k: v for k, v in config.evaluate.to_dict().items() if k not in skip_eval}
   if evaluate.get('lr_zeta') == 1.0:  # added later: named only when set, so that the
     del evaluate['lr_zeta']            # states of earlier runs keep their fingerprint
-  evaluate.pop('ema_decay', None)  # always 0 here (validate)
+  for key in ('ema_decay', 'loss', 'ce_weight'):  # 0 and 'kl' here (validate)
+    evaluate.pop(key, None)
   return {'set': name, 'dataset': config.dataset.name, 'test_limit': config.dataset.test_limit,
           'student': config.student.to_dict(), 'teacher': config.teacher.to_dict(),
           'class_order': order, 'seed': config.seed,
@@ -236,6 +237,10 @@ def validate(config, spec, mesh) -> None:
     raise ValueError(f'continual.epochs_per_step={cfg.epochs_per_step} must be positive.')
   if config.evaluate.temperature <= 0:
     raise ValueError(f'evaluate.temperature={config.evaluate.temperature} must be positive.')
+  if config.evaluate.loss != 'kl':
+    raise ValueError(f'evaluate.loss={config.evaluate.loss!r}: continual restricts the '
+                     "teacher's soft labels to the classes seen so far (loss 'kl' only); set "
+                     "evaluate.loss=kl for the continual stage.")
   if config.evaluate.ema_decay:
     raise ValueError(f'evaluate.ema_decay={config.evaluate.ema_decay}: continual trains and '
                      'carries over the parameters themselves, not a moving average; set '

@@ -113,6 +113,8 @@ def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -
     settings['schedule']['lr_zeta'] = config.evaluate.lr_zeta
   if config.evaluate.ema_decay:
     settings['ema_decay'] = config.evaluate.ema_decay
+  if config.evaluate.loss != 'kl' and not hard:
+    settings.update(loss=config.evaluate.loss, ce_weight=config.evaluate.ce_weight)
   if not hard:
     settings.update(temperature=config.evaluate.temperature,
                     teacher=config.teacher.to_dict(), teacher_dir=config.squeeze.teacher_dir)
@@ -262,6 +264,12 @@ def validate(config, mesh) -> None:
   variants(config)
   student_configs(config)
   student.stack_mode(config)
+  student.loss_settings(config)
+  if (config.evaluate.loss == 'mse_ce' and config.relabel.mode == 'stored' and
+      config.relabel.storage == 'topk'):
+    raise ValueError("evaluate.loss='mse_ce' needs the teacher's logits; relabel.storage="
+                     "'topk' keeps top-k probabilities only: use relabel.storage float32 or "
+                     "float16, or relabel.mode=online.")
   if config.evaluate.seeds <= 0:
     raise ValueError(f'evaluate.seeds={config.evaluate.seeds} must be positive.')
   if config.evaluate.temperature <= 0:

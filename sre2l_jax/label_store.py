@@ -91,6 +91,15 @@ def compress(logits: np.ndarray, storage: str, topk: int, temperature: float) ->
   raise ValueError(f'relabel.storage={storage!r}; valid: {", ".join(STORAGES)}.')
 
 
+def logits_from_stored(stored: dict):
+  """Stored arrays (..., C) -> the teacher's logits float32 (float32 / float16 storage)."""
+  if 'logits' not in stored:
+    raise ValueError('These stored labels keep top-k probabilities, not the teacher\'s '
+                     'logits: evaluate.loss=\'mse_ce\' needs relabel.storage float32 or '
+                     'float16, or relabel.mode=online.')
+  return stored['logits'].astype(jnp.float32)
+
+
 def targets_from_stored(stored: dict, num_classes: int, temperature: float):
   """Stored arrays (..., k or C) -> target distributions (..., C) float32 at `temperature`.
 

@@ -59,46 +59,64 @@ def soft_targets(teacher, batch_views, *, teacher_model, temperature: float,
 
 
 def set_targets(key, images, labels, stored, teacher, *, cfg, spec, teacher_model,
-                temperature: float, target: str, class_mask=None):
+                temperature: float, target: str, class_mask=None, loss: str = 'kl'):
   """The views of one batch of one image set and their targets.
 
   images: (B, H, W, C) uint8; labels: (B,) int; stored: this batch's stored arrays (target
   'stored') or None. target: 'online' (teacher logits computed here), 'stored' or 'hard'
-  (mixed one-hot labels). Returns (views (B, H, W, C) float32, targets (B, C) float32).
+  (mixed one-hot labels). loss: 'kl' or 'mse_ce' (`update`). Returns (views (B, H, W, C)
+  float32, targets): (B, C) float32 (soft labels at `temperature`, or mixed one-hot labels
+  for target 'hard'), or with loss 'mse_ce' and soft targets {'logits': the teacher's
+  logits (B, C), 'labels': mixed one-hot labels (B, C)}.
   """
   x, lam, partner = views.batch_views(key, images, cfg=cfg, spec=spec)
+  onehot = jax.nn.one_hot(labels, spec.num_classes)
+  mixed = lam * onehot + (1 - lam) * onehot[partner]  # the views' labels after CutMix/MixUp
+  if target == 'hard':
+    return x, mixed
+  if loss == 'mse_ce':
+    if target == 'online':
+      logits = teacher_logits(teacher, x, model=teacher_model)
+    else:
+      logits = label_store.logits_from_stored(stored)
+    return x, {'logits': logits, 'labels': mixed}
   if target == 'online':
-    targets = soft_targets(teacher, x, teacher_model=teacher_model,
-                           temperature=temperature, class_mask=class_mask)
-  elif target == 'stored':
-    targets = label_store.targets_from_stored(stored, spec.num_classes, temperature)
-  else:
-    onehot = jax.nn.one_hot(labels, spec.num_classes)
-    targets = lam * onehot + (1 - lam) * onehot[partner]
-  return x, targets
+    return x, soft_targets(teacher, x, teacher_model=teacher_model,
+                          temperature=temperature, class_mask=class_mask)
+  return x, label_store.targets_from_stored(stored, spec.num_classes, temperature)
 
 
-def update(state, x, targets, *, temperature: float, target: str, class_mask=None):
-  """One optimiser step of one student on views `x` (B, H, W, C) and `targets` (B, C):
-  KL divergence at `temperature` (soft targets) or cross-entropy (target 'hard').
-  Returns (state, {'loss': ()})."""
+LOSSES = ('kl', 'mse_ce')
+
+
+def update(state, x, targets, *, temperature: float, target: str, class_mask=None,
+           loss: str = 'kl', ce_weight: float = 0.0):
+  """One optimiser step of one student on views `x` (B, H, W, C) and `targets`
+  (`set_targets`): cross-entropy to the mixed one-hot labels for target 'hard'; else with
+  loss 'kl' KL divergence to the soft labels at `temperature` (SRe2L), with loss 'mse_ce'
+  EDC's: mean squared error between the student's and the teacher's logits plus `ce_weight`
+  x cross-entropy to the mixed one-hot labels. Returns (state, {'loss': ()})."""
 
   def loss_fn(params):
     logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                      x, train=True, mutable=['batch_stats'])
     logits = train_lib.mask_logits(logits, class_mask)
     if target == 'hard':
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
+      value = optax.softmax_cross_entropy(logits, targets).mean()
+    elif loss == 'mse_ce':
+      value = (jnp.mean(jnp.square(logits - targets['logits'])) +
+               ce_weight * optax.softmax_cross_entropy(logits, targets['labels']).mean())
     else:
-      loss = kl_divergence(logits, targets, temperature)
-    return loss, updates.get('batch_stats', {})  # {}: a model without BatchNorm
+      value = kl_divergence(logits, targets, temperature)
+    return value, updates.get('batch_stats', {})  # {}: a model without BatchNorm
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), {'loss': loss}
+  (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), {'loss': value}
 
 
 def student_step(state, images, labels, stored, key, teacher, *, cfg, spec, teacher_model,
-                 temperature: float, target: str, class_mask=None):
+                 temperature: float, target: str, class_mask=None, loss: str = 'kl',
+                 ce_weight: float = 0.0):
   """One student step on one batch of views.
 
   target: 'online' (teacher logits computed here), 'stored' (`stored` holds this batch's
@@ -111,9 +129,9 @@ def student_step(state, images, labels, stored, key, teacher, *, cfg, spec, teac
     raise ValueError(f"class_mask needs target='online', not {target!r}.")
   x, targets = set_targets(key, images, labels, stored, teacher, cfg=cfg, spec=spec,
                            teacher_model=teacher_model, temperature=temperature,
-                           target=target, class_mask=class_mask)
+                           target=target, class_mask=class_mask, loss=loss)
   return update(state, x, targets, temperature=temperature, target=target,
-                class_mask=class_mask)
+                class_mask=class_mask, loss=loss, ce_weight=ce_weight)
 
 
 STACK_MODES = ('auto', 'unrolled', 'vmap')
@@ -134,7 +152,7 @@ def stack_mode(config) -> str:
 
 def stacked_student_step(states, images, labels, stored, key, teacher, *, set_index, cfg,
                          spec, teacher_model, temperature: float, target: str,
-                         mode: str = 'unrolled'):
+                         mode: str = 'unrolled', loss: str = 'kl', ce_weight: float = 0.0):
   """One step of M students stacked on a leading axis, trained on S image sets at once.
 
   states: a `TrainState` whose leaves have a leading axis M (one student each). images:
@@ -154,13 +172,22 @@ def stacked_student_step(states, images, labels, stored, key, teacher, *, set_in
   x, targets = jax.vmap(
       lambda im, lb, st: set_targets(key, im, lb, st, teacher, cfg=cfg, spec=spec,
                                      teacher_model=teacher_model, temperature=temperature,
-                                     target=target))(images, labels, stored)
-  one = functools.partial(update, temperature=temperature, target=target)
+                                     target=target, loss=loss))(images, labels, stored)
+  one = functools.partial(update, temperature=temperature, target=target, loss=loss,
+                          ce_weight=ce_weight)
   if mode == 'vmap':
     index = jnp.asarray(set_index)
     return jax.vmap(one)(states, x[index], jax.tree_util.tree_map(lambda t: t[index], targets))
-  outs = [one(unstack(states, i), x[s], targets[s]) for i, s in enumerate(set_index)]
+  outs = [one(unstack(states, i), x[s], unstack(targets, s)) for i, s in enumerate(set_index)]
   return stack([state for state, _ in outs]), stack([metrics for _, metrics in outs])
+
+
+def loss_settings(config) -> dict:
+  """The students' loss from `config.evaluate` (`update`'s loss and ce_weight)."""
+  loss = config.evaluate.get('loss', 'kl')
+  if loss not in LOSSES:
+    raise ValueError(f'evaluate.loss={loss!r}; valid: {", ".join(LOSSES)}.')
+  return {'loss': loss, 'ce_weight': float(config.evaluate.get('ce_weight', 0.0))}
 
 
 def stacked_sharding(mesh):
@@ -175,7 +202,7 @@ def create_student_step(config, spec, teacher_model, mesh, target: str):
   return jax.jit(
       functools.partial(student_step, cfg=config.relabel, spec=spec,
                         teacher_model=teacher_model, temperature=config.evaluate.temperature,
-                        target=target),
+                        target=target, **loss_settings(config)),
       in_shardings=(replicated, sharded, sharded, sharded, replicated, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
 
@@ -191,7 +218,7 @@ def create_stacked_student_step(config, spec, teacher_model, mesh, target: str,
       functools.partial(stacked_student_step, set_index=tuple(int(i) for i in set_index),
                         cfg=config.relabel, spec=spec, teacher_model=teacher_model,
                         temperature=config.evaluate.temperature, target=target,
-                        mode=stack_mode(config)),
+                        mode=stack_mode(config), **loss_settings(config)),
       in_shardings=(replicated, stacked, stacked, stacked, replicated, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
 

@@ -471,7 +471,8 @@ NUMBER_RULES = {
     'relabel': dict(topk='int', epochs='int', min_scale='(0,1]', max_scale='(0,1]',
                     cutmix_alpha='>0', mixup_alpha='>0', mix_prob='[0,1]',
                     epochs_per_shard='int'),
-    'evaluate': dict(lr='>0', lr_zeta='[1,inf)', ema_decay='[0,1)', momentum='[0,1)', weight_decay='>=0', temperature='>0',
+    'evaluate': dict(lr='>0', lr_zeta='[1,inf)', ema_decay='[0,1)', ce_weight='>=0',
+                     momentum='[0,1)', weight_decay='>=0', temperature='>0',
                      seeds='int', checkpoint_every_epochs='int>=0', log_every_steps='int'),
     'continual': dict(epochs_per_step='int', class_order_seed='int>=0'),
 }

@@ -108,7 +108,7 @@ def train_alone(config, workdir, set_name, seed, mesh):
   schedule = views.create_schedule(config, len(images))
   model = models.create_model(config.student, SPEC.num_classes)
   tx = train_lib.create_optimizer(config.evaluate,
-                                  train_lib.warmup_cosine(config.evaluate.lr, STEPS))
+                                  train_lib.student_schedule(config.evaluate, STEPS))
   state = train_lib.create_train_state(model, tx, SPEC.image_shape, rngs.key(seed), mesh)
   step = student.create_student_step(config, SPEC, teacher_model, mesh, 'online')
   batch = student.batch_fn(schedule, images, labels, mesh)
@@ -116,7 +116,7 @@ def train_alone(config, workdir, set_name, seed, mesh):
   for s in range(1, STEPS + 1):
     images_s, labels_s, stored_s, key = batch(s)
     state, _ = step(state, images_s, labels_s, stored_s, key, teacher)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = {'params': train_lib.eval_params(state), 'batch_stats': state.batch_stats}
   top1 = train_lib.top1(train_lib.create_eval_step(model, SPEC, mesh), variables,
                         pipeline.load_split(config.dataset, 'test'),
                         config.evaluate.eval_batch_size, mesh)
@@ -152,18 +152,27 @@ def together_run(data, base_workdir, tmp_path_factory):
   return workdir, result, calls
 
 
-@pytest.mark.parametrize('devices,mode', [(8, 'auto'), (1, 'auto'), (8, 'vmap')])
-def test_together_equals_alone(devices, mode, data, base_workdir, together_run, tmp_path):
+# EDC's student: the smoothed schedule, the parameters' moving average, MSE + CE loss.
+EDC_STUDENT = dict(lr_zeta=2.0, ema_decay=0.9, loss='mse_ce')
+
+
+@pytest.mark.parametrize('devices,mode,edc', [(8, 'auto', False), (1, 'auto', False),
+                                              (8, 'vmap', False), (8, 'auto', True),
+                                              (1, 'auto', True)])
+def test_together_equals_alone(devices, mode, edc, data, base_workdir, together_run,
+                               tmp_path):
   """3 seeds x {distilled, random} in one stack vs each student alone, on 1 and 8 devices;
-  the stack's students unrolled (what 'auto' is on CPU) or vmapped."""
-  if devices == 8 and mode == 'auto':
+  the stack's students unrolled (what 'auto' is on CPU) or vmapped; SRe2L's student or
+  EDC's (then the top-1 is the moving average's)."""
+  student_overrides = EDC_STUDENT if edc else {}
+  if devices == 8 and mode == 'auto' and not edc:
     workdir, result, _ = together_run
   else:
     workdir = copy_workdir(base_workdir, tmp_path / 'w')
-    config = make_config(data, stack_mode=mode)
+    config = make_config(data, stack_mode=mode, **student_overrides)
     config.mesh_shape = devices
     result = evaluate.run(config, workdir)
-  config = make_config(data)
+  config = make_config(data, **student_overrides)
   config.mesh_shape = devices
   mesh = batching.create_mesh(devices)
   assert mesh.size == devices

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from sre2l_jax import class_stats
+from sre2l_jax import evaluate
 from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import models
@@ -401,6 +402,8 @@ def test_in1k_edc_config_has_edc_settings_and_passes_the_stage_checks():
   relabel, e = testlib.load_config('in1k_edc').relabel, testlib.load_config('in1k_edc').evaluate
   assert (relabel.epochs, relabel.batch_size, relabel.min_scale, e.lr, e.temperature) == (
       300, 100, 0.5, 1e-3, 20.0)
+  assert (e.lr_zeta, e.ema_decay, e.loss, e.ce_weight) == (2.0, 0.99, 'mse_ce', 0.025)
+  evaluate.validate(testlib.load_config('in1k_edc'), batching.create_mesh(1))
 
 
 @pytest.mark.slow
