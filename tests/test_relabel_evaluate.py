@@ -37,7 +37,6 @@ from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
-from sre2l_jax.data import pipeline
 
 import testlib
 
@@ -630,35 +629,6 @@ def test_param_ema_averages_the_parameters_after_each_update():
   np.testing.assert_allclose(train_lib.eval_params(state)['dense']['kernel'], ema, rtol=1e-6)
   assert not np.allclose(ema, p['dense']['kernel'], atol=1e-3)
   assert train_lib.eval_params(state.replace(opt_state=s_plain)) is p
-
-
-@pytest.mark.slow
-def test_edc_student_reports_the_moving_average(data, base_workdir, online_run, tmp_path):
-  """evaluate.lr_zeta=2, ema_decay=0.9: the students get a folder of their own (the default
-  ones are not reused), and the top-1 reported is that of the parameters' moving average
-  with the last batch statistics, recomputed here from the saved student."""
-  workdir = copy_workdir(base_workdir, tmp_path / 'w')
-  config = make_config(data, mode='online', evaluate_overrides=dict(
-      lr_zeta=2.0, ema_decay=0.9, baselines=(), seeds=1))
-  result = evaluate.run(config, workdir)
-  variant = result['variants']['distilled']
-  assert variant['dir'] != online_run[1]['variants']['distilled']['dir']
-  seed_dir = os.path.join(workdir, variant['dir'], 'seed0')
-  _, state = testlib.restore_checkpoint(os.path.join(seed_dir, 'checkpoints'))
-  ema = state['opt_state'][-1]['params_ema']  # the chain's last state (train_lib.param_ema)
-  assert jax.tree_util.tree_structure(ema) == jax.tree_util.tree_structure(state['params'])
-  model = models.create_model(config.student, SPEC.num_classes)
-  test = pipeline.load_split(config.dataset, 'test')
-  x = datasets.normalise(test.images, SPEC)
-
-  def top1(params):
-    logits = model.apply({'params': params, 'batch_stats': state['batch_stats']}, x,
-                         train=False)
-    return float(np.mean(np.argmax(logits, -1) == test.labels))
-
-  reported = files.read_json(os.path.join(seed_dir, 'result.json'))['test_top1']
-  assert reported == pytest.approx(top1(ema), abs=1.5 / len(test.labels))
-  assert max_abs_diff({'params': ema}, {'params': state['params']}) > 1e-4
 
 
 def test_mse_ce_loss_is_edcs(data):
