@@ -1,8 +1,9 @@
 """Students: fresh networks trained on an image set with the teacher's soft labels.
 
 Every student sees the views of `views.Schedule` and learns from the teacher's soft labels
-by KL divergence at temperature T (computed online, or read from `label_store`), or from
-hard (mixed one-hot) labels. Evaluate trains one per seed and variant; continual trains one
+by KL divergence at temperature T (computed online, or read from `label_store`), or from its
+logits by EDC's MSE + cross-entropy (`evaluate.loss`, see `update`), or from hard (mixed
+one-hot) labels. Evaluate trains one per seed and variant; continual trains one
 class step after another with the labels restricted to the classes seen so far.
 
 Both train their students stacked: a `TrainState` whose leaves carry a leading student axis,
