@@ -14,7 +14,6 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
@@ -24,6 +23,7 @@ from sre2l_jax import continual
 from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
+from sre2l_jax import models
 from sre2l_jax import student
 from sre2l_jax import views
 from sre2l_jax.data import batching
@@ -33,10 +33,12 @@ from sre2l_jax.data import pipeline
 import testlib
 
 FASHION = datasets.get_spec('fashion_mnist')
-# Students trained together vs alone: relative difference of every parameter tensor after the
-# smoke run (measured: 0, bit-identical; the stacked step writes each set's step out as the
-# single step is, see test_sets_together_equal_sets_alone).
+# Sets trained together vs alone (test_sets_together_equal_sets_alone): the stacked step
+# writes each set's step out as the single step is, so the two compute the same function up
+# to float32 rounding, which the programs may do differently (the stacked program fuses and
+# vectorises otherwise, more so with AVX-512). See the test for the argument and the figures.
 PARAM_RTOL = 1e-5
+LOGITS_RTOL = 1e-3
 
 
 def fashion_config(data_dir):
@@ -206,11 +208,21 @@ def test_sets_together_equal_sets_alone(reference_run, inputs_workdir, fashion_m
                                         compilation_cache, tmp_path):
   """The reference trains both sets in one stacked step; here each set trains alone, with
   the single-student step (`student.create_continual_step`) behind the stacked interface.
-  Equal up to float rounding (measured: bit-identical): every parameter tensor within
-  PARAM_RTOL of the reference (relative L2 norm), losses within 1e-3 (relative), top-1 within
-  3 points. Rounding differences would grow here: each class step starts a fresh Adam, whose
-  first updates are about +-lr whatever a gradient's size (when the students were vmapped,
-  the kernels ended 1.2% apart, grown over the 5 class steps from 1e-6).
+
+  The claim: the same students up to float32 rounding. Compared by what the students compute
+  and by the parameters with a real gradient (`testlib.network_differences`): test top-1
+  within 3 points, losses within 1e-3, logits on 256 test images within LOGITS_RTOL of their
+  largest, every other parameter tensor within PARAM_RTOL (relative L2). The conv biases that
+  feed a BatchNorm, and its running means, are left out: their gradient is rounding noise.
+
+  Measured (2-core AMD EPYC, AVX-512, the host's own ISA): real-gradient parameters 9.5e-8,
+  logits 5.6e-5 (the random subset's), the left-out biases 0.099; under
+  XLA_FLAGS=--xla_cpu_max_isa=AVX2: parameters 0, logits 2.5e-7, the biases 1.2e-7. The
+  logits differ more than the parameters because eval-mode BatchNorm subtracts the running
+  mean from conv + bias, and the two drift apart by the running mean's lag behind a bias that
+  a fresh Adam moves by ~lr a step (5 class steps x 10 steps). PARAM_RTOL (1e-5) leaves 100x
+  over the measured rounding, LOGITS_RTOL (1e-3) 18x; a learning rate 1% off in the alone
+  run fails the test (checked).
   """
   config = fashion_config(fashion_mnist_tfds)
   config.evaluate.stack_students = 1
@@ -230,19 +242,22 @@ def test_sets_together_equal_sets_alone(reference_run, inputs_workdir, fashion_m
     patch.setattr(student, 'create_stacked_continual_step', alone_step)
     result = continual.run(config, workdir)
   steps = config.continual.steps
-  worst = 0.0
+  model = models.create_model(config.student, FASHION.num_classes)
+  test_images = datasets.normalise(pipeline.load_split(config.dataset, 'test').take(
+      np.arange(256)), FASHION)
+  report = {}
   for name, record in result['sets'].items():
     reference = reference_run['result']['sets'][name]
     np.testing.assert_allclose(record['test_top1'], reference['test_top1'], atol=0.03)
     np.testing.assert_allclose(record['loss'], reference['loss'], rtol=1e-3)
-    alone = traverse_util.flatten_dict(restore_final(workdir, name, steps)['params'], sep='/')
-    together = traverse_util.flatten_dict(
-        restore_final(reference_run['workdir'], name, steps)['params'], sep='/')
-    for key in alone:
-      drift = np.linalg.norm(alone[key] - together[key]) / np.linalg.norm(together[key])
-      worst = max(worst, drift)
-  print(f'continual together vs alone: largest relative parameter difference {worst:.3g}')
-  assert worst <= PARAM_RTOL
+    alone, together = (
+        {k: restore_final(w, name, steps)[k] for k in ('params', 'batch_stats')}
+        for w in (workdir, reference_run['workdir']))
+    report[name] = testlib.network_differences(model, alone, together, test_images)
+  print(f'continual together vs alone: {report}')
+  for name, diff in report.items():
+    assert diff['logits'] <= LOGITS_RTOL, (name, diff)
+    assert diff['params'] <= PARAM_RTOL, (name, diff)
 
 
 # ----------------------------------------------------------------------------- resume

@@ -7,6 +7,8 @@
   run_command(command)            runs it from the repository root; asserts it succeeded
   kill_when(command, ready, log)  starts it, SIGKILLs it as soon as ready() holds
   checkpoint_steps(directory)     finalized Orbax steps; restore_checkpoint(directory, step)
+  network_differences(a, b, ...)  two trained networks compared by what an equivalence claim
+                                  is about (see its docstring for the tolerance argument)
 """
 
 import functools
@@ -184,6 +186,52 @@ def kill_when(command: list[str], ready, log_path, *, env: dict | None = None,
       pytest.fail(f'The process ended (rc {process.returncode}) or ran {timeout_s} s before '
                   f'it was ready to be killed:\n{f.read()[-3000:]}')
   assert process.returncode == -signal.SIGKILL
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+
+def is_redundant(path: str) -> bool:
+  """Whether a variable of a ConvNet-BN (flattened path, '/'-joined) has no real gradient:
+  the convolutions' biases, each fed straight into a BatchNorm that subtracts it again, and
+  the BatchNorm running means that track them.
+
+  In training mode the loss does not depend on such a bias, so its computed gradient is
+  float32 rounding noise (~1e-7 of the activations); Adam divides every gradient by its own
+  running RMS, so a fresh Adam moves it by about +-lr per step in whatever direction the noise
+  points. Two programs that round differently (another instruction set, devices, a stacked
+  step) therefore end with such biases ~lr x steps apart whatever their algebra; only the
+  networks' function and the other parameters carry the claim. (ResNets have no such biases.)
+  """
+  name = path.split('/')
+  return ((name[0] == 'params' and name[-1] == 'bias' and name[-2].startswith('conv')) or
+          (name[0] == 'batch_stats' and name[-1] == 'mean'))
+
+
+def network_differences(model, a: dict, b: dict, images) -> dict:
+  """Two networks' variables ({'params', 'batch_stats'}) compared by what they compute.
+
+  Returns {'logits': max |logits_a - logits_b| / max |logits_b| on `images` (eval mode),
+  'params': the largest relative L2 difference of a parameter tensor with a real gradient,
+  'param_name': its path, 'redundant': the largest of the `is_redundant` ones (reported for
+  the record, not a claim)}.
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  flat_a = traverse_util.flatten_dict(jax.device_get(a), sep='/')
+  flat_b = traverse_util.flatten_dict(jax.device_get(b), sep='/')
+  assert flat_a.keys() == flat_b.keys(), (flat_a.keys() ^ flat_b.keys())
+  out = {'params': 0.0, 'param_name': None, 'redundant': 0.0}
+  for key in flat_a:
+    x, y = np.asarray(flat_a[key], np.float64), np.asarray(flat_b[key], np.float64)
+    drift = float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12))
+    if is_redundant(key):
+      out['redundant'] = max(out['redundant'], drift)
+    elif key.startswith('params/') and drift >= out['params']:
+      out['params'], out['param_name'] = drift, key
+  logits_a, logits_b = (np.asarray(model.apply(v, images, train=False), np.float64)
+                        for v in (a, b))
+  out['logits'] = float(np.abs(logits_a - logits_b).max() / np.abs(logits_b).max())
+  return out
 
 
 # ----------------------------------------------------------------------------- checkpoints
