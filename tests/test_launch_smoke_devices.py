@@ -1,7 +1,13 @@
-"""`configs/in1k_ipc50.py:smoke`, the check to run before a real pod job, on the device counts
-the launchers document: 16 (a v4-32 slice) and 32 (4 nodes x 8 GPUs). Every stage runs on mock
-ImageNet (the helpers of test_in1k_smoke.py) in a subprocess, because conftest fixes 8 fake
-CPU devices in this one."""
+"""`configs/in1k_ipc50.py:smoke`, the check to run before a real pod job, on the device count
+of the TPU launcher's default slice: 16 (a v4-32). Every stage runs on mock ImageNet (the
+helpers of test_in1k_smoke.py) in a subprocess, because conftest fixes 8 fake CPU devices in
+this one (test_in1k_smoke.py runs the same stages there, on 8).
+
+The suite runs 16 only: 32 (4 nodes x 8 GPUs, launch/multi_gpu.sh) takes the same code paths
+(every batch of 32 splits evenly, the 8 recover groups are padded up to the device count) and
+cost 4.5 minutes of the suite's 2 cores. Before a job on another count, run it on that count:
+  SRE2L_SMOKE_DEVICES=32 .venv/bin/python -m pytest tests/test_launch_smoke_devices.py
+"""
 
 import json
 import os
@@ -10,6 +16,8 @@ import subprocess
 import sys
 
 import pytest
+
+import testlib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -32,7 +40,8 @@ print('RESULTS', json.dumps(results, default=str))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('devices', [16, 32])
+@pytest.mark.parametrize(
+    'devices', [int(n) for n in os.environ.get('SRE2L_SMOKE_DEVICES', '16').split(',')])
 def test_in1k_smoke_runs_on(devices, tmp_path):
   flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
                  os.environ.get('XLA_FLAGS', ''))
@@ -52,5 +61,5 @@ def test_in1k_smoke_runs_on(devices, tmp_path):
   assert (recovered['devices'], recovered['groups'], recovered['images']) == (devices, 8, 40)
   distilled = results['evaluate']['variants']['distilled']
   assert (distilled['images'], distilled['steps']) == (40, 2)  # batches of 32 over 40 images
-  assert 0.0 <= distilled['test_top1_mean'] <= 1.0
+  testlib.assert_share_of(distilled['test_top1_mean'], 16)  # 16 mock test images, no padding
   assert os.path.exists(tmp_path / 'work' / 'report.md')

@@ -7,6 +7,7 @@
   run_command(command)            runs it from the repository root; asserts it succeeded
   kill_when(command, ready, log)  starts it, SIGKILLs it as soon as ready() holds
   checkpoint_steps(directory)     finalized Orbax steps; restore_checkpoint(directory, step)
+  assert_share_of(top1, count)    a top-1 counts exactly `count` images
   network_differences(a, b, ...)  two trained networks compared by what an equivalence claim
                                   is about (see its docstring for the tolerance argument)
 """
@@ -189,6 +190,13 @@ def kill_when(command: list[str], ready, log_path, *, env: dict | None = None,
 
 
 # ----------------------------------------------------------------------------- equivalence
+
+
+def assert_share_of(fraction: float, count: int) -> None:
+  """`fraction` (a top-1) is k / count for a whole k: it counts `count` images, not padding
+  rows or another split's."""
+  images = round(fraction * count)
+  assert abs(fraction * count - images) < 1e-6 * count and 0 <= images <= count, (fraction, count)
 
 
 def is_redundant(path: str) -> bool:
