@@ -17,9 +17,15 @@
 #                    the two ILSVRC2012 tars in MANUAL_DIR, as a detached job named `data`
 #   train NAME ARGS  checks the data mount, then starts `python -m sre2l_jax.main ARGS` detached,
 #                    as job NAME (survives the ssh session; a second start while it runs is
-#                    refused)
+#                    refused). The job runs at most MAX_HOURS (hours; then SIGTERM, which
+#                    saves the stage's checkpoint); when it ends it copies its log and exit
+#                    code to RESULTS/worker-W.{log,exit} (a gs:// folder), and with
+#                    DELETE_SLICE=1 worker 0 then waits for all NUM_WORKERS reports and deletes
+#                    the slice (TPU_NAME, or QUEUED_RESOURCE, in PROJECT and ZONE): the VM's
+#                    service account needs roles/tpu.admin for that
 #   state NAME       prints one line `sre2l-job name=NAME worker=W state=S exit=N`, S one of
-#                    running / done / failed / absent
+#                    running / done / failed / killed (ended without an exit code: a
+#                    maintenance restart or reboot) / absent
 #   status NAME      state, mount, disk and the last lines of the job's log
 # A job's files are in JOBS_DIR/NAME: log (appended to by every start), pid, exit_code, lock (held
 # by the job while it runs: the guard against a second copy, e.g. from a retried ssh command).
@@ -121,10 +127,12 @@ job_state() {
     echo absent
   elif ! flock -n "${dir}/lock" true; then
     echo running
-  elif [[ "$(cat "${dir}/exit_code" 2>/dev/null)" == 0 ]]; then
+  elif [[ ! -e "${dir}/exit_code" ]]; then
+    echo killed  # gone without writing its exit code: a VM restart, or a kill -9
+  elif [[ "$(cat "${dir}/exit_code")" == 0 ]]; then
     echo done
   else
-    echo failed  # non-zero exit, or killed before writing its exit code (e.g. a VM restart)
+    echo failed
   fi
 }
 
@@ -150,6 +158,58 @@ start_job() {
   for _ in $(seq 100); do [[ -s "${dir}/pid" ]] && break; sleep 0.1; done
   echo "sre2l: started job ${name} on worker $(worker_id) (pid $(cat "${dir}/pid" 2>/dev/null))," \
        "log ${dir}/log"
+}
+
+run_job() {
+  # run_job NAME ARGS: job NAME itself (started detached by `train`): main.py, for at most
+  # MAX_HOURS; then its end reported to RESULTS and, on worker 0, the slice deleted.
+  local name="$1" id rc=0 limit=()
+  shift
+  id="$(worker_id)"
+  if [[ -n "${RESULTS:-}" ]]; then  # a report from an earlier start is not this one's
+    gcloud storage rm "${RESULTS}/worker-${id}.exit" "${RESULTS}/worker-${id}.log" \
+      >/dev/null 2>&1 || true
+  fi
+  # TERM first: under jax.distributed it is a preemption notice, and the stage saves.
+  if [[ -n "${MAX_HOURS:-}" ]]; then limit=(timeout --kill-after=10m "${MAX_HOURS}h"); fi
+  "${limit[@]}" "${VENV}/bin/python" -m sre2l_jax.main "$@" || rc=$?
+  if [[ -n "${MAX_HOURS:-}" ]] && (( rc == 124 )); then
+    echo "sre2l: stopped after MAX_HOURS=${MAX_HOURS} h; running it again resumes every stage."
+  fi
+  if [[ -n "${RESULTS:-}" ]]; then
+    gcloud storage cp "${JOBS_DIR}/${name}/log" "${RESULTS}/worker-${id}.log" >/dev/null ||
+      echo "sre2l: could not copy the log to ${RESULTS}" >&2
+    echo "${rc}" | gcloud storage cp - "${RESULTS}/worker-${id}.exit" >/dev/null ||
+      echo "sre2l: could not write ${RESULTS}/worker-${id}.exit" >&2
+  fi
+  if [[ "${DELETE_SLICE:-0}" == 1 && "${id}" == 0 ]]; then delete_slice; fi
+  return "${rc}"
+}
+
+delete_slice() {
+  # Worker 0, once the job ended: wait (at most END_WAIT_SECONDS) until every worker reported,
+  # so that no log is lost, then delete the slice this runs on.
+  : "${TPU_NAME:?}" "${PROJECT:?}" "${ZONE:?}" "${RESULTS:?}"
+  local deadline=$((SECONDS + ${END_WAIT_SECONDS:-900})) reported
+  while true; do
+    reported="$(gcloud storage ls "${RESULTS}/worker-*.exit" 2>/dev/null | grep -c . || true)"
+    if (( reported >= ${NUM_WORKERS:-1} )); then break; fi
+    if (( SECONDS >= deadline )); then
+      echo "sre2l: ${reported} of ${NUM_WORKERS:-1} workers reported; deleting the slice anyway."
+      break
+    fi
+    sleep "${POLL_SECONDS:-10}"
+  done
+  echo "sre2l: the job ended: worker 0 deletes ${QUEUED_RESOURCE:-${TPU_NAME}}."
+  local target=(tpu-vm delete "${TPU_NAME}")
+  if [[ -n "${QUEUED_RESOURCE:-}" ]]; then
+    target=(queued-resources delete "${QUEUED_RESOURCE}" --force)
+  fi
+  if ! gcloud compute tpus "${target[@]}" --quiet --async --project="${PROJECT}" \
+      --zone="${ZONE}"; then
+    echo "sre2l: worker 0 could not delete ${TPU_NAME}, which is still BILLING: give the TPU" \
+         "VMs' service account roles/tpu.admin, and delete it: bash launch/tpu_pod.sh delete." >&2
+  fi
 }
 
 prepare_data() {
@@ -194,8 +254,9 @@ case "${ACTION}" in
     name="${1:?usage: tpu_worker.sh train NAME MAIN_ARGS...}"
     shift
     check_mount
-    start_job "${name}" "${VENV}/bin/python" -m sre2l_jax.main "$@"
+    start_job "${name}" bash launch/tpu_worker.sh job "${name}" "$@"
     ;;
+  job) run_job "$@" ;;
   state) echo "sre2l-job name=$1 worker=$(worker_id) state=$(job_state "$1")" \
               "exit=$(cat "${JOBS_DIR}/$1/exit_code" 2>/dev/null || echo -)" ;;
   status)

@@ -25,7 +25,8 @@ NOTEBOOK = os.path.join(LAUNCH, 'colab.ipynb')
 # Every stub is this program: it appends {"prog", "argv"} to $STUB_LOG, then follows the first
 # rule of $STUB_RULES whose `prog` matches and whose `contains` occurs in its joined argv:
 # print `stdout`, create the file `touch`, wait until the file `until` exists (at most 20 s),
-# exit with `exit` (default 0). `sudo` runs its arguments.
+# exit with `exit` (default 0); a rule with `unless` applies only while that file does not
+# exist. `sudo` runs its arguments.
 STUB = r'''#!{python}
 import json, os, subprocess, sys, time
 prog, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
@@ -37,6 +38,8 @@ joined = ' '.join(argv)
 with open(os.environ['STUB_RULES']) as f:
   rules = json.load(f)
 for rule in rules:
+  if 'unless' in rule and os.path.exists(rule['unless']):
+    continue
   if rule['prog'] == prog and rule.get('contains', '') in joined:
     if 'touch' in rule:
       open(rule['touch'], 'w').close()
@@ -47,7 +50,9 @@ for rule in rules:
     sys.exit(rule.get('exit', 0))
 '''
 PROGRAMS = ('gcloud', 'sbatch', 'srun', 'scontrol', 'nvidia-smi', 'gcsfuse', 'mountpoint',
-            'sudo', 'lsb_release')
+            'sudo', 'lsb_release', 'ssh-add')
+# gcloud's SSH key, and an ssh-agent (the ssh-add stub) that holds it unless a test says not.
+KEY = 'ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCtest user@laptop\n'
 
 
 class Stubs:
@@ -63,10 +68,13 @@ class Stubs:
       path.chmod(0o755)
     self.log = root / 'calls.jsonl'
     self.rules_file = root / 'rules.json'
+    self.key = root / 'google_compute_engine'
+    self.key.with_suffix('.pub').write_text(KEY)
     self.rules([])
 
   def rules(self, rules):
-    self.rules_file.write_text(json.dumps(rules))
+    agent = {'prog': 'ssh-add', 'contains': '-L', 'stdout': KEY}
+    self.rules_file.write_text(json.dumps([*rules, agent]))
 
   def calls(self, prog=None):
     if not self.log.exists():
@@ -79,7 +87,7 @@ class Stubs:
              if not k.startswith(('SLURM_', 'PROJECT', 'BUCKET', 'COORDINATOR', 'ZONE', 'SPOT',
                                   'QUEUED', 'KEEP', 'DRY_RUN', 'ACCELERATOR', 'TPU_NAME'))}
     return {**clean, 'PATH': f'{self.bin}:{os.environ["PATH"]}', 'STUB_LOG': str(self.log),
-            'STUB_RULES': str(self.rules_file), **env}
+            'STUB_RULES': str(self.rules_file), 'SSH_KEY': str(self.key), **env}
 
   def run(self, script, *args, **env):
     return subprocess.run(['bash', os.path.join(LAUNCH, script), *args], cwd=REPO,
@@ -101,8 +109,12 @@ WORKER_ENV = ('cd sre2l_jax && BUCKET=bkt MOUNT=/mnt/bkt DATA_DIR=/mnt/bkt/tenso
               'bash launch/tpu_worker.sh')
 
 
-# `describe --format=value(name)` is how tpu_pod.sh asks whether a slice exists: not yet.
-ABSENT = [{'prog': 'gcloud', 'contains': 'value(name)', 'exit': 1}]
+def absent(stubs):
+  """Rules: no slice (`describe --format=value(name)` is how tpu_pod.sh asks) until one was
+  created."""
+  created = str(stubs.root / 'created')
+  return [{'prog': 'gcloud', 'contains': ' create ', 'touch': created},
+          {'prog': 'gcloud', 'contains': 'value(name)', 'exit': 1, 'unless': created}]
 EXISTS = ['compute', 'tpus', 'tpu-vm', 'describe', 'sre2l-pod', '--format=value(name)', *SUFFIX]
 
 
@@ -124,7 +136,7 @@ def states(name, *states_):
     ('v4-32', 'tpu-ubuntu2204-base'), ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
     ('v5p-32', 'v2-alpha-tpuv5'), ('v6e-16', 'v2-alpha-tpuv6e')])
 def test_tpu_create_uses_the_runtime_of_the_accelerator(stubs, accelerator, runtime):
-  stubs.rules(ABSENT)
+  stubs.rules(absent(stubs))
   completed = stubs.run('tpu_pod.sh', 'create', ACCELERATOR=accelerator, **TPU)
   assert completed.returncode == 0, completed.stderr
   assert stubs.calls('gcloud') == [
@@ -134,7 +146,7 @@ def test_tpu_create_uses_the_runtime_of_the_accelerator(stubs, accelerator, runt
 
 
 def test_tpu_spot_and_queued_resources(stubs):
-  stubs.rules(ABSENT)
+  stubs.rules(absent(stubs))
   completed = stubs.run('tpu_pod.sh', 'create', SPOT='1', **TPU)
   assert completed.returncode == 0, completed.stderr
   assert stubs.calls('gcloud')[-1] == [
@@ -143,7 +155,8 @@ def test_tpu_spot_and_queued_resources(stubs):
 
   # Queued: created, then described until ACTIVE, then deleted with its slice.
   stubs.log.unlink()
-  stubs.rules([*ABSENT, {'prog': 'gcloud', 'contains': 'describe', 'stdout': 'ACTIVE\n'}])
+  (stubs.root / 'created').unlink()
+  stubs.rules([*absent(stubs), {'prog': 'gcloud', 'contains': 'describe', 'stdout': 'ACTIVE\n'}])
   completed = stubs.run('tpu_pod.sh', 'create', 'delete', SPOT='1', QUEUED='1',
                         ACCELERATOR='v5litepod-16', VALID_FOR='6h', **TPU)
   assert completed.returncode == 0, completed.stderr
@@ -157,12 +170,13 @@ def test_tpu_spot_and_queued_resources(stubs):
        '--accelerator-type=v5litepod-16', '--runtime-version=v2-alpha-tpuv5-lite', '--spot',
        '--valid-until-duration=6h', *SUFFIX],
       describe,
+      EXISTS,
       ['compute', 'tpus', 'queued-resources', 'delete', 'sre2l-pod-qr', '--force', '--quiet',
        *SUFFIX]]
 
 
 def test_tpu_queued_request_that_fails_is_deleted(stubs):
-  stubs.rules([*ABSENT, {'prog': 'gcloud', 'contains': 'describe', 'stdout': 'FAILED\n'}])
+  stubs.rules([*absent(stubs), {'prog': 'gcloud', 'contains': 'describe', 'stdout': 'FAILED\n'}])
   completed = stubs.run('tpu_pod.sh', 'create', QUEUED='1', **TPU)
   assert completed.returncode != 0
   assert stubs.calls('gcloud')[-1] == ['compute', 'tpus', 'queued-resources', 'delete',
@@ -175,9 +189,23 @@ def test_tpu_create_refuses_to_replace_an_existing_slice(stubs):
   assert stubs.calls('gcloud') == [EXISTS]  # neither created nor deleted
 
 
+PREFLIGHT = [
+    ['compute', 'tpus', 'accelerator-types', 'describe', 'v4-32', *SUFFIX],
+    ['storage', 'cp', '-', 'gs://bkt/sre2l/in1k_ipc50/launch/.write_check'],
+    ['storage', 'rm', 'gs://bkt/sre2l/in1k_ipc50/launch/.write_check'],
+    ['storage', 'ls', 'gs://bkt/tensorflow_datasets/imagenet2012/*/dataset_info.json']]
+JOB_ENV = ('RESULTS=gs://bkt/sre2l/in1k_ipc50/launch NUM_WORKERS=4 MAX_HOURS= DELETE_SLICE=1 '
+           'TPU_NAME=sre2l-pod PROJECT=proj ZONE=zone-a QUEUED_RESOURCE=')
+TRAIN = ('train in1k_ipc50 --config=configs/in1k_ipc50.py --workdir=gs://bkt/sre2l/in1k_ipc50 '
+         '--distributed --config.dataset.data_dir=/mnt/bkt/tensorflow_datasets '
+         '--config.dataset.manual_dir=/mnt/bkt/tensorflow_datasets/downloads/manual')
+ENDPOINTS = ['compute', 'tpus', 'tpu-vm', 'describe', 'sre2l-pod',
+             '--format=value(networkEndpoints.len())', *SUFFIX]
+
+
 def test_tpu_all_runs_every_step_detached_copies_logs_back_and_deletes(stubs):
   stubs.rules([
-      *ABSENT,
+      *absent(stubs),
       {'prog': 'gcloud', 'contains': 'state data', 'stdout': states('data', 'done')},
       {'prog': 'gcloud', 'contains': 'state in1k_ipc50',
        'stdout': 'SSH: connecting\n' + states('in1k_ipc50', *['done'] * 4)},
@@ -186,20 +214,19 @@ def test_tpu_all_runs_every_step_detached_copies_logs_back_and_deletes(stubs):
   completed = stubs.run('tpu_pod.sh', 'all', LOG_DIR=str(logs), **TPU)
   assert completed.returncode == 0, completed.stderr
   calls = stubs.calls('gcloud')
-  assert calls[0] == ['storage', 'ls',
-                      'gs://bkt/tensorflow_datasets/imagenet2012/*/dataset_info.json']
-  assert calls[1:3] == [EXISTS, ['compute', 'tpus', 'tpu-vm', 'create', 'sre2l-pod',
+  # The preflight (the key in the agent, the config tracked), then the zone, the bucket, data.
+  assert stubs.calls('ssh-add') == [['-L']]
+  assert calls[:4] == PREFLIGHT
+  assert calls[4:6] == [EXISTS, ['compute', 'tpus', 'tpu-vm', 'create', 'sre2l-pod',
                                   '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base',
                                   *SUFFIX]]
   # Set-up: the tracked files to every worker, unpacked; Python 3.12 venv; mount; devices.
-  scp = calls[3]
+  scp = calls[6]
   assert scp[:4] == ['compute', 'tpus', 'tpu-vm', 'scp'] and scp[4].endswith('.tar.gz')
   assert scp[5:] == ['sre2l-pod:sre2l_code.tar.gz', '--worker=all', *SUFFIX]
-  # The workdir straight in the bucket (no mount); the data through the gcsfuse mount.
-  train = ('train in1k_ipc50 --config=configs/in1k_ipc50.py --workdir=gs://bkt/sre2l/in1k_ipc50 '
-           '--distributed --config.dataset.data_dir=/mnt/bkt/tensorflow_datasets '
-           '--config.dataset.manual_dir=/mnt/bkt/tensorflow_datasets/downloads/manual')
-  assert calls[4:] == [
+  # The workdir straight in the bucket (no mount); the data through the gcsfuse mount; the
+  # workers told where to report the end and that worker 0 deletes the slice then.
+  assert calls[7:] == [
       ssh('all', 'rm -rf sre2l_jax && mkdir -p sre2l_jax && tar -xzf sre2l_code.tar.gz '
                  '-C sre2l_jax'),
       worker_ssh('all', 'install'),
@@ -209,24 +236,24 @@ def test_tpu_all_runs_every_step_detached_copies_logs_back_and_deletes(stubs):
       worker_ssh('0', 'data'),
       worker_ssh('0', 'state data'),
       # The mount check and the detached start, in one command per worker.
-      worker_ssh('all', train),
+      ENDPOINTS,
+      ssh('all', WORKER_ENV.replace(' bash ', f' {JOB_ENV} bash ') + ' ' + TRAIN),
       worker_ssh('all', 'state in1k_ipc50'),
-      ['compute', 'tpus', 'tpu-vm', 'describe', 'sre2l-pod',
-       '--format=value(networkEndpoints.len())', *SUFFIX],
-      *[['compute', 'tpus', 'tpu-vm', 'scp', 'sre2l-pod:sre2l_jobs/in1k_ipc50/log',
-         f'{logs}/worker-{i}.log', f'--worker={i}', *SUFFIX] for i in range(4)],
+      # The logs the workers left in the bucket; the slice (if worker 0 has not yet).
+      ['storage', 'cp', 'gs://bkt/sre2l/in1k_ipc50/launch/worker-*.log', f'{logs}/'],
+      EXISTS,
       ['compute', 'tpus', 'tpu-vm', 'delete', 'sre2l-pod', '--quiet', *SUFFIX]]
 
 
 def test_tpu_failed_setup_deletes_the_slice(stubs):
-  stubs.rules([*ABSENT, {'prog': 'gcloud', 'contains': 'tpu_worker.sh install', 'exit': 1}])
+  stubs.rules([*absent(stubs), {'prog': 'gcloud', 'contains': 'tpu_worker.sh install', 'exit': 1}])
   completed = stubs.run('tpu_pod.sh', 'create', 'setup', **TPU)
   assert completed.returncode != 0
   assert 'deleting sre2l-pod' in completed.stderr
   calls = stubs.calls('gcloud')
   # Right after the failed install (no job ran, so no logs to copy): the delete.
   assert calls[calls.index(worker_ssh('all', 'install')) + 1:] == [
-      ['compute', 'tpus', 'tpu-vm', 'delete', 'sre2l-pod', '--quiet', *SUFFIX]]
+      EXISTS, ['compute', 'tpus', 'tpu-vm', 'delete', 'sre2l-pod', '--quiet', *SUFFIX]]
 
   # KEEP=1: nothing deleted, and the message says it still bills.
   stubs.log.unlink()
@@ -237,22 +264,26 @@ def test_tpu_failed_setup_deletes_the_slice(stubs):
 
 def test_tpu_failed_run_copies_logs_then_deletes(stubs):
   stubs.rules([
-      *ABSENT,
+      *absent(stubs),
       {'prog': 'gcloud', 'contains': 'state in1k_ipc50',
        'stdout': states('in1k_ipc50', 'done', 'failed')},
-      {'prog': 'gcloud', 'contains': 'networkEndpoints', 'stdout': '2\n'}])
+      {'prog': 'gcloud', 'contains': 'networkEndpoints', 'stdout': '2\n'},
+      {'prog': 'gcloud', 'contains': 'worker-*.log', 'exit': 1}])  # nothing in the bucket
   completed = stubs.run('tpu_pod.sh', 'all', PREPARE_DATA='0',
                         LOG_DIR=str(stubs.root / 'logs'), **TPU)
   assert completed.returncode != 0
   assert 'in1k_ipc50 failed on a worker' in completed.stderr
-  assert [c[3] for c in stubs.calls('gcloud')[-4:]] == ['describe', 'scp', 'scp', 'delete']
+  assert [c[1] if c[0] == 'storage' else c[3] for c in stubs.calls('gcloud')[-6:]] == [
+      'cp', 'describe', 'scp', 'scp', 'describe', 'delete']
 
 
 def test_tpu_check_refuses_before_creating_when_imagenet_is_missing(stubs):
   stubs.rules([{'prog': 'gcloud', 'contains': 'storage ls', 'exit': 1}])
   completed = stubs.run('tpu_pod.sh', 'all', **TPU)
   assert completed.returncode != 0 and 'upload ILSVRC2012_img_train.tar' in completed.stderr
-  assert [c[:2] for c in stubs.calls('gcloud')] == [['storage', 'ls'], ['storage', 'ls']]
+  assert stubs.calls('gcloud') == [*PREFLIGHT, [
+      'storage', 'ls', 'gs://bkt/tensorflow_datasets/downloads/manual/ILSVRC2012_img_train.tar',
+      'gs://bkt/tensorflow_datasets/downloads/manual/ILSVRC2012_img_val.tar']]
 
 
 def test_tpu_dry_run_prints_every_command_and_runs_none(stubs):
@@ -260,7 +291,8 @@ def test_tpu_dry_run_prints_every_command_and_runs_none(stubs):
   assert completed.returncode == 0, completed.stderr
   assert stubs.calls() == []
   printed = [line for line in completed.stdout.splitlines() if line.startswith('+ ')]
-  assert printed[2] == ('+ gcloud compute tpus tpu-vm create sre2l-pod '
+  assert printed[0] == '+ ssh-add -L'
+  assert printed[6] == ('+ gcloud compute tpus tpu-vm create sre2l-pod '
                         '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot '
                         '--project=proj --zone=zone-a')
   assert printed[-1] == '+ gcloud compute tpus tpu-vm delete sre2l-pod --quiet --project=proj --zone=zone-a'
