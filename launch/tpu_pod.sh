@@ -65,6 +65,7 @@ POLL_SECONDS="${POLL_SECONDS:-60}"
 CONFIG="${CONFIG:-configs/in1k_ipc50.py}"
 EXPERIMENT="${EXPERIMENT:-in1k_ipc50}"        # names the workdir, the job and the logs
 MOUNT="${MOUNT:-/mnt/${BUCKET}}"              # gcsfuse mount of gs://BUCKET: the data only
+FILE_CACHE_GB="${FILE_CACHE_GB:-0}"           # >0: gcsfuse file cache on each worker's disk
 WORKDIR="${WORKDIR:-gs://${BUCKET}/sre2l/${EXPERIMENT}}"  # straight to the bucket, no mount
 DATA_PATH="${DATA_PATH:-tensorflow_datasets}"  # in the bucket
 MANUAL_PATH="${MANUAL_PATH:-${DATA_PATH}/downloads/manual}"
@@ -135,6 +136,7 @@ worker() {
   command="$(printf 'cd %q && BUCKET=%q MOUNT=%q DATA_DIR=%q MANUAL_DIR=%q PYTHON_VERSION=%q' \
     "${REMOTE_DIR}" "${BUCKET}" "${MOUNT}" "${MOUNT}/${DATA_PATH}" "${MOUNT}/${MANUAL_PATH}" \
     "${PYTHON_VERSION}")"
+  command+="$(printf ' FILE_CACHE_GB=%q' "${FILE_CACHE_GB}")"
   if (( ${#JOB_ENV[@]} )); then command+="$(printf ' %q' "${JOB_ENV[@]}")"; fi
   command+="$(printf ' %q' bash launch/tpu_worker.sh "$@")"
   tpu ssh "${TPU_NAME}" --worker="${workers}" --command="${command}"
@@ -441,7 +443,10 @@ ended_in_bucket() {
   if [[ -z "${codes}" ]]; then return 2; fi
   echo "tpu_pod.sh: ${TPU_NAME} deleted itself after the job; exit codes per worker:" \
        ${codes}
-  if grep -qv '^0$' <<< "${codes}"; then return 1; fi
+  if grep -qv '^0$' <<< "${codes}"; then
+    echo "tpu_pod.sh: ${EXPERIMENT} failed on a worker (its log: bash launch/tpu_pod.sh logs)." >&2
+    return 1
+  fi
 }
 
 wait_or_keep() {

@@ -10,8 +10,8 @@
 #   devices          prints the slice's device count (run on all workers at once: every
 #                    worker must join, or the call waits for the missing ones)
 #   mount            installs gcsfuse and mounts gs://BUCKET at MOUNT for the data (DATA_DIR:
-#                    ArrayRecord's reader opens local paths only), metadata caches off, then
-#                    checks the mount. The workdir is a gs:// URL, written without the mount.
+#                    ArrayRecord's reader opens local paths only), metadata caches off, the
+#                    file cache in CACHE_DIR with FILE_CACHE_GB > 0, then checks the mount. The workdir is a gs:// URL, written without the mount.
 #   check-mount      fails unless MOUNT is a mounted, writable bucket
 #   data             prepares ImageNet (TFDS imagenet2012, ArrayRecord) in DATA_DIR once, from
 #                    the two ILSVRC2012 tars in MANUAL_DIR, as a detached job named `data`
@@ -39,6 +39,8 @@ BUCKET="${BUCKET:-}"
 MOUNT="${MOUNT:-}"
 DATA_DIR="${DATA_DIR:-${MOUNT}/tensorflow_datasets}"
 MANUAL_DIR="${MANUAL_DIR:-${DATA_DIR}/downloads/manual}"
+FILE_CACHE_GB="${FILE_CACHE_GB:-0}"           # gcsfuse's file cache for the data (0: off)
+CACHE_DIR="${CACHE_DIR:-${HOME}/gcsfuse_cache}"
 ACTION="${1:?usage: tpu_worker.sh install|devices|mount|check-mount|data|train|state|status}"
 shift
 
@@ -114,8 +116,17 @@ mount_bucket() {
     # Metadata caches off: worker 0 prepares the data while the others may look, and
     # gcsfuse's stat/type caches could hide it from them. TFDS renames its finished
     # folder, which gcsfuse allows up to --rename-dir-limit descendants.
+    # FILE_CACHE_GB > 0: gcsfuse's file cache in CACHE_DIR, filled also by random reads, so
+    # that every epoch after the first reads local disk, not GCS (ImageNet's ArrayRecord
+    # files are ~155 GB: give the VM a disk that holds them, or leave the cache off).
+    local cache=()
+    if (( ${FILE_CACHE_GB:-0} > 0 )); then
+      mkdir -p "${CACHE_DIR}"
+      cache=(--cache-dir="${CACHE_DIR}" --file-cache-max-size-mb=$((FILE_CACHE_GB * 1024))
+             --file-cache-cache-file-for-range-read=true)
+    fi
     gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 \
-      --metadata-cache-negative-ttl-secs=0 "${BUCKET}" "${MOUNT}"
+      --metadata-cache-negative-ttl-secs=0 "${cache[@]}" "${BUCKET}" "${MOUNT}"
   fi
   check_mount
 }

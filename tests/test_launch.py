@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,7 +107,7 @@ TPU = dict(PROJECT='proj', BUCKET='bkt', ZONE='zone-a', POLL_SECONDS='0')
 SUFFIX = ['--project=proj', '--zone=zone-a']
 WORKER_ENV = ('cd sre2l_jax && BUCKET=bkt MOUNT=/mnt/bkt DATA_DIR=/mnt/bkt/tensorflow_datasets '
               'MANUAL_DIR=/mnt/bkt/tensorflow_datasets/downloads/manual PYTHON_VERSION=3.12 '
-              'bash launch/tpu_worker.sh')
+              'FILE_CACHE_GB=0 bash launch/tpu_worker.sh')
 
 
 def absent(stubs):
@@ -312,6 +313,158 @@ def test_tpu_needs_project_bucket_and_a_known_step(stubs):
   assert stubs.calls() == []
 
 
+def test_tpu_check_refuses_when_the_agent_lacks_gclouds_key(stubs):
+  # An agent with another key: gcloud's --worker=all would raise SSHKeyNotInAgent after the
+  # slice is up; the preflight refuses first and prints the fix.
+  stubs.rules([{'prog': 'ssh-add', 'contains': '-L', 'stdout': 'ssh-ed25519 AAAAother me\n'}])
+  completed = stubs.run('tpu_pod.sh', 'all', **TPU)
+  assert completed.returncode == 1
+  assert f'ssh-add {stubs.key}' in completed.stderr and 'Nothing was created' in completed.stderr
+  assert stubs.calls('gcloud') == []
+  # No agent at all (ssh-add exits 2), and no key made yet: each says what to do.
+  stubs.rules([{'prog': 'ssh-add', 'contains': '-L', 'exit': 2}])
+  assert 'not in your ssh-agent' in stubs.run('tpu_pod.sh', 'check', **TPU).stderr
+  stubs.key.with_suffix('.pub').unlink()
+  completed = stubs.run('tpu_pod.sh', 'check', **TPU)
+  assert completed.returncode == 1 and 'ssh-keygen -t rsa -f' in completed.stderr
+  assert stubs.calls('gcloud') == []
+
+
+def _copy_launchers(root, *, git: bool):
+  """A checkout with launch/, the default config tracked and configs/my.py not (git=True), or
+  the same files without .git (a downloaded archive)."""
+  checkout = root / 'checkout'
+  (checkout / 'configs').mkdir(parents=True)
+  shutil.copytree(LAUNCH, checkout / 'launch')
+  shutil.copy(os.path.join(REPO, 'configs', 'in1k_ipc50.py'), checkout / 'configs')
+  if git:
+    subprocess.run(['git', 'init', '-q'], cwd=checkout, check=True)
+    subprocess.run(['git', 'add', 'launch', 'configs'], cwd=checkout, check=True)
+  (checkout / 'configs' / 'my.py').write_text('# not added\n')
+  return checkout
+
+
+@pytest.mark.parametrize('git', [True, False], ids=['untracked', 'no_git'])
+def test_tpu_check_refuses_a_config_that_would_not_be_shipped(stubs, git):
+  checkout = _copy_launchers(stubs.root, git=git)
+  completed = subprocess.run(
+      ['bash', str(checkout / 'launch' / 'tpu_pod.sh'), 'all'], cwd=checkout,
+      capture_output=True, text=True, check=False, timeout=60,
+      env=stubs.env(CONFIG='configs/my.py:smoke', **TPU))
+  assert completed.returncode == 1
+  expected = 'git add configs/my.py' if git else 'is not a git checkout'
+  assert expected in completed.stderr and 'Nothing was created' in completed.stderr
+  assert stubs.calls('gcloud') == []
+  if git:  # the tracked default passes the same check
+    completed = subprocess.run(
+        ['bash', str(checkout / 'launch' / 'tpu_pod.sh'), 'check'], cwd=checkout,
+        capture_output=True, text=True, check=False, timeout=60, env=stubs.env(**TPU))
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_tpu_check_refuses_an_accelerator_not_offered_or_an_unwritable_bucket(stubs):
+  stubs.rules([{'prog': 'gcloud', 'contains': 'accelerator-types', 'exit': 1}])
+  completed = stubs.run('tpu_pod.sh', 'all', **TPU)
+  assert completed.returncode == 1 and 'v4-32 is not offered in zone-a' in completed.stderr
+  assert stubs.calls('gcloud') == PREFLIGHT[:1]
+  stubs.log.unlink()
+  stubs.rules([{'prog': 'gcloud', 'contains': 'storage cp', 'exit': 1}])
+  completed = stubs.run('tpu_pod.sh', 'all', **TPU)
+  assert completed.returncode == 1 and 'cannot write to gs://bkt/' in completed.stderr
+  assert stubs.calls('gcloud') == PREFLIGHT[:2]
+  # v5e is v5litepod to gcloud: said before anything runs.
+  completed = stubs.run('tpu_pod.sh', 'check', ACCELERATOR='v5e-16', **TPU)
+  assert completed.returncode != 0 and 'v5litepod-N' in completed.stderr
+
+
+def test_tpu_setup_quotes_remote_dir(stubs, tmp_path):
+  # A space and a `;` in REMOTE_DIR: one folder of that name on the workers, nothing run.
+  remote_dir = 'my code; touch pwned'
+  completed = stubs.run('tpu_pod.sh', 'setup', REMOTE_DIR=remote_dir, **TPU)
+  assert completed.returncode == 0, completed.stderr
+  commands = [c[6][len('--command='):] for c in stubs.calls('gcloud') if c[3] == 'ssh']
+  assert len(commands) == 4  # unpack, install, mount, devices
+  # Run each as the worker's shell would, in a folder standing in for the worker's home
+  # (the unpack with a real archive; the other three reach tpu_worker.sh only by `cd`).
+  home = tmp_path / 'home'
+  home.mkdir()
+  subprocess.run(['tar', '-czf', str(home / 'sre2l_code.tar.gz'), '-C', REPO, 'README.md'],
+                 check=True)
+  subprocess.run(['bash', '-c', commands[0]], cwd=home, check=True)
+  assert sorted(os.listdir(home)) == ['my code; touch pwned', 'sre2l_code.tar.gz']
+  assert os.listdir(home / remote_dir) == ['README.md']
+  for command in commands[1:]:
+    cd = command.split(' && ', 1)[0]
+    subprocess.run(['bash', '-c', f'{cd} && pwd > where'], cwd=home, check=True)
+    assert (home / remote_dir / 'where').read_text().strip() == str(home / remote_dir)
+  assert not (home / 'pwned').exists()
+
+
+def test_tpu_resume_recreates_a_preempted_slice_and_runs_again(stubs):
+  # The first wait finds the workers gone and the slice PREEMPTED; with RESUME=1 the slice is
+  # deleted, created and set up again, and `run` starts the same command (every stage
+  # resumes from the bucket); the second wait sees the job done.
+  deleted, recreated = str(stubs.root / 'deleted'), str(stubs.root / 'recreated')
+  stubs.rules([
+      {'prog': 'gcloud', 'contains': 'tpu-vm delete', 'touch': deleted},
+      {'prog': 'gcloud', 'contains': 'tpu-vm create', 'touch': recreated},
+      {'prog': 'gcloud', 'contains': 'state in1k_ipc50', 'exit': 255, 'unless': recreated},
+      {'prog': 'gcloud', 'contains': 'value(state)', 'stdout': 'PREEMPTED\n',
+       'unless': recreated},
+      # The slice exists until deleted, then not until created again.
+      {'prog': 'gcloud', 'contains': 'value(name)', 'unless': deleted},
+      {'prog': 'gcloud', 'contains': 'value(name)', 'exit': 1, 'unless': recreated},
+      {'prog': 'gcloud', 'contains': 'state in1k_ipc50',
+       'stdout': states('in1k_ipc50', 'done', 'done')},
+      {'prog': 'gcloud', 'contains': 'networkEndpoints', 'stdout': '2\n'}])
+  completed = stubs.run('tpu_pod.sh', 'run', 'wait', RESUME='1', KEEP='1', PREPARE_DATA='0',
+                        LOG_DIR=str(stubs.root / 'logs'), **TPU)
+  assert completed.returncode == 0, completed.stderr
+  assert 'sre2l-pod is PREEMPTED' in completed.stderr and 'resuming in1k_ipc50 (1/20)' in (
+      completed.stderr)
+  train = ssh('all', WORKER_ENV.replace(' bash ', f' {JOB_ENV} bash ') + ' ' + TRAIN)
+  train[6] = train[6].replace('NUM_WORKERS=4 MAX_HOURS= DELETE_SLICE=1',
+                              'NUM_WORKERS=2 MAX_HOURS= DELETE_SLICE=0')
+  kinds = [c[3] if c[0] == 'compute' else c[1] for c in stubs.calls('gcloud')]
+  assert kinds == [
+      'describe', 'ssh',  # run: the worker count, the start
+      'ssh', 'describe',  # wait: no answer, the slice is PREEMPTED
+      'describe', 'describe', 'delete', 'describe', 'create',  # resume: state, exists? x 2
+      'scp', 'ssh', 'ssh', 'ssh', 'ssh',  # setup
+      'describe', 'ssh',  # run again
+      'ssh', 'cp']  # wait: done; the logs from the bucket
+  calls = stubs.calls('gcloud')
+  assert calls[1] == calls[15] == train
+
+  # Without RESUME=1: no recreation, the command that resumes is printed, nothing deleted.
+  stubs.log.unlink()
+  os.unlink(recreated)
+  os.unlink(deleted)
+  completed = stubs.run('tpu_pod.sh', 'wait', PREPARE_DATA='0', **TPU)
+  assert completed.returncode == 1 and 'RESUME=1 bash launch/tpu_pod.sh resume' in (
+      completed.stderr)
+  assert not [c for c in stubs.calls('gcloud') if 'delete' in c or 'create' in c]
+
+
+def test_tpu_wait_after_the_slice_deleted_itself_reads_the_bucket(stubs):
+  # Worker 0 deleted the slice when the job ended: the exit codes in the bucket decide.
+  stubs.rules([{'prog': 'gcloud', 'contains': 'ssh', 'exit': 255},
+               {'prog': 'gcloud', 'contains': 'value(state)', 'exit': 1},
+               {'prog': 'gcloud', 'contains': 'value(name)', 'exit': 1},
+               {'prog': 'gcloud', 'contains': 'storage cat', 'stdout': '0\n0\n'}])
+  completed = stubs.run('tpu_pod.sh', 'wait', 'delete', LOG_DIR=str(stubs.root / 'logs'), **TPU)
+  assert completed.returncode == 0, completed.stderr
+  assert 'deleted itself after the job' in completed.stdout
+  assert 'is deleted already' in completed.stdout
+  stubs.rules([{'prog': 'gcloud', 'contains': 'ssh', 'exit': 255},
+               {'prog': 'gcloud', 'contains': 'value(state)', 'exit': 1},
+               {'prog': 'gcloud', 'contains': 'value(name)', 'exit': 1},
+               {'prog': 'gcloud', 'contains': 'storage cat', 'stdout': '0\n1\n'}])
+  completed = stubs.run('tpu_pod.sh', 'wait', **TPU)
+  assert completed.returncode == 1 and 'in1k_ipc50 failed on a worker' in completed.stderr
+  assert not [c for c in stubs.calls('gcloud') if 'delete' in c]
+
+
 # -------------------------------------------------------------------- TPU worker script
 
 
@@ -319,15 +472,18 @@ def worker(stubs, *args, mounted=True, **env):
   """Runs launch/tpu_worker.sh with local folders for the mount, venv and jobs."""
   root = stubs.root
   (root / 'mnt').mkdir(exist_ok=True)
-  stubs.rules([{'prog': 'mountpoint', 'exit': 0 if mounted else 1}])
+  stubs.rules([{'prog': 'mountpoint', 'exit': 0 if mounted else 1},
+               {'prog': 'gcloud', 'contains': 'storage ls',
+                'stdout': 'gs://bkt/r/worker-0.exit\ngs://bkt/r/worker-1.exit\n'}])
   return stubs.run('tpu_worker.sh', *args, MOUNT=str(root / 'mnt'), BUCKET='bkt',
-                   JOBS_DIR=str(root / 'jobs'), VENV=str(root / 'venv'), WORKER_ID='3', **env)
+                   JOBS_DIR=str(root / 'jobs'), VENV=str(root / 'venv'),
+                   **{'WORKER_ID': '3', **env})
 
 
-def finished_state(stubs, name: str) -> str:
+def finished_state(stubs, name: str, **env) -> str:
   """The worker's state line of job `name` once it stops running (polls up to 10 s)."""
   for _ in range(200):
-    state = worker(stubs, 'state', name).stdout.strip()
+    state = worker(stubs, 'state', name, **env).stdout.strip()
     if 'running' not in state:
       return state
     time.sleep(0.05)
@@ -369,6 +525,49 @@ def test_tpu_worker_trains_detached_once_and_reports_its_state(stubs):
   assert state == 'sre2l-job name=exp worker=3 state=failed exit=3'
 
 
+END = dict(RESULTS='gs://bkt/r', NUM_WORKERS='2', DELETE_SLICE='1', TPU_NAME='pod',
+           PROJECT='p', ZONE='z')
+
+
+@pytest.mark.parametrize('worker_id', ['0', '1'])
+def test_tpu_worker_reports_the_end_and_worker_0_deletes_the_slice(stubs, worker_id):
+  fake_venv(stubs, 'echo trained')
+  completed = worker(stubs, 'train', 'exp', '--config=c.py', WORKER_ID=worker_id, **END)
+  assert completed.returncode == 0, completed.stderr
+  state = finished_state(stubs, 'exp', WORKER_ID=worker_id)
+  assert state == f'sre2l-job name=exp worker={worker_id} state=done exit=0'
+  report = f'gs://bkt/r/worker-{worker_id}'
+  ended = [['storage', 'rm', f'{report}.exit', f'{report}.log'],  # an earlier start's report
+           ['storage', 'cp', str(stubs.root / 'jobs' / 'exp' / 'log'), f'{report}.log'],
+           ['storage', 'cp', '-', f'{report}.exit']]
+  if worker_id == '0':  # waits for both workers' reports (the stub lists 2), then deletes
+    ended += [['storage', 'ls', 'gs://bkt/r/worker-*.exit'],
+              ['compute', 'tpus', 'tpu-vm', 'delete', 'pod', '--quiet', '--async',
+               '--project=p', '--zone=z']]
+  assert stubs.calls('gcloud') == ended
+  assert 'worker 0 deletes pod' in (stubs.root / 'jobs' / 'exp' / 'log').read_text() or (
+      worker_id != '0')
+
+
+def test_tpu_worker_stops_the_job_after_max_hours(stubs):
+  fake_venv(stubs, 'sleep 60')
+  completed = worker(stubs, 'train', 'exp', '--config=c.py', MAX_HOURS='0.0005',  # 1.8 s
+                     **{**END, 'DELETE_SLICE': '0'})
+  assert completed.returncode == 0, completed.stderr
+  assert finished_state(stubs, 'exp') == 'sre2l-job name=exp worker=3 state=failed exit=124'
+  assert 'stopped after MAX_HOURS=0.0005 h' in (stubs.root / 'jobs' / 'exp' / 'log').read_text()
+  assert stubs.calls('gcloud')[-1] == ['storage', 'cp', '-', 'gs://bkt/r/worker-3.exit']
+
+
+def test_tpu_worker_tells_a_killed_job_from_a_failed_one(stubs):
+  # A maintenance restart kills the job and its wrapper alike: no exit code is written.
+  fake_venv(stubs, 'sleep 60')
+  assert worker(stubs, 'train', 'exp', '--config=c.py').returncode == 0
+  pid = int((stubs.root / 'jobs' / 'exp' / 'pid').read_text())
+  os.killpg(pid, signal.SIGKILL)  # the job runs in a session (and process group) of its own
+  assert finished_state(stubs, 'exp') == 'sre2l-job name=exp worker=3 state=killed exit=-'
+
+
 def test_tpu_worker_refuses_to_train_without_the_mount(stubs):
   fake_venv(stubs, 'exit 0')
   completed = worker(stubs, 'train', 'exp', '--config=c.py', mounted=False)
@@ -392,6 +591,16 @@ def test_tpu_worker_mounts_with_metadata_caches_off(stubs, tmp_path):
   # Mounted already: not mounted again.
   assert stubs.run('tpu_worker.sh', 'mount', MOUNT=str(mount), BUCKET='bkt').returncode == 0
   assert len(stubs.calls('gcsfuse')) == 1
+  # With a file cache (ImageNet read at disk speed after the first epoch).
+  mounted.unlink()
+  cache = tmp_path / 'cache'
+  completed = stubs.run('tpu_worker.sh', 'mount', MOUNT=str(mount), BUCKET='bkt', WORKER_ID='0',
+                        FILE_CACHE_GB='200', CACHE_DIR=str(cache))
+  assert completed.returncode == 0, completed.stderr
+  assert stubs.calls('gcsfuse')[-1][4:-2] == [
+      f'--cache-dir={cache}', '--file-cache-max-size-mb=204800',
+      '--file-cache-cache-file-for-range-read=true']
+  assert cache.is_dir()
 
 
 def test_tpu_worker_installs_gcsfs_for_the_gs_workdir(stubs):
