@@ -120,7 +120,7 @@ def want_distributed() -> bool:
     return _DISTRIBUTED.value
   env = os.environ
   return (env.get('SRE2L_DISTRIBUTED') == '1' or 'TPU_WORKER_HOSTNAMES' in env
-          or int(env.get('SLURM_NTASKS', '1')) > 1)
+          or multihost.on_cloud_tpu_vm() or int(env.get('SLURM_NTASKS', '1')) > 1)
 
 
 def validate(config, stages: list[str]) -> None:
@@ -261,6 +261,10 @@ def main(argv):
     config.overwrite = True
   try:
     run(config, _WORKDIR.value, _STAGES.value or config.stages, dry_run=_DRY_RUN.value)
+  except checkpoint.PreemptedError as e:  # saved: a launcher resumes it (exit 143, as TERM)
+    print(f'sre2l_jax: {e}', file=sys.stderr)
+    logging.flush()
+    sys.exit(e.exit_code)
   except Exception as e:  # pylint: disable=broad-except
     if logging.get_verbosity() >= 1:
       raise

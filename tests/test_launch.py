@@ -707,6 +707,24 @@ def test_multi_gpu_needs_slurm_or_a_coordinator(stubs, tmp_path):
   assert completed.returncode == 2 and 'COORDINATOR' in completed.stderr
 
 
+def test_distributed_start_up_is_on_where_tpu_chips_are_attached(tmp_path):
+  # A Cloud TPU VM has no GKE variables; its TPU chips are PCI devices of vendor Google (whose
+  # network card, gVNIC, must not count). jax.distributed then finds the slice by itself.
+  from sre2l_jax import multihost  # pylint: disable=g-import-not-at-top
+
+  def pci(name, vendor, device):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'vendor').write_text(vendor + '\n')
+    (tmp_path / name / 'device').write_text(device + '\n')
+
+  pci('0000:00:04.0', '0x1ae0', '0x0042')  # gVNIC
+  pci('0000:00:05.0', '0x10de', '0x2330')  # an H100
+  assert not multihost.on_cloud_tpu_vm(str(tmp_path))
+  pci('0000:00:06.0', '0x1ae0', '0x0063')  # a v5e chip
+  assert multihost.on_cloud_tpu_vm(str(tmp_path))
+  assert not multihost.on_cloud_tpu_vm(str(tmp_path / 'absent'))
+
+
 # --------------------------------------------------------------------- all the launchers
 
 
