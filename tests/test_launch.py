@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -650,13 +651,34 @@ def test_slurm_submit_asks_for_one_task_per_gpu_cpus_time_and_requeue(stubs):
 
 
 def test_slurm_job_runs_one_labelled_process_per_gpu(stubs):
-  stubs.rules([{'prog': 'nvidia-smi', 'stdout': GPUS}])
+  stubs.rules([{'prog': 'nvidia-smi', 'contains': '-L', 'stdout': GPUS},
+               {'prog': 'nvidia-smi', 'contains': 'driver_version', 'stdout': '580.65.06\n'}])
   completed = stubs.run('multi_gpu.sh', 'configs/in1k_ipc50.py', '/shared/w', '--config.seed=1',
                         **SLURM)
   assert completed.returncode == 0, completed.stderr
-  assert stubs.calls('nvidia-smi') == [['-L']]
+  assert stubs.calls('nvidia-smi') == [['-L'], ['--query-gpu=driver_version',
+                                                '--format=csv,noheader']]
   assert stubs.calls('srun') == [SRUN]
   assert '4 node(s) x 8 GPU processes, 12 CPUs each' in completed.stdout
+  assert 'NVIDIA driver 580.65.06' in completed.stdout
+
+
+def test_slurm_job_counts_the_gpus_slurm_gave_it(stubs):
+  # A shared node or MIG: nvidia-smi lists 8 GPUs, SLURM gave this job 2.
+  stubs.rules([{'prog': 'nvidia-smi', 'contains': '-L', 'stdout': GPUS}])
+  completed = stubs.run('multi_gpu.sh', 'configs/in1k_ipc50.py', '/shared/w',
+                        **{**SLURM, 'SLURM_GPUS_ON_NODE': '2'})
+  assert completed.returncode == 2 and '--ntasks-per-node=2 --gpus-per-node=2' in (
+      completed.stderr)
+  assert ['-L'] not in stubs.calls('nvidia-smi') and stubs.calls('srun') == []
+  completed = stubs.run('multi_gpu.sh', 'configs/in1k_ipc50.py', '/shared/w',
+                        **{**SLURM, 'SLURM_GPUS_ON_NODE': '8'})
+  assert completed.returncode == 0, completed.stderr
+  # And --gres for clusters that take no --gpus-per-node.
+  completed = stubs.run('multi_gpu.sh', 'submit', 'c.py', '/shared/w', GRES='1',
+                        GPUS_PER_NODE='4')
+  assert completed.returncode == 0, completed.stderr
+  assert stubs.calls('sbatch')[-1][:3] == ['--nodes=1', '--ntasks-per-node=4', '--gres=gpu:4']
 
 
 def test_slurm_job_refuses_fewer_tasks_than_gpus(stubs):
@@ -667,39 +689,88 @@ def test_slurm_job_refuses_fewer_tasks_than_gpus(stubs):
   assert stubs.calls('srun') == []
 
 
-def test_slurm_job_requeues_itself_before_the_time_limit(stubs):
-  stop = stubs.root / 'stop'
-  started = stubs.root / 'started'
-  stubs.rules([{'prog': 'nvidia-smi', 'stdout': GPUS},
-               {'prog': 'srun', 'touch': str(started), 'until': str(stop)},
-               {'prog': 'scontrol', 'touch': str(stop)}])
-
-  def signalled_run(**env):
-    process = subprocess.Popen(
-        ['bash', os.path.join(LAUNCH, 'multi_gpu.sh'), 'configs/in1k_ipc50.py', '/shared/w'],
-        cwd=REPO, env=stubs.env(**SLURM, **env), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    # The signal must come once srun runs (the trap is set just before it); under a loaded
-    # suite the script's start (stub programs are Python) has taken over 20 s.
-    deadline = time.monotonic() + 180
-    while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+def _signalled_job(stubs, ready, *args, timeout=240, **env):
+  """Runs multi_gpu.sh CONFIG WORKDIR ARGS under SLURM variables, sends it USR1 (what
+  --signal=B:USR1@300 sends) once `ready()`, and returns (returncode, stderr)."""
+  process = subprocess.Popen(
+      ['bash', os.path.join(LAUNCH, 'multi_gpu.sh'), 'configs/fashion_mnist_ipc10.py:smoke',
+       str(stubs.root / 'w'), *args], cwd=REPO, env=stubs.env(**{**SLURM, **env}),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + timeout
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
       time.sleep(0.05)
-    assert started.exists(), 'multi_gpu.sh never reached srun'
-    process.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends
-    if env.get('SLURM_RESTART_COUNT') == '10':
-      stop.touch()  # no requeue: the step ends by itself
-    _, stderr = process.communicate(timeout=60)
-    started.unlink()
-    stop.unlink()
-    return process.returncode, stderr
+    if not ready():
+      process.kill()
+      pytest.fail(f'never ready (rc {process.poll()}): {process.communicate()[1][-3000:]}')
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=timeout)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.communicate()
+  return process.returncode, stderr
 
-  returncode, stderr = signalled_run()
+
+def test_slurm_job_stops_the_step_then_requeues(stubs):
+  # The step gets TERM and takes its time to save (1 s here); scontrol runs only after it
+  # ended, and records whether the save was there by then.
+  saved = stubs.root / 'saved'
+  started = stubs.root / 'started'
+  (stubs.bin / 'srun').write_text(
+      f"#!/bin/bash\ntrap 'sleep 1; touch {saved}; exit 143' TERM\ntouch {started}\n"
+      f'while true; do sleep 0.05; done\n')
+  (stubs.bin / 'scontrol').write_text(
+      f'#!/bin/bash\n[ -e {saved} ] && s=after || s=before\n'
+      f'echo "scontrol $* $s the save" >> {stubs.root}/order\n')
+  stubs.rules([{'prog': 'nvidia-smi', 'stdout': GPUS}])
+  returncode, stderr = _signalled_job(stubs, started.exists)
   assert returncode == 0, stderr
-  assert stubs.calls('scontrol') == [['requeue', '77']]
-  assert 'requeueing job 77' in stderr
-  returncode, stderr = signalled_run(SLURM_RESTART_COUNT='10')
-  assert returncode == 0 and stubs.calls('scontrol') == [['requeue', '77']]
+  assert (stubs.root / 'order').read_text() == 'scontrol requeue 77 after the save\n'
+  assert 'saved and stopped (exit 143); requeueing job 77' in stderr
+
+  # No restarts left: the step still saves and stops, and nothing is requeued.
+  for path in (saved, started, stubs.root / 'order'):
+    path.unlink()
+  returncode, stderr = _signalled_job(stubs, started.exists, SLURM_RESTART_COUNT='10')
+  assert returncode == 0 and saved.exists() and not (stubs.root / 'order').exists()
   assert 'not requeueing' in stderr
+
+
+@pytest.mark.slow
+def test_slurm_requeue_comes_after_the_stages_own_save(stubs, fashion_mnist_tfds):
+  # The real program under a one-task `srun`: on USR1 the script sends TERM, which JAX's
+  # preemption service takes as a notice; squeeze saves a checkpoint at the next step all
+  # processes reach, exits 143, and only then does scontrol run (it lists the checkpoints).
+  checkpoints = stubs.root / 'w' / 'squeeze' / 'checkpoints'
+  (stubs.bin / 'srun').write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                                  'exec "$@"\n')
+  (stubs.bin / 'scontrol').write_text(f'#!/bin/bash\nls {checkpoints} > {stubs.root}/seen\n')
+  stubs.rules([])
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    address = f'localhost:{s.getsockname()[1]}'
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                 os.environ.get('XLA_FLAGS', '')).strip()
+
+  def first_checkpoint():
+    return checkpoints.is_dir() and any(d.isdigit() for d in os.listdir(checkpoints))
+
+  returncode, stderr = _signalled_job(
+      stubs, first_checkpoint, '--stages=squeeze', '--config.squeeze.epochs=500',
+      '--config.squeeze.checkpoint_every_steps=50',
+      f'--config.dataset.data_dir={fashion_mnist_tfds}',
+      PYTHON=sys.executable, SLURM_NTASKS_PER_NODE='1', SLURM_GPUS_ON_NODE='1',
+      SLURM_CPUS_PER_TASK='1', SLURM_NNODES='1', SLURM_LOCALID='0', JAX_PLATFORMS='cpu',
+      XLA_FLAGS=flags, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='1',
+      JAX_PROCESS_ID='0')
+  assert returncode == 0, stderr[-3000:]
+  saved = re.search(r'stopped by a preemption notice \(SIGTERM\) after saving step (\d+)',
+                    stderr)
+  assert saved, stderr[-3000:]
+  assert saved[1] in (stubs.root / 'seen').read_text().split()  # there before the requeue
+  assert int(saved[1]) % 50  # not one of the regular saves
+  assert 'requeueing job 77' in stderr
 
 
 def test_multi_gpu_needs_slurm_or_a_coordinator(stubs, tmp_path):
