@@ -3,6 +3,7 @@
 executables put first on PATH; and the Colab notebook, which runs the Fashion-MNIST smoke
 pipeline headless (no network: its install cell is skipped when the package is importable)."""
 
+import ast
 import configparser
 import glob
 import importlib.metadata
@@ -872,3 +873,75 @@ def test_colab_notebook_runs_the_smoke_pipeline(fashion_mnist_tfds, tmp_path, mo
   assert any('image/png' in o.data for o in shown)
   assert any(o.data.get('text/markdown', '').startswith('# SRe2L report') for o in shown)
   assert not [o for o in outputs if o.output_type == 'error']
+
+
+def _install_cell():
+  return nbformat.read(NOTEBOOK, as_version=4).cells[1].source
+
+
+def test_colab_finds_tpus_by_vfio_as_on_v5e_and_v6e_runtimes(tmp_path, monkeypatch):
+  # The cell's own `accelerator` (its IPython magics made Python, then only that function).
+  from IPython.core.inputtransformer2 import TransformerManager  # pylint: disable=g-import-not-at-top
+  module = ast.parse(TransformerManager().transform_cell(_install_cell()))
+  function = next(n for n in module.body
+                  if isinstance(n, ast.FunctionDef) and n.name == 'accelerator')
+  namespace = {}
+  exec('import glob, importlib.util, os, shutil', namespace)  # pylint: disable=exec-used
+  exec(compile(ast.Module([function], []), NOTEBOOK, 'exec'), namespace)  # pylint: disable=exec-used
+  accelerator = namespace['accelerator']
+  stubs = tmp_path / 'bin'
+  stubs.mkdir()
+  monkeypatch.setenv('PATH', str(stubs))
+  dev = tmp_path / 'dev'
+  (dev / 'vfio').mkdir(parents=True)
+  (dev / 'vfio' / 'vfio').touch()  # VFIO's control node: there with or without a TPU
+  assert accelerator(str(dev)) == ''
+  (dev / 'vfio' / '0').touch()  # a v5e-1 / v6e-1 runtime's chip
+  assert accelerator(str(dev)) == 'tpu'
+  (dev / 'vfio' / '0').unlink()
+  (dev / 'accel0').touch()  # v2-v4
+  assert accelerator(str(dev)) == 'tpu'
+  (dev / 'accel0').unlink()
+  (stubs / 'nvidia-smi').write_text('#!/bin/sh\n')
+  (stubs / 'nvidia-smi').chmod(0o755)
+  assert accelerator(str(dev)) == 'cuda'
+
+
+@pytest.mark.slow
+def test_colab_install_cell_in_a_clean_environment(tmp_path, monkeypatch):
+  # A runtime without the package: the cell clones (here from this checkout), installs it with
+  # its dependencies into the kernel's own environment in one pip call, and moves into the
+  # checkout; after a restart (a new kernel) it installs nothing and still moves there.
+  # About a minute: a fresh venv with ipykernel, then the package's dependencies (pip's cache).
+  venv = tmp_path / 'venv'
+  subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=120)
+  subprocess.run([str(venv / 'bin' / 'python'), '-m', 'pip', 'install', '-q', 'ipykernel'],
+                 check=True, timeout=300)
+  spec = tmp_path / 'jupyter' / 'kernels' / 'clean'
+  spec.mkdir(parents=True)
+  (spec / 'kernel.json').write_text(json.dumps({
+      'argv': [str(venv / 'bin' / 'python'), '-m', 'ipykernel_launcher', '-f',
+               '{connection_file}'], 'display_name': 'clean', 'language': 'python'}))
+  monkeypatch.setenv('JUPYTER_PATH', str(tmp_path / 'jupyter'))
+  monkeypatch.setenv('SRE2L_REPO_URL', REPO)
+  monkeypatch.setenv('SRE2L_FASHION_MNIST_DIR', str(tmp_path))  # no download
+  monkeypatch.delenv('PYTHONPATH', raising=False)
+  runtime = tmp_path / 'content'
+  runtime.mkdir()
+  checkout = runtime / 'sre2l_jax_repo'
+
+  def run_cells(*sources):
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name='clean',
+                            resources={'metadata': {'path': str(runtime)}}).execute()
+    return ''.join(o.get('text', '') for c in notebook.cells for o in c.outputs)
+
+  where = 'import os, sys; print("cwd", os.getcwd()); print("python", sys.executable)'
+  text = run_cells(_install_cell(), where)
+  assert f'installing {checkout} with jax>=' in text
+  assert f'sre2l_jax from {checkout / "sre2l_jax"}' in text
+  assert f'cwd {checkout}\n' in text and f'python {venv}/bin/python' in text
+  assert (checkout / 'configs' / 'fashion_mnist_ipc10.py').exists()
+  # A restart: importable now, nothing installed, and still in the checkout.
+  text = run_cells(_install_cell(), where)
+  assert 'installing' not in text and f'cwd {checkout}\n' in text
