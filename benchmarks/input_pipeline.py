@@ -1,6 +1,8 @@
 """ImageNet input throughput on this host: decoded, randomly resized and cropped images/s.
 
   python -m benchmarks.input_pipeline --images=768 --batch=128 --batches=4 --json=out.json
+  python -m benchmarks.input_pipeline --threads=4,2,1   (the same in the other order: on a
+      shared machine the load changes while it runs, and the order shows how much)
 
 Writes a small ImageNet in the real format first (ILSVRC2012_img_train.tar as TFDS's
 `imagenet2012` builder reads it: per-class tars of JPEGs at ImageNet-like sizes, 500x375 and
@@ -8,9 +10,10 @@ the like, ~110 KB each at quality 90, the average of ImageNet's training JPEGs),
 into ArrayRecord files with the package's own `datasets.prepare`, then times the training
 input exactly as the stages run it (`streaming.StreamingSplit.train_batches`: random-access
 read, JPEG decode, RandomResizedCrop to 224x224, batch put on the device) with 1 thread, one
-per core and `streaming.decode_threads()` (the default). Per core = images/s divided by the
-cores the threads can use. The machine's load average is recorded before and after (others
-may share the machine: read the figures with it).
+per core and `streaming.decode_threads()` (the default). Per core = images per CPU second of
+the process (its CPU time, all threads), which other programs on the machine do not change;
+images/s (wall) and the cores' worth of CPU the process got are printed beside it, with the
+machine's load average before and after.
 """
 
 import argparse
@@ -74,15 +77,20 @@ def write_imagenet(folder: str, images: int, classes: int = 8, seed: int = 0) ->
   return float(np.mean(sizes)) / 1024
 
 
-def measure(split: streaming.StreamingSplit, batch: int, batches: int) -> float:
-  """images/s of `batches` training batches after one warm-up batch (fresh epochs' crops)."""
+def measure(split: streaming.StreamingSplit, batch: int, batches: int) -> dict:
+  """`batches` training batches after one warm-up batch: images per wall second, images per
+  CPU second of this process (all its threads: what one core decodes, whatever else the
+  machine runs) and the cores' worth of CPU the process got (CPU seconds / wall seconds)."""
   sharding = batching.data_sharding(batching.create_mesh())
   stream = split.train_batches(batch, seed=0, start_step=0, sharding=sharding)
   jax.block_until_ready(next(stream))
-  start = time.perf_counter()
+  wall, cpu = time.perf_counter(), time.process_time()
   for _ in range(batches):
     jax.block_until_ready(next(stream))
-  return batch * batches / (time.perf_counter() - start)
+  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  images = batch * batches
+  return {'images_per_s': images / wall, 'images_per_cpu_s': images / cpu,
+          'cores_used': cpu / wall}
 
 
 def main():
@@ -90,6 +98,9 @@ def main():
   parser.add_argument('--images', type=int, default=768, help='training images written')
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--batches', type=int, default=4, help='timed batches per setting')
+  parser.add_argument('--threads', default='',
+                      help='comma-separated thread counts, in this order (default: 1, one '
+                           'per core, decode_threads())')
   parser.add_argument('--json', default='', help='also write the results here')
   args = parser.parse_args()
 
@@ -104,13 +115,15 @@ def main():
     spec = datasets.get_spec('imagenet2012')
     load_before = os.getloadavg()
     results = []
-    for threads in sorted({1, cores, streaming.decode_threads()}):
+    settings = ([int(t) for t in args.threads.split(',')] if args.threads else
+                sorted({1, cores, streaming.decode_threads()}))
+    for threads in settings:
       split = streaming.StreamingSplit.create(config, spec, 'train', num_threads=threads)
-      rate = measure(split, args.batch, args.batches)
-      results.append({'threads': threads, 'images_per_s': rate,
-                      'images_per_s_per_core': rate / min(threads, cores)})
-      print(f'{threads:3d} threads: {rate:7.1f} images/s, '
-            f'{rate / min(threads, cores):6.1f} per core used', flush=True)
+      result = measure(split, args.batch, args.batches)
+      results.append({'threads': threads, **result})
+      print(f'{threads:3d} threads: {result["images_per_s"]:7.1f} images/s, '
+            f'{result["images_per_cpu_s"]:6.1f} per CPU second, '
+            f'{result["cores_used"]:.2f} cores used', flush=True)
     load_after = os.getloadavg()
   out = {'cores': cores, 'mean_jpeg_kb': jpeg_kb, 'image_shape': list(spec.image_shape),
          'batch': args.batch, 'batches': args.batches, 'results': results,

@@ -24,8 +24,9 @@
 #                    the slice (TPU_NAME, or QUEUED_RESOURCE, in PROJECT and ZONE): the VM's
 #                    service account needs roles/tpu.admin for that
 #   state NAME       prints one line `sre2l-job name=NAME worker=W state=S exit=N`, S one of
-#                    running / done / failed / killed (ended without an exit code: a
-#                    maintenance restart or reboot) / absent
+#                    running / done / failed / killed (ended without an exit code, as by a
+#                    maintenance restart or reboot, or 143: stopped by SIGTERM after its
+#                    save) / absent
 #   status NAME      state, mount, disk and the last lines of the job's log
 # A job's files are in JOBS_DIR/NAME: log (appended to by every start), pid, exit_code, lock (held
 # by the job while it runs: the guard against a second copy, e.g. from a retried ssh command).
@@ -140,6 +141,8 @@ job_state() {
     echo running
   elif [[ ! -e "${dir}/exit_code" ]]; then
     echo killed  # gone without writing its exit code: a VM restart, or a kill -9
+  elif [[ "$(cat "${dir}/exit_code")" == 143 ]]; then
+    echo killed  # SIGTERM (e.g. before maintenance): main.py saved its stage, then exited
   elif [[ "$(cat "${dir}/exit_code")" == 0 ]]; then
     echo done
   else

@@ -568,6 +568,10 @@ def test_tpu_worker_tells_a_killed_job_from_a_failed_one(stubs):
   pid = int((stubs.root / 'jobs' / 'exp' / 'pid').read_text())
   os.killpg(pid, signal.SIGKILL)  # the job runs in a session (and process group) of its own
   assert finished_state(stubs, 'exp') == 'sre2l-job name=exp worker=3 state=killed exit=-'
+  # SIGTERM (a maintenance notice): main.py saves, exits 143; also resumable, not failed.
+  (stubs.root / 'venv' / 'bin' / 'python').write_text('#!/bin/bash\nexit 143\n')
+  assert worker(stubs, 'train', 'exp', '--config=c.py').returncode == 0
+  assert finished_state(stubs, 'exp') == 'sre2l-job name=exp worker=3 state=killed exit=143'
 
 
 def test_tpu_worker_refuses_to_train_without_the_mount(stubs):

@@ -85,10 +85,11 @@ def center_crop(image: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
 
 def decode_threads() -> int:
   """Decoding threads for this process: two per core it may run on (its CPU affinity: a
-  SLURM task's --cpus-per-task, a whole TPU VM host). Threads, not processes: Pillow
-  releases the GIL while it decodes JPEGs and resizes, so they use every core (see
-  benchmarks/input_pipeline.py), and a batch stays a pure function of (seed, step) with no
-  iterator state beyond the step that the stage checkpoints already."""
+  SLURM task's --cpus-per-task, a whole TPU VM host), no fixed cap. Threads, not worker
+  processes: Pillow releases the GIL in its C decoding and resizing, and a batch stays a
+  pure function of (seed, step), with no iterator state beyond the step that the stages
+  checkpoint already. How far threads scale on a many-core host is not measured yet
+  (benchmarks/input_pipeline.py; the README's Data section)."""
   return 2 * len(os.sched_getaffinity(0))
 
 
