@@ -36,7 +36,8 @@
 #   delete   deletes the slice (or the queued resource with its slice)
 #   all      check, create, setup, data, run, wait, logs, delete (KEEP=1 keeps the slice)
 # Workers are reached with `gcloud compute tpus tpu-vm ssh --worker=all`, which needs gcloud's
-# key (~/.ssh/google_compute_engine, SSH_KEY) in your ssh-agent: `ssh-add ~/.ssh/google_compute_engine`.
+# key (SSH_KEY, ~/.ssh/google_compute_engine) in your ssh-agent:
+#   ssh-add ~/.ssh/google_compute_engine
 # Cost safety: while create, setup, data or run fail (or are interrupted with Ctrl-C) the slice
 # is deleted again unless KEEP=1. Interrupting `wait` leaves the run going and the slice up
 # (it says how to wait again or delete). DRY_RUN=1 prints every command instead of running it.
@@ -577,7 +578,8 @@ for step in "${STEPS[@]}"; do
   case "${step}" in
     check|create|setup|data|run|resume|status|delete|all) ;;
     mount|wait|logs) ;;
-    *) echo "usage: $0 [check|create|setup|mount|data|run|resume|wait|status|logs|delete|all]..." >&2
+    *) echo "usage: $0 [check|create|setup|mount|data|run|resume|wait|status|logs|delete|all]..." \
+         >&2
        exit 2 ;;
   esac
 done
@@ -588,5 +590,6 @@ for step in "${STEPS[@]}"; do
     logs) copy_logs ;;
     *) "${step}" ;;
   esac
-  if [[ "${step}" == run || "${step}" == resume ]]; then ARMED=0; fi  # a started run is not torn down by later steps
+  # A started run is not torn down by later steps.
+  if [[ "${step}" == run || "${step}" == resume ]]; then ARMED=0; fi
 done

@@ -11,7 +11,8 @@
 #                    worker must join, or the call waits for the missing ones)
 #   mount            installs gcsfuse and mounts gs://BUCKET at MOUNT for the data (DATA_DIR:
 #                    ArrayRecord's reader opens local paths only), metadata caches off, the
-#                    file cache in CACHE_DIR with FILE_CACHE_GB > 0, then checks the mount. The workdir is a gs:// URL, written without the mount.
+#                    file cache in CACHE_DIR with FILE_CACHE_GB > 0, then checks the mount.
+#                    The workdir is a gs:// URL, written without the mount.
 #   check-mount      fails unless MOUNT is a mounted, writable bucket
 #   data             prepares ImageNet (TFDS imagenet2012, ArrayRecord) in DATA_DIR once, from
 #                    the two ILSVRC2012 tars in MANUAL_DIR, as a detached job named `data`

@@ -47,7 +47,8 @@ _OVERWRITE = flags.DEFINE_bool(
     '(sets config.overwrite).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', None, 'Call jax.distributed.initialize() (multi-host). Default: on when '
-    'SRE2L_DISTRIBUTED=1 or a Cloud TPU / SLURM multi-host environment is detected. '
+    'SRE2L_DISTRIBUTED=1, on a Cloud TPU VM (TPU chips among its PCI devices), on GKE TPU '
+    'pods and under SLURM with several tasks. '
     'Elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.')
 _DRY_RUN = flags.DEFINE_bool(
     'dry_run', False, 'Print each stage\'s memory plan (its step compiled at the real shapes, '

@@ -885,13 +885,14 @@ def _install_cell():
 
 def test_colab_finds_tpus_by_vfio_as_on_v5e_and_v6e_runtimes(tmp_path, monkeypatch):
   # The cell's own `accelerator` (its IPython magics made Python, then only that function).
-  from IPython.core.inputtransformer2 import TransformerManager  # pylint: disable=g-import-not-at-top
-  module = ast.parse(TransformerManager().transform_cell(_install_cell()))
+  from IPython.core import inputtransformer2  # pylint: disable=g-import-not-at-top
+  module = ast.parse(inputtransformer2.TransformerManager().transform_cell(_install_cell()))
   function = next(n for n in module.body
                   if isinstance(n, ast.FunctionDef) and n.name == 'accelerator')
   namespace = {}
   exec('import glob, importlib.util, os, shutil', namespace)  # pylint: disable=exec-used
-  exec(compile(ast.Module([function], []), NOTEBOOK, 'exec'), namespace)  # pylint: disable=exec-used
+  code = compile(ast.Module([function], []), NOTEBOOK, 'exec')
+  exec(code, namespace)  # pylint: disable=exec-used
   accelerator = namespace['accelerator']
   stubs = tmp_path / 'bin'
   stubs.mkdir()

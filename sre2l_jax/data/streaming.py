@@ -1,8 +1,9 @@
 """Streaming input for datasets too large for host RAM (ImageNet-1K).
 
 Records are read from TFDS's ArrayRecord files by random access, then decoded and cropped
-on the host, a batch at a time in a thread pool of two threads per core (`decode_threads`). Like every `pipeline.Split`, a batch is a
-pure function of (seed, step): epoch e's permutation comes from
+on the host, a batch at a time in a thread pool (two threads per core, `decode_threads`).
+Like every `pipeline.Split`, a batch is a pure function of (seed, step): epoch e's
+permutation comes from
 `numpy.random.default_rng([seed, e])` and the crop of example i in epoch e from
 `numpy.random.default_rng([seed, e, i])`, so neither thread scheduling nor a restart
 changes what a step sees. Each process decodes only its own rows of a global
