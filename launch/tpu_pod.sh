@@ -477,7 +477,7 @@ wait_run() {
     if [[ "${RESUME}" != 1 ]]; then
       echo "tpu_pod.sh: every stage resumes from ${WORKDIR}: RESUME=1 bash launch/tpu_pod.sh" \
            "resume wait (recreates or remounts the slice and runs again), or delete it:" \
-           "bash launch/tpu_pod.sh delete." >&2
+           "bash launch/tpu_pod.sh delete (a restarted slice is up and BILLING)." >&2
       exit 1
     fi
     if (( resumes >= MAX_RESUMES )); then
