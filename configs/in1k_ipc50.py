@@ -6,7 +6,9 @@ images: for tests with `tfds.testing.mock_data` and for checking a pod before a 
 
 Data: TFDS's `imagenet2012` builder reads ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
 from `config.dataset.manual_dir` (default <data_dir>/downloads/manual) and prepares
-ArrayRecord files once; `--config.dataset.data_dir=gs://...` works on Cloud TPU.
+ArrayRecord files once; a `--config.dataset.data_dir=gs://...` that holds them prepared is read
+from a copy on each host (see the README's Data section; launch/tpu_pod.sh reads them through
+a gcsfuse mount instead).
 
 Teacher: squeeze trains one (torchvision's recipe: 90 epochs, SGD 0.1, momentum 0.9, wd 1e-4,
 batch 256; cosine instead of the step schedule), or skip it and import the pretrained

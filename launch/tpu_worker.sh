@@ -10,16 +10,24 @@
 #   devices          prints the slice's device count (run on all workers at once: every
 #                    worker must join, or the call waits for the missing ones)
 #   mount            installs gcsfuse and mounts gs://BUCKET at MOUNT for the data (DATA_DIR:
-#                    ArrayRecord's reader opens local paths only), metadata caches off, then
-#                    checks the mount. The workdir is a gs:// URL, written without the mount.
+#                    ArrayRecord's reader opens local paths only), metadata caches off, the
+#                    file cache in CACHE_DIR with FILE_CACHE_GB > 0, then checks the mount.
+#                    The workdir is a gs:// URL, written without the mount.
 #   check-mount      fails unless MOUNT is a mounted, writable bucket
 #   data             prepares ImageNet (TFDS imagenet2012, ArrayRecord) in DATA_DIR once, from
 #                    the two ILSVRC2012 tars in MANUAL_DIR, as a detached job named `data`
 #   train NAME ARGS  checks the data mount, then starts `python -m sre2l_jax.main ARGS` detached,
 #                    as job NAME (survives the ssh session; a second start while it runs is
-#                    refused)
+#                    refused). The job runs at most MAX_HOURS (hours; then SIGTERM, which
+#                    saves the stage's checkpoint); when it ends it copies its log and exit
+#                    code to RESULTS/worker-W.{log,exit} (a gs:// folder), and with
+#                    DELETE_SLICE=1 worker 0 then waits for all NUM_WORKERS reports and deletes
+#                    the slice (TPU_NAME, or QUEUED_RESOURCE, in PROJECT and ZONE): the VM's
+#                    service account needs roles/tpu.admin for that
 #   state NAME       prints one line `sre2l-job name=NAME worker=W state=S exit=N`, S one of
-#                    running / done / failed / absent
+#                    running / done / failed / killed (ended without an exit code, as by a
+#                    maintenance restart or reboot, or 143: stopped by SIGTERM after its
+#                    save) / absent
 #   status NAME      state, mount, disk and the last lines of the job's log
 # A job's files are in JOBS_DIR/NAME: log (appended to by every start), pid, exit_code, lock (held
 # by the job while it runs: the guard against a second copy, e.g. from a retried ssh command).
@@ -33,6 +41,8 @@ BUCKET="${BUCKET:-}"
 MOUNT="${MOUNT:-}"
 DATA_DIR="${DATA_DIR:-${MOUNT}/tensorflow_datasets}"
 MANUAL_DIR="${MANUAL_DIR:-${DATA_DIR}/downloads/manual}"
+FILE_CACHE_GB="${FILE_CACHE_GB:-0}"           # gcsfuse's file cache for the data (0: off)
+CACHE_DIR="${CACHE_DIR:-${HOME}/gcsfuse_cache}"
 ACTION="${1:?usage: tpu_worker.sh install|devices|mount|check-mount|data|train|state|status}"
 shift
 
@@ -108,8 +118,17 @@ mount_bucket() {
     # Metadata caches off: worker 0 prepares the data while the others may look, and
     # gcsfuse's stat/type caches could hide it from them. TFDS renames its finished
     # folder, which gcsfuse allows up to --rename-dir-limit descendants.
+    # FILE_CACHE_GB > 0: gcsfuse's file cache in CACHE_DIR, filled also by random reads, so
+    # that every epoch after the first reads local disk, not GCS (ImageNet's ArrayRecord
+    # files are ~155 GB: give the VM a disk that holds them, or leave the cache off).
+    local cache=()
+    if (( ${FILE_CACHE_GB:-0} > 0 )); then
+      mkdir -p "${CACHE_DIR}"
+      cache=(--cache-dir="${CACHE_DIR}" --file-cache-max-size-mb=$((FILE_CACHE_GB * 1024))
+             --file-cache-cache-file-for-range-read=true)
+    fi
     gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 \
-      --metadata-cache-negative-ttl-secs=0 "${BUCKET}" "${MOUNT}"
+      --metadata-cache-negative-ttl-secs=0 "${cache[@]}" "${BUCKET}" "${MOUNT}"
   fi
   check_mount
 }
@@ -121,10 +140,14 @@ job_state() {
     echo absent
   elif ! flock -n "${dir}/lock" true; then
     echo running
-  elif [[ "$(cat "${dir}/exit_code" 2>/dev/null)" == 0 ]]; then
+  elif [[ ! -e "${dir}/exit_code" ]]; then
+    echo killed  # gone without writing its exit code: a VM restart, or a kill -9
+  elif [[ "$(cat "${dir}/exit_code")" == 143 ]]; then
+    echo killed  # SIGTERM (e.g. before maintenance): main.py saved its stage, then exited
+  elif [[ "$(cat "${dir}/exit_code")" == 0 ]]; then
     echo done
   else
-    echo failed  # non-zero exit, or killed before writing its exit code (e.g. a VM restart)
+    echo failed
   fi
 }
 
@@ -150,6 +173,58 @@ start_job() {
   for _ in $(seq 100); do [[ -s "${dir}/pid" ]] && break; sleep 0.1; done
   echo "sre2l: started job ${name} on worker $(worker_id) (pid $(cat "${dir}/pid" 2>/dev/null))," \
        "log ${dir}/log"
+}
+
+run_job() {
+  # run_job NAME ARGS: job NAME itself (started detached by `train`): main.py, for at most
+  # MAX_HOURS; then its end reported to RESULTS and, on worker 0, the slice deleted.
+  local name="$1" id rc=0 limit=()
+  shift
+  id="$(worker_id)"
+  if [[ -n "${RESULTS:-}" ]]; then  # a report from an earlier start is not this one's
+    gcloud storage rm "${RESULTS}/worker-${id}.exit" "${RESULTS}/worker-${id}.log" \
+      >/dev/null 2>&1 || true
+  fi
+  # TERM first: under jax.distributed it is a preemption notice, and the stage saves.
+  if [[ -n "${MAX_HOURS:-}" ]]; then limit=(timeout --kill-after=10m "${MAX_HOURS}h"); fi
+  "${limit[@]}" "${VENV}/bin/python" -m sre2l_jax.main "$@" || rc=$?
+  if [[ -n "${MAX_HOURS:-}" ]] && (( rc == 124 )); then
+    echo "sre2l: stopped after MAX_HOURS=${MAX_HOURS} h; running it again resumes every stage."
+  fi
+  if [[ -n "${RESULTS:-}" ]]; then
+    gcloud storage cp "${JOBS_DIR}/${name}/log" "${RESULTS}/worker-${id}.log" >/dev/null ||
+      echo "sre2l: could not copy the log to ${RESULTS}" >&2
+    echo "${rc}" | gcloud storage cp - "${RESULTS}/worker-${id}.exit" >/dev/null ||
+      echo "sre2l: could not write ${RESULTS}/worker-${id}.exit" >&2
+  fi
+  if [[ "${DELETE_SLICE:-0}" == 1 && "${id}" == 0 ]]; then delete_slice; fi
+  return "${rc}"
+}
+
+delete_slice() {
+  # Worker 0, once the job ended: wait (at most END_WAIT_SECONDS) until every worker reported,
+  # so that no log is lost, then delete the slice this runs on.
+  : "${TPU_NAME:?}" "${PROJECT:?}" "${ZONE:?}" "${RESULTS:?}"
+  local deadline=$((SECONDS + ${END_WAIT_SECONDS:-900})) reported
+  while true; do
+    reported="$(gcloud storage ls "${RESULTS}/worker-*.exit" 2>/dev/null | grep -c . || true)"
+    if (( reported >= ${NUM_WORKERS:-1} )); then break; fi
+    if (( SECONDS >= deadline )); then
+      echo "sre2l: ${reported} of ${NUM_WORKERS:-1} workers reported; deleting the slice anyway."
+      break
+    fi
+    sleep "${POLL_SECONDS:-10}"
+  done
+  echo "sre2l: the job ended: worker 0 deletes ${QUEUED_RESOURCE:-${TPU_NAME}}."
+  local target=(tpu-vm delete "${TPU_NAME}")
+  if [[ -n "${QUEUED_RESOURCE:-}" ]]; then
+    target=(queued-resources delete "${QUEUED_RESOURCE}" --force)
+  fi
+  if ! gcloud compute tpus "${target[@]}" --quiet --async --project="${PROJECT}" \
+      --zone="${ZONE}"; then
+    echo "sre2l: worker 0 could not delete ${TPU_NAME}, which is still BILLING: give the TPU" \
+         "VMs' service account roles/tpu.admin, and delete it: bash launch/tpu_pod.sh delete." >&2
+  fi
 }
 
 prepare_data() {
@@ -194,8 +269,9 @@ case "${ACTION}" in
     name="${1:?usage: tpu_worker.sh train NAME MAIN_ARGS...}"
     shift
     check_mount
-    start_job "${name}" "${VENV}/bin/python" -m sre2l_jax.main "$@"
+    start_job "${name}" bash launch/tpu_worker.sh job "${name}" "$@"
     ;;
+  job) run_job "$@" ;;
   state) echo "sre2l-job name=$1 worker=$(worker_id) state=$(job_state "$1")" \
               "exit=$(cat "${JOBS_DIR}/$1/exit_code" 2>/dev/null || echo -)" ;;
   status)

@@ -20,6 +20,12 @@ class ConfigMismatchError(ValueError):
   """A workdir holds state written under a different configuration."""
 
 
+class PreemptedError(RuntimeError):
+  """A preemption notice (SIGTERM under jax.distributed) stopped a stage after its save."""
+
+  exit_code = 143  # 128 + SIGTERM, what a shell reports for a process that TERM ended
+
+
 def create_manager(directory: str, *, save_interval_steps: int = 1,
                    final_step: int | None = None,
                    max_to_keep: int = 2) -> ocp.CheckpointManager:

@@ -337,7 +337,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writers = {}
   for name in names:
     writers[name] = train_lib.create_writer(os.path.join(stage_dir, name))
-    writers[name].write_hparams(student.hparams(config, **{'continual.set': name}))
+    writers[name].write_hparams(student.hparams(config, **{'continual.set': name}),
+                               metrics=('test_top1',))
 
   # Loop: class steps; the sets that still need a step train together (one stacked step).
   for k in range(config.continual.steps):

@@ -200,7 +200,8 @@ def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) ->
       train_lib.create_writer(v.seed_dir(seed)) for v, seed in members)
   for (v, seed), writer in zip(members, writers.writers):
     writer.write_hparams(student.hparams(
-        config, **{'evaluate.variant': v.name, 'student.seed': seed, 'student.name': first.arch}))
+        config, **{'evaluate.variant': v.name, 'student.seed': seed, 'student.name': first.arch}),
+                         metrics=('test_top1',))
   eval_step = student.create_stacked_eval_step(model, spec, mesh, student.stack_mode(config))
   eval_every = config.evaluate.eval_every_epochs * schedule.steps_per_epoch
 

@@ -47,7 +47,8 @@ _OVERWRITE = flags.DEFINE_bool(
     '(sets config.overwrite).')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', None, 'Call jax.distributed.initialize() (multi-host). Default: on when '
-    'SRE2L_DISTRIBUTED=1 or a Cloud TPU / SLURM multi-host environment is detected. '
+    'SRE2L_DISTRIBUTED=1, on a Cloud TPU VM (TPU chips among its PCI devices), on GKE TPU '
+    'pods and under SLURM with several tasks. '
     'Elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.')
 _DRY_RUN = flags.DEFINE_bool(
     'dry_run', False, 'Print each stage\'s memory plan (its step compiled at the real shapes, '
@@ -120,7 +121,7 @@ def want_distributed() -> bool:
     return _DISTRIBUTED.value
   env = os.environ
   return (env.get('SRE2L_DISTRIBUTED') == '1' or 'TPU_WORKER_HOSTNAMES' in env
-          or int(env.get('SLURM_NTASKS', '1')) > 1)
+          or multihost.on_cloud_tpu_vm() or int(env.get('SLURM_NTASKS', '1')) > 1)
 
 
 def validate(config, stages: list[str]) -> None:
@@ -261,6 +262,10 @@ def main(argv):
     config.overwrite = True
   try:
     run(config, _WORKDIR.value, _STAGES.value or config.stages, dry_run=_DRY_RUN.value)
+  except checkpoint.PreemptedError as e:  # saved: a launcher resumes it (exit 143, as TERM)
+    print(f'sre2l_jax: {e}', file=sys.stderr)
+    logging.flush()
+    sys.exit(e.exit_code)
   except Exception as e:  # pylint: disable=broad-except
     if logging.get_verbosity() >= 1:
       raise

@@ -9,7 +9,8 @@ process 0 only:
                                 {"step": int, "<name>": float, ...} (plots read this; a
                                 resumed run appends, so a step may appear twice: the later
                                 line wins, see `read_metrics`);
-  logdir/hparams.json           the last write_hparams dict (a stage's resolved config).
+  logdir/hparams.json           the last write_hparams dict (a stage's resolved config; the
+                                event files also name the stage's final metrics beside it).
 Nothing goes to the console: `Progress` prints the progress lines.
 
 `backend='clu'` (or main's --metric_writer=clu) writes the event files with clu's TensorFlow
@@ -154,7 +155,8 @@ class JsonlWriter:
     record = {'step': int(step)} | {k: _float(v) for k, v in scalars.items()}
     self.file.write((json.dumps(record) + '\n').encode())
 
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+  def write_hparams(self, hparams: Mapping[str, Any], metrics: tuple[str, ...] = ()) -> None:
+    del metrics  # the scalars are in metrics.jsonl
     text = json.dumps(hparams, indent=2, sort_keys=True, default=str)
     (self.logdir / 'hparams.json').write_text(text + '\n')
 
@@ -234,9 +236,11 @@ class EventWriter:
                                                 num_buckets or 'tensorflow')
                          for k, v in arrays.items()])
 
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    """`hparams` (nested: a config dict) in TensorBoard's HParams tab, keys 'a.b'."""
-    self._summary(0, self.summary.hparams(flatten(hparams), {}))
+  def write_hparams(self, hparams: Mapping[str, Any], metrics: tuple[str, ...] = ()) -> None:
+    """`hparams` (nested: a config dict) in TensorBoard's HParams tab, keys 'a.b', beside
+    the scalar tags `metrics` (e.g. 'test_top1'): the tab shows each one's last value per
+    run, so runs compare by them. Without them the tab lists the runs but no metric."""
+    self._summary(0, self.summary.hparams(flatten(hparams), dict.fromkeys(metrics, 0.0)))
 
   def flush(self) -> None:
     self.file.flush()
@@ -254,7 +258,8 @@ def _clu_writer(logdir: epath.Path):
                       f'".[tensorflow]" ({e}).') from e
 
   class Writer(summary_writer.SummaryWriter):
-    def write_hparams(self, hparams):
+    def write_hparams(self, hparams, metrics=()):
+      del metrics  # TensorFlow's HParams summary takes every scalar of the run as a metric
       super().write_hparams(flatten(hparams))
   return Writer(os.fspath(logdir))
 

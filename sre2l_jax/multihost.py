@@ -13,6 +13,7 @@ Only process 0 writes metrics, JSON and exports (`checkpoint.write_json`,
 processes together into the same (shared) directory.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -26,6 +27,27 @@ from jax.experimental import multihost_utils
 # SLURM, Open MPI and Kubernetes layouts; these cover any other launcher, e.g. the tests).
 NUM_PROCESSES_ENV = 'JAX_NUM_PROCESSES'
 PROCESS_ID_ENV = 'JAX_PROCESS_ID'
+
+
+# PCI ids of Cloud TPU chips (vendor Google): v3, v4, v5p, v5e, v6e, TPU7x. The vendor also
+# makes the VMs' network card (gVNIC, 0x0042), hence the device list.
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+_TPU_PCI_DEVICES = frozenset({'0x0027', '0x005e', '0x0062', '0x0063', '0x006f', '0x0076'})
+
+
+def on_cloud_tpu_vm(pci_devices: str = '/sys/bus/pci/devices') -> bool:
+  """Whether TPU chips are attached to this host (a Cloud TPU VM): there
+  jax.distributed.initialize() finds the slice's hosts from the metadata server by itself,
+  without the TPU_WORKER_HOSTNAMES that GKE sets. Reads PCI ids only (no network)."""
+  for vendor in glob.glob(os.path.join(pci_devices, '*', 'vendor')):
+    device = os.path.join(os.path.dirname(vendor), 'device')
+    with open(vendor) as f:
+      if f.read().strip() != _GOOGLE_PCI_VENDOR:
+        continue
+    with open(device) as f:
+      if f.read().strip() in _TPU_PCI_DEVICES:
+        return True
+  return False
 
 
 def initialize() -> None:

@@ -496,7 +496,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             'teacher_correct': float(correct[:real].sum())}
 
   writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
-  writer.write_hparams(config.to_dict())
+  writer.write_hparams(config.to_dict(), metrics=('bn_loss_final', 'teacher_top1_on_synthetic'))
   # The step's per-layer BN terms (bn_loss_per_layer) are written as bn/<layer>.
   per_layer = {'bn_loss_per_layer': tuple(
       f'bn/{name}' for name in bn_layer_names(model, teacher, spec.image_shape))}

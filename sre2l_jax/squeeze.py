@@ -110,7 +110,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Loop.
   writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
-  writer.write_hparams(config.to_dict())
+  writer.write_hparams(config.to_dict(), metrics=('test_top1',))
   logging.info('squeeze: training the %s teacher on %s, %d steps (%g epochs of %d) on %d '
                'device(s)%s', config.teacher.name, spec.name, total_steps, c.epochs,
                steps_per_epoch, mesh.size, f', resumed at step {start_step}' if start_step

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax.training import train_state
 
+from sre2l_jax import checkpoint
 from sre2l_jax import metric_writers
 from sre2l_jax.data import augment
 from sre2l_jax.data import batching
@@ -422,6 +423,11 @@ def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,
           _diverged(loop, step, last_saved)
         loop.manager.save(step, args=ocp.args.StandardSave(state))
         last_saved = step
+        if loop.manager.reached_preemption(step):  # every process saved this same step
+          loop.manager.wait_until_finished()
+          raise checkpoint.PreemptedError(
+              f'{loop.name}: stopped by a preemption notice (SIGTERM) after saving step '
+              f'{step} in {loop.manager.directory}; the same command resumes from it.')
       if after_step is not None:
         after_step(state, step)
   except BaseException:

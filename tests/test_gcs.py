@@ -127,11 +127,32 @@ def test_files_helpers_work_in_a_bucket(gcs, tmp_path):
   assert tensorflow_before or 'tensorflow' not in sys.modules  # gs:// needs no TensorFlow
 
 
-def test_a_data_dir_in_a_bucket_is_refused_with_the_way_that_works():
+def test_a_data_dir_in_a_bucket_is_read_from_a_copy_on_the_host(gcs, tmp_path, monkeypatch):
+  del gcs
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  cut = testlib.cut_fashion_mnist(tmp_path, train=64, test=64)  # small: the emulator is slow
   config = testlib.load_config('fashion_mnist_ipc10', 'smoke').dataset
-  config.data_dir = f'gs://{BUCKET}/tfds'
-  with pytest.raises(ValueError, match='local disk or a gcsfuse mount'):
+  config.data_dir = f'gs://{BUCKET}/tfds_prepared'
+  # Nothing prepared there: refused with the way to prepare it (a bucket is never written).
+  with pytest.raises(ValueError, match='holds no prepared fashion_mnist.*tpu_pod.sh data'):
     datasets.prepare(config)
+  # Prepared (locally, then uploaded): each host reads its own copy, made once.
+  files.copy_tree(cut['data_dir'], config.data_dir)
+  local = ml_collections.ConfigDict({**config.to_dict(), 'data_dir': cut['data_dir']})
+  expected = datasets.load_arrays(local, 'test', limit=64)
+  builder = datasets.prepare(config)
+  copy_dir = tmp_path / 'cache' / 'sre2l_jax' / 'data' / 'gs' / BUCKET / 'tfds_prepared'
+  assert builder.data_dir.startswith(str(copy_dir))
+  assert (files.as_path(builder.data_dir) / datasets.HOST_COPY_MARK).exists()
+  got = datasets.load_arrays(config, 'test', limit=64)
+  np.testing.assert_array_equal(got[0], expected[0])
+  np.testing.assert_array_equal(got[1], expected[1])
+  # A second reader reuses the copy (a changed local file stays as it is).
+  marker = files.as_path(builder.data_dir) / 'dataset_info.json'
+  marker.write_text(marker.read_text())
+  stamp = os.stat(marker).st_mtime_ns
+  datasets.prepare(config)
+  assert os.stat(marker).st_mtime_ns == stamp
 
 
 def finalized_steps(directory: str) -> list[int]:

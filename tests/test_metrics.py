@@ -66,7 +66,7 @@ def test_writer_writes_events_and_jsonl_without_tensorflow(tmp_path):
   logdir = tmp_path / 'logs'
   writer = metric_writers.create_writer(str(logdir))
   writer.write_hparams({'squeeze': {'lr': 0.1, 'augment': 'flip', 'pad': None},
-                        'seed': 3, 'stages': ('squeeze', 'recover')})
+                        'seed': 3, 'stages': ('squeeze', 'recover')}, metrics=('accuracy',))
   writer.write_scalars(4, {'loss': jnp.float32(2.5), 'accuracy': np.float64(0.25)})
   writer.write_scalars(8, {'loss': 1.5, 'bn/bn0': 7.0})
   writer.write_images(8, {'grid': np.zeros((2, 6, 5, 3), np.uint8)})
@@ -93,6 +93,12 @@ def test_writer_writes_events_and_jsonl_without_tensorflow(tmp_path):
   # The flattened config is in TensorBoard's HParams tab.
   assert b'squeeze.lr' in session.metadata.plugin_data.content
   assert b'squeeze.augment' in session.metadata.plugin_data.content
+  # The experiment names the run's metric, so the tab shows the last `accuracy` per run.
+  from tensorboardX.proto import plugin_hparams_pb2  # pylint: disable=g-import-not-at-top
+  experiment = next(v for e in events for v in e.summary.value
+                    if v.tag == '_hparams_/experiment')
+  data = plugin_hparams_pb2.HParamsPluginData.FromString(experiment.metadata.plugin_data.content)
+  assert [m.name.tag for m in data.experiment.metric_infos] == ['accuracy']
   # In a fresh interpreter: other tests of this process may import TensorFlow themselves
   # (the ImageNet builder's tests), so this process's sys.modules proves nothing.
   code = ('import sys; from sre2l_jax import metric_writers as m; w = m.create_writer(sys.argv[1]); '

@@ -101,6 +101,42 @@ def test_setup_makes_a_venv_adding_python3_venv_by_apt_and_reuses_it(tmp_path):
       ['.venv/bin/python', '-m', 'pip', 'install', '-q', '-e', '.[test]']]
 
 
+def test_setup_without_sudo_skips_the_data_and_still_makes_the_venv(tmp_path):
+  # A cluster login node: not root, sudo asks for a password it will not get, no Fashion-MNIST.
+  repo, stubs = _checkout(tmp_path)
+  (stubs / 'id').write_text('#!/bin/sh\necho 1000\n')
+  (stubs / 'sudo').write_text('#!/bin/sh\necho "sudo: a password is required" >&2\nexit 1\n')
+  for name in ('id', 'sudo'):
+    (stubs / name).chmod(0o755)
+  (stubs / 'venv-installed').touch()  # this python3's venv works
+  no_data = str(tmp_path / 'no-fashion-mnist')
+  completed = _run(repo, stubs, FASHION_MNIST_DIR=no_data)
+  assert completed.returncode == 0, completed.stderr
+  assert 'not installing the Fashion-MNIST package (dataset-fashion-mnist): no root and no ' \
+         'sudo here' in completed.stderr
+  assert '--config.dataset.source_dir=<that folder>' in completed.stderr
+  calls = [json.loads(line) for line in (stubs / 'calls.jsonl').read_text().splitlines()]
+  made = [[c['prog'], *c['argv']] for c in calls if c['argv'][:1] != ['-c']
+          and c['argv'][:3] != ['-m', 'pip', '--version']]
+  assert made == [[str(stubs / 'python3'), '-m', 'venv', '.venv'],
+                  ['.venv/bin/python', '-m', 'pip', 'install', '-q', '-e', '.']]
+  # --no-data: not even the line.
+  (stubs / 'calls.jsonl').unlink()
+  shutil.rmtree(repo / '.venv')
+  completed = _run(repo, stubs, '--no-data', FASHION_MNIST_DIR=no_data)
+  assert completed.returncode == 0 and 'Fashion-MNIST' not in completed.stderr
+
+  # python3-venv missing as well: the venv cannot be made; one line says what to do.
+  os.unlink(stubs / 'venv-installed')
+  shutil.rmtree(repo / '.venv')
+  completed = _run(repo, stubs, '--no-data')
+  assert completed.returncode == 1
+  assert 'ask an admin for python3-venv, or name a Python that has venv with PYTHON=' in (
+      completed.stderr)
+  calls = [json.loads(line) for line in (stubs / 'calls.jsonl').read_text().splitlines()]
+  assert not [c for c in calls if c['prog'].endswith('apt-get')]
+
+
 def test_setup_refuses_a_python_older_than_3_11(tmp_path):
   repo, stubs = _checkout(tmp_path)
   completed = _run(repo, stubs, STUB_PYTHON_310='1')

@@ -137,8 +137,9 @@ def together_run(data, base_workdir, tmp_path_factory):
     def write_scalars(self, step, scalars):
       calls[self.logdir]['scalars'].append((step, dict(scalars)))
 
-    def write_hparams(self, hparams):
+    def write_hparams(self, hparams, metrics=()):
       calls[self.logdir]['hparams'].append(dict(hparams))
+      assert metrics == ('test_top1',)  # TensorBoard's HParams tab compares runs by it
 
     def flush(self):
       pass

@@ -185,14 +185,50 @@ def _real(path: str) -> str:
   return path if files.is_remote(path) else os.path.realpath(files.absolute(path))
 
 
-def check_data_dir(config) -> None:
-  """Refuses a data_dir in a bucket with the way that works instead."""
-  if files.is_remote(_data_dir(config)):
+# A host's copy of prepared files read from a bucket: $XDG_CACHE_HOME/sre2l_jax/data (by default
+# ~/.cache/sre2l_jax/data), one per host, shared by its processes.
+HOST_COPY_MARK = '.sre2l_copied'
+
+
+def host_copy_root() -> str:
+  """Where this host keeps its copies of datasets prepared in a bucket."""
+  cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+  return os.path.join(cache, 'sre2l_jax', 'data')
+
+
+def with_host_copy(config, spec: DatasetSpec, copy_root: str | None = None):
+  """`config` with a gs:// data_dir replaced by this host's copy of the prepared dataset.
+
+  ArrayRecord's C++ reader opens local files only, and random access to a bucket costs a
+  request per record, so each host copies the prepared folder (`<data_dir>/<name>/<version>`,
+  not the raw archives) once, 16 files at a time, to `copy_root` (default `host_copy_root()`),
+  and reads it from there; a copy finished earlier (its mark file written last) is reused,
+  one left half-made is made again. Processes of one host share it (a lock file).
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  remote_dir = _data_dir(config)
+  remote = spec.make_builder(config)  # TFDS reads a bucket through etils.epath
+  if not remote.is_prepared():
     raise ValueError(
-        f'dataset.data_dir={_data_dir(config)}: the prepared ArrayRecord files are read by '
-        f'a C++ reader that opens local files only. Put data_dir on a local disk or a '
-        f'gcsfuse mount of the bucket (launch/tpu_worker.sh mount); the raw archives '
-        f'(manual_dir/source_dir) and the workdir may be gs:// paths.')
+        f'dataset.data_dir={remote_dir} holds no prepared {config.name} ({remote.data_dir}): '
+        f'a bucket is read here, never written (ArrayRecord writes local files only). Prepare '
+        f'it into a gcsfuse mount of the bucket (bash launch/tpu_pod.sh data) or on a local '
+        f'disk and upload the folder, then give the gs:// data_dir again.')
+  relative = os.path.relpath(remote.data_dir.split('://', 1)[1],
+                             remote_dir.split('://', 1)[1])
+  local_dir = os.path.join(copy_root or host_copy_root(), remote_dir.replace('://', '/'))
+  target = os.path.join(local_dir, relative)
+  os.makedirs(local_dir, exist_ok=True)
+  with open(os.path.join(local_dir, '.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one copy per host; the others wait for it
+    if not os.path.exists(os.path.join(target, HOST_COPY_MARK)):
+      files.rmtree(target)
+      files.copy_tree(remote.data_dir, target, threads=16)
+      with open(os.path.join(target, HOST_COPY_MARK), 'w') as f:
+        f.write(remote.data_dir + '\n')
+  local = ml_collections.ConfigDict(config.to_dict())
+  local.data_dir = local_dir
+  return local
 
 
 def check_source(config, builder) -> None:
@@ -214,12 +250,15 @@ def check_source(config, builder) -> None:
 def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Builds the dataset's ArrayRecord files once (process 0), then returns its builder.
 
-  The raw files are read from `manual_dir(config)`, which also becomes TFDS's manual dir.
+  The raw files are read from `manual_dir(config)`, which also becomes TFDS's manual dir. A
+  gs:// data_dir must hold the prepared files; they are read from this host's copy
+  (`with_host_copy`).
   Where they came from is recorded beside the prepared files (`SOURCE_RECORD`); prepared
   files of another source than the config names are refused (`check_source`).
   """
   spec = get_spec(config.name)
-  check_data_dir(config)
+  if files.is_remote(_data_dir(config)):
+    config = with_host_copy(config, spec)
   builder = spec.make_builder(config)
   if jax.process_index() == 0 and not builder.is_prepared():
     if spec.check_source is not None:

@@ -1,8 +1,9 @@
 """Streaming input for datasets too large for host RAM (ImageNet-1K).
 
 Records are read from TFDS's ArrayRecord files by random access, then decoded and cropped
-on the host, a batch at a time in a thread pool. Like every `pipeline.Split`, a batch is a
-pure function of (seed, step): epoch e's permutation comes from
+on the host, a batch at a time in a thread pool (two threads per core, `decode_threads`).
+Like every `pipeline.Split`, a batch is a pure function of (seed, step): epoch e's
+permutation comes from
 `numpy.random.default_rng([seed, e])` and the crop of example i in epoch e from
 `numpy.random.default_rng([seed, e, i])`, so neither thread scheduling nor a restart
 changes what a step sees. Each process decodes only its own rows of a global
@@ -83,6 +84,16 @@ def center_crop(image: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
   return resized[top:top + out_h, left:left + out_w]
 
 
+def decode_threads() -> int:
+  """Decoding threads for this process: two per core it may run on (its CPU affinity: a
+  SLURM task's --cpus-per-task, a whole TPU VM host), no fixed cap. Threads, not worker
+  processes: Pillow releases the GIL in its C decoding and resizing, and a batch stays a
+  pure function of (seed, step), with no iterator state beyond the step that the stages
+  checkpoint already. How far threads scale on a many-core host is not measured yet
+  (benchmarks/input_pipeline.py; the README's Data section)."""
+  return 2 * len(os.sched_getaffinity(0))
+
+
 @dataclasses.dataclass
 class StreamingSplit:
   """A split read record by record from a TFDS data source (`as_data_source`).
@@ -107,8 +118,7 @@ class StreamingSplit:
     """Prepares the dataset if needed and opens split `split_name` (first `limit` records)."""
     source = datasets.prepare(config).as_data_source(split=split_name)
     n = len(source) if not limit else min(limit, len(source))
-    return cls(source, n, tuple(spec.image_shape),
-               num_threads or min(32, 2 * (os.cpu_count() or 1)),
+    return cls(source, n, tuple(spec.image_shape), num_threads or decode_threads(),
                name=f"{spec.name}'s {split_name!r} split")
 
   def steps_per_epoch(self, batch_size: int) -> int:
