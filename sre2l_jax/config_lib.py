@@ -87,12 +87,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.overwrite = False  # replace a teacher or stored labels that exist (main's --overwrite)
 
   c.dataset = ml_collections.ConfigDict(dict(
-      name='fashion_mnist',  # see data/datasets.py
+      name='fashion_mnist',  # see data/datasets.py; your own: image_folder | arrays | tfds:NAME
       data_dir='',  # TFDS data dir for the prepared ArrayRecord files ('' ~/tensorflow_datasets)
       source_dir='',  # where the raw files are (dataset-specific default)
       manual_dir='',  # TFDS manual dir (ImageNet, Tiny-ImageNet, CIFAR archives)
       train_limit=0,  # >0: use only the first N training images (smoke runs)
       test_limit=0,  # >0: use only the first N test images
+      # Your own data (data/user_data.py). image_folder: one sub-folder per class in each.
+      train_dir='',
+      test_dir='',
+      image_size=0,  # image_folder: images resized (shorter side) and centre-cropped square
+      channels=3,  # image_folder: 1 (grey) or 3 (RGB); other modes are converted
+      arrays_file='',  # arrays: .npz with x_train, y_train, x_test, y_test [, class_names]
+      # Normalisation of a user dataset, one value per channel; () the training images'.
+      mean=(),
+      std=(),
   ))
 
   # Squeeze: teacher training.

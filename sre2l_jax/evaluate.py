@@ -101,7 +101,7 @@ def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -
   student_cfg: the student model (default `config.student`)."""
   student_cfg = config.student if student_cfg is None else student_cfg
   settings = {
-      'dataset': config.dataset.name, 'test_limit': config.dataset.test_limit,
+      'dataset': datasets.identity(config.dataset), 'test_limit': config.dataset.test_limit,
       'student': student_cfg.to_dict(), 'seed': config.seed,
       'optimizer': {k: config.evaluate[k] for k in OPTIMIZER_KEYS},
       'schedule': {'batch_size': config.relabel.batch_size, 'epochs': config.relabel.epochs},
@@ -153,7 +153,7 @@ def stack_dir(workdir: str, members) -> str:
 def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) -> list[dict]:
   """Trains the students `members` ((Variant, seed) pairs of one architecture, label kind
   and set size) together, resumable; writes and returns each one's result."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   sets = list(dict.fromkeys(v for v, _ in members))  # the image sets, in order
   set_index = tuple(sets.index(v) for v, _ in members)
   first = sets[0]
@@ -300,7 +300,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   reused, and a re-run that trains nothing leaves evaluate/result.json as the run that
   measured it wrote it."""
   start_time = time.time()
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   validate(config, mesh)
   sets = image_sets.image_sets(config, workdir)  # names the missing stage if there is none

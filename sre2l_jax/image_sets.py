@@ -44,7 +44,7 @@ def distilled_set(workdir: str) -> tuple[np.ndarray, np.ndarray]:
 def random_subset(config: ml_collections.ConfigDict, ipc: int) -> tuple[np.ndarray, np.ndarray]:
   """A class-balanced random subset of real training images (the same-protocol baseline),
   of the classes the recover stage covers: images uint8 (C * ipc, H, W, C), labels int32."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   train = pipeline.load_split(config.dataset, 'train')
   try:
     return train.class_balanced_subset(recovered_classes(config.recover, spec), ipc,
@@ -129,7 +129,7 @@ def coreset(config: ml_collections.ConfigDict, workdir: str,
   centroid. Images uint8 (C * ipc, H, W, C) class-major, labels int32; deterministic in
   config.seed. One pass over the training split (streamed ones included: the host keeps
   the features, N x D floats, and reads the chosen images again)."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   model, variables = teacher_lib.load_one(config, workdir, mesh)  # config.teacher's features
   train = pipeline.load_split(config.dataset, 'train')

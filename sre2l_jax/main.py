@@ -126,7 +126,7 @@ def want_distributed() -> bool:
 def validate(config, stages: list[str]) -> None:
   """Every check the requested stages make before their work, all before the first stage
   runs (a typo in evaluate's settings is not found after an hour of squeeze)."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   for stage in stages:
     module = importlib.import_module(f'sre2l_jax.{stage}')
