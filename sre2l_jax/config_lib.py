@@ -40,8 +40,39 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Where configs are found by name: installed with the package (setup.py ships configs/ as
+# sre2l_jax/configs), else the checkout's configs/ beside the package.
+CONFIG_DIRS = (os.path.join(_PACKAGE_DIR, 'configs'),
+               os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs'))
+
+
+def shipped_configs() -> list[str]:
+  """The names of the configs that come with the package (`config_path` finds them)."""
+  return sorted({os.path.splitext(f)[0] for d in CONFIG_DIRS if os.path.isdir(d)
+                 for f in os.listdir(d) if f.endswith('.py') and not f.startswith('_')})
+
+
+def config_path(config: str) -> str:
+  """The file of `--config`'s value (without ':arg'): a path ('configs/x.py', anything with a
+  '/' or ending in '.py') as it is; a bare name ('fashion_mnist_ipc10') is a shipped config.
+
+  Raises ValueError for a name no shipped config has.
+  """
+  if os.sep in config or '/' in config or config.endswith('.py'):
+    return config
+  for directory in CONFIG_DIRS:
+    path = os.path.join(directory, f'{config}.py')
+    if os.path.isfile(path):
+      return path
+  raise ValueError(f'no config named {config!r}; shipped configs: '
+                   f'{", ".join(shipped_configs())}; or give the path of a config file.')
+
+
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of the config file at `path` (configs/ is not a package)."""
+  """`get_config(arg)` of the config file at `path`, or of the shipped config named `path`
+  (`config_path`; configs/ is not a package)."""
+  path = config_path(path)
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f'sre2l_config_{name}', path)
   module = importlib.util.module_from_spec(spec)
