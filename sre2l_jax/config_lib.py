@@ -260,6 +260,11 @@ def base_config() -> ml_collections.ConfigDict:
       # any of: 'random' (real subset), 'coreset' (k-means in the teacher's features, one
       # real image per cluster; image_sets.coreset), 'hard_label'
       baselines=('random',),
+      # A distilled set made elsewhere, evaluated instead of the workdir's (with the same
+      # labels, baselines and report): an image folder, one sub-folder of recover.ipc
+      # images per class, sub-folders in class order (the reference repos' layout
+      # new000/class000_id000.jpg included); image_sets.external_set.
+      images_dir='',
       checkpoint_every_epochs=50,
       log_every_steps=100,
       # Test top-1 of every student written to its metrics this often (and at the end);

@@ -262,6 +262,8 @@ def validate(config, mesh) -> None:
   """Clear errors for settings the stage cannot run, before any work."""
   label_store.validate(config.relabel)
   variants(config)
+  if config.evaluate.images_dir:
+    image_sets.check_external(config.evaluate.images_dir)
   student_configs(config)
   student.stack_mode(config)
   student.loss_settings(config)
@@ -348,6 +350,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # Every student architecture (`evaluate.students`): {arch: {variant: row}}, rows
             # as in 'variants' (which is the first architecture's).
             'architectures': architectures}
+  if config.evaluate.images_dir:  # the distilled set evaluated: a folder made elsewhere
+    result['images_dir'] = config.evaluate.images_dir
   stage_dir = os.path.join(workdir, 'evaluate')
   old = checkpoint.finished_result(stage_dir)
   if trained or old is None or {k: old.get(k) for k in result} != files.normalised(result):

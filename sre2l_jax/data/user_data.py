@@ -88,7 +88,7 @@ def _class_folders(root: str, what: str) -> list[str]:
   return names
 
 
-def _images_of(folder: str) -> tuple[list[str], int]:
+def images_of(folder: str) -> tuple[list[str], int]:
   """(sorted image file names, count of other files) in `folder`."""
   names = sorted(e.name for e in os.scandir(folder) if e.is_file())
   images = [n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
@@ -114,7 +114,7 @@ def list_image_folder(train_dir: str, test_dir: str) -> FolderListing:
   for split, root, names in (('train', train_dir, classes), ('test', test_dir, test_classes)):
     items = []
     for name in names:
-      images, others = _images_of(os.path.join(root, name))
+      images, others = images_of(os.path.join(root, name))
       skipped += others
       if not images:
         raise ValueError(f'Class folder {os.path.join(root, name)} has no images '
