@@ -258,8 +258,12 @@ def base_config() -> ml_collections.ConfigDict:
       seeds=3,  # students per variant
       eval_batch_size=1000,  # test-set batch, a multiple of the device count
       # any of: 'random' (real subset), 'coreset' (k-means in the teacher's features, one
-      # real image per cluster; image_sets.coreset), 'hard_label'
+      # real image per cluster; image_sets.coreset), 'hard_label', 'full_data' (a student
+      # on the whole training split with hard labels: DD-Ranking's HLR / LRS in the report)
       baselines=('random',),
+      # Where the full-data students live ('' workdir/evaluate): a folder shared by runs
+      # trains them once per dataset, student and protocol.
+      full_data_dir='',
       # A distilled set made elsewhere, evaluated instead of the workdir's (with the same
       # labels, baselines and report): an image folder, one sub-folder of recover.ipc
       # images per class, sub-folders in class order (the reference repos' layout

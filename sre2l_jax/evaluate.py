@@ -55,6 +55,9 @@ from sre2l_jax.data import pipeline
 OPTIMIZER_KEYS = ('optimizer', 'lr', 'momentum', 'nesterov', 'weight_decay', 'decay_all')
 
 
+FULL_DATA = 'full_hard'  # the variant of evaluate.baselines' 'full_data'
+
+
 def variants(config) -> list[tuple[str, str, bool]]:
   """(name, image set, hard labels) of every student family to train."""
   baselines = list(config.evaluate.baselines)
@@ -66,6 +69,8 @@ def variants(config) -> list[tuple[str, str, bool]]:
   out = [(s, s, False) for s in sets]
   if 'hard_label' in baselines:
     out += [(f'{s}_hard', s, True) for s in sets]
+  if 'full_data' in baselines:
+    out.append((FULL_DATA, 'full', True))
   return out
 
 
@@ -121,8 +126,13 @@ def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -
   return settings
 
 
-def variant_dir(workdir: str, name: str, settings: dict) -> str:
-  """`workdir/evaluate/<name>/<digest of settings>`: the students of one variant."""
+def variant_dir(workdir: str, name: str, settings: dict, full_data_dir: str = '') -> str:
+  """`workdir/evaluate/<name>/<digest of settings>`: the students of one variant; the
+  full-data students under `full_data_dir/<name>/...` when given (evaluate.full_data_dir:
+  trained once per dataset, student and protocol, which the settings' digest names, and
+  reused by every run that points there)."""
+  if name == FULL_DATA and full_data_dir:
+    return os.path.join(full_data_dir, name, label_store.digest(settings, 10))
   return os.path.join(workdir, 'evaluate', name, label_store.digest(settings, 10))
 
 
@@ -306,6 +316,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = batching.create_mesh(config.mesh_shape)
   validate(config, mesh)
   sets = image_sets.image_sets(config, workdir)  # names the missing stage if there is none
+  if 'full_data' in config.evaluate.baselines:  # hard labels only: relabel never sees it
+    sets['full'] = image_sets.full_data(config)
   teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
   test = pipeline.load_split(config.dataset, 'test')
 
@@ -325,7 +337,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for arch, student_cfg in student_cfgs:
       settings = student_settings(config, hard, images, student_cfg)
       plan.append(Variant(name, arch, student_cfg, images, labels, target, stored,
-                          settings, variant_dir(workdir, name, settings)))
+                          settings, variant_dir(workdir, name, settings,
+                                                config.evaluate.full_data_dir)))
   for v in plan:
     checkpoint.check_fingerprint(v.directory, v.settings)
 

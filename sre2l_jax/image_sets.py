@@ -18,7 +18,9 @@ from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 from sre2l_jax.data import user_data
 
-BASELINES = ('random', 'coreset', 'hard_label')
+BASELINES = ('random', 'coreset', 'hard_label', 'full_data')
+# The full-data variant: the student trained with hard labels on the whole real training
+# split (DD-Ranking's 'real-hard', the first term of its hard label recovery).
 
 
 def recovered_classes(cfg: ml_collections.ConfigDict, spec: datasets.DatasetSpec) -> int:
@@ -183,6 +185,15 @@ def coreset(config: ml_collections.ConfigDict, workdir: str,
     chosen.append(rows[nearest_to_centroids(features[rows], centroids)])
   chosen = np.concatenate(chosen)
   return train.take(chosen), labels[chosen]
+
+
+def full_data(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """The whole real training split of the classes the recover stage covers: images uint8
+  (N, H, W, C), labels int32, in the split's order (held in memory)."""
+  spec = datasets.spec_of(config.dataset)
+  images, labels = pipeline.load_split(config.dataset, 'train').arrays()
+  keep = labels < recovered_classes(config.recover, spec)
+  return (images, labels) if keep.all() else (images[keep], labels[keep])
 
 
 def image_sets(config: ml_collections.ConfigDict, workdir: str) -> dict:
