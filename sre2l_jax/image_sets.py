@@ -196,16 +196,20 @@ def full_data(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray
   return (images, labels) if keep.all() else (images[keep], labels[keep])
 
 
+def distilled(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, np.ndarray]:
+  """The distilled set a run evaluates: evaluate.images_dir's (`external_set`) when set,
+  else the one recover wrote in `workdir` (`distilled_set`)."""
+  if not config.evaluate.images_dir:
+    return distilled_set(workdir)
+  spec = datasets.spec_of(config.dataset)
+  return external_set(config.evaluate.images_dir, spec, recovered_classes(config.recover, spec),
+                      config.recover.ipc)
+
+
 def image_sets(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """{'distilled': (images, labels), and each of evaluate.baselines' sets ('random',
   'coreset'): (images, labels)} as evaluate uses them."""
-  if config.evaluate.images_dir:
-    spec = datasets.spec_of(config.dataset)
-    sets = {'distilled': external_set(config.evaluate.images_dir, spec,
-                                      recovered_classes(config.recover, spec),
-                                      config.recover.ipc)}
-  else:
-    sets = {'distilled': distilled_set(workdir)}
+  sets = {'distilled': distilled(config, workdir)}
   if 'random' in config.evaluate.baselines:
     sets['random'] = random_subset(config, config.recover.ipc)
   if 'coreset' in config.evaluate.baselines:
