@@ -47,8 +47,13 @@ def load_distilled(workdir: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
   return images, labels, datasets.class_names(config.dataset)
 
 
-def evaluate_set(config, workdir: str) -> dict:
-  """Trains and tests `config.evaluate`'s students on the distilled set of `workdir` and
-  the same-protocol baselines (the evaluate stage); returns evaluate/result.json's content:
-  {'variants': {name: {'test_top1_mean', 'test_top1_std', ...}}, ...}."""
+def evaluate_set(config, workdir: str, images_dir: str = '') -> dict:
+  """Trains and tests `config.evaluate`'s students on the distilled set of `workdir`, or on
+  the image folder `images_dir` (a set made elsewhere: evaluate.images_dir), and on the
+  same-protocol baselines (the evaluate stage; the teacher is `workdir`'s or
+  squeeze.teacher_dir). Returns evaluate/result.json's content: {'variants': {name:
+  {'test_top1_mean', 'test_top1_std', 'test_top1' (per seed), ...}}, ...}."""
+  config = as_config(config)
+  if images_dir:
+    config.evaluate.images_dir = images_dir
   return distill(config, workdir, ['evaluate'])['evaluate']
