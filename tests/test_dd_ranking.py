@@ -3,6 +3,7 @@ full-data student trained once and reused (evaluate.baselines 'full_data')."""
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def hand_lrs(v):
   return out
 
 
-@pytest.mark.slow  # ~1 min: two evaluations, four stacks of students
+@pytest.mark.slow  # ~30 s: three stacks of students of two seeds
 def test_hlr_ior_lrs_equal_a_hand_computation_and_full_data_is_reused(tmp_path):
   data = testlib.cut_fashion_mnist(tmp_path, train=200, test=100)
   full_dir = str(tmp_path / 'full')
@@ -73,15 +74,15 @@ def test_hlr_ior_lrs_equal_a_hand_computation_and_full_data_is_reused(tmp_path):
   with open(os.path.join(first, 'report.md')) as f:
     assert 'hard label recovery' in f.read()
 
-  # Another run (another distilled set) of the same dataset, student and protocol: the
-  # full-data students are read, not trained again.
+  # Another workdir (its own students already there: a copy) of the same dataset, student
+  # and protocol: the full-data students are read from full_dir, not trained again.
   second = str(tmp_path / 'second')
-  write_run(config, second, seed=1)
-  config.evaluate.baselines = ('full_data',)
+  shutil.copytree(first, second)
   before = os.stat(seed_result).st_mtime_ns
   again = evaluate.run(config, second)
   assert again['variants']['full_hard']['test_top1'] == full['test_top1']
   assert os.stat(seed_result).st_mtime_ns == before
+  assert not os.path.exists(os.path.join(second, 'evaluate', evaluate.FULL_DATA))
 
 
 def test_dd_ranking_leaves_out_what_was_not_evaluated():
