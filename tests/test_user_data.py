@@ -18,6 +18,7 @@ from sre2l_jax import image_sets
 from sre2l_jax import main
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
+from sre2l_jax.data import streaming
 from sre2l_jax.data import user_data
 import testlib
 
@@ -245,3 +246,18 @@ def test_bad_input_is_one_line_from_main(tmp_path):
   lines = completed.stderr.strip().splitlines()
   assert lines[-1].startswith('sre2l_jax: Class folder') and 'empty has no images' in lines[-1]
   assert not (tmp_path / 'run' / 'config.json').exists()
+
+
+def test_a_folder_too_large_for_memory_is_streamed(tmp_path, monkeypatch):
+  keys = _small_folder(tmp_path, size=(6, 6))
+  config = _dataset(data_dir=str(tmp_path / 'tfds'), **keys)
+  in_memory = pipeline.load_split(config, 'train')
+  monkeypatch.setattr(datasets, 'IN_MEMORY_BYTES', 4 * 4 * 3 * 3)  # 3 of the 4 images
+  spec = datasets.spec_of(config)
+  assert not spec.in_memory and spec.train_augment == 'flip'  # the host crops streamed ones
+  streamed = pipeline.load_split(config, 'train')
+  assert isinstance(streamed, streaming.StreamingSplit)
+  images, labels = streamed.class_balanced_subset(2, 2, np.random.default_rng(0))
+  want, want_labels = in_memory.class_balanced_subset(2, 2, np.random.default_rng(0))
+  assert images.shape == want.shape  # streamed images are centre-cropped on the host
+  np.testing.assert_array_equal(labels, want_labels)  # the same records drawn
