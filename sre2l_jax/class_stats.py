@@ -111,7 +111,7 @@ def fingerprint(variables: dict, dataset_config, num_classes: int) -> dict:
   digest = hashlib.sha256()
   for leaf in jax.tree_util.tree_leaves(jax.device_get(variables)):
     digest.update(np.ascontiguousarray(leaf).tobytes())
-  return {'teacher_weights_sha256': digest.hexdigest(), 'dataset': dataset_config.name,
+  return {'teacher_weights_sha256': digest.hexdigest(), 'dataset': datasets.identity(dataset_config),
           'train_limit': int(dataset_config.get('train_limit', 0) or 0),
           'num_classes': int(num_classes)}
 
@@ -166,7 +166,7 @@ def load_or_compute(config, variables: dict, split_fn, teacher_dir: str, fallbac
   """The teacher's per-class statistics: read from beside the teacher (or `fallback_dir`),
   else computed over `split_fn()` (the training split) and stored. Returns the tree of
   `compute` without the counts, leaves float32 (K, C)."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   num_classes = spec.num_classes
   expected = fingerprint(variables, config.dataset, num_classes)
   name = file_name(expected)

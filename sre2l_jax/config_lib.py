@@ -40,8 +40,39 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Where configs are found by name: installed with the package (setup.py ships configs/ as
+# sre2l_jax/configs), else the checkout's configs/ beside the package.
+CONFIG_DIRS = (os.path.join(_PACKAGE_DIR, 'configs'),
+               os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs'))
+
+
+def shipped_configs() -> list[str]:
+  """The names of the configs that come with the package (`config_path` finds them)."""
+  return sorted({os.path.splitext(f)[0] for d in CONFIG_DIRS if os.path.isdir(d)
+                 for f in os.listdir(d) if f.endswith('.py') and not f.startswith('_')})
+
+
+def config_path(config: str) -> str:
+  """The file of `--config`'s value (without ':arg'): a path ('configs/x.py', anything with a
+  '/' or ending in '.py') as it is; a bare name ('fashion_mnist_ipc10') is a shipped config.
+
+  Raises ValueError for a name no shipped config has.
+  """
+  if os.sep in config or '/' in config or config.endswith('.py'):
+    return config
+  for directory in CONFIG_DIRS:
+    path = os.path.join(directory, f'{config}.py')
+    if os.path.isfile(path):
+      return path
+  raise ValueError(f'no config named {config!r}; shipped configs: '
+                   f'{", ".join(shipped_configs())}; or give the path of a config file.')
+
+
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of the config file at `path` (configs/ is not a package)."""
+  """`get_config(arg)` of the config file at `path`, or of the shipped config named `path`
+  (`config_path`; configs/ is not a package)."""
+  path = config_path(path)
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f'sre2l_config_{name}', path)
   module = importlib.util.module_from_spec(spec)
@@ -87,12 +118,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.overwrite = False  # replace a teacher or stored labels that exist (main's --overwrite)
 
   c.dataset = ml_collections.ConfigDict(dict(
-      name='fashion_mnist',  # see data/datasets.py
+      name='fashion_mnist',  # see data/datasets.py; your own: image_folder | arrays | tfds:NAME
       data_dir='',  # TFDS data dir for the prepared ArrayRecord files ('' ~/tensorflow_datasets)
       source_dir='',  # where the raw files are (dataset-specific default)
       manual_dir='',  # TFDS manual dir (ImageNet, Tiny-ImageNet, CIFAR archives)
       train_limit=0,  # >0: use only the first N training images (smoke runs)
       test_limit=0,  # >0: use only the first N test images
+      # Your own data (data/user_data.py). image_folder: one sub-folder per class in each.
+      train_dir='',
+      test_dir='',
+      image_size=0,  # image_folder: images resized (shorter side) and centre-cropped square
+      channels=3,  # image_folder: 1 (grey) or 3 (RGB); other modes are converted
+      arrays_file='',  # arrays: .npz with x_train, y_train, x_test, y_test [, class_names]
+      # Normalisation of a user dataset, one value per channel; () the training images'.
+      mean=(),
+      std=(),
   ))
 
   # Squeeze: teacher training.
@@ -218,8 +258,17 @@ def base_config() -> ml_collections.ConfigDict:
       seeds=3,  # students per variant
       eval_batch_size=1000,  # test-set batch, a multiple of the device count
       # any of: 'random' (real subset), 'coreset' (k-means in the teacher's features, one
-      # real image per cluster; image_sets.coreset), 'hard_label'
+      # real image per cluster; image_sets.coreset), 'hard_label', 'full_data' (a student
+      # on the whole training split with hard labels: DD-Ranking's HLR / LRS in the report)
       baselines=('random',),
+      # Where the full-data students live ('' workdir/evaluate): a folder shared by runs
+      # trains them once per dataset, student and protocol.
+      full_data_dir='',
+      # A distilled set made elsewhere, evaluated instead of the workdir's (with the same
+      # labels, baselines and report): an image folder, one sub-folder of recover.ipc
+      # images per class, sub-folders in class order (the reference repos' layout
+      # new000/class000_id000.jpg included); image_sets.external_set.
+      images_dir='',
       checkpoint_every_epochs=50,
       log_every_steps=100,
       # Test top-1 of every student written to its metrics this often (and at the end);

@@ -209,7 +209,7 @@ def fingerprint(config, name: str, order: list[int], images: np.ndarray) -> dict
     del evaluate['lr_zeta']            # states of earlier runs keep their fingerprint
   for key in ('ema_decay', 'loss', 'ce_weight'):  # 0 and 'kl' here (validate)
     evaluate.pop(key, None)
-  return {'set': name, 'dataset': config.dataset.name, 'test_limit': config.dataset.test_limit,
+  return {'set': name, 'dataset': datasets.identity(config.dataset), 'test_limit': config.dataset.test_limit,
           'student': config.student.to_dict(), 'teacher': config.teacher.to_dict(),
           'class_order': order, 'seed': config.seed,
           'continual': {k: v for k, v in config.continual.to_dict().items() if k != 'sets'},
@@ -266,7 +266,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Class-incremental students for every set in `continual.sets`; writes
   `workdir/continual/` (result.json, accuracy.png) and the workdir's report."""
   start_time = time.time()
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   validate(config, spec, mesh)
   order = class_order(config, spec.num_classes)

@@ -55,6 +55,9 @@ from sre2l_jax.data import pipeline
 OPTIMIZER_KEYS = ('optimizer', 'lr', 'momentum', 'nesterov', 'weight_decay', 'decay_all')
 
 
+FULL_DATA = 'full_hard'  # the variant of evaluate.baselines' 'full_data'
+
+
 def variants(config) -> list[tuple[str, str, bool]]:
   """(name, image set, hard labels) of every student family to train."""
   baselines = list(config.evaluate.baselines)
@@ -66,6 +69,8 @@ def variants(config) -> list[tuple[str, str, bool]]:
   out = [(s, s, False) for s in sets]
   if 'hard_label' in baselines:
     out += [(f'{s}_hard', s, True) for s in sets]
+  if 'full_data' in baselines:
+    out.append((FULL_DATA, 'full', True))
   return out
 
 
@@ -101,7 +106,7 @@ def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -
   student_cfg: the student model (default `config.student`)."""
   student_cfg = config.student if student_cfg is None else student_cfg
   settings = {
-      'dataset': config.dataset.name, 'test_limit': config.dataset.test_limit,
+      'dataset': datasets.identity(config.dataset), 'test_limit': config.dataset.test_limit,
       'student': student_cfg.to_dict(), 'seed': config.seed,
       'optimizer': {k: config.evaluate[k] for k in OPTIMIZER_KEYS},
       'schedule': {'batch_size': config.relabel.batch_size, 'epochs': config.relabel.epochs},
@@ -121,8 +126,13 @@ def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -
   return settings
 
 
-def variant_dir(workdir: str, name: str, settings: dict) -> str:
-  """`workdir/evaluate/<name>/<digest of settings>`: the students of one variant."""
+def variant_dir(workdir: str, name: str, settings: dict, full_data_dir: str = '') -> str:
+  """`workdir/evaluate/<name>/<digest of settings>`: the students of one variant; the
+  full-data students under `full_data_dir/<name>/...` when given (evaluate.full_data_dir:
+  trained once per dataset, student and protocol, which the settings' digest names, and
+  reused by every run that points there)."""
+  if name == FULL_DATA and full_data_dir:
+    return os.path.join(full_data_dir, name, label_store.digest(settings, 10))
   return os.path.join(workdir, 'evaluate', name, label_store.digest(settings, 10))
 
 
@@ -153,7 +163,7 @@ def stack_dir(workdir: str, members) -> str:
 def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) -> list[dict]:
   """Trains the students `members` ((Variant, seed) pairs of one architecture, label kind
   and set size) together, resumable; writes and returns each one's result."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   sets = list(dict.fromkeys(v for v, _ in members))  # the image sets, in order
   set_index = tuple(sets.index(v) for v, _ in members)
   first = sets[0]
@@ -263,6 +273,8 @@ def validate(config, mesh) -> None:
   """Clear errors for settings the stage cannot run, before any work."""
   label_store.validate(config.relabel)
   variants(config)
+  if config.evaluate.images_dir:
+    image_sets.check_external(config.evaluate.images_dir)
   student_configs(config)
   student.stack_mode(config)
   student.loss_settings(config)
@@ -301,10 +313,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   reused, and a re-run that trains nothing leaves evaluate/result.json as the run that
   measured it wrote it."""
   start_time = time.time()
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   validate(config, mesh)
   sets = image_sets.image_sets(config, workdir)  # names the missing stage if there is none
+  if 'full_data' in config.evaluate.baselines:  # hard labels only: relabel never sees it
+    sets['full'] = image_sets.full_data(config)
   teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
   test = pipeline.load_split(config.dataset, 'test')
 
@@ -324,7 +338,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for arch, student_cfg in student_cfgs:
       settings = student_settings(config, hard, images, student_cfg)
       plan.append(Variant(name, arch, student_cfg, images, labels, target, stored,
-                          settings, variant_dir(workdir, name, settings)))
+                          settings, variant_dir(workdir, name, settings,
+                                                config.evaluate.full_data_dir)))
   for v in plan:
     checkpoint.check_fingerprint(v.directory, v.settings)
 
@@ -349,6 +364,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # Every student architecture (`evaluate.students`): {arch: {variant: row}}, rows
             # as in 'variants' (which is the first architecture's).
             'architectures': architectures}
+  if config.evaluate.images_dir:  # the distilled set evaluated: a folder made elsewhere
+    result['images_dir'] = config.evaluate.images_dir
   stage_dir = os.path.join(workdir, 'evaluate')
   old = checkpoint.finished_result(stage_dir)
   if trained or old is None or {k: old.get(k) for k in result} != files.normalised(result):

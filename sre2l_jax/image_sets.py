@@ -16,8 +16,11 @@ from sre2l_jax import teacher as teacher_lib
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
+from sre2l_jax.data import user_data
 
-BASELINES = ('random', 'coreset', 'hard_label')
+BASELINES = ('random', 'coreset', 'hard_label', 'full_data')
+# The full-data variant: the student trained with hard labels on the whole real training
+# split (DD-Ranking's 'real-hard', the first term of its hard label recovery).
 
 
 def recovered_classes(cfg: ml_collections.ConfigDict, spec: datasets.DatasetSpec) -> int:
@@ -41,10 +44,48 @@ def distilled_set(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   return export.read_tfds(export.tfds_dataset_dir(directory))
 
 
+def check_external(directory: str) -> None:
+  """Refuses an `evaluate.images_dir` that is not a folder."""
+  if not files.isdir(directory):
+    raise ValueError(f'evaluate.images_dir={directory} is not a folder; give the folder of a '
+                     f'distilled set (one sub-folder of images per class).')
+
+
+def external_set(directory: str, spec: datasets.DatasetSpec, num_classes: int,
+                 ipc: int) -> tuple[np.ndarray, np.ndarray]:
+  """A distilled set made elsewhere, an image folder: its sorted sub-folders are classes
+  0..num_classes-1 (the reference repos' `new000/class000_id000.jpg` sort so), each holding
+  `ipc` images, read in file-name order and brought to `spec.image_shape` as an image
+  folder dataset's are (`user_data.read_image`). Images uint8 (num_classes * ipc, H, W, C)
+  class-major, labels int32. Raises ValueError, naming what to fix, before reading pixels."""
+  check_external(directory)
+  classes = sorted(e.name for e in os.scandir(directory)
+                   if e.is_dir() and not e.name.startswith('.'))
+  if len(classes) != num_classes:
+    raise ValueError(f'evaluate.images_dir={directory} has {len(classes)} class folders; the '
+                     f'run evaluates {num_classes} classes (recover.num_classes, or the '
+                     f'dataset\'s).')
+  paths = []
+  for name in classes:
+    images = [os.path.join(directory, name, f)
+              for f in user_data.images_of(os.path.join(directory, name))[0]]
+    if len(images) != ipc:
+      raise ValueError(f'{os.path.join(directory, name)} holds {len(images)} images; '
+                       f'recover.ipc={ipc} (the baselines are drawn at it): set '
+                       f'--config.recover.ipc={len(images)} if that is the set\'s IPC.')
+    paths += images
+  height, width, channels = spec.image_shape
+  if height != width:
+    raise ValueError(f'{spec.name} has {height} x {width} images; evaluate.images_dir '
+                     f'reads square images only.')
+  images = np.stack([user_data.read_image(p, height, channels)[0] for p in paths])
+  return images, np.repeat(np.arange(num_classes), ipc).astype(np.int32)
+
+
 def random_subset(config: ml_collections.ConfigDict, ipc: int) -> tuple[np.ndarray, np.ndarray]:
   """A class-balanced random subset of real training images (the same-protocol baseline),
   of the classes the recover stage covers: images uint8 (C * ipc, H, W, C), labels int32."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   train = pipeline.load_split(config.dataset, 'train')
   try:
     return train.class_balanced_subset(recovered_classes(config.recover, spec), ipc,
@@ -129,7 +170,7 @@ def coreset(config: ml_collections.ConfigDict, workdir: str,
   centroid. Images uint8 (C * ipc, H, W, C) class-major, labels int32; deterministic in
   config.seed. One pass over the training split (streamed ones included: the host keeps
   the features, N x D floats, and reads the chosen images again)."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   model, variables = teacher_lib.load_one(config, workdir, mesh)  # config.teacher's features
   train = pipeline.load_split(config.dataset, 'train')
@@ -146,10 +187,29 @@ def coreset(config: ml_collections.ConfigDict, workdir: str,
   return train.take(chosen), labels[chosen]
 
 
+def full_data(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """The whole real training split of the classes the recover stage covers: images uint8
+  (N, H, W, C), labels int32, in the split's order (held in memory)."""
+  spec = datasets.spec_of(config.dataset)
+  images, labels = pipeline.load_split(config.dataset, 'train').arrays()
+  keep = labels < recovered_classes(config.recover, spec)
+  return (images, labels) if keep.all() else (images[keep], labels[keep])
+
+
+def distilled(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, np.ndarray]:
+  """The distilled set a run evaluates: evaluate.images_dir's (`external_set`) when set,
+  else the one recover wrote in `workdir` (`distilled_set`)."""
+  if not config.evaluate.images_dir:
+    return distilled_set(workdir)
+  spec = datasets.spec_of(config.dataset)
+  return external_set(config.evaluate.images_dir, spec, recovered_classes(config.recover, spec),
+                      config.recover.ipc)
+
+
 def image_sets(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """{'distilled': (images, labels), and each of evaluate.baselines' sets ('random',
   'coreset'): (images, labels)} as evaluate uses them."""
-  sets = {'distilled': distilled_set(workdir)}
+  sets = {'distilled': distilled(config, workdir)}
   if 'random' in config.evaluate.baselines:
     sets['random'] = random_subset(config, config.recover.ipc)
   if 'coreset' in config.evaluate.baselines:

@@ -127,7 +127,7 @@ def want_distributed() -> bool:
 def validate(config, stages: list[str]) -> None:
   """Every check the requested stages make before their work, all before the first stage
   runs (a typo in evaluate's settings is not found after an hour of squeeze)."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   for stage in stages:
     module = importlib.import_module(f'sre2l_jax.{stage}')
@@ -192,9 +192,24 @@ def explain_flag_error(argv, error: Exception) -> str:
   return text or type(error).__name__
 
 
+def expand_config_name(argv: list[str]) -> list[str]:
+  """`--config=NAME[:arg]` (a shipped config, `config_lib.config_path`) as its file's path,
+  which is what absl's config flag reads; paths are left as they are."""
+  out = list(argv)
+  for i, item in enumerate(out):
+    if item.startswith('--config='):
+      path, colon, arg = item[len('--config='):].partition(':')
+      out[i] = f'--config={config_lib.config_path(path)}{colon}{arg}'
+    elif item == '--config' and i + 1 < len(out):
+      path, colon, arg = out[i + 1].partition(':')
+      out[i + 1] = f'{config_lib.config_path(path)}{colon}{arg}'
+  return out
+
+
 def parse_flags(argv):
   """absl's flag parsing, with errors as one line and exit code 1."""
   try:
+    argv = expand_config_name(argv)
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
     if _traceback_wanted(argv):
@@ -215,8 +230,9 @@ def finished(stage: str, module, config, workdir: str) -> bool:
   return files.read_json(paths[1]) == files.normalised(module.fingerprint(config))
 
 
-def run(config, workdir: str, stages, *, dry_run: bool = False) -> None:
-  """Runs `stages` (names) of `config` on `workdir`."""
+def run(config, workdir: str, stages, *, dry_run: bool = False) -> dict:
+  """Runs `stages` (names) of `config` on `workdir`: {stage: its result} (None for recover
+  when it had finished already; {} for a dry run)."""
   if not workdir or not workdir.strip():
     raise app.UsageError('--workdir is empty; name the folder for this run\'s checkpoints and '
                          'outputs, e.g. --workdir=runs/fm.')
@@ -230,19 +246,22 @@ def run(config, workdir: str, stages, *, dry_run: bool = False) -> None:
         module.plan(config, workdir)
       else:
         print(f'{stage}: no memory plan (the dry run covers recover)')
-    return
+    return {}
   logging.info('sre2l_jax: stages %s on %d devices (%d processes)', stages,
                jax.device_count(), jax.process_count())
   if jax.process_count() > 1:
     multihost.check_same_config(config)
   files.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  results = {}
   for stage in stages:
     module = importlib.import_module(f'sre2l_jax.{stage}')
     if finished(stage, module, config, workdir):
       logging.info('%s: finished already on %s; nothing to do.', stage, workdir)
+      results[stage] = None
     else:
-      module.run(config, workdir)
+      results[stage] = module.run(config, workdir)
     multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
+  return results
 
 
 def main(argv):
@@ -274,5 +293,10 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == '__main__':
+def cli():
+  """The `sre2l-jax` console script: `python -m sre2l_jax.main`'s command line."""
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  cli()

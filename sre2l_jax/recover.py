@@ -66,7 +66,7 @@ def fingerprint(config) -> dict:
   keep = {k: v for k, v in config.recover.to_dict().items()
           if k not in NOT_FINGERPRINTED and not (
               k in ADDED_WITH_DEFAULT and v == ADDED_WITH_DEFAULT[k])}
-  return {'dataset': config.dataset.name, 'teacher': config.teacher.to_dict(),
+  return {'dataset': datasets.identity(config.dataset), 'teacher': config.teacher.to_dict(),
           'teacher_dir': config.squeeze.teacher_dir, 'recover': keep, 'seed': config.seed}
 
 
@@ -317,7 +317,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   del workdir  # nothing is read or written
   cfg = config.recover
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   validate(config, spec)
   mesh = batching.create_mesh(config.mesh_shape)
   teacher = models.abstract_variables(create_teacher_model(config, spec), spec.image_shape)
@@ -430,7 +430,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   (the finished rounds' images)."""
   cfg = config.recover
   stage_dir = os.path.join(workdir, 'recover')
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   validate(config, spec)
   method = synthesis.get_method(cfg.method)

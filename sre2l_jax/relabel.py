@@ -58,7 +58,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   time. Finished labels are kept; `result.json` changes only when the labels do."""
   validate(config)
   start = time.time()
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   sets = image_sets.image_sets(config, workdir)
   result = {'stage': 'relabel', 'mode': config.relabel.mode, 'sets': {}}
   stage_dir = os.path.join(workdir, 'relabel')

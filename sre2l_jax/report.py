@@ -15,6 +15,7 @@ import os
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 
 from sre2l_jax import config_lib
 from sre2l_jax import files
@@ -38,16 +39,7 @@ def collect(config, workdir: str) -> dict:
          'stages': {s: r for s, r in stages.items() if r}}
   evaluate = stages['evaluate']
   if evaluate:
-    v = evaluate['variants']
-    ranking = {}
-    if 'distilled' in v and 'random' in v:
-      ranking['improvement_over_random'] = (v['distilled']['test_top1_mean'] -
-                                            v['random']['test_top1_mean'])
-    teacher = stages['squeeze']
-    if 'distilled_hard' in v and teacher and teacher.get('test_top1') is not None:
-      ranking['hard_label_recovery'] = teacher['test_top1'] - v['distilled_hard'][
-          'test_top1_mean']
-    out['dd_ranking'] = ranking
+    out['dd_ranking'] = dd_ranking(evaluate['variants'])
   relabel = stages['relabel']
   if relabel:
     out['storage'] = relabel.get('sets', {})
@@ -56,6 +48,50 @@ def collect(config, workdir: str) -> dict:
                      for s, r in stages.items() if r}
   grid = os.path.join(workdir, 'recover', 'grid.png')
   out['grid'] = grid if files.exists(grid) else None
+  return out
+
+
+# DD-Ranking's label-robust score (LRS) and its two terms, as its documentation defines them
+# (github.com/NUS-HPC-AI-Lab/DD-Ranking, doc/introduction.md, "Label-Robust Score (LRS)"):
+#   HLR = Acc(real-hard) - Acc(syn-hard): the student on the full real training set with
+#         hard labels, minus the same student on the distilled set with hard labels;
+#   IOR = Acc(syn-any) - Acc(rdm-any): the distilled set minus the random subset of the same
+#         size, both with the evaluation's own labels (here the run's soft labels);
+#   alpha = w IOR - (1 - w) HLR (w = 0.5 on its leaderboard),
+#   LRS = 100% (e^alpha - e^-1) / (e - e^-1).
+# doc/metrics/lrs-soft-label.md: each is computed per evaluation round (a seed) and the
+# rounds averaged. Accuracies are fractions, so alpha lies in [-1, 1] and LRS in [0, 100].
+# The report's variants: real-hard 'full_hard' (evaluate.baselines 'full_data'), syn-hard
+# 'distilled_hard' ('hard_label'), syn-any 'distilled', rdm-any 'random'.
+DD_RANKING_INPUTS = {'hard_label_recovery': ('full_hard', 'distilled_hard'),
+                     'improvement_over_random': ('distilled', 'random')}
+LRS_WEIGHT = 0.5
+
+
+def _mean_std(values) -> dict:
+  values = np.asarray(values, np.float64)
+  return {'mean': float(values.mean()), 'std': float(values.std()),
+          'per_seed': values.tolist()}
+
+
+def dd_ranking(variants: dict, weight: float = LRS_WEIGHT) -> dict:
+  """HLR, IOR and LRS (see DD_RANKING_INPUTS) from evaluate's variants ({name: row with
+  'test_top1', one fraction per seed}), per seed, then mean / std; each metric names its
+  inputs. A metric whose variants were not evaluated is left out."""
+  out, per_seed = {}, {}
+  for metric, (minuend, subtrahend) in DD_RANKING_INPUTS.items():
+    if minuend in variants and subtrahend in variants:
+      a = np.asarray(variants[minuend]['test_top1'], np.float64)
+      b = np.asarray(variants[subtrahend]['test_top1'], np.float64)
+      per_seed[metric] = a - b
+      out[metric] = {**_mean_std(a - b), 'inputs': f'{minuend} - {subtrahend}'}
+  if len(per_seed) == 2:
+    alpha = (weight * per_seed['improvement_over_random'] -
+             (1 - weight) * per_seed['hard_label_recovery'])
+    lrs = 100 * (np.exp(alpha) - np.exp(-1)) / (np.e - np.exp(-1))
+    out['label_robust_score'] = {
+        **_mean_std(lrs), 'weight': weight,
+        'inputs': f'100 (e^a - e^-1) / (e - e^-1), a = {weight:g} IOR - {1 - weight:g} HLR'}
   return out
 
 
@@ -87,8 +123,11 @@ def to_markdown(data: dict) -> str:
           if n in rows else '-' for n in names) + ' |' for arch, rows in archs.items()]
     ranking = data.get('dd_ranking', {})
     if ranking:
-      lines += ['', 'DD-Ranking style: ' + ', '.join(
-          f'{k.replace("_", " ")} {100 * v:+.2f} points' for k, v in ranking.items())]
+      lines += ['', "DD-Ranking's metrics (per seed, then mean ± std): " + '; '.join(
+          (f'LRS {m["mean"]:.2f} ± {m["std"]:.2f} ({m["inputs"]})'
+           if k == 'label_robust_score' else
+           f'{k.replace("_", " ")} {100 * m["mean"]:+.2f} ± {100 * m["std"]:.2f} points '
+           f'({m["inputs"]})') for k, m in ranking.items())]
     published = PUBLISHED.get(data['dataset'])
     if published:
       lines += ['', 'Published (ConvNet, hard labels, other protocols): ' + ', '.join(

@@ -26,7 +26,7 @@ from sre2l_jax.data import pipeline
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
   """What fixes the meaning and shapes of the squeeze state."""
-  return {'dataset': config.dataset.name, 'train_limit': config.dataset.train_limit,
+  return {'dataset': datasets.identity(config.dataset), 'train_limit': config.dataset.train_limit,
           # Extra teachers are squeezed in folders of their own (teacher.extra_configs).
           'teacher': {k: v for k, v in config.teacher.to_dict().items()
                       if k != 'extra_teachers'}, 'squeeze': {
@@ -48,7 +48,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for extra, extra_workdir in teacher.extra_configs(config, workdir):
     run(extra, extra_workdir)
   stage_dir = os.path.join(workdir, 'squeeze')
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   model = models.create_model(config.teacher, spec.num_classes)
   mesh = batching.create_mesh(config.mesh_shape)
   validate(config, mesh)

@@ -123,7 +123,7 @@ def read(directory: str, expected: dict, abstract_variables: dict,
 def load_one(config: ml_collections.ConfigDict, workdir: str, mesh):
   """(model, variables) of config.teacher alone (not its extra teachers), replicated on
   `mesh`, checked against config."""
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   model = models.create_model(config.teacher, spec.num_classes)
   abstract = models.abstract_variables(model, spec.image_shape, batching.replicated(mesh))
   hint = (f'python -m sre2l_jax.main --config=<config> --workdir={workdir} --stages=squeeze '
@@ -198,6 +198,6 @@ def load(config: ml_collections.ConfigDict, workdir: str, mesh):
   loaded = load_all(config, workdir, mesh)
   if len(loaded) == 1:
     return loaded[0]
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   return (create_model(config, spec.num_classes),
           models.ensemble.combine_variables([v for _, v in loaded]))

@@ -66,8 +66,9 @@ def view_settings(cfg: ml_collections.ConfigDict) -> dict:
   return {k: cfg[k] for k in VIEW_KEYS}
 
 
-def cutmix_mask(key, lam, height: int, width: int):
-  """Box mask (H, W) of the CutMix region and the lambda corrected to its clipped area."""
+def cutmix_box(key, lam, height: int, width: int):
+  """The CutMix region (y0, x0, y1, x1), int32 pixel bounds (end excluded), and the lambda
+  corrected to its clipped area."""
   k_y, k_x = jax.random.split(key)
   cut = jnp.sqrt(1.0 - lam)
   cut_h, cut_w = jnp.floor(height * cut), jnp.floor(width * cut)
@@ -75,13 +76,51 @@ def cutmix_mask(key, lam, height: int, width: int):
   cx = jax.random.randint(k_x, (), 0, width)
   y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
   x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+  box = jnp.stack([y0, x0, y1, x1]).astype(jnp.int32)
+  return box, 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+
+
+def box_mask(box, height: int, width: int):
+  """Boolean (H, W) mask of the region `box` (y0, x0, y1, x1)."""
   ys, xs = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
-  mask = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
-  return mask, 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+  return (ys >= box[0]) & (ys < box[2]) & (xs >= box[1]) & (xs < box[3])
+
+
+def view_params(key, batch: int, height: int, width: int, *, cfg) -> dict:
+  """Everything random about the views of one batch (what `batch_views` applies, and what
+  the FKD export writes), for images of (height, width):
+    crop (B, 4) float32: (top, left, h, w) of each RandomResizedCrop box, in pixels;
+    flip (B,) bool: horizontal flip after the crop;
+    partner (B,) int32: view i is mixed with image partner[i];
+    lam () float32: the weight of view i's own image (1: not mixed);
+    box (4,) int32: the CutMix region (y0, x0, y1, x1) pasted from the partner ('cutmix'
+      applied; else empty, (0, 0, 0, 0)).
+  """
+  k_crop, k_flip, k_lam, k_perm, k_box, k_apply = jax.random.split(key, 6)
+  scale = (cfg.min_scale, cfg.max_scale)
+  crop = jax.vmap(lambda k: jnp.stack(augment.sample_crop_box(k, height, width, scale)))(
+      jax.random.split(k_crop, batch))
+  flip = jax.vmap(jax.random.bernoulli)(jax.random.split(k_flip, batch))
+  partner = jax.random.permutation(k_perm, batch).astype(jnp.int32)
+  apply = jax.random.uniform(k_apply) < cfg.mix_prob
+  box = jnp.zeros((4,), jnp.int32)
+  if cfg.mix == 'cutmix':
+    lam = jax.random.beta(k_lam, cfg.cutmix_alpha, cfg.cutmix_alpha)
+    box, lam = cutmix_box(k_box, lam, height, width)
+    box = jnp.where(apply, box, 0)
+  elif cfg.mix == 'mixup':
+    lam = jax.random.beta(k_lam, cfg.mixup_alpha, cfg.mixup_alpha)
+  elif cfg.mix == 'none':
+    lam = jnp.float32(1.0)
+  else:
+    raise ValueError(f'relabel.mix={cfg.mix!r}; valid: {", ".join(MIXES)}.')
+  lam = jnp.where(apply, lam, 1.0).astype(jnp.float32)
+  return {'crop': crop, 'flip': flip, 'partner': partner, 'lam': lam, 'box': box,
+          'apply': apply}
 
 
 def batch_views(key, images_u8, *, cfg, spec: datasets.DatasetSpec):
-  """The augmented, mixed views of one batch.
+  """The augmented, mixed views of one batch (the draws of `view_params`).
 
   images_u8: (B, H, W, C) uint8. cfg: the relabel config (view settings). Returns (views
   (B, H, W, C) normalised float32, lam () float32, partner (B,) int32): view i mixes image i
@@ -89,26 +128,17 @@ def batch_views(key, images_u8, *, cfg, spec: datasets.DatasetSpec):
   """
   x = datasets.normalise(images_u8, spec)
   b, h, w = x.shape[:3]
-  k_crop, k_flip, k_lam, k_perm, k_box, k_apply = jax.random.split(key, 6)
-  scale = (cfg.min_scale, cfg.max_scale)
-  x = jax.vmap(lambda k, im: augment.random_resized_crop(k, im, (h, w), scale))(
-      jax.random.split(k_crop, b), x)
-  x = jax.vmap(augment.random_flip)(jax.random.split(k_flip, b), x)
-  partner = jax.random.permutation(k_perm, b).astype(jnp.int32)
-  apply = jax.random.uniform(k_apply) < cfg.mix_prob
+  p = view_params(key, b, h, w, cfg=cfg)
+  x = jax.vmap(lambda im, box: augment.crop_and_resize(im, tuple(box), (h, w)))(x, p['crop'])
+  x = jnp.where(p['flip'][:, None, None, None], x[:, :, ::-1], x)
+  partner = p['partner']
   if cfg.mix == 'cutmix':
-    lam = jax.random.beta(k_lam, cfg.cutmix_alpha, cfg.cutmix_alpha)
-    mask, lam = cutmix_mask(k_box, lam, h, w)
-    mixed = jnp.where(mask[None, :, :, None], x[partner], x)
+    mixed = jnp.where(box_mask(p['box'], h, w)[None, :, :, None], x[partner], x)
   elif cfg.mix == 'mixup':
-    lam = jax.random.beta(k_lam, cfg.mixup_alpha, cfg.mixup_alpha)
-    mixed = lam * x + (1 - lam) * x[partner]
-  elif cfg.mix == 'none':
-    lam, mixed = jnp.float32(1.0), x
+    mixed = p['lam'] * x + (1 - p['lam']) * x[partner]
   else:
-    raise ValueError(f'relabel.mix={cfg.mix!r}; valid: {", ".join(MIXES)}.')
-  lam = jnp.where(apply, lam, 1.0).astype(jnp.float32)
-  return jnp.where(apply, mixed, x), lam, partner
+    mixed = x
+  return jnp.where(p['apply'], mixed, x), p['lam'], partner
 
 
 def create_batch_views(cfg, spec: datasets.DatasetSpec, mesh):

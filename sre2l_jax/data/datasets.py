@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from sre2l_jax import files
 from sre2l_jax.data import builders
+from sre2l_jax.data import user_data
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -145,9 +146,50 @@ register(DatasetSpec(
 
 
 def get_spec(name: str) -> DatasetSpec:
+  """The spec of registered dataset `name` (`spec_of` also knows the user's kinds)."""
   if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}.')
+    raise ValueError(f'Unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}, or '
+                     f'{list(user_data.KINDS)} or {user_data.TFDS_PREFIX}NAME (your own data).')
   return DATASETS[name]
+
+
+def identity(config: ml_collections.ConfigDict) -> str:
+  """What results are keyed on: a registered dataset's name; for the user's kinds, the
+  kind and a digest of the content (so a changed folder is never silently reused)."""
+  return spec_of(config).name if user_data.is_kind(config.name) else config.name
+
+
+# A user dataset whose training split is larger (uint8 bytes) is streamed, not held in RAM.
+IN_MEMORY_BYTES = 16 << 30
+
+
+def spec_of(config: ml_collections.ConfigDict) -> DatasetSpec:
+  """The spec of dataset config `config`: a registered dataset's, or for the user's kinds
+  (`user_data`: image_folder, arrays, tfds:NAME) one read from the data, which is checked
+  and prepared here once (by process 0), so every bad input is refused before any stage."""
+  if not user_data.is_kind(config.name):
+    return get_spec(config.name)
+  check_user_data_dir(config)
+  first = jax.process_index() == 0
+  prepared = user_data.prepare(config, _data_dir(config), build=first) if first else None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'prepare {config.name}')
+  if not first:
+    prepared = user_data.prepare(config, _data_dir(config), build=False)
+  shape = prepared.image_shape
+  split = prepared.builder.info.splits[prepared.train_split]
+  in_memory = split.num_examples * int(np.prod(shape)) <= IN_MEMORY_BYTES
+  # Small images: pad-and-crop, like CIFAR; larger ones: random resized crops, like
+  # Tiny-ImageNet; streamed ones are cropped on the host (`streaming`).
+  augment = ('flip' if not in_memory else
+             'pad_crop_flip' if max(shape[:2]) <= 32 else 'random_resized_crop_flip')
+  return DatasetSpec(
+      name=prepared.identity, num_classes=len(prepared.class_names), image_shape=shape,
+      mean=prepared.mean, std=prepared.std, train_augment=augment,
+      make_builder=lambda c: prepared.builder, train_split=prepared.train_split,
+      test_split=prepared.test_split, in_memory=in_memory,
+      class_names=lambda c: prepared.class_names)
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -156,7 +198,7 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
   Where the names cannot be read (no Tiny-ImageNet zip at hand, say), or there are not as
   many as classes, the class indices ('0', '1', ...): a name never stops a stage.
   """
-  spec = get_spec(config.name)
+  spec = spec_of(config)
   try:
     names = [str(n) for n in spec.class_names(config)] if spec.class_names else []
   except (OSError, KeyError, ValueError, StopIteration, zipfile.BadZipFile):
@@ -177,6 +219,8 @@ def source_of(config) -> str:
   package's folder; the others: `manual_dir`)."""
   if config.name == 'fashion_mnist':
     return os.path.expanduser(config.get('source_dir') or builders.FASHION_MNIST_DIR)
+  if user_data.is_kind(config.name):
+    return config.get('train_dir') or config.get('arrays_file') or _data_dir(config)
   return manual_dir(config)
 
 
@@ -231,6 +275,17 @@ def with_host_copy(config, spec: DatasetSpec, copy_root: str | None = None):
   return local
 
 
+def check_user_data_dir(config) -> None:
+  """Refuses a data_dir in a bucket for the user's kinds, which are decoded into data_dir
+  here (the named datasets' prepared files in a bucket are copied to the host instead,
+  `with_host_copy`)."""
+  if files.is_remote(_data_dir(config)):
+    raise ValueError(
+        f'dataset.data_dir={_data_dir(config)}: dataset.name={config.name!r} is decoded into '
+        f'data_dir on this host; give a local folder (the images themselves may be anywhere '
+        f'this host reads).')
+
+
 def check_source(config, builder) -> None:
   """Refuses prepared files built from another folder than the one the config names
   explicitly (source_dir / manual_dir); without a name in the config any source is used."""
@@ -256,7 +311,7 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   Where they came from is recorded beside the prepared files (`SOURCE_RECORD`); prepared
   files of another source than the config names are refused (`check_source`).
   """
-  spec = get_spec(config.name)
+  spec = spec_of(config)
   if files.is_remote(_data_dir(config)):
     config = with_host_copy(config, spec)
   builder = spec.make_builder(config)

@@ -126,7 +126,7 @@ class InMemorySplit:
 
 def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
   """The split named `split` ('train' or 'test') of `config.dataset`, ready to batch."""
-  spec = datasets.get_spec(config.name)
+  spec = datasets.spec_of(config)
   name = spec.train_split if split == 'train' else spec.test_split
   limit = config.get('train_limit' if split == 'train' else 'test_limit') or None
   if not spec.in_memory:

@@ -62,7 +62,7 @@ def load_state_dict(path: str) -> dict[str, Any]:
   return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in obj.items()}
 
 
-def _torch_key(path: tuple[str, ...]) -> str:
+def torch_key(path: tuple[str, ...]) -> str:
   """('params', 'layer1_0', 'downsample_bn', 'scale') -> 'layer1.0.downsample.1.weight'."""
   collection, *modules, leaf = path
   names = []
@@ -132,7 +132,7 @@ def torchvision_resnet_to_flax(state_dict: Mapping[str, Any], arch: str,
                            'num_classes.')
     num_classes = int(state_dict['fc.weight'].shape[0])
   expected = traverse_util.flatten_dict(abstract_variables(arch, num_classes, stem))
-  keys = {path: _torch_key(path) for path in expected}
+  keys = {path: torch_key(path) for path in expected}
   wanted = set(keys.values())
   given = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
   unexpected, missing = sorted(given - wanted), sorted(wanted - given)

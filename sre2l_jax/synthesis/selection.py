@@ -165,7 +165,7 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
   `mesh` (variables replicated on it), each chunk is scored across its devices.
   """
   cfg = config.recover
-  spec = datasets.get_spec(config.dataset.name)
+  spec = datasets.spec_of(config.dataset)
   rng = rngs.numpy_rng('recover_init_scored', config.seed)
   per_class = cfg.init_candidates or _smallest_class(train_split, num_classes)
   score_fn = create_score_fn(model, spec, cfg, mesh)
