@@ -17,10 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
-from jax.experimental.compilation_cache import compilation_cache as cc
-
 from sre2l_jax import continual
-from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import models
@@ -51,37 +48,15 @@ def write_inputs(config, workdir, seed=0):
   """A random teacher and a random class-major distilled set in `workdir`.
 
   Returns (teacher model, teacher variables, images, labels)."""
-  spec = datasets.get_spec(config.dataset.name)
   model, variables = testlib.write_teacher(config, workdir, seed=seed)
-  rng = np.random.default_rng(seed)
-  ipc = config.recover.ipc
-  images = rng.integers(0, 256, (spec.num_classes * ipc,) + spec.image_shape, dtype=np.uint8)
-  labels = np.repeat(np.arange(spec.num_classes), ipc).astype(np.int32)
-  export.write_tfds(image_sets.distilled_dir(workdir), images, labels, spec.num_classes)
+  images, labels = testlib.write_noise_set(workdir, config.recover.ipc, seed,
+                                           config.dataset.name)
   return model, variables, images, labels
 
 
 def main_command(workdir, data_dir):
   return testlib.main_command('fashion_mnist_continual', workdir, stages='continual',
                               overrides={'dataset.data_dir': data_dir})
-
-
-@pytest.fixture(scope='module')
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's Fashion-MNIST runs: the subprocesses
-  load what the in-process run compiled (compiling dominates on a busy 2-core CPU). Returns
-  the environment for the subprocesses; the in-process settings are restored afterwards."""
-  options = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jit')),
-             'jax_persistent_cache_min_compile_time_secs': 0.0,
-             'jax_persistent_cache_min_entry_size_bytes': 0}
-  saved = {name: getattr(jax.config, name) for name in options}
-  for name, value in options.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
-  yield dict(os.environ, **{name.upper(): str(value) for name, value in options.items()})
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
 
 
 @pytest.fixture(scope='module')
@@ -99,7 +74,7 @@ def copy_inputs(inputs, workdir):
 
 
 @pytest.fixture(scope='module')
-def reference_run(inputs_workdir, fashion_mnist_tfds, compilation_cache, tmp_path_factory):
+def reference_run(inputs_workdir, fashion_mnist_tfds, tmp_path_factory):
   """The uninterrupted run, in process, with every call of the jitted step recorded."""
   config = fashion_config(fashion_mnist_tfds)
   workdir = copy_inputs(inputs_workdir, tmp_path_factory.mktemp('reference'))
@@ -206,7 +181,7 @@ def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
 
 @pytest.mark.slow
 def test_sets_together_equal_sets_alone(reference_run, inputs_workdir, fashion_mnist_tfds,
-                                        compilation_cache, tmp_path):
+                                        tmp_path):
   """The reference trains both sets in one stacked step; here each set trains alone, with
   the single-student step (`student.create_continual_step`) behind the stacked interface.
 
@@ -280,13 +255,12 @@ def restore_final(workdir, name, step):
 
 @pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted_run(reference_run, inputs_workdir,
-                                                    fashion_mnist_tfds, compilation_cache,
-                                                    tmp_path):
+                                                    fashion_mnist_tfds, tmp_path):
   steps = reference_run['config'].continual.steps
   workdir = copy_inputs(inputs_workdir, tmp_path / 'killed')
   # Killed once it has finished its first step; asserts that the run died of the SIGKILL.
   testlib.kill_when(main_command(workdir, fashion_mnist_tfds), lambda: progress(workdir) >= 1,
-                    os.path.join(workdir, 'log.txt'), env=compilation_cache)
+                    os.path.join(workdir, 'log.txt'))
   killed_at = progress(workdir)
   assert 1 <= killed_at < steps, f'killed too late: {killed_at} steps finished'
   assert not os.path.exists(os.path.join(workdir, 'continual', 'result.json'))

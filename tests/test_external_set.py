@@ -16,14 +16,8 @@ SPEC = datasets.get_spec('fashion_mnist')
 IPC = 2
 
 
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-  return testlib.cut_fashion_mnist(tmp_path_factory.mktemp('fm'))
-
-
 def make_config(data, **evaluate):
-  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
-  config.dataset.update(data_dir=data['data_dir'], source_dir=data['source_dir'])
+  config = testlib.fashion_config(data)
   config.teacher.width = config.student.width = 8
   config.recover.ipc = IPC
   config.relabel.update(epochs=2)

@@ -37,16 +37,16 @@ def run_main(tmp_path, workdir, data, *, stages, flags=(), overrides=()):
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-  """Overrides for a TFDS data dir of Fashion-MNIST cut to 600 / 300 images."""
-  cut = testlib.cut_fashion_mnist(tmp_path_factory.mktemp('fm'))
-  return {f'dataset.{k}': v for k, v in cut.items()}
+def data_flags(data):
+  """--config overrides that read conftest's cut Fashion-MNIST."""
+  return {f'dataset.{k}': v for k, v in data.items()}
 
 
 @pytest.mark.slow
-def test_smoke_pipeline_is_quiet_shows_eta_per_stage_and_imports_no_tensorflow(data, tmp_path):
+def test_smoke_pipeline_is_quiet_shows_eta_per_stage_and_imports_no_tensorflow(data_flags,
+                                                                              tmp_path):
   workdir = tmp_path / 'run'
-  output, modules = run_main(tmp_path, workdir, data,
+  output, modules = run_main(tmp_path, workdir, data_flags,
                              stages='squeeze,recover,relabel,evaluate',
                              overrides={'relabel.mode': 'stored'})
   lines = output.splitlines()
@@ -64,7 +64,7 @@ def test_smoke_pipeline_is_quiet_shows_eta_per_stage_and_imports_no_tensorflow(d
     logs = workdir / stage / 'logs'
     assert [n for n in os.listdir(logs) if n.startswith('events.out.tfevents.')], stage
     hparams = json.loads((logs / 'hparams.json').read_text())
-    assert hparams['dataset']['data_dir'] == data['dataset.data_dir']
+    assert hparams['dataset']['data_dir'] == data_flags['dataset.data_dir']
   squeeze = metric_writers.read_metrics(workdir / 'squeeze' / 'logs' / 'metrics.jsonl')
   assert {'train_loss', 'train_accuracy', 'lr', 'images_per_second'} <= set(squeeze[0])
   assert [r['step'] for r in squeeze if 'test_top1' in r] == [8, 16]  # per epoch
@@ -80,8 +80,8 @@ def test_smoke_pipeline_is_quiet_shows_eta_per_stage_and_imports_no_tensorflow(d
 
 
 @pytest.mark.slow
-def test_verbosity_1_shows_library_logs(data, tmp_path):
-  output, _ = run_main(tmp_path, tmp_path / 'loud', data, stages='squeeze',
+def test_verbosity_1_shows_library_logs(data_flags, tmp_path):
+  output, _ = run_main(tmp_path, tmp_path / 'loud', data_flags, stages='squeeze',
                        flags=['--verbosity=1'])
   assert 'checkpoint_manager.py' in output  # Orbax's INFO lines, in absl's format
   assert 'squeeze: step 16/16 (100%)' in output

@@ -4,10 +4,9 @@ together), the report, and shard-level resume of relabel.
 
 The teacher is a ConvNet-BN with random weights and random (non-trivial) BatchNorm running
 statistics, and the distilled set is random uint8 noise (IPC 2): no squeeze or recover run
-is needed. The real Fashion-MNIST IDX files are cut to their first images (the smoke
-config only uses 512 train / 256 test images) so that preparing the TFDS dir takes seconds.
-Models are tiny (width 8). Compilation dominates on a busy 2-core CPU, so the module shares
-a persistent compilation cache (also with its subprocesses) and its runs share programs: the
+is needed. The data is conftest's `data`: the real Fashion-MNIST cut to its first images.
+Models are tiny (width 8). Compilation dominates on a busy 2-core CPU, so besides the suite's
+persistent compilation cache (conftest; subprocesses inherit it) the runs share programs: the
 same relabel/student settings everywhere, so every student of a given label mode, the
 re-runs of relabel and the resumed subprocess compile nothing new.
 """
@@ -19,21 +18,16 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
-from jax.experimental.compilation_cache import compilation_cache
 
 from sre2l_jax import evaluate
-from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
-from sre2l_jax import models
 from sre2l_jax import relabel
 from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
-from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -58,31 +52,10 @@ OVERRIDES = {'teacher.width': WIDTH, 'student.width': WIDTH, 'recover.ipc': IPC,
 
 
 def make_config(data, *, evaluate_overrides=None, **relabel_overrides):
-  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
-  config.dataset.update(data_dir=data['data_dir'], source_dir=data['source_dir'])
-  for key, value in OVERRIDES.items():
-    group, name = key.split('.')
-    config[group][name] = value
+  config = testlib.fashion_config(data, OVERRIDES)
   config.relabel.update(**relabel_overrides)
   config.evaluate.update(**(evaluate_overrides or {}))
   return config
-
-
-def noise_set(seed):
-  """A class-major 'distilled' set of random uint8 images, IPC images per class."""
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, (SPEC.num_classes * IPC,) + SPEC.image_shape, np.uint8)
-  return images, np.repeat(np.arange(SPEC.num_classes), IPC).astype(np.int32)
-
-
-def write_distilled(workdir, seed):
-  images, labels = noise_set(seed)
-  export.write_tfds(image_sets.distilled_dir(workdir), images, labels, SPEC.num_classes)
-
-
-def copy_workdir(source, path):
-  shutil.copytree(source, path)
-  return str(path)
 
 
 def sha256(path):
@@ -140,40 +113,18 @@ def max_abs_diff(a, b):
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-  """A persistent compilation cache for this module (unless one is configured already)."""
-  if jax.config.jax_compilation_cache_dir:
-    yield jax.config.jax_compilation_cache_dir
-    return
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  yield path
-  jax.config.update('jax_compilation_cache_dir', None)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', min_time)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-  """A TFDS data dir of real Fashion-MNIST, cut to its first 600 train / 300 test images."""
-  return testlib.cut_fashion_mnist(tmp_path_factory.mktemp('fashion_mnist'))
-
-
 @pytest.fixture(scope='module')
 def base_workdir(data, tmp_path_factory):
   """A workdir holding a random teacher (squeeze/teacher) and a noise distilled set."""
   workdir = str(tmp_path_factory.mktemp('base'))
   testlib.write_teacher(make_config(data), workdir)
-  write_distilled(workdir, seed=0)
+  testlib.write_noise_set(workdir, IPC, seed=0)
   return workdir
 
 
 @pytest.fixture(scope='module')
 def online_run(data, base_workdir, tmp_path_factory):
-  workdir = copy_workdir(base_workdir, tmp_path_factory.mktemp('online') / 'w')
+  workdir = testlib.copy_workdir(base_workdir, tmp_path_factory.mktemp('online') / 'w')
   result, students = run_stages(make_config(data, mode='online'), workdir, stored=False)
   return workdir, result, students
 
@@ -181,7 +132,7 @@ def online_run(data, base_workdir, tmp_path_factory):
 @pytest.fixture(scope='module')
 def stored_float32_run(data, base_workdir, tmp_path_factory):
   """Stored float32 labels for the distilled set and the random baseline (do not modify)."""
-  workdir = copy_workdir(base_workdir, tmp_path_factory.mktemp('stored32') / 'w')
+  workdir = testlib.copy_workdir(base_workdir, tmp_path_factory.mktemp('stored32') / 'w')
   config = make_config(data, mode='stored', storage='float32')
   result, students = run_stages(config, workdir, stored=True)
   return workdir, result, students
@@ -189,7 +140,7 @@ def stored_float32_run(data, base_workdir, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def stored_float16_run(data, base_workdir, tmp_path_factory):
-  workdir = copy_workdir(base_workdir, tmp_path_factory.mktemp('stored16') / 'w')
+  workdir = testlib.copy_workdir(base_workdir, tmp_path_factory.mktemp('stored16') / 'w')
   config = make_config(data, mode='stored', storage='float16',
                        evaluate_overrides=dict(baselines=()))
   result, students = run_stages(config, workdir, stored=True)
@@ -242,7 +193,8 @@ def views_fn(mesh, cfg):
 @pytest.mark.slow
 def test_views_replay_exactly(data):
   config = make_config(data)
-  images, _ = noise_set(seed=3)
+  images = np.random.default_rng(3).integers(0, 256, (SPEC.num_classes * IPC,) + SPEC.image_shape,
+                                            np.uint8)
   schedule = views.create_schedule(config, len(images))
   assert (schedule.batch_size, schedule.steps_per_epoch) == (16, 2)
   eight = views_fn(batching.create_mesh(8), config.relabel)
@@ -353,7 +305,7 @@ def test_topk_labels_are_small_and_keep_the_top_probabilities(data, base_workdir
 
 def _fresh_evaluate(stored_float32_run, path):
   """A copy of the stored float32 workdir without its evaluate results."""
-  workdir = copy_workdir(stored_float32_run[0], path)
+  workdir = testlib.copy_workdir(stored_float32_run[0], path)
   shutil.rmtree(os.path.join(workdir, 'evaluate'))
   return workdir
 
@@ -382,7 +334,7 @@ def test_corrupted_label_shard_is_refused(data, stored_float32_run, tmp_path, da
 @pytest.mark.slow
 def test_labels_of_other_images_are_refused(data, stored_float32_run, tmp_path):
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
-  write_distilled(workdir, seed=1)  # the distilled set changed after relabel
+  testlib.write_noise_set(workdir, IPC, seed=1)  # the distilled set changed after relabel
   config = make_config(data, mode='stored', storage='float32')
   with pytest.raises(label_store.LabelError, match=r'(?s)other images.*--stages=relabel'):
     evaluate.run(config, workdir)
@@ -445,7 +397,7 @@ def test_missing_stages_are_named(data, base_workdir, tmp_path):
     evaluate.run(config, empty)
   with pytest.raises(FileNotFoundError, match=r'--stages=recover'):
     relabel.run(make_config(data, mode='stored'), empty)
-  workdir = copy_workdir(base_workdir, tmp_path / 'w')
+  workdir = testlib.copy_workdir(base_workdir, tmp_path / 'w')
   with pytest.raises(label_store.LabelError, match=r'(?s)No stored labels.*--stages=relabel'):
     evaluate.run(make_config(data, mode='stored'), workdir)
 
@@ -461,25 +413,22 @@ def main_command(workdir, data):
 
 
 @pytest.mark.slow
-def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_run,
-                                                    compilation_cache_dir, tmp_path):
+def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_run, tmp_path):
   """The subprocess runs the online_run's configuration (its uninterrupted reference)."""
   # The students of this configuration: evaluate/distilled/<settings digest>/seed0.
   student = os.path.join(online_run[1]['variants']['distilled']['dir'], 'seed0')
   total = EPOCHS * 2
-  workdir = copy_workdir(base_workdir, tmp_path / 'killed')
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  workdir = testlib.copy_workdir(base_workdir, tmp_path / 'killed')
   # The students train together (evaluate/stacks/<digest>/checkpoints holds their state
   # until every result is written). Asserts that the run died of the SIGKILL.
   testlib.kill_when(main_command(workdir, data), lambda: stack_steps(workdir),
-                    tmp_path / 'log.txt', env=env, timeout_s=240)
+                    tmp_path / 'log.txt', timeout_s=240)
   killed_step = stack_steps(workdir)[-1]
   assert 0 < killed_step < total, f'killed too late: {stack_steps(workdir)}'
   assert not os.path.exists(os.path.join(workdir, student, 'result.json'))
   assert not os.path.exists(os.path.join(workdir, 'evaluate', 'result.json'))
 
-  testlib.run_command(main_command(workdir, data), env=env, timeout_s=240)
+  testlib.run_command(main_command(workdir, data), timeout_s=240)
   resumed = files.read_json(os.path.join(workdir, student, 'result.json'))
   assert resumed['resumed_from_step'] == killed_step > 0
   assert resumed['steps'] == total
@@ -551,7 +500,7 @@ def test_report_has_the_variants_and_the_storage_table(stored_float32_run, onlin
 def test_relabel_resumes_at_shard_granularity(data, stored_float32_run, tmp_path):
   first_dir = stored_float32_run[0]
   first = label_files(first_dir)
-  workdir = copy_workdir(first_dir, tmp_path / 'w')
+  workdir = testlib.copy_workdir(first_dir, tmp_path / 'w')
   directory = stored_dir(data, workdir)
   manifest = files.read_json(os.path.join(directory, label_store.MANIFEST))
   assert len(manifest['shards']) == EPOCHS // 2
@@ -574,7 +523,7 @@ def test_relabel_rewrites_from_the_first_bad_shard(data, stored_float32_run, tmp
   first run's (a later intact shard must not make relabel skip the bad one)."""
   first_dir = stored_float32_run[0]
   first = label_files(first_dir)
-  workdir = copy_workdir(first_dir, tmp_path / 'w')
+  workdir = testlib.copy_workdir(first_dir, tmp_path / 'w')
   directory = stored_dir(data, workdir)
   manifest = files.read_json(os.path.join(directory, label_store.MANIFEST))
   with open(os.path.join(directory, manifest['shards'][1]['file']), 'r+b') as f:
@@ -584,96 +533,3 @@ def test_relabel_rewrites_from_the_first_bad_shard(data, stored_float32_run, tmp
 
 
 # ----------------------------------------------------------------------------- 9. EDC's student
-
-
-def test_student_schedule_is_the_smoothed_cosine():
-  """lr_zeta 1: the cosine to 0 of every earlier run; lr_zeta 2 (EDC): lr (1 + cos(pi t /
-  (2 T))) / 2, half the peak at the last step."""
-  cfg = ml_collections.ConfigDict(dict(lr=1e-3, lr_zeta=1.0))
-  t = np.arange(101)
-  np.testing.assert_array_equal(train_lib.student_schedule(cfg, 100)(t),
-                                train_lib.warmup_cosine(1e-3, 100)(t))
-  cfg.lr_zeta = 2.0
-  np.testing.assert_allclose(train_lib.student_schedule(cfg, 100)(t),
-                             1e-3 * (1 + np.cos(np.pi * t / 200)) / 2, rtol=1e-5, atol=1e-9)
-
-
-def test_fashion_config_epochs_sets_the_student_schedule():
-  assert testlib.load_config('fashion_mnist_ipc10').relabel.epochs == 300
-  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,epochs=1500')
-  assert config.relabel.epochs == 1500
-  assert views.create_schedule(config, 100).total_steps == 3000
-
-
-def test_param_ema_averages_the_parameters_after_each_update():
-  """The optimiser's moving average equals the NumPy recursion over the parameters it saw
-  (from the initial ones), and leaves the updates, so the parameters, unchanged."""
-  cfg = ml_collections.ConfigDict(dict(optimizer='adamw', weight_decay=0.01, ema_decay=0.8))
-  schedule = lambda _: 0.1
-  plain = train_lib.create_optimizer(ml_collections.ConfigDict(
-      dict(optimizer='adamw', weight_decay=0.01)), schedule)
-  tx = train_lib.create_optimizer(cfg, schedule)
-  rng = np.random.default_rng(0)
-  params = {'dense': {'kernel': rng.normal(size=(3, 2)).astype(np.float32)}}
-  p_plain, s_plain, s = params, plain.init(params), tx.init(params)
-  p, ema = params, params['dense']['kernel'].astype(np.float64)
-  for _ in range(5):
-    grads = {'dense': {'kernel': rng.normal(size=(3, 2)).astype(np.float32)}}
-    u, s = tx.update(grads, s, p)
-    u_plain, s_plain = plain.update(grads, s_plain, p_plain)
-    p, p_plain = optax.apply_updates(p, u), optax.apply_updates(p_plain, u_plain)
-    ema = 0.8 * ema + 0.2 * np.asarray(p['dense']['kernel'], np.float64)
-    np.testing.assert_array_equal(p['dense']['kernel'], p_plain['dense']['kernel'])
-  state = train_lib.TrainState(step=5, apply_fn=None, params=p, tx=tx, opt_state=s,
-                               batch_stats={})
-  np.testing.assert_allclose(train_lib.eval_params(state)['dense']['kernel'], ema, rtol=1e-6)
-  assert not np.allclose(ema, p['dense']['kernel'], atol=1e-3)
-  assert train_lib.eval_params(state.replace(opt_state=s_plain)) is p
-
-
-def test_mse_ce_loss_is_edcs(data):
-  """loss 'mse_ce' (EDC): its targets are the teacher's logits on the same views whose
-  softmax at T are the 'kl' targets, and the views' mixed one-hot labels (the hard-label
-  variant's targets); its value is mean((student - teacher logits)^2) + ce_weight x the
-  cross-entropy to those labels (NumPy)."""
-  config = make_config(data)
-  teacher_model, teacher = testlib.random_teacher(config, seed=1)
-  images, labels = noise_set(0)
-  key = jax.random.key(3)
-  common = dict(cfg=config.relabel, spec=SPEC, teacher_model=teacher_model, temperature=4.0)
-  x, mse = student.set_targets(key, images[:8], labels[:8], None, teacher, target='online',
-                               loss='mse_ce', **common)
-  x_kl, kl = student.set_targets(key, images[:8], labels[:8], None, teacher, target='online',
-                                 **common)
-  _, hard = student.set_targets(key, images[:8], labels[:8], None, teacher, target='hard',
-                                **common)
-  np.testing.assert_array_equal(x, x_kl)
-  np.testing.assert_array_equal(mse['labels'], hard)
-  assert len(np.unique(np.asarray(hard).max(-1))) > 1  # some views are mixed
-  np.testing.assert_allclose(jax.nn.softmax(mse['logits'] / 4.0), kl, rtol=1e-5, atol=1e-7)
-
-  model = models.create_model(config.student, SPEC.num_classes)
-  state = train_lib.create_train_state(model, optax.sgd(0.0), SPEC.image_shape,
-                                       jax.random.key(0), batching.create_mesh(1))
-  _, metrics = student.update(state, x, mse, temperature=4.0, target='online',
-                              loss='mse_ce', ce_weight=0.3)
-  logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                             train=True, mutable=['batch_stats'])
-  logits, t, y = (np.asarray(a, np.float64) for a in (logits, mse['logits'], mse['labels']))
-  log_p = logits - logits.max(-1, keepdims=True)
-  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-  expected = np.mean((logits - t) ** 2) + 0.3 * np.mean(-(y * log_p).sum(-1))
-  np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
-
-
-def test_mse_ce_loss_needs_logits(data):
-  config = make_config(data, mode='stored', storage='topk', evaluate_overrides=dict(
-      loss='mse_ce'))
-  with pytest.raises(ValueError, match="relabel.storage='topk' keeps top-k probabilities"):
-    evaluate.validate(config, batching.create_mesh(1))
-  config.evaluate.loss = 'mse'
-  with pytest.raises(ValueError, match="evaluate.loss='mse'; valid: kl, mse_ce"):
-    evaluate.validate(config, batching.create_mesh(1))
-  with pytest.raises(ValueError, match='evaluate.loss=.mse_ce. needs relabel.storage float32'):
-    label_store.logits_from_stored({'topk_probs': np.ones((2, 1)),
-                                    'topk_index': np.zeros((2, 1))})

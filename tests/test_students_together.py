@@ -20,7 +20,6 @@ They change nothing the network computes in training mode, so they are excluded.
 """
 
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -29,7 +28,6 @@ import pytest
 from flax import traverse_util
 
 from sre2l_jax import evaluate
-from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import models
@@ -60,18 +58,9 @@ OVERRIDES = {'teacher.width': 4, 'student.width': 4, 'recover.ipc': IPC,
 
 
 def make_config(data, **evaluate_overrides):
-  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
-  config.dataset.update(data_dir=data['data_dir'], source_dir=data['source_dir'])
-  for key, value in OVERRIDES.items():
-    section, name = key.split('.')
-    config[section][name] = value
+  config = testlib.fashion_config(data, OVERRIDES)
   config.evaluate.update(**evaluate_overrides)
   return config
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-  return testlib.cut_fashion_mnist(tmp_path_factory.mktemp('fashion_mnist'))
 
 
 @pytest.fixture(scope='module')
@@ -79,16 +68,8 @@ def base_workdir(data, tmp_path_factory):
   """A random teacher and a noise distilled set (do not modify)."""
   workdir = str(tmp_path_factory.mktemp('base'))
   testlib.write_teacher(make_config(data), workdir)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (SPEC.num_classes * IPC,) + SPEC.image_shape, np.uint8)
-  labels = np.repeat(np.arange(SPEC.num_classes), IPC).astype(np.int32)
-  export.write_tfds(image_sets.distilled_dir(workdir), images, labels, SPEC.num_classes)
+  testlib.write_noise_set(workdir, IPC)
   return workdir
-
-
-def copy_workdir(source, path):
-  shutil.copytree(source, path)
-  return str(path)
 
 
 def seed_dirs(workdir, result):
@@ -126,7 +107,7 @@ def train_alone(config, workdir, set_name, seed, mesh):
 @pytest.fixture(scope='module')
 def together_run(data, base_workdir, tmp_path_factory):
   """evaluate on 8 devices, all 6 students in one stack; the writers' calls recorded."""
-  workdir = copy_workdir(base_workdir, tmp_path_factory.mktemp('together') / 'w')
+  workdir = testlib.copy_workdir(base_workdir, tmp_path_factory.mktemp('together') / 'w')
   calls = {}
 
   class RecordingWriter:
@@ -168,7 +149,7 @@ def test_together_equals_alone(devices, mode, edc, data, base_workdir, together_
   if devices == 8 and mode == 'auto' and not edc:
     workdir, result, _ = together_run
   else:
-    workdir = copy_workdir(base_workdir, tmp_path / 'w')
+    workdir = testlib.copy_workdir(base_workdir, tmp_path / 'w')
     config = make_config(data, stack_mode=mode, **student_overrides)
     config.mesh_shape = devices
     result = evaluate.run(config, workdir)
@@ -237,7 +218,7 @@ def _stack_checkpoints(workdir):
 def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, together_run,
                                                     tmp_path):
   reference_dir, reference, _ = together_run
-  workdir = copy_workdir(base_workdir, tmp_path / 'killed')
+  workdir = testlib.copy_workdir(base_workdir, tmp_path / 'killed')
   command = testlib.main_command(
       'fashion_mnist_ipc10', workdir, stages='evaluate',
       overrides={'dataset.data_dir': data['data_dir'], 'dataset.source_dir': data['source_dir'],
@@ -261,7 +242,7 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, together
 
 def test_architectures_each_train_their_students(data, base_workdir, tmp_path):
   """Two student architectures: each its own variant folders, stacks and result rows."""
-  workdir = copy_workdir(base_workdir, tmp_path / 'w')
+  workdir = testlib.copy_workdir(base_workdir, tmp_path / 'w')
   config = make_config(data, seeds=1, baselines=(), eval_every_epochs=0)
   config.relabel.epochs = 1
   # A plain name takes config.student's keys; a spec sets its own (here a wider MLP).

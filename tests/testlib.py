@@ -1,6 +1,9 @@
 """Helpers shared by the tests: config files, random teachers, kill-and-resume, running main.
 
   load_config(name, arg)          configs/<name>.py's get_config(arg)
+  fashion_config(data, overrides) a Fashion-MNIST config on a cut data dir, keys overridden
+  write_noise_set(workdir, ipc)   a class-major distilled set of uniform noise in `workdir`
+  copy_workdir(source, path)      a copy of a shared (read-only) workdir to change
   random_teacher(config, ...)     (model, variables) of config.teacher with random weights
   write_teacher(config, workdir)  the same, saved where squeeze saves a trained one
   main_command(name, workdir, stages=...)   argv of `python -m sre2l_jax.main`
@@ -14,6 +17,7 @@
 
 import functools
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -48,6 +52,40 @@ def config_file(name: str) -> str:
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """get_config(arg) of configs/<name>.py."""
   return config_lib.load_config_file(config_file(name), arg)
+
+
+def fashion_config(data: dict, overrides: dict | None = None, *,
+                   name: str = 'fashion_mnist_ipc10', arg: str = 'smoke'):
+  """configs/<name>.py:<arg> reading the cut Fashion-MNIST of `data` (conftest's
+  `fashion_mnist_cut`: {data_dir, source_dir}), with {'section.key': value} `overrides`."""
+  config = load_config(name, arg)
+  config.dataset.update(data_dir=data['data_dir'], source_dir=data['source_dir'])
+  for key, value in (overrides or {}).items():
+    section, field = key.split('.')
+    config[section][field] = value
+  return config
+
+
+# ----------------------------------------------------------------------------- workdirs
+
+
+def write_noise_set(workdir: str, ipc: int, seed: int = 0, spec_name: str = 'fashion_mnist'):
+  """A class-major 'distilled' set of uniform uint8 noise, `ipc` images per class, written
+  where recover writes one: (images, labels)."""
+  from sre2l_jax import export  # pylint: disable=g-import-not-at-top
+  from sre2l_jax import image_sets  # pylint: disable=g-import-not-at-top
+  spec = datasets.get_spec(spec_name)
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (spec.num_classes * ipc,) + spec.image_shape, dtype=np.uint8)
+  labels = np.repeat(np.arange(spec.num_classes), ipc).astype(np.int32)
+  export.write_tfds(image_sets.distilled_dir(workdir), images, labels, spec.num_classes)
+  return images, labels
+
+
+def copy_workdir(source, path) -> str:
+  """A copy of workdir `source` at `path` (a module's shared workdir stays untouched)."""
+  shutil.copytree(source, path)
+  return str(path)
 
 
 # ----------------------------------------------------------------------------- teachers
