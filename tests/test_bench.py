@@ -110,6 +110,7 @@ def _shared(model_name, image_size, channels, **kw):
   return jax_model, teacher, torch_model
 
 
+@pytest.mark.equivalence
 def test_resnet18_bn_statistics_loss_and_logits_match_jax():
   """ImageNet stem (7x7/2 conv, max-pool), basic blocks with and without downsampling."""
   jax_model, teacher, torch_model = _shared('resnet18', 32, 3, stem='imagenet')
@@ -131,6 +132,7 @@ def test_resnet18_bn_statistics_loss_and_logits_match_jax():
   np.testing.assert_allclose(t_logits, logits, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.equivalence
 def test_recover_loss_bn_loss_and_image_gradient_match_jax():
   """One group, augmentation off: the BN-statistics loss (total and per layer), the whole
   loss CE + r_bn * BN and d loss / d images of `sre2l.group_loss` against the reference."""
@@ -158,6 +160,7 @@ def test_recover_loss_bn_loss_and_image_gradient_match_jax():
   assert np.linalg.norm(t_grad - grads) <= 1e-3 * np.linalg.norm(grads)
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize('arch', ['resnet50', 'resnet101'])
 def test_bottleneck_resnets_take_the_flax_weights(arch):
   """Names and shapes only (nothing compiled): the torch model loads every Flax variable."""
@@ -170,6 +173,7 @@ def test_bottleneck_resnets_take_the_flax_weights(arch):
                                 variables['batch_stats']['layer2_0']['downsample_bn']['var'])
 
 
+@pytest.mark.equivalence
 def test_torch_crops_resample_like_jax():
   """The torch steps' batched crops (one affine grid_sample) equal the JAX views' crops
   (`augment.crop_and_resize`, scale_and_translate) for the same boxes, edges included."""
@@ -186,6 +190,7 @@ def test_torch_crops_resample_like_jax():
   np.testing.assert_allclose(torch_side[0], images[0].transpose(2, 0, 1), atol=1e-5)
 
 
+@pytest.mark.equivalence
 def test_student_and_squeeze_losses_and_gradients_match_jax():
   """On shared weights and views (augmentation aside): the student step's KD loss (teacher
   eval mode, student training mode, KL at T 'batchmean') and its gradient, and squeeze's

@@ -179,6 +179,7 @@ def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
 # ----------------------------------------------------------------------------- together
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_sets_together_equal_sets_alone(reference_run, inputs_workdir, fashion_mnist_tfds,
                                         tmp_path):
@@ -253,6 +254,7 @@ def restore_final(workdir, name, step):
   return state
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted_run(reference_run, inputs_workdir,
                                                     fashion_mnist_tfds, tmp_path):

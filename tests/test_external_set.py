@@ -25,6 +25,7 @@ def make_config(data, **evaluate):
   return config
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow  # ~50 s: two evaluations of four student variants
 def test_reference_layout_folder_equals_the_recovered_set(data, tmp_path):
   rng = np.random.default_rng(0)

@@ -57,6 +57,7 @@ def load_views(out, epoch, batch, images):
   return x, soft, lam
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow  # ~45 s: the views, teacher and its twin compiled and run for 6 batches
 def test_fkd_export_read_back_by_torch_reproduces_the_teacher(tmp_path):
   config = testlib.load_config('fashion_mnist_ipc10', 'smoke')

@@ -165,6 +165,7 @@ def finalized_steps(directory: str) -> list[int]:
                 if p.name.isdigit() and (p / 'commit_success.txt').exists())
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_pipeline_in_a_bucket_killed_and_resumed_makes_the_local_images(gcs, tmp_path):
   """The smoke pipeline with --workdir=gs://..., SIGKILLed mid-recover and run again there,

@@ -86,6 +86,7 @@ def three_rounds(teacher_workdir, data_dir, tmp_path_factory):
   return workdir, recover.run(make_config(data_dir, groups_per_round=8), workdir)
 
 
+@pytest.mark.equivalence
 def test_rounds_give_the_same_images_as_one_round(one_round, three_rounds):
   (workdir1, result1), (workdir3, result3) = one_round, three_rounds
   assert (result1['rounds'], result1['groups_per_round']) == (1, 24)
@@ -116,6 +117,7 @@ def test_rounds_give_the_same_images_as_one_round(one_round, three_rounds):
   assert all(len(os.listdir(os.path.join(pngs, d))) == 12 for d in os.listdir(pngs))
 
 
+@pytest.mark.equivalence
 def test_killed_in_the_second_round_resumes_to_the_same_images(three_rounds, teacher_workdir,
                                                                data_dir, tmp_path):
   workdir = new_workdir(teacher_workdir, tmp_path / 'killed')
@@ -249,6 +251,7 @@ def test_dry_run_of_the_imagenet_config_needs_no_data_or_teacher(tmp_path):
 # ----------------------------------------------------------------------------- remat
 
 
+@pytest.mark.equivalence
 def test_rematerialised_loss_and_gradient_are_the_same(data_dir):
   # A ResNet-18 teacher (small stem, width 8) on Fashion-MNIST shapes; random statistics.
   config = make_config(data_dir)

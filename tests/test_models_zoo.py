@@ -88,6 +88,7 @@ def test_trains_on_one_device(name):
 # the images of a batch but through BatchNorm (resnet18_small: statistics over all devices)
 # or not at all (convnet_in normalises each image alone; MLP, LeNet, AlexNet and VGG-11 have
 # no norm and no dropout), so the other four add nothing to it but compile time.
+@pytest.mark.equivalence
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['convnet_in', 'resnet18_small'])
 def test_trains_alike_on_1_and_8_devices(name):

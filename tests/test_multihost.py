@@ -140,6 +140,7 @@ def new_workdir(teacher_workdir, path):
   return str(path)
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_two_processes_recover_the_same_images_as_one(teacher_workdir, tmp_path):
   single = new_workdir(teacher_workdir, tmp_path / 'one_process')
@@ -163,6 +164,7 @@ def test_two_processes_recover_the_same_images_as_one(teacher_workdir, tmp_path)
 EDC_OVERRIDES = dict(OVERRIDES, **{'recover.batch_size': 3})
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_two_processes_run_edc_like_one(teacher_workdir, tmp_path):
   """What edc adds, across processes: the per-class statistics (one pass over the training

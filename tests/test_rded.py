@@ -97,6 +97,7 @@ def test_scores_are_minus_cross_entropy_of_the_padded_crop():
   np.testing.assert_array_equal(np.asarray(alone)[0], np.asarray(crops)[2])
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize('factor', [1, 2])
 def test_synthesize_same_on_1_and_8_devices(factor):
   config, spec, train, model, teacher = _setup(factor)

@@ -105,6 +105,7 @@ def new_workdir(teacher_workdir, path):
 # ----------------------------------------------------------------------------- 1 vs 8 devices
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_images(teacher_workdir, data_dir, tmp_path):
   # 8 devices pad the 6 real groups to 8; each device then holds one group.
@@ -229,6 +230,7 @@ def rel_err(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.equivalence
 def test_loss_and_gradient_match_pytorch(data_dir):
   config = make_config(data_dir, r_bn=0.05, crop='none', flip=False, jitter=0)
   cfg = config.recover
@@ -306,6 +308,7 @@ def killed_run(teacher_workdir, data_dir, subprocess_env, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted_run(killed_run, reference_run, data_dir,
                                                     subprocess_env, tmp_path):

@@ -150,6 +150,7 @@ def stored_float16_run(data, base_workdir, tmp_path_factory):
 # ----------------------------------------------------------------------------- 1. stored == online
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_stored_float32_and_online_train_the_same_student(online_run, stored_float32_run):
   _, online, online_students = online_run
@@ -168,6 +169,7 @@ def test_stored_float32_and_online_train_the_same_student(online_run, stored_flo
   print('stored float32 vs online (top-1 online, top-1 stored, max |param diff|):', report)
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_stored_float16_is_close_to_online(online_run, stored_float16_run):
   _, online, online_students = online_run
@@ -412,6 +414,7 @@ def main_command(workdir, data):
                  **OVERRIDES})
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, online_run, tmp_path):
   """The subprocess runs the online_run's configuration (its uninterrupted reference)."""
@@ -496,6 +499,7 @@ def test_report_has_the_variants_and_the_storage_table(stored_float32_run, onlin
 # ----------------------------------------------------------------------------- 8. relabel resume
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_relabel_resumes_at_shard_granularity(data, stored_float32_run, tmp_path):
   first_dir = stored_float32_run[0]

@@ -69,6 +69,7 @@ def uninterrupted(fashion_mnist_tfds, tmp_path_factory):
   return config, workdir, result
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(uninterrupted, fashion_mnist_tfds, tmp_path):
   config, ref_workdir, ref_result = uninterrupted
@@ -145,6 +146,7 @@ def _train_steps(num_devices: int, steps: int = 3):
       np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_8_devices_match_1_device():
   losses8, variables8 = _train_steps(8)

@@ -138,6 +138,7 @@ def together_run(data, base_workdir, tmp_path_factory):
 EDC_STUDENT = dict(lr_zeta=2.0, ema_decay=0.9, loss='mse_ce')
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize('devices,mode,edc', [(8, 'auto', False), (1, 'auto', False),
                                               (8, 'vmap', False), (8, 'auto', True)])
 def test_together_equals_alone(devices, mode, edc, data, base_workdir, together_run,
@@ -214,6 +215,7 @@ def _stack_checkpoints(workdir):
   return steps
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted_run(data, base_workdir, together_run,
                                                     tmp_path):
@@ -280,6 +282,7 @@ def test_stack_mode_auto_is_unrolled_on_cpu_and_bad_modes_are_refused(data):
     evaluate.validate(config, batching.create_mesh(1))
 
 
+@pytest.mark.equivalence
 def test_continual_step_vmapped_equals_unrolled(data, base_workdir):
   """Three continual students (different seeds and sets) for a few steps: the vmapped step
   and the unrolled one agree to float rounding (1e-5) in parameters (but the conv biases

@@ -336,6 +336,7 @@ def edc_config(data_dir):
   return config
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow
 def test_edc_resumes_after_sigkill(data_dir, tmp_path):
   teacher_workdir = str(tmp_path / 'teacher')

@@ -59,6 +59,7 @@ def _ensemble(config, seed=0):
   return loaded, model, models.ensemble.combine_variables([v for _, v in loaded])
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow  # eager gradients of four teachers
 def test_recover_loss_is_the_sum_of_the_teachers_losses():
   config = _config()

@@ -43,6 +43,7 @@ def _teacher(tmp_path, stem='small', size=16):
   return model, variables, directory
 
 
+@pytest.mark.equivalence
 def test_pth_gives_the_jax_logits_and_imports_back_unchanged(tmp_path):
   model, variables, directory = _teacher(tmp_path)
   path = torch_export.export_teacher(directory, str(tmp_path / 'teacher.pth'))

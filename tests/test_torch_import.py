@@ -119,6 +119,7 @@ def run_case(tmp_path_factory):
   return run
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_logits_match_torch(run_case, name):
   case = run_case(name)
@@ -126,6 +127,7 @@ def test_logits_match_torch(run_case, name):
   assert _rel_err(case.flax_logits, case.torch_logits) <= RTOL
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_bn_input_statistics_match_torch(run_case, name):
   case = run_case(name)

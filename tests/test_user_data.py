@@ -115,6 +115,7 @@ def test_tfds_name_reads_a_prepared_dataset(fm):
   assert os.path.exists(stats)
 
 
+@pytest.mark.equivalence
 @pytest.mark.slow  # ~20 s: squeeze and recover twice
 def test_smoke_pipeline_recovers_the_same_images(fm, folder, tmp_path):
   keys, _, _ = fm
