@@ -130,9 +130,7 @@ def test_killed_in_the_second_round_resumes_to_the_same_images(three_rounds, tea
   # Orbax steps are round * iterations + step: (6, 12) is inside the second round.
   in_second_round = lambda: [s for s in testlib.checkpoint_steps(checkpoints)
                              if iterations < s < 2 * iterations]
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jit_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  testlib.kill_when(command, in_second_round, str(tmp_path / 'log.txt'), env=env)
+  testlib.kill_when(command, in_second_round, str(tmp_path / 'log.txt'))
   killed_step = testlib.checkpoint_steps(checkpoints)[-1]
   assert iterations < killed_step < 2 * iterations
   rounds_dir = os.path.join(workdir, 'recover', 'rounds')
@@ -140,7 +138,7 @@ def test_killed_in_the_second_round_resumes_to_the_same_images(three_rounds, tea
   assert not os.path.exists(os.path.join(rounds_dir, 'round_00001.json'))
   first_round = file_stats(rounds_dir)
 
-  testlib.run_command(command, env=env)
+  testlib.run_command(command)
   result = files.read_json(os.path.join(workdir, 'recover', 'result.json'))
   assert result['resumed_from_step'] == killed_step
   assert (result['rounds'], result['groups_per_round']) == (3, 8)

@@ -286,22 +286,14 @@ def reference_run(teacher_workdir, data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def subprocess_env(tmp_path_factory):
-  """This process's environment (8 CPU devices) plus a compilation cache shared by the
-  killed run and its re-run, so that the re-run does not compile again."""
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jit_cache')),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-
-
-@pytest.fixture(scope='module')
-def killed_run(teacher_workdir, data_dir, subprocess_env, tmp_path_factory):
+def killed_run(teacher_workdir, data_dir, tmp_path_factory):
   """A workdir whose run was SIGKILLed right after its first checkpoint (do not modify)."""
   workdir = new_workdir(teacher_workdir, tmp_path_factory.mktemp('killed'))
   checkpoints = os.path.join(workdir, 'recover', 'checkpoints')
   # Asserts that the run died of the SIGKILL.
   testlib.kill_when(main_command(workdir, data_dir),
                     lambda: testlib.checkpoint_steps(checkpoints),
-                    os.path.join(workdir, 'log.txt'), env=subprocess_env)
+                    os.path.join(workdir, 'log.txt'))
   steps = testlib.checkpoint_steps(checkpoints)
   assert steps and steps[-1] < RUN['iterations'], f'killed too late: {steps}'
   assert not os.path.exists(os.path.join(workdir, 'recover', 'result.json'))
@@ -311,11 +303,11 @@ def killed_run(teacher_workdir, data_dir, subprocess_env, tmp_path_factory):
 @pytest.mark.equivalence
 @pytest.mark.slow
 def test_sigkill_and_rerun_equals_uninterrupted_run(killed_run, reference_run, data_dir,
-                                                    subprocess_env, tmp_path):
+                                                    tmp_path):
   workdir = str(tmp_path / 'resumed')
   shutil.copytree(killed_run, workdir)
   killed_step = testlib.checkpoint_steps(os.path.join(workdir, 'recover', 'checkpoints'))[-1]
-  testlib.run_command(main_command(workdir, data_dir), env=subprocess_env)
+  testlib.run_command(main_command(workdir, data_dir))
   result = files.read_json(os.path.join(workdir, 'recover', 'result.json'))
   assert 0 < result['resumed_from_step'] == killed_step < RUN['iterations']
 

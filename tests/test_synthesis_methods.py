@@ -341,8 +341,6 @@ def edc_config(data_dir):
 def test_edc_resumes_after_sigkill(data_dir, tmp_path):
   teacher_workdir = str(tmp_path / 'teacher')
   testlib.write_teacher(edc_config(data_dir), teacher_workdir, statistics='measured')
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jit_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   overrides = {'dataset.data_dir': data_dir, 'teacher.width': WIDTH, 'mesh_shape': 1}
   overrides.update({f'recover.{k}': v for k, v in RUN.items()})
 
@@ -361,10 +359,10 @@ def test_edc_resumes_after_sigkill(data_dir, tmp_path):
                                  overrides=overrides)
   checkpoints = os.path.join(killed, 'recover', 'checkpoints')
   testlib.kill_when(command, lambda: testlib.checkpoint_steps(checkpoints),
-                    os.path.join(killed, 'log.txt'), env=env)
+                    os.path.join(killed, 'log.txt'))
   killed_step = testlib.checkpoint_steps(checkpoints)[-1]
   assert killed_step < RUN['iterations']
-  testlib.run_command(command, env=env)
+  testlib.run_command(command)
   result = files.read_json(os.path.join(killed, 'recover', 'result.json'))
   assert result['method'] == 'edc'
   assert 0 < result['resumed_from_step'] == killed_step
