@@ -7,7 +7,7 @@
 # two Debian packages (data, and python3-venv where `python3 -m venv` lacks it).
 #
 # Usage (from anywhere; idempotent: a second run reuses `.venv` and installs only when
-# setup.cfg or pyproject.toml changed):
+# setup.cfg, setup.py or pyproject.toml changed):
 #   bash launch/setup.sh           what the pipeline needs; then run .venv/bin/python -m ...
 #   bash launch/setup.sh --test    also a CPU build of PyTorch (the parity tests and the
 #                                  benchmark reference) and the test extras (launch/test.sh)
@@ -82,7 +82,7 @@ fi
 # Done before with these requirements (the install is editable: code changes need no new
 # one): nothing to install. Delete `.venv` to start again.
 STAMP=.venv/sre2l_setup_done
-requirements="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
+requirements="$(cat setup.cfg setup.py pyproject.toml | sha256sum | cut -d' ' -f1)"
 if grep -qxF "${requirements} test=${TEST}" "${STAMP}" 2>/dev/null; then
   exit 0
 fi

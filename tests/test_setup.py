@@ -48,7 +48,7 @@ def _checkout(tmp_path):
   repo = tmp_path / 'repo'
   (repo / 'launch').mkdir(parents=True)
   shutil.copy(os.path.join(REPO, 'launch', 'setup.sh'), repo / 'launch' / 'setup.sh')
-  for name in ('setup.cfg', 'pyproject.toml'):
+  for name in ('setup.cfg', 'setup.py', 'pyproject.toml'):
     shutil.copy(os.path.join(REPO, name), repo / name)
   stubs = tmp_path / 'bin'
   stubs.mkdir()
