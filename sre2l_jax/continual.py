@@ -247,6 +247,7 @@ def validate(config, spec, mesh) -> None:
                      'evaluate.ema_decay=0 for the continual stage.')
   if not spec.in_memory:
     raise ValueError(f'continual needs a dataset held in memory; {spec.name} is streamed.')
+  models.check_buildable(config.student, spec.num_classes, spec.image_shape, 'The student')
   views.validate(config.relabel)
   batching.check_batch_size(config.relabel.batch_size, mesh,
                             'relabel.batch_size (continual student batch)')
@@ -277,7 +278,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Input: the image sets (names the missing stage if there is none) and the test split.
   sets = {}
   for name in names:
-    sets[name] = (image_sets.distilled_set(workdir) if name == 'distilled'
+    sets[name] = (image_sets.checked_distilled_set(config, workdir) if name == 'distilled'
                   else image_sets.random_subset(config, config.recover.ipc))
   teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
   test = pipeline.load_split(config.dataset, 'test')

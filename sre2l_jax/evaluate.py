@@ -51,6 +51,9 @@ from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
+# Beside fingerprint.json in a variant's folder: the digest of the teacher whose soft labels
+# its students learnt from (not in the folder's name, which predates teacher digests).
+TEACHER_FILE = 'teacher.json'
 # Evaluate keys that change a student (seeds, eval batch, checkpoint and log intervals do not).
 OPTIMIZER_KEYS = ('optimizer', 'lr', 'momentum', 'nesterov', 'weight_decay', 'decay_all')
 
@@ -262,7 +265,14 @@ def validate(config, mesh) -> None:
   """Clear errors for settings the stage cannot run, before any work."""
   label_store.validate(config.relabel)
   variants(config)
-  student_configs(config)
+  spec = datasets.get_spec(config.dataset.name)
+  for arch, student_cfg in student_configs(config):
+    models.check_buildable(student_cfg, spec.num_classes, spec.image_shape,
+                           f'The student {arch}:')
+  # The student batch of the distilled set (and the baselines: as many images).
+  images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
+  batching.check_batch_size(views.create_schedule(config, images).batch_size, mesh,
+                            'relabel.batch_size (student batch)')
   student.stack_mode(config)
   student.loss_settings(config)
   if (config.evaluate.loss == 'mse_ce' and config.relabel.mode == 'stored' and
@@ -303,8 +313,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spec = datasets.get_spec(config.dataset.name)
   mesh = batching.create_mesh(config.mesh_shape)
   validate(config, mesh)
-  sets = image_sets.image_sets(config, workdir)  # names the missing stage if there is none
   teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
+  teacher_digest = teacher_lib.digest(config, workdir, mesh)
+  # Names the missing stage if there is none; refuses a set made by other settings/teacher.
+  sets = image_sets.image_sets(config, workdir)
   test = pipeline.load_split(config.dataset, 'test')
 
   # Every input is checked before any student trains: sizes, and every stored label shard.
@@ -319,13 +331,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if target == 'stored':
       stored = label_store.StoredLabels.open(
           label_store.label_dir(config, workdir, set_name), images, schedule,
-          config.evaluate.temperature, views.view_settings(config.relabel)).verify()
+          config.evaluate.temperature, views.view_settings(config.relabel),
+          teacher_digest).verify()
     for arch, student_cfg in student_cfgs:
       settings = student_settings(config, hard, images, student_cfg)
       plan.append(Variant(name, arch, student_cfg, images, labels, target, stored,
                           settings, variant_dir(workdir, name, settings)))
-  for v in plan:
-    checkpoint.check_fingerprint(v.directory, v.settings)
+  for write in (False, True):  # every folder checked before any is claimed
+    for v in plan:
+      checkpoint.check_fingerprint(v.directory, v.settings, write=write)
+      if v.target != 'hard':  # the teacher's weights (kept apart: the folder names stay)
+        checkpoint.check_fingerprint(v.directory, {'teacher_sha256': teacher_digest},
+                                     write=write, name=TEACHER_FILE)
 
   todo = stacks(config, plan)
   trained = sum(len(members) for members in todo)
