@@ -269,10 +269,6 @@ def validate(config, mesh) -> None:
   for arch, student_cfg in student_configs(config):
     models.check_buildable(student_cfg, spec.num_classes, spec.image_shape,
                            f'The student {arch}:')
-  # The student batch of the distilled set (and the baselines: as many images).
-  images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
-  batching.check_batch_size(views.create_schedule(config, images).batch_size, mesh,
-                            'relabel.batch_size (student batch)')
   student.stack_mode(config)
   student.loss_settings(config)
   if (config.evaluate.loss == 'mse_ce' and config.relabel.mode == 'stored' and
@@ -290,6 +286,10 @@ def validate(config, mesh) -> None:
       raise ValueError(f'evaluate.{key}={value!r} must be an integer >= 0.')
   train_lib.validate_numbers(config, ('evaluate', 'relabel'))
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
+  # The student batch of the distilled set (and the baselines: as many images).
+  images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
+  batching.check_batch_size(views.create_schedule(config, images).batch_size, mesh,
+                            'relabel.batch_size (student batch)')
 
 
 def stacks(config, plan: list[Variant]) -> list[list[tuple[Variant, int]]]:

@@ -95,7 +95,10 @@ def makedirs(path: PathLike) -> None:
 def rmtree(path: PathLike) -> None:
   """Deletes a folder (or file) and everything under it; nothing if it is not there."""
   if not is_remote(path):
-    shutil.rmtree(absolute(path), ignore_errors=True)
+    if os.path.isdir(absolute(path)):
+      shutil.rmtree(absolute(path), ignore_errors=True)
+    elif os.path.lexists(absolute(path)):
+      os.remove(absolute(path))
     return
   p = as_path(path)
   if p.exists():

@@ -135,7 +135,14 @@ def distilled_set(workdir: str) -> tuple[np.ndarray, np.ndarray]:
     raise FileNotFoundError(
         f'No distilled set in {directory}. Run the recover stage first: python -m '
         f'sre2l_jax.main --config=<config> --workdir={workdir} --stages=recover')
-  return export.read_tfds(export.tfds_dataset_dir(directory))
+  try:
+    return export.read_tfds(export.tfds_dataset_dir(directory))
+  except Exception as e:  # pylint: disable=broad-except  # TFDS / ArrayRecord raise many types
+    text = ' '.join(str(e).split())[:300] or type(e).__name__
+    raise ValueError(
+        f'The distilled set in {directory} cannot be read ({text}): it is damaged. Remove '
+        f'{directory} and run --stages=recover on {workdir}: it exports the recovered images '
+        f'again.') from e
 
 
 def checked_distilled_set(config: ml_collections.ConfigDict,
