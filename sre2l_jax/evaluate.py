@@ -20,8 +20,11 @@ student in checkpoints/, metrics: one TensorBoard run and `metrics.jsonl` per st
 digest taken over everything a student's result depends on (`student_settings`, also written
 to `fingerprint.json` beside the seeds): another student model, temperature, label storage,
 schedule or image set trains new students beside the old ones, and a finished student is
-reused only under its own settings. `evaluate/result.json` is the evaluation of the last
-run's settings.
+reused only under its own settings. Beside it, `teacher_key.json` records the digest of the
+teacher whose soft labels the students learnt (`teacher.KEY_FILE`): another teacher is
+refused. The distilled set is checked against recover's fingerprint and images digest
+(`image_sets.check_recovered`). `evaluate/result.json` is the evaluation of the last run's
+settings.
 """
 
 import dataclasses
@@ -51,9 +54,6 @@ from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
-# Beside fingerprint.json in a variant's folder: the digest of the teacher whose soft labels
-# its students learnt from (not in the folder's name, which predates teacher digests).
-TEACHER_FILE = 'teacher.json'
 # Evaluate keys that change a student (seeds, eval batch, checkpoint and log intervals do not).
 OPTIMIZER_KEYS = ('optimizer', 'lr', 'momentum', 'nesterov', 'weight_decay', 'decay_all')
 
@@ -340,9 +340,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for write in (False, True):  # every folder checked before any is claimed
     for v in plan:
       checkpoint.check_fingerprint(v.directory, v.settings, write=write)
-      if v.target != 'hard':  # the teacher's weights (kept apart: the folder names stay)
+      # The teacher whose labels the students learnt (apart: the folder names predate it).
+      if v.target != 'hard':
         checkpoint.check_fingerprint(v.directory, {'teacher_sha256': teacher_digest},
-                                     write=write, name=TEACHER_FILE)
+                                     write=write, name=teacher_lib.KEY_FILE)
 
   todo = stacks(config, plan)
   trained = sum(len(members) for members in todo)

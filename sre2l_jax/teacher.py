@@ -30,6 +30,9 @@ from sre2l_jax.data import datasets
 
 META = 'teacher.json'
 WEIGHTS = 'weights'
+# Beside results made from the teacher's outputs (students' folders): {'teacher_sha256': its
+# digest}, checked like a fingerprint (`checkpoint.check_fingerprint(..., name=KEY_FILE)`).
+KEY_FILE = 'teacher_key.json'
 
 
 class TeacherError(ValueError):
