@@ -6,8 +6,9 @@ import datetime
 import json
 import os
 import socket
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,10 +20,12 @@ from sre2l_jax import files
 FINGERPRINT = 'fingerprint.json'
 RESULT = 'result.json'
 LOCK = 'lock.json'
-# A lock that no process of this host can be asked about (another host's, or in a bucket) is
-# stale once its holder has not refreshed it (at every stage start) for this long.
-LOCK_STALE_SECONDS = 6 * 3600
-# A lock file still empty after this long was left by a process killed while creating it.
+# The holder rewrites its lock this often (`keep_lock`); a lock whose holder cannot be asked
+# (another host's, e.g. a pod resumed on new VMs) is stale once not rewritten for
+# LOCK_STALE_SECONDS: what a killed or preempted run leaves.
+LOCK_REFRESH_SECONDS = 60
+LOCK_STALE_SECONDS = 600
+# A lock file still unreadable after this long was left by a process killed while creating it.
 LOCK_EMPTY_SECONDS = 60
 
 
@@ -127,10 +130,10 @@ def _lock_state(path: str) -> tuple[dict | None, str | None]:
   if not isinstance(holder, dict) or not {'host', 'pid', 'updated'} <= set(holder):
     age = time.time() - files.as_path(path).stat().mtime
     return None, (f'unreadable and {age:.0f} s old' if age > LOCK_EMPTY_SECONDS else None)
-  if holder['host'] == socket.gethostname() and not files.is_remote(path):
+  if holder['host'] == socket.gethostname():  # its process can be asked (local or bucket)
     return holder, None if _alive(int(holder['pid'])) else f'pid {holder["pid"]} has ended'
   age = time.time() - holder['updated']
-  return holder, (f'not refreshed for {age / 3600:.1f} h' if age > LOCK_STALE_SECONDS else None)
+  return holder, (f'not refreshed for {age:.0f} s' if age > LOCK_STALE_SECONDS else None)
 
 
 def _describe(holder: dict | None) -> str:
@@ -142,11 +145,11 @@ def _describe(holder: dict | None) -> str:
 
 def take_lock(workdir: str, command: str) -> dict:
   """Takes `workdir/lock.json` for this process (call on process 0 only), before anything is
-  written; returns the holder record for `refresh_lock` / `release_lock`.
+  written; returns the holder record for `keep_lock` / `release_lock`.
 
   Held by a live run: WorkdirBusyError with its host, pid, start and command. Stale (its pid
-  ended on this host; elsewhere or in a bucket not refreshed for LOCK_STALE_SECONDS): taken
-  over, with a warning line. Locally the file is created exclusively (O_EXCL): of two runs
+  ended on this host; another host's not refreshed for LOCK_STALE_SECONDS, see `keep_lock`):
+  taken over, with a warning line. Locally the file is created exclusively (O_EXCL): of two runs
   starting together, one gets it. In a bucket there is no exclusive create: written when
   absent, then read back (the later writer wins, the other refuses).
   """
@@ -185,12 +188,30 @@ def take_lock(workdir: str, command: str) -> dict:
   raise WorkdirBusyError(f'Could not take the lock {path}: other runs keep taking it.')
 
 
-def refresh_lock(workdir: str, lock: dict | None) -> None:
-  """Marks the lock held now (LOCK_STALE_SECONDS counts from here); `lock` None: not the
-  holder (a process other than 0)."""
+def keep_lock(workdir: str, lock: dict | None) -> Callable[[], None]:
+  """Rewrites the lock every LOCK_REFRESH_SECONDS (its `updated` time) in a background
+  thread; returns the function that stops it (and waits for a write in progress, so that
+  `release_lock` after it leaves no lock). `lock` None (not the holder: a process other than
+  0): nothing to keep."""
+  stop = threading.Event()
+
+  def refresh():
+    while not stop.wait(LOCK_REFRESH_SECONDS):
+      lock['updated'] = time.time()
+      try:
+        files.atomic_write(os.path.join(workdir, LOCK), json.dumps(lock, indent=1))
+      except OSError as e:  # a transient write error: the next refresh tries again
+        logging.warning('Could not refresh the lock of %s: %s', workdir, e)
+
+  thread = threading.Thread(target=refresh, name='workdir-lock', daemon=True)
   if lock is not None:
-    lock['updated'] = time.time()
-    files.atomic_write(os.path.join(workdir, LOCK), json.dumps(lock, indent=1))
+    thread.start()
+
+  def stopped() -> None:
+    stop.set()
+    if thread.is_alive():
+      thread.join()
+  return stopped
 
 
 def release_lock(workdir: str, lock: dict | None) -> None:

@@ -120,11 +120,12 @@ def check_recovered(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f'recover has not finished in {stage_dir}: run --stages=recover on '
                      f'{workdir} first (it resumes).')
   recorded = with_images_digest(workdir, result, images)['images_sha256']
-  if recorded != label_store.images_digest(images):
+  found = label_store.images_digest(images)
+  if recorded != found:
     raise ValueError(
         f'The distilled set in {distilled_dir(workdir)} is not the one recover wrote (SHA-256 '
-        f'{label_store.images_digest(images)[:12]}, recover/result.json records {recorded[:12]}): it was changed '
-        f'or replaced. Remove {distilled_dir(workdir)} and run --stages=recover on {workdir} '
+        f'{found[:12]}, recover/result.json records {recorded[:12]}): it was changed or '
+        f'replaced. Remove {distilled_dir(workdir)} and run --stages=recover on {workdir} '
         f'(it exports the recovered images again).')
 
 

@@ -237,13 +237,14 @@ def run(config, workdir: str, stages, *, dry_run: bool = False) -> None:
   if jax.process_count() > 1:
     multihost.check_same_config(config)
   lock = take_lock(workdir)
+  stop_keeping = checkpoint.keep_lock(workdir, lock)
   try:
     for stage in stages:
-      checkpoint.refresh_lock(workdir, lock)
       importlib.import_module(f'sre2l_jax.{stage}').run(config, workdir)
       files.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
       multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
   finally:
+    stop_keeping()
     checkpoint.release_lock(workdir, lock)
 
 

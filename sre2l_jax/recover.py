@@ -219,9 +219,9 @@ def plan_rounds(cfg, real_groups: int, devices: int, compile_at, budget: int | N
   measure_report = None if measure_at is None else measure_at(per_round)
   report = round_report(per_round)
   if budget is not None and report.peak_bytes > budget:
-    what = (f'A round of {per_round} groups ({per_round // devices} per device, '
-            f'{how}) does not fit: XLA plans {memory.describe(report)} for its '
-            f'{"step" if report.peak_bytes == step_report.peak_bytes else "measure pass"}, over the '
+    program = 'step' if report.peak_bytes == step_report.peak_bytes else 'measure pass'
+    what = (f'A round of {per_round} groups ({per_round // devices} per device, {how}) does '
+            f'not fit: XLA plans {memory.describe(report)} for its {program}, over the '
             f'{memory.format_bytes(budget)} available per device')
     if stored:
       raise MemoryError(f'{what}. This run keeps its round size: resume with '

@@ -727,7 +727,7 @@ def test_a_deleted_distilled_set_is_exported_again_by_recover(recovered, tmp_pat
   assert label_store.images_digest(images) == result['images_sha256']
 
 
-def test_workdir_lock_is_exclusive_and_released_only_by_its_holder(tmp_path):
+def test_workdir_lock_is_exclusive_and_released_only_by_its_holder(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'w')
   lock = checkpoint.take_lock(workdir, 'first')
   with pytest.raises(checkpoint.WorkdirBusyError, match=rf"'first' \(host .*, pid "
@@ -737,11 +737,27 @@ def test_workdir_lock_is_exclusive_and_released_only_by_its_holder(tmp_path):
   assert os.path.exists(os.path.join(workdir, checkpoint.LOCK))
   checkpoint.release_lock(workdir, lock)
   assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK))
-  # Another host's lock, or one in a bucket, is stale once not refreshed for long enough.
-  other = dict(lock, host='elsewhere', updated=lock['updated'] - checkpoint.LOCK_STALE_SECONDS
-               - 1)
-  files.atomic_write(os.path.join(workdir, checkpoint.LOCK), json.dumps(other))
-  assert checkpoint.take_lock(workdir, 'third')['command'] == 'third'
+  # Another host's lock (its pid cannot be asked) holds while its run rewrites it...
+  path = os.path.join(workdir, checkpoint.LOCK)
+  files.atomic_write(path, json.dumps(dict(lock, host='elsewhere', updated=time.time())))
+  with pytest.raises(checkpoint.WorkdirBusyError, match=r'host elsewhere'):
+    checkpoint.take_lock(workdir, 'third')
+  # ...and is stale once not rewritten for LOCK_STALE_SECONDS (the run was killed).
+  files.atomic_write(path, json.dumps(dict(
+      lock, host='elsewhere', updated=time.time() - checkpoint.LOCK_STALE_SECONDS - 1)))
+  third = checkpoint.take_lock(workdir, 'third')
+  assert files.read_json(path)['command'] == 'third'
+  # The holder rewrites it while it runs (here every 10 ms); once stopped, it is released.
+  monkeypatch.setattr(checkpoint, 'LOCK_REFRESH_SECONDS', 0.01)
+  taken = third['updated']
+  stop = checkpoint.keep_lock(workdir, third)
+  deadline = time.time() + 30
+  while files.read_json(path)['updated'] == taken and time.time() < deadline:
+    time.sleep(0.01)
+  stop()
+  assert files.read_json(path)['updated'] > taken
+  checkpoint.release_lock(workdir, third)
+  assert not os.path.exists(path)
 
 
 @pytest.mark.slow
@@ -942,8 +958,8 @@ def test_the_plan_covers_the_measure_pass_which_holds_one_group_at_a_time(data):
   mesh = batching.create_mesh(config.mesh_shape)
   model = recover.create_teacher_model(config, SPEC)
   teacher = models.abstract_variables(model, SPEC.image_shape)
-  _, measure_at, _ = recover._step_factory(config, SPEC, mesh, teacher,  # pylint: disable=protected-access
-                                           jax.random.key(0))
+  factory = recover._step_factory  # pylint: disable=protected-access
+  _, measure_at, _ = factory(config, SPEC, mesh, teacher, jax.random.key(0))
   small, large = measure_at(8), measure_at(80)
   images = lambda groups: groups // 8 * 10 * int(np.prod(SPEC.image_shape)) * 4  # per device
   # 9 more groups per device: their images, ids and outputs only, not their activations.
