@@ -500,7 +500,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                         teacher_lib.digest(config, workdir, mesh))
   checkpoint.check_fingerprint(stage_dir, key, write=False)
   finished = checkpoint.finished_result(stage_dir)
-  if finished is not None and files.exists(image_sets.distilled_dir(workdir)):
+  # Finished here: its fingerprint (a result.json from elsewhere is not), its set on disk.
+  if finished is not None and all(map(files.exists, (
+      os.path.join(stage_dir, checkpoint.FINGERPRINT), image_sets.distilled_dir(workdir)))):
     logging.info('recover: finished already (%s); nothing to do.', finished.get('measured_at'))
     return image_sets.with_images_digest(workdir, finished)
   if cfg.init == 'scored' and not cfg.init_candidates:
