@@ -208,9 +208,8 @@ def digest(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
   for cfg, wd in [(config, workdir)] + extra_configs(config, workdir):
     path = os.path.join(teacher_dir(cfg, wd), META)
     found = files.read_json(path).get('digest') if files.exists(path) else None
-    if found is None:
-      load_one(cfg, wd, mesh)  # records it (or says what is missing)
-      found = files.read_json(path)['digest']
+    if found is None:  # derived here (process 0 also records it; the others may not see it yet)
+      found = variables_digest(load_one(cfg, wd, mesh)[1])
     digests.append(found)
   if len(digests) == 1:
     return digests[0]
