@@ -62,24 +62,31 @@ def diff(a: Any, b: Any, prefix: str = '') -> list[str]:
 
 
 def check_fingerprint(stage_dir: str, fingerprint: dict, *, write: bool = True,
-                      name: str = FINGERPRINT) -> None:
+                      name: str = FINGERPRINT, added: tuple[str, ...] = ()) -> None:
   """Refuses to reuse `stage_dir` if it was written under another fingerprint.
 
   The fingerprint holds what determines the shapes and meaning of the stage's state (model,
   dataset, sizes, seed). The first run writes it to `stage_dir/fingerprint.json` (with
   `write`: a stage checks first and claims the folder once all its checks passed; `name`:
-  another file, for a key kept apart from the one a folder is named after).
+  another file, for a key kept apart from the one a folder is named after). `added`: keys
+  introduced after folders existed; one that a saved fingerprint lacks is not compared, and
+  is recorded (with `write`, stated in a log line): from then on it is checked.
   """
   fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples, numpy scalars
   path = os.path.join(stage_dir, name)
   if files.exists(path):
-    differences = diff(files.read_json(path, remake=f'restore it, or remove {stage_dir} to '
-                                       f'start that work again'), fingerprint)
+    saved = files.read_json(path, remake=f'restore it, or remove {stage_dir} to start that '
+                            f'work again')
+    missing = [k for k in added if k not in saved]
+    differences = diff(saved, {k: v for k, v in fingerprint.items() if k not in missing})
     if differences:
       raise ConfigMismatchError(
           f'{stage_dir} holds a run with a different configuration; refusing to resume into '
           f'it. Differences: {"; ".join(differences)}. Use a new --workdir, or restore the '
           f'original configuration.')
+    if missing and write and jax.process_index() == 0:
+      logging.info('%s predates %s: recorded this run\'s', path, ', '.join(missing))
+      files.atomic_write(path, json.dumps(fingerprint, indent=1, sort_keys=True))
     return
   if write and jax.process_index() == 0:
     files.atomic_write(path, json.dumps(fingerprint, indent=1, sort_keys=True))

@@ -57,24 +57,6 @@ def recover_fingerprint(config: ml_collections.ConfigDict,
   return out
 
 
-def recorded_fingerprint(config: ml_collections.ConfigDict, workdir: str,
-                         teacher_digest: str) -> dict:
-  """`recover_fingerprint` of this run with `teacher_digest`. A recover folder fingerprinted
-  before teacher digests, under these settings, gets this digest recorded once (stated):
-  from then on another teacher is told apart."""
-  key = files.normalised(recover_fingerprint(config, teacher_digest))
-  path = os.path.join(workdir, 'recover', checkpoint.FINGERPRINT)
-  if not files.exists(path):
-    return key
-  saved = files.read_json(path, remake=f'restore it, or remove {os.path.dirname(path)} and '
-                          f'recover again')
-  if TEACHER_KEY not in saved and saved == {k: v for k, v in key.items() if k != TEACHER_KEY}:
-    logging.info('recover: %s predates teacher digests; recorded the teacher it is used with '
-                 'now (%s) as the one its images were made with', path, teacher_digest[:12])
-    files.write_json(path, key)
-  return key
-
-
 def with_images_digest(workdir: str, result: dict, images: np.ndarray | None = None) -> dict:
   """recover's `result` with `images_sha256`; a result written before digests gets the
   digest of the set as it is now (`images`, or read from the workdir) recorded once."""
@@ -99,8 +81,9 @@ def check_recovered(config: ml_collections.ConfigDict, workdir: str,
   if not files.exists(path):
     return
   mesh = batching.create_mesh(config.mesh_shape)
-  key = recorded_fingerprint(config, workdir, teacher_lib.digest(config, workdir, mesh))
-  saved = files.read_json(path)
+  key = files.normalised(recover_fingerprint(config, teacher_lib.digest(config, workdir, mesh)))
+  # A set recovered before teacher digests records none (recover records it when next run).
+  saved = files.read_json(path, remake=f'restore it, or remove {stage_dir} and recover again')
   rerun = (f'recover again with this config into a new --workdir, or remove {stage_dir} '
            f'(and relabel/, evaluate/) and run --stages=recover,...')
   if saved.get(TEACHER_KEY, key[TEACHER_KEY]) != key[TEACHER_KEY]:

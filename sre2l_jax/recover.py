@@ -496,13 +496,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   method = synthesis.get_method(cfg.method)
   _, teacher = teacher_lib.load(config, workdir, mesh)  # fails early if missing/unfit
   model = create_teacher_model(config, spec)
-  key = image_sets.recorded_fingerprint(config, workdir,
-                                        teacher_lib.digest(config, workdir, mesh))
-  checkpoint.check_fingerprint(stage_dir, key, write=False)
+  key = fingerprint(config, teacher_lib.digest(config, workdir, mesh))
+  # A workdir recovered before teacher digests: this teacher's recorded (stated) when claimed.
+  added = (image_sets.TEACHER_KEY,)
+  checkpoint.check_fingerprint(stage_dir, key, write=False, added=added)
   finished = checkpoint.finished_result(stage_dir)
   # Finished here: its fingerprint (a result.json from elsewhere is not), its set on disk.
   if finished is not None and all(map(files.exists, (
       os.path.join(stage_dir, checkpoint.FINGERPRINT), image_sets.distilled_dir(workdir)))):
+    checkpoint.check_fingerprint(stage_dir, key, added=added)  # records what it lacks
     logging.info('recover: finished already (%s); nothing to do.', finished.get('measured_at'))
     return image_sets.with_images_digest(workdir, finished)
   if cfg.init == 'scored' and not cfg.init_candidates:
@@ -511,7 +513,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 config.dataset.train_limit)
   # Every check passed: only now is the workdir claimed (a fingerprint written by a refused
   # config would refuse its corrected version).
-  checkpoint.check_fingerprint(stage_dir, key)
+  checkpoint.check_fingerprint(stage_dir, key, added=added)
   if hasattr(method, 'synthesize'):  # no optimisation (rded): the images in one pass
     return run_direct(config, workdir, method, spec, mesh, model, teacher)
   plain_teacher = teacher
