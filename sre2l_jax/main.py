@@ -282,6 +282,10 @@ def main(argv):
     # closed") would print a traceback before the one-line error; --verbosity=1 shows them.
     sys.unraisablehook = lambda unraisable: logging.debug(
         'ignored in %s: %r', unraisable.object, unraisable.exc_value)
+    # Likewise asyncio's report, when it is collected (at exit, after the one-line error),
+    # of such a read's task whose exception the failed read already raised.
+    std_logging.getLogger('asyncio').addFilter(
+        lambda record: 'exception was never retrieved' not in record.getMessage())
   config = _CONFIG.value
   if _OVERWRITE.value:
     config.overwrite = True
