@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
   predicted = None
   if os.path.exists(plan_path):  # the stage's own plan of the round it ran
     with open(plan_path) as f:
-      predicted = json.load(f)['step']['peak_bytes']
+      predicted = json.load(f)['peak_bytes']  # the round's: its step's or measure pass's
   out['predicted_peak_bytes'] = predicted
   print(f'recover round on {device.device_kind}: {out["groups_run"]} groups of 100, '
         f'{args.dtype}; planned peak '

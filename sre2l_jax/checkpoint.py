@@ -1,19 +1,32 @@
-"""Orbax checkpoint managers, the config fingerprints that guard a stage's workdir, and the
-stage results (`result.json`) that mark it finished."""
+"""Orbax checkpoint managers, the config fingerprints that guard a stage's workdir, the
+stage results (`result.json`) that mark it finished, and the workdir's lock (one run at a
+time)."""
 
 import datetime
 import json
 import os
-from typing import Any
+import socket
+import threading
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from sre2l_jax import files
 
 
 FINGERPRINT = 'fingerprint.json'
 RESULT = 'result.json'
+LOCK = 'lock.json'
+# The holder rewrites its lock this often (`keep_lock`); a lock whose holder cannot be asked
+# (another host's, e.g. a pod resumed on new VMs) is stale once not rewritten for
+# LOCK_STALE_SECONDS: what a killed or preempted run leaves.
+LOCK_REFRESH_SECONDS = 60
+LOCK_STALE_SECONDS = 600
+# A lock file still unreadable after this long was left by a process killed while creating it.
+LOCK_EMPTY_SECONDS = 60
 
 
 class ConfigMismatchError(ValueError):
@@ -54,23 +67,34 @@ def diff(a: Any, b: Any, prefix: str = '') -> list[str]:
   return [] if a == b else [f'{prefix[:-1]}: saved {a!r}, now {b!r}']
 
 
-def check_fingerprint(stage_dir: str, fingerprint: dict) -> None:
+def check_fingerprint(stage_dir: str, fingerprint: dict, *, write: bool = True,
+                      name: str = FINGERPRINT, added: tuple[str, ...] = ()) -> None:
   """Refuses to reuse `stage_dir` if it was written under another fingerprint.
 
   The fingerprint holds what determines the shapes and meaning of the stage's state (model,
-  dataset, sizes, seed). The first run writes it to `stage_dir/fingerprint.json`.
+  dataset, sizes, seed). The first run writes it to `stage_dir/fingerprint.json` (with
+  `write`: a stage checks first and claims the folder once all its checks passed; `name`:
+  another file, for a key kept apart from the one a folder is named after). `added`: keys
+  introduced after folders existed; one that a saved fingerprint lacks is not compared, and
+  is recorded (with `write`, stated in a log line): from then on it is checked.
   """
   fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples, numpy scalars
-  path = os.path.join(stage_dir, FINGERPRINT)
+  path = os.path.join(stage_dir, name)
   if files.exists(path):
-    differences = diff(files.read_json(path), fingerprint)
+    saved = files.read_json(path, remake=f'restore it, or remove {stage_dir} to start that '
+                            f'work again')
+    missing = [k for k in added if k not in saved]
+    differences = diff(saved, {k: v for k, v in fingerprint.items() if k not in missing})
     if differences:
       raise ConfigMismatchError(
           f'{stage_dir} holds a run with a different configuration; refusing to resume into '
           f'it. Differences: {"; ".join(differences)}. Use a new --workdir, or restore the '
           f'original configuration.')
+    if missing and write and jax.process_index() == 0:
+      logging.info('%s predates %s: recorded this run\'s', path, ', '.join(missing))
+      files.atomic_write(path, json.dumps(fingerprint, indent=1, sort_keys=True))
     return
-  if jax.process_index() == 0:
+  if write and jax.process_index() == 0:
     files.atomic_write(path, json.dumps(fingerprint, indent=1, sort_keys=True))
 
 
@@ -79,7 +103,10 @@ def finished_result(stage_dir: str) -> dict | None:
   first), or None. A finished stage that is run again returns it and changes nothing: the
   measurements (wall time, throughput) stay those of the run that did the work."""
   path = os.path.join(stage_dir, RESULT)
-  return files.read_json(path) if files.exists(path) else None
+  if not files.exists(path):
+    return None
+  return files.read_json(path, remake='remove it and re-run the stage (what it finished is '
+                         'kept: it writes the result again)')
 
 
 def write_result(stage_dir: str, result: dict) -> dict:
@@ -88,3 +115,127 @@ def write_result(stage_dir: str, result: dict) -> dict:
   files.write_json(os.path.join(stage_dir, RESULT), result)
   # As it reads back (tuples as lists): a re-run that returns the stored result returns the same.
   return files.normalised(result)
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+class WorkdirBusyError(ValueError):
+  """Another run holds the workdir's lock."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
+
+
+def _lock_state(path: str) -> tuple[dict | None, str | None]:
+  """(holder, why it is stale or None) of the lock at `path`."""
+  try:
+    holder = json.loads(files.read_text(path))
+  except (ValueError, FileNotFoundError):
+    holder = None
+  if not isinstance(holder, dict) or not {'host', 'pid', 'updated'} <= set(holder):
+    age = time.time() - files.as_path(path).stat().mtime
+    return None, (f'unreadable and {age:.0f} s old' if age > LOCK_EMPTY_SECONDS else None)
+  if holder['host'] == socket.gethostname():  # its process can be asked (local or bucket)
+    return holder, None if _alive(int(holder['pid'])) else f'pid {holder["pid"]} has ended'
+  age = time.time() - holder['updated']
+  return holder, (f'not refreshed for {age:.0f} s' if age > LOCK_STALE_SECONDS else None)
+
+
+def _describe(holder: dict | None) -> str:
+  if holder is None:
+    return 'a run that is creating it'
+  return (f'{holder.get("command", "a run")!r} (host {holder["host"]}, pid {holder["pid"]}, '
+          f'since {holder.get("started")})')
+
+
+def take_lock(workdir: str, command: str) -> dict:
+  """Takes `workdir/lock.json` for this process (call on process 0 only), before anything is
+  written; returns the holder record for `keep_lock` / `release_lock`.
+
+  Held by a live run: WorkdirBusyError with its host, pid, start and command. Stale (its pid
+  ended on this host; another host's not refreshed for LOCK_STALE_SECONDS, see `keep_lock`):
+  taken over, with a warning line. Locally the file is created exclusively (O_EXCL): of two runs
+  starting together, one gets it. In a bucket there is no exclusive create: written when
+  absent, then read back (the later writer wins, the other refuses).
+  """
+  path = os.path.join(workdir, LOCK)
+  now = time.time()
+  me = {'host': socket.gethostname(), 'pid': os.getpid(), 'command': command,
+        'started': datetime.datetime.now().isoformat(timespec='seconds'), 'updated': now}
+  text = json.dumps(me, indent=1)
+  files.makedirs(workdir)
+  for _ in range(3):
+    if files.is_remote(path):
+      if not files.exists(path):
+        files.atomic_write(path, text)
+        if json.loads(files.read_text(path)) == me:
+          return me
+    else:
+      try:
+        fd = os.open(files.absolute(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        pass
+      else:
+        with os.fdopen(fd, 'w') as f:
+          f.write(text)
+        return me
+    try:
+      holder, stale = _lock_state(path)
+    except FileNotFoundError:  # released meanwhile
+      continue
+    if stale is None:
+      raise WorkdirBusyError(
+          f'{workdir} is in use by {_describe(holder)}: one run at a time per workdir. Wait '
+          f'for it to end, or use another --workdir; if no such run exists any more, delete '
+          f'{path}.')
+    logging.warning('Taking over the stale lock %s of %s: %s.', path, _describe(holder), stale)
+    files.rmtree(path)
+  raise WorkdirBusyError(f'Could not take the lock {path}: other runs keep taking it.')
+
+
+def keep_lock(workdir: str, lock: dict | None) -> Callable[[], None]:
+  """Rewrites the lock every LOCK_REFRESH_SECONDS (its `updated` time) in a background
+  thread; returns the function that stops it (and waits for a write in progress, so that
+  `release_lock` after it leaves no lock). `lock` None (not the holder: a process other than
+  0): nothing to keep."""
+  stop = threading.Event()
+
+  def refresh():
+    while not stop.wait(LOCK_REFRESH_SECONDS):
+      lock['updated'] = time.time()
+      try:
+        files.atomic_write(os.path.join(workdir, LOCK), json.dumps(lock, indent=1))
+      except OSError as e:  # a transient write error: the next refresh tries again
+        logging.warning('Could not refresh the lock of %s: %s', workdir, e)
+
+  thread = threading.Thread(target=refresh, name='workdir-lock', daemon=True)
+  if lock is not None:
+    thread.start()
+
+  def stopped() -> None:
+    stop.set()
+    if thread.is_alive():
+      thread.join()
+  return stopped
+
+
+def release_lock(workdir: str, lock: dict | None) -> None:
+  """Removes the lock if it is still this run's (`lock` from `take_lock`; None: nothing)."""
+  if lock is None:
+    return
+  path = os.path.join(workdir, LOCK)
+  try:
+    held = json.loads(files.read_text(path))
+  except (ValueError, FileNotFoundError):
+    return
+  if isinstance(held, dict) and {k: held.get(k) for k in ('host', 'pid', 'started')} == {
+      k: lock[k] for k in ('host', 'pid', 'started')}:
+    files.rmtree(path)

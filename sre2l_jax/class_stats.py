@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +148,7 @@ def load(path: str, expected: dict) -> dict | None:
         if name != '__fingerexpected_':
           _set(out, tuple(name.split('/')), np.asarray(data[name]))
       return out
-  except (OSError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged
     logging.warning('class_stats: ignoring unreadable %s (%s); recomputing', path, e)
     return None
 

@@ -247,6 +247,7 @@ def validate(config, spec, mesh) -> None:
                      'evaluate.ema_decay=0 for the continual stage.')
   if not spec.in_memory:
     raise ValueError(f'continual needs a dataset held in memory; {spec.name} is streamed.')
+  models.check_buildable(config.student, spec.num_classes, spec.image_shape, 'The student')
   views.validate(config.relabel)
   batching.check_batch_size(config.relabel.batch_size, mesh,
                             'relabel.batch_size (continual student batch)')
@@ -277,17 +278,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Input: the image sets (names the missing stage if there is none) and the test split.
   sets = {}
   for name in names:
-    sets[name] = (image_sets.distilled_set(workdir) if name == 'distilled'
+    sets[name] = (image_sets.checked_distilled_set(config, workdir) if name == 'distilled'
                   else image_sets.random_subset(config, config.recover.ipc))
   teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
+  teacher_key = {'teacher_sha256': teacher_lib.digest(config, workdir, mesh)}
   test = pipeline.load_split(config.dataset, 'test')
   for name, (images, labels) in sets.items():
     absent = sorted(set(range(spec.num_classes)) - set(np.unique(labels).tolist()))
     if absent:
       raise ValueError(f'The {name} set has no images of classes {absent[:20]}; continual '
                        f'needs every class of {spec.name}.')
-    checkpoint.check_fingerprint(os.path.join(stage_dir, name),
-                                 fingerprint(config, name, order, images))
+  for write in (False, True):  # every set's folder checked before any is claimed
+    for name, (images, _) in sets.items():
+      checkpoint.check_fingerprint(os.path.join(stage_dir, name),
+                                   fingerprint(config, name, order, images), write=write)
+      # The teacher whose soft labels the students learnt (kept apart from the fingerprint,
+      # which continual folders written before teacher digests hold without it).
+      checkpoint.check_fingerprint(os.path.join(stage_dir, name), teacher_key, write=write,
+                                   name=teacher_lib.KEY_FILE)
   finished = checkpoint.finished_result(stage_dir)
   if finished is not None and sorted(finished['sets']) == sorted(names):
     logging.info('continual: finished already (%s); nothing to do.', finished.get('measured_at'))

@@ -20,8 +20,11 @@ student in checkpoints/, metrics: one TensorBoard run and `metrics.jsonl` per st
 digest taken over everything a student's result depends on (`student_settings`, also written
 to `fingerprint.json` beside the seeds): another student model, temperature, label storage,
 schedule or image set trains new students beside the old ones, and a finished student is
-reused only under its own settings. `evaluate/result.json` is the evaluation of the last
-run's settings.
+reused only under its own settings. Beside it, `teacher_key.json` records the digest of the
+teacher whose soft labels the students learnt (`teacher.KEY_FILE`): another teacher is
+refused. The distilled set is checked against recover's fingerprint and images digest
+(`image_sets.check_recovered`). `evaluate/result.json` is the evaluation of the last run's
+settings.
 """
 
 import dataclasses
@@ -275,7 +278,10 @@ def validate(config, mesh) -> None:
   variants(config)
   if config.evaluate.images_dir:
     image_sets.check_external(config.evaluate.images_dir)
-  student_configs(config)
+  spec = datasets.spec_of(config.dataset)
+  for arch, student_cfg in student_configs(config):
+    models.check_buildable(student_cfg, spec.num_classes, spec.image_shape,
+                           f'The student {arch}:')
   student.stack_mode(config)
   student.loss_settings(config)
   if (config.evaluate.loss == 'mse_ce' and config.relabel.mode == 'stored' and
@@ -293,6 +299,10 @@ def validate(config, mesh) -> None:
       raise ValueError(f'evaluate.{key}={value!r} must be an integer >= 0.')
   train_lib.validate_numbers(config, ('evaluate', 'relabel'))
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
+  # The student batch of the distilled set (and the baselines: as many images).
+  images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
+  batching.check_batch_size(views.create_schedule(config, images).batch_size, mesh,
+                            'relabel.batch_size (student batch)')
 
 
 def stacks(config, plan: list[Variant]) -> list[list[tuple[Variant, int]]]:
@@ -316,10 +326,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   validate(config, mesh)
-  sets = image_sets.image_sets(config, workdir)  # names the missing stage if there is none
+  teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
+  teacher_digest = teacher_lib.digest(config, workdir, mesh)
+  # Names the missing stage if there is none; refuses a set made by other settings/teacher.
+  sets = image_sets.image_sets(config, workdir)
   if 'full_data' in config.evaluate.baselines:  # hard labels only: relabel never sees it
     sets['full'] = image_sets.full_data(config)
-  teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
   test = pipeline.load_split(config.dataset, 'test')
 
   # Every input is checked before any student trains: sizes, and every stored label shard.
@@ -334,14 +346,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if target == 'stored':
       stored = label_store.StoredLabels.open(
           label_store.label_dir(config, workdir, set_name), images, schedule,
-          config.evaluate.temperature, views.view_settings(config.relabel)).verify()
+          config.evaluate.temperature, views.view_settings(config.relabel),
+          teacher_digest).verify()
     for arch, student_cfg in student_cfgs:
       settings = student_settings(config, hard, images, student_cfg)
       plan.append(Variant(name, arch, student_cfg, images, labels, target, stored,
                           settings, variant_dir(workdir, name, settings,
                                                 config.evaluate.full_data_dir)))
-  for v in plan:
-    checkpoint.check_fingerprint(v.directory, v.settings)
+  for write in (False, True):  # every folder checked before any is claimed
+    for v in plan:
+      checkpoint.check_fingerprint(v.directory, v.settings, write=write)
+      # The teacher whose labels the students learnt (apart: the folder names predate it).
+      if v.target != 'hard':
+        checkpoint.check_fingerprint(v.directory, {'teacher_sha256': teacher_digest},
+                                     write=write, name=teacher_lib.KEY_FILE)
 
   todo = stacks(config, plan)
   trained = sum(len(members) for members in todo)

@@ -95,7 +95,10 @@ def makedirs(path: PathLike) -> None:
 def rmtree(path: PathLike) -> None:
   """Deletes a folder (or file) and everything under it; nothing if it is not there."""
   if not is_remote(path):
-    shutil.rmtree(absolute(path), ignore_errors=True)
+    if os.path.isdir(absolute(path)):
+      shutil.rmtree(absolute(path), ignore_errors=True)
+    elif os.path.lexists(absolute(path)):
+      os.remove(absolute(path))
     return
   p = as_path(path)
   if p.exists():
@@ -236,8 +239,22 @@ def write_json(path: PathLike, data: dict) -> None:
   atomic_write(path, json.dumps(data, indent=1, sort_keys=True, default=float))
 
 
-def read_json(path: PathLike) -> dict:
-  return json.loads(read_text(path))
+class DamagedFileError(ValueError):
+  """A file is there but cannot be read as what it should be (truncated, overwritten)."""
+
+
+def read_json(path: PathLike, remake: str = 'remove it and re-run the stage that wrote it') -> dict:
+  """The JSON object in `path`; a damaged file raises DamagedFileError naming it, what was
+  expected and `remake` (how to make it again)."""
+  try:
+    data = json.loads(read_text(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DamagedFileError(f'{os.fspath(path)} is damaged: expected a JSON object, got '
+                           f'{type(e).__name__} ({e}); {remake}.') from e
+  if not isinstance(data, dict):
+    raise DamagedFileError(f'{os.fspath(path)} is damaged: expected a JSON object, got a '
+                           f'{type(data).__name__}; {remake}.')
+  return data
 
 
 def normalised(data: dict) -> dict:

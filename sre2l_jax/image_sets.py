@@ -7,9 +7,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
+from sre2l_jax import checkpoint
 from sre2l_jax import export
 from sre2l_jax import files
+from sre2l_jax import label_store
 from sre2l_jax import models
 from sre2l_jax import rngs
 from sre2l_jax import teacher as teacher_lib
@@ -21,6 +24,15 @@ from sre2l_jax.data import user_data
 BASELINES = ('random', 'coreset', 'hard_label', 'full_data')
 # The full-data variant: the student trained with hard labels on the whole real training
 # split (DD-Ranking's 'real-hard', the first term of its hard label recovery).
+# Recover settings a run may change on resume: they change neither the images nor their
+# meaning (the round size is kept from the first start, see `recover.plan_rounds`).
+RECOVER_NOT_FINGERPRINTED = ('log_every_steps', 'checkpoint_every_steps', 'groups_per_round',
+                             'device_memory_gb', 'memory_margin', 'remat', 'parallel_groups',
+                             'min_bn_reduction', 'min_teacher_top1')
+# Recover keys added after workdirs existed, with the value that does what the code did
+# before: left out of the fingerprint at that value, so those workdirs still resume.
+RECOVER_ADDED_WITH_DEFAULT = {'init_pick': 'score'}
+TEACHER_KEY = 'teacher_sha256'
 
 
 def recovered_classes(cfg: ml_collections.ConfigDict, spec: datasets.DatasetSpec) -> int:
@@ -34,6 +46,75 @@ def distilled_dir(workdir: str) -> str:
   return os.path.join(workdir, 'recover', 'tfds')
 
 
+def recover_fingerprint(config: ml_collections.ConfigDict,
+                        teacher_digest: str | None = None) -> dict:
+  """What fixes recover's images: its settings, the dataset, the seed, the teacher's config
+  and, given, its digest (`teacher.digest`: another teacher's weights, another set)."""
+  keep = {k: v for k, v in config.recover.to_dict().items()
+          if k not in RECOVER_NOT_FINGERPRINTED and not (
+              k in RECOVER_ADDED_WITH_DEFAULT and v == RECOVER_ADDED_WITH_DEFAULT[k])}
+  out = {'dataset': datasets.identity(config.dataset), 'teacher': config.teacher.to_dict(),
+         'teacher_dir': config.squeeze.teacher_dir, 'recover': keep, 'seed': config.seed}
+  if teacher_digest is not None:
+    out[TEACHER_KEY] = teacher_digest
+  return out
+
+
+def with_images_digest(workdir: str, result: dict, images: np.ndarray | None = None) -> dict:
+  """recover's `result` with `images_sha256`; a result written before digests gets the
+  digest of the set as it is now (`images`, or read from the workdir) recorded once."""
+  if 'images_sha256' in result:
+    return result
+  if images is None:
+    images, _ = distilled_set(workdir)
+  result = dict(result, images_sha256=label_store.images_digest(images))
+  logging.info('recover: %s predates image digests; recorded the distilled set\'s (%s)',
+               os.path.join(workdir, 'recover', checkpoint.RESULT), result['images_sha256'][:12])
+  files.write_json(os.path.join(workdir, 'recover', checkpoint.RESULT), result)
+  return result
+
+
+def check_recovered(config: ml_collections.ConfigDict, workdir: str,
+                    images: np.ndarray) -> None:
+  """Refuses a distilled set `images` that recover made in `workdir` under other settings,
+  with another teacher, or that changed since recover wrote it. A set that no recover run
+  of this workdir made (no recover/fingerprint.json: an imported one) is taken as it is."""
+  stage_dir = os.path.join(workdir, 'recover')
+  path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
+  if not files.exists(path):
+    return
+  mesh = batching.create_mesh(config.mesh_shape)
+  key = files.normalised(recover_fingerprint(config, teacher_lib.digest(config, workdir, mesh)))
+  # A set recovered before teacher digests records none (recover records it when next run).
+  saved = files.read_json(path, remake=f'restore it, or remove {stage_dir} and recover again')
+  rerun = (f'recover again with this config into a new --workdir, or remove {stage_dir} '
+           f'(and relabel/, evaluate/) and run --stages=recover,...')
+  if saved.get(TEACHER_KEY, key[TEACHER_KEY]) != key[TEACHER_KEY]:
+    raise ValueError(
+        f'The distilled set in {stage_dir} was recovered with another teacher (SHA-256 '
+        f'{saved[TEACHER_KEY][:12]}); the teacher at {teacher_lib.teacher_dir(config, workdir)} '
+        f'is now {key[TEACHER_KEY][:12]}. Its soft labels would not be the ones the set was '
+        f'made for: restore that teacher, or {rerun}.')
+  differences = checkpoint.diff(saved, dict(key, **{TEACHER_KEY: saved.get(TEACHER_KEY)}))
+  if differences:
+    raise ValueError(
+        f'The distilled set in {stage_dir} was recovered under other settings than this '
+        f'run\'s: {"; ".join(differences)}. Run with the settings it was made with (the '
+        f'values "saved" above), or {rerun}.')
+  result = checkpoint.finished_result(stage_dir)
+  if result is None:
+    raise ValueError(f'recover has not finished in {stage_dir}: run --stages=recover on '
+                     f'{workdir} first (it resumes).')
+  recorded = with_images_digest(workdir, result, images)['images_sha256']
+  found = label_store.images_digest(images)
+  if recorded != found:
+    raise ValueError(
+        f'The distilled set in {distilled_dir(workdir)} is not the one recover wrote (SHA-256 '
+        f'{found[:12]}, recover/result.json records {recorded[:12]}): it was changed or '
+        f'replaced. Remove {distilled_dir(workdir)} and run --stages=recover on {workdir} '
+        f'(it exports the recovered images again).')
+
+
 def distilled_set(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """The recovered images (uint8, class-major) and labels, or a clear error."""
   directory = distilled_dir(workdir)
@@ -41,7 +122,22 @@ def distilled_set(workdir: str) -> tuple[np.ndarray, np.ndarray]:
     raise FileNotFoundError(
         f'No distilled set in {directory}. Run the recover stage first: python -m '
         f'sre2l_jax.main --config=<config> --workdir={workdir} --stages=recover')
-  return export.read_tfds(export.tfds_dataset_dir(directory))
+  try:
+    return export.read_tfds(export.tfds_dataset_dir(directory))
+  except Exception as e:  # pylint: disable=broad-except  # TFDS / ArrayRecord raise many types
+    text = ' '.join(str(e).split())[:300] or type(e).__name__
+    raise ValueError(
+        f'The distilled set in {directory} cannot be read ({text}): it is damaged. Remove '
+        f'{directory} and run --stages=recover on {workdir}: it exports the recovered images '
+        f'again.') from e
+
+
+def checked_distilled_set(config: ml_collections.ConfigDict,
+                          workdir: str) -> tuple[np.ndarray, np.ndarray]:
+  """`distilled_set(workdir)` after `check_recovered`: the set this config and teacher made."""
+  images, labels = distilled_set(workdir)
+  check_recovered(config, workdir, images)
+  return images, labels
 
 
 def check_external(directory: str) -> None:
@@ -198,9 +294,10 @@ def full_data(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray
 
 def distilled(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """The distilled set a run evaluates: evaluate.images_dir's (`external_set`) when set,
-  else the one recover wrote in `workdir` (`distilled_set`)."""
+  else the one recover wrote in `workdir`, checked against recover's record
+  (`checked_distilled_set`)."""
   if not config.evaluate.images_dir:
-    return distilled_set(workdir)
+    return checked_distilled_set(config, workdir)
   spec = datasets.spec_of(config.dataset)
   return external_set(config.evaluate.images_dir, spec, recovered_classes(config.recover, spec),
                       config.recover.ipc)

@@ -23,6 +23,7 @@ from sre2l_jax import views
 from sre2l_jax.data import batching
 
 MANIFEST = 'manifest.json'
+TEACHER_KEY = 'teacher_sha256'
 MODES = ('online', 'stored')
 STORAGES = ('float32', 'float16', 'topk')
 
@@ -146,18 +147,25 @@ class StoredLabels:
 
   @classmethod
   def open(cls, directory: str, images: np.ndarray, schedule: views.Schedule,
-           temperature: float, view: dict | None = None) -> 'StoredLabels':
+           temperature: float, view: dict | None = None,
+           teacher_digest: str | None = None) -> 'StoredLabels':
     """`view`: `views.view_settings` of the relabel config that will replay the views
-    (checked against the labels' when given: other crops or mixing get the wrong labels)."""
+    (checked against the labels' when given: other crops or mixing get the wrong labels);
+    `teacher_digest`: the teacher's (`teacher.digest`), checked against the one the labels
+    record (labels written before digests record none)."""
     path = os.path.join(directory, MANIFEST)
     if not files.exists(path):
       raise LabelError(f'No stored labels at {directory}. Produce them with: python -m '
                        f'sre2l_jax.main --config=<config> --workdir=<workdir> '
                        f'--stages=relabel (with relabel.mode=stored).')
-    manifest = files.read_json(path)
+    manifest = read_manifest(directory)
     problems = []
     if manifest['images_sha256'] != images_digest(images):
       problems.append('they were made for other images (the distilled set changed)')
+    made_by = manifest.get(TEACHER_KEY)
+    if teacher_digest and made_by and made_by != teacher_digest:
+      problems.append(f'they were made by another teacher (SHA-256 {made_by[:12]}, the '
+                      f'teacher is now {teacher_digest[:12]})')
     for key, value in (('num_images', schedule.num_images),
                        ('batch_size', schedule.batch_size), ('epochs', schedule.epochs),
                        ('seed', schedule.seed)):
@@ -215,24 +223,45 @@ class StoredLabels:
     return {k: v[epoch - shard['epochs'][0]] for k, v in arrays.items()}
 
 
-def _made_for(manifest: dict) -> dict:
-  """What a manifest says the labels were made for (the temperature only matters to top-k)."""
+def read_manifest(directory: str) -> dict:
+  """The manifest of the label directory `directory`, its shard names checked: each a plain
+  file name in `directory` (no folder, no '..': a manifest cannot make a reader open files
+  elsewhere)."""
+  path = os.path.join(directory, MANIFEST)
+  remake = f'remove {directory} and re-run --stages=relabel'
+  manifest = files.read_json(path, remake=remake)
+  for shard in manifest.get('shards', []):
+    name = shard.get('file') if isinstance(shard, dict) else None
+    if (not isinstance(name, str) or not name or name in ('.', '..') or '/' in name
+        or '\\' in name or '..' in name):
+      raise LabelError(f'{path} names the shard file {name!r}; a shard must be a file name '
+                       f'inside {directory} (no folders, no ".."): the manifest is damaged '
+                       f'or not this program\'s; {remake}.')
+  return manifest
+
+
+def _made_for(manifest: dict, other: dict) -> dict:
+  """What a manifest says the labels were made for (the temperature only matters to top-k;
+  the teacher's digest only where `other` records one too: labels made before digests)."""
   out = {k: v for k, v in manifest.items() if k not in ('shards', 'complete', 'bytes')}
   if out.get('storage') != 'topk':
     out.pop('temperature', None)
+  if TEACHER_KEY not in other:
+    out.pop(TEACHER_KEY, None)
   return out
 
 
 def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, cfg, spec,
                  teacher_logits: Callable, mesh, temperature: float, *,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, teacher_digest: str | None = None) -> dict:
   """Runs `teacher_logits(views)` on every view of the schedule and stores its outputs;
   resumable at shard granularity (finished shards listed in the manifest are kept; finished
   labels are left untouched).
 
   cfg: the relabel config. teacher_logits: jitted views (B, H, W, C) sharded on 'data' ->
-  logits (B, num_classes) replicated. Labels of other images or settings in `directory` are
-  refused (LabelError) unless `overwrite`, which deletes them first.
+  logits (B, num_classes) replicated. teacher_digest: `teacher.digest`, recorded. Labels of
+  other images, settings or teacher in `directory` are refused (LabelError) unless
+  `overwrite`, which deletes them first.
   """
   manifest_path = os.path.join(directory, MANIFEST)
   manifest = {'storage': cfg.storage, 'topk': cfg.topk if cfg.storage == 'topk' else None,
@@ -241,9 +270,11 @@ def write_labels(directory: str, images: np.ndarray, schedule: views.Schedule, c
               'steps_per_epoch': schedule.steps_per_epoch, 'seed': schedule.seed,
               'num_classes': spec.num_classes, 'images_sha256': images_digest(images),
               'view': views.view_settings(cfg), 'shards': []}
+  if teacher_digest:
+    manifest[TEACHER_KEY] = teacher_digest
   if files.exists(manifest_path):
-    old = files.read_json(manifest_path)
-    differences = checkpoint.diff(_made_for(old), _made_for(manifest))
+    old = read_manifest(directory)
+    differences = checkpoint.diff(_made_for(old, manifest), _made_for(manifest, old))
     if differences and not overwrite:
       raise LabelError(f'{directory} holds labels made for other images or settings '
                        f'({"; ".join(differences)}); refusing to replace them. Pass '

@@ -2,11 +2,14 @@
 
 Runs the configured stages in order (squeeze, recover, relabel, evaluate; continual on
 request); each writes only under `workdir/<stage>/` and resumes by itself when re-run on the
-same workdir. Every requested stage's settings are checked before anything is written; the
-resolved config is then written to `workdir/config.json`.
+same workdir. Every requested stage's settings are checked before anything is written. One
+run at a time per workdir: `workdir/lock.json` (host, pid, start) is taken first and released
+on exit (`checkpoint.take_lock`). The resolved config is written to `workdir/config.json`
+after each stage that passed its own checks (against what the workdir holds) and finished:
+a refused run leaves the record of the run whose results the workdir holds.
 
 Errors reach the user as one line (what is wrong and the fix) and exit code 1; the
-traceback is shown with --verbosity=1.
+traceback is shown with --verbosity=1. Ctrl-C: one line with the command that resumes.
 
 Output: by default this project's own lines only (a few per stage, and each loop's progress
 line with its ETA; `metric_writers.Progress`) and every library's warnings, as 'HH:MM:SS
@@ -18,6 +21,7 @@ import difflib
 import importlib
 import logging as std_logging
 import os
+import shlex
 import sys
 import time
 
@@ -137,9 +141,15 @@ def validate(config, stages: list[str]) -> None:
       module.validate(config, spec)
       train_lib.validate_numbers(config, ('recover',))
     elif stage == 'relabel':
-      module.validate(config)
+      module.validate(config, mesh)
     elif stage == 'continual':
       module.validate(config, spec, mesh)
+  if 'squeeze' in stages and config.squeeze.teacher_dir:
+    raise ValueError(
+        f'squeeze.teacher_dir={config.squeeze.teacher_dir!r} names the teacher the stages '
+        f'read; squeeze would train another one into <workdir>/squeeze/teacher that no stage '
+        f'reads. Drop squeeze from --stages to use that teacher, or clear '
+        f'squeeze.teacher_dir (--config.squeeze.teacher_dir=) to train one here.')
 
 
 def one_line(error: BaseException) -> str:
@@ -218,21 +228,10 @@ def parse_flags(argv):
     sys.exit(1)
 
 
-def finished(stage: str, module, config, workdir: str) -> bool:
-  """Whether recover finished on `workdir` under this config: then it is not run again and
-  its result.json (the measurements of the run that did the work) stays as it is. Under
-  another config it runs, and refuses the workdir with the differences. (The other stages
-  do this themselves; squeeze also checks that its teacher is still there.)"""
-  stage_dir = os.path.join(workdir, stage)
-  paths = [os.path.join(stage_dir, name) for name in (checkpoint.RESULT, checkpoint.FINGERPRINT)]
-  if stage != 'recover' or not all(map(files.exists, paths)):
-    return False
-  return files.read_json(paths[1]) == files.normalised(module.fingerprint(config))
-
-
 def run(config, workdir: str, stages, *, dry_run: bool = False) -> dict:
-  """Runs `stages` (names) of `config` on `workdir`: {stage: its result} (None for recover
-  when it had finished already; {} for a dry run)."""
+  """Runs `stages` (names) of `config` on `workdir`: {stage: its result} ({} for a dry run).
+  A stage that finished already on this workdir under this config returns its result
+  without working again."""
   if not workdir or not workdir.strip():
     raise app.UsageError('--workdir is empty; name the folder for this run\'s checkpoints and '
                          'outputs, e.g. --workdir=runs/fm.')
@@ -240,28 +239,55 @@ def run(config, workdir: str, stages, *, dry_run: bool = False) -> dict:
   stages = parse_stages(stages)
   validate(config, stages)
   if dry_run:
+    fits = True
     for stage in stages:
       module = importlib.import_module(f'sre2l_jax.{stage}')
       if hasattr(module, 'plan'):
-        module.plan(config, workdir)
+        fits &= module.plan(config, workdir)['fits']
       else:
         print(f'{stage}: no memory plan (the dry run covers recover)')
+    if not fits:
+      raise MemoryError('The plan above does not fit: see the knob and the value that fits '
+                        'on the line that says so.')
     return {}
   logging.info('sre2l_jax: stages %s on %d devices (%d processes)', stages,
                jax.device_count(), jax.process_count())
   if jax.process_count() > 1:
     multihost.check_same_config(config)
-  files.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  lock = take_lock(workdir)
+  stop_keeping = checkpoint.keep_lock(workdir, lock)
   results = {}
-  for stage in stages:
-    module = importlib.import_module(f'sre2l_jax.{stage}')
-    if finished(stage, module, config, workdir):
-      logging.info('%s: finished already on %s; nothing to do.', stage, workdir)
-      results[stage] = None
-    else:
-      results[stage] = module.run(config, workdir)
-    multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
+  try:
+    for stage in stages:
+      results[stage] = importlib.import_module(f'sre2l_jax.{stage}').run(config, workdir)
+      files.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+      multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
+  finally:
+    stop_keeping()
+    checkpoint.release_lock(workdir, lock)
   return results
+
+
+def resume_command() -> str:
+  """The command line of this run, to be run again."""
+  return ' '.join([shlex.quote(sys.executable), '-m', 'sre2l_jax.main'] +
+                  [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def take_lock(workdir: str) -> dict | None:
+  """Process 0 takes the workdir's lock (None on the others); every process of the job
+  refuses together when it is held."""
+  lock, refused = None, ''
+  if jax.process_index() == 0:
+    try:
+      lock = checkpoint.take_lock(workdir, resume_command())
+    except checkpoint.WorkdirBusyError as e:
+      refused = str(e)
+  if jax.process_count() > 1:
+    refused = multihost.broadcast_text(refused)
+  if refused:
+    raise checkpoint.WorkdirBusyError(refused)
+  return lock
 
 
 def main(argv):
@@ -276,6 +302,10 @@ def main(argv):
     # closed") would print a traceback before the one-line error; --verbosity=1 shows them.
     sys.unraisablehook = lambda unraisable: logging.debug(
         'ignored in %s: %r', unraisable.object, unraisable.exc_value)
+    # Likewise asyncio's report, when it is collected (at exit, after the one-line error),
+    # of such a read's task whose exception the failed read already raised.
+    std_logging.getLogger('asyncio').addFilter(
+        lambda record: 'exception was never retrieved' not in record.getMessage())
   config = _CONFIG.value
   if _OVERWRITE.value:
     config.overwrite = True
@@ -285,6 +315,13 @@ def main(argv):
     print(f'sre2l_jax: {e}', file=sys.stderr)
     logging.flush()
     sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    if logging.get_verbosity() >= 1:
+      raise
+    print(f'sre2l_jax: interrupted (Ctrl-C); finished work and the last checkpoints are kept. '
+          f'Resume with: {resume_command()}', file=sys.stderr)
+    logging.flush()
+    sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except
     if logging.get_verbosity() >= 1:
       raise

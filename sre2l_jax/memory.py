@@ -240,7 +240,20 @@ def projected_seconds(flops_per_call: float, calls: int, devices: int, peak_tflo
 
 
 def format_bytes(n: float) -> str:
-  return f'{n / GIB:.2f} GiB'
+  """Bytes in the unit that shows them (GiB from 1 GiB down, then MiB, KiB): never
+  '0.00 GiB' for a small budget."""
+  for unit, size in (('GiB', GIB), ('MiB', 2**20), ('KiB', 2**10)):
+    if abs(n) >= size:
+      return f'{n / size:.2f} {unit}'
+  return f'{n:.0f} B'
+
+
+def heavier(first: MemoryReport, second: MemoryReport) -> MemoryReport:
+  """Of two programs run one after the other, the report with the larger peak (what the
+  devices must hold); the FLOPs are `first`'s (the step's, repeated; the other runs once)."""
+  if second.peak_bytes <= first.peak_bytes:
+    return first
+  return dataclasses.replace(second, flops=first.flops, bytes_accessed=first.bytes_accessed)
 
 
 def format_seconds(s: float) -> str:

@@ -83,7 +83,7 @@ def _flatten(tree, prefix=''):
   return {prefix[:-1]: tree}
 
 
-def _broadcast_text(text: str) -> str:
+def broadcast_text(text: str) -> str:
   """Process 0's `text` on every process (length first: shapes must agree)."""
   data = np.frombuffer(text.encode(), np.uint8)
   length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
@@ -108,7 +108,7 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
     return
   # Every process takes this branch (they all see the same digests), so the broadcast below
   # is entered by all of them.
-  reference = _broadcast_text(config_json(config))
+  reference = broadcast_text(config_json(config))
   different = sorted(p for members in groups.values() if 0 not in members for p in members)
   ours, theirs = _flatten(json.loads(config_json(config))), _flatten(json.loads(reference))
   keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))

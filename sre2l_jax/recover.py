@@ -33,6 +33,7 @@ from sre2l_jax import class_stats
 from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
+from sre2l_jax import label_store
 from sre2l_jax import memory
 from sre2l_jax import models
 from sre2l_jax import multihost
@@ -49,25 +50,8 @@ from sre2l_jax.synthesis import selection
 from sre2l_jax.synthesis import sre2l
 
 CROPS = ('per_image', 'per_group', 'none')
-# Settings a run may change on resume: they change neither the images nor their meaning
-# (the round size is kept from the first start, see `plan_rounds`).
-NOT_FINGERPRINTED = ('log_every_steps', 'checkpoint_every_steps', 'groups_per_round',
-                     'device_memory_gb', 'memory_margin', 'remat', 'parallel_groups',
-                     'min_bn_reduction',
-                     'min_teacher_top1')
-
-
-# Keys added after workdirs existed, with the value that does what the code did before:
-# left out of the fingerprint at that value, so those workdirs still resume.
-ADDED_WITH_DEFAULT = {'init_pick': 'score'}
-
-
-def fingerprint(config) -> dict:
-  keep = {k: v for k, v in config.recover.to_dict().items()
-          if k not in NOT_FINGERPRINTED and not (
-              k in ADDED_WITH_DEFAULT and v == ADDED_WITH_DEFAULT[k])}
-  return {'dataset': datasets.identity(config.dataset), 'teacher': config.teacher.to_dict(),
-          'teacher_dir': config.squeeze.teacher_dir, 'recover': keep, 'seed': config.seed}
+# What fixes the images (settings, teacher digest): `image_sets.recover_fingerprint`.
+fingerprint = image_sets.recover_fingerprint
 
 
 def validate(config, spec) -> None:
@@ -123,6 +107,9 @@ def validate(config, spec) -> None:
   if not 0 <= cfg.class_bn_weight <= 1:
     raise ValueError(f'recover.class_bn_weight={cfg.class_bn_weight} must be in [0, 1].')
   diversity.validate(cfg)
+  selection.check_candidates(cfg)
+  if hasattr(method, 'validate'):  # the method's own settings (rded's)
+    method.validate(cfg)
   if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
     raise ValueError(f'recover needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
                      f'{cfg.max_scale}.')
@@ -153,6 +140,12 @@ class RoundPlan:
   # XLA's FLOPs of one group's step, from the step compiled for one group per device (XLA
   # counts a loop's body once, whatever its trip count).
   flops_per_group_step: float | None = None
+  measure: memory.MemoryReport | None = None  # the measure pass over one round
+
+  @property
+  def peak_bytes(self) -> int:
+    """The round's peak per device: its step's or its measure pass's."""
+    return max(self.report.peak_bytes, self.measure.peak_bytes if self.measure else 0)
 
   def to_dict(self) -> dict:
     return {'groups': self.groups, 'groups_per_round': self.groups_per_round,
@@ -160,7 +153,9 @@ class RoundPlan:
             'rounds': self.rounds, 'devices': self.devices, 'how': self.how,
             'budget_bytes': self.budget_bytes, 'fixed_bytes': self.fixed_bytes,
             'bytes_per_group': self.bytes_per_group,
-            'flops_per_group_step': self.flops_per_group_step, 'step': self.report.to_dict()}
+            'flops_per_group_step': self.flops_per_group_step, 'step': self.report.to_dict(),
+            'measure': self.measure.to_dict() if self.measure else None,
+            'peak_bytes': self.peak_bytes}
 
 
 def memory_budget(cfg, device_memory_gb: float | None = None) -> int | None:
@@ -172,16 +167,24 @@ def memory_budget(cfg, device_memory_gb: float | None = None) -> int | None:
 
 
 def plan_rounds(cfg, real_groups: int, devices: int, compile_at, budget: int | None,
-                stored: int = 0) -> RoundPlan:
+                stored: int = 0, measure_at=None) -> RoundPlan:
   """Chooses the groups per round and returns the plan.
 
-  compile_at(g): the step compiled for g groups (cached by the caller). stored: the round
-  size of an earlier start of this run (0: none), which a resumed run must keep.
-  Raises MemoryError (before any training) when the chosen round does not fit `budget`.
+  compile_at(g): the step compiled for g groups (cached by the caller). measure_at(g): XLA's
+  analysis of the measure pass over g groups (`optimize.measure`, run at a round's start and
+  end on the whole round; None: not planned). A round must fit both. stored: the round size
+  of an earlier start of this run (0: none), which a resumed run must keep.
+  Raises MemoryError (before any training) when the chosen round does not fit `budget`,
+  naming the knob and a value that fits.
   """
   one_round = math.ceil(real_groups / devices) * devices
   fixed = per_group = largest = None
   requested = cfg.groups_per_round
+
+  def round_report(groups: int) -> memory.MemoryReport:
+    step = memory.analyse(compile_at(groups))
+    return step if measure_at is None else memory.heavier(step, measure_at(groups))
+
   if requested and requested % devices:
     raise ValueError(f'recover.groups_per_round={requested} must be a multiple of the '
                      f'{devices} devices (groups are sharded over them).')
@@ -203,19 +206,53 @@ def plan_rounds(cfg, real_groups: int, devices: int, compile_at, budget: int | N
   elif budget is None:
     per_round, how = one_round, 'one round: no device memory limit known'
   else:
-    unit = memory.plan_units(lambda k: memory.analyse(compile_at(k * devices)), budget,
-                             max_units=one_round // devices)
+    try:
+      unit = memory.plan_units(lambda k: round_report(k * devices), budget,
+                               max_units=one_round // devices)
+    except MemoryError:
+      raise MemoryError(_one_group_refusal(cfg, round_report(devices), budget)) from None
     fixed, per_group, largest = unit.fixed_bytes, unit.bytes_per_unit, unit.units * devices
     _, per_round = memory.balanced_rounds(real_groups, largest, devices)
     how = f'the most that fit {memory.format_bytes(budget)} per device'
   rounds = math.ceil(real_groups / per_round)
-  report = memory.analyse(compile_at(per_round))
-  memory.check_fits(report, budget, f'A round of {per_round} groups ({per_round // devices} '
-                                    f'per device, recover.groups_per_round)')
+  step_report = memory.analyse(compile_at(per_round))
+  measure_report = None if measure_at is None else measure_at(per_round)
+  report = round_report(per_round)
+  if budget is not None and report.peak_bytes > budget:
+    program = 'step' if report.peak_bytes == step_report.peak_bytes else 'measure pass'
+    what = (f'A round of {per_round} groups ({per_round // devices} per device, {how}) does '
+            f'not fit: XLA plans {memory.describe(report)} for its {program}, over the '
+            f'{memory.format_bytes(budget)} available per device')
+    if stored:
+      raise MemoryError(f'{what}. This run keeps its round size: resume with '
+                        f'{_memory_that_fits(cfg, report)}, or use a new --workdir.')
+    try:
+      fits = memory.plan_units(lambda k: round_report(k * devices), budget,
+                               max_units=per_round // devices).units * devices
+    except MemoryError:
+      raise MemoryError(f'{what}. {_one_group_refusal(cfg, round_report(devices), budget)}'
+                        ) from None
+    raise MemoryError(f'{what}. Set recover.groups_per_round={fits} (the most that fit; 0 '
+                      f'plans it), or {_memory_that_fits(cfg, report)}.')
   # One group per device: one device's program is one group's step.
   flops = memory.analyse(compile_at(devices)).flops
-  return RoundPlan(real_groups, per_round, rounds, devices, report, budget, how, fixed,
-                   per_group, largest, flops)
+  return RoundPlan(real_groups, per_round, rounds, devices, step_report, budget, how, fixed,
+                   per_group, largest, flops, measure_report)
+
+
+def _memory_that_fits(cfg, report: memory.MemoryReport) -> str:
+  """'recover.device_memory_gb=X' that holds `report`'s peak at recover.memory_margin."""
+  needed = report.peak_bytes / cfg.memory_margin / memory.GIB
+  return (f'recover.device_memory_gb={math.ceil(needed * 1000) / 1000:g} (at memory_margin='
+          f'{cfg.memory_margin:g}; a device with that much memory)')
+
+
+def _one_group_refusal(cfg, report: memory.MemoryReport, budget: int) -> str:
+  return (f'Even one group per device (recover.batch_size={cfg.batch_size} images) needs '
+          f'{memory.format_bytes(report.peak_bytes)} per device by XLA\'s plan, over the '
+          f'{memory.format_bytes(budget)} available: set {_memory_that_fits(cfg, report)}, or '
+          f'make a group cheaper: recover.remat (now {cfg.remat!r}), a smaller '
+          f'recover.batch_size, recover.dtype=bfloat16.')
 
 
 def projection(plan: RoundPlan, cfg, device_kind: str) -> str:
@@ -243,7 +280,9 @@ def describe_plan(plan: RoundPlan, cfg) -> str:
             f' of {memory.format_bytes(plan.budget_bytes)} allowed')
   line = (f'{plan.groups} groups of {cfg.batch_size} images in {plan.rounds} round(s) of '
           f'{plan.groups_per_round} groups on {plan.devices} device(s) ({plan.how}); XLA: '
-          f'peak {memory.format_bytes(plan.report.peak_bytes)} per device{budget}')
+          f'peak {memory.format_bytes(plan.peak_bytes)} per device{budget} (step '
+          f'{memory.format_bytes(plan.report.peak_bytes)}, measure pass '
+          f'{memory.format_bytes(plan.measure.peak_bytes) if plan.measure else "not planned"})')
   if plan.bytes_per_group:
     line += (f', {memory.format_bytes(plan.bytes_per_group)} per group + '
              f'{memory.format_bytes(plan.fixed_bytes)}')
@@ -257,8 +296,20 @@ def real_group_count(cfg, num_classes: int) -> int:
   return cfg.ipc * (num_classes // cfg.batch_size)
 
 
+def create_measure_fn(config, spec, mesh, method, model):
+  """The measure pass (`optimize.measure` on the round's images as they are): jitted
+  (images, labels, uids, teacher) -> (BN term, un-augmented BN loss, hits), replicated."""
+  cfg = config.recover
+  measure_key = rngs.stream_key(config.seed, 'recover_measure')
+  # Global arrays are passed as arguments: closing over them fails on several processes.
+  return jax.jit(lambda images, labels, uids, teacher: optimize.measure(
+      images, labels, uids, measure_key, method=method, model=model, teacher=teacher,
+      cfg=cfg, mesh=mesh), out_shardings=batching.replicated(mesh))
+
+
 def _step_factory(config, spec, mesh, teacher, rng):
-  """(compile_at, tx): g -> the recover step compiled for g groups (cached), and Adam."""
+  """(compile_at, measure_at, tx): g -> the recover step compiled for g groups (cached); g ->
+  XLA's analysis of the measure pass over g groups (cached); Adam."""
   cfg = config.recover
   method = synthesis.get_method(cfg.method)
   model = create_teacher_model(config, spec)
@@ -276,7 +327,15 @@ def _step_factory(config, spec, mesh, teacher, rng):
                                              spec.image_shape, mesh, teacher, rng)
     logging.info('recover: step for %d groups compiled in %.0f s', groups, time.time() - start)
     return compiled
-  return compile_at, tx
+
+  measure_fn = create_measure_fn(config, spec, mesh, method, model)
+
+  @functools.lru_cache(maxsize=None)
+  def measure_at(groups):
+    state, labels, uids, _, abstract_teacher = optimize.abstract_step_args(
+        tx, groups, cfg.batch_size, spec.image_shape, mesh, teacher, rng)
+    return memory.compile_abstract(measure_fn, state['images'], labels, uids, abstract_teacher)
+  return compile_at, measure_at, tx
 
 
 def bn_layer_names(model, teacher, image_shape) -> list[str]:
@@ -313,7 +372,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
   The real step is compiled for this backend at abstract shapes (the teacher's from the
   model). With `recover.device_memory_gb` (or a device that states its limit) one plan is
   printed; on a CPU without a stated memory, one per known device (`memory.DEVICES`).
-  Returns {'per_group': ..., 'plans': {device: plan dict}}.
+  Returns {'plans': {device: plan dict}, 'fits': whether every plan fits, ...}.
   """
   del workdir  # nothing is read or written
   cfg = config.recover
@@ -324,23 +383,25 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if getattr(synthesis.get_method(cfg.method), 'NEEDS_CLASS_STATS', False):
     teacher[class_stats.KEY] = class_stats.abstract(teacher['batch_stats'], spec.num_classes)
   rng = jax.random.split(rngs.stream_key(config.seed, 'recover'))[1]
-  compile_at, _ = _step_factory(config, spec, mesh, teacher, rng)
+  compile_at, measure_at, _ = _step_factory(config, spec, mesh, teacher, rng)
   real_groups = real_group_count(cfg, image_sets.recovered_classes(cfg, spec))
   kind = jax.devices()[0].device_kind
   budgets = {'this device': memory_budget(cfg)}
   if budgets['this device'] is None and not cfg.groups_per_round:
     budgets = {name: int(d.memory_gib * memory.GIB * cfg.memory_margin)
                for name, d in memory.DEVICES.items()}
-  out = {'backend': jax.default_backend(), 'devices': mesh.size, 'plans': {}}
+  out = {'backend': jax.default_backend(), 'devices': mesh.size, 'plans': {}, 'fits': True}
   print(f'recover plan (dry run: compiled for {jax.default_backend()} at abstract shapes, '
         f'nothing allocated): {spec.name}, {config.teacher.name}, '
         f'{spec.image_shape[0]}x{spec.image_shape[1]}, {cfg.iterations} iterations')
   for name, budget in budgets.items():
     try:
-      p = plan_rounds(cfg, real_groups, mesh.size, compile_at, budget)
+      p = plan_rounds(cfg, real_groups, mesh.size, compile_at, budget,
+                      measure_at=measure_at)
     except MemoryError as e:
-      print(f'  {name}: {e}')
+      print(f'  {name}: does not fit: {e}')
       out['plans'][name] = {'error': str(e)}
+      out['fits'] = False
       continue
     device_kind = memory.DEVICES[name].name if name in memory.DEVICES else kind
     print(f'  {name}: {describe_plan(p, cfg)}')
@@ -399,15 +460,14 @@ def run_direct(config, workdir: str, method, spec, mesh, model, teacher) -> dict
   images = method.synthesize(config, spec, model=model, teacher=teacher,
                              train=pipeline.load_split(config.dataset, 'train'),
                              num_classes=num_classes, mesh=mesh)  # uint8 (C, ipc, H, W, ch)
+  flat = images.reshape((-1,) + spec.image_shape)
   if jax.process_index() == 0:
     labels = np.repeat(np.arange(num_classes), cfg.ipc)
-    export.write_tfds(image_sets.distilled_dir(workdir),
-                      images.reshape((-1,) + spec.image_shape), labels, spec.num_classes)
+    export.write_tfds(image_sets.distilled_dir(workdir), flat, labels, spec.num_classes)
     export.write_grid(os.path.join(stage_dir, 'grid.png'), images)
     uids = np.arange(cfg.ipc)[None, :] * num_classes + np.arange(num_classes)[:, None]
     _write_pngs(os.path.join(stage_dir, 'images'), images, labels.reshape(uids.shape), uids,
                 num_classes)
-  flat = images.reshape((-1,) + spec.image_shape)
   logits_fn = jax.jit(lambda t, x: model.apply(t, datasets.normalise(x, spec), train=False))
   predicted = np.concatenate([np.argmax(jax.device_get(logits_fn(teacher, flat[i:i + 256])),
                                         -1) for i in range(0, len(flat), 256)])
@@ -415,7 +475,7 @@ def run_direct(config, workdir: str, method, spec, mesh, model, teacher) -> dict
             'images': int(num_classes * cfg.ipc), 'classes': num_classes,
             'teacher_top1_on_synthetic': float(np.mean(
                 predicted == np.repeat(np.arange(num_classes), cfg.ipc))),
-            'teacher_top1_unit': 'fraction',
+            'teacher_top1_unit': 'fraction', 'images_sha256': label_store.images_digest(flat),
             'wall_seconds': time.time() - start, 'devices': mesh.size,
             'outputs': {'tfds': image_sets.distilled_dir(workdir),
                         'png': os.path.join(stage_dir, 'images'),
@@ -436,7 +496,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   method = synthesis.get_method(cfg.method)
   _, teacher = teacher_lib.load(config, workdir, mesh)  # fails early if missing/unfit
   model = create_teacher_model(config, spec)
-  checkpoint.check_fingerprint(stage_dir, fingerprint(config))
+  key = fingerprint(config, teacher_lib.digest(config, workdir, mesh))
+  # A workdir recovered before teacher digests: this teacher's recorded (stated) when claimed.
+  added = (image_sets.TEACHER_KEY,)
+  checkpoint.check_fingerprint(stage_dir, key, write=False, added=added)
+  finished = checkpoint.finished_result(stage_dir)
+  # Finished here: its fingerprint (a result.json from elsewhere is not), its set on disk.
+  if finished is not None and all(map(files.exists, (
+      os.path.join(stage_dir, checkpoint.FINGERPRINT), image_sets.distilled_dir(workdir)))):
+    checkpoint.check_fingerprint(stage_dir, key, added=added)  # records what it lacks
+    logging.info('recover: finished already (%s); nothing to do.', finished.get('measured_at'))
+    return image_sets.with_images_digest(workdir, finished)
+  if cfg.init == 'scored' and not cfg.init_candidates:
+    selection.check_class_sizes(cfg, pipeline.load_split(config.dataset, 'train'),
+                                image_sets.recovered_classes(cfg, spec),
+                                config.dataset.train_limit)
+  # Every check passed: only now is the workdir claimed (a fingerprint written by a refused
+  # config would refuse its corrected version).
+  checkpoint.check_fingerprint(stage_dir, key, added=added)
   if hasattr(method, 'synthesize'):  # no optimisation (rded): the images in one pass
     return run_direct(config, workdir, method, spec, mesh, model, teacher)
   plain_teacher = teacher
@@ -459,8 +536,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   real_groups = real_group_count(cfg, num_classes)
   plan_path = os.path.join(stage_dir, 'plan.json')
   stored = files.read_json(plan_path)['groups_per_round'] if files.exists(plan_path) else 0
-  compile_at, tx = _step_factory(config, spec, mesh, teacher, step_rng)
-  round_plan = plan_rounds(cfg, real_groups, mesh.size, compile_at, memory_budget(cfg), stored)
+  compile_at, measure_at, tx = _step_factory(config, spec, mesh, teacher, step_rng)
+  round_plan = plan_rounds(cfg, real_groups, mesh.size, compile_at, memory_budget(cfg), stored,
+                           measure_at)
   per_round, rounds = round_plan.groups_per_round, round_plan.rounds
   files.write_json(plan_path, round_plan.to_dict())
   logging.info('recover plan: %s', describe_plan(round_plan, cfg))
@@ -483,11 +561,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if state is not None:
     resumed = (saved_step - int(state['step'])) // cfg.iterations, int(state['step'])
 
-  measure_key = rngs.stream_key(config.seed, 'recover_measure')
-  # Global arrays are passed as arguments: closing over them fails on several processes.
-  measure_fn = jax.jit(lambda images, labels, uids, teacher: optimize.measure(
-      images, labels, uids, measure_key, method=method, model=model, teacher=teacher,
-      cfg=cfg), out_shardings=batching.replicated(mesh))
+  measure_fn = create_measure_fn(config, spec, mesh, method, model)
 
   def measured_sums(images, labels_dev, uids_dev, real):
     """Sums over the round's `real` real groups: BN term, un-augmented BN loss, hits."""
@@ -574,10 +648,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_lib.check_recovery(bn_initial, bn_final, teacher_top1, cfg)
   images = optimize.to_class_major(images, num_classes, cfg.ipc,
                                    by_class=cfg.group_by == 'class')
+  images_flat = images.reshape((-1,) + spec.image_shape)
   if jax.process_index() == 0:
     flat_labels = np.repeat(np.arange(num_classes), cfg.ipc)
-    export.write_tfds(image_sets.distilled_dir(workdir),
-                      images.reshape((-1,) + spec.image_shape), flat_labels, spec.num_classes)
+    export.write_tfds(image_sets.distilled_dir(workdir), images_flat, flat_labels,
+                      spec.num_classes)
     export.write_grid(os.path.join(stage_dir, 'grid.png'), images,
                       class_names=datasets.class_names(config.dataset))
   writer.write_scalars(rounds * cfg.iterations, {'bn_loss_final': bn_final,
@@ -598,6 +673,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        'draw of the training augmentation, the same views at start and end; '
                        'bn_loss_unaugmented_*: on the images as they are'),
       'teacher_top1_on_synthetic': teacher_top1, 'teacher_top1_unit': 'fraction',
+      'images_sha256': label_store.images_digest(images_flat),
       'image_iterations_per_second': float(np.mean(rates)) if rates else None,
       'wall_seconds': wall, 'resumed_from_step': start_step, 'devices': mesh.size,
       'outputs': {'tfds': image_sets.distilled_dir(workdir), 'png': png_dir,

@@ -28,12 +28,17 @@ from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, mesh) -> None:
   """Clear errors for relabel settings that cannot run, before any work."""
   label_store.validate(config.relabel)
   train_lib.validate_numbers(config, ('relabel',))
   if config.relabel.storage == 'topk':  # top-k probabilities are taken at T
     train_lib.validate_numbers(config, ('evaluate',))
+  if config.relabel.mode == 'stored':  # the batches of views the teacher labels
+    spec = datasets.get_spec(config.dataset.name)
+    images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
+    batching.check_batch_size(views.create_schedule(config, images).batch_size, mesh,
+                              'relabel.batch_size')
 
 
 def counted(logits_fn, progress):
@@ -55,8 +60,10 @@ def counted(logits_fn, progress):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Stored mode: writes `label_store.label_dir(config, workdir, set)` for the distilled set
   and each baseline. Online mode: records that labels come from the teacher at training
-  time. Finished labels are kept; `result.json` changes only when the labels do."""
-  validate(config)
+  time. Finished labels are kept; `result.json` changes only when the labels do, and keeps
+  the entries of sets this run did not label (merged, never fewer)."""
+  mesh = batching.create_mesh(config.mesh_shape)
+  validate(config, mesh)
   start = time.time()
   spec = datasets.spec_of(config.dataset)
   sets = image_sets.image_sets(config, workdir)
@@ -67,8 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('relabel: online mode: the teacher labels each view inside the student\'s '
                  'step (nothing to store; relabel.mode=stored writes them once)')
   if config.relabel.mode == 'stored':
-    mesh = batching.create_mesh(config.mesh_shape)
     model, teacher = teacher_lib.load(config, workdir, mesh)
+    teacher_digest = teacher_lib.digest(config, workdir, mesh)
     logits_fn = student.create_teacher_logits(model, teacher, mesh)
     for name, (images, _) in sets.items():
       schedule = views.create_schedule(config, len(images))
@@ -79,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       manifest = label_store.write_labels(
           directory, images, schedule, config.relabel, spec,
           counted(logits_fn, progress), mesh, config.evaluate.temperature,
-          overwrite=config.overwrite)
+          overwrite=config.overwrite, teacher_digest=teacher_digest)
       set_scalars = {f'{name}/shards': len(manifest['shards']),
                      f'{name}/label_bytes': manifest['bytes']}
       if progress.calls:  # labels were made now (not found finished)
@@ -93,6 +100,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info('relabel: %s labels %d bytes (%s) in %s', name, manifest['bytes'],
                    manifest['storage'], directory)
   old = checkpoint.finished_result(stage_dir)
+  if old is not None:  # merged: the labels of other sets or settings are still there
+    result['sets'] = {**old.get('sets', {}), **result['sets']}
   if old is not None and {k: old.get(k) for k in result} == files.normalised(result):
     return old  # the same labels: the measurements (and logs) stay those of the run that made them
   writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))

@@ -3,15 +3,22 @@ config (recover, relabel, evaluate and continual all read it; squeeze and the Py
 write it).
 
 A teacher folder holds `weights/` (Orbax, {'params', 'batch_stats'}) and `teacher.json`
-(the model signature it was made for, the dataset, its test top-1).
+(the model signature it was made for, the dataset, its test top-1, and `digest`: the SHA-256
+of its parameters and batch statistics, `variables_digest`). The digest is what the stages
+key their results on (`digest`): a teacher trained again, or another teacher put in the same
+folder, has another digest, whatever its config. Teachers saved before digests get theirs
+derived from the weights on first load (stated in a log line) and written into teacher.json.
 """
 
+import hashlib
 import json
 import os
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import traverse_util
 
 from sre2l_jax import checkpoint
@@ -23,6 +30,9 @@ from sre2l_jax.data import datasets
 
 META = 'teacher.json'
 WEIGHTS = 'weights'
+# Beside results made from the teacher's outputs (students' folders): {'teacher_sha256': its
+# digest}, checked like a fingerprint (`checkpoint.check_fingerprint(..., name=KEY_FILE)`).
+KEY_FILE = 'teacher_key.json'
 
 
 class TeacherError(ValueError):
@@ -39,6 +49,21 @@ def teacher_meta(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec,
   return {'signature': models.model_signature(config.teacher, spec.num_classes,
                                               spec.image_shape),
           'dataset': spec.name, 'test_top1': test_top1}
+
+
+def variables_digest(variables: dict) -> str:
+  """SHA-256 of a teacher's {'params', 'batch_stats'}: every array's path, dtype, shape and
+  bytes, in path order (numpy arrays, or jax arrays replicated on every device: each process
+  reads its own copy)."""
+  digest = hashlib.sha256()
+  flat = traverse_util.flatten_dict(
+      {k: variables[k] for k in ('params', 'batch_stats')}, sep='/')
+  for path in sorted(flat):
+    leaf = flat[path]
+    array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    digest.update(f'{path}:{array.dtype}:{array.shape};'.encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
 
 
 def exists(directory: str) -> bool:
@@ -67,7 +92,7 @@ def save(directory: str, variables: dict, meta: dict, *, overwrite: bool = False
     files.rmtree(tmp)
   with ocp.StandardCheckpointer() as ckptr:  # every process takes part in the save
     ckptr.save(files.as_path(os.path.join(tmp, WEIGHTS)), weights, force=True)
-  files.write_json(os.path.join(tmp, META), meta)
+  files.write_json(os.path.join(tmp, META), dict(meta, digest=variables_digest(weights)))
   if jax.process_index() == 0:
     files.replace_dir(tmp, directory)
 
@@ -86,7 +111,8 @@ def read(directory: str, expected: dict, abstract_variables: dict,
   if not files.exists(meta_path):
     raise TeacherError(f'No teacher at {directory} (missing {META}). Produce one '
                        f'with: {producer_hint}')
-  meta = files.read_json(meta_path)
+  meta = files.read_json(meta_path, remake=f'delete {directory} and produce the teacher '
+                         f'again: {producer_hint}')
   differences = checkpoint.diff(meta.get('signature'), json.loads(json.dumps(expected)))
   if differences:
     raise TeacherError(f'The teacher at {directory} does not fit this configuration: '
@@ -117,6 +143,15 @@ def read(directory: str, expected: dict, abstract_variables: dict,
     raise TeacherError(damaged.format(train_lib.one_line(e))) from e
   if not train_lib.all_finite(variables):
     raise TeacherError(damaged.format('non-finite values'))
+  found = variables_digest(variables)
+  if meta.get('digest') is None:  # saved before digests: derived once, recorded
+    logging.info('teacher: %s was saved before teachers carried a digest; derived it from '
+                 'its weights (%s) and recorded it in %s', directory, found[:12], META)
+    meta = dict(meta, digest=found)
+    files.write_json(meta_path, meta)
+  elif meta['digest'] != found:
+    raise TeacherError(damaged.format(f'its weights have SHA-256 {found[:12]}, {META} '
+                                      f'records {meta["digest"][:12]}: replaced or changed'))
   return variables, meta
 
 
@@ -163,6 +198,22 @@ def extra_configs(config: ml_collections.ConfigDict, workdir: str) -> list:
     extra.squeeze.teacher_dir = ''
     out.append((extra, os.path.join(root, spec_slug(spec))))
   return out
+
+
+def digest(config: ml_collections.ConfigDict, workdir: str, mesh) -> str:
+  """The digest of the teacher the stages use (config.teacher's; with teacher.extra_teachers
+  one over all of theirs), as teacher.json records it (a teacher saved before digests is
+  loaded once to derive it)."""
+  digests = []
+  for cfg, wd in [(config, workdir)] + extra_configs(config, workdir):
+    path = os.path.join(teacher_dir(cfg, wd), META)
+    found = files.read_json(path).get('digest') if files.exists(path) else None
+    if found is None:  # derived here (process 0 also records it; the others may not see it yet)
+      found = variables_digest(load_one(cfg, wd, mesh)[1])
+    digests.append(found)
+  if len(digests) == 1:
+    return digests[0]
+  return hashlib.sha256(' '.join(digests).encode()).hexdigest()
 
 
 def load_all(config: ml_collections.ConfigDict, workdir: str, mesh) -> list:

@@ -397,6 +397,11 @@ def test_divergence_midway_keeps_the_last_good_checkpoint(killed_run, data_dir, 
   # float32, so the loss turns infinite at the first resumed step.
   config = make_config(data_dir, **RUN)
   write_teacher(config, workdir, var_scale=1e30)
+  # Recorded as the teacher the run started with (recover keys on its digest and refuses
+  # another teacher), so that the resumed run meets it.
+  path = os.path.join(workdir, 'recover', 'fingerprint.json')
+  files.write_json(path, dict(files.read_json(path), teacher_sha256=files.read_json(
+      os.path.join(workdir, 'squeeze', 'teacher', teacher_lib.META))['digest']))
   before = listing(os.path.join(workdir, 'squeeze'))
   with pytest.raises(train_lib.DivergedError,
                      match=rf'(?s)recover\.lr.*recover\.r_bn.*step {good_step}'):

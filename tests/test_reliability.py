@@ -1,5 +1,5 @@
-"""Reliability (issue 12): no stale or silently wrong numbers, no overwritten work, one-line
-errors. One test (or more) per numbered finding of the issue:
+"""Reliability (issues 12 and 26): no stale or silently wrong numbers, no overwritten work,
+one-line errors. Issue 12, a test (or more) per finding, in the sections numbered after it:
 
   1. evaluate under other settings trains new students instead of reporting old ones;
   2. stored labels of another storage sit beside the old ones instead of replacing them;
@@ -13,16 +13,25 @@ errors. One test (or more) per numbered finding of the issue:
   8. an empty --workdir is refused; a changed dataset.source_dir is detected;
   9. config typos and bad values are one line, exit code 1, nothing written.
 
+Issue 26 (the last section): results keyed on the content of their inputs (teacher digest,
+recover's fingerprint and images digest, checked by relabel / evaluate / continual), the
+workdir lock, checks before any work or write, damaged files named, manifests confined,
+the memory plan's measure pass, Ctrl-C.
+
 Tiny everything: Fashion-MNIST cut to 600/300 images, width-8 ConvNets with random weights
 for the teacher, a noise 'distilled' set of IPC 2, 2 student epochs of 2 steps.
 """
 
 import glob
 import hashlib
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +41,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sre2l_jax import checkpoint
+from sre2l_jax import class_stats
 from sre2l_jax import config_lib
 from sre2l_jax import evaluate
 from sre2l_jax import export
@@ -39,6 +49,7 @@ from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import main
+from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import relabel
 from sre2l_jax import squeeze
@@ -181,7 +192,7 @@ def squeezed(data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_1_other_student_settings_train_new_students(online, stored):
+def test_other_student_settings_train_new_students(online, stored):
   workdir, a = online
   _, b = stored
   va, vb = a['variants']['distilled'], b['variants']['distilled']
@@ -209,7 +220,7 @@ def test_1_other_student_settings_train_new_students(online, stored):
 
 
 @pytest.mark.slow
-def test_1_evaluate_refuses_a_folder_whose_settings_differ(data, online, tmp_path):
+def test_evaluate_refuses_a_folder_whose_settings_differ(data, online, tmp_path):
   """The folder's fingerprint is checked too (a digest is no proof): same clear diff."""
   workdir = copy(online[0], tmp_path / 'w')
   folder = os.path.join(workdir, online[1]['variants']['distilled']['dir'])
@@ -225,7 +236,7 @@ def test_1_evaluate_refuses_a_folder_whose_settings_differ(data, online, tmp_pat
 
 
 @pytest.mark.slow
-def test_2_other_label_storage_does_not_replace_stored_labels(data, stored, tmp_path):
+def test_other_label_storage_does_not_replace_stored_labels(data, stored, tmp_path):
   workdir = copy(stored[0], tmp_path / 'w')
   float16_dir = label_store.label_dir(make_config(data, **B), workdir, 'distilled')
   before = listing(float16_dir)
@@ -258,7 +269,7 @@ def test_2_other_label_storage_does_not_replace_stored_labels(data, stored, tmp_
 @pytest.mark.parametrize('key, value', [('lr', -50.0), ('lr', float('nan')),
                                         ('lr', float('inf')), ('temperature', -1.0),
                                         ('weight_decay', -0.1)])
-def test_3_evaluate_refuses_bad_numbers_before_any_work(data, base, tmp_path, key, value):
+def test_evaluate_refuses_bad_numbers_before_any_work(data, base, tmp_path, key, value):
   workdir = copy(base, tmp_path / 'w')
   with pytest.raises(ValueError, match=rf'evaluate\.{key}=.* must be'):
     evaluate.run(make_config(data, evaluate={key: value}), workdir)
@@ -279,7 +290,7 @@ def test_3_evaluate_refuses_bad_numbers_before_any_work(data, base, tmp_path, ke
     ('evaluate.lr_zeta', 0.5, 'evaluate.lr_zeta=0.5 must be in [1, inf)'),
     ('continual.epochs_per_step', 0, 'must be a positive integer'),
 ])
-def test_3_every_number_is_validated(key, value, fragment):
+def test_every_number_is_validated(key, value, fragment):
   config = config_lib.base_config()
   section, name = key.split('.')
   config[section][name] = value
@@ -289,7 +300,7 @@ def test_3_every_number_is_validated(key, value, fragment):
   train_lib.validate_numbers(config_lib.base_config(), config_lib.STAGES)  # defaults pass
 
 
-def test_3_a_state_that_stops_being_finite_is_never_saved(tmp_path):
+def test_a_state_that_stops_being_finite_is_never_saved(tmp_path):
   """The loss stays finite while a parameter overflows: the state check stops the loop
   before the save, and the checkpoint of the last good step stays the latest."""
   mesh = batching.create_mesh(-1)
@@ -308,7 +319,7 @@ def test_3_a_state_that_stops_being_finite_is_never_saved(tmp_path):
   assert testlib.checkpoint_steps(tmp_path / 'ckpt') == [2]
 
 
-def test_3_a_non_finite_teacher_is_never_saved(data, tmp_path):
+def test_a_non_finite_teacher_is_never_saved(data, tmp_path):
   _, variables = testlib.random_teacher(make_config(data))
   variables['params'] = jax.tree_util.tree_map(lambda x: x * np.nan, variables['params'])
   meta = teacher_lib.teacher_meta(make_config(data), SPEC)
@@ -317,7 +328,7 @@ def test_3_a_non_finite_teacher_is_never_saved(data, tmp_path):
   assert not os.path.exists(tmp_path / 'teacher')
 
 
-def test_3_recover_that_does_not_converge_is_refused():
+def test_recover_that_does_not_converge_is_refused():
   config = config_lib.base_config()
   cfg = config.recover
   # The issue's recover.lr=1e6 run: BN term 42.7 -> 68.2, teacher top-1 13%.
@@ -355,7 +366,7 @@ def recovered(data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_3_recover_stage_applies_the_check(recovered):
+def test_recover_stage_refuses_a_recovery_that_did_not_converge(recovered):
   """recover.run itself refuses (nothing exported) and, with the check off, accepts the
   same images without optimising them again."""
   _, workdir, refused, result = recovered
@@ -369,7 +380,7 @@ def test_3_recover_stage_applies_the_check(recovered):
 # ----------------------------------------------------------------------------- 4. torch import
 
 
-def test_4_torch_import_does_not_replace_a_teacher(data, tmp_path):
+def test_torch_import_does_not_replace_a_teacher(data, tmp_path):
   torch = pytest.importorskip('torch')
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   from sre2l_jax.models import torch_import  # pylint: disable=g-import-not-at-top
@@ -399,7 +410,7 @@ def test_4_torch_import_does_not_replace_a_teacher(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_5_rerunning_finished_stages_keeps_their_measurements(data, squeezed, recovered,
+def test_rerunning_finished_stages_keeps_their_measurements(data, squeezed, recovered,
                                                               online, tmp_path):
   config, squeeze_dir, first = squeezed
   before = listing(os.path.join(squeeze_dir, 'squeeze'))
@@ -427,7 +438,7 @@ def test_5_rerunning_finished_stages_keeps_their_measurements(data, squeezed, re
 
 
 @pytest.mark.slow
-def test_6_truncated_latest_checkpoint_resumes_from_the_previous(squeezed, tmp_path,
+def test_truncated_latest_checkpoint_resumes_from_the_previous(squeezed, tmp_path,
                                                                   monkeypatch):
   config, reference, first = squeezed
   workdir = copy(reference, tmp_path / 'w')
@@ -449,7 +460,7 @@ def test_6_truncated_latest_checkpoint_resumes_from_the_previous(squeezed, tmp_p
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
-def test_6_no_readable_checkpoint_names_the_folder(tmp_path):
+def test_no_readable_checkpoint_names_the_folder(tmp_path):
   mesh = batching.create_mesh(-1)
   directory = str(tmp_path / 'ckpt')
   manager = checkpoint.create_manager(directory)
@@ -468,7 +479,7 @@ def test_6_no_readable_checkpoint_names_the_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_6_damaged_teacher_says_damaged(data, tmp_path):
+def test_damaged_teacher_says_damaged(data, tmp_path):
   workdir = str(tmp_path / 'w')
   config = make_config(data)
   testlib.write_teacher(config, workdir)
@@ -490,7 +501,7 @@ def test_6_damaged_teacher_says_damaged(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_7_corrupt_shard_is_refused_before_any_student_trains(data, stored, tmp_path):
+def test_corrupt_shard_is_refused_before_any_student_trains(data, stored, tmp_path):
   workdir = copy(stored[0], tmp_path / 'w')
   config = make_config(data, **B)
   directory = label_store.label_dir(config, workdir, 'distilled')
@@ -528,7 +539,7 @@ class RecordingWriter:
     self.calls.append(('close',))
 
 
-def test_7_error_during_an_async_save_leaves_no_temporary_folder(tmp_path):
+def test_error_during_an_async_save_leaves_no_temporary_folder(tmp_path):
   """The save in flight is finished and the manager's and writer's threads are stopped
   before the error leaves the loop (left to interpreter shutdown, they buried the error
   under hundreds of lines)."""
@@ -558,14 +569,14 @@ def test_7_error_during_an_async_save_leaves_no_temporary_folder(tmp_path):
 # ----------------------------------------------------------------------------- 8. inputs
 
 
-def test_8_empty_workdir_is_refused(tmp_path):
+def test_empty_workdir_is_refused(tmp_path):
   completed = cli([f'--config={testlib.config_file("fashion_mnist_ipc10")}:smoke',
                    '--workdir=', '--stages=squeeze'], cwd=tmp_path)
   assert_one_line_error(completed, '--workdir is empty')
   assert os.listdir(tmp_path) == []
 
 
-def test_8_changed_source_dir_is_detected(data, tmp_path):
+def test_changed_source_dir_is_detected(data, tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
   config = ml_collections.ConfigDict(dict(name='fashion_mnist', data_dir=data['data_dir'],
@@ -596,13 +607,360 @@ def test_8_changed_source_dir_is_detected(data, tmp_path):
       '--stages=squeeze,recover,relabel,evaluate'], ['evaluate.lr=-50.0 must be positive']),
     (['--config=configs/fashion_mnist_ipc10.py', '--stages=evaluat'], ["['evaluat']"]),
 ])
-def test_9_config_errors_are_one_line_and_write_nothing(tmp_path, args, fragments):
+def test_config_errors_are_one_line_and_write_nothing(tmp_path, args, fragments):
   workdir = tmp_path / 'w'
   assert_one_line_error(cli(args + [f'--workdir={workdir}']), *fragments)
   assert not workdir.exists()
 
 
-def test_9_verbosity_1_shows_the_traceback(tmp_path):
+def test_verbosity_1_shows_the_traceback(tmp_path):
   completed = cli(['--config=configs/fashion_mnist_ipc10.py', '--config.evaluate.lr=-50',
                    f'--workdir={tmp_path / "w"}', '--stages=evaluate', '--verbosity=1'])
   assert completed.returncode == 1 and 'Traceback' in completed.stderr
+
+
+# ----------------------------------------------------------------------------- issue 26
+# The second pass: results tied to the exact inputs that made them (content keys), one run
+# per workdir, every check before any work, errors that name the file.
+
+
+def cli_args(data, workdir, stages: str, **sections) -> list[str]:
+  """argv (after `python -m sre2l_jax.main`) of `make_config(data, **sections)` on `workdir`."""
+  return ([f'--config={testlib.config_file("fashion_mnist_ipc10")}:smoke',
+           f'--workdir={workdir}', f'--stages={stages}'] +
+          [f'--config.{k}={v}' for k, v in flags_of(data, **sections).items()])
+
+
+def without(path, key):
+  """Removes `key` from the JSON file `path` (what a workdir written before it holds)."""
+  data = files.read_json(path)
+  del data[key]
+  files.write_json(path, data)
+
+
+@pytest.mark.slow
+def test_a_replaced_teacher_refuses_recover_and_the_set_it_made(recovered, tmp_path):
+  """Issue 26.1: the same config and folder, another teacher (trained again): recover is not
+  'finished already' and the set of the old teacher is not given the new one's labels."""
+  config, source, _, _ = recovered
+  workdir = copy(source, tmp_path / 'w')
+  before = listing(os.path.join(workdir, 'recover'))
+  testlib.write_teacher(config, workdir, seed=1)
+  with pytest.raises(checkpoint.ConfigMismatchError, match=r'teacher_sha256: saved'):
+    main.run(config, workdir, ['recover'])
+  assert listing(os.path.join(workdir, 'recover')) == before
+  # What relabel and evaluate read (continual: `checked_distilled_set`, the same check).
+  with pytest.raises(ValueError, match=r'recovered with another teacher .* restore that '
+                                       r'teacher, or recover again'):
+    image_sets.image_sets(config, workdir)
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_students_of_another_teacher_and_keeps_config_json(data, online,
+                                                                            tmp_path):
+  """Issues 26.1 and 26.4: finished students learnt from another teacher's labels are not
+  reported for this one (a set that no recover made here: the students' folder checks it);
+  the refused run leaves config.json, the record of the run that made the results."""
+  workdir = copy(online[0], tmp_path / 'w')
+  files.write_json(os.path.join(workdir, 'config.json'), {'the run': 'that made the results'})
+  testlib.write_teacher(make_config(data), workdir, seed=1)
+  before = listing(workdir)
+  completed = cli(cli_args(data, workdir, 'evaluate'))
+  assert_one_line_error(completed, 'teacher_sha256: saved')
+  assert listing(workdir) == before
+
+
+@pytest.mark.slow
+def test_evaluate_under_another_recover_ipc_refuses(recovered, tmp_path):
+  """Issue 26.2: the IPC-1 set is not evaluated as an IPC-2 one."""
+  config, source, _, _ = recovered
+  workdir = copy(source, tmp_path / 'w')
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.recover.ipc = 2
+  other.relabel.batch_size = 8  # a student batch that 10 and 20 images both give
+  with pytest.raises(ValueError, match=r'recovered under other settings .*recover\.ipc: '
+                                       r'saved 1, now 2'):
+    evaluate.run(other, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'evaluate'))
+
+
+@pytest.mark.slow
+def test_a_distilled_set_changed_since_recover_is_refused(recovered, tmp_path):
+  config, source, _, result = recovered
+  workdir = copy(source, tmp_path / 'w')
+  images, labels = image_sets.distilled_set(workdir)
+  assert result['images_sha256'] == label_store.images_digest(images)
+  export.write_tfds(image_sets.distilled_dir(workdir), 255 - images, labels, SPEC.num_classes)
+  with pytest.raises(ValueError, match=r'is not the one recover wrote'):
+    image_sets.image_sets(config, workdir)
+
+
+@pytest.mark.slow
+def test_old_workdirs_get_their_keys_derived_once(recovered, tmp_path):
+  """A teacher, a recover fingerprint and result written before digests: the finished
+  recover is still finished, and the keys are recorded (the same as a new run writes)."""
+  config, source, _, _ = recovered
+  workdir = copy(source, tmp_path / 'w')
+  paths = {'digest': os.path.join(workdir, 'squeeze', 'teacher', teacher_lib.META),
+           'teacher_sha256': os.path.join(workdir, 'recover', checkpoint.FINGERPRINT),
+           'images_sha256': os.path.join(workdir, 'recover', checkpoint.RESULT)}
+  keys = {key: files.read_json(path)[key] for key, path in paths.items()}
+  for key, path in paths.items():
+    without(path, key)
+  rounds = listing(os.path.join(workdir, 'recover', 'rounds'))
+  main.run(config, workdir, ['recover'])
+  assert {key: files.read_json(path).get(key) for key, path in paths.items()} == keys
+  assert listing(os.path.join(workdir, 'recover', 'rounds')) == rounds
+  image_sets.image_sets(config, workdir)  # and the set is accepted
+
+
+@pytest.mark.slow
+def test_a_deleted_distilled_set_is_exported_again_by_recover(recovered, tmp_path):
+  """Issue 26.8: the advice of a missing set (run recover) does not loop back to it."""
+  config, source, _, result = recovered
+  workdir = copy(source, tmp_path / 'w')
+  shutil.rmtree(image_sets.distilled_dir(workdir))
+  with pytest.raises(FileNotFoundError, match=r'--stages=recover'):
+    image_sets.image_sets(config, workdir)
+  main.run(config, workdir, ['recover'])
+  images, _ = image_sets.image_sets(config, workdir)['distilled']
+  assert label_store.images_digest(images) == result['images_sha256']
+
+
+def test_workdir_lock_is_exclusive_and_released_only_by_its_holder(tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'w')
+  lock = checkpoint.take_lock(workdir, 'first')
+  with pytest.raises(checkpoint.WorkdirBusyError, match=rf"'first' \(host .*, pid "
+                                                        rf"{os.getpid()}, since"):
+    checkpoint.take_lock(workdir, 'second')
+  checkpoint.release_lock(workdir, dict(lock, pid=lock['pid'] + 1))  # not its holder
+  assert os.path.exists(os.path.join(workdir, checkpoint.LOCK))
+  checkpoint.release_lock(workdir, lock)
+  assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK))
+  # Another host's lock (its pid cannot be asked) holds while its run rewrites it...
+  path = os.path.join(workdir, checkpoint.LOCK)
+  files.atomic_write(path, json.dumps(dict(lock, host='elsewhere', updated=time.time())))
+  with pytest.raises(checkpoint.WorkdirBusyError, match=r'host elsewhere'):
+    checkpoint.take_lock(workdir, 'third')
+  # ...and is stale once not rewritten for LOCK_STALE_SECONDS (the run was killed).
+  files.atomic_write(path, json.dumps(dict(
+      lock, host='elsewhere', updated=time.time() - checkpoint.LOCK_STALE_SECONDS - 1)))
+  third = checkpoint.take_lock(workdir, 'third')
+  assert files.read_json(path)['command'] == 'third'
+  # The holder rewrites it while it runs (here every 10 ms); once stopped, it is released.
+  monkeypatch.setattr(checkpoint, 'LOCK_REFRESH_SECONDS', 0.01)
+  taken = third['updated']
+  stop = checkpoint.keep_lock(workdir, third)
+  deadline = time.time() + 30
+  while files.read_json(path)['updated'] == taken and time.time() < deadline:
+    time.sleep(0.01)
+  stop()
+  assert files.read_json(path)['updated'] > taken
+  checkpoint.release_lock(workdir, third)
+  assert not os.path.exists(path)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_workdir_refuses_and_a_stale_lock_is_taken_over(data, online,
+                                                                               tmp_path):
+  """Issue 26.5: while a run holds the workdir, a second one refuses with the holder's
+  details and changes nothing; once the holder is gone, its lock is taken over."""
+  workdir = copy(online[0], tmp_path / 'w')
+  path = os.path.join(workdir, checkpoint.LOCK)
+  holder = subprocess.Popen(['sleep', '300'])
+  try:
+    files.atomic_write(path, json.dumps({
+        'host': socket.gethostname(), 'pid': holder.pid, 'command': 'the first run',
+        'started': '2026-12-06T01:00:00', 'updated': time.time()}))
+    before = listing(workdir)
+    completed = cli(cli_args(data, workdir, 'evaluate'))
+    assert_one_line_error(completed, f"'the first run' (host {socket.gethostname()}, pid "
+                                     f'{holder.pid}', 'one run at a time')
+    assert listing(workdir) == before
+  finally:
+    holder.kill()
+    holder.wait()
+  completed = cli(cli_args(data, workdir, 'evaluate'))
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert f'Taking over the stale lock {path}' in completed.stderr
+  assert f'pid {holder.pid} has ended' in completed.stderr
+  assert not os.path.exists(path)  # released on exit
+  assert files.read_json(os.path.join(workdir, 'evaluate', 'result.json')) == online[1]
+
+
+@pytest.mark.slow
+def test_a_refused_recover_leaves_no_fingerprint_and_the_corrected_command_runs(recovered,
+                                                                               tmp_path):
+  """Issue 26.7: EDC's real starting images at an IPC the classes cannot give, and RDED's
+  too few candidates, are refused before recover claims the workdir (with advice that
+  fits); the corrected command then runs."""
+  config, source, _, _ = recovered
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(os.path.join(source, 'squeeze'), os.path.join(workdir, 'squeeze'))
+  scored = ml_collections.ConfigDict(config.to_dict())
+  scored.recover.update(init='scored', init_candidates=0, ipc=100)
+  with pytest.raises(ValueError, match=r'the smallest class of the training split .*has \d+: '
+                                       r'lower recover\.ipc to \d+ or less'):
+    recover.run(scored, workdir)
+  rded = ml_collections.ConfigDict(config.to_dict())
+  rded.recover.update(method='rded', rded_candidates=1)
+  with pytest.raises(ValueError, match=r'rded_candidates=1 must be at least'):
+    main.validate(rded, ['recover'])
+  with pytest.raises(ValueError, match=r'rded_candidates=1 must be at least'):
+    recover.run(rded, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'recover', checkpoint.FINGERPRINT))
+  assert recover.run(config, workdir)['images'] == SPEC.num_classes
+
+
+@pytest.mark.parametrize('section, key, value, fragment', [
+    ('student', 'name', 'no_such_net', "Unknown model 'no_such_net'"),
+    ('student', 'pooling', 'median', "'median'"),
+    ('student', 'dtype', 'float8', "Unknown model dtype 'float8'"),
+    ('relabel', 'batch_size', 12, 'relabel.batch_size (student batch)=12 must be'),
+])
+def test_student_and_batch_checks_run_before_any_stage(data, section, key, value, fragment):
+  """Issue 26.6: found by main's checks, not by evaluate after squeeze and recover ran."""
+  config = make_config(data, **{section: {key: value}})
+  with pytest.raises(ValueError) as error:
+    main.validate(config, ['squeeze', 'recover', 'relabel', 'evaluate'])
+  assert fragment in str(error.value)
+
+
+def test_squeeze_with_a_named_teacher_dir_is_refused_up_front(data):
+  """Issue 26.3: the stages would read squeeze.teacher_dir's teacher while squeeze trains
+  (and the report names) another one."""
+  config = make_config(data, squeeze={'teacher_dir': '/elsewhere/squeeze/teacher'})
+  with pytest.raises(ValueError, match=r'squeeze would train another one .* that no stage '
+                                       r'reads'):
+    main.validate(config, ['squeeze', 'recover'])
+  main.validate(config, ['recover'])  # using it is fine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['recover/result.json', 'recover/fingerprint.json',
+                                  'squeeze/teacher/teacher.json'])
+def test_a_damaged_json_file_is_named(recovered, tmp_path, name):
+  """Issue 26.9: a parse error says which file, what was expected and how to remake it."""
+  config, source, _, _ = recovered
+  workdir = copy(source, tmp_path / 'w')
+  path = os.path.join(workdir, name)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(files.DamagedFileError) as error:
+    main.run(config, workdir, ['recover'])
+  assert str(error.value).startswith(f'{path} is damaged: expected a JSON object')
+  assert 'remove' in str(error.value) or 'delete' in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_damaged_distilled_set_and_class_statistics_are_named(recovered, tmp_path):
+  """Issue 26.8: a damaged ArrayRecord names the set's folder and the command that remakes
+  it; a truncated class-statistics file is recomputed (a warning names it), not BadZipFile."""
+  config, source, _, _ = recovered
+  workdir = copy(source, tmp_path / 'w')
+  records = glob.glob(os.path.join(image_sets.distilled_dir(workdir), '**', '*.array_record*'),
+                      recursive=True)
+  assert records
+  for path in records:
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 3)
+  with pytest.raises(ValueError, match=rf'The distilled set in {image_sets.distilled_dir(workdir)}'
+                                       rf' cannot be read .* run --stages=recover'):
+    image_sets.image_sets(config, workdir)
+  stats = str(tmp_path / 'class_stats-0.npz')
+  with open(stats, 'wb') as f:
+    f.write(b'PK\x03\x04 truncated')
+  assert class_stats.load(stats, {}) is None
+
+
+@pytest.mark.slow
+def test_label_manifests_are_named_and_confined_to_their_folder(data, stored, tmp_path):
+  """Issue 26.13 (and 26.9 for a manifest): a shard named '../...' is refused before any
+  file outside the label folder is opened; a truncated manifest names itself."""
+  workdir = copy(stored[0], tmp_path / 'w')
+  config = make_config(data, **B)
+  directory = label_store.label_dir(config, workdir, 'distilled')
+  path = os.path.join(directory, label_store.MANIFEST)
+  manifest = files.read_json(path)
+  assert manifest['teacher_sha256']  # labels record the teacher that made them
+  outside = tmp_path / 'outside.npz'
+  outside.write_bytes(b'not yours')
+  manifest['shards'][0]['file'] = os.path.relpath(outside, directory)
+  assert manifest['shards'][0]['file'].startswith('..')
+  files.write_json(path, manifest)
+  with pytest.raises(label_store.LabelError, match=r'names the shard file .*no folders, no'):
+    evaluate.run(config, workdir)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(files.DamagedFileError, match=rf'^{path} is damaged'):
+    evaluate.run(config, workdir)
+
+
+@pytest.mark.slow
+def test_relabel_keeps_the_entries_of_sets_it_did_not_label(data, stored, tmp_path):
+  """Issue 26.14: relabel's result.json is merged, never rewritten with fewer entries."""
+  workdir = copy(stored[0], tmp_path / 'w')
+  with_random = dict(B, evaluate={'temperature': 1.0, 'baselines': ('random',)})
+  first = relabel.run(make_config(data, **with_random), workdir)
+  assert sorted(first['sets']) == ['distilled', 'random']
+  again = relabel.run(make_config(data, **B), workdir)
+  assert again['sets'] == first['sets']
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_and_the_resume_command(data, base, tmp_path):
+  """Issue 26.14: no traceback; the lock is released."""
+  workdir = copy(base, tmp_path / 'w')
+  log_path = tmp_path / 'log'
+  command = [sys.executable, '-m', 'sre2l_jax.main'] + cli_args(
+      data, workdir, 'evaluate', relabel={'epochs': 200})
+  with open(log_path, 'w') as log:
+    process = subprocess.Popen(command, cwd=testlib.REPO, stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, PYTHONPATH=testlib.REPO))
+    deadline = time.time() + 240
+    while 'evaluate convnet' not in log_path.read_text() and time.time() < deadline:
+      assert process.poll() is None, log_path.read_text()[-3000:]
+      time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+  text = log_path.read_text()
+  assert 'Traceback' not in text, text[-3000:]
+  last = [line for line in text.splitlines() if line.strip()][-1]
+  assert last.startswith('sre2l_jax: interrupted (Ctrl-C)') and 'Resume with: ' in last
+  assert f'--workdir={workdir}' in last
+  assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK))
+
+
+def test_dry_run_of_a_plan_that_cannot_fit_exits_1_and_names_the_knob(tmp_path):
+  """Issue 26.11: with a stated memory that no group fits, the dry run says which knob and
+  value would fit (never '0.00 GiB') and exits 1."""
+  completed = cli([f'--config={testlib.config_file("fashion_mnist_ipc10")}:smoke',
+                   f'--workdir={tmp_path / "w"}', '--stages=recover', '--dry_run',
+                   '--config.recover.device_memory_gb=0.0001'])
+  assert completed.returncode == 1, completed.stderr[-3000:]
+  assert 'does not fit' in completed.stdout
+  assert 'set recover.device_memory_gb=' in completed.stdout
+  assert '0.00 GiB' not in completed.stdout + completed.stderr
+  assert completed.stderr.strip().splitlines()[-1].startswith('sre2l_jax: The plan above does '
+                                                              'not fit')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_the_plan_covers_the_measure_pass_which_holds_one_group_at_a_time(data):
+  """Issue 26.10: the round's peak is the larger of its step's and its measure pass's, and the
+  measure pass (like the step) holds one group's activations per device at a time: its peak
+  grows with the round only by the images it is given."""
+  config = make_config(data, recover={'ipc': 80})  # 80 groups of 10
+  config.recover.device_memory_gb = 1.0
+  plan = recover.plan(config, '/nonexistent')['plans']['this device']
+  measure = plan['measure']
+  assert plan['peak_bytes'] == max(plan['step']['peak_bytes'], measure['peak_bytes'])
+  mesh = batching.create_mesh(config.mesh_shape)
+  model = recover.create_teacher_model(config, SPEC)
+  teacher = models.abstract_variables(model, SPEC.image_shape)
+  factory = recover._step_factory  # pylint: disable=protected-access
+  _, measure_at, _ = factory(config, SPEC, mesh, teacher, jax.random.key(0))
+  small, large = measure_at(8), measure_at(80)
+  images = lambda groups: groups // 8 * 10 * int(np.prod(SPEC.image_shape)) * 4  # per device
+  # 9 more groups per device: their images, ids and outputs only, not their activations.
+  assert large.peak_bytes - small.peak_bytes <= 1.5 * (images(80) - images(8))

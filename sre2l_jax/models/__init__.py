@@ -78,6 +78,17 @@ def from_spec(spec: str, base: ml_collections.ConfigDict,
   return out
 
 
+def check_buildable(config: ml_collections.ConfigDict, num_classes: int, image_shape,
+                    what: str) -> None:
+  """Raises ValueError naming `what` (e.g. 'student') unless `config` builds a model that
+  runs at `image_shape` (traced only: nothing is computed or allocated)."""
+  try:
+    abstract_variables(create_model(config, num_classes), image_shape)
+  except Exception as e:  # pylint: disable=broad-except  # unknown names, keys, shapes
+    text = ' '.join(str(e).split())[:300] or type(e).__name__
+    raise ValueError(f'{what} {config.to_dict()} cannot be built: {text}') from None
+
+
 def split_specs(specs) -> list[str]:
   """A list of model specs from a tuple, or from a comma-separated string where the commas
   inside a spec ('mlp:width=128,depth=2,lenet') stay with their spec; stripped, in order,

@@ -123,15 +123,23 @@ def group_gradients(images, labels, uids, keys, min_scale, teacher, *, method, m
   def one(x, y, u, k):
     return jax.grad(loss_fn, has_aux=True)(x, y, u, k, min_scale)
 
-  groups, parallel = images.shape[0], cfg.get('parallel_groups', 1)
+  return map_groups(one, (images, labels, uids, keys), uids, cfg.get('parallel_groups', 1))
+
+
+def map_groups(one, args: tuple, uids, parallel: int):
+  """`one(*group)` of every group of `args` (arrays with a leading G axis), stacked:
+  `parallel` 1 one after another in a loop whose trip count the compiler cannot see (a
+  group's arithmetic the same program whatever else the device holds, one group's
+  activations alive at a time); 0 all at once (vmapped); N vmapped N at a time."""
+  groups = args[0].shape[0]
   if parallel == 0 or 1 < parallel >= groups:
-    return jax.vmap(one)(images, labels, uids, keys)
+    return jax.vmap(one)(*args)
   if parallel > 1:
-    return jax.lax.map(lambda a: one(*a), (images, labels, uids, keys), batch_size=parallel)
+    return jax.lax.map(lambda a: one(*a), args, batch_size=parallel)
 
   def take(i):
     return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
-                                  (images, labels, uids, keys))
+                                  args)
 
   def body(i, out):
     return jax.tree_util.tree_map(lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0),
@@ -210,21 +218,30 @@ def compile_recover_step(step, tx, groups: int, group_size: int, image_shape, me
                                         rng)).compile()
 
 
-def measure(images, labels, uids, key, *, method, model, teacher, cfg):
+def measure(images, labels, uids, key, *, method, model, teacher, cfg, mesh=None):
   """BN losses (G,) and teacher hits (G, B) of the images as they are now.
 
   Returns (BN term of the objective on augmented views drawn from the fixed `key`, so
   initial and final images are measured on the same views; BN loss of the un-augmented
-  images; teacher correct on the un-augmented images).
+  images; teacher correct on the un-augmented images). Groups are measured like the step
+  trains them (`map_groups` at recover.parallel_groups, per device on `mesh`): the pass
+  holds no more activations than the step, whatever the round size.
   """
-  def one(group, group_labels, group_uids, group_key):
-    _, metrics = method.group_loss(group, group_labels, group_uids, group_key,
-                                   jnp.float32(cfg.min_scale), model=model, teacher=teacher,
-                                   cfg=cfg)
-    bn, logits = method.unaugmented_bn_loss(group, model=model, teacher=teacher, cfg=cfg)
-    return metrics['bn_loss'], bn, jnp.argmax(logits, -1) == group_labels
+  def groups(images, labels, uids, keys, teacher):
+    def one(group, group_labels, group_uids, group_key):
+      _, metrics = method.group_loss(group, group_labels, group_uids, group_key,
+                                     jnp.float32(cfg.min_scale), model=model, teacher=teacher,
+                                     cfg=cfg)
+      bn, logits = method.unaugmented_bn_loss(group, model=model, teacher=teacher, cfg=cfg)
+      return metrics['bn_loss'], bn, jnp.argmax(logits, -1) == group_labels
+    return map_groups(one, (images, labels, uids, keys), uids, cfg.get('parallel_groups', 1))
+
   keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(uids[:, 0])
-  return jax.vmap(one)(images, labels, uids, keys)
+  if mesh is not None:  # per device: its own groups; nothing crosses devices
+    data, replicated = jax.sharding.PartitionSpec('data'), jax.sharding.PartitionSpec()
+    groups = jax.shard_map(groups, mesh=mesh, in_specs=(data,) * 4 + (replicated,),
+                           out_specs=data, check_vma=False)
+  return groups(images, labels, uids, keys, teacher)
 
 
 # ----------------------------------------------------------------------------- init

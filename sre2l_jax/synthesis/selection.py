@@ -205,6 +205,26 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
   return out
 
 
+def check_candidates(cfg) -> None:
+  """recover.init_candidates gives ipc distinct starting images per class (cfg: recover's)."""
+  if cfg.init == 'scored' and 0 < cfg.init_candidates < cfg.ipc:
+    raise ValueError(f'recover.init_candidates={cfg.init_candidates} gives fewer than '
+                     f'recover.ipc={cfg.ipc} distinct starting images per class: raise it to '
+                     f'>= {cfg.ipc} (0: all of each class).')
+
+
+def check_class_sizes(cfg, train_split, num_classes: int, train_limit: int) -> None:
+  """With init_candidates=0 (all of each class): every class has ipc images (before any
+  work; an in-memory split)."""
+  smallest = _smallest_class(train_split, num_classes)
+  if smallest < cfg.ipc:
+    limit = f' (dataset.train_limit={train_limit})' if train_limit else ''
+    raise ValueError(f'recover.ipc={cfg.ipc} with recover.init=\'scored\' needs {cfg.ipc} '
+                     f'distinct real images per class; the smallest class of the training '
+                     f'split{limit} has {smallest}: lower recover.ipc to {smallest} or less, '
+                     f'use more training images (dataset.train_limit), or recover.init=noise.')
+
+
 def _smallest_class(split, num_classes: int) -> int:
   _, labels = split.arrays()  # 0 (all of the class) needs an in-memory split
   return int(np.bincount(labels, minlength=num_classes)[:num_classes].min())
