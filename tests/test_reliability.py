@@ -66,8 +66,7 @@ IPC = 2  # 20 noise images; student batch 16 -> 2 steps per epoch
 
 def make_config(data, **sections) -> ml_collections.ConfigDict:
   """The smoke config, tiny, on the cut data; `sections`: {'evaluate': {...}, ...}."""
-  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
-  config.dataset.update(data_dir=data['data_dir'], source_dir=data['source_dir'])
+  config = testlib.fashion_config(data)
   config.teacher.width = config.student.width = 8
   config.recover.ipc = IPC
   config.relabel.update(epochs=2, batch_size=16, epochs_per_shard=1)
@@ -135,12 +134,6 @@ def assert_one_line_error(completed, *fragments):
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-  """A TFDS data dir of real Fashion-MNIST cut to its first 600 train / 300 test images."""
-  return testlib.cut_fashion_mnist(tmp_path_factory.mktemp('fashion_mnist'))
 
 
 @pytest.fixture(scope='module')
