@@ -30,9 +30,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 
 from sre2l_jax import checkpoint
 from sre2l_jax import config_lib
+from sre2l_jax import export
+from sre2l_jax import image_sets
 from sre2l_jax import models
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax.data import builders
@@ -72,8 +75,6 @@ def fashion_config(data: dict, overrides: dict | None = None, *,
 def write_noise_set(workdir: str, ipc: int, seed: int = 0, spec_name: str = 'fashion_mnist'):
   """A class-major 'distilled' set of uniform uint8 noise, `ipc` images per class, written
   where recover writes one: (images, labels)."""
-  from sre2l_jax import export  # pylint: disable=g-import-not-at-top
-  from sre2l_jax import image_sets  # pylint: disable=g-import-not-at-top
   spec = datasets.get_spec(spec_name)
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (spec.num_classes * ipc,) + spec.image_shape, dtype=np.uint8)
@@ -262,7 +263,6 @@ def network_differences(model, a: dict, b: dict, images) -> dict:
   'param_name': its path, 'redundant': the largest of the `is_redundant` ones (reported for
   the record, not a claim)}.
   """
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   flat_a = traverse_util.flatten_dict(jax.device_get(a), sep='/')
   flat_b = traverse_util.flatten_dict(jax.device_get(b), sep='/')
   assert flat_a.keys() == flat_b.keys(), (flat_a.keys() ^ flat_b.keys())
