@@ -20,6 +20,8 @@ device keeps a margin, and `launch/gpu_bench.sh` compares the plan with a measur
 
 import dataclasses
 import math
+import os
+import resource
 from typing import Callable
 
 import jax
@@ -294,3 +296,84 @@ def check_fits(report: MemoryReport, budget_bytes: int | None, what: str) -> Non
     raise MemoryError(f'{what} does not fit: XLA plans {describe(report)}, over the '
                       f'{format_bytes(budget_bytes)} available per device.')
 
+
+
+# ----------------------------------------------------------------------------- host
+
+
+# Host bytes per byte of state while Orbax saves it: the state's host copy and the write
+# buffers behind it. Measured on the 2-core CPU (docs/running.md): the first save of a 90 MiB
+# recover state raised the resident set by 179 MiB.
+CHECKPOINT_HOST_FACTOR = 2.0
+
+
+def resident_bytes() -> int:
+  """This process's resident set now (Linux /proc; elsewhere its peak so far)."""
+  try:
+    with open('/proc/self/status', encoding='ascii') as f:
+      for line in f:
+        if line.startswith('VmRSS:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def host_memory_bytes() -> int | None:
+  """The host's physical memory, where the OS says."""
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPlan:
+  """One process's host memory at its peak: the process as it stands when planned (libraries,
+  compiled programs, the teacher, data read so far: measured, not planned), the device
+  buffers where the devices are this host's memory (XLA's CPU backend: its plan times the
+  process's devices; 0 on a GPU or TPU), and the host-side passes: a checkpoint save of the
+  state, the end of a pass (its outputs copied off the devices and encoded), the final export
+  (process 0). The passes follow one another, but they are added, not maxed: the allocator
+  keeps much of what one pass freed resident for the next (measured on the 2-core CPU: after
+  recover's first save of a 90 MiB state, 89 of the 179 MiB it added stayed resident), and
+  the measured peak came at the last pass (docs/running.md)."""
+  process_bytes: int
+  device_bytes: int
+  passes: dict  # name: bytes
+
+  @property
+  def peak_bytes(self) -> int:
+    return self.process_bytes + self.device_bytes + sum(self.passes.values())
+
+  def to_dict(self) -> dict:
+    return {'process_bytes': self.process_bytes, 'device_bytes': self.device_bytes,
+            'passes': dict(self.passes), 'peak_bytes': self.peak_bytes}
+
+  def describe(self) -> str:
+    where = (f' + devices {format_bytes(self.device_bytes)} (XLA, in host memory)'
+             if self.device_bytes else '')
+    passes = ''.join(f' + {name} {format_bytes(b)}' for name, b in self.passes.items())
+    return (f'host: peak {format_bytes(self.peak_bytes)} per process = the process now '
+            f'{format_bytes(self.process_bytes)}{where}{passes}')
+
+
+def host_plan(device_peak_bytes: int, passes: dict, backend: str | None = None,
+              local_devices: int | None = None) -> HostPlan:
+  """The `HostPlan` of this process now: `device_peak_bytes` is XLA's per-device plan,
+  counted in host memory on the CPU backend; `passes` the host-side passes' bytes."""
+  backend = backend or jax.default_backend()
+  local_devices = jax.local_device_count() if local_devices is None else local_devices
+  device = device_peak_bytes * local_devices if backend == 'cpu' else 0
+  return HostPlan(resident_bytes(), int(device), {k: int(v) for k, v in passes.items()})
+
+
+def check_host_fits(plan: HostPlan, what: str) -> str:
+  """A warning line when `plan` exceeds this host's memory ('' when it fits or is unknown)."""
+  total = host_memory_bytes()
+  if total is None or plan.peak_bytes <= total:
+    return ''
+  return (f'{what}: the host plan ({format_bytes(plan.peak_bytes)}) exceeds this host\'s '
+          f'{format_bytes(total)}: fewer groups per round (recover.groups_per_round) shrink '
+          f'the checkpoint and round passes; the final export holds the whole set on '
+          f'process 0.')

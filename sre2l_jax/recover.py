@@ -289,6 +289,26 @@ def describe_plan(plan: RoundPlan, cfg) -> str:
   return line + f'; {cfg.dtype}, remat {cfg.remat}'
 
 
+def host_plan(cfg, plan: RoundPlan, spec: datasets.DatasetSpec, num_classes: int,
+              backend: str | None = None) -> memory.HostPlan:
+  """This process's host memory over recover (`memory.HostPlan`): the process now, the
+  devices' plan where they are host memory, and the host-side passes: a checkpoint save of
+  its share of the state (the images and Adam's two moments, float32), a round's end (the
+  round's images copied off the devices in float32, as uint8 and as PNGs) and, on process 0,
+  the export (the whole set as uint8: the rounds joined, put in class order, serialised into
+  TFDS; a round's float32 images read back)."""
+  pixels = math.prod(spec.image_shape)
+  round_images = plan.groups_per_round * cfg.batch_size * pixels
+  processes = jax.process_count()
+  passes = {
+      'checkpoint save': memory.CHECKPOINT_HOST_FACTOR * 3 * 4 * round_images / processes,
+      'round end': round_images * (4 + 1 + 1),
+  }
+  if jax.process_index() == 0:
+    passes['export'] = 3 * num_classes * cfg.ipc * pixels + 4 * round_images
+  return memory.host_plan(plan.peak_bytes, passes, backend)
+
+
 def real_group_count(cfg, num_classes: int) -> int:
   """Groups holding real images (`optimize.group_layout`)."""
   if cfg.group_by == 'class':
@@ -404,9 +424,14 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
       out['fits'] = False
       continue
     device_kind = memory.DEVICES[name].name if name in memory.DEVICES else kind
+    # The host: this machine's devices are its memory only on the CPU backend.
+    host = host_plan(cfg, p, spec, image_sets.recovered_classes(cfg, spec),
+                     jax.default_backend() if name == 'this device' else 'accelerator')
     print(f'  {name}: {describe_plan(p, cfg)}')
     print(f'  {" " * len(name)}  {projection(p, cfg, device_kind)}')
-    out['plans'][name] = p.to_dict() | {'projection': projection(p, cfg, device_kind)}
+    print(f'  {" " * len(name)}  {host.describe()}')
+    out['plans'][name] = p.to_dict() | {'projection': projection(p, cfg, device_kind),
+                                        'host': host.to_dict()}
   return out
 
 
@@ -540,8 +565,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   round_plan = plan_rounds(cfg, real_groups, mesh.size, compile_at, memory_budget(cfg), stored,
                            measure_at)
   per_round, rounds = round_plan.groups_per_round, round_plan.rounds
-  files.write_json(plan_path, round_plan.to_dict())
+  host = host_plan(cfg, round_plan, spec, num_classes)
+  files.write_json(plan_path, round_plan.to_dict() | {'host': host.to_dict()})
   logging.info('recover plan: %s', describe_plan(round_plan, cfg))
+  logging.info('recover plan: %s', host.describe())
+  if warning := memory.check_host_fits(host, 'recover'):
+    logging.warning('%s', warning)
   logging.info('recover plan: %s', projection(round_plan, cfg, jax.devices()[0].device_kind))
   step = compile_at(per_round)
 

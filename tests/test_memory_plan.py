@@ -237,6 +237,32 @@ def test_memory_arithmetic():
   assert memory.preset_for('cpu') is None
 
 
+def test_host_plan_counts_the_process_the_devices_on_cpu_and_the_passes():
+  cpu = memory.host_plan(100, {'checkpoint save': 40, 'round end': 70}, 'cpu', 8)
+  assert cpu.process_bytes > 0 and cpu.device_bytes == 800  # CPU devices are host memory
+  assert cpu.peak_bytes == cpu.process_bytes + 800 + 110  # freed passes stay resident
+  accelerator = memory.host_plan(100, {'export': 5}, 'gpu', 8)
+  assert accelerator.device_bytes == 0 and 'export' in accelerator.describe()
+  assert memory.check_host_fits(cpu, 'recover') == ''
+  huge = memory.HostPlan(0, 0, {'export': 2**62})
+  assert 'groups_per_round' in memory.check_host_fits(huge, 'recover')
+
+
+def test_recover_writes_its_host_plan(one_round):
+  """24 groups of 5 Fashion-MNIST images in one round on 8 CPU devices: the state (images and
+  Adam's two moments, float32) saved through a host copy, the round's images copied off the
+  devices as float32, uint8 and PNG, the whole set exported by process 0."""
+  workdir, _ = one_round
+  plan = files.read_json(os.path.join(workdir, 'recover', 'plan.json'))
+  pixels = 24 * 5 * 28 * 28
+  host = plan['host']
+  assert host['passes'] == {'checkpoint save': memory.CHECKPOINT_HOST_FACTOR * 3 * 4 * pixels,
+                            'round end': 6 * pixels, 'export': 3 * 10 * 12 * 784 + 4 * pixels}
+  assert host['device_bytes'] == 8 * plan['peak_bytes']
+  assert host['peak_bytes'] == (host['process_bytes'] + host['device_bytes']
+                                + sum(host['passes'].values()))
+
+
 def test_dry_run_of_the_imagenet_config_needs_no_data_or_teacher(tmp_path):
   workdir = str(tmp_path / 'w')
   command = [sys.executable, '-m', 'sre2l_jax.main',
@@ -249,6 +275,7 @@ def test_dry_run_of_the_imagenet_config_needs_no_data_or_teacher(tmp_path):
   assert 'recover plan (dry run' in done.stdout
   assert 'imagenet2012, resnet18, 224x224' in done.stdout
   assert 'groups of 5 images in' in done.stdout and 'projected' in done.stdout
+  assert 'host: peak' in done.stdout
   assert not os.path.exists(workdir)  # nothing written
 
 
