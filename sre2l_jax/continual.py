@@ -42,6 +42,7 @@ from absl import logging
 from sre2l_jax import checkpoint
 from sre2l_jax import context
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import models
@@ -200,26 +201,6 @@ def write_plot(path: str, classes_seen: list[int], accuracies: dict, title: str)
     fig.savefig(f, format='png', dpi=120)
 
 
-def fingerprint(config, name: str, order: list[int], images: np.ndarray) -> dict:
-  """What fixes the meaning of one set's continual state."""
-  skip_eval = ('seeds', 'eval_batch_size', 'baselines', 'checkpoint_every_epochs',
-               'log_every_steps', 'eval_every_epochs', 'students', 'stack_students')
-  skip_relabel = ('mode', 'storage', 'topk', 'epochs', 'epochs_per_shard')
-  evaluate = {k: v for k, v in config.evaluate.to_dict().items() if k not in skip_eval}
-  if evaluate.get('lr_zeta') == 1.0:  # added later: named only when set, so that the
-    del evaluate['lr_zeta']            # states of earlier runs keep their fingerprint
-  for key in ('ema_decay', 'loss', 'ce_weight'):  # 0 and 'kl' here (validate)
-    evaluate.pop(key, None)
-  return {'set': name, 'dataset': datasets.identity(config.dataset), 'test_limit': config.dataset.test_limit,
-          'student': config.student.to_dict(), 'teacher': config.teacher.to_dict(),
-          'class_order': order, 'seed': config.seed,
-          'continual': {k: v for k, v in config.continual.to_dict().items() if k != 'sets'},
-          'evaluate': evaluate,
-          'relabel': {k: v for k, v in config.relabel.to_dict().items()
-                      if k not in skip_relabel},
-          'images_sha256': label_store.images_digest(images)}
-
-
 def set_names(config) -> list[str]:
   names = [s.strip() for s in config.continual.sets if s.strip()]
   unknown = sorted(set(names) - set(SETS))
@@ -300,7 +281,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
   for write in (False, True):  # every set's folder checked before any is claimed
     for name, (images, _) in sets.items():
       checkpoint.check_fingerprint(os.path.join(stage_dir, name),
-                                   fingerprint(config, name, order, images), write=write)
+                                   fingerprints.record(
+                                       'continual', config, set=name, class_order=order,
+                                       images_sha256=label_store.images_digest(images)),
+                                   write=write)
       # The teacher whose soft labels the students learnt (kept apart from the fingerprint,
       # which continual folders written before teacher digests hold without it).
       checkpoint.check_fingerprint(os.path.join(stage_dir, name), teacher_key, write=write,

@@ -41,6 +41,7 @@ from etils import epath
 from sre2l_jax import checkpoint
 from sre2l_jax import context
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import memory
@@ -56,7 +57,6 @@ from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
 # Evaluate keys that change a student (seeds, eval batch, checkpoint and log intervals do not).
-OPTIMIZER_KEYS = ('optimizer', 'lr', 'momentum', 'nesterov', 'weight_decay', 'decay_all')
 
 
 FULL_DATA = 'full_hard'  # the variant of evaluate.baselines' 'full_data'
@@ -106,28 +106,14 @@ def labels_of(config, hard: bool) -> str:
 
 
 def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -> dict:
-  """Everything the result of a student of one variant depends on (besides its seed).
-  student_cfg: the student model (default `config.student`)."""
+  """Everything the result of a student of one variant depends on (besides its seed):
+  `fingerprints.TABLE['student']` ('student_hard'). student_cfg: the student model (default
+  `config.student`)."""
   student_cfg = config.student if student_cfg is None else student_cfg
-  settings = {
-      'dataset': datasets.identity(config.dataset), 'test_limit': config.dataset.test_limit,
-      'student': student_cfg.to_dict(), 'seed': config.seed,
-      'optimizer': {k: config.evaluate[k] for k in OPTIMIZER_KEYS},
-      'schedule': {'batch_size': config.relabel.batch_size, 'epochs': config.relabel.epochs},
-      'view': views.view_settings(config.relabel),
-      'images_sha256': label_store.images_digest(images), 'labels': labels_of(config, hard)}
-  # EDC's student (the smoothed schedule, the parameters' moving average) only where set, so
-  # that the students of the default settings keep their folders.
-  if config.evaluate.lr_zeta != 1.0:
-    settings['schedule']['lr_zeta'] = config.evaluate.lr_zeta
-  if config.evaluate.ema_decay:
-    settings['ema_decay'] = config.evaluate.ema_decay
-  if config.evaluate.loss != 'kl' and not hard:
-    settings.update(loss=config.evaluate.loss, ce_weight=config.evaluate.ce_weight)
-  if not hard:
-    settings.update(temperature=config.evaluate.temperature,
-                    teacher=config.teacher.to_dict(), teacher_dir=config.squeeze.teacher_dir)
-  return settings
+  return fingerprints.record('student_hard' if hard else 'student', config,
+                             student=student_cfg.to_dict(),
+                             images_sha256=label_store.images_digest(images),
+                             labels=labels_of(config, hard))
 
 
 def variant_dir(workdir: str, name: str, settings: dict, full_data_dir: str = '') -> str:
@@ -136,8 +122,8 @@ def variant_dir(workdir: str, name: str, settings: dict, full_data_dir: str = ''
   trained once per dataset, student and protocol, which the settings' digest names, and
   reused by every run that points there)."""
   if name == FULL_DATA and full_data_dir:
-    return os.path.join(full_data_dir, name, label_store.digest(settings, 10))
-  return os.path.join(workdir, 'evaluate', name, label_store.digest(settings, 10))
+    return os.path.join(full_data_dir, name, fingerprints.digest(settings, 10))
+  return os.path.join(workdir, 'evaluate', name, fingerprints.digest(settings, 10))
 
 
 @dataclasses.dataclass(eq=False)
@@ -161,7 +147,7 @@ def stack_dir(workdir: str, members) -> str:
   """`workdir/evaluate/stacks/<digest>`: the resumable state of the stack of `members`
   ((Variant, seed) pairs), named after its members' folders and seeds."""
   names = [[os.path.relpath(v.directory, workdir), seed] for v, seed in members]
-  return os.path.join(workdir, 'evaluate', 'stacks', label_store.digest({'students': names}, 10))
+  return os.path.join(workdir, 'evaluate', 'stacks', fingerprints.digest({'students': names}, 10))
 
 
 def train_stack(config, workdir, members, ctx, teacher_model, teacher, test) -> list[dict]:

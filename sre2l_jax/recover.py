@@ -33,6 +33,7 @@ from sre2l_jax import class_stats
 from sre2l_jax import context
 from sre2l_jax import export
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import memory
@@ -51,8 +52,6 @@ from sre2l_jax.synthesis import selection
 from sre2l_jax.synthesis import sre2l
 
 CROPS = ('per_image', 'per_group', 'none')
-# What fixes the images (settings, teacher digest): `image_sets.recover_fingerprint`.
-fingerprint = image_sets.recover_fingerprint
 
 
 def validate(config, ctx: context.Context) -> None:
@@ -508,7 +507,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
   method = synthesis.get_method(cfg.method)
   _, teacher = teacher_lib.load(config, workdir, mesh)  # fails early if missing/unfit
   model = create_teacher_model(config, spec)
-  key = fingerprint(config, teacher_lib.digest(config, workdir, mesh))
+  key = fingerprints.record('recover', config, **{
+      image_sets.TEACHER_KEY: teacher_lib.digest(config, workdir, mesh)})
   # A workdir recovered before teacher digests: this teacher's recorded (stated) when claimed.
   added = (image_sets.TEACHER_KEY,)
   checkpoint.check_fingerprint(stage_dir, key, write=False, added=added)

@@ -15,6 +15,7 @@ from absl import logging
 from sre2l_jax import checkpoint
 from sre2l_jax import context
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import memory
 from sre2l_jax import models
 from sre2l_jax import rngs
@@ -23,17 +24,6 @@ from sre2l_jax import train_lib
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
-
-
-def fingerprint(config: ml_collections.ConfigDict) -> dict:
-  """What fixes the meaning and shapes of the squeeze state."""
-  return {'dataset': datasets.identity(config.dataset), 'train_limit': config.dataset.train_limit,
-          # Extra teachers are squeezed in folders of their own (teacher.extra_configs).
-          'teacher': {k: v for k, v in config.teacher.to_dict().items()
-                      if k != 'extra_teachers'}, 'squeeze': {
-              k: v for k, v in config.squeeze.to_dict().items()
-              if k not in ('log_every_steps', 'checkpoint_every_steps', 'eval_batch_size')},
-          'seed': config.seed}
 
 
 def validate(config: ml_collections.ConfigDict, ctx: context.Context) -> None:
@@ -49,7 +39,7 @@ def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
   stage_dir = os.path.join(workdir, 'squeeze')
   path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
   if not files.exists(path) or checkpoint.diff(files.read_json(path),
-                                               files.normalised(fingerprint(config))):
+                                               files.normalised(fingerprints.record('squeeze', config))):
     return None
   return _trained(stage_dir)
 
@@ -93,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
         f'(skip squeeze), replace it with --overwrite, or use another --workdir.')
   # Only now, once the config is known to be runnable, may the workdir be claimed: a
   # fingerprint written by a refused config would refuse its corrected version.
-  checkpoint.check_fingerprint(stage_dir, fingerprint(config))
+  checkpoint.check_fingerprint(stage_dir, fingerprints.record('squeeze', config))
   done = _trained(stage_dir)  # `finished`, its fingerprint just checked
   if done is not None:
     logging.info('squeeze: finished already (%s); nothing to do.', done.get('measured_at'))

@@ -18,6 +18,7 @@ from sre2l_jax import class_stats
 from sre2l_jax import evaluate
 from sre2l_jax import export
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import rngs
@@ -300,10 +301,10 @@ def test_scored_start_keeps_scores_and_crops_the_chosen_images_again():
 def test_a_new_recover_key_at_its_old_behaviour_keeps_old_workdirs_resumable():
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,method=edc')
   config.recover.init_pick = 'score'
-  before = recover.fingerprint(config)
+  before = fingerprints.record('recover', config)
   assert 'init_pick' not in before['recover']  # 'score': what workdirs before it did
   config.recover.init_pick = 'centre'
-  assert recover.fingerprint(config)['recover']['init_pick'] == 'centre'
+  assert fingerprints.record('recover', config)['recover']['init_pick'] == 'centre'
 
 
 # ----------------------------------------------------------------------------- diversity

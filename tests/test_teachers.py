@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sre2l_jax import files
-from sre2l_jax import label_store
+from sre2l_jax import fingerprints
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import squeeze
@@ -46,7 +46,7 @@ def test_specs_and_folders():
   # A new extra teacher does not disturb the main teacher's squeeze run.
   plain = _config()
   plain.teacher.extra_teachers = ()
-  assert squeeze.fingerprint(plain) == squeeze.fingerprint(config)
+  assert fingerprints.record('squeeze', plain) == fingerprints.record('squeeze', config)
 
 
 def _ensemble(config, seed=0):
@@ -167,7 +167,7 @@ def test_stored_labels_of_several_teachers_depend_on_the_temperature():
   config.relabel.storage = 'float16'
   hot = config.copy_and_resolve_references()
   hot.evaluate.temperature = 2 * config.evaluate.temperature
-  assert label_store.label_settings(config) != label_store.label_settings(hot)
+  assert fingerprints.record('labels', config) != fingerprints.record('labels', hot)
   config.teacher.extra_teachers = hot.teacher.extra_teachers = ()
-  one, other = label_store.label_settings(config), label_store.label_settings(hot)
+  one, other = fingerprints.record('labels', config), fingerprints.record('labels', hot)
   assert {k: (v, other[k]) for k, v in one.items() if v != other[k]} == {}
