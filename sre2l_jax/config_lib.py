@@ -12,6 +12,7 @@ import importlib.util
 import os
 
 import ml_collections
+import numpy as np
 
 # The stages in the order they run; each is a module `sre2l_jax.<name>` with
 # `run(config, workdir) -> result` writing only under `workdir/<name>/`.
@@ -299,3 +300,57 @@ def base_config() -> ml_collections.ConfigDict:
       sets=('distilled', 'random'),  # compared image sets: distilled, random (real subset)
   ))
   return c
+
+
+# ----------------------------------------------------------------------------- number checks
+
+# What the numbers of each config section must satisfy, checked before any work: a negative
+# lr trains "fine" to chance accuracy, and NaN passes every `x <= 0` test. Batch sizes are
+# checked against the device count elsewhere (`batching.check_batch_size`).
+#   '>0' positive, '>=0' non-negative, 'int' positive integer, 'int>=0', or a range '[0,1)'.
+NUMBER_RULES = {
+    'squeeze': dict(epochs='>0', lr='>0', momentum='[0,1)', weight_decay='>=0',
+                    warmup_epochs='>=0', label_smoothing='[0,1)', pad='int>=0',
+                    checkpoint_every_steps='int', log_every_steps='int'),
+    'recover': dict(ipc='int', iterations='int', lr='>0', r_bn='>=0',
+                    first_bn_multiplier='>=0', adam_b1='[0,1)', adam_b2='[0,1)',
+                    jitter='int>=0', min_scale='(0,1]', max_scale='(0,1]',
+                    num_classes='int>=0', checkpoint_every_steps='int', log_every_steps='int',
+                    min_bn_reduction='>=0', min_teacher_top1='[0,1]'),
+    'relabel': dict(topk='int', epochs='int', min_scale='(0,1]', max_scale='(0,1]',
+                    cutmix_alpha='>0', mixup_alpha='>0', mix_prob='[0,1]',
+                    epochs_per_shard='int'),
+    'evaluate': dict(lr='>0', lr_zeta='[1,inf)', ema_decay='[0,1)', ce_weight='>=0',
+                     momentum='[0,1)', weight_decay='>=0', temperature='>0',
+                     seeds='int', checkpoint_every_epochs='int>=0', log_every_steps='int'),
+    'continual': dict(epochs_per_step='int', class_order_seed='int>=0'),
+}
+_RULE_TEXT = {'>0': 'positive', '>=0': '>= 0', 'int': 'a positive integer',
+              'int>=0': 'an integer >= 0'}
+
+
+def _satisfies(value, rule: str) -> bool:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    return False
+  value = float(value)
+  if not np.isfinite(value):
+    return False
+  if rule.startswith('int') and not value.is_integer():
+    return False
+  if rule in ('>0', 'int'):
+    return value > 0
+  if rule in ('>=0', 'int>=0'):
+    return value >= 0
+  low, high = (float(x) for x in rule[1:-1].split(','))
+  return ((low <= value if rule[0] == '[' else low < value) and
+          (value <= high if rule[-1] == ']' else value < high))
+
+
+def validate_numbers(config: ml_collections.ConfigDict, sections) -> None:
+  """Raises ValueError naming the first number of `sections` (e.g. ('squeeze',)) that is
+  not finite or outside its range (`NUMBER_RULES`); keys a section lacks are skipped."""
+  for section in sections:
+    for key, rule in NUMBER_RULES[section].items():
+      if key in config[section] and not _satisfies(config[section][key], rule):
+        raise ValueError(f'{section}.{key}={config[section][key]!r} must be '
+                         f'{_RULE_TEXT.get(rule, "in " + rule.replace(",", ", "))}.')

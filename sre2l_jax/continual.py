@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
 from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import fingerprints
@@ -234,7 +235,7 @@ def validate(config, ctx: context.Context) -> None:
   batching.check_batch_size(config.relabel.batch_size, mesh,
                             'relabel.batch_size (continual student batch)')
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
-  train_lib.validate_numbers(config, ('continual', 'evaluate', 'relabel'))
+  config_lib.validate_numbers(config, ('continual', 'evaluate', 'relabel'))
 
 
 def _empty_record() -> dict:

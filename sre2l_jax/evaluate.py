@@ -39,6 +39,7 @@ from absl import logging
 from etils import epath
 
 from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
 from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import fingerprints
@@ -284,7 +285,7 @@ def validate(config, ctx: context.Context) -> None:
     value = config.evaluate[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f'evaluate.{key}={value!r} must be an integer >= 0.')
-  train_lib.validate_numbers(config, ('evaluate', 'relabel'))
+  config_lib.validate_numbers(config, ('evaluate', 'relabel'))
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
   # The student batch of the distilled set (and the baselines: as many images).
   images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc

@@ -29,6 +29,7 @@ from absl import logging
 from PIL import Image
 
 from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
 from sre2l_jax import class_stats
 from sre2l_jax import context
 from sre2l_jax import export
@@ -113,7 +114,7 @@ def validate(config, ctx: context.Context) -> None:
   if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
     raise ValueError(f'recover needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
                      f'{cfg.max_scale}.')
-  train_lib.validate_numbers(config, ('recover',))
+  config_lib.validate_numbers(config, ('recover',))
 
 
 # ----------------------------------------------------------------------------- plan

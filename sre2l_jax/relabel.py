@@ -17,6 +17,7 @@ import ml_collections
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
 from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import image_sets
@@ -31,9 +32,9 @@ from sre2l_jax.data import batching
 def validate(config: ml_collections.ConfigDict, ctx: context.Context) -> None:
   """Clear errors for relabel settings that cannot run, before any work."""
   label_store.validate(config.relabel)
-  train_lib.validate_numbers(config, ('relabel',))
+  config_lib.validate_numbers(config, ('relabel',))
   if config.relabel.storage == 'topk':  # top-k probabilities are taken at T
-    train_lib.validate_numbers(config, ('evaluate',))
+    config_lib.validate_numbers(config, ('evaluate',))
   if config.relabel.mode == 'stored':  # the batches of views the teacher labels
     images = image_sets.recovered_classes(config.recover, ctx.spec) * config.recover.ipc
     batching.check_batch_size(views.create_schedule(config, images).batch_size, ctx.mesh,

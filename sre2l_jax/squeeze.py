@@ -5,14 +5,17 @@ weights for recover/relabel) and `workdir/squeeze/result.json`.
 """
 
 import dataclasses
+import functools
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
 from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import fingerprints
@@ -26,11 +29,38 @@ from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
 
+def classification_step(state: train_lib.TrainState, batch, rng, *, spec, label_smoothing: float):
+  """One SGD step on real labelled data: (state, batch, rng) -> (state, metrics)."""
+  images = train_lib.augment_batch(rng, batch['image'], spec)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                     images, train=True, mutable=['batch_stats'])
+    loss = train_lib.cross_entropy(logits, batch['label'], spec.num_classes, label_smoothing)
+    return loss, (logits, updates.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  return state, {'loss': loss, 'accuracy': accuracy}
+
+
+def create_classification_step(spec, mesh, label_smoothing: float):
+  """Jitted `classification_step`: (state, batch, rng) -> (state, metrics), the state
+  replicated and donated, the batch sharded on 'data' (squeeze's step)."""
+  replicated, sharded = batching.replicated(mesh), batching.data_sharding(mesh)
+  return jax.jit(
+      functools.partial(classification_step, spec=spec, label_smoothing=label_smoothing),
+      in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+
+
 def validate(config: ml_collections.ConfigDict, ctx: context.Context) -> None:
   c = config.squeeze
   batching.check_batch_size(c.batch_size, ctx.mesh, 'squeeze.batch_size')
   batching.check_batch_size(c.eval_batch_size, ctx.mesh, 'squeeze.eval_batch_size')
-  train_lib.validate_numbers(config, ('squeeze',))
+  config_lib.validate_numbers(config, ('squeeze',))
 
 
 def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
@@ -103,7 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
       lambda: train_lib.create_train_state(model, tx, spec.image_shape, init_rng, mesh))
 
   # Steps.
-  train_step = train_lib.create_classification_step(spec, mesh, c.label_smoothing)
+  train_step = create_classification_step(spec, mesh, c.label_smoothing)
   sharded = batching.data_sharding(mesh)
   batch_shapes = {
       'image': jax.ShapeDtypeStruct((c.batch_size,) + spec.image_shape, jax.numpy.uint8,

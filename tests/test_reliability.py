@@ -288,9 +288,9 @@ def test_every_number_is_validated(key, value, fragment):
   section, name = key.split('.')
   config[section][name] = value
   with pytest.raises(ValueError) as error:
-    train_lib.validate_numbers(config, config_lib.STAGES)
+    config_lib.validate_numbers(config, config_lib.STAGES)
   assert fragment in str(error.value)
-  train_lib.validate_numbers(config_lib.base_config(), config_lib.STAGES)  # defaults pass
+  config_lib.validate_numbers(config_lib.base_config(), config_lib.STAGES)  # defaults pass
 
 
 def test_a_state_that_stops_being_finite_is_never_saved(tmp_path):

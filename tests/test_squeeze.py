@@ -131,7 +131,7 @@ def _train_steps(num_devices: int, steps: int = 3):
   state = train_lib.create_train_state(model, tx, spec.image_shape, jax.random.PRNGKey(0),
                                        mesh)
   sharded = batching.data_sharding(mesh)
-  step = train_lib.create_classification_step(spec, mesh, label_smoothing=0.1)
+  step = squeeze.create_classification_step(spec, mesh, label_smoothing=0.1)
   rng = np.random.default_rng(0)
   split = pipeline.InMemorySplit(rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
                                  rng.integers(0, 10, 64).astype(np.int32))
