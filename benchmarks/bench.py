@@ -316,7 +316,7 @@ def bench_recover(args, config, spec, mesh, model, teacher) -> dict:
   metrics = jax.device_get(compiled(box['state'], labels_dev, uids_dev, rng, teacher)[1])
   images_per_step = int(labels.size)
   counted = cost(compiled)
-  if cfg.get('parallel_groups', 1) == 1 and counted['flops']:
+  if cfg.parallel_groups == 1 and counted['flops']:
     # A device runs its groups one by one in a loop, whose body XLA counts once.
     counted['flops'] *= labels.shape[0] // mesh.size
   result.update(compile_s=compile_seconds, images_per_step=images_per_step,

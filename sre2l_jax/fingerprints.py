@@ -42,14 +42,14 @@ def _label_topk(config):
 def _label_temperature(config):
   # Top-k probabilities, and several teachers' Ensemble logits, are taken at T.
   relabel = config.relabel
-  if relabel.storage == 'topk' or config.teacher.get('extra_teachers'):
+  if relabel.storage == 'topk' or config.teacher.extra_teachers:
     return config.evaluate.temperature
   return None
 
 
 def _train_limit(config):
   # An int, 0 for none: what class statistics have recorded since they were first stored.
-  return int(config.dataset.get('train_limit', 0) or 0)
+  return int(config.dataset.train_limit or 0)
 
 
 _STUDENT = {  # a student trained on hard labels; `student` comes in (one of several models)

@@ -58,7 +58,7 @@ CROPS = ('per_image', 'per_group', 'none')
 def validate(config, ctx: context.Context) -> None:
   cfg, spec = config.recover, ctx.spec
   method = synthesis.get_method(cfg.method)
-  if config.teacher.get('extra_teachers') and not hasattr(method, 'synthesize') and (
+  if config.teacher.extra_teachers and not hasattr(method, 'synthesize') and (
       method is not sre2l):
     raise ValueError(f'Several teachers (teacher.extra_teachers) are summed by the sre2l and '
                      f'rded objectives only; recover.method={cfg.method!r} takes one teacher.')

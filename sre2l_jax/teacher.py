@@ -191,7 +191,7 @@ def extra_configs(config: ml_collections.ConfigDict, workdir: str) -> list:
   root = os.path.join(os.path.dirname(os.path.normpath(teacher_dir(config, workdir))),
                       'teachers')
   out = []
-  for spec in config.teacher.get('extra_teachers', ()):
+  for spec in config.teacher.extra_teachers:
     extra = ml_collections.ConfigDict(config.to_dict())
     extra.teacher = parse_spec(spec, config.teacher)
     extra.teacher.extra_teachers = ()

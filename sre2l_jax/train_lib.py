@@ -36,7 +36,7 @@ def student_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.
   """The students' learning rate (`evaluate.lr`, `evaluate.lr_zeta`): cosine from the peak,
   lr(t) = lr (1 + cos(pi t / (zeta T))) / 2 over T = `total_steps`; zeta 1 decays to 0 at
   the last step (SRe2L), EDC's smoothed schedule zeta 2 only to half the peak."""
-  zeta = cfg.get('lr_zeta', 1.0)
+  zeta = cfg.lr_zeta
   if zeta == 1.0:
     return warmup_cosine(cfg.lr, total_steps)
   return optax.cosine_decay_schedule(cfg.lr, max(int(round(zeta * total_steps)), 1))
@@ -80,7 +80,7 @@ def create_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
   """SGD with momentum (teacher, like the reference) or AdamW (students), keeping a moving
   average of the parameters when `cfg.ema_decay` > 0 (`param_ema`)."""
   tx = _base_optimizer(cfg, schedule)
-  ema = cfg.get('ema_decay', 0.0)
+  ema = cfg.get('ema_decay', 0.0)  # squeeze's section has no moving average
   return optax.chain(tx, param_ema(ema)) if ema else tx
 
 
