@@ -39,6 +39,7 @@ from sre2l_jax import export
 from sre2l_jax import image_sets
 from sre2l_jax import models
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax.data import datasets
 
 
@@ -87,7 +88,7 @@ def make_inputs(config, inputs: str, workdir: str) -> str:
   spec = datasets.get_spec(config.dataset.name)
   model = models.create_model(config.teacher, spec.num_classes)
   variables = bench.teacher_variables(model, spec.image_shape, config.seed)
-  teacher_lib.save(os.path.join(workdir, 'squeeze', 'teacher'), variables,
+  teacher_store.save(os.path.join(workdir, 'squeeze', 'teacher'), variables,
                    teacher_lib.teacher_meta(config, spec))
   rng = np.random.default_rng(config.seed)
   ipc = config.recover.ipc

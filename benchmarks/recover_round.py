@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
   shutil.rmtree(args.workdir, ignore_errors=True)
   model = recover.create_teacher_model(config, spec)
   variables = bench.teacher_variables(model, spec.image_shape, seed=0)
-  teacher_lib.save(teacher_lib.teacher_dir(config, args.workdir), variables,
+  teacher_store.save(teacher_lib.teacher_dir(config, args.workdir), variables,
                    teacher_lib.teacher_meta(config, spec))
   start = time.time()
   try:

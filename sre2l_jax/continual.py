@@ -51,6 +51,7 @@ from sre2l_jax import report
 from sre2l_jax import rngs
 from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
@@ -289,7 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
       # The teacher whose soft labels the students learnt (kept apart from the fingerprint,
       # which continual folders written before teacher digests hold without it).
       checkpoint.check_fingerprint(os.path.join(stage_dir, name), teacher_key, write=write,
-                                   name=teacher_lib.KEY_FILE)
+                                   name=teacher_store.KEY_FILE)
   done = finished(workdir, config)
   if done is not None:
     logging.info('continual: finished already (%s); nothing to do.', done.get('measured_at'))

@@ -21,7 +21,7 @@ digest taken over everything a student's result depends on (`student_settings`, 
 to `fingerprint.json` beside the seeds): another student model, temperature, label storage,
 schedule or image set trains new students beside the old ones, and a finished student is
 reused only under its own settings. Beside it, `teacher_key.json` records the digest of the
-teacher whose soft labels the students learnt (`teacher.KEY_FILE`): another teacher is
+teacher whose soft labels the students learnt (`teacher_store.KEY_FILE`): another teacher is
 refused. The distilled set is checked against recover's fingerprint and images digest
 (`image_sets.check_recovered`). `evaluate/result.json` is the evaluation of the last run's
 settings.
@@ -51,6 +51,7 @@ from sre2l_jax import report
 from sre2l_jax import rngs
 from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
@@ -364,7 +365,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
       # The teacher whose labels the students learnt (apart: the folder names predate it).
       if v.target != 'hard':
         checkpoint.check_fingerprint(v.directory, {'teacher_sha256': teacher_digest},
-                                     write=write, name=teacher_lib.KEY_FILE)
+                                     write=write, name=teacher_store.KEY_FILE)
 
   todo = stacks(config, plan)
   trained = sum(len(members) for members in todo)

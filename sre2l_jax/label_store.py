@@ -40,8 +40,9 @@ def storage_name(cfg) -> str:
 
 def label_dir(config, workdir: str, name: str) -> str:
   """Where the stored labels of image set `name` under `config`'s settings live:
-  `workdir/relabel/<name>/<storage>-<digest of its record>` (`fingerprints.TABLE['labels']`), so labels of other
-  settings (another storage, schedule, views) sit beside them instead of replacing them."""
+  `workdir/relabel/<name>/<storage>-<digest of its record>` (`fingerprints.TABLE['labels']`),
+  so labels of other settings (another storage, schedule, views) sit beside them instead of
+  replacing them."""
   return os.path.join(workdir, 'relabel', name,
                       f'{storage_name(config.relabel)}-'
                       f'{fingerprints.digest(fingerprints.record("labels", config))}')

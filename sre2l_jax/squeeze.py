@@ -23,6 +23,7 @@ from sre2l_jax import memory
 from sre2l_jax import models
 from sre2l_jax import rngs
 from sre2l_jax import teacher
+from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -68,8 +69,8 @@ def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
   None (not run, another config's, or its teacher since removed)."""
   stage_dir = os.path.join(workdir, 'squeeze')
   path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
-  if not files.exists(path) or checkpoint.diff(files.read_json(path),
-                                               files.normalised(fingerprints.record('squeeze', config))):
+  if not files.exists(path) or checkpoint.diff(
+      files.read_json(path), files.normalised(fingerprints.record('squeeze', config))):
     return None
   return _trained(stage_dir)
 
@@ -77,7 +78,7 @@ def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
 def _trained(stage_dir: str) -> dict | None:
   """The result in `stage_dir` if its teacher is there too (checked fingerprint: the caller)."""
   result = checkpoint.finished_result(stage_dir)
-  if result is None or not teacher.exists(os.path.join(stage_dir, 'teacher')):
+  if result is None or not teacher_store.exists(os.path.join(stage_dir, 'teacher')):
     return None
   return result
 
@@ -105,9 +106,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
                      f'training images.')
   teacher_dir = os.path.join(stage_dir, 'teacher')
   fingerprint_path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
-  if (teacher.exists(teacher_dir) and not files.exists(fingerprint_path)
+  if (teacher_store.exists(teacher_dir) and not files.exists(fingerprint_path)
       and not config.overwrite):
-    raise teacher.TeacherError(
+    raise teacher_store.TeacherError(
         f'{teacher_dir} holds a teacher that no squeeze run of this workdir trained (e.g. one '
         f'imported from PyTorch); refusing to train over it. Use it with --stages=recover,... '
         f'(skip squeeze), replace it with --overwrite, or use another --workdir.')
@@ -179,7 +180,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
   writer.flush()
   # Replacing is safe here: a teacher in this folder is this run's (checked above) or one
   # the user asked to replace.
-  teacher.save(teacher_dir, variables, teacher.teacher_meta(config, spec, top1), overwrite=True)
+  teacher_store.save(teacher_dir, variables, teacher.teacher_meta(config, spec, top1),
+                     overwrite=True)
   result = {
       'stage': 'squeeze', 'dataset': spec.name, 'model': config.teacher.to_dict(),
       'test_top1': top1, 'test_top1_unit': 'fraction', 'epochs': c.epochs,

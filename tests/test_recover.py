@@ -24,6 +24,7 @@ from sre2l_jax import files
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax.data import datasets
 from sre2l_jax.synthesis import optimize
@@ -333,27 +334,27 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(killed_run, reference_run, d
 def test_missing_or_unfit_teacher(teacher_workdir, data_dir, tmp_path):
   config = make_config(data_dir)
   empty = str(tmp_path / 'empty')
-  with pytest.raises(teacher_lib.TeacherError, match=r'(?s)No teacher.*--stages=squeeze'):
+  with pytest.raises(teacher_store.TeacherError, match=r'(?s)No teacher.*--stages=squeeze'):
     testlib.run_stage(recover, config, empty)
   assert not os.path.exists(os.path.join(empty, 'recover', 'fingerprint.json'))
 
   # The signature in teacher.json: another width, another class count.
   workdir = new_workdir(teacher_workdir, tmp_path / 'wide')
-  with pytest.raises(teacher_lib.TeacherError, match=r'does not fit.*width: saved 8, now 16'):
+  with pytest.raises(teacher_store.TeacherError, match=r'does not fit.*width: saved 8, now 16'):
     testlib.run_stage(recover, make_config(data_dir, width=16), workdir)
-  meta_path = os.path.join(workdir, 'squeeze', 'teacher', teacher_lib.META)
+  meta_path = os.path.join(workdir, 'squeeze', 'teacher', teacher_store.META)
   meta = files.read_json(meta_path)
   meta['signature']['num_classes'] = 100
   files.write_json(meta_path, meta)
-  with pytest.raises(teacher_lib.TeacherError, match=r'num_classes: saved 100, now 10'):
+  with pytest.raises(teacher_store.TeacherError, match=r'num_classes: saved 100, now 10'):
     testlib.run_stage(recover, config, workdir)
 
   # A teacher.json that fits but weights of another shape.
   workdir = str(tmp_path / 'mis_shaped')
   _, wide = random_teacher(make_config(data_dir, width=16))
-  teacher_lib.save(os.path.join(workdir, 'squeeze', 'teacher'), wide,
+  teacher_store.save(os.path.join(workdir, 'squeeze', 'teacher'), wide,
                           teacher_lib.teacher_meta(config, SPEC))
-  with pytest.raises(teacher_lib.TeacherError, match=r'weights .* do not match'):
+  with pytest.raises(teacher_store.TeacherError, match=r'weights .* do not match'):
     testlib.run_stage(recover, config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'recover', 'checkpoints'))
 
@@ -402,7 +403,7 @@ def test_divergence_midway_keeps_the_last_good_checkpoint(killed_run, data_dir, 
   # another teacher), so that the resumed run meets it.
   path = os.path.join(workdir, 'recover', 'fingerprint.json')
   files.write_json(path, dict(files.read_json(path), teacher_sha256=files.read_json(
-      os.path.join(workdir, 'squeeze', 'teacher', teacher_lib.META))['digest']))
+      os.path.join(workdir, 'squeeze', 'teacher', teacher_store.META))['digest']))
   before = listing(os.path.join(workdir, 'squeeze'))
   with pytest.raises(train_lib.DivergedError,
                      match=rf'(?s)recover\.lr.*recover\.r_bn.*step {good_step}'):

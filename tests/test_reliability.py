@@ -54,6 +54,7 @@ from sre2l_jax import relabel
 from sre2l_jax import runner
 from sre2l_jax import squeeze
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -316,8 +317,8 @@ def test_a_non_finite_teacher_is_never_saved(data, tmp_path):
   _, variables = testlib.random_teacher(make_config(data))
   variables['params'] = jax.tree_util.tree_map(lambda x: x * np.nan, variables['params'])
   meta = teacher_lib.teacher_meta(make_config(data), SPEC)
-  with pytest.raises(teacher_lib.TeacherError, match='non-finite'):
-    teacher_lib.save(str(tmp_path / 'teacher'), variables, meta)
+  with pytest.raises(teacher_store.TeacherError, match='non-finite'):
+    teacher_store.save(str(tmp_path / 'teacher'), variables, meta)
   assert not os.path.exists(tmp_path / 'teacher')
 
 
@@ -387,14 +388,14 @@ def test_torch_import_does_not_replace_a_teacher(data, tmp_path):
   before = listing(out)
   argv = ['--pth', pth, '--arch', 'resnet18', '--stem', 'small', '--image_size', '32',
           '--out', out]
-  with pytest.raises(teacher_lib.TeacherError, match='refusing to replace.*--overwrite'):
+  with pytest.raises(teacher_store.TeacherError, match='refusing to replace.*--overwrite'):
     torch_import.main(argv)
   assert listing(out) == before
   torch_import.main(argv + ['--overwrite'])
-  meta = files.read_json(os.path.join(out, teacher_lib.META))
+  meta = files.read_json(os.path.join(out, teacher_store.META))
   assert meta['signature']['model']['name'] == 'resnet18'
   # squeeze does not train over a teacher it did not make either.
-  with pytest.raises(teacher_lib.TeacherError, match='no squeeze run of this workdir'):
+  with pytest.raises(teacher_store.TeacherError, match='no squeeze run of this workdir'):
     testlib.run_stage(squeeze, make_config(data), workdir)
   assert not os.path.exists(os.path.join(workdir, 'squeeze', checkpoint.FINGERPRINT))
 
@@ -476,8 +477,8 @@ def test_damaged_teacher_says_damaged(data, tmp_path):
   workdir = str(tmp_path / 'w')
   config = make_config(data)
   testlib.write_teacher(config, workdir)
-  truncate_data(os.path.join(workdir, 'squeeze', 'teacher', teacher_lib.WEIGHTS))
-  with pytest.raises(teacher_lib.TeacherError) as error:
+  truncate_data(os.path.join(workdir, 'squeeze', 'teacher', teacher_store.WEIGHTS))
+  with pytest.raises(teacher_store.TeacherError) as error:
     teacher_lib.load(config, workdir, batching.create_mesh(-1))
   message = str(error.value)
   assert 'damaged or truncated' in message and 'do not match' not in message
@@ -694,7 +695,7 @@ def test_old_workdirs_get_their_keys_derived_once(recovered, tmp_path):
   recover is still finished, and the keys are recorded (the same as a new run writes)."""
   config, source, _, _ = recovered
   workdir = copy(source, tmp_path / 'w')
-  paths = {'digest': os.path.join(workdir, 'squeeze', 'teacher', teacher_lib.META),
+  paths = {'digest': os.path.join(workdir, 'squeeze', 'teacher', teacher_store.META),
            'teacher_sha256': os.path.join(workdir, 'recover', checkpoint.FINGERPRINT),
            'images_sha256': os.path.join(workdir, 'recover', checkpoint.RESULT)}
   keys = {key: files.read_json(path)[key] for key, path in paths.items()}

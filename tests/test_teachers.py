@@ -14,6 +14,7 @@ from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import squeeze
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.synthesis import sre2l
@@ -116,7 +117,7 @@ def test_load_all_and_load_read_each_teachers_folder(tmp_path):
                          models.ensemble.combine_variables(written))
   shutil_dir = os.path.join(workdir, 'squeeze', 'teachers', 'convnet-width6-depth2')
   os.rename(shutil_dir, shutil_dir + '.gone')
-  with pytest.raises(teacher_lib.TeacherError, match='convnet-width6-depth2'):
+  with pytest.raises(teacher_store.TeacherError, match='convnet-width6-depth2'):
     teacher_lib.load(config, workdir, mesh)
 
 

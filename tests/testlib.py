@@ -41,6 +41,7 @@ from sre2l_jax import export
 from sre2l_jax import image_sets
 from sre2l_jax import models
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax.data import batching
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
@@ -188,7 +189,7 @@ def write_teacher(config, workdir: str, **kwargs):
   any there: (model, variables)."""
   model, variables = random_teacher(config, **kwargs)
   spec = datasets.get_spec(config.dataset.name)
-  teacher_lib.save(os.path.join(workdir, 'squeeze', 'teacher'), variables,
+  teacher_store.save(os.path.join(workdir, 'squeeze', 'teacher'), variables,
                    teacher_lib.teacher_meta(config, spec), overwrite=True)
   return model, variables
 
