@@ -107,18 +107,9 @@ def _model(**kw) -> ml_collections.ConfigDict:
   ) | kw)
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every knob with its default; experiment files override a few."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # seeds every random stream (see rngs.py)
-  c.stages = DEFAULT_STAGES  # stages `main` runs when --stages is not given
-  c.mesh_shape = -1  # devices on the 'data' axis; -1: all
-  # squeeze and evaluate check before training that one step fits this many GiB per device
-  # (XLA's analysis of the compiled step); 0: the device's own limit (a CPU states none).
-  c.device_memory_gb = 0.0
-  c.overwrite = False  # replace a teacher or stored labels that exist (main's --overwrite)
-
-  c.dataset = ml_collections.ConfigDict(dict(
+def _dataset() -> ml_collections.ConfigDict:
+  """The dataset and its limits; a user dataset's files and normalisation."""
+  return ml_collections.ConfigDict(dict(
       name='fashion_mnist',  # see data/datasets.py; your own: image_folder | arrays | tfds:NAME
       data_dir='',  # TFDS data dir for the prepared ArrayRecord files ('' ~/tensorflow_datasets)
       source_dir='',  # where the raw files are (dataset-specific default)
@@ -136,15 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
       std=(),
   ))
 
-  # Squeeze: teacher training.
-  c.teacher = _model()
-  # Several teachers (G-VBSM, EDC): more teachers beside config.teacher, as model specs
-  # 'name:key=value,...' over config.teacher's keys (e.g. 'convnet:width=64,depth=2').
-  # squeeze trains each in workdir/squeeze/teachers/<spec>/ (read from beside
-  # squeeze.teacher_dir when that is given); recover sums the teachers'
-  # losses; relabel/evaluate average their soft labels at evaluate.temperature (teacher.py).
-  c.teacher.extra_teachers = ()
-  c.squeeze = ml_collections.ConfigDict(dict(
+
+def _squeeze() -> ml_collections.ConfigDict:
+  """Squeeze: teacher training."""
+  return ml_collections.ConfigDict(dict(
       epochs=5,  # may be fractional
       batch_size=128,  # global batch, a multiple of the device count
       optimizer='sgd',  # sgd | adamw
@@ -163,8 +149,10 @@ def base_config() -> ml_collections.ConfigDict:
       teacher_dir='',  # '' -> workdir/squeeze/teacher; or a teacher imported from PyTorch
   ))
 
-  # Recover: image synthesis from the frozen teacher. Names follow the paper/reference.
-  c.recover = ml_collections.ConfigDict(dict(
+
+def _recover() -> ml_collections.ConfigDict:
+  """Recover: image synthesis from the frozen teacher. Names follow the paper/reference."""
+  return ml_collections.ConfigDict(dict(
       method='sre2l',  # synthesis method (see synthesis/)
       ipc=10,  # images per class
       batch_size=100,  # group size: images of different classes, same ipc index
@@ -219,8 +207,10 @@ def base_config() -> ml_collections.ConfigDict:
       min_teacher_top1=0.5,
   ))
 
-  # Relabel: FKD-style soft labels for every crop of every epoch.
-  c.relabel = ml_collections.ConfigDict(dict(
+
+def _relabel() -> ml_collections.ConfigDict:
+  """Relabel: FKD-style soft labels for every crop of every epoch."""
+  return ml_collections.ConfigDict(dict(
       mode='online',  # 'online' (teacher runs in the student step) | 'stored'
       storage='float16',  # stored mode: 'float32' | 'float16' | 'topk'
       topk=1,  # classes kept per view with storage 'topk'
@@ -235,9 +225,10 @@ def base_config() -> ml_collections.ConfigDict:
       epochs_per_shard=50,  # stored mode: epochs per label file
   ))
 
-  # Evaluate: fresh students on the distilled set (and the same-protocol baselines).
-  c.student = _model()
-  c.evaluate = ml_collections.ConfigDict(dict(
+
+def _evaluate() -> ml_collections.ConfigDict:
+  """Evaluate: fresh students on the distilled set (and the same-protocol baselines)."""
+  return ml_collections.ConfigDict(dict(
       optimizer='adamw',  # sgd | adamw
       lr=1e-3,  # peak learning rate (cosine to 0)
       # The cosine runs over lr_zeta times the schedule: lr (1 + cos(pi t / (zeta T))) / 2;
@@ -290,15 +281,44 @@ def base_config() -> ml_collections.ConfigDict:
       stack_mode='auto',
   ))
 
-  # Continual: class-incremental evaluation (`--stages=continual`); the student uses
-  # config.student, the evaluate optimiser and temperature, and the relabel views.
-  c.continual = ml_collections.ConfigDict(dict(
+
+def _continual() -> ml_collections.ConfigDict:
+  """Continual: class-incremental evaluation (`--stages=continual`); the student uses
+  config.student, the evaluate optimiser and temperature, and the relabel views."""
+  return ml_collections.ConfigDict(dict(
       steps=5,  # class groups learned one after another; must divide the number of classes
       class_order_seed=0,  # the class order is a permutation drawn from this seed...
       class_order=(),  # ...unless given here: every class id once
       epochs_per_step=100,  # student epochs over the images of the seen classes, per step
       sets=('distilled', 'random'),  # compared image sets: distilled, random (real subset)
   ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob with its default; experiment files override a few."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds every random stream (see rngs.py)
+  c.stages = DEFAULT_STAGES  # stages `main` runs when --stages is not given
+  c.mesh_shape = -1  # devices on the 'data' axis; -1: all
+  # squeeze and evaluate check before training that one step fits this many GiB per device
+  # (XLA's analysis of the compiled step); 0: the device's own limit (a CPU states none).
+  c.device_memory_gb = 0.0
+  c.overwrite = False  # replace a teacher or stored labels that exist (main's --overwrite)
+
+  c.dataset = _dataset()
+  c.teacher = _model()
+  # Several teachers (G-VBSM, EDC): more teachers beside config.teacher, as model specs
+  # 'name:key=value,...' over config.teacher's keys (e.g. 'convnet:width=64,depth=2').
+  # squeeze trains each in workdir/squeeze/teachers/<spec>/ (read from beside
+  # squeeze.teacher_dir when that is given); recover sums the teachers'
+  # losses; relabel/evaluate average their soft labels at evaluate.temperature (teacher.py).
+  c.teacher.extra_teachers = ()
+  c.squeeze = _squeeze()
+  c.recover = _recover()
+  c.relabel = _relabel()
+  c.student = _model()  # evaluate's and continual's students
+  c.evaluate = _evaluate()
+  c.continual = _continual()
   return c
 
 
