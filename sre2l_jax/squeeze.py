@@ -83,6 +83,62 @@ def _trained(stage_dir: str) -> dict | None:
   return result
 
 
+def _refuse_foreign_teacher(config: ml_collections.ConfigDict, stage_dir: str) -> None:
+  """A teacher in `stage_dir` that no squeeze run of it trained is not trained over."""
+  teacher_dir = os.path.join(stage_dir, 'teacher')
+  fingerprint_path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
+  if (teacher_store.exists(teacher_dir) and not files.exists(fingerprint_path)
+      and not config.overwrite):
+    raise teacher_store.TeacherError(
+        f'{teacher_dir} holds a teacher that no squeeze run of this workdir trained (e.g. one '
+        f'imported from PyTorch); refusing to train over it. Use it with --stages=recover,... '
+        f'(skip squeeze), replace it with --overwrite, or use another --workdir.')
+
+
+def _check_step_fits(train_step, state, step_rng, config, spec, mesh) -> None:
+  """Refuses (MemoryError) a squeeze batch whose step does not fit a device (XLA's analysis)."""
+  c = config.squeeze
+  sharded = batching.data_sharding(mesh)
+  batch_shapes = {
+      'image': jax.ShapeDtypeStruct((c.batch_size,) + spec.image_shape, jax.numpy.uint8,
+                                    sharding=sharded),
+      'label': jax.ShapeDtypeStruct((c.batch_size,), jax.numpy.int32, sharding=sharded)}
+  memory.check_step_fits(
+      train_step, lambda: (state, batch_shapes, step_rng), config.device_memory_gb,
+      f'The squeeze step at squeeze.batch_size={c.batch_size} (lower it, or use more '
+      f'devices)')
+
+
+def _restore_or_init(config, stage_dir: str, model, schedule, spec, mesh, total_steps: int,
+                     init_rng):
+  """(checkpoint manager, train state replicated on `mesh`, its step): the latest checkpoint
+  of `stage_dir`, or a state initialised from `init_rng` at step 0."""
+  c = config.squeeze
+  tx = train_lib.create_optimizer(c, schedule)
+  manager = checkpoint.create_manager(os.path.join(stage_dir, 'checkpoints'),
+                                      save_interval_steps=c.checkpoint_every_steps,
+                                      final_step=total_steps)
+  state, start_step = train_lib.restore_or_init(
+      manager, train_lib.abstract_train_state(model, tx, spec.image_shape, mesh),
+      lambda: train_lib.create_train_state(model, tx, spec.image_shape, init_rng, mesh))
+  return manager, state, start_step
+
+
+def _result(config, spec, mesh, top1: float, total_steps: int, start_step: int,
+            images_per_second: float, wall_seconds: float) -> dict:
+  """squeeze/result.json's content (before its time stamp)."""
+  result = {
+      'stage': 'squeeze', 'dataset': spec.name, 'model': config.teacher.to_dict(),
+      'test_top1': top1, 'test_top1_unit': 'fraction', 'epochs': config.squeeze.epochs,
+      'steps': total_steps, 'resumed_from_step': start_step,
+      'images_per_second': images_per_second,
+      'wall_seconds': wall_seconds, 'devices': mesh.size,
+  }
+  if start_step:
+    result['wall_seconds_note'] = f'this invocation only (resumed from step {start_step})'
+  return result
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Trains the teacher; resumes from `workdir/squeeze/checkpoints` when present. Each of
   teacher.extra_teachers is trained first, by its own squeeze run (`teacher.extra_configs`)."""
@@ -105,13 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
     raise ValueError(f'squeeze.batch_size={c.batch_size} exceeds the {train.num_examples} '
                      f'training images.')
   teacher_dir = os.path.join(stage_dir, 'teacher')
-  fingerprint_path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
-  if (teacher_store.exists(teacher_dir) and not files.exists(fingerprint_path)
-      and not config.overwrite):
-    raise teacher_store.TeacherError(
-        f'{teacher_dir} holds a teacher that no squeeze run of this workdir trained (e.g. one '
-        f'imported from PyTorch); refusing to train over it. Use it with --stages=recover,... '
-        f'(skip squeeze), replace it with --overwrite, or use another --workdir.')
+  _refuse_foreign_teacher(config, stage_dir)
   # Only now, once the config is known to be runnable, may the workdir be claimed: a
   # fingerprint written by a refused config would refuse its corrected version.
   checkpoint.check_fingerprint(stage_dir, fingerprints.record('squeeze', config))
@@ -124,26 +174,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
 
   # Model, optimiser, state replicated on the mesh (restored or initialised).
   schedule = train_lib.warmup_cosine(c.lr, total_steps, int(c.warmup_epochs * steps_per_epoch))
-  tx = train_lib.create_optimizer(c, schedule)
   init_rng, step_rng = jax.random.split(rngs.key(config.seed))
-  manager = checkpoint.create_manager(os.path.join(stage_dir, 'checkpoints'),
-                                      save_interval_steps=c.checkpoint_every_steps,
-                                      final_step=total_steps)
-  state, start_step = train_lib.restore_or_init(
-      manager, train_lib.abstract_train_state(model, tx, spec.image_shape, mesh),
-      lambda: train_lib.create_train_state(model, tx, spec.image_shape, init_rng, mesh))
+  manager, state, start_step = _restore_or_init(config, stage_dir, model, schedule, spec, mesh,
+                                                total_steps, init_rng)
 
   # Steps.
   train_step = create_classification_step(spec, mesh, c.label_smoothing)
-  sharded = batching.data_sharding(mesh)
-  batch_shapes = {
-      'image': jax.ShapeDtypeStruct((c.batch_size,) + spec.image_shape, jax.numpy.uint8,
-                                    sharding=sharded),
-      'label': jax.ShapeDtypeStruct((c.batch_size,), jax.numpy.int32, sharding=sharded)}
-  memory.check_step_fits(
-      train_step, lambda: (state, batch_shapes, step_rng), config.device_memory_gb,
-      f'The squeeze step at squeeze.batch_size={c.batch_size} (lower it, or use more '
-      f'devices)')
+  _check_step_fits(train_step, state, step_rng, config, spec, mesh)
   eval_step = train_lib.create_eval_step(model, spec, mesh)
 
   def test_top1(state):
@@ -182,15 +219,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
   # the user asked to replace.
   teacher_store.save(teacher_dir, variables, teacher.teacher_meta(config, spec, top1),
                      overwrite=True)
-  result = {
-      'stage': 'squeeze', 'dataset': spec.name, 'model': config.teacher.to_dict(),
-      'test_top1': top1, 'test_top1_unit': 'fraction', 'epochs': c.epochs,
-      'steps': total_steps, 'resumed_from_step': start_step,
-      'images_per_second': done.examples_per_second,
-      'wall_seconds': time.time() - start_time, 'devices': mesh.size,
-  }
-  if start_step:
-    result['wall_seconds_note'] = f'this invocation only (resumed from step {start_step})'
+  result = _result(config, spec, mesh, top1, total_steps, start_step,
+                   done.examples_per_second, time.time() - start_time)
   if old is not None and start_step == total_steps:
     return old  # only the teacher was missing: the measurements stay those of the run
   result = checkpoint.write_result(stage_dir, result)
