@@ -6,7 +6,7 @@
 
 Every JAX workload is built by the stage's own step factory, so it is the program the stage
 runs (one-axis mesh of `--devices` devices, shardings, donated state): recover
-`synthesis.optimize.create_recover_step`, squeeze `train_lib.create_classification_step`,
+`synthesis.optimize.create_recover_step`, squeeze `squeeze.create_classification_step`,
 student `student.create_student_step` (online soft labels, as evaluate), relabel
 `views.create_batch_views` + `student.create_teacher_logits` (as `label_store.write_labels`).
 Each is compiled ahead of time; the compilation and `--warmup` steps are excluded, then
@@ -44,6 +44,7 @@ import optax
 
 from sre2l_jax import config_lib
 from sre2l_jax import models
+from sre2l_jax import squeeze
 from sre2l_jax import student
 from sre2l_jax import synthesis
 from sre2l_jax import train_lib
@@ -315,7 +316,7 @@ def bench_recover(args, config, spec, mesh, model, teacher) -> dict:
   metrics = jax.device_get(compiled(box['state'], labels_dev, uids_dev, rng, teacher)[1])
   images_per_step = int(labels.size)
   counted = cost(compiled)
-  if cfg.get('parallel_groups', 1) == 1 and counted['flops']:
+  if cfg.parallel_groups == 1 and counted['flops']:
     # A device runs its groups one by one in a loop, whose body XLA counts once.
     counted['flops'] *= labels.shape[0] // mesh.size
   result.update(compile_s=compile_seconds, images_per_step=images_per_step,
@@ -329,14 +330,14 @@ def bench_recover(args, config, spec, mesh, model, teacher) -> dict:
 
 
 def bench_squeeze(args, config, spec, mesh, model) -> dict:
-  """`train_lib.create_classification_step` with squeeze's optimiser; images/s."""
+  """`squeeze.create_classification_step` with squeeze's optimiser; images/s."""
   cfg = config.squeeze
   batch = random_batch(args, spec, mesh)
   tx = train_lib.create_optimizer(cfg, train_lib.warmup_cosine(cfg.lr, 100_000, 0))
   state = train_lib.create_train_state(model, tx, spec.image_shape,
                                        jax.random.PRNGKey(args.seed), mesh)
   keys = random_keys(args, mesh, max(args.steps, args.warmup, 1))
-  step_fn = train_lib.create_classification_step(spec, mesh, cfg.label_smoothing)
+  step_fn = squeeze.create_classification_step(spec, mesh, cfg.label_smoothing)
   compiled, compile_seconds = compile_ahead(step_fn, state, batch, keys[0])
   box = {'state': state}
 

@@ -33,11 +33,13 @@ import numpy as np
 
 from benchmarks import bench
 from sre2l_jax import config_lib
+from sre2l_jax import context
 from sre2l_jax import evaluate
 from sre2l_jax import export
 from sre2l_jax import image_sets
 from sre2l_jax import models
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax.data import datasets
 
 
@@ -86,7 +88,7 @@ def make_inputs(config, inputs: str, workdir: str) -> str:
   spec = datasets.get_spec(config.dataset.name)
   model = models.create_model(config.teacher, spec.num_classes)
   variables = bench.teacher_variables(model, spec.image_shape, config.seed)
-  teacher_lib.save(os.path.join(workdir, 'squeeze', 'teacher'), variables,
+  teacher_store.save(os.path.join(workdir, 'squeeze', 'teacher'), variables,
                    teacher_lib.teacher_meta(config, spec))
   rng = np.random.default_rng(config.seed)
   ipc = config.recover.ipc
@@ -111,7 +113,7 @@ def run(args) -> dict:
     config.evaluate.stack_students = 1 if mode == 'alone' else 0
     load_before = bench.load_average()
     start = time.perf_counter()
-    result = evaluate.run(config, workdir)
+    result = evaluate.run(config, workdir, context.resolve(config, workdir))
     wall = time.perf_counter() - start
     out['runs'][mode] = {
         'wall_s': wall, 'loadavg_before': load_before, 'loadavg_after': bench.load_average(),

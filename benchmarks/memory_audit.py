@@ -3,7 +3,7 @@
   python -m benchmarks.memory_audit --json=memory_cpu.json                # this CPU's XLA
   python -m benchmarks.memory_audit --target=tpu_v5e --libtpu=DIR --json=memory_v5e.json
 
-Every step is the stage's own (`optimize.create_recover_step`, `train_lib.
+Every step is the stage's own (`optimize.create_recover_step`, `squeeze.
 create_classification_step`, `student.create_student_step`), compiled at abstract shapes
 (`jax.ShapeDtypeStruct`; nothing is allocated, no data or teacher file is read) for
 `--target`: 'cpu' (this machine's XLA) or a TPU chip compiled for without one ('tpu_v4',
@@ -162,7 +162,7 @@ def audit_recover(args, mesh) -> dict:
 def audit_squeeze(args, mesh) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sre2l_jax import memory, models, train_lib  # pylint: disable=g-import-not-at-top
+  from sre2l_jax import memory, models, squeeze, train_lib  # pylint: disable=g-import-not-at-top
   from sre2l_jax.data import batching, datasets  # pylint: disable=g-import-not-at-top
   config = imagenet_config()
   spec = datasets.get_spec(config.dataset.name)
@@ -175,7 +175,7 @@ def audit_squeeze(args, mesh) -> dict:
            'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
   rng = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype,
                              sharding=batching.replicated(mesh))
-  step = train_lib.create_classification_step(spec, mesh, 0.0)
+  step = squeeze.create_classification_step(spec, mesh, 0.0)
   report = memory.analyse(step.lower(state, batch, rng).compile())
   print(f'squeeze batch {b}: {memory.describe(report)}', flush=True)
   return report.to_dict() | {'batch_size': b, 'model': 'resnet18'}

@@ -417,7 +417,7 @@ def _benchmark(ref: RecoverReference, labels, steps: int, repeats: int, warmup: 
 
 # ----------------------------------------------------------------------------- squeeze, student
 #
-# The training steps beside squeeze (`train_lib.classification_step`) and evaluate's student
+# The training steps beside squeeze (`squeeze.classification_step`) and evaluate's student
 # (`student.student_step`, online soft labels), written the way a PyTorch user would: the
 # same networks, batch, optimiser and per-image augmentations, on the device, one Python call
 # per step. Per-image crops are one batched `grid_sample` (an affine map per image, bilinear),

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import models
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -107,14 +108,12 @@ def compute(model, variables: dict, split, num_classes: int, spec: datasets.Data
   return out
 
 
-def fingerprint(variables: dict, dataset_config, num_classes: int) -> dict:
-  """What the statistics depend on: the teacher's weights (a digest), the data, the classes."""
+def weights_digest(variables: dict) -> str:
+  """SHA-256 over the teacher's arrays, in tree order: what class statistics record."""
   digest = hashlib.sha256()
   for leaf in jax.tree_util.tree_leaves(jax.device_get(variables)):
     digest.update(np.ascontiguousarray(leaf).tobytes())
-  return {'teacher_weights_sha256': digest.hexdigest(), 'dataset': datasets.identity(dataset_config),
-          'train_limit': int(dataset_config.get('train_limit', 0) or 0),
-          'num_classes': int(num_classes)}
+  return digest.hexdigest()
 
 
 def file_name(expected: dict) -> str:
@@ -169,7 +168,9 @@ def load_or_compute(config, variables: dict, split_fn, teacher_dir: str, fallbac
   `compute` without the counts, leaves float32 (K, C)."""
   spec = datasets.spec_of(config.dataset)
   num_classes = spec.num_classes
-  expected = fingerprint(variables, config.dataset, num_classes)
+  expected = fingerprints.record('class_stats', config,
+                                teacher_weights_sha256=weights_digest(variables),
+                                num_classes=int(num_classes))
   name = file_name(expected)
   candidates = [os.path.join(teacher_dir, name), os.path.join(fallback_dir, name)]
   for path in candidates:

@@ -12,6 +12,7 @@ import importlib.util
 import os
 
 import ml_collections
+import numpy as np
 
 # The stages in the order they run; each is a module `sre2l_jax.<name>` with
 # `run(config, workdir) -> result` writing only under `workdir/<name>/`.
@@ -106,18 +107,9 @@ def _model(**kw) -> ml_collections.ConfigDict:
   ) | kw)
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every knob with its default; experiment files override a few."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # seeds every random stream (see rngs.py)
-  c.stages = DEFAULT_STAGES  # stages `main` runs when --stages is not given
-  c.mesh_shape = -1  # devices on the 'data' axis; -1: all
-  # squeeze and evaluate check before training that one step fits this many GiB per device
-  # (XLA's analysis of the compiled step); 0: the device's own limit (a CPU states none).
-  c.device_memory_gb = 0.0
-  c.overwrite = False  # replace a teacher or stored labels that exist (main's --overwrite)
-
-  c.dataset = ml_collections.ConfigDict(dict(
+def _dataset() -> ml_collections.ConfigDict:
+  """The dataset and its limits; a user dataset's files and normalisation."""
+  return ml_collections.ConfigDict(dict(
       name='fashion_mnist',  # see data/datasets.py; your own: image_folder | arrays | tfds:NAME
       data_dir='',  # TFDS data dir for the prepared ArrayRecord files ('' ~/tensorflow_datasets)
       source_dir='',  # where the raw files are (dataset-specific default)
@@ -135,15 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
       std=(),
   ))
 
-  # Squeeze: teacher training.
-  c.teacher = _model()
-  # Several teachers (G-VBSM, EDC): more teachers beside config.teacher, as model specs
-  # 'name:key=value,...' over config.teacher's keys (e.g. 'convnet:width=64,depth=2').
-  # squeeze trains each in workdir/squeeze/teachers/<spec>/ (read from beside
-  # squeeze.teacher_dir when that is given); recover sums the teachers'
-  # losses; relabel/evaluate average their soft labels at evaluate.temperature (teacher.py).
-  c.teacher.extra_teachers = ()
-  c.squeeze = ml_collections.ConfigDict(dict(
+
+def _squeeze() -> ml_collections.ConfigDict:
+  """Squeeze: teacher training."""
+  return ml_collections.ConfigDict(dict(
       epochs=5,  # may be fractional
       batch_size=128,  # global batch, a multiple of the device count
       optimizer='sgd',  # sgd | adamw
@@ -162,8 +149,10 @@ def base_config() -> ml_collections.ConfigDict:
       teacher_dir='',  # '' -> workdir/squeeze/teacher; or a teacher imported from PyTorch
   ))
 
-  # Recover: image synthesis from the frozen teacher. Names follow the paper/reference.
-  c.recover = ml_collections.ConfigDict(dict(
+
+def _recover() -> ml_collections.ConfigDict:
+  """Recover: image synthesis from the frozen teacher. Names follow the paper/reference."""
+  return ml_collections.ConfigDict(dict(
       method='sre2l',  # synthesis method (see synthesis/)
       ipc=10,  # images per class
       batch_size=100,  # group size: images of different classes, same ipc index
@@ -218,8 +207,10 @@ def base_config() -> ml_collections.ConfigDict:
       min_teacher_top1=0.5,
   ))
 
-  # Relabel: FKD-style soft labels for every crop of every epoch.
-  c.relabel = ml_collections.ConfigDict(dict(
+
+def _relabel() -> ml_collections.ConfigDict:
+  """Relabel: FKD-style soft labels for every crop of every epoch."""
+  return ml_collections.ConfigDict(dict(
       mode='online',  # 'online' (teacher runs in the student step) | 'stored'
       storage='float16',  # stored mode: 'float32' | 'float16' | 'topk'
       topk=1,  # classes kept per view with storage 'topk'
@@ -234,9 +225,10 @@ def base_config() -> ml_collections.ConfigDict:
       epochs_per_shard=50,  # stored mode: epochs per label file
   ))
 
-  # Evaluate: fresh students on the distilled set (and the same-protocol baselines).
-  c.student = _model()
-  c.evaluate = ml_collections.ConfigDict(dict(
+
+def _evaluate() -> ml_collections.ConfigDict:
+  """Evaluate: fresh students on the distilled set (and the same-protocol baselines)."""
+  return ml_collections.ConfigDict(dict(
       optimizer='adamw',  # sgd | adamw
       lr=1e-3,  # peak learning rate (cosine to 0)
       # The cosine runs over lr_zeta times the schedule: lr (1 + cos(pi t / (zeta T))) / 2;
@@ -289,13 +281,96 @@ def base_config() -> ml_collections.ConfigDict:
       stack_mode='auto',
   ))
 
-  # Continual: class-incremental evaluation (`--stages=continual`); the student uses
-  # config.student, the evaluate optimiser and temperature, and the relabel views.
-  c.continual = ml_collections.ConfigDict(dict(
+
+def _continual() -> ml_collections.ConfigDict:
+  """Continual: class-incremental evaluation (`--stages=continual`); the student uses
+  config.student, the evaluate optimiser and temperature, and the relabel views."""
+  return ml_collections.ConfigDict(dict(
       steps=5,  # class groups learned one after another; must divide the number of classes
       class_order_seed=0,  # the class order is a permutation drawn from this seed...
       class_order=(),  # ...unless given here: every class id once
       epochs_per_step=100,  # student epochs over the images of the seen classes, per step
       sets=('distilled', 'random'),  # compared image sets: distilled, random (real subset)
   ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob with its default; experiment files override a few."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds every random stream (see rngs.py)
+  c.stages = DEFAULT_STAGES  # stages `main` runs when --stages is not given
+  c.mesh_shape = -1  # devices on the 'data' axis; -1: all
+  # squeeze and evaluate check before training that one step fits this many GiB per device
+  # (XLA's analysis of the compiled step); 0: the device's own limit (a CPU states none).
+  c.device_memory_gb = 0.0
+  c.overwrite = False  # replace a teacher or stored labels that exist (main's --overwrite)
+
+  c.dataset = _dataset()
+  c.teacher = _model()
+  # Several teachers (G-VBSM, EDC): more teachers beside config.teacher, as model specs
+  # 'name:key=value,...' over config.teacher's keys (e.g. 'convnet:width=64,depth=2').
+  # squeeze trains each in workdir/squeeze/teachers/<spec>/ (read from beside
+  # squeeze.teacher_dir when that is given); recover sums the teachers'
+  # losses; relabel/evaluate average their soft labels at evaluate.temperature (teacher.py).
+  c.teacher.extra_teachers = ()
+  c.squeeze = _squeeze()
+  c.recover = _recover()
+  c.relabel = _relabel()
+  c.student = _model()  # evaluate's and continual's students
+  c.evaluate = _evaluate()
+  c.continual = _continual()
   return c
+
+
+# ----------------------------------------------------------------------------- number checks
+
+# What the numbers of each config section must satisfy, checked before any work: a negative
+# lr trains "fine" to chance accuracy, and NaN passes every `x <= 0` test. Batch sizes are
+# checked against the device count elsewhere (`batching.check_batch_size`).
+#   '>0' positive, '>=0' non-negative, 'int' positive integer, 'int>=0', or a range '[0,1)'.
+NUMBER_RULES = {
+    'squeeze': dict(epochs='>0', lr='>0', momentum='[0,1)', weight_decay='>=0',
+                    warmup_epochs='>=0', label_smoothing='[0,1)', pad='int>=0',
+                    checkpoint_every_steps='int', log_every_steps='int'),
+    'recover': dict(ipc='int', iterations='int', lr='>0', r_bn='>=0',
+                    first_bn_multiplier='>=0', adam_b1='[0,1)', adam_b2='[0,1)',
+                    jitter='int>=0', min_scale='(0,1]', max_scale='(0,1]',
+                    num_classes='int>=0', checkpoint_every_steps='int', log_every_steps='int',
+                    min_bn_reduction='>=0', min_teacher_top1='[0,1]'),
+    'relabel': dict(topk='int', epochs='int', min_scale='(0,1]', max_scale='(0,1]',
+                    cutmix_alpha='>0', mixup_alpha='>0', mix_prob='[0,1]',
+                    epochs_per_shard='int'),
+    'evaluate': dict(lr='>0', lr_zeta='[1,inf)', ema_decay='[0,1)', ce_weight='>=0',
+                     momentum='[0,1)', weight_decay='>=0', temperature='>0',
+                     seeds='int', checkpoint_every_epochs='int>=0', log_every_steps='int'),
+    'continual': dict(epochs_per_step='int', class_order_seed='int>=0'),
+}
+_RULE_TEXT = {'>0': 'positive', '>=0': '>= 0', 'int': 'a positive integer',
+              'int>=0': 'an integer >= 0'}
+
+
+def _satisfies(value, rule: str) -> bool:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    return False
+  value = float(value)
+  if not np.isfinite(value):
+    return False
+  if rule.startswith('int') and not value.is_integer():
+    return False
+  if rule in ('>0', 'int'):
+    return value > 0
+  if rule in ('>=0', 'int>=0'):
+    return value >= 0
+  low, high = (float(x) for x in rule[1:-1].split(','))
+  return ((low <= value if rule[0] == '[' else low < value) and
+          (value <= high if rule[-1] == ']' else value < high))
+
+
+def validate_numbers(config: ml_collections.ConfigDict, sections) -> None:
+  """Raises ValueError naming the first number of `sections` (e.g. ('squeeze',)) that is
+  not finite or outside its range (`NUMBER_RULES`); keys a section lacks are skipped."""
+  for section in sections:
+    for key, rule in NUMBER_RULES[section].items():
+      if key in config[section] and not _satisfies(config[section][key], rule):
+        raise ValueError(f'{section}.{key}={config[section][key]!r} must be '
+                         f'{_RULE_TEXT.get(rule, "in " + rule.replace(",", ", "))}.')

@@ -40,7 +40,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
+from sre2l_jax import context
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import models
@@ -48,6 +51,7 @@ from sre2l_jax import report
 from sre2l_jax import rngs
 from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
@@ -199,26 +203,6 @@ def write_plot(path: str, classes_seen: list[int], accuracies: dict, title: str)
     fig.savefig(f, format='png', dpi=120)
 
 
-def fingerprint(config, name: str, order: list[int], images: np.ndarray) -> dict:
-  """What fixes the meaning of one set's continual state."""
-  skip_eval = ('seeds', 'eval_batch_size', 'baselines', 'checkpoint_every_epochs',
-               'log_every_steps', 'eval_every_epochs', 'students', 'stack_students')
-  skip_relabel = ('mode', 'storage', 'topk', 'epochs', 'epochs_per_shard')
-  evaluate = {k: v for k, v in config.evaluate.to_dict().items() if k not in skip_eval}
-  if evaluate.get('lr_zeta') == 1.0:  # added later: named only when set, so that the
-    del evaluate['lr_zeta']            # states of earlier runs keep their fingerprint
-  for key in ('ema_decay', 'loss', 'ce_weight'):  # 0 and 'kl' here (validate)
-    evaluate.pop(key, None)
-  return {'set': name, 'dataset': datasets.identity(config.dataset), 'test_limit': config.dataset.test_limit,
-          'student': config.student.to_dict(), 'teacher': config.teacher.to_dict(),
-          'class_order': order, 'seed': config.seed,
-          'continual': {k: v for k, v in config.continual.to_dict().items() if k != 'sets'},
-          'evaluate': evaluate,
-          'relabel': {k: v for k, v in config.relabel.to_dict().items()
-                      if k not in skip_relabel},
-          'images_sha256': label_store.images_digest(images)}
-
-
 def set_names(config) -> list[str]:
   names = [s.strip() for s in config.continual.sets if s.strip()]
   unknown = sorted(set(names) - set(SETS))
@@ -228,9 +212,9 @@ def set_names(config) -> list[str]:
   return list(dict.fromkeys(names))
 
 
-def validate(config, spec, mesh) -> None:
+def validate(config, ctx: context.Context) -> None:
   """Clear errors for settings the stage cannot run, before any work is done."""
-  cfg = config.continual
+  cfg, spec, mesh = config.continual, ctx.spec, ctx.mesh
   set_names(config)
   step_classes(class_order(config, spec.num_classes), cfg.steps)
   if cfg.epochs_per_step <= 0:
@@ -252,7 +236,7 @@ def validate(config, spec, mesh) -> None:
   batching.check_batch_size(config.relabel.batch_size, mesh,
                             'relabel.batch_size (continual student batch)')
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
-  train_lib.validate_numbers(config, ('continual', 'evaluate', 'relabel'))
+  config_lib.validate_numbers(config, ('continual', 'evaluate', 'relabel'))
 
 
 def _empty_record() -> dict:
@@ -263,13 +247,21 @@ def _empty_record() -> dict:
 # ----------------------------------------------------------------------------- run
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """continual/result.json if it covers every set of `continual.sets`, else None. (`run`
+  first checks each set's folder against `config`, its images and the teacher.)"""
+  old = checkpoint.finished_result(os.path.join(workdir, 'continual'))
+  if old is None or sorted(old['sets']) != sorted(set_names(config)):
+    return None
+  return old
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Class-incremental students for every set in `continual.sets`; writes
   `workdir/continual/` (result.json, accuracy.png) and the workdir's report."""
   start_time = time.time()
-  spec = datasets.spec_of(config.dataset)
-  mesh = batching.create_mesh(config.mesh_shape)
-  validate(config, spec, mesh)
+  spec, mesh = ctx.spec, ctx.mesh
+  validate(config, ctx)
   order = class_order(config, spec.num_classes)
   groups = step_classes(order, config.continual.steps)
   names = set_names(config)
@@ -291,15 +283,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for write in (False, True):  # every set's folder checked before any is claimed
     for name, (images, _) in sets.items():
       checkpoint.check_fingerprint(os.path.join(stage_dir, name),
-                                   fingerprint(config, name, order, images), write=write)
+                                   fingerprints.record(
+                                       'continual', config, set=name, class_order=order,
+                                       images_sha256=label_store.images_digest(images)),
+                                   write=write)
       # The teacher whose soft labels the students learnt (kept apart from the fingerprint,
       # which continual folders written before teacher digests hold without it).
       checkpoint.check_fingerprint(os.path.join(stage_dir, name), teacher_key, write=write,
-                                   name=teacher_lib.KEY_FILE)
-  finished = checkpoint.finished_result(stage_dir)
-  if finished is not None and sorted(finished['sets']) == sorted(names):
-    logging.info('continual: finished already (%s); nothing to do.', finished.get('measured_at'))
-    return finished
+                                   name=teacher_store.KEY_FILE)
+  done = finished(workdir, config)
+  if done is not None:
+    logging.info('continual: finished already (%s); nothing to do.', done.get('measured_at'))
+    return done
 
   # Model, optimiser (one, re-initialised at every class step), steps.
   model = models.create_model(config.student, spec.num_classes)

@@ -21,7 +21,7 @@ digest taken over everything a student's result depends on (`student_settings`, 
 to `fingerprint.json` beside the seeds): another student model, temperature, label storage,
 schedule or image set trains new students beside the old ones, and a finished student is
 reused only under its own settings. Beside it, `teacher_key.json` records the digest of the
-teacher whose soft labels the students learnt (`teacher.KEY_FILE`): another teacher is
+teacher whose soft labels the students learnt (`teacher_store.KEY_FILE`): another teacher is
 refused. The distilled set is checked against recover's fingerprint and images digest
 (`image_sets.check_recovered`). `evaluate/result.json` is the evaluation of the last run's
 settings.
@@ -39,7 +39,10 @@ from absl import logging
 from etils import epath
 
 from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
+from sre2l_jax import context
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import memory
@@ -48,6 +51,7 @@ from sre2l_jax import report
 from sre2l_jax import rngs
 from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
@@ -55,7 +59,6 @@ from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
 # Evaluate keys that change a student (seeds, eval batch, checkpoint and log intervals do not).
-OPTIMIZER_KEYS = ('optimizer', 'lr', 'momentum', 'nesterov', 'weight_decay', 'decay_all')
 
 
 FULL_DATA = 'full_hard'  # the variant of evaluate.baselines' 'full_data'
@@ -105,28 +108,14 @@ def labels_of(config, hard: bool) -> str:
 
 
 def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -> dict:
-  """Everything the result of a student of one variant depends on (besides its seed).
-  student_cfg: the student model (default `config.student`)."""
+  """Everything the result of a student of one variant depends on (besides its seed):
+  `fingerprints.TABLE['student']` ('student_hard'). student_cfg: the student model (default
+  `config.student`)."""
   student_cfg = config.student if student_cfg is None else student_cfg
-  settings = {
-      'dataset': datasets.identity(config.dataset), 'test_limit': config.dataset.test_limit,
-      'student': student_cfg.to_dict(), 'seed': config.seed,
-      'optimizer': {k: config.evaluate[k] for k in OPTIMIZER_KEYS},
-      'schedule': {'batch_size': config.relabel.batch_size, 'epochs': config.relabel.epochs},
-      'view': views.view_settings(config.relabel),
-      'images_sha256': label_store.images_digest(images), 'labels': labels_of(config, hard)}
-  # EDC's student (the smoothed schedule, the parameters' moving average) only where set, so
-  # that the students of the default settings keep their folders.
-  if config.evaluate.lr_zeta != 1.0:
-    settings['schedule']['lr_zeta'] = config.evaluate.lr_zeta
-  if config.evaluate.ema_decay:
-    settings['ema_decay'] = config.evaluate.ema_decay
-  if config.evaluate.loss != 'kl' and not hard:
-    settings.update(loss=config.evaluate.loss, ce_weight=config.evaluate.ce_weight)
-  if not hard:
-    settings.update(temperature=config.evaluate.temperature,
-                    teacher=config.teacher.to_dict(), teacher_dir=config.squeeze.teacher_dir)
-  return settings
+  return fingerprints.record('student_hard' if hard else 'student', config,
+                             student=student_cfg.to_dict(),
+                             images_sha256=label_store.images_digest(images),
+                             labels=labels_of(config, hard))
 
 
 def variant_dir(workdir: str, name: str, settings: dict, full_data_dir: str = '') -> str:
@@ -135,8 +124,8 @@ def variant_dir(workdir: str, name: str, settings: dict, full_data_dir: str = ''
   trained once per dataset, student and protocol, which the settings' digest names, and
   reused by every run that points there)."""
   if name == FULL_DATA and full_data_dir:
-    return os.path.join(full_data_dir, name, label_store.digest(settings, 10))
-  return os.path.join(workdir, 'evaluate', name, label_store.digest(settings, 10))
+    return os.path.join(full_data_dir, name, fingerprints.digest(settings, 10))
+  return os.path.join(workdir, 'evaluate', name, fingerprints.digest(settings, 10))
 
 
 @dataclasses.dataclass(eq=False)
@@ -160,13 +149,13 @@ def stack_dir(workdir: str, members) -> str:
   """`workdir/evaluate/stacks/<digest>`: the resumable state of the stack of `members`
   ((Variant, seed) pairs), named after its members' folders and seeds."""
   names = [[os.path.relpath(v.directory, workdir), seed] for v, seed in members]
-  return os.path.join(workdir, 'evaluate', 'stacks', label_store.digest({'students': names}, 10))
+  return os.path.join(workdir, 'evaluate', 'stacks', fingerprints.digest({'students': names}, 10))
 
 
-def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) -> list[dict]:
+def train_stack(config, workdir, members, ctx, teacher_model, teacher, test) -> list[dict]:
   """Trains the students `members` ((Variant, seed) pairs of one architecture, label kind
   and set size) together, resumable; writes and returns each one's result."""
-  spec = datasets.spec_of(config.dataset)
+  spec, mesh = ctx.spec, ctx.mesh
   sets = list(dict.fromkeys(v for v, _ in members))  # the image sets, in order
   set_index = tuple(sets.index(v) for v, _ in members)
   first = sets[0]
@@ -272,13 +261,13 @@ def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) ->
   return results
 
 
-def validate(config, mesh) -> None:
+def validate(config, ctx: context.Context) -> None:
   """Clear errors for settings the stage cannot run, before any work."""
   label_store.validate(config.relabel)
   variants(config)
   if config.evaluate.images_dir:
     image_sets.check_external(config.evaluate.images_dir)
-  spec = datasets.spec_of(config.dataset)
+  spec, mesh = ctx.spec, ctx.mesh
   for arch, student_cfg in student_configs(config):
     models.check_buildable(student_cfg, spec.num_classes, spec.image_shape,
                            f'The student {arch}:')
@@ -297,7 +286,7 @@ def validate(config, mesh) -> None:
     value = config.evaluate[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f'evaluate.{key}={value!r} must be an integer >= 0.')
-  train_lib.validate_numbers(config, ('evaluate', 'relabel'))
+  config_lib.validate_numbers(config, ('evaluate', 'relabel'))
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
   # The student batch of the distilled set (and the baselines: as many images).
   images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
@@ -317,15 +306,32 @@ def stacks(config, plan: list[Variant]) -> list[list[tuple[Variant, int]]]:
   return student.split_stacks(groups.values(), config.evaluate.stack_students)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """evaluate/result.json if it has a row for every variant and student architecture of
+  `config`, each with all `evaluate.seeds` students finished in its folder; else None.
+  (`run` checks more: each folder's settings, images included, and the stored labels.)"""
+  old = checkpoint.finished_result(os.path.join(workdir, 'evaluate'))
+  if old is None:
+    return None
+  seeds = config.evaluate.seeds
+  for arch, _ in student_configs(config):
+    for name, _, _ in variants(config):
+      row = old.get('architectures', {}).get(arch, {}).get(name)
+      if row is None or row.get('seeds') != seeds or not all(
+          files.exists(os.path.join(workdir, row['dir'], f'seed{seed}', checkpoint.RESULT))
+          for seed in range(seeds)):
+        return None
+  return old
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Trains `evaluate.seeds` students per variant and student architecture; writes
   evaluate/result.json and the workdir's report.json / report.md. Finished students are
   reused, and a re-run that trains nothing leaves evaluate/result.json as the run that
   measured it wrote it."""
   start_time = time.time()
-  spec = datasets.spec_of(config.dataset)
-  mesh = batching.create_mesh(config.mesh_shape)
-  validate(config, mesh)
+  spec, mesh = ctx.spec, ctx.mesh
+  validate(config, ctx)
   teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
   teacher_digest = teacher_lib.digest(config, workdir, mesh)
   # Names the missing stage if there is none; refuses a set made by other settings/teacher.
@@ -359,12 +365,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       # The teacher whose labels the students learnt (apart: the folder names predate it).
       if v.target != 'hard':
         checkpoint.check_fingerprint(v.directory, {'teacher_sha256': teacher_digest},
-                                     write=write, name=teacher_lib.KEY_FILE)
+                                     write=write, name=teacher_store.KEY_FILE)
 
   todo = stacks(config, plan)
   trained = sum(len(members) for members in todo)
   for members in todo:
-    train_stack(config, workdir, members, mesh, teacher_model, teacher, test)
+    train_stack(config, workdir, members, ctx, teacher_model, teacher, test)
 
   architectures = {}
   for v in plan:

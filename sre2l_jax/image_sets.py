@@ -12,6 +12,7 @@ from absl import logging
 from sre2l_jax import checkpoint
 from sre2l_jax import export
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import label_store
 from sre2l_jax import models
 from sre2l_jax import rngs
@@ -26,12 +27,6 @@ BASELINES = ('random', 'coreset', 'hard_label', 'full_data')
 # split (DD-Ranking's 'real-hard', the first term of its hard label recovery).
 # Recover settings a run may change on resume: they change neither the images nor their
 # meaning (the round size is kept from the first start, see `recover.plan_rounds`).
-RECOVER_NOT_FINGERPRINTED = ('log_every_steps', 'checkpoint_every_steps', 'groups_per_round',
-                             'device_memory_gb', 'memory_margin', 'remat', 'parallel_groups',
-                             'min_bn_reduction', 'min_teacher_top1')
-# Recover keys added after workdirs existed, with the value that does what the code did
-# before: left out of the fingerprint at that value, so those workdirs still resume.
-RECOVER_ADDED_WITH_DEFAULT = {'init_pick': 'score'}
 TEACHER_KEY = 'teacher_sha256'
 
 
@@ -44,20 +39,6 @@ def recovered_classes(cfg: ml_collections.ConfigDict, spec: datasets.DatasetSpec
 def distilled_dir(workdir: str) -> str:
   """Where recover writes the distilled set as a TFDS dataset."""
   return os.path.join(workdir, 'recover', 'tfds')
-
-
-def recover_fingerprint(config: ml_collections.ConfigDict,
-                        teacher_digest: str | None = None) -> dict:
-  """What fixes recover's images: its settings, the dataset, the seed, the teacher's config
-  and, given, its digest (`teacher.digest`: another teacher's weights, another set)."""
-  keep = {k: v for k, v in config.recover.to_dict().items()
-          if k not in RECOVER_NOT_FINGERPRINTED and not (
-              k in RECOVER_ADDED_WITH_DEFAULT and v == RECOVER_ADDED_WITH_DEFAULT[k])}
-  out = {'dataset': datasets.identity(config.dataset), 'teacher': config.teacher.to_dict(),
-         'teacher_dir': config.squeeze.teacher_dir, 'recover': keep, 'seed': config.seed}
-  if teacher_digest is not None:
-    out[TEACHER_KEY] = teacher_digest
-  return out
 
 
 def with_images_digest(workdir: str, result: dict, images: np.ndarray | None = None) -> dict:
@@ -84,7 +65,8 @@ def check_recovered(config: ml_collections.ConfigDict, workdir: str,
   if not files.exists(path):
     return
   mesh = batching.create_mesh(config.mesh_shape)
-  key = files.normalised(recover_fingerprint(config, teacher_lib.digest(config, workdir, mesh)))
+  key = files.normalised(fingerprints.record(
+      'recover', config, **{TEACHER_KEY: teacher_lib.digest(config, workdir, mesh)}))
   # A set recovered before teacher digests records none (recover records it when next run).
   saved = files.read_json(path, remake=f'restore it, or remove {stage_dir} and recover again')
   rerun = (f'recover again with this config into a new --workdir, or remove {stage_dir} '

@@ -19,6 +19,7 @@ import numpy as np
 
 from sre2l_jax import checkpoint
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import views
 from sre2l_jax.data import batching
 
@@ -37,31 +38,14 @@ def storage_name(cfg) -> str:
   return f'topk{cfg.topk}' if cfg.storage == 'topk' else cfg.storage
 
 
-def label_settings(config) -> dict:
-  """Everything stored labels depend on besides the images: the schedule, the views, the
-  storage, the teacher (and the temperature top-k probabilities are taken at)."""
-  cfg = config.relabel
-  return {'storage': cfg.storage, 'topk': cfg.topk if cfg.storage == 'topk' else None,
-          # Several teachers: their Ensemble's logits are taken at this temperature too.
-          'temperature': (config.evaluate.temperature if cfg.storage == 'topk'
-                          or config.teacher.get('extra_teachers') else None),
-          'batch_size': cfg.batch_size, 'epochs': cfg.epochs, 'seed': config.seed,
-          'view': views.view_settings(cfg), 'teacher': config.teacher.to_dict(),
-          'teacher_dir': config.squeeze.teacher_dir}
-
-
-def digest(settings: dict, length: int = 8) -> str:
-  """A short stable hash of a JSON-able dict (names folders after their settings)."""
-  text = json.dumps(settings, sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
 def label_dir(config, workdir: str, name: str) -> str:
   """Where the stored labels of image set `name` under `config`'s settings live:
-  `workdir/relabel/<name>/<storage>-<digest of label_settings>`, so labels of other
-  settings (another storage, schedule, views) sit beside them instead of replacing them."""
+  `workdir/relabel/<name>/<storage>-<digest of its record>` (`fingerprints.TABLE['labels']`),
+  so labels of other settings (another storage, schedule, views) sit beside them instead of
+  replacing them."""
   return os.path.join(workdir, 'relabel', name,
-                      f'{storage_name(config.relabel)}-{digest(label_settings(config))}')
+                      f'{storage_name(config.relabel)}-'
+                      f'{fingerprints.digest(fingerprints.record("labels", config))}')
 
 
 def validate(cfg) -> None:

@@ -5,53 +5,150 @@ weights for recover/relabel) and `workdir/squeeze/result.json`.
 """
 
 import dataclasses
+import functools
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import config_lib
+from sre2l_jax import context
 from sre2l_jax import files
+from sre2l_jax import fingerprints
 from sre2l_jax import memory
 from sre2l_jax import models
 from sre2l_jax import rngs
 from sre2l_jax import teacher
+from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> dict:
-  """What fixes the meaning and shapes of the squeeze state."""
-  return {'dataset': datasets.identity(config.dataset), 'train_limit': config.dataset.train_limit,
-          # Extra teachers are squeezed in folders of their own (teacher.extra_configs).
-          'teacher': {k: v for k, v in config.teacher.to_dict().items()
-                      if k != 'extra_teachers'}, 'squeeze': {
-              k: v for k, v in config.squeeze.to_dict().items()
-              if k not in ('log_every_steps', 'checkpoint_every_steps', 'eval_batch_size')},
-          'seed': config.seed}
+def classification_step(state: train_lib.TrainState, batch, rng, *, spec, label_smoothing: float):
+  """One SGD step on real labelled data: (state, batch, rng) -> (state, metrics)."""
+  images = train_lib.augment_batch(rng, batch['image'], spec)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                     images, train=True, mutable=['batch_stats'])
+    loss = train_lib.cross_entropy(logits, batch['label'], spec.num_classes, label_smoothing)
+    return loss, (logits, updates.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  return state, {'loss': loss, 'accuracy': accuracy}
 
 
-def validate(config: ml_collections.ConfigDict, mesh) -> None:
+def create_classification_step(spec, mesh, label_smoothing: float):
+  """Jitted `classification_step`: (state, batch, rng) -> (state, metrics), the state
+  replicated and donated, the batch sharded on 'data' (squeeze's step)."""
+  replicated, sharded = batching.replicated(mesh), batching.data_sharding(mesh)
+  return jax.jit(
+      functools.partial(classification_step, spec=spec, label_smoothing=label_smoothing),
+      in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+
+
+def validate(config: ml_collections.ConfigDict, ctx: context.Context) -> None:
   c = config.squeeze
-  batching.check_batch_size(c.batch_size, mesh, 'squeeze.batch_size')
-  batching.check_batch_size(c.eval_batch_size, mesh, 'squeeze.eval_batch_size')
-  train_lib.validate_numbers(config, ('squeeze',))
+  batching.check_batch_size(c.batch_size, ctx.mesh, 'squeeze.batch_size')
+  batching.check_batch_size(c.eval_batch_size, ctx.mesh, 'squeeze.eval_batch_size')
+  config_lib.validate_numbers(config, ('squeeze',))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """The result of the squeeze run that trained this workdir's teacher under `config`, or
+  None (not run, another config's, or its teacher since removed)."""
+  stage_dir = os.path.join(workdir, 'squeeze')
+  path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
+  if not files.exists(path) or checkpoint.diff(
+      files.read_json(path), files.normalised(fingerprints.record('squeeze', config))):
+    return None
+  return _trained(stage_dir)
+
+
+def _trained(stage_dir: str) -> dict | None:
+  """The result in `stage_dir` if its teacher is there too (checked fingerprint: the caller)."""
+  result = checkpoint.finished_result(stage_dir)
+  if result is None or not teacher_store.exists(os.path.join(stage_dir, 'teacher')):
+    return None
+  return result
+
+
+def _refuse_foreign_teacher(config: ml_collections.ConfigDict, stage_dir: str) -> None:
+  """A teacher in `stage_dir` that no squeeze run of it trained is not trained over."""
+  teacher_dir = os.path.join(stage_dir, 'teacher')
+  fingerprint_path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
+  if (teacher_store.exists(teacher_dir) and not files.exists(fingerprint_path)
+      and not config.overwrite):
+    raise teacher_store.TeacherError(
+        f'{teacher_dir} holds a teacher that no squeeze run of this workdir trained (e.g. one '
+        f'imported from PyTorch); refusing to train over it. Use it with --stages=recover,... '
+        f'(skip squeeze), replace it with --overwrite, or use another --workdir.')
+
+
+def _check_step_fits(train_step, state, step_rng, config, spec, mesh) -> None:
+  """Refuses (MemoryError) a squeeze batch whose step does not fit a device (XLA's analysis)."""
+  c = config.squeeze
+  sharded = batching.data_sharding(mesh)
+  batch_shapes = {
+      'image': jax.ShapeDtypeStruct((c.batch_size,) + spec.image_shape, jax.numpy.uint8,
+                                    sharding=sharded),
+      'label': jax.ShapeDtypeStruct((c.batch_size,), jax.numpy.int32, sharding=sharded)}
+  memory.check_step_fits(
+      train_step, lambda: (state, batch_shapes, step_rng), config.device_memory_gb,
+      f'The squeeze step at squeeze.batch_size={c.batch_size} (lower it, or use more '
+      f'devices)')
+
+
+def _restore_or_init(config, stage_dir: str, model, schedule, spec, mesh, total_steps: int,
+                     init_rng):
+  """(checkpoint manager, train state replicated on `mesh`, its step): the latest checkpoint
+  of `stage_dir`, or a state initialised from `init_rng` at step 0."""
+  c = config.squeeze
+  tx = train_lib.create_optimizer(c, schedule)
+  manager = checkpoint.create_manager(os.path.join(stage_dir, 'checkpoints'),
+                                      save_interval_steps=c.checkpoint_every_steps,
+                                      final_step=total_steps)
+  state, start_step = train_lib.restore_or_init(
+      manager, train_lib.abstract_train_state(model, tx, spec.image_shape, mesh),
+      lambda: train_lib.create_train_state(model, tx, spec.image_shape, init_rng, mesh))
+  return manager, state, start_step
+
+
+def _result(config, spec, mesh, top1: float, total_steps: int, start_step: int,
+            images_per_second: float, wall_seconds: float) -> dict:
+  """squeeze/result.json's content (before its time stamp)."""
+  result = {
+      'stage': 'squeeze', 'dataset': spec.name, 'model': config.teacher.to_dict(),
+      'test_top1': top1, 'test_top1_unit': 'fraction', 'epochs': config.squeeze.epochs,
+      'steps': total_steps, 'resumed_from_step': start_step,
+      'images_per_second': images_per_second,
+      'wall_seconds': wall_seconds, 'devices': mesh.size,
+  }
+  if start_step:
+    result['wall_seconds_note'] = f'this invocation only (resumed from step {start_step})'
+  return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Trains the teacher; resumes from `workdir/squeeze/checkpoints` when present. Each of
   teacher.extra_teachers is trained first, by its own squeeze run (`teacher.extra_configs`)."""
   for extra, extra_workdir in teacher.extra_configs(config, workdir):
-    run(extra, extra_workdir)
+    run(extra, extra_workdir,
+        dataclasses.replace(ctx, teacher_dir=teacher.teacher_dir(extra, extra_workdir)))
   stage_dir = os.path.join(workdir, 'squeeze')
-  spec = datasets.spec_of(config.dataset)
+  spec, mesh = ctx.spec, ctx.mesh
   model = models.create_model(config.teacher, spec.num_classes)
-  mesh = batching.create_mesh(config.mesh_shape)
-  validate(config, mesh)
+  validate(config, ctx)
   c = config.squeeze
   if c.augment:  # override the dataset's default training augmentation
     spec = dataclasses.replace(spec, train_augment=c.augment, pad=c.pad or spec.pad)
@@ -64,44 +161,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f'squeeze.batch_size={c.batch_size} exceeds the {train.num_examples} '
                      f'training images.')
   teacher_dir = os.path.join(stage_dir, 'teacher')
-  fingerprint_path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
-  if (teacher.exists(teacher_dir) and not files.exists(fingerprint_path)
-      and not config.overwrite):
-    raise teacher.TeacherError(
-        f'{teacher_dir} holds a teacher that no squeeze run of this workdir trained (e.g. one '
-        f'imported from PyTorch); refusing to train over it. Use it with --stages=recover,... '
-        f'(skip squeeze), replace it with --overwrite, or use another --workdir.')
+  _refuse_foreign_teacher(config, stage_dir)
   # Only now, once the config is known to be runnable, may the workdir be claimed: a
   # fingerprint written by a refused config would refuse its corrected version.
-  checkpoint.check_fingerprint(stage_dir, fingerprint(config))
-  finished = checkpoint.finished_result(stage_dir)
-  if finished is not None and teacher.exists(teacher_dir):
-    logging.info('squeeze: finished already (%s); nothing to do.', finished.get('measured_at'))
-    return finished
+  checkpoint.check_fingerprint(stage_dir, fingerprints.record('squeeze', config))
+  done = _trained(stage_dir)  # `finished`, its fingerprint just checked
+  if done is not None:
+    logging.info('squeeze: finished already (%s); nothing to do.', done.get('measured_at'))
+    return done
+  old = checkpoint.finished_result(stage_dir)  # kept if only the teacher is missing (below)
   total_steps = int(c.epochs * steps_per_epoch)
 
   # Model, optimiser, state replicated on the mesh (restored or initialised).
   schedule = train_lib.warmup_cosine(c.lr, total_steps, int(c.warmup_epochs * steps_per_epoch))
-  tx = train_lib.create_optimizer(c, schedule)
   init_rng, step_rng = jax.random.split(rngs.key(config.seed))
-  manager = checkpoint.create_manager(os.path.join(stage_dir, 'checkpoints'),
-                                      save_interval_steps=c.checkpoint_every_steps,
-                                      final_step=total_steps)
-  state, start_step = train_lib.restore_or_init(
-      manager, train_lib.abstract_train_state(model, tx, spec.image_shape, mesh),
-      lambda: train_lib.create_train_state(model, tx, spec.image_shape, init_rng, mesh))
+  manager, state, start_step = _restore_or_init(config, stage_dir, model, schedule, spec, mesh,
+                                                total_steps, init_rng)
 
   # Steps.
-  train_step = train_lib.create_classification_step(spec, mesh, c.label_smoothing)
-  sharded = batching.data_sharding(mesh)
-  batch_shapes = {
-      'image': jax.ShapeDtypeStruct((c.batch_size,) + spec.image_shape, jax.numpy.uint8,
-                                    sharding=sharded),
-      'label': jax.ShapeDtypeStruct((c.batch_size,), jax.numpy.int32, sharding=sharded)}
-  memory.check_step_fits(
-      train_step, lambda: (state, batch_shapes, step_rng), config.device_memory_gb,
-      f'The squeeze step at squeeze.batch_size={c.batch_size} (lower it, or use more '
-      f'devices)')
+  train_step = create_classification_step(spec, mesh, c.label_smoothing)
+  _check_step_fits(train_step, state, step_rng, config, spec, mesh)
   eval_step = train_lib.create_eval_step(model, spec, mesh)
 
   def test_top1(state):
@@ -138,18 +217,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.flush()
   # Replacing is safe here: a teacher in this folder is this run's (checked above) or one
   # the user asked to replace.
-  teacher.save(teacher_dir, variables, teacher.teacher_meta(config, spec, top1), overwrite=True)
-  result = {
-      'stage': 'squeeze', 'dataset': spec.name, 'model': config.teacher.to_dict(),
-      'test_top1': top1, 'test_top1_unit': 'fraction', 'epochs': c.epochs,
-      'steps': total_steps, 'resumed_from_step': start_step,
-      'images_per_second': done.examples_per_second,
-      'wall_seconds': time.time() - start_time, 'devices': mesh.size,
-  }
-  if start_step:
-    result['wall_seconds_note'] = f'this invocation only (resumed from step {start_step})'
-  if finished is not None and start_step == total_steps:
-    return finished  # only the teacher was missing: the measurements stay those of the run
+  teacher_store.save(teacher_dir, variables, teacher.teacher_meta(config, spec, top1),
+                     overwrite=True)
+  result = _result(config, spec, mesh, top1, total_steps, start_step,
+                   done.examples_per_second, time.time() - start_time)
+  if old is not None and start_step == total_steps:
+    return old  # only the teacher was missing: the measurements stay those of the run
   result = checkpoint.write_result(stage_dir, result)
   logging.info('squeeze: teacher test top-1 %.2f%% after %g epochs (%.0f s, %.0f images/s)',
                100 * top1, c.epochs, result['wall_seconds'], done.examples_per_second)

@@ -143,7 +143,7 @@ def stack_mode(config) -> str:
   'auto': vmap on GPU/TPU, where a batched convolution is one kernel, and unrolled on CPU,
   where XLA runs the grouped convolutions vmap makes of them slowly, see
   `stacked_student_step`)."""
-  mode = config.evaluate.get('stack_mode', 'auto')
+  mode = config.evaluate.stack_mode
   if mode not in STACK_MODES:
     raise ValueError(f'evaluate.stack_mode={mode!r}; valid: {", ".join(STACK_MODES)}.')
   if mode == 'auto':
@@ -185,10 +185,10 @@ def stacked_student_step(states, images, labels, stored, key, teacher, *, set_in
 
 def loss_settings(config) -> dict:
   """The students' loss from `config.evaluate` (`update`'s loss and ce_weight)."""
-  loss = config.evaluate.get('loss', 'kl')
+  loss = config.evaluate.loss
   if loss not in LOSSES:
     raise ValueError(f'evaluate.loss={loss!r}; valid: {", ".join(LOSSES)}.')
-  return {'loss': loss, 'ce_weight': float(config.evaluate.get('ce_weight', 0.0))}
+  return {'loss': loss, 'ce_weight': float(config.evaluate.ce_weight)}
 
 
 def stacked_sharding(mesh):

@@ -4,7 +4,6 @@ log and save, the divergence guard) that squeeze, recover, evaluate and continua
 """
 
 import dataclasses
-import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -38,7 +37,7 @@ def student_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.
   """The students' learning rate (`evaluate.lr`, `evaluate.lr_zeta`): cosine from the peak,
   lr(t) = lr (1 + cos(pi t / (zeta T))) / 2 over T = `total_steps`; zeta 1 decays to 0 at
   the last step (SRe2L), EDC's smoothed schedule zeta 2 only to half the peak."""
-  zeta = cfg.get('lr_zeta', 1.0)
+  zeta = cfg.lr_zeta
   if zeta == 1.0:
     return warmup_cosine(cfg.lr, total_steps)
   return optax.cosine_decay_schedule(cfg.lr, max(int(round(zeta * total_steps)), 1))
@@ -82,7 +81,7 @@ def create_optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule):
   """SGD with momentum (teacher, like the reference) or AdamW (students), keeping a moving
   average of the parameters when `cfg.ema_decay` > 0 (`param_ema`)."""
   tx = _base_optimizer(cfg, schedule)
-  ema = cfg.get('ema_decay', 0.0)
+  ema = cfg.get('ema_decay', 0.0)  # squeeze's section has no moving average
   return optax.chain(tx, param_ema(ema)) if ema else tx
 
 
@@ -138,33 +137,6 @@ def augment_batch(rng, images, spec: datasets.DatasetSpec):
 def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
   return optax.softmax_cross_entropy(logits, targets).mean()
-
-
-def classification_step(state: TrainState, batch, rng, *, spec, label_smoothing: float):
-  """One SGD step on real labelled data: (state, batch, rng) -> (state, metrics)."""
-  images = augment_batch(rng, batch['image'], spec)
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
-                                     images, train=True, mutable=['batch_stats'])
-    loss = cross_entropy(logits, batch['label'], spec.num_classes, label_smoothing)
-    return loss, (logits, updates.get('batch_stats', {}))
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-  return state, {'loss': loss, 'accuracy': accuracy}
-
-
-def create_classification_step(spec, mesh, label_smoothing: float):
-  """Jitted `classification_step`: (state, batch, rng) -> (state, metrics), the state
-  replicated and donated, the batch sharded on 'data' (squeeze's step)."""
-  replicated, sharded = batching.replicated(mesh), batching.data_sharding(mesh)
-  return jax.jit(
-      functools.partial(classification_step, spec=spec, label_smoothing=label_smoothing),
-      in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
-      donate_argnums=0)
 
 
 def mask_logits(logits, class_mask):
@@ -223,14 +195,6 @@ class Throughput:
     if self.start is None or self.examples == 0:
       return 0.0
     return self.examples / (time.perf_counter() - self.start)
-
-
-def mean_metrics(history: list[dict]) -> dict:
-  """Averages a list of per-step device metric dicts on the host (one transfer)."""
-  if not history:
-    return {}
-  stacked = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.stack(x), *history))
-  return {k: float(np.mean(v)) for k, v in stacked.items()}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -457,60 +421,6 @@ def _diverged(loop: Loop, step: int, last_saved: int):
   raise DivergedError(
       f'{loop.name} diverged (a loss, metric or the state stopped being finite) by step '
       f'{step}. Lower {loop.knobs} and {loop.rerun}. {kept}'.strip())
-
-
-# ----------------------------------------------------------------------------- checks
-
-# What the numbers of each config section must satisfy, checked before any work: a negative
-# lr trains "fine" to chance accuracy, and NaN passes every `x <= 0` test. Batch sizes are
-# checked against the device count elsewhere (`batching.check_batch_size`).
-#   '>0' positive, '>=0' non-negative, 'int' positive integer, 'int>=0', or a range '[0,1)'.
-NUMBER_RULES = {
-    'squeeze': dict(epochs='>0', lr='>0', momentum='[0,1)', weight_decay='>=0',
-                    warmup_epochs='>=0', label_smoothing='[0,1)', pad='int>=0',
-                    checkpoint_every_steps='int', log_every_steps='int'),
-    'recover': dict(ipc='int', iterations='int', lr='>0', r_bn='>=0',
-                    first_bn_multiplier='>=0', adam_b1='[0,1)', adam_b2='[0,1)',
-                    jitter='int>=0', min_scale='(0,1]', max_scale='(0,1]',
-                    num_classes='int>=0', checkpoint_every_steps='int', log_every_steps='int',
-                    min_bn_reduction='>=0', min_teacher_top1='[0,1]'),
-    'relabel': dict(topk='int', epochs='int', min_scale='(0,1]', max_scale='(0,1]',
-                    cutmix_alpha='>0', mixup_alpha='>0', mix_prob='[0,1]',
-                    epochs_per_shard='int'),
-    'evaluate': dict(lr='>0', lr_zeta='[1,inf)', ema_decay='[0,1)', ce_weight='>=0',
-                     momentum='[0,1)', weight_decay='>=0', temperature='>0',
-                     seeds='int', checkpoint_every_epochs='int>=0', log_every_steps='int'),
-    'continual': dict(epochs_per_step='int', class_order_seed='int>=0'),
-}
-_RULE_TEXT = {'>0': 'positive', '>=0': '>= 0', 'int': 'a positive integer',
-              'int>=0': 'an integer >= 0'}
-
-
-def _satisfies(value, rule: str) -> bool:
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-    return False
-  value = float(value)
-  if not np.isfinite(value):
-    return False
-  if rule.startswith('int') and not value.is_integer():
-    return False
-  if rule in ('>0', 'int'):
-    return value > 0
-  if rule in ('>=0', 'int>=0'):
-    return value >= 0
-  low, high = (float(x) for x in rule[1:-1].split(','))
-  return ((low <= value if rule[0] == '[' else low < value) and
-          (value <= high if rule[-1] == ']' else value < high))
-
-
-def validate_numbers(config: ml_collections.ConfigDict, sections) -> None:
-  """Raises ValueError naming the first number of `sections` (e.g. ('squeeze',)) that is
-  not finite or outside its range (`NUMBER_RULES`); keys a section lacks are skipped."""
-  for section in sections:
-    for key, rule in NUMBER_RULES[section].items():
-      if key in config[section] and not _satisfies(config[section][key], rule):
-        raise ValueError(f'{section}.{key}={config[section][key]!r} must be '
-                         f'{_RULE_TEXT.get(rule, "in " + rule.replace(",", ", "))}.')
 
 
 class NotConvergedError(RuntimeError):

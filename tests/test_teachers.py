@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from sre2l_jax import files
-from sre2l_jax import label_store
+from sre2l_jax import fingerprints
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import squeeze
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.synthesis import sre2l
@@ -46,7 +47,7 @@ def test_specs_and_folders():
   # A new extra teacher does not disturb the main teacher's squeeze run.
   plain = _config()
   plain.teacher.extra_teachers = ()
-  assert squeeze.fingerprint(plain) == squeeze.fingerprint(config)
+  assert fingerprints.record('squeeze', plain) == fingerprints.record('squeeze', config)
 
 
 def _ensemble(config, seed=0):
@@ -116,7 +117,7 @@ def test_load_all_and_load_read_each_teachers_folder(tmp_path):
                          models.ensemble.combine_variables(written))
   shutil_dir = os.path.join(workdir, 'squeeze', 'teachers', 'convnet-width6-depth2')
   os.rename(shutil_dir, shutil_dir + '.gone')
-  with pytest.raises(teacher_lib.TeacherError, match='convnet-width6-depth2'):
+  with pytest.raises(teacher_store.TeacherError, match='convnet-width6-depth2'):
     teacher_lib.load(config, workdir, mesh)
 
 
@@ -140,7 +141,7 @@ def test_squeeze_trains_every_teacher(data_dir, tmp_path):
   config.squeeze.epochs = 1
   config.dataset.train_limit = 256
   workdir = str(tmp_path)
-  squeeze.run(config, workdir)
+  testlib.run_stage(squeeze, config, workdir)
   extra_workdir = os.path.join(workdir, 'squeeze', 'teachers', 'convnet-width6-depth2')
   meta = files.read_json(os.path.join(extra_workdir, 'squeeze', 'teacher', 'teacher.json'))
   assert meta['signature']['model']['width'] == 6 and meta['signature']['model']['depth'] == 2
@@ -154,10 +155,10 @@ def test_recover_accepts_several_teachers_for_the_methods_that_sum_them():
   spec = datasets.get_spec(config.dataset.name)
   for method in ('sre2l', 'rded'):
     config.recover.method = method
-    recover.validate(config, spec)
+    recover.validate(config, testlib.context_of(config, spec=spec))
   config.recover.method = 'edc'  # per-class statistics of one teacher
   with pytest.raises(ValueError, match='extra_teachers'):
-    recover.validate(config, spec)
+    recover.validate(config, testlib.context_of(config, spec=spec))
 
 
 def test_stored_labels_of_several_teachers_depend_on_the_temperature():
@@ -167,7 +168,7 @@ def test_stored_labels_of_several_teachers_depend_on_the_temperature():
   config.relabel.storage = 'float16'
   hot = config.copy_and_resolve_references()
   hot.evaluate.temperature = 2 * config.evaluate.temperature
-  assert label_store.label_settings(config) != label_store.label_settings(hot)
+  assert fingerprints.record('labels', config) != fingerprints.record('labels', hot)
   config.teacher.extra_teachers = hot.teacher.extra_teachers = ()
-  one, other = label_store.label_settings(config), label_store.label_settings(hot)
+  one, other = fingerprints.record('labels', config), fingerprints.record('labels', hot)
   assert {k: (v, other[k]) for k, v in one.items() if v != other[k]} == {}

@@ -10,6 +10,7 @@ import torch
 from flax import traverse_util
 
 from sre2l_jax import teacher
+from sre2l_jax import teacher_store
 from sre2l_jax.models import create_model, model_signature
 from sre2l_jax.models import torch_export
 from sre2l_jax.models import torch_import
@@ -38,8 +39,9 @@ def _teacher(tmp_path, stem='small', size=16):
 
   variables = jax.tree_util.tree_map_with_path(randomise, dict(variables))
   directory = str(tmp_path / 'teacher')
-  teacher.save(directory, variables, {'signature': model_signature(config, 10, (size, size, 3)),
-                                      'dataset': 'test'})
+  teacher_store.save(directory, variables,
+                     {'signature': model_signature(config, 10, (size, size, 3)),
+                      'dataset': 'test'})
   return model, variables, directory
 
 
@@ -68,6 +70,6 @@ def test_pth_gives_the_jax_logits_and_imports_back_unchanged(tmp_path):
 def test_a_convnet_teacher_is_refused(tmp_path):
   _, variables, directory = _teacher(tmp_path)
   meta = {'signature': {'model': {'name': 'convnet'}}, 'dataset': 'test'}
-  teacher.save(directory, variables, meta, overwrite=True)
+  teacher_store.save(directory, variables, meta, overwrite=True)
   with pytest.raises(ValueError, match='is a convnet; only the ResNets'):
     torch_export.export_teacher(directory, str(tmp_path / 'teacher.pth'))

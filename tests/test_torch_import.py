@@ -14,6 +14,7 @@ import torch
 from torch import nn as tnn
 
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax import teacher_store
 from sre2l_jax.models import create_model, iter_in_call_order, model_signature
 from sre2l_jax.models import torch_import
 from sre2l_jax.models.torch_import import StateDictError
@@ -144,7 +145,7 @@ def test_cli_round_trip(run_case, tmp_path):
                            '--dataset', 'synthetic', '--out', str(tmp_path / 'teacher')])
   config = torch_import.model_config('resnet18', 'imagenet')
   expected = model_signature(config, NUM_CLASSES, (64, 64, 3))
-  variables, meta = teacher_lib.read(
+  variables, meta = teacher_store.read(
       out, expected, torch_import.abstract_variables('resnet18', NUM_CLASSES),
       'python -m sre2l_jax.models.torch_import')
   assert meta['dataset'] == 'synthetic' and meta['source'] == case.pth

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from sre2l_jax import files
-from sre2l_jax import teacher
+from sre2l_jax import teacher_store
 from sre2l_jax.models import torch_import
 
 
@@ -39,13 +39,14 @@ def flax_to_torchvision_resnet(variables: dict) -> dict[str, np.ndarray]:
 
 
 def read_teacher(directory: str) -> tuple[dict, dict]:
-  """(variables as numpy, teacher.json) of a teacher folder written by `teacher.save`."""
-  meta_path = os.path.join(directory, teacher.META)
+  """(variables as numpy, teacher.json) of a teacher folder written by `teacher_store.save`."""
+  meta_path = os.path.join(directory, teacher_store.META)
   if not files.exists(meta_path):
-    raise teacher.TeacherError(f'No teacher at {directory} (missing {teacher.META}).')
+    raise teacher_store.TeacherError(
+        f'No teacher at {directory} (missing {teacher_store.META}).')
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(files.as_path(os.path.join(files.absolute(directory),
-                                                         teacher.WEIGHTS)))
+                                                         teacher_store.WEIGHTS)))
   return variables, files.read_json(meta_path)
 
 

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from sre2l_jax import teacher
+from sre2l_jax import teacher_store
 from sre2l_jax.models import create_model, model_signature
 
 ARCHS = ('resnet18', 'resnet50', 'resnet101')
@@ -181,16 +181,16 @@ def main(argv: list[str] | None = None) -> str:
   args = parser.parse_args(argv)
 
   pth = os.path.abspath(args.pth)
-  if teacher.exists(args.out) and not args.overwrite:  # before the (slow) conversion
-    raise teacher.TeacherError(f'{os.path.abspath(args.out)} already holds a teacher; '
-                               f'refusing to replace it. Pass --overwrite to replace it, or '
-                               f'choose another --out.')
+  if teacher_store.exists(args.out) and not args.overwrite:  # before the (slow) conversion
+    raise teacher_store.TeacherError(f'{os.path.abspath(args.out)} already holds a teacher; '
+                                     f'refusing to replace it. Pass --overwrite to replace it, '
+                                     f'or choose another --out.')
   variables, num_classes = torchvision_resnet_to_flax(
       load_state_dict(pth), args.arch, args.num_classes, args.stem)
   meta = {'signature': model_signature(model_config(args.arch, args.stem), num_classes,
                                        (args.image_size, args.image_size, 3)),
           'dataset': args.dataset, 'source': pth, 'test_top1': None}
-  teacher.save(args.out, variables, meta, overwrite=args.overwrite)
+  teacher_store.save(args.out, variables, meta, overwrite=args.overwrite)
   print(f'Wrote {args.arch} teacher ({num_classes} classes) from {pth} to '
         f'{os.path.abspath(args.out)}')
   return os.path.abspath(args.out)

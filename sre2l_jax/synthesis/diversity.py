@@ -31,7 +31,7 @@ def start_steps(uids, num_classes: int, cfg):
 
 def mask_gradients(grads, uids, step, num_classes: int, cfg):
   """grads (G, B, H, W, C) with the images that have not started yet zeroed."""
-  if cfg.get('diversity', 'none') == 'none':
+  if cfg.diversity == 'none':
     return grads
   if cfg.diversity != 'early_late':
     raise ValueError(f'recover.diversity={cfg.diversity!r}; valid: {DIVERSITY}.')

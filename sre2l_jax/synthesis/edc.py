@@ -108,7 +108,7 @@ def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
   {'params', 'batch_stats', 'class_stats'} (class statistics (K, C) per BN layer)."""
   x = augment_group(key, images, uids, cfg=cfg, min_scale=min_scale)
   logits, global_terms, class_terms = teacher_forward(x, labels, model=model, teacher=teacher,
-                                                      remat=cfg.get('remat', 'none'))
+                                                      remat=cfg.remat)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   weight = cfg.class_bn_weight
   bn, per_layer = weighted_bn_loss((1 - weight) * global_terms + weight * class_terms,

@@ -123,7 +123,7 @@ def group_gradients(images, labels, uids, keys, min_scale, teacher, *, method, m
   def one(x, y, u, k):
     return jax.grad(loss_fn, has_aux=True)(x, y, u, k, min_scale)
 
-  return map_groups(one, (images, labels, uids, keys), uids, cfg.get('parallel_groups', 1))
+  return map_groups(one, (images, labels, uids, keys), uids, cfg.parallel_groups)
 
 
 def map_groups(one, args: tuple, uids, parallel: int):
@@ -234,7 +234,7 @@ def measure(images, labels, uids, key, *, method, model, teacher, cfg, mesh=None
                                      cfg=cfg)
       bn, logits = method.unaugmented_bn_loss(group, model=model, teacher=teacher, cfg=cfg)
       return metrics['bn_loss'], bn, jnp.argmax(logits, -1) == group_labels
-    return map_groups(one, (images, labels, uids, keys), uids, cfg.get('parallel_groups', 1))
+    return map_groups(one, (images, labels, uids, keys), uids, cfg.parallel_groups)
 
   keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(uids[:, 0])
   if mesh is not None:  # per device: its own groups; nothing crosses devices

@@ -125,7 +125,7 @@ def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
                                             key, min_scale, cfg=cfg)
   x = augment_group(key, images, uids, cfg=cfg, min_scale=min_scale)
   logits, per_layer = teacher_forward(x, model=model, teacher=teacher,
-                                      remat=cfg.get('remat', 'none'))
+                                      remat=cfg.remat)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   bn, per_layer = weighted_bn_loss(per_layer, cfg.first_bn_multiplier)
   loss = ce + cfg.r_bn * bn
