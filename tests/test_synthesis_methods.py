@@ -189,7 +189,7 @@ def test_class_weight_zero_is_the_sre2l_loss():
   expected, _ = sre2l.group_loss(images, labels, uids, jax.random.key(7), jnp.float32(0.5),
                                  model=model, teacher=plain, cfg=config.recover)
   np.testing.assert_allclose(loss, float(expected), rtol=1e-6)
-  assert synthesis.get_method('edc') is edc
+  assert synthesis.get_method('edc') is edc.METHOD and edc.METHOD.needs_class_stats
 
 
 # ----------------------------------------------------------------------------- layout

@@ -31,10 +31,12 @@ from sre2l_jax import rngs
 from sre2l_jax.data import augment
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
+from sre2l_jax.synthesis.method import Method
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
+def validate(cfg: ml_collections.ConfigDict, spec: datasets.DatasetSpec | None = None) -> None:
   """Raises ValueError for settings RDED cannot run with."""
+  del spec
   if cfg.rded_factor < 1 or cfg.rded_crops < 1:
     raise ValueError(f'recover.rded_factor={cfg.rded_factor} and recover.rded_crops='
                      f'{cfg.rded_crops} must be >= 1.')
@@ -193,3 +195,8 @@ def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *,
     out[c] = datasets.denormalise(stitch(patches, cfg.rded_factor, cfg.ipc, spec.image_shape),
                                   spec)
   return out
+
+
+METHOD = Method(name='rded', kind='direct', synthesize=synthesize, several_teachers=True,
+                validate=validate, draws=lambda cfg: {'recover.rded_candidates':
+                                                      cfg.rded_candidates})
