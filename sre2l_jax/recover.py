@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from sre2l_jax import checkpoint
 from sre2l_jax import class_stats
+from sre2l_jax import context
 from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
@@ -55,11 +55,11 @@ CROPS = ('per_image', 'per_group', 'none')
 fingerprint = image_sets.recover_fingerprint
 
 
-def validate(config, spec) -> None:
+def validate(config, ctx: context.Context) -> None:
   """Every check before recover's work, none of them writing: the settings (the method's own
   included) and the real images per class it will draw."""
-  check_settings(config, spec)
-  check_draws(config, spec)
+  check_settings(config, ctx.spec)
+  check_draws(config, ctx.spec)
 
 
 def check_settings(config, spec) -> None:
@@ -121,6 +121,8 @@ def check_settings(config, spec) -> None:
   if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
     raise ValueError(f'recover needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
                      f'{cfg.max_scale}.')
+  train_lib.validate_numbers(config, ('recover',))
+  train_lib.validate_numbers(config, ('recover',))
 
 
 def check_draws(config, spec) -> None:
@@ -400,7 +402,7 @@ def create_teacher_model(config, spec):
       config, spec.num_classes, dtype=None if config.recover.dtype == 'float32' else jnp.bfloat16)
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def plan(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Dry run: the round plan at the real shapes, nothing allocated, no data, no teacher file.
 
   The real step is compiled for this backend at abstract shapes (the teacher's from the
@@ -409,10 +411,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns {'plans': {device: plan dict}, 'fits': whether every plan fits, ...}.
   """
   del workdir  # nothing is read or written
-  cfg = config.recover
-  spec = datasets.spec_of(config.dataset)
+  cfg, spec, mesh = config.recover, ctx.spec, ctx.mesh
   check_settings(config, spec)  # no data read
-  mesh = batching.create_mesh(config.mesh_shape)
   teacher = models.abstract_variables(create_teacher_model(config, spec), spec.image_shape)
   if synthesis.get_method(cfg.method).needs_class_stats:
     teacher[class_stats.KEY] = class_stats.abstract(teacher['batch_stats'], spec.num_classes)
@@ -504,40 +504,49 @@ def check_recovery(initial_bn: float, final_bn: float, teacher_top1: float,
 # ----------------------------------------------------------------------------- run
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """recover/result.json if this workdir's recover finished (its fingerprint, which `run`
+  checks against `config` and the teacher first, and its distilled set are there); else
+  None (a result.json from elsewhere is not finished)."""
+  del config  # the fingerprint, which needs the teacher's digest, is run's to check
+  stage_dir = os.path.join(workdir, 'recover')
+  result = checkpoint.finished_result(stage_dir)
+  if result is None or not all(map(files.exists, (
+      os.path.join(stage_dir, checkpoint.FINGERPRINT), image_sets.distilled_dir(workdir)))):
+    return None
+  return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Recovers `ipc` images per class with recover.method: an optimised method a round of
   groups at a time, resuming from `workdir/recover/checkpoints` (the round in progress) and
   `workdir/recover/rounds` (the finished rounds' images); a direct one in one pass."""
-  cfg = config.recover
-  spec = datasets.spec_of(config.dataset)
-  mesh = batching.create_mesh(config.mesh_shape)
-  validate(config, spec)
-  method = synthesis.get_method(cfg.method)
-  _, teacher = teacher_lib.load(config, workdir, mesh)  # fails early if missing/unfit
-  model = create_teacher_model(config, spec)
-  finished = _finished_or_claim(config, workdir, mesh)
-  if finished is not None:
-    return finished
+  validate(config, ctx)
+  method = synthesis.get_method(config.recover.method)
+  _, teacher = teacher_lib.load(config, workdir, ctx.mesh)  # fails early if missing/unfit
+  model = create_teacher_model(config, ctx.spec)
+  done = _finished_or_claim(config, workdir, ctx.mesh)
+  if done is not None:
+    return done
   if not method.optimised:  # no optimisation (rded): the images in one pass
-    return run_direct(config, workdir, method, spec, mesh, model, teacher)
-  return run_optimised(config, workdir, method, spec, mesh, model, teacher)
+    return run_direct(config, workdir, method, ctx, model, teacher)
+  return run_optimised(config, workdir, method, ctx, model, teacher)
 
 
 def _finished_or_claim(config, workdir: str, mesh) -> dict | None:
-  """recover's result when it finished in `workdir` under this config; else None, the
-  workdir claimed for it (its fingerprint written; a conflicting one refused)."""
+  """recover's result when it finished in `workdir` under this config (`finished`, its
+  fingerprint checked); else None, the workdir claimed for it (its fingerprint written; a
+  conflicting one refused)."""
   stage_dir = os.path.join(workdir, 'recover')
   key = fingerprint(config, teacher_lib.digest(config, workdir, mesh))
   # A workdir recovered before teacher digests: this teacher's recorded (stated) when claimed.
   added = (image_sets.TEACHER_KEY,)
   checkpoint.check_fingerprint(stage_dir, key, write=False, added=added)
-  finished = checkpoint.finished_result(stage_dir)
-  # Finished here: its fingerprint (a result.json from elsewhere is not), its set on disk.
-  if finished is not None and all(map(files.exists, (
-      os.path.join(stage_dir, checkpoint.FINGERPRINT), image_sets.distilled_dir(workdir)))):
+  done = finished(workdir, config)
+  if done is not None:
     checkpoint.check_fingerprint(stage_dir, key, added=added)  # records what it lacks
-    logging.info('recover: finished already (%s); nothing to do.', finished.get('measured_at'))
-    return image_sets.with_images_digest(workdir, finished)
+    logging.info('recover: finished already (%s); nothing to do.', done.get('measured_at'))
+    return image_sets.with_images_digest(workdir, done)
   # Every check passed: only now is the workdir claimed (a fingerprint written by a refused
   # config would refuse its corrected version).
   checkpoint.check_fingerprint(stage_dir, key, added=added)
@@ -563,10 +572,10 @@ def _export(config, workdir: str, spec, images: np.ndarray, **grid) -> np.ndarra
   return flat
 
 
-def run_direct(config, workdir: str, method, spec, mesh, model, teacher) -> dict:
+def run_direct(config, workdir: str, method, ctx: context.Context, model, teacher) -> dict:
   """A direct method (`Method.synthesize`, e.g. rded): its images, exported like recovered
   ones. Nothing to resume: a killed run starts again (deterministic)."""
-  cfg = config.recover
+  cfg, spec, mesh = config.recover, ctx.spec, ctx.mesh
   stage_dir = os.path.join(workdir, 'recover')
   num_classes = image_sets.recovered_classes(cfg, spec)
   start = time.time()
@@ -639,10 +648,10 @@ class Round:
   uids_dev: jax.Array
 
 
-def run_optimised(config, workdir: str, method, spec, mesh, model, teacher) -> dict:
+def run_optimised(config, workdir: str, method, ctx: context.Context, model, teacher) -> dict:
   """An optimised method's run: plan, every unfinished round, then the distilled set."""
   stage_dir = os.path.join(workdir, 'recover')
-  rec = _prepare(config, workdir, method, spec, mesh, model, teacher)
+  rec = _prepare(config, workdir, method, ctx, model, teacher)
   manager = checkpoint.create_manager(os.path.join(stage_dir, 'checkpoints'),
                                       save_interval_steps=rec.cfg.checkpoint_every_steps,
                                       final_step=rec.plan.rounds * rec.cfg.iterations)
@@ -653,17 +662,17 @@ def run_optimised(config, workdir: str, method, spec, mesh, model, teacher) -> d
   return _finish(rec, workdir, writer, rates, time.time() - start_time, start_step)
 
 
-def _prepare(config, workdir: str, method, spec, mesh, model, teacher) -> Recovery:
+def _prepare(config, workdir: str, method, ctx: context.Context, model, teacher) -> Recovery:
   """The run's shared pieces: the teacher (with class statistics where needed), the keys,
   the round plan (from XLA's analysis of the compiled step, before any training; written to
   recover/plan.json) and the group layout."""
-  cfg = config.recover
+  cfg, spec, mesh = config.recover, ctx.spec, ctx.mesh
   stage_dir = os.path.join(workdir, 'recover')
   plain_teacher = teacher
   if method.needs_class_stats:  # per-class BN statistics (edc)
     stats = class_stats.load_or_compute(
         config, teacher, lambda: pipeline.load_split(config.dataset, 'train'),
-        teacher_lib.teacher_dir(config, workdir), stage_dir, mesh)
+        ctx.teacher_dir, stage_dir, mesh)
     teacher = dict(teacher, **{class_stats.KEY: jax.device_put(stats,
                                                                batching.replicated(mesh))})
   init_rng, _ = jax.random.split(rngs.stream_key(config.seed, 'recover'))
