@@ -17,6 +17,7 @@ the images do not depend on the round size. A finished round's images are writte
 import dataclasses
 import functools
 import io
+import json
 import math
 import os
 import time
@@ -122,7 +123,6 @@ def check_settings(config, spec) -> None:
     raise ValueError(f'recover needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
                      f'{cfg.max_scale}.')
   train_lib.validate_numbers(config, ('recover',))
-  train_lib.validate_numbers(config, ('recover',))
 
 
 def check_draws(config, spec) -> None:
@@ -138,17 +138,28 @@ def check_draws(config, spec) -> None:
   whole_classes = scored and not cfg.init_candidates
   if not spec.in_memory or not (draws or whole_classes):
     return
-  train = pipeline.load_split(config.dataset, 'train')
   num_classes = image_sets.recovered_classes(cfg, spec)
+  counts, total = _class_counts(config.dataset, num_classes)
   if whole_classes:
-    selection.check_class_sizes(cfg, train, num_classes, config.dataset.train_limit)
-  _, labels = train.arrays()
-  counts = np.bincount(labels, minlength=num_classes)[:num_classes]
+    selection.check_class_sizes(cfg, int(counts.min()), config.dataset.train_limit)
   for setting, count in draws.items():
     short = np.flatnonzero(counts < count).tolist()
     if short:
-      raise ValueError(f'{setting}: {batching.too_few_per_class(count, short, len(labels))} '
+      raise ValueError(f'{setting}: {batching.too_few_per_class(count, short, total)} '
                        f'Lower {setting}.')
+
+
+_CLASS_COUNTS = {}  # dataset settings -> (images per class, images): read once per process
+
+
+def _class_counts(dataset, num_classes: int) -> tuple[np.ndarray, int]:
+  """(training images of each class (num_classes,), training images) of an in-memory split;
+  kept for the process (validating several configs of one dataset reads it once)."""
+  key = (json.dumps(dataset.to_dict(), sort_keys=True, default=str), num_classes)
+  if key not in _CLASS_COUNTS:
+    _, labels = pipeline.load_split(dataset, 'train').arrays()
+    _CLASS_COUNTS[key] = np.bincount(labels, minlength=num_classes)[:num_classes], len(labels)
+  return _CLASS_COUNTS[key]
 
 
 # ----------------------------------------------------------------------------- plan

@@ -13,7 +13,7 @@ import pytest
 
 from sre2l_jax import config_lib
 from sre2l_jax import export
-from sre2l_jax import main
+from sre2l_jax import runner
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import rngs
@@ -203,12 +203,12 @@ def test_in1k_rded_smoke_recovers_at_224(tmp_path):
 
 def test_squeeze_and_recover_refuse_too_many_rded_candidates_before_squeeze(data, tmp_path):
   """recover.rded_candidates over a class's training images is refused by main's up-front
-  check, before squeeze trains (or writes) anything."""
+  check (runner.validate), before squeeze trains (or writes) anything."""
   config = testlib.fashion_config(data)
   config.recover.update(method='rded', ipc=1, rded_factor=1, rded_candidates=1000)
   workdir = str(tmp_path / 'run')
   with pytest.raises(ValueError, match=r'^recover.rded_candidates: 1000 training images of '
                                        r'every class are needed;.* Lower '
                                        r'recover.rded_candidates.$'):
-    main.run(config, workdir, ['squeeze', 'recover'])
+    runner.run(config, workdir, ['squeeze', 'recover'])
   assert not os.path.exists(workdir)

@@ -189,10 +189,9 @@ def check_candidates(cfg) -> None:
                      f'>= {cfg.ipc} (0: all of each class).')
 
 
-def check_class_sizes(cfg, train_split, num_classes: int, train_limit: int) -> None:
+def check_class_sizes(cfg, smallest: int, train_limit: int) -> None:
   """With init_candidates=0 (all of each class): every class has ipc images (before any
-  work; an in-memory split)."""
-  smallest = _smallest_class(train_split, num_classes)
+  work); smallest: the images of the training split's smallest recovered class."""
   if smallest < cfg.ipc:
     limit = f' (dataset.train_limit={train_limit})' if train_limit else ''
     raise ValueError(f'recover.ipc={cfg.ipc} with recover.init=\'scored\' needs {cfg.ipc} '
