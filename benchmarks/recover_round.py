@@ -38,6 +38,7 @@ def main(argv=None) -> dict:
   from benchmarks import bench  # pylint: disable=g-import-not-at-top
   from sre2l_jax import config_lib, context, memory, recover  # pylint: disable=g-import-not-at-top
   from sre2l_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
+  from sre2l_jax import teacher_store  # pylint: disable=g-import-not-at-top
   from sre2l_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

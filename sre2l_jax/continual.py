@@ -55,7 +55,6 @@ from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
-from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
 SETS = ('distilled', 'random')

@@ -55,7 +55,6 @@ from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
-from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
 # Evaluate keys that change a student (seeds, eval batch, checkpoint and log intervals do not).

@@ -69,20 +69,23 @@ def png_bytes(image) -> bytes:
   return buffer.getvalue()
 
 
-def write_image_folder(directory: str, images: np.ndarray) -> None:
-  """images uint8 (num_classes, ipc, H, W, C) -> `new{cls:03d}/class{cls:03d}_id{ipc:03d}.png`
-  (the reference's ImageFolder naming, lossless PNG instead of JPEG)."""
-  with tempfile.TemporaryDirectory(prefix='sre2l_png_', ignore_cleanup_errors=True) as scratch:
-    # Written beside `directory` and renamed when local; uploaded from a local folder when
-    # `directory` is in a bucket.
-    tmp = scratch if files.is_remote(directory) else files.absolute(directory) + '.tmp'
-    files.rmtree(tmp)
-    for cls, per_class in enumerate(images):
-      folder = os.path.join(tmp, f'new{cls:03d}')
-      os.makedirs(folder)
-      for ipc, image in enumerate(per_class):
-        _to_pil(image).save(os.path.join(folder, f'class{cls:03d}_id{ipc:03d}.png'))
-    files.replace_dir(tmp, directory)
+def write_image_folder(directory: str, images: np.ndarray, labels=None,
+                       ipc_indices=None) -> None:
+  """Images as the reference's ImageFolder, `new{cls:03d}/class{cls:03d}_id{ipc:03d}.png`
+  (lossless PNG instead of JPEG), each file atomically, all at once (`files.write_all`: into
+  a bucket, parallel uploads); the other files of `directory` are kept (recover adds a
+  round's groups at a time).
+
+  images: uint8 (num_classes, ipc, H, W, C) class-major; or uint8 (N, H, W, C) with their
+  classes `labels` (N,) and ipc indices `ipc_indices` (N,).
+  """
+  if labels is None:
+    num_classes, ipc = images.shape[:2]
+    images = images.reshape((-1,) + images.shape[2:])
+    labels, ipc_indices = np.repeat(np.arange(num_classes), ipc), np.tile(np.arange(ipc),
+                                                                          num_classes)
+  files.write_all((os.path.join(directory, f'new{label:03d}', f'class{label:03d}_id{i:03d}.png'),
+                   png_bytes(image)) for image, label, i in zip(images, labels, ipc_indices))
 
 
 def _label_rows(image: Image.Image, names: list[str], row_height: int,

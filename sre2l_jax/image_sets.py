@@ -4,7 +4,6 @@ same-protocol baselines: the class-balanced random real subset and the k-means c
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -14,13 +13,13 @@ from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import fingerprints
 from sre2l_jax import label_store
-from sre2l_jax import models
 from sre2l_jax import rngs
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 from sre2l_jax.data import user_data
+from sre2l_jax.synthesis import candidates
 
 BASELINES = ('random', 'coreset', 'hard_label', 'full_data')
 # The full-data variant: the student trained with hard labels on the whole real training
@@ -173,55 +172,11 @@ def random_subset(config: ml_collections.ConfigDict, ipc: int) -> tuple[np.ndarr
                      f'evaluate.baselines to skip it.') from e
 
 
-def kmeans(features: np.ndarray, k: int, rng: np.random.Generator,
-           max_iterations: int = 100) -> np.ndarray:
-  """Centroids (k, D) of features (N, D): k-means++ seeding, then Lloyd's iterations until
-  no assignment changes (float64)."""
-  x = np.asarray(features, np.float64)
-  centroids = [x[rng.integers(len(x))]]
-  for _ in range(1, k):
-    distance = np.min(_squared_distances(x, np.asarray(centroids)), axis=1)
-    total = distance.sum()
-    centroids.append(x[rng.choice(len(x), p=distance / total)] if total > 0
-                     else x[rng.integers(len(x))])
-  centroids = np.asarray(centroids)
-  assign = None
-  for _ in range(max_iterations):
-    new = np.argmin(_squared_distances(x, centroids), axis=1)
-    if assign is not None and np.array_equal(new, assign):
-      break
-    assign = new
-    for j in range(k):
-      if np.any(assign == j):  # an empty cluster keeps its centroid
-        centroids[j] = x[assign == j].mean(0)
-  return centroids
-
-
-def _squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-  """(N, K) squared Euclidean distances of rows of x (N, D) to centroids (K, D)."""
-  return ((x[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
-
-
-def nearest_to_centroids(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-  """For each centroid in turn, the index of the nearest row of features not taken by an
-  earlier centroid (k distinct images; ties: the lower index)."""
-  distances = _squared_distances(np.asarray(features, np.float64), centroids)
-  chosen = []
-  for j in range(len(centroids)):
-    order = np.argsort(distances[:, j], kind='stable')
-    chosen.append(next(int(i) for i in order if int(i) not in chosen))
-  return np.asarray(chosen, np.int64)
-
-
 def _features_fn(model, spec: datasets.DatasetSpec):
-  """(variables, images uint8 (B, H, W, C)) -> the teacher's last BatchNorm layer's input
-  averaged over (H, W), (B, D) float32 (the space of the issue-13 coreset)."""
-  def features(variables, x):
-    _, state = model.apply(variables, datasets.normalise(x, spec), train=False,
-                           mutable=[models.BN_INPUTS])
-    *_, (_, last) = models.iter_in_call_order(state[models.BN_INPUTS])
-    return jnp.mean(last.astype(jnp.float32), axis=tuple(range(1, last.ndim - 1)))
-  return features
+  """(variables, images uint8 (B, H, W, C)) -> the teacher's features (B, D) float32
+  (`candidates.logits_and_features`: the space of the issue-13 coreset)."""
+  return lambda variables, x: candidates.logits_and_features(
+      model, variables, datasets.normalise(x, spec))[1]
 
 
 def split_features(model, variables, split, spec: datasets.DatasetSpec, mesh,
@@ -259,8 +214,9 @@ def coreset(config: ml_collections.ConfigDict, workdir: str,
     if len(rows) < ipc:
       raise ValueError(f'Class {c} has {len(rows)} training images; the coreset needs '
                        f'ipc={ipc}.')
-    centroids = kmeans(features[rows], ipc, rngs.numpy_rng('coreset', config.seed, c))
-    chosen.append(rows[nearest_to_centroids(features[rows], centroids)])
+    centroids, _ = candidates.kmeans(features[rows], ipc,
+                                     rngs.numpy_rng('coreset', config.seed, c))
+    chosen.append(rows[candidates.nearest_to_centroids(features[rows], centroids)])
   chosen = np.concatenate(chosen)
   return train.take(chosen), labels[chosen]
 

@@ -9,7 +9,6 @@ images or settings, and `verify` checks every shard before a student trains on t
 
 import hashlib
 import io
-import json
 import os
 from typing import Callable
 

@@ -17,16 +17,17 @@ the images do not depend on the round size. A finished round's images are writte
 import dataclasses
 import functools
 import io
+import json
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from sre2l_jax import checkpoint
 from sre2l_jax import config_lib
@@ -56,12 +57,20 @@ CROPS = ('per_image', 'per_group', 'none')
 
 
 def validate(config, ctx: context.Context) -> None:
-  cfg, spec = config.recover, ctx.spec
+  """Every check before recover's work, none of them writing: the settings (the method's own
+  included) and the real images per class it will draw."""
+  check_settings(config, ctx.spec)
+  check_draws(config, ctx.spec)
+
+
+def check_settings(config, spec) -> None:
+  """recover's settings and its method's (`Method.validate`); reads no data."""
+  cfg = config.recover
   method = synthesis.get_method(cfg.method)
-  if config.teacher.extra_teachers and not hasattr(method, 'synthesize') and (
-      method is not sre2l):
-    raise ValueError(f'Several teachers (teacher.extra_teachers) are summed by the sre2l and '
-                     f'rded objectives only; recover.method={cfg.method!r} takes one teacher.')
+  if config.teacher.get('extra_teachers') and not method.several_teachers:
+    several = ' and '.join(m.name for m in synthesis.METHODS.values() if m.several_teachers)
+    raise ValueError(f'Several teachers (teacher.extra_teachers) are summed by the {several} '
+                     f'objectives only; recover.method={cfg.method!r} takes one teacher.')
   if cfg.ipc <= 0:
     raise ValueError(f'recover.ipc={cfg.ipc} must be a positive number of images per class.')
   num_classes = image_sets.recovered_classes(cfg, spec)
@@ -109,12 +118,48 @@ def validate(config, ctx: context.Context) -> None:
     raise ValueError(f'recover.class_bn_weight={cfg.class_bn_weight} must be in [0, 1].')
   diversity.validate(cfg)
   selection.check_candidates(cfg)
-  if hasattr(method, 'validate'):  # the method's own settings (rded's)
-    method.validate(cfg)
+  method.validate(cfg, spec)
   if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
     raise ValueError(f'recover needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
                      f'{cfg.max_scale}.')
   config_lib.validate_numbers(config, ('recover',))
+
+
+def check_draws(config, spec) -> None:
+  """The real images per class recover draws from the training split (its method's `draws`;
+  an optimised method's init='scored' candidates), against a split held in memory, before
+  any stage works (a streamed split is checked as it is read)."""
+  cfg = config.recover
+  method = synthesis.get_method(cfg.method)
+  draws = dict(method.draws(cfg))
+  scored = method.optimised and cfg.init == 'scored'
+  if scored and cfg.init_candidates:
+    draws['recover.init_candidates'] = cfg.init_candidates
+  whole_classes = scored and not cfg.init_candidates
+  if not spec.in_memory or not (draws or whole_classes):
+    return
+  num_classes = image_sets.recovered_classes(cfg, spec)
+  counts, total = _class_counts(config.dataset, num_classes)
+  if whole_classes:
+    selection.check_class_sizes(cfg, int(counts.min()), config.dataset.train_limit)
+  for setting, count in draws.items():
+    short = np.flatnonzero(counts < count).tolist()
+    if short:
+      raise ValueError(f'{setting}: {batching.too_few_per_class(count, short, total)} '
+                       f'Lower {setting}.')
+
+
+_CLASS_COUNTS = {}  # dataset settings -> (images per class, images): read once per process
+
+
+def _class_counts(dataset, num_classes: int) -> tuple[np.ndarray, int]:
+  """(training images of each class (num_classes,), training images) of an in-memory split;
+  kept for the process (validating several configs of one dataset reads it once)."""
+  key = (json.dumps(dataset.to_dict(), sort_keys=True, default=str), num_classes)
+  if key not in _CLASS_COUNTS:
+    _, labels = pipeline.load_split(dataset, 'train').arrays()
+    _CLASS_COUNTS[key] = np.bincount(labels, minlength=num_classes)[:num_classes], len(labels)
+  return _CLASS_COUNTS[key]
 
 
 # ----------------------------------------------------------------------------- plan
@@ -398,9 +443,9 @@ def plan(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) 
   """
   del workdir  # nothing is read or written
   cfg, spec, mesh = config.recover, ctx.spec, ctx.mesh
-  validate(config, ctx)
+  check_settings(config, spec)  # no data read
   teacher = models.abstract_variables(create_teacher_model(config, spec), spec.image_shape)
-  if getattr(synthesis.get_method(cfg.method), 'NEEDS_CLASS_STATS', False):
+  if synthesis.get_method(cfg.method).needs_class_stats:
     teacher[class_stats.KEY] = class_stats.abstract(teacher['batch_stats'], spec.num_classes)
   rng = jax.random.split(rngs.stream_key(config.seed, 'recover'))[1]
   compile_at, measure_at, _ = _step_factory(config, spec, mesh, teacher, rng)
@@ -458,55 +503,41 @@ def _write_round(stage_dir: str, r: int, images: np.ndarray, summary: dict) -> N
 
 def _write_pngs(directory: str, images: np.ndarray, labels: np.ndarray, uids: np.ndarray,
                 num_classes: int) -> None:
-  """PNGs of some groups (uint8 (G, B, H, W, C)) into the image folder's naming
-  (`new{cls:03d}/class{cls:03d}_id{ipc:03d}.png`), each atomically; a group's files at once
-  (`files.write_all`: in a bucket, parallel uploads)."""
+  """PNGs of some groups (uint8 (G, B, H, W, C)) into the image folder
+  (`export.write_image_folder`), a group's files at once."""
   for group_images, group_labels, group_uids in zip(images, labels, uids):
-    pngs = []
-    for image, label, uid in zip(group_images, group_labels, group_uids):
-      ipc_index = int(uid) // num_classes
-      path = os.path.join(directory, f'new{label:03d}', f'class{label:03d}_id{ipc_index:03d}.png')
-      buffer = io.BytesIO()
-      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, 'PNG')
-      pngs.append((path, buffer.getvalue()))
-    files.write_all(pngs)
+    export.write_image_folder(directory, group_images, group_labels,
+                              np.asarray(group_uids) // num_classes)
+
+
+def check_recovery(initial_bn: float, final_bn: float, teacher_top1: float,
+                   cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a finished recover whose images are not what recover promises.
+
+  initial_bn, final_bn: the objective's BN term at the start and the end (same views).
+  teacher_top1: the teacher's top-1 (fraction) on the final images. cfg: the recover config;
+  `cfg.min_bn_reduction` (the BN term must end at most initial / this; 0: off) and
+  `cfg.min_teacher_top1` (0: off) are the thresholds. A diverging lr can leave every loss
+  finite: the BN term then rises and the teacher no longer recognises the images.
+  """
+  problems = []
+  if cfg.min_bn_reduction > 0 and not final_bn * cfg.min_bn_reduction <= initial_bn:
+    problems.append(f'the BN term went {initial_bn:.4g} -> {final_bn:.4g} (it must fall by a '
+                    f'factor of at least recover.min_bn_reduction={cfg.min_bn_reduction:g}: '
+                    f'lower recover.lr, now {cfg.lr})')
+  if cfg.min_teacher_top1 > 0 and not teacher_top1 >= cfg.min_teacher_top1:
+    problems.append(f'the teacher recognises {100 * teacher_top1:.1f}% of the images (at '
+                    f'least {100 * cfg.min_teacher_top1:.0f}% expected: lower recover.lr, now '
+                    f'{cfg.lr}, or recover.r_bn, now {cfg.r_bn})')
+  if problems:
+    raise train_lib.NotConvergedError(
+        f'recover did not converge: {"; ".join(problems)}. Nothing was exported. Re-run with '
+        f'the lowered knob and a new --workdir, or accept these images with '
+        f'--config.recover.min_bn_reduction=0 --config.recover.min_teacher_top1=0 (on this '
+        f'workdir: the finished work is kept).')
 
 
 # ----------------------------------------------------------------------------- run
-
-
-def run_direct(config, workdir: str, method, spec, mesh, model, teacher) -> dict:
-  """A method without optimisation (`method.synthesize`, e.g. rded): its images, exported
-  like recovered ones. Nothing to resume: a killed run starts again (deterministic)."""
-  cfg = config.recover
-  stage_dir = os.path.join(workdir, 'recover')
-  num_classes = image_sets.recovered_classes(cfg, spec)
-  start = time.time()
-  images = method.synthesize(config, spec, model=model, teacher=teacher,
-                             train=pipeline.load_split(config.dataset, 'train'),
-                             num_classes=num_classes, mesh=mesh)  # uint8 (C, ipc, H, W, ch)
-  flat = images.reshape((-1,) + spec.image_shape)
-  if jax.process_index() == 0:
-    labels = np.repeat(np.arange(num_classes), cfg.ipc)
-    export.write_tfds(image_sets.distilled_dir(workdir), flat, labels, spec.num_classes)
-    export.write_grid(os.path.join(stage_dir, 'grid.png'), images)
-    uids = np.arange(cfg.ipc)[None, :] * num_classes + np.arange(num_classes)[:, None]
-    _write_pngs(os.path.join(stage_dir, 'images'), images, labels.reshape(uids.shape), uids,
-                num_classes)
-  logits_fn = jax.jit(lambda t, x: model.apply(t, datasets.normalise(x, spec), train=False))
-  predicted = np.concatenate([np.argmax(jax.device_get(logits_fn(teacher, flat[i:i + 256])),
-                                        -1) for i in range(0, len(flat), 256)])
-  result = {'stage': 'recover', 'method': cfg.method, 'dataset': spec.name, 'ipc': cfg.ipc,
-            'images': int(num_classes * cfg.ipc), 'classes': num_classes,
-            'teacher_top1_on_synthetic': float(np.mean(
-                predicted == np.repeat(np.arange(num_classes), cfg.ipc))),
-            'teacher_top1_unit': 'fraction', 'images_sha256': label_store.images_digest(flat),
-            'wall_seconds': time.time() - start, 'devices': mesh.size,
-            'outputs': {'tfds': image_sets.distilled_dir(workdir),
-                        'png': os.path.join(stage_dir, 'images'),
-                        'grid': os.path.join(stage_dir, 'grid.png')}}
-  files.write_json(os.path.join(stage_dir, 'result.json'), result)
-  return result
 
 
 def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
@@ -523,16 +554,26 @@ def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
-  """Recovers `ipc` images per class, a round of groups at a time; resumes from
-  `workdir/recover/checkpoints` (the round in progress) and `workdir/recover/rounds`
-  (the finished rounds' images)."""
-  cfg = config.recover
-  stage_dir = os.path.join(workdir, 'recover')
-  spec, mesh = ctx.spec, ctx.mesh
+  """Recovers `ipc` images per class with recover.method: an optimised method a round of
+  groups at a time, resuming from `workdir/recover/checkpoints` (the round in progress) and
+  `workdir/recover/rounds` (the finished rounds' images); a direct one in one pass."""
   validate(config, ctx)
-  method = synthesis.get_method(cfg.method)
-  _, teacher = teacher_lib.load(config, workdir, mesh)  # fails early if missing/unfit
-  model = create_teacher_model(config, spec)
+  method = synthesis.get_method(config.recover.method)
+  _, teacher = teacher_lib.load(config, workdir, ctx.mesh)  # fails early if missing/unfit
+  model = create_teacher_model(config, ctx.spec)
+  done = _finished_or_claim(config, workdir, ctx.mesh)
+  if done is not None:
+    return done
+  if not method.optimised:  # no optimisation (rded): the images in one pass
+    return run_direct(config, workdir, method, ctx, model, teacher)
+  return run_optimised(config, workdir, method, ctx, model, teacher)
+
+
+def _finished_or_claim(config, workdir: str, mesh) -> dict | None:
+  """recover's result when it finished in `workdir` under this config (`finished`, its
+  fingerprint checked); else None, the workdir claimed for it (its fingerprint written; a
+  conflicting one refused)."""
+  stage_dir = os.path.join(workdir, 'recover')
   key = fingerprints.record('recover', config, **{
       image_sets.TEACHER_KEY: teacher_lib.digest(config, workdir, mesh)})
   # A workdir recovered before teacher digests: this teacher's recorded (stated) when claimed.
@@ -543,39 +584,146 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
     checkpoint.check_fingerprint(stage_dir, key, added=added)  # records what it lacks
     logging.info('recover: finished already (%s); nothing to do.', done.get('measured_at'))
     return image_sets.with_images_digest(workdir, done)
-  if cfg.init == 'scored' and not cfg.init_candidates:
-    selection.check_class_sizes(cfg, pipeline.load_split(config.dataset, 'train'),
-                                image_sets.recovered_classes(cfg, spec),
-                                config.dataset.train_limit)
   # Every check passed: only now is the workdir claimed (a fingerprint written by a refused
   # config would refuse its corrected version).
   checkpoint.check_fingerprint(stage_dir, key, added=added)
-  if hasattr(method, 'synthesize'):  # no optimisation (rded): the images in one pass
-    return run_direct(config, workdir, method, spec, mesh, model, teacher)
+  return None
+
+
+def _teacher_top1(model, teacher, spec, images, labels) -> float:
+  """The teacher's top-1 (fraction) on uint8 images (N, H, W, C), 256 at a time."""
+  logits_fn = jax.jit(lambda t, x: model.apply(t, datasets.normalise(x, spec), train=False))
+  predicted = np.concatenate([np.argmax(jax.device_get(logits_fn(teacher, images[i:i + 256])),
+                                        -1) for i in range(0, len(images), 256)])
+  return float(np.mean(predicted == labels))
+
+
+def _export(config, workdir: str, spec, images: np.ndarray, **grid) -> np.ndarray:
+  """The distilled set (uint8 (num_classes, ipc, H, W, C) class-major) as a TFDS dataset and
+  a grid (process 0); returns it flat (N, H, W, C)."""
+  flat = images.reshape((-1,) + spec.image_shape)
+  if jax.process_index() == 0:
+    labels = np.repeat(np.arange(images.shape[0]), config.recover.ipc)
+    export.write_tfds(image_sets.distilled_dir(workdir), flat, labels, spec.num_classes)
+    export.write_grid(os.path.join(workdir, 'recover', 'grid.png'), images, **grid)
+  return flat
+
+
+def run_direct(config, workdir: str, method, ctx: context.Context, model, teacher) -> dict:
+  """A direct method (`Method.synthesize`, e.g. rded): its images, exported like recovered
+  ones. Nothing to resume: a killed run starts again (deterministic)."""
+  cfg, spec, mesh = config.recover, ctx.spec, ctx.mesh
+  stage_dir = os.path.join(workdir, 'recover')
+  num_classes = image_sets.recovered_classes(cfg, spec)
+  start = time.time()
+  images = method.synthesize(config, spec, model=model, teacher=teacher,
+                             train=pipeline.load_split(config.dataset, 'train'),
+                             num_classes=num_classes, mesh=mesh)  # uint8 (C, ipc, H, W, ch)
+  flat = _export(config, workdir, spec, images)
+  labels = np.repeat(np.arange(num_classes), cfg.ipc)
+  if jax.process_index() == 0:
+    uids = np.arange(cfg.ipc)[None, :] * num_classes + np.arange(num_classes)[:, None]
+    _write_pngs(os.path.join(stage_dir, 'images'), images, labels.reshape(uids.shape), uids,
+                num_classes)
+  result = {'stage': 'recover', 'method': cfg.method, 'dataset': spec.name, 'ipc': cfg.ipc,
+            'images': int(num_classes * cfg.ipc), 'classes': num_classes,
+            'teacher_top1_on_synthetic': _teacher_top1(model, teacher, spec, flat, labels),
+            'teacher_top1_unit': 'fraction', 'images_sha256': label_store.images_digest(flat),
+            'wall_seconds': time.time() - start, 'devices': mesh.size,
+            'outputs': {'tfds': image_sets.distilled_dir(workdir),
+                        'png': os.path.join(stage_dir, 'images'),
+                        'grid': os.path.join(stage_dir, 'grid.png')}}
+  files.write_json(os.path.join(stage_dir, 'result.json'), result)
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+  """What every round of an optimised method's run shares (`_prepare` makes it).
+
+  teacher: the variables the step reads (with the class statistics where the method needs
+  them); plain_teacher: without them (the starting images' scores). labels, uids: the group
+  layout (`optimize.group_layout`) of every round; round r holds groups [r * groups_per_round,
+  (r + 1) * groups_per_round). step: the step compiled for a round.
+  """
+  config: ml_collections.ConfigDict
+  spec: datasets.DatasetSpec
+  mesh: jax.sharding.Mesh
+  method: synthesis.Method
+  model: Any
+  teacher: dict
+  plain_teacher: dict
+  stage_dir: str
+  plan: RoundPlan
+  num_classes: int
+  labels: np.ndarray
+  uids: np.ndarray
+  tx: Any
+  step: Any
+  measure_fn: Any
+  init_rng: jax.Array
+  step_rng: jax.Array
+
+  @property
+  def cfg(self) -> ml_collections.ConfigDict:
+    return self.config.recover
+
+  @property
+  def images_shape(self) -> tuple[int, ...]:
+    return (self.plan.groups_per_round, self.cfg.batch_size) + self.spec.image_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+  """Round r's groups: real of them hold images (the rest pad); labels, uids on the host and
+  placed on the mesh."""
+  index: int
+  real: int
+  labels: np.ndarray
+  uids: np.ndarray
+  labels_dev: jax.Array
+  uids_dev: jax.Array
+
+
+def run_optimised(config, workdir: str, method, ctx: context.Context, model, teacher) -> dict:
+  """An optimised method's run: plan, every unfinished round, then the distilled set."""
+  stage_dir = os.path.join(workdir, 'recover')
+  rec = _prepare(config, workdir, method, ctx, model, teacher)
+  manager = checkpoint.create_manager(os.path.join(stage_dir, 'checkpoints'),
+                                      save_interval_steps=rec.cfg.checkpoint_every_steps,
+                                      final_step=rec.plan.rounds * rec.cfg.iterations)
+  writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
+  writer.write_hparams(config.to_dict(), metrics=('bn_loss_final', 'teacher_top1_on_synthetic'))
+  start_time = time.time()
+  rates, start_step = _run_rounds(rec, manager, writer)
+  return _finish(rec, workdir, writer, rates, time.time() - start_time, start_step)
+
+
+def _prepare(config, workdir: str, method, ctx: context.Context, model, teacher) -> Recovery:
+  """The run's shared pieces: the teacher (with class statistics where needed), the keys,
+  the round plan (from XLA's analysis of the compiled step, before any training; written to
+  recover/plan.json) and the group layout."""
+  cfg, spec, mesh = config.recover, ctx.spec, ctx.mesh
+  stage_dir = os.path.join(workdir, 'recover')
   plain_teacher = teacher
-  scored = None  # init 'scored': the starting images, chosen when a round first needs them
-  if getattr(method, 'NEEDS_CLASS_STATS', False):  # per-class BN statistics (edc)
+  if method.needs_class_stats:  # per-class BN statistics (edc)
     stats = class_stats.load_or_compute(
         config, teacher, lambda: pipeline.load_split(config.dataset, 'train'),
         ctx.teacher_dir, stage_dir, mesh)
     teacher = dict(teacher, **{class_stats.KEY: jax.device_put(stats,
                                                                batching.replicated(mesh))})
-  init_rng, step_rng = jax.random.split(rngs.stream_key(config.seed, 'recover'))
+  init_rng, _ = jax.random.split(rngs.stream_key(config.seed, 'recover'))
   # The step key as a global replicated array, made inside jit so that it also exists when
   # the mesh spans several processes (device_put cannot place a host value on devices of
   # other processes).
   step_rng = jax.jit(lambda: jax.random.split(rngs.stream_key(config.seed, 'recover'))[1],
                      out_shardings=batching.replicated(mesh))()
-
-  # Plan: the round size, from XLA's analysis of the compiled step (before any training).
   num_classes = image_sets.recovered_classes(cfg, spec)
-  real_groups = real_group_count(cfg, num_classes)
   plan_path = os.path.join(stage_dir, 'plan.json')
   stored = files.read_json(plan_path)['groups_per_round'] if files.exists(plan_path) else 0
   compile_at, measure_at, tx = _step_factory(config, spec, mesh, teacher, step_rng)
-  round_plan = plan_rounds(cfg, real_groups, mesh.size, compile_at, memory_budget(cfg), stored,
-                           measure_at)
-  per_round, rounds = round_plan.groups_per_round, round_plan.rounds
+  round_plan = plan_rounds(cfg, real_group_count(cfg, num_classes), mesh.size, compile_at,
+                           memory_budget(cfg), stored, measure_at)
   host = host_plan(cfg, round_plan, spec, num_classes)
   files.write_json(plan_path, round_plan.to_dict() | {'host': host.to_dict()})
   logging.info('recover plan: %s', describe_plan(round_plan, cfg))
@@ -583,131 +731,147 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
   if warning := memory.check_host_fits(host, 'recover'):
     logging.warning('%s', warning)
   logging.info('recover plan: %s', projection(round_plan, cfg, jax.devices()[0].device_kind))
-  step = compile_at(per_round)
-
-  # Layout: every group of every round; round r holds groups [r * per_round, (r+1) * ...).
-  labels, uids, _ = optimize.group_layout(num_classes, cfg.ipc, cfg.batch_size, per_round,
+  labels, uids, _ = optimize.group_layout(num_classes, cfg.ipc, cfg.batch_size,
+                                          round_plan.groups_per_round,
                                           by_class=cfg.group_by == 'class')
-  sharded = batching.data_sharding(mesh)
-  images_shape = (per_round, cfg.batch_size) + spec.image_shape
-  shardings = optimize.state_shardings(tx, images_shape, mesh)
-  manager = checkpoint.create_manager(os.path.join(stage_dir, 'checkpoints'),
-                                      save_interval_steps=cfg.checkpoint_every_steps,
-                                      final_step=rounds * cfg.iterations)
+  return Recovery(config, spec, mesh, method, model, teacher, plain_teacher, stage_dir,
+                  round_plan, num_classes, labels, uids, tx,
+                  compile_at(round_plan.groups_per_round),
+                  create_measure_fn(config, spec, mesh, method, model), init_rng, step_rng)
+
+
+def _run_rounds(rec: Recovery, manager, writer) -> tuple[list[float], int]:
+  """Runs every unfinished round, the checkpoint's round from its step; returns (each run
+  round's image-iterations per second, the Orbax step resumed from (0: none))."""
+  cfg, per_round = rec.cfg, rec.plan.groups_per_round
   # The checkpoint holds the round in progress; its Orbax step is round * iterations + step.
   state, saved_step = train_lib.restore_or_init(
-      manager, optimize.abstract_state(tx, images_shape, mesh), lambda: None)
+      manager, optimize.abstract_state(rec.tx, rec.images_shape, rec.mesh), lambda: None)
   resumed = None
   if state is not None:
     resumed = (saved_step - int(state['step'])) // cfg.iterations, int(state['step'])
-
-  measure_fn = create_measure_fn(config, spec, mesh, method, model)
-
-  def measured_sums(images, labels_dev, uids_dev, real):
-    """Sums over the round's `real` real groups: BN term, un-augmented BN loss, hits."""
-    bn, plain, correct = jax.device_get(measure_fn(images, labels_dev, uids_dev, teacher))
-    return {'bn_loss': float(bn[:real].sum()), 'bn_loss_unaugmented': float(plain[:real].sum()),
-            'teacher_correct': float(correct[:real].sum())}
-
-  writer = train_lib.create_writer(os.path.join(stage_dir, 'logs'))
-  writer.write_hparams(config.to_dict(), metrics=('bn_loss_final', 'teacher_top1_on_synthetic'))
-  # The step's per-layer BN terms (bn_loss_per_layer) are written as bn/<layer>.
-  per_layer = {'bn_loss_per_layer': tuple(
-      f'bn/{name}' for name in bn_layer_names(model, teacher, spec.image_shape))}
-  png_dir = os.path.join(stage_dir, 'images')
-  start_time, rates, start_step = time.time(), [], 0
-  for r in range(rounds):
-    if _round_done(stage_dir, r):
+  # init 'scored': the starting images, chosen once for the whole set when a round first
+  # needs them.
+  scored = functools.cache(lambda: selection.scored_images(
+      rec.config, rec.model, rec.plain_teacher, pipeline.load_split(rec.config.dataset, 'train'),
+      rec.num_classes, rec.mesh))
+  sharded = batching.data_sharding(rec.mesh)
+  real_groups = rec.plan.groups
+  rates, start_step = [], 0
+  for r in range(rec.plan.rounds):
+    if _round_done(rec.stage_dir, r):
       continue
     groups = slice(r * per_round, (r + 1) * per_round)
-    real = min(per_round, max(0, real_groups - r * per_round))
-    labels_dev = jax.device_put(labels[groups], sharded)
-    uids_dev = jax.device_put(uids[groups], sharded)
-    initial_path = _round_path(stage_dir, r, '.initial.json')
+    this = Round(r, min(per_round, max(0, real_groups - r * per_round)), rec.labels[groups],
+                 rec.uids[groups], jax.device_put(rec.labels[groups], sharded),
+                 jax.device_put(rec.uids[groups], sharded))
     if resumed is not None and resumed[0] == r:
       round_step, start_step = resumed[1], saved_step
     else:
-      if cfg.init == 'scored':  # chosen once for the whole set; (class, ipc index) here
-        if scored is None:
-          scored = selection.scored_images(config, model, plain_teacher,
-                                           pipeline.load_split(config.dataset, 'train'),
-                                           num_classes, mesh)
-        images = scored[labels[groups], (uids[groups] // num_classes) % cfg.ipc]
-      else:
-        train = pipeline.load_split(config.dataset, 'train') if cfg.init == 'real' else None
-        # Real images take the host uids (their ipc index); noise is made where it lives.
-        images = optimize.initial_images(cfg, spec, labels[groups],
-                                         uids[groups] if train else uids_dev, init_rng,
-                                         num_classes, train)
-      state = jax.jit(lambda x: optimize.create_state(x, tx), out_shardings=shardings)(
-          jax.device_put(images, sharded))
-      round_step = 0
-    if round_step == 0 or not files.exists(initial_path):
-      # Not read back from the file: only process 0 writes it.
-      initial = measured_sums(state['images'], labels_dev, uids_dev, real)
-      files.write_json(initial_path, initial)
-    else:
-      initial = files.read_json(initial_path)
+      state, round_step = _initial_state(rec, this, scored), 0
+    rates.append(_run_round(rec, this, state, round_step, manager, writer))
+  return rates, start_step
 
-    loop = train_lib.Loop(
-        name=f'recover round {r + 1}/{rounds}', total_steps=(r + 1) * cfg.iterations,
-        log_every=cfg.log_every_steps, manager=manager, writer=writer,
-        examples_per_step=real * cfg.batch_size,
-        throughput_name='image_iterations_per_second', vector_names=per_layer,
-        show=('loss', 'bn_loss', 'ce'), schedule=lambda s: adam_lr(cfg, s),
-        knobs=f'recover.lr (now {cfg.lr}) or recover.r_bn (now {cfg.r_bn})')
-    state, done = train_lib.run_loop(
-        loop, state, r * cfg.iterations + round_step,
-        lambda state, _: step(state, labels_dev, uids_dev, step_rng, teacher))
-    rates.append(done.examples_per_second)
 
-    # The round's outputs; its summary last (the mark of a finished round).
-    final = measured_sums(state['images'], labels_dev, uids_dev, real)
-    images = multihost.to_host(state['images'])[:real]  # sharded over processes
-    if jax.process_index() == 0:
-      _write_pngs(png_dir, datasets.denormalise(images, spec), labels[groups][:real],
-                  uids[groups][:real], num_classes)
-    _write_round(stage_dir, r, images.astype(np.float32), {
-        'round': r, 'first_group': r * per_round, 'real_groups': real, 'initial': initial,
-        'final': final, 'image_iterations_per_second': done.examples_per_second})
-    multihost.sync(f'recover round {r} written')
-    logging.info('recover: round %d/%d done (%d groups)', r + 1, rounds, real)
-  wall = time.time() - start_time
+def _initial_state(rec: Recovery, this: Round, scored) -> dict:
+  """The round's starting images (recover.init) in a fresh optimiser state, sharded.
+  scored(): init 'scored''s images of the whole set (num_classes, ipc, H, W, C)."""
+  cfg = rec.cfg
+  if cfg.init == 'scored':  # (class, ipc index) of each image
+    images = scored()[this.labels, (this.uids // rec.num_classes) % cfg.ipc]
+  else:
+    train = pipeline.load_split(rec.config.dataset, 'train') if cfg.init == 'real' else None
+    # Real images take the host uids (their ipc index); noise is made where it lives.
+    images = optimize.initial_images(cfg, rec.spec, this.labels,
+                                     this.uids if train else this.uids_dev, rec.init_rng,
+                                     rec.num_classes, train)
+  shardings = optimize.state_shardings(rec.tx, rec.images_shape, rec.mesh)
+  return jax.jit(lambda x: optimize.create_state(x, rec.tx), out_shardings=shardings)(
+      jax.device_put(images, batching.data_sharding(rec.mesh)))
 
-  # All rounds: the distilled set, and measures averaged over every real group.
+
+def _measured_sums(rec: Recovery, images, this: Round) -> dict:
+  """Sums over the round's real groups: BN term, un-augmented BN loss, hits."""
+  bn, plain, correct = jax.device_get(rec.measure_fn(images, this.labels_dev, this.uids_dev,
+                                                     rec.teacher))
+  real = this.real
+  return {'bn_loss': float(bn[:real].sum()), 'bn_loss_unaugmented': float(plain[:real].sum()),
+          'teacher_correct': float(correct[:real].sum())}
+
+
+def _run_round(rec: Recovery, this: Round, state, round_step: int, manager, writer) -> float:
+  """Round `this` from `round_step` to its end, measured at start and end; writes its PNGs,
+  images and summary (last: the mark of a finished round). Returns its image-iterations
+  per second."""
+  cfg, r, rounds = rec.cfg, this.index, rec.plan.rounds
+  initial_path = _round_path(rec.stage_dir, r, '.initial.json')
+  if round_step == 0 or not files.exists(initial_path):
+    # Not read back from the file: only process 0 writes it.
+    initial = _measured_sums(rec, state['images'], this)
+    files.write_json(initial_path, initial)
+  else:
+    initial = files.read_json(initial_path)
+  # The step's per-layer BN terms (bn_loss_per_layer) are written as bn/<layer>.
+  per_layer = {'bn_loss_per_layer': tuple(
+      f'bn/{name}' for name in bn_layer_names(rec.model, rec.teacher, rec.spec.image_shape))}
+  loop = train_lib.Loop(
+      name=f'recover round {r + 1}/{rounds}', total_steps=(r + 1) * cfg.iterations,
+      log_every=cfg.log_every_steps, manager=manager, writer=writer,
+      examples_per_step=this.real * cfg.batch_size,
+      throughput_name='image_iterations_per_second', vector_names=per_layer,
+      show=('loss', 'bn_loss', 'ce'), schedule=lambda s: adam_lr(cfg, s),
+      knobs=f'recover.lr (now {cfg.lr}) or recover.r_bn (now {cfg.r_bn})')
+  state, done = train_lib.run_loop(
+      loop, state, r * cfg.iterations + round_step,
+      lambda state, _: rec.step(state, this.labels_dev, this.uids_dev, rec.step_rng,
+                                rec.teacher))
+  final = _measured_sums(rec, state['images'], this)
+  images = multihost.to_host(state['images'])[:this.real]  # sharded over processes
+  if jax.process_index() == 0:
+    _write_pngs(os.path.join(rec.stage_dir, 'images'), datasets.denormalise(images, rec.spec),
+                this.labels[:this.real], this.uids[:this.real], rec.num_classes)
+  _write_round(rec.stage_dir, r, images.astype(np.float32), {
+      'round': r, 'first_group': r * rec.plan.groups_per_round, 'real_groups': this.real,
+      'initial': initial, 'final': final,
+      'image_iterations_per_second': done.examples_per_second})
+  multihost.sync(f'recover round {r} written')
+  logging.info('recover: round %d/%d done (%d groups)', r + 1, rounds, this.real)
+  return done.examples_per_second
+
+
+def _finish(rec: Recovery, workdir: str, writer, rates: list[float], wall: float,
+            start_step: int) -> dict:
+  """All rounds: the checks on the measures averaged over every real group, then the
+  distilled set exported and recover/result.json."""
+  cfg, spec, stage_dir = rec.cfg, rec.spec, rec.stage_dir
+  rounds, real_groups = rec.plan.rounds, rec.plan.groups
   summaries = [files.read_json(_round_path(stage_dir, r, '.json')) for r in range(rounds)]
   total = lambda when, key: sum(s[when][key] for s in summaries)
+  mean = lambda when, key: total(when, key) / real_groups
+  bn_initial, bn_final = mean('initial', 'bn_loss'), mean('final', 'bn_loss')
+  teacher_top1 = total('final', 'teacher_correct') / (real_groups * cfg.batch_size)
+  check_recovery(bn_initial, bn_final, teacher_top1, cfg)
   # uint8 a round at a time: the float images of every round (30 GB for ImageNet-1K IPC 50)
   # are never in memory together.
   images = np.concatenate([
       datasets.denormalise(files.load_npy(_round_path(stage_dir, r, '.npy')), spec)
       for r in range(rounds)])
-  bn_initial = total('initial', 'bn_loss') / real_groups
-  bn_final = total('final', 'bn_loss') / real_groups
-  teacher_top1 = total('final', 'teacher_correct') / (real_groups * cfg.batch_size)
-  train_lib.check_recovery(bn_initial, bn_final, teacher_top1, cfg)
-  images = optimize.to_class_major(images, num_classes, cfg.ipc,
+  images = optimize.to_class_major(images, rec.num_classes, cfg.ipc,
                                    by_class=cfg.group_by == 'class')
-  images_flat = images.reshape((-1,) + spec.image_shape)
-  if jax.process_index() == 0:
-    flat_labels = np.repeat(np.arange(num_classes), cfg.ipc)
-    export.write_tfds(image_sets.distilled_dir(workdir), images_flat, flat_labels,
-                      spec.num_classes)
-    export.write_grid(os.path.join(stage_dir, 'grid.png'), images,
-                      class_names=datasets.class_names(config.dataset))
+  images_flat = _export(rec.config, workdir, spec, images,
+                        class_names=datasets.class_names(rec.config.dataset))
   writer.write_scalars(rounds * cfg.iterations, {'bn_loss_final': bn_final,
                                                  'teacher_top1_on_synthetic': teacher_top1})
   writer.flush()
-  num_images = real_groups * cfg.batch_size
   result = {
       'stage': 'recover', 'method': cfg.method, 'dataset': spec.name, 'ipc': cfg.ipc,
       'iterations': cfg.iterations, 'group_size': cfg.batch_size, 'groups': real_groups,
-      'images': num_images, 'classes': num_classes,
-      'rounds': rounds, 'groups_per_round': per_round,
-      'peak_bytes_per_device_planned': round_plan.report.peak_bytes,
+      'images': real_groups * cfg.batch_size, 'classes': rec.num_classes,
+      'rounds': rounds, 'groups_per_round': rec.plan.groups_per_round,
+      'peak_bytes_per_device_planned': rec.plan.report.peak_bytes,
       'bn_loss_initial': bn_initial, 'bn_loss_final': bn_final,
-      'bn_loss_unaugmented_initial': total('initial', 'bn_loss_unaugmented') / real_groups,
-      'bn_loss_unaugmented_final': total('final', 'bn_loss_unaugmented') / real_groups,
+      'bn_loss_unaugmented_initial': mean('initial', 'bn_loss_unaugmented'),
+      'bn_loss_unaugmented_final': mean('final', 'bn_loss_unaugmented'),
       'bn_loss_note': ('sum over BN layers of w_l (|mean - running mean| + |var - running var|)'
                        ', mean over groups; bn_loss_*: the objective\'s BN term on one fixed '
                        'draw of the training augmentation, the same views at start and end; '
@@ -715,8 +879,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
       'teacher_top1_on_synthetic': teacher_top1, 'teacher_top1_unit': 'fraction',
       'images_sha256': label_store.images_digest(images_flat),
       'image_iterations_per_second': float(np.mean(rates)) if rates else None,
-      'wall_seconds': wall, 'resumed_from_step': start_step, 'devices': mesh.size,
-      'outputs': {'tfds': image_sets.distilled_dir(workdir), 'png': png_dir,
+      'wall_seconds': wall, 'resumed_from_step': start_step, 'devices': rec.mesh.size,
+      'outputs': {'tfds': image_sets.distilled_dir(workdir),
+                  'png': os.path.join(stage_dir, 'images'),
                   'grid': os.path.join(stage_dir, 'grid.png'),
                   'rounds': os.path.join(stage_dir, 'rounds')},
   }

@@ -425,30 +425,3 @@ def _diverged(loop: Loop, step: int, last_saved: int):
 
 class NotConvergedError(RuntimeError):
   """Recover ended without doing what it is for (BN statistics matched, images recognised)."""
-
-
-def check_recovery(initial_bn: float, final_bn: float, teacher_top1: float,
-                   cfg: ml_collections.ConfigDict) -> None:
-  """Refuses a finished recover whose images are not what recover promises.
-
-  initial_bn, final_bn: the objective's BN term at the start and the end (same views).
-  teacher_top1: the teacher's top-1 (fraction) on the final images. cfg: the recover config;
-  `cfg.min_bn_reduction` (the BN term must end at most initial / this; 0: off) and
-  `cfg.min_teacher_top1` (0: off) are the thresholds. A diverging lr can leave every loss
-  finite: the BN term then rises and the teacher no longer recognises the images.
-  """
-  problems = []
-  if cfg.min_bn_reduction > 0 and not final_bn * cfg.min_bn_reduction <= initial_bn:
-    problems.append(f'the BN term went {initial_bn:.4g} -> {final_bn:.4g} (it must fall by a '
-                    f'factor of at least recover.min_bn_reduction={cfg.min_bn_reduction:g}: '
-                    f'lower recover.lr, now {cfg.lr})')
-  if cfg.min_teacher_top1 > 0 and not teacher_top1 >= cfg.min_teacher_top1:
-    problems.append(f'the teacher recognises {100 * teacher_top1:.1f}% of the images (at '
-                    f'least {100 * cfg.min_teacher_top1:.0f}% expected: lower recover.lr, now '
-                    f'{cfg.lr}, or recover.r_bn, now {cfg.r_bn})')
-  if problems:
-    raise NotConvergedError(
-        f'recover did not converge: {"; ".join(problems)}. Nothing was exported. Re-run with '
-        f'the lowered knob and a new --workdir, or accept these images with '
-        f'--config.recover.min_bn_reduction=0 --config.recover.min_teacher_top1=0 (on this '
-        f'workdir: the finished work is kept).')

@@ -13,6 +13,7 @@ from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 from sre2l_jax.data import streaming
+from sre2l_jax.synthesis import candidates
 
 import testlib
 
@@ -21,26 +22,55 @@ def test_kmeans_finds_separated_clusters_and_is_deterministic():
   rng = np.random.default_rng(0)
   centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
   x = np.concatenate([c + rng.normal(scale=0.1, size=(30, 2)) for c in centres])
-  found = image_sets.kmeans(x, 3, np.random.default_rng(1))
+  found = candidates.kmeans(x, 3, np.random.default_rng(1))[0]
   order = np.argsort(found[:, 0] * 100 + found[:, 1])
   expected = np.stack([x[i * 30:(i + 1) * 30].mean(0) for i in range(3)])
   np.testing.assert_allclose(found[order], expected[np.argsort(
       expected[:, 0] * 100 + expected[:, 1])], atol=1e-9)  # each centroid = its cluster mean
-  np.testing.assert_array_equal(found, image_sets.kmeans(x, 3, np.random.default_rng(1)))
+  np.testing.assert_array_equal(found, candidates.kmeans(x, 3, np.random.default_rng(1))[0])
+
+
+def _lloyd_without_stopping(features, k, rng, iterations):
+  """The reference: k-means++ then exactly `iterations` Lloyd steps (selection's k-means
+  before the candidates module); the cluster index of each row."""
+  x = np.asarray(features, np.float64)
+  centres = [x[rng.integers(len(x))]]
+  for _ in range(1, k):
+    distance = np.min(((x[:, None] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
+    total = distance.sum()
+    centres.append(x[rng.choice(len(x), p=distance / total)] if total > 0
+                   else x[rng.integers(len(x))])
+  centres = np.asarray(centres)
+  for _ in range(iterations):
+    assign = np.argmin(((x[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+    for j in range(k):
+      if np.any(assign == j):
+        centres[j] = x[assign == j].mean(0)
+  return assign
+
+
+def test_kmeans_stopping_early_assigns_as_every_iteration_run():
+  """Once no assignment changes the centroids stay: stopping there changes nothing."""
+  for seed in range(20):
+    features = np.random.default_rng(seed).normal(size=(40, 3))
+    for iterations in (1, 2, 20):
+      _, assign = candidates.kmeans(features, 5, np.random.default_rng(seed), iterations)
+      np.testing.assert_array_equal(assign, _lloyd_without_stopping(
+          features, 5, np.random.default_rng(seed), iterations))
 
 
 def test_nearest_to_centroids_are_the_nearest_distinct_images():
   rng = np.random.default_rng(2)
   features = rng.normal(size=(50, 4))
   centroids = rng.normal(size=(5, 4))
-  chosen = image_sets.nearest_to_centroids(features, centroids)
+  chosen = candidates.nearest_to_centroids(features, centroids)
   assert len(set(chosen.tolist())) == 5
   d = ((features[:, None] - centroids[None]) ** 2).sum(-1)
   for j, i in enumerate(chosen):  # nearest among the images earlier centroids left
     left = np.setdiff1d(np.arange(50), chosen[:j])
     assert i == left[np.argmin(d[left, j])]
   # Two centroids on the same image: the second takes the next nearest.
-  same = image_sets.nearest_to_centroids(features, np.stack([features[7], features[7]]))
+  same = candidates.nearest_to_centroids(features, np.stack([features[7], features[7]]))
   assert same[0] == 7 and same[1] == np.argsort(((features - features[7]) ** 2).sum(-1))[1]
 
 
@@ -103,7 +133,7 @@ def test_coreset_of_a_workdir_teacher(data_dir, tmp_path):
   for c in range(3):
     rows = np.flatnonzero(train_labels == c)
     features = all_features[rows]
-    centroids = image_sets.kmeans(features, 2, rngs.numpy_rng('coreset', config.seed, c))
+    centroids, _ = candidates.kmeans(features, 2, rngs.numpy_rng('coreset', config.seed, c))
     nearest = rows[np.argmin(((features[:, None] - centroids[None]) ** 2).sum(-1), axis=0)]
     np.testing.assert_array_equal(images[2 * c:2 * c + 2], train_images[nearest])
   again, _ = image_sets.coreset(config, str(tmp_path), 2)

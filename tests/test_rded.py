@@ -13,6 +13,7 @@ import pytest
 
 from sre2l_jax import config_lib
 from sre2l_jax import export
+from sre2l_jax import runner
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import rngs
@@ -198,3 +199,16 @@ def test_in1k_rded_smoke_recovers_at_224(tmp_path):
     again = testlib.run_stage(recover, config, workdir)
   np.testing.assert_array_equal(
       export.read_tfds(export.tfds_dataset_dir(again['outputs']['tfds']))[0], out)
+
+
+def test_squeeze_and_recover_refuse_too_many_rded_candidates_before_squeeze(data, tmp_path):
+  """recover.rded_candidates over a class's training images is refused by main's up-front
+  check (runner.validate), before squeeze trains (or writes) anything."""
+  config = testlib.fashion_config(data)
+  config.recover.update(method='rded', ipc=1, rded_factor=1, rded_candidates=1000)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ValueError, match=r'^recover.rded_candidates: 1000 training images of '
+                                       r'every class are needed;.* Lower '
+                                       r'recover.rded_candidates.$'):
+    runner.run(config, workdir, ['squeeze', 'recover'])
+  assert not os.path.exists(workdir)

@@ -327,17 +327,17 @@ def test_recover_that_does_not_converge_is_refused():
   cfg = config.recover
   # The recover.lr=1e6 run: BN term 42.7 -> 68.2, teacher top-1 13%.
   with pytest.raises(train_lib.NotConvergedError) as error:
-    train_lib.check_recovery(42.7, 68.2, 0.13, cfg)
+    recover.check_recovery(42.7, 68.2, 0.13, cfg)
   message = str(error.value)
   assert '42.7 -> 68.2' in message and '13.0%' in message
   assert 'recover.lr, now 0.25' in message and 'recover.r_bn' in message
   assert '\n' not in message
   with pytest.raises(train_lib.NotConvergedError, match=r'^(?!.*BN term).*recognises 30'):
-    train_lib.check_recovery(42.7, 3.8, 0.3, cfg)
-  train_lib.check_recovery(42.7, 3.8, 1.0, cfg)  # the default run's numbers pass
+    recover.check_recovery(42.7, 3.8, 0.3, cfg)
+  recover.check_recovery(42.7, 3.8, 1.0, cfg)  # the default run's numbers pass
   # Smoke configs (a few iterations) do not check; 0 turns a check off.
   smoke = testlib.load_config('fashion_mnist_ipc10', 'smoke').recover
-  train_lib.check_recovery(42.7, 68.2, 0.0, smoke)
+  recover.check_recovery(42.7, 68.2, 0.0, smoke)
   assert (smoke.min_bn_reduction, smoke.min_teacher_top1) == (0.0, 0.0)
 
 

@@ -190,7 +190,7 @@ def test_class_weight_zero_is_the_sre2l_loss():
   expected, _ = sre2l.group_loss(images, labels, uids, jax.random.key(7), jnp.float32(0.5),
                                  model=model, teacher=plain, cfg=config.recover)
   np.testing.assert_allclose(loss, float(expected), rtol=1e-6)
-  assert synthesis.get_method('edc') is edc
+  assert synthesis.get_method('edc') is edc.METHOD and edc.METHOD.needs_class_stats
 
 
 # ----------------------------------------------------------------------------- layout
@@ -506,3 +506,25 @@ def test_methods_table_reruns_the_baseline_row_for_a_baseline_it_lacks(tmp_path,
     methods_table.main(base + ['--baselines=random,hard_label'])
   (argv,) = calls
   assert "--config.evaluate.baselines=('random', 'hard_label')" in argv
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_a_registered_method_is_validated_by_recover_up_front(monkeypatch):
+  """recover reads a method's declaration: its own validate runs in recover.validate, and
+  one that takes one teacher refuses teacher.extra_teachers."""
+  def refuse(cfg, spec):
+    raise ValueError(f'toy refuses ipc={cfg.ipc} on {spec.name}')
+  monkeypatch.setattr(synthesis.method, 'METHODS', dict(synthesis.METHODS))
+  toy = synthesis.register(synthesis.Method(
+      name='toy', kind='direct', synthesize=lambda *a, **k: None, validate=refuse))
+  assert synthesis.get_method('toy') is toy and not toy.optimised
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
+  config.recover.method = 'toy'
+  with pytest.raises(ValueError, match='toy refuses ipc=10 on fashion_mnist'):
+    recover.validate(config, testlib.context_of(config, spec=SPEC))
+  with pytest.raises(ValueError, match='registered already'):
+    synthesis.register(synthesis.Method(name='toy', kind='direct', synthesize=print))
+  with pytest.raises(ValueError, match='lacks group_loss'):
+    synthesis.Method(name='half', kind='optimised')

@@ -9,7 +9,6 @@ import pytest
 import torch
 from flax import traverse_util
 
-from sre2l_jax import teacher
 from sre2l_jax import teacher_store
 from sre2l_jax.models import create_model, model_signature
 from sre2l_jax.models import torch_export

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import teacher_store
 from sre2l_jax.models import create_model, iter_in_call_order, model_signature
 from sre2l_jax.models import torch_import

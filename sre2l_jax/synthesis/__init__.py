@@ -1,24 +1,24 @@
-"""Synthesis methods: the objectives recover optimises images with.
+"""Synthesis methods: how recover makes the images.
 
-A method is a module with `group_loss(images, labels, uids, key, min_scale, *, model,
-teacher, cfg) -> (loss, metrics)` for one group of images; `optimize` runs any of them
-(groups vmapped and sharded, Adam on the images). A second method is a new module here and
-an entry in `METHODS`, not an edit of the recover stage.
+A method is a `Method` (synthesis/method.py): its kind ('optimised': per-group losses that
+`optimize` runs Adam on, groups vmapped and sharded; 'direct': it makes the images itself),
+what it needs and its own validation. A new method is a module here declaring one and a
+`register` call, not an edit of the recover stage.
 
 Methods: `sre2l` (SRe2L's BN matching), `edc` (EDC's soft category-aware matching against the
-per-class statistics of `class_stats.py`; set NEEDS_CLASS_STATS). Shared by every method:
-`selection` (teacher-scored real starting images, recover.init='scored') and `diversity`
-(DELT's early-late schedule, recover.diversity).
+per-class statistics of `class_stats.py`), `rded` (RDED's scored, stitched real patches).
+Shared by the optimised methods: `selection` (teacher-scored real starting images,
+recover.init='scored') and `diversity` (DELT's early-late schedule, recover.diversity);
+`candidates` (candidate scoring and k-means) by selection, rded and the coreset baseline.
 """
 
 from sre2l_jax.synthesis import edc
 from sre2l_jax.synthesis import rded
 from sre2l_jax.synthesis import sre2l
+from sre2l_jax.synthesis.method import METHODS
+from sre2l_jax.synthesis.method import Method
+from sre2l_jax.synthesis.method import get_method
+from sre2l_jax.synthesis.method import register
 
-METHODS = {'sre2l': sre2l, 'edc': edc, 'rded': rded}
-
-
-def get_method(name: str):
-  if name not in METHODS:
-    raise ValueError(f'Unknown synthesis method {name!r}; valid: {sorted(METHODS)}.')
-  return METHODS[name]
+for _method in (sre2l.METHOD, edc.METHOD, rded.METHOD):
+  register(_method)

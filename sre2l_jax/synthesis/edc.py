@@ -46,6 +46,7 @@ from sre2l_jax import class_stats
 from sre2l_jax import models
 # Names, not the module: `from sre2l_jax.synthesis import sre2l` would import this package's
 # __init__, which imports this module (a cycle).
+from sre2l_jax.synthesis.method import Method
 from sre2l_jax.synthesis.sre2l import augment_group
 from sre2l_jax.synthesis.sre2l import layer_bn_loss
 from sre2l_jax.synthesis.sre2l import min_scale_at
@@ -53,8 +54,6 @@ from sre2l_jax.synthesis.sre2l import unaugmented_bn_loss as global_unaugmented_
 from sre2l_jax.synthesis.sre2l import weighted_bn_loss
 
 CLASS_STATS = class_stats.KEY  # the teacher pytree's extra entry (set by the recover stage)
-NEEDS_CLASS_STATS = True
-
 # Shared with sre2l: the augmentation, the crop curriculum (min_scale_at, which the
 # optimizer calls on the method), the BN-term weighting.
 __all__ = ['group_loss', 'unaugmented_bn_loss', 'min_scale_at']
@@ -87,6 +86,20 @@ def bn_terms(bn_inputs: dict, teacher: dict, labels):
   return jnp.stack(global_terms), jnp.stack(class_terms)
 
 
+REMAT = ('none', 'teacher')
+
+
+def remat_refusal(remat: str) -> str:
+  return f"recover.method='edc' supports recover.remat 'none' and 'teacher'; got {remat!r}."
+
+
+def validate(cfg, spec=None) -> None:
+  """Refuses a recover.remat edc's forward does not implement (before any stage runs)."""
+  del spec
+  if cfg.get('remat', 'none') not in REMAT:
+    raise ValueError(remat_refusal(cfg.remat))
+
+
 def teacher_forward(x, labels, *, model, teacher, remat: str = 'none'):
   """(logits (B, K), global terms (L,), class terms (L,)) of the teacher on x."""
 
@@ -98,8 +111,7 @@ def teacher_forward(x, labels, *, model, teacher, remat: str = 'none'):
   if remat == 'teacher':
     forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.nothing_saveable)
   elif remat != 'none':
-    raise ValueError(f"recover.method='edc' supports recover.remat 'none' and 'teacher'; got "
-                     f'{remat!r}.')
+    raise ValueError(remat_refusal(remat))
   return forward(teacher, x)
 
 
@@ -127,3 +139,8 @@ def unaugmented_bn_loss(images, *, model, teacher, cfg):
   """(the global BN loss of the images as they are (), their logits (B, K)), as `sre2l`."""
   return global_unaugmented_bn_loss(images, model=model, teacher=_teacher_only(teacher),
                                     cfg=cfg)
+
+
+METHOD = Method(name='edc', kind='optimised', group_loss=group_loss,
+                unaugmented_bn_loss=unaugmented_bn_loss, min_scale_at=min_scale_at,
+                needs_class_stats=True, validate=validate)

@@ -28,13 +28,18 @@ import ml_collections
 import numpy as np
 
 from sre2l_jax import rngs
-from sre2l_jax.data import augment
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
+# Names, not the module: `from sre2l_jax.synthesis import candidates` would import this
+# package's __init__, which imports this module (a cycle).
+from sre2l_jax.synthesis.candidates import class_scores
+from sre2l_jax.synthesis.candidates import random_crops
+from sre2l_jax.synthesis.method import Method
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
+def validate(cfg: ml_collections.ConfigDict, spec: datasets.DatasetSpec | None = None) -> None:
   """Raises ValueError for settings RDED cannot run with."""
+  del spec
   if cfg.rded_factor < 1 or cfg.rded_crops < 1:
     raise ValueError(f'recover.rded_factor={cfg.rded_factor} and recover.rded_crops='
                      f'{cfg.rded_crops} must be >= 1.')
@@ -61,31 +66,11 @@ def cell_bounds(size: int, factor: int) -> list[tuple[int, int]]:
   return bounds
 
 
-def random_crops(keys, images, *, num_crops: int, size: int, scale: tuple[float, float]):
-  """`num_crops` square random resized crops of each image.
-
-  keys: (N,) one per image; images (N, H, W, C) float. Returns (N, num_crops, size, size, C).
-  """
-  def one(key, image):
-    crop_keys = jax.random.split(key, num_crops)
-    return jax.vmap(lambda k: augment.random_resized_crop(k, image, (size, size), scale,
-                                                          ratio=(1.0, 1.0)))(crop_keys)
-  return jax.vmap(one)(keys, images)
-
-
 def pad_to(patches, height: int, width: int):
   """Zero-pads patches (N, h, w, C) to (N, height, width, C), centred (RDED's `pad`)."""
   h, w = patches.shape[1:3]
   top, left = (height - h) // 2, (width - w) // 2
   return jnp.pad(patches, ((0, 0), (top, height - h - top), (left, width - w - left), (0, 0)))
-
-
-def realism_scores(logits, labels):
-  """-CE of the true class: log_softmax(logits)[..., label]. logits (..., K); labels (...)
-  or () for all."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  labels = jnp.broadcast_to(jnp.asarray(labels, jnp.int32), log_probs.shape[:-1])
-  return jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
 
 
 def select(scores, count: int):
@@ -135,12 +120,15 @@ def create_scorer(model, spec: datasets.DatasetSpec, cfg, mesh):
     x = datasets.normalise(images, spec)
     keys = jax.vmap(lambda c, i: jax.random.fold_in(jax.random.fold_in(key, c), i))(
         labels, ranks)
-    crops = random_crops(keys, x, num_crops=cfg.rded_crops, size=size,
-                         scale=(cfg.min_scale, cfg.max_scale))
+    # Square crops, each candidate's from its own key.
+    crop_keys = jax.vmap(lambda k: jax.random.split(k, cfg.rded_crops))(keys)
+    crops = random_crops(crop_keys, x, (size, size), (cfg.min_scale, cfg.max_scale),
+                         ratio=(1.0, 1.0))
     n, m = crops.shape[:2]
     flat = pad_to(crops.reshape((n * m,) + crops.shape[2:]), height, width)
     logits = model.apply(teacher, flat, train=False)
-    scores = realism_scores(logits, jnp.repeat(labels, m)).reshape(n, m)
+    # Realism: -CE of the true class.
+    scores = class_scores(logits, jnp.repeat(labels, m), log=True).reshape(n, m)
     return crops, scores
 
   sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
@@ -193,3 +181,8 @@ def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *,
     out[c] = datasets.denormalise(stitch(patches, cfg.rded_factor, cfg.ipc, spec.image_shape),
                                   spec)
   return out
+
+
+METHOD = Method(name='rded', kind='direct', synthesize=synthesize, several_teachers=True,
+                validate=validate, draws=lambda cfg: {'recover.rded_candidates':
+                                                      cfg.rded_candidates})

@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sre2l_jax import models
 from sre2l_jax import rngs
-from sre2l_jax.data import augment
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
+from sre2l_jax.synthesis import candidates
 
 
 PICKS = ('score', 'centre')  # recover.init_pick: a cluster's best-scored or most typical
@@ -44,26 +43,6 @@ def best_per_source(scores: np.ndarray, sources: np.ndarray) -> np.ndarray:
   first = np.ones(len(order), bool)
   first[1:] = sources[order][1:] != sources[order][:-1]
   return order[first]
-
-
-def kmeans(features: np.ndarray, k: int, rng: np.random.Generator,
-           iterations: int = 20) -> np.ndarray:
-  """Cluster index (N,) of each row of features (N, D): Lloyd's algorithm from k-means++."""
-  x = np.asarray(features, np.float64)
-  centres = [x[rng.integers(len(x))]]
-  for _ in range(1, k):
-    distance = np.min(((x[:, None] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
-    total = distance.sum()
-    centres.append(x[rng.choice(len(x), p=distance / total)] if total > 0
-                   else x[rng.integers(len(x))])
-  centres = np.asarray(centres)
-  assign = np.zeros(len(x), np.int64)
-  for _ in range(iterations):
-    assign = np.argmin(((x[:, None] - centres[None]) ** 2).sum(-1), axis=1)
-    for j in range(k):
-      if np.any(assign == j):
-        centres[j] = x[assign == j].mean(0)
-  return assign
 
 
 def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
@@ -85,7 +64,8 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
     chosen = best[np.argsort(-scores[best], kind='stable')[:count]]
   else:
     feats = np.asarray(features, np.float64)[best]
-    assign = kmeans(feats, count, rng or np.random.default_rng(0))
+    _, assign = candidates.kmeans(feats, count, rng or np.random.default_rng(0),
+                                  max_iterations=20)
     chosen = []
     for j in range(count):
       members = np.flatnonzero(assign == j)
@@ -114,8 +94,7 @@ def create_crop_fn(spec: datasets.DatasetSpec, cfg):
     x = datasets.normalise(images, spec)
     if cfg.init_crops == 1:
       return x[:, None]
-    return jax.vmap(lambda ks, im: jax.vmap(lambda k: augment.random_resized_crop(
-        k, im, size, (cfg.min_scale, cfg.max_scale)))(ks))(keys, x)
+    return candidates.random_crops(keys, x, size, (cfg.min_scale, cfg.max_scale))
 
   return jax.jit(crop)
 
@@ -131,11 +110,8 @@ def create_score_fn(model, spec: datasets.DatasetSpec, cfg, mesh=None):
   def score(variables, images, labels, key_data):
     x = crop_fn(images, jax.random.wrap_key_data(key_data))
     flat = x.reshape((-1,) + x.shape[2:])
-    logits, state = model.apply(variables, flat, train=False, mutable=[models.BN_INPUTS])
-    *_, (_, last) = models.iter_in_call_order(state[models.BN_INPUTS])
-    features = jnp.mean(last.astype(jnp.float32), axis=(1, 2))
-    probs = jax.nn.softmax(logits.astype(jnp.float32))
-    hit = jnp.take_along_axis(probs, jnp.repeat(labels, x.shape[1])[:, None], axis=1)[:, 0]
+    logits, features = candidates.logits_and_features(model, variables, flat)
+    hit = candidates.class_scores(logits, jnp.repeat(labels, x.shape[1]), log=False)
     return hit.reshape(x.shape[:2]), features.reshape(x.shape[:2] + features.shape[1:])
 
   if mesh is None:
@@ -213,10 +189,9 @@ def check_candidates(cfg) -> None:
                      f'>= {cfg.ipc} (0: all of each class).')
 
 
-def check_class_sizes(cfg, train_split, num_classes: int, train_limit: int) -> None:
+def check_class_sizes(cfg, smallest: int, train_limit: int) -> None:
   """With init_candidates=0 (all of each class): every class has ipc images (before any
-  work; an in-memory split)."""
-  smallest = _smallest_class(train_split, num_classes)
+  work); smallest: the images of the training split's smallest recovered class."""
   if smallest < cfg.ipc:
     limit = f' (dataset.train_limit={train_limit})' if train_limit else ''
     raise ValueError(f'recover.ipc={cfg.ipc} with recover.init=\'scored\' needs {cfg.ipc} '

@@ -15,6 +15,7 @@ import optax
 
 from sre2l_jax import models
 from sre2l_jax.data import augment
+from sre2l_jax.synthesis.method import Method
 
 
 def bn_statistics_loss(bn_inputs: dict, batch_stats: dict, first_bn_multiplier: float):
@@ -154,3 +155,8 @@ def min_scale_at(step, cfg):
     return jnp.float32(cfg.min_scale)
   t = jnp.clip(step / cfg.iterations, 0.0, 1.0)
   return cfg.min_scale + (cfg.max_scale - cfg.min_scale) * 0.5 * (1 + jnp.cos(jnp.pi * t))
+
+
+METHOD = Method(name='sre2l', kind='optimised', group_loss=group_loss,
+                unaugmented_bn_loss=unaugmented_bn_loss, min_scale_at=min_scale_at,
+                several_teachers=True)
