@@ -266,7 +266,7 @@ def test_topk_labels_are_small_and_keep_the_top_probabilities(data, base_workdir
     directory = str(tmp_path / storage)
     manifests[storage] = label_store.write_labels(
         directory, images, schedule, cfg, SPEC,
-        student.create_teacher_logits(model, teacher, mesh), mesh, temperature)
+        label_store.create_teacher_logits(model, teacher, mesh), mesh, temperature)
     assert manifests[storage]['complete'] and len(manifests[storage]['shards']) == 1
     labels[storage] = label_store.StoredLabels.open(directory, images, schedule, temperature,
                                                 views.view_settings(cfg))
