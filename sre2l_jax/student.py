@@ -14,7 +14,9 @@ students, whose updates follow one another in the program or are vmapped (`over_
 one. Metrics come back with a leading student axis (`metric_writers.StudentWriters`).
 """
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,80 +48,94 @@ def soft_targets(teacher, batch_views, *, teacher_model, temperature: float,
   return jax.nn.softmax(train_lib.mask_logits(logits, class_mask) / temperature, axis=-1)
 
 
-def set_targets(key, images, labels, stored, teacher, *, cfg, spec, teacher_model,
-                temperature: float, target: str, class_mask=None, loss: str = 'kl'):
+LOSSES = ('kl', 'mse_ce')
+
+
+@dataclasses.dataclass(frozen=True)
+class Lesson:
+  """What a student learns from, fixed for a compiled step: the views (`views.batch_views`
+  of `cfg`, config.relabel, on `spec`'s images), the labels (target: 'online', the teacher
+  `teacher_model` run here; 'stored'; 'hard', mixed one-hot labels) at `temperature`, and
+  the loss ('kl' or EDC's 'mse_ce' with `ce_weight`, see `update`)."""
+  cfg: Any
+  spec: Any
+  teacher_model: Any
+  temperature: float
+  target: str
+  loss: str = 'kl'
+  ce_weight: float = 0.0
+
+
+def create_lesson(config, spec, teacher_model, target: str) -> Lesson:
+  """The `Lesson` of `config`'s students (relabel's views, evaluate's temperature and loss)."""
+  return Lesson(config.relabel, spec, teacher_model, config.evaluate.temperature, target,
+                **loss_settings(config))
+
+
+def set_targets(key, images, labels, stored, teacher, lesson: Lesson, class_mask=None):
   """The views of one batch of one image set and their targets.
 
   images: (B, H, W, C) uint8; labels: (B,) int; stored: this batch's stored arrays (target
-  'stored') or None. target: 'online' (teacher logits computed here), 'stored' or 'hard'
-  (mixed one-hot labels). loss: 'kl' or 'mse_ce' (`update`). Returns (views (B, H, W, C)
-  float32, targets): (B, C) float32 (soft labels at `temperature`, or mixed one-hot labels
-  for target 'hard'), or with loss 'mse_ce' and soft targets {'logits': the teacher's
-  logits (B, C), 'labels': mixed one-hot labels (B, C)}.
+  'stored') or None. Returns (views (B, H, W, C) float32, targets): (B, C) float32 (soft
+  labels at the lesson's temperature, or mixed one-hot labels for target 'hard'), or with
+  loss 'mse_ce' and soft targets {'logits': the teacher's logits (B, C), 'labels': mixed
+  one-hot labels (B, C)}.
   """
-  x, lam, partner = views.batch_views(key, images, cfg=cfg, spec=spec)
+  spec, target = lesson.spec, lesson.target
+  x, lam, partner = views.batch_views(key, images, cfg=lesson.cfg, spec=spec)
   onehot = jax.nn.one_hot(labels, spec.num_classes)
   mixed = lam * onehot + (1 - lam) * onehot[partner]  # the views' labels after CutMix/MixUp
   if target == 'hard':
     return x, mixed
-  if loss == 'mse_ce':
+  if lesson.loss == 'mse_ce':
     if target == 'online':
-      logits = label_store.teacher_logits(teacher, x, model=teacher_model)
+      logits = label_store.teacher_logits(teacher, x, model=lesson.teacher_model)
     else:
       logits = label_store.logits_from_stored(stored)
     return x, {'logits': logits, 'labels': mixed}
   if target == 'online':
-    return x, soft_targets(teacher, x, teacher_model=teacher_model,
-                          temperature=temperature, class_mask=class_mask)
-  return x, label_store.targets_from_stored(stored, spec.num_classes, temperature)
+    return x, soft_targets(teacher, x, teacher_model=lesson.teacher_model,
+                          temperature=lesson.temperature, class_mask=class_mask)
+  return x, label_store.targets_from_stored(stored, spec.num_classes, lesson.temperature)
 
 
-LOSSES = ('kl', 'mse_ce')
-
-
-def update(state, x, targets, *, temperature: float, target: str, class_mask=None,
-           loss: str = 'kl', ce_weight: float = 0.0):
+def update(state, x, targets, lesson: Lesson, class_mask=None):
   """One optimiser step of one student on views `x` (B, H, W, C) and `targets`
   (`set_targets`): cross-entropy to the mixed one-hot labels for target 'hard'; else with
-  loss 'kl' KL divergence to the soft labels at `temperature` (SRe2L), with loss 'mse_ce'
-  EDC's: mean squared error between the student's and the teacher's logits plus `ce_weight`
+  loss 'kl' KL divergence to the soft labels at the temperature (SRe2L), with loss 'mse_ce'
+  EDC's: mean squared error between the student's and the teacher's logits plus ce_weight
   x cross-entropy to the mixed one-hot labels. Returns (state, {'loss': ()})."""
 
   def loss_fn(params):
     logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                      x, train=True, mutable=['batch_stats'])
     logits = train_lib.mask_logits(logits, class_mask)
-    if target == 'hard':
+    if lesson.target == 'hard':
       value = optax.softmax_cross_entropy(logits, targets).mean()
-    elif loss == 'mse_ce':
-      value = (jnp.mean(jnp.square(logits - targets['logits'])) +
-               ce_weight * optax.softmax_cross_entropy(logits, targets['labels']).mean())
+    elif lesson.loss == 'mse_ce':
+      value = (jnp.mean(jnp.square(logits - targets['logits'])) + lesson.ce_weight *
+               optax.softmax_cross_entropy(logits, targets['labels']).mean())
     else:
-      value = kl_divergence(logits, targets, temperature)
+      value = kl_divergence(logits, targets, lesson.temperature)
     return value, updates.get('batch_stats', {})  # {}: a model without BatchNorm
 
   (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), {'loss': value}
 
 
-def student_step(state, images, labels, stored, key, teacher, *, cfg, spec, teacher_model,
-                 temperature: float, target: str, class_mask=None, loss: str = 'kl',
-                 ce_weight: float = 0.0):
+def student_step(state, images, labels, stored, key, teacher, lesson: Lesson,
+                 class_mask=None):
   """One student step on one batch of views.
 
-  target: 'online' (teacher logits computed here), 'stored' (`stored` holds this batch's
-  stored arrays) or 'hard' (mixed one-hot labels). class_mask: None, or bool (C,) of the
-  classes the student may learn (continual, target 'online' only): teacher and student
-  logits of the others are -inf, so neither the targets nor the gradients involve them.
-  Returns (state, metrics).
+  stored: this batch's stored arrays (target 'stored') or None. class_mask: None, or bool
+  (C,) of the classes the student may learn (continual, target 'online' only): teacher and
+  student logits of the others are -inf, so neither the targets nor the gradients involve
+  them. Returns (state, metrics).
   """
-  if class_mask is not None and target != 'online':
-    raise ValueError(f"class_mask needs target='online', not {target!r}.")
-  x, targets = set_targets(key, images, labels, stored, teacher, cfg=cfg, spec=spec,
-                           teacher_model=teacher_model, temperature=temperature,
-                           target=target, class_mask=class_mask, loss=loss)
-  return update(state, x, targets, temperature=temperature, target=target,
-                class_mask=class_mask, loss=loss, ce_weight=ce_weight)
+  if class_mask is not None and lesson.target != 'online':
+    raise ValueError(f"class_mask needs target='online', not {lesson.target!r}.")
+  x, targets = set_targets(key, images, labels, stored, teacher, lesson, class_mask)
+  return update(state, x, targets, lesson, class_mask)
 
 
 STACK_MODES = ('auto', 'unrolled', 'vmap')
@@ -160,9 +176,8 @@ def over_stack(fn, mode: str, states, inputs=(), index=None):
                 for i, s in enumerate(index)])
 
 
-def stacked_student_step(states, images, labels, stored, key, teacher, *, set_index, cfg,
-                         spec, teacher_model, temperature: float, target: str,
-                         mode: str = 'unrolled', loss: str = 'kl', ce_weight: float = 0.0):
+def stacked_student_step(states, images, labels, stored, key, teacher, *, lesson: Lesson,
+                         set_index, mode: str = 'unrolled'):
   """One step of M students stacked on a leading axis, trained on S image sets at once.
 
   states: a `TrainState` whose leaves have a leading axis M (one student each). images:
@@ -178,12 +193,9 @@ def stacked_student_step(states, images, labels, stored, key, teacher, *, set_in
   Returns (states, {'loss': (M,)}).
   """
   x, targets = jax.vmap(
-      lambda im, lb, st: set_targets(key, im, lb, st, teacher, cfg=cfg, spec=spec,
-                                     teacher_model=teacher_model, temperature=temperature,
-                                     target=target, loss=loss))(images, labels, stored)
-  one = functools.partial(update, temperature=temperature, target=target, loss=loss,
-                          ce_weight=ce_weight)
-  return over_stack(one, mode, states, (x, targets), index=set_index)
+      lambda im, lb, st: set_targets(key, im, lb, st, teacher, lesson))(images, labels, stored)
+  return over_stack(functools.partial(update, lesson=lesson), mode, states, (x, targets),
+                    index=set_index)
 
 
 def loss_settings(config) -> dict:
@@ -207,10 +219,9 @@ def create_student_step(config, spec, teacher_model, mesh, target: str,
   sharded on their rows (`stacked_sharding`)."""
   stacked, replicated = stacked_sharding(mesh), batching.replicated(mesh)
   return jax.jit(
-      functools.partial(stacked_student_step, set_index=tuple(int(i) for i in set_index),
-                        cfg=config.relabel, spec=spec, teacher_model=teacher_model,
-                        temperature=config.evaluate.temperature, target=target,
-                        mode=stack_mode(config), **loss_settings(config)),
+      functools.partial(stacked_student_step,
+                        lesson=create_lesson(config, spec, teacher_model, target),
+                        set_index=tuple(int(i) for i in set_index), mode=stack_mode(config)),
       in_shardings=(replicated, stacked, stacked, stacked, replicated, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
 
@@ -258,15 +269,19 @@ def top1(eval_step, variables, split, batch_size: int, mesh, class_mask=None) ->
   return np.asarray(jax.device_get(correct), np.float64) / max(float(count), 1.0)
 
 
-def continual_step(state, images, labels, key, teacher, mask, learning_rate, *, cfg, spec,
-                   teacher_model, temperature: float):
-  """`student_step` (online soft labels) restricted to the classes in `mask` (bool (C,)) at
-  `learning_rate` () (an `optax.inject_hyperparams` optimiser). Returns (state, metrics)."""
+def continual_step(state, images, labels, key, teacher, mask, learning_rate, *,
+                   lesson: Lesson):
+  """`student_step` (a lesson of online soft labels) restricted to the classes in `mask`
+  (bool (C,)) at `learning_rate` () (an `optax.inject_hyperparams` optimiser). Returns
+  (state, metrics)."""
   hyperparams = dict(state.opt_state.hyperparams, learning_rate=learning_rate)
   state = state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
-  return student_step(state, images, labels, None, key, teacher, cfg=cfg, spec=spec,
-                      teacher_model=teacher_model, temperature=temperature, target='online',
-                      class_mask=mask)
+  return student_step(state, images, labels, None, key, teacher, lesson, class_mask=mask)
+
+
+def continual_lesson(config, spec, teacher_model) -> Lesson:
+  """Continual's `Lesson`: online soft labels at evaluate's temperature, loss 'kl'."""
+  return Lesson(config.relabel, spec, teacher_model, config.evaluate.temperature, 'online')
 
 
 def create_continual_step(config, spec, teacher_model, mesh):
@@ -275,8 +290,7 @@ def create_continual_step(config, spec, teacher_model, mesh):
   {'loss': (S,)}). The views' key, mask and lr are shared (the sets share the schedule);
   each student's step, teacher forward included, is its own (`over_stack`)."""
   stacked, replicated = stacked_sharding(mesh), batching.replicated(mesh)
-  one = functools.partial(continual_step, cfg=config.relabel, spec=spec,
-                          teacher_model=teacher_model, temperature=config.evaluate.temperature)
+  one = functools.partial(continual_step, lesson=continual_lesson(config, spec, teacher_model))
   mode = stack_mode(config)
 
   def fn(states, images, labels, key, teacher, mask, learning_rate):

@@ -20,9 +20,8 @@ def create_student_step(config, spec, teacher_model, mesh, target: str):
   (state, metrics), the state donated, the batch sharded on 'data'."""
   sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
   return jax.jit(
-      functools.partial(student.student_step, cfg=config.relabel, spec=spec,
-                        teacher_model=teacher_model, temperature=config.evaluate.temperature,
-                        target=target, **student.loss_settings(config)),
+      functools.partial(student.student_step,
+                        lesson=student.create_lesson(config, spec, teacher_model, target)),
       in_shardings=(replicated, sharded, sharded, sharded, replicated, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
 
@@ -31,8 +30,8 @@ def create_continual_step(config, spec, teacher_model, mesh):
   """Jitted `student.continual_step`: (state, images, labels, key, teacher, mask, lr)."""
   sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
   return jax.jit(
-      functools.partial(student.continual_step, cfg=config.relabel, spec=spec,
-                        teacher_model=teacher_model, temperature=config.evaluate.temperature),
+      functools.partial(student.continual_step,
+                        lesson=student.continual_lesson(config, spec, teacher_model)),
       in_shardings=(replicated, sharded, sharded, replicated, replicated, replicated,
                     replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)

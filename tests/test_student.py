@@ -1,6 +1,8 @@
 """student: EDC's loss (MSE to the teacher's logits + CE to the views' mixed labels); a
 single student is a stack of one (`over_stack`, the single-student reference)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -31,13 +33,12 @@ def test_mse_ce_loss_is_edcs(data):
   images = rng.integers(0, 256, (8,) + SPEC.image_shape, np.uint8)
   labels = np.arange(8, dtype=np.int32)
   key = jax.random.key(3)
-  common = dict(cfg=config.relabel, spec=SPEC, teacher_model=teacher_model, temperature=4.0)
-  x, mse = student.set_targets(key, images[:8], labels[:8], None, teacher, target='online',
-                               loss='mse_ce', **common)
-  x_kl, kl = student.set_targets(key, images[:8], labels[:8], None, teacher, target='online',
-                                 **common)
-  _, hard = student.set_targets(key, images[:8], labels[:8], None, teacher, target='hard',
-                                **common)
+  lesson = student.Lesson(config.relabel, SPEC, teacher_model, 4.0, 'online', 'mse_ce', 0.3)
+  x, mse = student.set_targets(key, images[:8], labels[:8], None, teacher, lesson)
+  x_kl, kl = student.set_targets(key, images[:8], labels[:8], None, teacher,
+                                 dataclasses.replace(lesson, loss='kl'))
+  _, hard = student.set_targets(key, images[:8], labels[:8], None, teacher,
+                                dataclasses.replace(lesson, target='hard'))
   np.testing.assert_array_equal(x, x_kl)
   np.testing.assert_array_equal(mse['labels'], hard)
   assert len(np.unique(np.asarray(hard).max(-1))) > 1  # some views are mixed
@@ -46,8 +47,7 @@ def test_mse_ce_loss_is_edcs(data):
   model = models.create_model(config.student, SPEC.num_classes)
   state = train_lib.create_train_state(model, optax.sgd(0.0), SPEC.image_shape,
                                        jax.random.key(0), batching.create_mesh(1))
-  _, metrics = student.update(state, x, mse, temperature=4.0, target='online',
-                              loss='mse_ce', ce_weight=0.3)
+  _, metrics = student.update(state, x, mse, lesson)
   logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, x,
                              train=True, mutable=['batch_stats'])
   logits, t, y = (np.asarray(a, np.float64) for a in (logits, mse['logits'], mse['labels']))
