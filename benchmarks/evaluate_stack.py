@@ -33,6 +33,7 @@ import numpy as np
 
 from benchmarks import bench
 from sre2l_jax import config_lib
+from sre2l_jax import context
 from sre2l_jax import evaluate
 from sre2l_jax import export
 from sre2l_jax import image_sets
@@ -111,7 +112,7 @@ def run(args) -> dict:
     config.evaluate.stack_students = 1 if mode == 'alone' else 0
     load_before = bench.load_average()
     start = time.perf_counter()
-    result = evaluate.run(config, workdir)
+    result = evaluate.run(config, workdir, context.resolve(config, workdir))
     wall = time.perf_counter() - start
     out['runs'][mode] = {
         'wall_s': wall, 'loadavg_before': load_before, 'loadavg_after': bench.load_average(),

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import bench  # pylint: disable=g-import-not-at-top
-  from sre2l_jax import config_lib, memory, recover  # pylint: disable=g-import-not-at-top
+  from sre2l_jax import config_lib, context, memory, recover  # pylint: disable=g-import-not-at-top
   from sre2l_jax import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
   from sre2l_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
@@ -53,7 +53,8 @@ def main(argv=None) -> dict:
   out = {'device': device.device_kind, 'dtype': args.dtype, 'iterations': args.iterations}
 
   start = time.time()
-  planned = recover.plan(config, args.workdir)['plans']['this device']
+  ctx = context.resolve(config, args.workdir)
+  planned = recover.plan(config, args.workdir, ctx)['plans']['this device']
   out['plan'] = planned
   out['plan_seconds'] = time.time() - start
   groups = planned['largest_groups_per_round'] or planned['groups_per_round']
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
                    teacher_lib.teacher_meta(config, spec))
   start = time.time()
   try:
-    result = recover.run(config, args.workdir)
+    result = recover.run(config, args.workdir, ctx)
     out['result'] = {k: result[k] for k in ('rounds', 'groups_per_round',
                                             'image_iterations_per_second', 'wall_seconds')}
   except Exception as e:  # pylint: disable=broad-except  # e.g. the TFDS export, absent here

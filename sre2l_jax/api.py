@@ -18,7 +18,7 @@ import numpy as np
 from sre2l_jax import config_lib
 from sre2l_jax import files
 from sre2l_jax import image_sets
-from sre2l_jax import main
+from sre2l_jax import runner
 from sre2l_jax.data import datasets
 
 
@@ -36,7 +36,7 @@ def distill(config, workdir: str, stages=None) -> dict:
   that holds part of a run. Returns {stage: its result} (None for a stage that had finished
   already)."""
   config = as_config(config)
-  return main.run(config, workdir, list(stages or config.stages))
+  return runner.run(config, workdir, list(stages or config.stages))
 
 
 def load_distilled(workdir: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

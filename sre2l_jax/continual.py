@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
@@ -231,9 +232,9 @@ def set_names(config) -> list[str]:
   return list(dict.fromkeys(names))
 
 
-def validate(config, spec, mesh) -> None:
+def validate(config, ctx: context.Context) -> None:
   """Clear errors for settings the stage cannot run, before any work is done."""
-  cfg = config.continual
+  cfg, spec, mesh = config.continual, ctx.spec, ctx.mesh
   set_names(config)
   step_classes(class_order(config, spec.num_classes), cfg.steps)
   if cfg.epochs_per_step <= 0:
@@ -437,13 +438,21 @@ def write_outputs(config, workdir: str, records: dict, order, groups, spec,
 # ----------------------------------------------------------------------------- run
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """continual/result.json if it covers every set of `continual.sets`, else None. (`run`
+  first checks each set's folder against `config`, its images and the teacher.)"""
+  old = checkpoint.finished_result(os.path.join(workdir, 'continual'))
+  if old is None or sorted(old['sets']) != sorted(set_names(config)):
+    return None
+  return old
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Class-incremental students for every set in `continual.sets`; writes
   `workdir/continual/` (result.json, accuracy.png) and the workdir's report."""
   start_time = time.time()
-  spec = datasets.spec_of(config.dataset)
-  mesh = batching.create_mesh(config.mesh_shape)
-  validate(config, spec, mesh)
+  spec, mesh = ctx.spec, ctx.mesh
+  validate(config, ctx)
   order = class_order(config, spec.num_classes)
   groups = step_classes(order, config.continual.steps)
   names = set_names(config)
@@ -454,10 +463,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   teacher_key = {'teacher_sha256': teacher_lib.digest(config, workdir, mesh)}
   test = pipeline.load_split(config.dataset, 'test')
   check_folders(config, stage_dir, sets, order, teacher_key)
-  finished = checkpoint.finished_result(stage_dir)
-  if finished is not None and sorted(finished['sets']) == sorted(names):
-    logging.info('continual: finished already (%s); nothing to do.', finished.get('measured_at'))
-    return finished
+  done = finished(workdir, config)
+  if done is not None:
+    logging.info('continual: finished already (%s); nothing to do.', done.get('measured_at'))
+    return done
 
   students = create_students(config, stage_dir, names, spec, mesh, teacher_model)
   records = students.records

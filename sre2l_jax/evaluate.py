@@ -41,6 +41,7 @@ from absl import logging
 from etils import epath
 
 from sre2l_jax import checkpoint
+from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
@@ -255,10 +256,10 @@ def create_writers(config, stack: Stack) -> metric_writers.StudentWriters:
   return writers
 
 
-def train_stack(config, workdir, members, mesh, teacher_model, teacher, test) -> list[dict]:
+def train_stack(config, workdir, members, ctx, teacher_model, teacher, test) -> list[dict]:
   """Trains the students `members` ((Variant, seed) pairs of one architecture, label kind
   and set size) together, resumable; writes and returns each one's result."""
-  spec = datasets.spec_of(config.dataset)
+  spec, mesh = ctx.spec, ctx.mesh
   stack = create_stack(config, workdir, members, spec)
   schedule, total = stack.schedule, stack.schedule.total_steps
   manager, state, start = restore_or_init(config, workdir, stack, spec, mesh)
@@ -332,13 +333,13 @@ def write_results(stack: Stack, accs, writers, measured: dict) -> list[dict]:
   return results
 
 
-def validate(config, mesh) -> None:
+def validate(config, ctx: context.Context) -> None:
   """Clear errors for settings the stage cannot run, before any work."""
   label_store.validate(config.relabel)
   variants(config)
   if config.evaluate.images_dir:
     image_sets.check_external(config.evaluate.images_dir)
-  spec = datasets.spec_of(config.dataset)
+  spec, mesh = ctx.spec, ctx.mesh
   for arch, student_cfg in student_configs(config):
     models.check_buildable(student_cfg, spec.num_classes, spec.image_shape,
                            f'The student {arch}:')
@@ -432,15 +433,32 @@ def summarise(config, workdir: str, plan: list[Variant], spec) -> dict:
   return result
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """evaluate/result.json if it has a row for every variant and student architecture of
+  `config`, each with all `evaluate.seeds` students finished in its folder; else None.
+  (`run` checks more: each folder's settings, images included, and the stored labels.)"""
+  old = checkpoint.finished_result(os.path.join(workdir, 'evaluate'))
+  if old is None:
+    return None
+  seeds = config.evaluate.seeds
+  for arch, _ in student_configs(config):
+    for name, _, _ in variants(config):
+      row = old.get('architectures', {}).get(arch, {}).get(name)
+      if row is None or row.get('seeds') != seeds or not all(
+          files.exists(os.path.join(workdir, row['dir'], f'seed{seed}', checkpoint.RESULT))
+          for seed in range(seeds)):
+        return None
+  return old
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Trains `evaluate.seeds` students per variant and student architecture; writes
   evaluate/result.json and the workdir's report.json / report.md. Finished students are
   reused, and a re-run that trains nothing leaves evaluate/result.json as the run that
   measured it wrote it."""
   start_time = time.time()
-  spec = datasets.spec_of(config.dataset)
-  mesh = batching.create_mesh(config.mesh_shape)
-  validate(config, mesh)
+  spec, mesh = ctx.spec, ctx.mesh
+  validate(config, ctx)
   teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
   teacher_digest = teacher_lib.digest(config, workdir, mesh)
   # Names the missing stage if there is none; refuses a set made by other settings/teacher.
@@ -453,7 +471,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   todo = stacks(config, plan)
   trained = sum(len(members) for members in todo)
   for members in todo:
-    train_stack(config, workdir, members, mesh, teacher_model, teacher, test)
+    train_stack(config, workdir, members, ctx, teacher_model, teacher, test)
 
   result = summarise(config, workdir, plan, spec)
   stage_dir = os.path.join(workdir, 'evaluate')

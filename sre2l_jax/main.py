@@ -1,12 +1,11 @@
 """Entry point: `python -m sre2l_jax.main --config=configs/<exp>.py[:arg] --workdir=DIR`.
 
-Runs the configured stages in order (squeeze, recover, relabel, evaluate; continual on
-request); each writes only under `workdir/<stage>/` and resumes by itself when re-run on the
-same workdir. Every requested stage's settings are checked before anything is written. One
-run at a time per workdir: `workdir/lock.json` (host, pid, start) is taken first and released
-on exit (`checkpoint.take_lock`). The resolved config is written to `workdir/config.json`
-after each stage that passed its own checks (against what the workdir holds) and finished:
-a refused run leaves the record of the run whose results the workdir holds.
+The command line only: flags, output, errors; `runner.run` runs the configured stages in
+order (squeeze, recover, relabel, evaluate; continual on request). Each writes only under
+`workdir/<stage>/` and resumes by itself when re-run on the same workdir. Every requested
+stage's settings are checked before anything is written. One run at a time per workdir:
+`workdir/lock.json` (host, pid, start) is taken first and released on exit
+(`checkpoint.take_lock`).
 
 Errors reach the user as one line (what is wrong and the fix) and exit code 1; the
 traceback is shown with --verbosity=1. Ctrl-C: one line with the command that resumes.
@@ -18,10 +17,8 @@ Metrics go to files (`workdir/<stage>/logs/`: TensorBoard events, metrics.jsonl)
 """
 
 import difflib
-import importlib
 import logging as std_logging
 import os
-import shlex
 import sys
 import time
 
@@ -33,12 +30,10 @@ from ml_collections import config_flags
 
 from sre2l_jax import checkpoint
 from sre2l_jax import config_lib
-from sre2l_jax import files
 from sre2l_jax import metric_writers
 from sre2l_jax import multihost
+from sre2l_jax import runner
 from sre2l_jax import train_lib
-from sre2l_jax.data import batching
-from sre2l_jax.data import datasets
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -111,45 +106,12 @@ def configure_output() -> None:
     pass
 
 
-def parse_stages(requested) -> list[str]:
-  stages = [s.strip() for s in requested if s.strip()]
-  unknown = [s for s in stages if s not in config_lib.STAGES]
-  if unknown or not stages:
-    raise app.UsageError(f'Unknown stage(s) {unknown}; valid stages: '
-                         f'{list(config_lib.STAGES)}.')
-  return sorted(stages, key=config_lib.STAGES.index)
-
-
 def want_distributed() -> bool:
   if _DISTRIBUTED.value is not None:
     return _DISTRIBUTED.value
   env = os.environ
   return (env.get('SRE2L_DISTRIBUTED') == '1' or 'TPU_WORKER_HOSTNAMES' in env
           or multihost.on_cloud_tpu_vm() or int(env.get('SLURM_NTASKS', '1')) > 1)
-
-
-def validate(config, stages: list[str]) -> None:
-  """Every check the requested stages make before their work, all before the first stage
-  runs (a typo in evaluate's settings is not found after an hour of squeeze)."""
-  spec = datasets.spec_of(config.dataset)
-  mesh = batching.create_mesh(config.mesh_shape)
-  for stage in stages:
-    module = importlib.import_module(f'sre2l_jax.{stage}')
-    if stage in ('squeeze', 'evaluate'):
-      module.validate(config, mesh)
-    elif stage == 'recover':
-      module.validate(config, spec)
-      train_lib.validate_numbers(config, ('recover',))
-    elif stage == 'relabel':
-      module.validate(config, mesh)
-    elif stage == 'continual':
-      module.validate(config, spec, mesh)
-  if 'squeeze' in stages and config.squeeze.teacher_dir:
-    raise ValueError(
-        f'squeeze.teacher_dir={config.squeeze.teacher_dir!r} names the teacher the stages '
-        f'read; squeeze would train another one into <workdir>/squeeze/teacher that no stage '
-        f'reads. Drop squeeze from --stages to use that teacher, or clear '
-        f'squeeze.teacher_dir (--config.squeeze.teacher_dir=) to train one here.')
 
 
 def one_line(error: BaseException) -> str:
@@ -228,68 +190,6 @@ def parse_flags(argv):
     sys.exit(1)
 
 
-def run(config, workdir: str, stages, *, dry_run: bool = False) -> dict:
-  """Runs `stages` (names) of `config` on `workdir`: {stage: its result} ({} for a dry run).
-  A stage that finished already on this workdir under this config returns its result
-  without working again."""
-  if not workdir or not workdir.strip():
-    raise app.UsageError('--workdir is empty; name the folder for this run\'s checkpoints and '
-                         'outputs, e.g. --workdir=runs/fm.')
-  files.check_reachable(workdir)  # gs:// works like a local folder, given gcsfs
-  stages = parse_stages(stages)
-  validate(config, stages)
-  if dry_run:
-    fits = True
-    for stage in stages:
-      module = importlib.import_module(f'sre2l_jax.{stage}')
-      if hasattr(module, 'plan'):
-        fits &= module.plan(config, workdir)['fits']
-      else:
-        print(f'{stage}: no memory plan (the dry run covers recover)')
-    if not fits:
-      raise MemoryError('The plan above does not fit: see the knob and the value that fits '
-                        'on the line that says so.')
-    return {}
-  logging.info('sre2l_jax: stages %s on %d devices (%d processes)', stages,
-               jax.device_count(), jax.process_count())
-  if jax.process_count() > 1:
-    multihost.check_same_config(config)
-  lock = take_lock(workdir)
-  stop_keeping = checkpoint.keep_lock(workdir, lock)
-  results = {}
-  try:
-    for stage in stages:
-      results[stage] = importlib.import_module(f'sre2l_jax.{stage}').run(config, workdir)
-      files.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-      multihost.sync(f'{stage} done')  # the next stage reads what process 0 wrote
-  finally:
-    stop_keeping()
-    checkpoint.release_lock(workdir, lock)
-  return results
-
-
-def resume_command() -> str:
-  """The command line of this run, to be run again."""
-  return ' '.join([shlex.quote(sys.executable), '-m', 'sre2l_jax.main'] +
-                  [shlex.quote(a) for a in sys.argv[1:]])
-
-
-def take_lock(workdir: str) -> dict | None:
-  """Process 0 takes the workdir's lock (None on the others); every process of the job
-  refuses together when it is held."""
-  lock, refused = None, ''
-  if jax.process_index() == 0:
-    try:
-      lock = checkpoint.take_lock(workdir, resume_command())
-    except checkpoint.WorkdirBusyError as e:
-      refused = str(e)
-  if jax.process_count() > 1:
-    refused = multihost.broadcast_text(refused)
-  if refused:
-    raise checkpoint.WorkdirBusyError(refused)
-  return lock
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -310,7 +210,7 @@ def main(argv):
   if _OVERWRITE.value:
     config.overwrite = True
   try:
-    run(config, _WORKDIR.value, _STAGES.value or config.stages, dry_run=_DRY_RUN.value)
+    runner.run(config, _WORKDIR.value, _STAGES.value or config.stages, dry_run=_DRY_RUN.value)
   except checkpoint.PreemptedError as e:  # saved: a launcher resumes it (exit 143, as TERM)
     print(f'sre2l_jax: {e}', file=sys.stderr)
     logging.flush()
@@ -319,7 +219,7 @@ def main(argv):
     if logging.get_verbosity() >= 1:
       raise
     print(f'sre2l_jax: interrupted (Ctrl-C); finished work and the last checkpoints are kept. '
-          f'Resume with: {resume_command()}', file=sys.stderr)
+          f'Resume with: {runner.resume_command()}', file=sys.stderr)
     logging.flush()
     sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except

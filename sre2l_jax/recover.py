@@ -30,6 +30,7 @@ from PIL import Image
 
 from sre2l_jax import checkpoint
 from sre2l_jax import class_stats
+from sre2l_jax import context
 from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
@@ -54,8 +55,8 @@ CROPS = ('per_image', 'per_group', 'none')
 fingerprint = image_sets.recover_fingerprint
 
 
-def validate(config, spec) -> None:
-  cfg = config.recover
+def validate(config, ctx: context.Context) -> None:
+  cfg, spec = config.recover, ctx.spec
   method = synthesis.get_method(cfg.method)
   if config.teacher.get('extra_teachers') and not hasattr(method, 'synthesize') and (
       method is not sre2l):
@@ -113,6 +114,7 @@ def validate(config, spec) -> None:
   if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
     raise ValueError(f'recover needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
                      f'{cfg.max_scale}.')
+  train_lib.validate_numbers(config, ('recover',))
 
 
 # ----------------------------------------------------------------------------- plan
@@ -366,7 +368,7 @@ def create_teacher_model(config, spec):
       config, spec.num_classes, dtype=None if config.recover.dtype == 'float32' else jnp.bfloat16)
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def plan(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Dry run: the round plan at the real shapes, nothing allocated, no data, no teacher file.
 
   The real step is compiled for this backend at abstract shapes (the teacher's from the
@@ -375,10 +377,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns {'plans': {device: plan dict}, 'fits': whether every plan fits, ...}.
   """
   del workdir  # nothing is read or written
-  cfg = config.recover
-  spec = datasets.spec_of(config.dataset)
-  validate(config, spec)
-  mesh = batching.create_mesh(config.mesh_shape)
+  cfg, spec, mesh = config.recover, ctx.spec, ctx.mesh
+  validate(config, ctx)
   teacher = models.abstract_variables(create_teacher_model(config, spec), spec.image_shape)
   if getattr(synthesis.get_method(cfg.method), 'NEEDS_CLASS_STATS', False):
     teacher[class_stats.KEY] = class_stats.abstract(teacher['batch_stats'], spec.num_classes)
@@ -484,15 +484,27 @@ def run_direct(config, workdir: str, method, spec, mesh, model, teacher) -> dict
   return result
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """recover/result.json if this workdir's recover finished (its fingerprint, which `run`
+  checks against `config` and the teacher first, and its distilled set are there); else
+  None (a result.json from elsewhere is not finished)."""
+  del config  # the fingerprint, which needs the teacher's digest, is run's to check
+  stage_dir = os.path.join(workdir, 'recover')
+  result = checkpoint.finished_result(stage_dir)
+  if result is None or not all(map(files.exists, (
+      os.path.join(stage_dir, checkpoint.FINGERPRINT), image_sets.distilled_dir(workdir)))):
+    return None
+  return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Recovers `ipc` images per class, a round of groups at a time; resumes from
   `workdir/recover/checkpoints` (the round in progress) and `workdir/recover/rounds`
   (the finished rounds' images)."""
   cfg = config.recover
   stage_dir = os.path.join(workdir, 'recover')
-  spec = datasets.spec_of(config.dataset)
-  mesh = batching.create_mesh(config.mesh_shape)
-  validate(config, spec)
+  spec, mesh = ctx.spec, ctx.mesh
+  validate(config, ctx)
   method = synthesis.get_method(cfg.method)
   _, teacher = teacher_lib.load(config, workdir, mesh)  # fails early if missing/unfit
   model = create_teacher_model(config, spec)
@@ -500,13 +512,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # A workdir recovered before teacher digests: this teacher's recorded (stated) when claimed.
   added = (image_sets.TEACHER_KEY,)
   checkpoint.check_fingerprint(stage_dir, key, write=False, added=added)
-  finished = checkpoint.finished_result(stage_dir)
-  # Finished here: its fingerprint (a result.json from elsewhere is not), its set on disk.
-  if finished is not None and all(map(files.exists, (
-      os.path.join(stage_dir, checkpoint.FINGERPRINT), image_sets.distilled_dir(workdir)))):
+  done = finished(workdir, config)
+  if done is not None:
     checkpoint.check_fingerprint(stage_dir, key, added=added)  # records what it lacks
-    logging.info('recover: finished already (%s); nothing to do.', finished.get('measured_at'))
-    return image_sets.with_images_digest(workdir, finished)
+    logging.info('recover: finished already (%s); nothing to do.', done.get('measured_at'))
+    return image_sets.with_images_digest(workdir, done)
   if cfg.init == 'scored' and not cfg.init_candidates:
     selection.check_class_sizes(cfg, pipeline.load_split(config.dataset, 'train'),
                                 image_sets.recovered_classes(cfg, spec),
@@ -521,7 +531,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if getattr(method, 'NEEDS_CLASS_STATS', False):  # per-class BN statistics (edc)
     stats = class_stats.load_or_compute(
         config, teacher, lambda: pipeline.load_split(config.dataset, 'train'),
-        teacher_lib.teacher_dir(config, workdir), stage_dir, mesh)
+        ctx.teacher_dir, stage_dir, mesh)
     teacher = dict(teacher, **{class_stats.KEY: jax.device_put(stats,
                                                                batching.replicated(mesh))})
   init_rng, step_rng = jax.random.split(rngs.stream_key(config.seed, 'recover'))

@@ -17,6 +17,7 @@ import ml_collections
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
@@ -24,20 +25,33 @@ from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import train_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
-from sre2l_jax.data import datasets
 
 
-def validate(config: ml_collections.ConfigDict, mesh) -> None:
+def validate(config: ml_collections.ConfigDict, ctx: context.Context) -> None:
   """Clear errors for relabel settings that cannot run, before any work."""
   label_store.validate(config.relabel)
   train_lib.validate_numbers(config, ('relabel',))
   if config.relabel.storage == 'topk':  # top-k probabilities are taken at T
     train_lib.validate_numbers(config, ('evaluate',))
   if config.relabel.mode == 'stored':  # the batches of views the teacher labels
-    spec = datasets.get_spec(config.dataset.name)
-    images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
-    batching.check_batch_size(views.create_schedule(config, images).batch_size, mesh,
+    images = image_sets.recovered_classes(config.recover, ctx.spec) * config.recover.ipc
+    batching.check_batch_size(views.create_schedule(config, images).batch_size, ctx.mesh,
                               'relabel.batch_size')
+
+
+def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """relabel/result.json if it records `config`'s mode and, in stored mode, the labels of
+  every set `config` labels in the folders its settings name; else None. (`run` checks
+  more: it reads every shard back, and repairs damaged ones.)"""
+  old = checkpoint.finished_result(os.path.join(workdir, 'relabel'))
+  if old is None or old.get('mode') != config.relabel.mode:
+    return None
+  names = ['distilled'] + [b for b in ('random', 'coreset') if b in config.evaluate.baselines]
+  for name in names if config.relabel.mode == 'stored' else ():
+    directory = os.path.relpath(label_store.label_dir(config, workdir, name), workdir)
+    if old.get('sets', {}).get(name, {}).get('dir') != directory:
+      return None
+  return old
 
 
 def counted(logits_fn, progress):
@@ -56,15 +70,14 @@ def counted(logits_fn, progress):
   return call
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Stored mode: writes `label_store.label_dir(config, workdir, set)` for the distilled set
   and each baseline. Online mode: records that labels come from the teacher at training
   time. Finished labels are kept; `result.json` changes only when the labels do, and keeps
   the entries of sets this run did not label (merged, never fewer)."""
-  mesh = batching.create_mesh(config.mesh_shape)
-  validate(config, mesh)
+  spec, mesh = ctx.spec, ctx.mesh
+  validate(config, ctx)
   start = time.time()
-  spec = datasets.spec_of(config.dataset)
   sets = image_sets.image_sets(config, workdir)
   result = {'stage': 'relabel', 'mode': config.relabel.mode, 'sets': {}}
   stage_dir = os.path.join(workdir, 'relabel')

@@ -13,6 +13,7 @@ import ml_collections
 from absl import logging
 
 from sre2l_jax import checkpoint
+from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import memory
 from sre2l_jax import models
@@ -35,23 +36,42 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
           'seed': config.seed}
 
 
-def validate(config: ml_collections.ConfigDict, mesh) -> None:
+def validate(config: ml_collections.ConfigDict, ctx: context.Context) -> None:
   c = config.squeeze
-  batching.check_batch_size(c.batch_size, mesh, 'squeeze.batch_size')
-  batching.check_batch_size(c.eval_batch_size, mesh, 'squeeze.eval_batch_size')
+  batching.check_batch_size(c.batch_size, ctx.mesh, 'squeeze.batch_size')
+  batching.check_batch_size(c.eval_batch_size, ctx.mesh, 'squeeze.eval_batch_size')
   train_lib.validate_numbers(config, ('squeeze',))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """The result of the squeeze run that trained this workdir's teacher under `config`, or
+  None (not run, another config's, or its teacher since removed)."""
+  stage_dir = os.path.join(workdir, 'squeeze')
+  path = os.path.join(stage_dir, checkpoint.FINGERPRINT)
+  if not files.exists(path) or checkpoint.diff(files.read_json(path),
+                                               files.normalised(fingerprint(config))):
+    return None
+  return _trained(stage_dir)
+
+
+def _trained(stage_dir: str) -> dict | None:
+  """The result in `stage_dir` if its teacher is there too (checked fingerprint: the caller)."""
+  result = checkpoint.finished_result(stage_dir)
+  if result is None or not teacher.exists(os.path.join(stage_dir, 'teacher')):
+    return None
+  return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Trains the teacher; resumes from `workdir/squeeze/checkpoints` when present. Each of
   teacher.extra_teachers is trained first, by its own squeeze run (`teacher.extra_configs`)."""
   for extra, extra_workdir in teacher.extra_configs(config, workdir):
-    run(extra, extra_workdir)
+    run(extra, extra_workdir,
+        dataclasses.replace(ctx, teacher_dir=teacher.teacher_dir(extra, extra_workdir)))
   stage_dir = os.path.join(workdir, 'squeeze')
-  spec = datasets.spec_of(config.dataset)
+  spec, mesh = ctx.spec, ctx.mesh
   model = models.create_model(config.teacher, spec.num_classes)
-  mesh = batching.create_mesh(config.mesh_shape)
-  validate(config, mesh)
+  validate(config, ctx)
   c = config.squeeze
   if c.augment:  # override the dataset's default training augmentation
     spec = dataclasses.replace(spec, train_augment=c.augment, pad=c.pad or spec.pad)
@@ -74,10 +94,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Only now, once the config is known to be runnable, may the workdir be claimed: a
   # fingerprint written by a refused config would refuse its corrected version.
   checkpoint.check_fingerprint(stage_dir, fingerprint(config))
-  finished = checkpoint.finished_result(stage_dir)
-  if finished is not None and teacher.exists(teacher_dir):
-    logging.info('squeeze: finished already (%s); nothing to do.', finished.get('measured_at'))
-    return finished
+  done = _trained(stage_dir)  # `finished`, its fingerprint just checked
+  if done is not None:
+    logging.info('squeeze: finished already (%s); nothing to do.', done.get('measured_at'))
+    return done
+  old = checkpoint.finished_result(stage_dir)  # kept if only the teacher is missing (below)
   total_steps = int(c.epochs * steps_per_epoch)
 
   # Model, optimiser, state replicated on the mesh (restored or initialised).
@@ -148,8 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   if start_step:
     result['wall_seconds_note'] = f'this invocation only (resumed from step {start_step})'
-  if finished is not None and start_step == total_steps:
-    return finished  # only the teacher was missing: the measurements stay those of the run
+  if old is not None and start_step == total_steps:
+    return old  # only the teacher was missing: the measurements stay those of the run
   result = checkpoint.write_result(stage_dir, result)
   logging.info('squeeze: teacher test top-1 %.2f%% after %g epochs (%.0f s, %.0f images/s)',
                100 * top1, c.epochs, result['wall_seconds'], done.examples_per_second)

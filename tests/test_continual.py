@@ -97,7 +97,7 @@ def reference_run(inputs_workdir, fashion_mnist_tfds, tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(student, 'create_continual_step', spying_create_step_fn)
-    result = continual.run(config, workdir)
+    result = testlib.run_stage(continual, config, workdir)
   return dict(config=config, workdir=workdir, result=result, calls=calls)
 
 
@@ -218,7 +218,7 @@ def test_sets_together_equal_sets_alone(reference_run, inputs_workdir, fashion_m
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(student, 'create_continual_step', alone_step)
-    result = continual.run(config, workdir)
+    result = testlib.run_stage(continual, config, workdir)
   steps = config.continual.steps
   model = models.create_model(config.student, FASHION.num_classes)
   test_images = datasets.normalise(pipeline.load_split(config.dataset, 'test').take(
@@ -271,7 +271,7 @@ def test_sigkill_and_rerun_equals_uninterrupted_run(reference_run, inputs_workdi
             for n in ('distilled', 'random')}
 
   # The re-run, in process (it reads everything from the workdir; the killed run was the CLI).
-  result = continual.run(fashion_config(fashion_mnist_tfds), workdir)
+  result = testlib.run_stage(continual, fashion_config(fashion_mnist_tfds), workdir)
   assert files.read_json(os.path.join(workdir, 'continual', 'result.json')) == result
   reference = reference_run['result']
   assert reference['resumed_from_step'] == 0
@@ -322,9 +322,9 @@ def test_bad_input(overrides, message, tmp_path):
   config.continual.update(**overrides)
   mesh = batching.create_mesh(-1)
   with pytest.raises(ValueError, match=message):
-    continual.validate(config, FASHION, mesh)
+    continual.validate(config, testlib.context_of(config, spec=FASHION, mesh=mesh))
   with pytest.raises(ValueError, match=message):  # before touching data or the workdir
-    continual.run(config, str(tmp_path / 'workdir'))
+    testlib.run_stage(continual, config, str(tmp_path / 'workdir'))
   assert not os.path.exists(tmp_path / 'workdir')
 
 
@@ -338,7 +338,7 @@ def test_explicit_order_and_missing_inputs(tmp_path):
   assert continual.class_order(config, 10) != continual.class_order(
       fashion_config(tmp_path / 'tfds'), 10)  # the seed matters
   with pytest.raises(FileNotFoundError, match='--stages=recover'):
-    continual.run(config, str(tmp_path / 'empty'))
+    testlib.run_stage(continual, config, str(tmp_path / 'empty'))
 
 
 # ----------------------------------------------------------------------------- Tiny-ImageNet
@@ -357,7 +357,8 @@ def test_tiny_imagenet_smoke_on_mock_data(tmp_path, monkeypatch):
     config = testlib.load_config('tiny_continual', f'smoke,steps={steps}')
     layout = continual.step_classes(continual.class_order(config, 200), steps)
     assert [len(g) for g in layout] == [per_step] * steps
-    continual.validate(config, datasets.get_spec('tiny_imagenet'), batching.create_mesh(-1))
+    continual.validate(config, testlib.context_of(
+        config, spec=datasets.get_spec('tiny_imagenet'), mesh=batching.create_mesh(-1)))
 
   config = testlib.load_config('tiny_continual', 'smoke,steps=5')
   config.dataset.update(data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'none'))
@@ -374,7 +375,7 @@ def test_tiny_imagenet_smoke_on_mock_data(tmp_path, monkeypatch):
       return load_arrays(*args, **kwargs)
 
   monkeypatch.setattr(datasets, 'load_arrays', mock_load_arrays)
-  result = continual.run(config, workdir)
+  result = testlib.run_stage(continual, config, workdir)
   assert result['classes_seen'] == [40, 80, 120, 160, 200]
   for record in result['sets'].values():
     assert record['train_images'] == [40, 80, 120, 160, 200]

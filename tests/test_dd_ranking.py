@@ -57,7 +57,7 @@ def test_hlr_ior_lrs_equal_a_hand_computation_and_full_data_is_reused(tmp_path):
   first = str(tmp_path / 'first')
   config = make_config(data, full_dir)
   write_run(config, first, seed=0)
-  result = evaluate.run(config, first)
+  result = testlib.run_stage(evaluate, config, first)
   ranking = files.read_json(os.path.join(first, 'report.json'))['dd_ranking']
   hand = hand_lrs(result['variants'])
   for i, name in enumerate(('hard_label_recovery', 'improvement_over_random',
@@ -79,7 +79,7 @@ def test_hlr_ior_lrs_equal_a_hand_computation_and_full_data_is_reused(tmp_path):
   second = str(tmp_path / 'second')
   shutil.copytree(first, second)
   before = os.stat(seed_result).st_mtime_ns
-  again = evaluate.run(config, second)
+  again = testlib.run_stage(evaluate, config, second)
   assert again['variants']['full_hard']['test_top1'] == full['test_top1']
   assert os.stat(seed_result).st_mtime_ns == before
   assert not os.path.exists(os.path.join(second, 'evaluate', evaluate.FULL_DATA))

@@ -43,9 +43,10 @@ def test_reference_layout_folder_equals_the_recovered_set(data, tmp_path):
   read, read_labels = image_sets.external_set(folder, SPEC, 10, IPC)
   np.testing.assert_array_equal(read, images)  # pixels and order: the numbers' premise
   np.testing.assert_array_equal(read_labels, labels)
-  recovered = evaluate.run(make_config(data), workdir)
+  recovered = testlib.run_stage(evaluate, make_config(data), workdir)
   other = str(tmp_path / 'other')  # no distilled set of its own; the same teacher
-  external = evaluate.run(_with_teacher(make_config(data, images_dir=folder), workdir), other)
+  external = testlib.run_stage(
+      evaluate, _with_teacher(make_config(data, images_dir=folder), workdir), other)
   assert external['images_dir'] == folder
   for name in ('distilled', 'random', 'distilled_hard', 'random_hard'):
     assert external['variants'][name]['test_top1'] == recovered['variants'][name]['test_top1']
@@ -65,7 +66,7 @@ def _with_teacher(config, workdir):
 def test_bad_images_dir_is_one_line(data, tmp_path):
   config = make_config(data, images_dir=str(tmp_path / 'missing'))
   with pytest.raises(ValueError, match='is not a folder'):
-    evaluate.validate(config, None)
+    evaluate.validate(config, None)  # refused before the context is read
   folder = tmp_path / 'set'
   export.write_image_folder(str(folder), np.zeros((10, 3) + SPEC.image_shape, np.uint8))
   with pytest.raises(ValueError, match=r'holds 3 images; recover.ipc=2 .*--config.recover.ipc=3 if'):

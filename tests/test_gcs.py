@@ -20,7 +20,7 @@ from etils import epath
 
 from sre2l_jax import export
 from sre2l_jax import files
-from sre2l_jax import main
+from sre2l_jax import runner
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 import testlib
@@ -244,5 +244,5 @@ def test_a_bucket_workdir_without_gcsfs_says_what_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, 'gcsfs', None)  # `import gcsfs` now fails
   config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
   with pytest.raises(ValueError, match=r'pip install -e "\.\[gcs\]"'):
-    main.run(config, f'gs://{BUCKET}/run', ['squeeze'])
+    runner.run(config, f'gs://{BUCKET}/run', ['squeeze'])
   files.check_reachable('/tmp/run')  # a local folder needs nothing

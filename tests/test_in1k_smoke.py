@@ -107,9 +107,10 @@ def test_configs_pass_every_stage_check_on_eight_devices(name, arg):
   spec = datasets.get_spec(config.dataset.name)
   mesh = batching.create_mesh(config.mesh_shape)
   assert mesh.size == 8
-  squeeze.validate(config, mesh)
-  recover.validate(config, spec)
-  evaluate.validate(config, mesh)
+  ctx = testlib.context_of(config, spec=spec, mesh=mesh)
+  squeeze.validate(config, ctx)
+  recover.validate(config, ctx)
+  evaluate.validate(config, ctx)
   num_images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
   batching.check_batch_size(views.create_schedule(config, num_images).batch_size, mesh,
                             'relabel.batch_size')
@@ -126,10 +127,10 @@ def test_all_stages_on_mock_imagenet(tmp_path):
   workdir = str(tmp_path / 'work')
   with mock_imagenet():
     assert isinstance(pipeline.load_split(config.dataset, 'train'), streaming.StreamingSplit)
-    results = {'squeeze': squeeze.run(config, workdir)}
-    results['recover'] = recover.run(config, workdir)
-    results['relabel'] = relabel.run(config, workdir)
-    results['evaluate'] = evaluate.run(config, workdir)
+    results = {'squeeze': testlib.run_stage(squeeze, config, workdir)}
+    results['recover'] = testlib.run_stage(recover, config, workdir)
+    results['relabel'] = testlib.run_stage(relabel, config, workdir)
+    results['evaluate'] = testlib.run_stage(evaluate, config, workdir)
 
   on_disk = {s: files.read_json(os.path.join(workdir, s, 'result.json'))
              for s in results}
@@ -166,7 +167,7 @@ def test_missing_imagenet_files_name_files_and_folder(tmp_path):
   config.dataset.manual_dir = str(manual)
   workdir = tmp_path / 'work'
   with pytest.raises(builders.MissingDataError) as error:
-    squeeze.run(config, str(workdir))
+    testlib.run_stage(squeeze, config, str(workdir))
   message = str(error.value)
   for name in builders.IMAGENET_MANUAL_FILES:
     assert name in message

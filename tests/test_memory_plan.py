@@ -77,13 +77,13 @@ def exported(workdir):
 @pytest.fixture(scope='module')
 def one_round(teacher_workdir, data_dir, tmp_path_factory):
   workdir = new_workdir(teacher_workdir, tmp_path_factory.mktemp('one_round'))
-  return workdir, recover.run(make_config(data_dir), workdir)
+  return workdir, testlib.run_stage(recover, make_config(data_dir), workdir)
 
 
 @pytest.fixture(scope='module')
 def three_rounds(teacher_workdir, data_dir, tmp_path_factory):
   workdir = new_workdir(teacher_workdir, tmp_path_factory.mktemp('three_rounds'))
-  return workdir, recover.run(make_config(data_dir, groups_per_round=8), workdir)
+  return workdir, testlib.run_stage(recover, make_config(data_dir, groups_per_round=8), workdir)
 
 
 @pytest.mark.equivalence
@@ -189,7 +189,8 @@ def test_planned_round_is_the_largest_that_fits_by_xla(data_dir):
   budget_gib = (one + 2.5 * per_group) / memory.GIB  # room for ~3 groups per device
   config.recover.update(device_memory_gb=budget_gib, memory_margin=1.0)
 
-  out = recover.plan(config, '/nonexistent')  # a dry run: reads and writes nothing
+  # A dry run: reads and writes nothing.
+  out = recover.plan(config, '/nonexistent', testlib.context_of(config))
   plan = out['plans']['this device']
   budget = int(budget_gib * memory.GIB)
   assert plan['budget_bytes'] == budget
@@ -211,7 +212,7 @@ def test_round_that_cannot_fit_stops_before_training(teacher_workdir, data_dir, 
   with pytest.raises(MemoryError, match=r'A round of 24 groups .* does not fit: XLA plans '
                                         r'peak .* over the [0-9.]+ KiB available per device\. '
                                         r'.*set recover\.device_memory_gb=[0-9.]+ '):
-    recover.run(config, workdir)
+    testlib.run_stage(recover, config, workdir)
   stage = os.path.join(workdir, 'recover')
   assert not os.path.exists(os.path.join(stage, 'checkpoints')) or not os.listdir(
       os.path.join(stage, 'checkpoints'))
@@ -296,7 +297,7 @@ def test_squeeze_and_student_steps_that_cannot_fit_stop_before_training(data_dir
   config.device_memory_gb = 2**-20  # 1 KiB
   workdir = str(tmp_path / 'w')
   with pytest.raises(MemoryError, match=r'squeeze.batch_size=64 .*does not fit'):
-    squeeze.run(config, workdir)
+    testlib.run_stage(squeeze, config, workdir)
   assert not testlib.checkpoint_steps(os.path.join(workdir, 'squeeze', 'checkpoints'))
 
   testlib.write_teacher(config, workdir)
@@ -306,7 +307,7 @@ def test_squeeze_and_student_steps_that_cannot_fit_stop_before_training(data_dir
                     np.repeat(np.arange(10), 2).astype(np.int32), 10)
   config.evaluate.baselines = ()
   with pytest.raises(MemoryError, match=r'relabel.batch_size=16 .*does not fit'):
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
   # Nothing trained: no student checkpoint anywhere under evaluate/.
   assert not any('checkpoints' in root and dirs for root, dirs, _ in
                  os.walk(os.path.join(workdir, 'evaluate')))

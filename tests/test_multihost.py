@@ -144,7 +144,8 @@ def new_workdir(teacher_workdir, path):
 @pytest.mark.slow
 def test_two_processes_recover_the_same_images_as_one(teacher_workdir, tmp_path):
   single = new_workdir(teacher_workdir, tmp_path / 'one_process')
-  single_result = recover.run(make_config(), single)  # in process: 1 process x 8 devices
+  # In process: 1 process x 8 devices.
+  single_result = testlib.run_stage(recover, make_config(), single)
   assert single_result['devices'] == 8
 
   multi = new_workdir(teacher_workdir, tmp_path / 'two_processes')
@@ -173,7 +174,7 @@ def test_two_processes_run_edc_like_one(teacher_workdir, tmp_path):
   config = testlib.load_config('fashion_mnist_ipc10', 'smoke,method=edc')
   config.update_from_flattened_dict(EDC_OVERRIDES)
   single = new_workdir(teacher_workdir, tmp_path / 'one_process')
-  single_result = recover.run(config, single)
+  single_result = testlib.run_stage(recover, config, single)
 
   multi = new_workdir(teacher_workdir, tmp_path / 'two_processes')
   command = testlib.main_command('fashion_mnist_ipc10', multi, stages='recover',

@@ -162,7 +162,8 @@ def test_validate():
 def test_in1k_rded_config_has_rded_settings_and_passes_the_stage_checks():
   for arg in (None, 'smoke', 'ipc=50'):
     config = testlib.load_config('in1k_rded', arg)
-    recover.validate(config, datasets.get_spec(config.dataset.name))
+    recover.validate(config, testlib.context_of(config,
+                                                spec=datasets.get_spec(config.dataset.name)))
     rded.validate(config.recover)
     assert config.recover.method == 'rded'
   r = testlib.load_config('in1k_rded').recover
@@ -184,7 +185,7 @@ def test_in1k_rded_smoke_recovers_at_224(tmp_path):
   images = rng.integers(0, 256, (16, 224, 224, 3), dtype=np.uint8)
   split = pipeline.InMemorySplit(images, np.repeat(np.arange(2), 8).astype(np.int32))
   with mock.patch.object(pipeline, 'load_split', lambda *_: split):
-    result = recover.run(config, workdir)
+    result = testlib.run_stage(recover, config, workdir)
   assert result['method'] == 'rded' and result['images'] == 2
   testlib.assert_share_of(result['teacher_top1_on_synthetic'], 2)  # of the 2 images
   out, labels = export.read_tfds(export.tfds_dataset_dir(result['outputs']['tfds']))
@@ -194,6 +195,6 @@ def test_in1k_rded_smoke_recovers_at_224(tmp_path):
   # A run killed before its result.json starts again and makes the same images.
   os.remove(os.path.join(workdir, 'recover', 'result.json'))
   with mock.patch.object(pipeline, 'load_split', lambda *_: split):
-    again = recover.run(config, workdir)
+    again = testlib.run_stage(recover, config, workdir)
   np.testing.assert_array_equal(
       export.read_tfds(export.tfds_dataset_dir(again['outputs']['tfds']))[0], out)

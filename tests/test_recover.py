@@ -113,7 +113,8 @@ def test_one_and_eight_devices_give_the_same_images(teacher_workdir, data_dir, t
   outputs = {}
   for devices in (1, 8):
     workdir = new_workdir(teacher_workdir, tmp_path / f'devices{devices}')
-    result = recover.run(make_config(data_dir, mesh_shape=devices, **overrides), workdir)
+    result = testlib.run_stage(
+        recover, make_config(data_dir, mesh_shape=devices, **overrides), workdir)
     assert result['devices'] == devices
     assert result['groups'] == 6
     step, state = restore_state(workdir)
@@ -281,7 +282,7 @@ def main_command(workdir, data_dir, **recover_overrides):
 def reference_run(teacher_workdir, data_dir, tmp_path_factory):
   """The uninterrupted run, in process, on 1 device like the subprocesses: (workdir, result)."""
   workdir = new_workdir(teacher_workdir, tmp_path_factory.mktemp('reference'))
-  result = recover.run(make_config(data_dir, **RUN), workdir)
+  result = testlib.run_stage(recover, make_config(data_dir, **RUN), workdir)
   return workdir, result
 
 
@@ -333,19 +334,19 @@ def test_missing_or_unfit_teacher(teacher_workdir, data_dir, tmp_path):
   config = make_config(data_dir)
   empty = str(tmp_path / 'empty')
   with pytest.raises(teacher_lib.TeacherError, match=r'(?s)No teacher.*--stages=squeeze'):
-    recover.run(config, empty)
+    testlib.run_stage(recover, config, empty)
   assert not os.path.exists(os.path.join(empty, 'recover', 'fingerprint.json'))
 
   # The signature in teacher.json: another width, another class count.
   workdir = new_workdir(teacher_workdir, tmp_path / 'wide')
   with pytest.raises(teacher_lib.TeacherError, match=r'does not fit.*width: saved 8, now 16'):
-    recover.run(make_config(data_dir, width=16), workdir)
+    testlib.run_stage(recover, make_config(data_dir, width=16), workdir)
   meta_path = os.path.join(workdir, 'squeeze', 'teacher', teacher_lib.META)
   meta = files.read_json(meta_path)
   meta['signature']['num_classes'] = 100
   files.write_json(meta_path, meta)
   with pytest.raises(teacher_lib.TeacherError, match=r'num_classes: saved 100, now 10'):
-    recover.run(config, workdir)
+    testlib.run_stage(recover, config, workdir)
 
   # A teacher.json that fits but weights of another shape.
   workdir = str(tmp_path / 'mis_shaped')
@@ -353,17 +354,17 @@ def test_missing_or_unfit_teacher(teacher_workdir, data_dir, tmp_path):
   teacher_lib.save(os.path.join(workdir, 'squeeze', 'teacher'), wide,
                           teacher_lib.teacher_meta(config, SPEC))
   with pytest.raises(teacher_lib.TeacherError, match=r'weights .* do not match'):
-    recover.run(config, workdir)
+    testlib.run_stage(recover, config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'recover', 'checkpoints'))
 
 
 def test_bad_sizes(teacher_workdir, data_dir, tmp_path):
   workdir = new_workdir(teacher_workdir, tmp_path / 'w')
   with pytest.raises(ValueError, match=r'batch_size=3 .*must divide the 10 classes'):
-    recover.run(make_config(data_dir, batch_size=3), workdir)
+    testlib.run_stage(recover, make_config(data_dir, batch_size=3), workdir)
   for ipc in (0, -1):
     with pytest.raises(ValueError, match=f'recover.ipc={ipc} must be a positive'):
-      recover.run(make_config(data_dir, ipc=ipc), workdir)
+      testlib.run_stage(recover, make_config(data_dir, ipc=ipc), workdir)
   assert not os.path.exists(os.path.join(workdir, 'recover'))
 
 
@@ -378,7 +379,7 @@ def test_divergence_from_the_start_stops_without_a_checkpoint(teacher_workdir, d
                        checkpoint_every_steps=1, log_every_steps=1)
   with pytest.raises(train_lib.DivergedError,
                      match=r'(?s)by step 1\..*recover\.lr.*recover\.r_bn') as error:
-    recover.run(config, workdir)
+    testlib.run_stage(recover, config, workdir)
   assert 'No checkpoint had been saved yet' in str(error.value)
   assert listing(os.path.join(workdir, 'squeeze')) == before
   assert testlib.checkpoint_steps(os.path.join(workdir, 'recover', 'checkpoints')) == []
@@ -405,7 +406,7 @@ def test_divergence_midway_keeps_the_last_good_checkpoint(killed_run, data_dir, 
   before = listing(os.path.join(workdir, 'squeeze'))
   with pytest.raises(train_lib.DivergedError,
                      match=rf'(?s)recover\.lr.*recover\.r_bn.*step {good_step}'):
-    recover.run(config, workdir)
+    testlib.run_stage(recover, config, workdir)
   assert listing(os.path.join(workdir, 'squeeze')) == before
   assert testlib.checkpoint_steps(checkpoints)[-1] == good_step
   step, state = restore_state(workdir)

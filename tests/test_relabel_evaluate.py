@@ -85,8 +85,8 @@ def run_stages(config, workdir, stored):
   """relabel (stored mode) + evaluate in process; returns (evaluate result, final student
   variables of seed 0 per variant), read from the seed's folder (the finished student)."""
   if stored:
-    relabel.run(config, workdir)
-  result = evaluate.run(config, workdir)
+    testlib.run_stage(relabel, config, workdir)
+  result = testlib.run_stage(evaluate, config, workdir)
   names = [name for name, _, _ in evaluate.variants(config)]
   caught = {}
   for name in names:
@@ -330,7 +330,7 @@ def test_corrupted_label_shard_is_refused(data, stored_float32_run, tmp_path, da
   config = make_config(data, mode='stored', storage='float32')
   with pytest.raises(label_store.LabelError,
                      match=r'(?s)' + name + r'.*corrupted.*--stages=relabel'):
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
 
 
 @pytest.mark.slow
@@ -339,7 +339,7 @@ def test_labels_of_other_images_are_refused(data, stored_float32_run, tmp_path):
   testlib.write_noise_set(workdir, IPC, seed=1)  # the distilled set changed after relabel
   config = make_config(data, mode='stored', storage='float32')
   with pytest.raises(label_store.LabelError, match=r'(?s)other images.*--stages=relabel'):
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
 
 
 @pytest.mark.slow
@@ -363,7 +363,7 @@ def test_labels_made_under_other_settings_are_refused(data, stored_float32_run, 
   assert other != stored_dir(data, workdir) and not os.path.exists(other)
   with pytest.raises(label_store.LabelError,
                      match=r'(?s)No stored labels at ' + other + r'.*--stages=relabel'):
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'evaluate', 'result.json'))
   images, _ = image_sets.distilled_set(workdir)
   with pytest.raises(label_store.LabelError, match=r'(?s)' + message + r'.*--stages=relabel'):
@@ -385,7 +385,7 @@ def test_incomplete_labels_are_refused(data, stored_float32_run, tmp_path):
   files.write_json(path, manifest)
   config = make_config(data, mode='stored', storage='float32')
   with pytest.raises(label_store.LabelError, match=r'(?s)incomplete.*--stages=relabel'):
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
 
 
 # ----------------------------------------------------------------------------- 5. missing stages
@@ -396,12 +396,12 @@ def test_missing_stages_are_named(data, base_workdir, tmp_path):
   empty = str(tmp_path / 'empty')
   shutil.copytree(os.path.join(base_workdir, 'squeeze'), os.path.join(empty, 'squeeze'))
   with pytest.raises(FileNotFoundError, match=r'(?s)recover.*--stages=recover'):
-    evaluate.run(config, empty)
+    testlib.run_stage(evaluate, config, empty)
   with pytest.raises(FileNotFoundError, match=r'--stages=recover'):
-    relabel.run(make_config(data, mode='stored'), empty)
+    testlib.run_stage(relabel, make_config(data, mode='stored'), empty)
   workdir = testlib.copy_workdir(base_workdir, tmp_path / 'w')
   with pytest.raises(label_store.LabelError, match=r'(?s)No stored labels.*--stages=relabel'):
-    evaluate.run(make_config(data, mode='stored'), workdir)
+    testlib.run_stage(evaluate, make_config(data, mode='stored'), workdir)
 
 
 # ----------------------------------------------------------------------------- 6. SIGKILL + resume
@@ -515,7 +515,7 @@ def test_relabel_resumes_at_shard_granularity(data, stored_float32_run, tmp_path
   del manifest['complete'], manifest['bytes']
   files.write_json(os.path.join(directory, label_store.MANIFEST), manifest)
 
-  relabel.run(make_config(data, mode='stored', storage='float32'), workdir)
+  testlib.run_stage(relabel, make_config(data, mode='stored', storage='float32'), workdir)
   assert label_files(workdir) == first
   for name, mtime in kept.items():  # finished shards were not rewritten
     assert os.stat(os.path.join(directory, name)).st_mtime_ns == mtime
@@ -532,7 +532,7 @@ def test_relabel_rewrites_from_the_first_bad_shard(data, stored_float32_run, tmp
   manifest = files.read_json(os.path.join(directory, label_store.MANIFEST))
   with open(os.path.join(directory, manifest['shards'][1]['file']), 'r+b') as f:
     f.truncate(100)
-  relabel.run(make_config(data, mode='stored', storage='float32'), workdir)
+  testlib.run_stage(relabel, make_config(data, mode='stored', storage='float32'), workdir)
   assert label_files(workdir) == first
 
 

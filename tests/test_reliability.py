@@ -48,10 +48,10 @@ from sre2l_jax import export
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
-from sre2l_jax import main
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import relabel
+from sre2l_jax import runner
 from sre2l_jax import squeeze
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import train_lib
@@ -160,7 +160,7 @@ C = dict(B, relabel={'mode': 'stored', 'storage': 'topk', 'topk': 1})
 def online(data, base, tmp_path_factory):
   """Run A evaluated: (workdir, result)."""
   workdir = copy(base, tmp_path_factory.mktemp('online') / 'w')
-  return workdir, evaluate.run(make_config(data), workdir)
+  return workdir, testlib.run_stage(evaluate, make_config(data), workdir)
 
 
 @pytest.fixture(scope='module')
@@ -168,8 +168,8 @@ def stored(data, online, tmp_path_factory):
   """Run A's workdir, then run B relabelled and evaluated: (workdir, result B)."""
   workdir = copy(online[0], tmp_path_factory.mktemp('stored') / 'w')
   config = make_config(data, **B)
-  relabel.run(config, workdir)
-  return workdir, evaluate.run(config, workdir)
+  testlib.run_stage(relabel, config, workdir)
+  return workdir, testlib.run_stage(evaluate, config, workdir)
 
 
 @pytest.fixture(scope='module')
@@ -178,7 +178,7 @@ def squeezed(data, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('squeezed') / 'w')
   config = make_config(data, squeeze=dict(epochs=1, checkpoint_every_steps=2,
                                           log_every_steps=2))
-  return config, workdir, squeeze.run(config, workdir)
+  return config, workdir, testlib.run_stage(squeeze, config, workdir)
 
 
 # ----------------------------------------------------------------------------- 1. evaluate
@@ -222,7 +222,7 @@ def test_evaluate_refuses_a_folder_whose_settings_differ(data, online, tmp_path)
   settings['optimizer']['lr'] = 0.5
   files.write_json(path, settings)
   with pytest.raises(checkpoint.ConfigMismatchError, match=r'optimizer\.lr: saved 0\.5'):
-    evaluate.run(make_config(data), workdir)
+    testlib.run_stage(evaluate, make_config(data), workdir)
 
 
 # ----------------------------------------------------------------------------- 2. relabel
@@ -234,7 +234,7 @@ def test_other_label_storage_does_not_replace_stored_labels(data, stored, tmp_pa
   float16_dir = label_store.label_dir(make_config(data, **B), workdir, 'distilled')
   before = listing(float16_dir)
   assert 'manifest.json' in before and len(before) == 3  # manifest + 2 shards
-  relabel.run(make_config(data, **C), workdir)
+  testlib.run_stage(relabel, make_config(data, **C), workdir)
   assert listing(float16_dir) == before
   topk_dir = label_store.label_dir(make_config(data, **C), workdir, 'distilled')
   assert topk_dir != float16_dir and os.path.basename(topk_dir).startswith('topk1-')
@@ -247,10 +247,10 @@ def test_other_label_storage_does_not_replace_stored_labels(data, stored, tmp_pa
   manifest['images_sha256'] = '0' * 64
   files.write_json(manifest_path, manifest)
   with pytest.raises(label_store.LabelError, match=r'images_sha256: saved.*--overwrite'):
-    relabel.run(config, workdir)
+    testlib.run_stage(relabel, config, workdir)
   # ...unless asked.
   config.overwrite = True
-  relabel.run(config, workdir)
+  testlib.run_stage(relabel, config, workdir)
   rewritten = listing(float16_dir)
   assert {k: v[0] for k, v in rewritten.items() if k != 'manifest.json'} == {
       k: v[0] for k, v in before.items() if k != 'manifest.json'}
@@ -265,7 +265,7 @@ def test_other_label_storage_does_not_replace_stored_labels(data, stored, tmp_pa
 def test_evaluate_refuses_bad_numbers_before_any_work(data, base, tmp_path, key, value):
   workdir = copy(base, tmp_path / 'w')
   with pytest.raises(ValueError, match=rf'evaluate\.{key}=.* must be'):
-    evaluate.run(make_config(data, evaluate={key: value}), workdir)
+    testlib.run_stage(evaluate, make_config(data, evaluate={key: value}), workdir)
   assert not os.path.exists(os.path.join(workdir, 'evaluate'))
 
 
@@ -350,12 +350,12 @@ def recovered(data, tmp_path_factory):
                                           log_every_steps=2, min_bn_reduction=1e9))
   testlib.write_teacher(config, workdir, statistics='measured')
   with pytest.raises(train_lib.NotConvergedError) as error:
-    recover.run(config, workdir)
+    testlib.run_stage(recover, config, workdir)
   refused = {'message': str(error.value), 'exported': os.path.exists(
       image_sets.distilled_dir(workdir)), 'checkpoints': testlib.checkpoint_steps(
           os.path.join(workdir, 'recover', 'checkpoints'))}
   config.recover.min_bn_reduction = 0.0  # not fingerprinted: the same workdir accepts it
-  return config, workdir, refused, recover.run(config, workdir)
+  return config, workdir, refused, testlib.run_stage(recover, config, workdir)
 
 
 @pytest.mark.slow
@@ -395,7 +395,7 @@ def test_torch_import_does_not_replace_a_teacher(data, tmp_path):
   assert meta['signature']['model']['name'] == 'resnet18'
   # squeeze does not train over a teacher it did not make either.
   with pytest.raises(teacher_lib.TeacherError, match='no squeeze run of this workdir'):
-    squeeze.run(make_config(data), workdir)
+    testlib.run_stage(squeeze, make_config(data), workdir)
   assert not os.path.exists(os.path.join(workdir, 'squeeze', checkpoint.FINGERPRINT))
 
 
@@ -407,20 +407,20 @@ def test_rerunning_finished_stages_keeps_their_measurements(data, squeezed, reco
                                                               online, tmp_path):
   config, squeeze_dir, first = squeezed
   before = listing(os.path.join(squeeze_dir, 'squeeze'))
-  assert squeeze.run(config, squeeze_dir) == files.read_json(
+  assert testlib.run_stage(squeeze, config, squeeze_dir) == files.read_json(
       os.path.join(squeeze_dir, 'squeeze', 'result.json')) == first
   assert listing(os.path.join(squeeze_dir, 'squeeze')) == before
 
   config, recover_dir, _, _ = recovered  # through main, as the README's command runs it
   before = {s: listing(os.path.join(recover_dir, s)) for s in ('squeeze', 'recover')}
-  main.run(config, recover_dir, ['recover'])
+  runner.run(config, recover_dir, ['recover'])
   assert {s: listing(os.path.join(recover_dir, s)) for s in before} == before
 
   workdir = copy(online[0], tmp_path / 'w')
-  relabel.run(make_config(data), workdir)  # online: records the choice once
+  testlib.run_stage(relabel, make_config(data), workdir)  # online: records the choice once
   results = {s: listing(os.path.join(workdir, s)) for s in ('evaluate', 'relabel')}
-  assert evaluate.run(make_config(data), workdir) == online[1]
-  relabel.run(make_config(data), workdir)
+  assert testlib.run_stage(evaluate, make_config(data), workdir) == online[1]
+  testlib.run_stage(relabel, make_config(data), workdir)
   assert {s: listing(os.path.join(workdir, s)) for s in results} == results
   report = files.read_json(os.path.join(workdir, 'report.json'))
   assert report['measured']['evaluate']['at'] == online[1]['measured_at']
@@ -443,7 +443,7 @@ def test_truncated_latest_checkpoint_resumes_from_the_previous(squeezed, tmp_pat
   warnings = []
   monkeypatch.setattr(train_lib.logging, 'warning',
                       lambda message, *args: warnings.append(message % args))
-  result = squeeze.run(config, workdir)
+  result = testlib.run_stage(squeeze, config, workdir)
   assert len(warnings) == 1, warnings
   assert 'checkpoint step 8 in' in warnings[0] and 'resuming from step 6' in warnings[0]
   assert result['resumed_from_step'] == 6 and result['test_top1'] == first['test_top1']
@@ -505,7 +505,7 @@ def test_corrupt_shard_is_refused_before_any_student_trains(data, stored, tmp_pa
   config.evaluate.lr = 5e-3  # other students: nothing of theirs exists yet
   before = sorted(os.listdir(os.path.join(workdir, 'evaluate', 'distilled')))
   with pytest.raises(label_store.LabelError, match=rf'{bad} is corrupted'):
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'evaluate', 'distilled'))) == before
 
   # The same through the CLI: one line naming the shard, exit code 1.
@@ -640,7 +640,7 @@ def test_a_replaced_teacher_refuses_recover_and_the_set_it_made(recovered, tmp_p
   before = listing(os.path.join(workdir, 'recover'))
   testlib.write_teacher(config, workdir, seed=1)
   with pytest.raises(checkpoint.ConfigMismatchError, match=r'teacher_sha256: saved'):
-    main.run(config, workdir, ['recover'])
+    runner.run(config, workdir, ['recover'])
   assert listing(os.path.join(workdir, 'recover')) == before
   # What relabel and evaluate read (continual: `checked_distilled_set`, the same check).
   with pytest.raises(ValueError, match=r'recovered with another teacher .* restore that '
@@ -673,7 +673,7 @@ def test_evaluate_under_another_recover_ipc_refuses(recovered, tmp_path):
   other.relabel.batch_size = 8  # a student batch that 10 and 20 images both give
   with pytest.raises(ValueError, match=r'recovered under other settings .*recover\.ipc: '
                                        r'saved 1, now 2'):
-    evaluate.run(other, workdir)
+    testlib.run_stage(evaluate, other, workdir)
   assert not os.path.exists(os.path.join(workdir, 'evaluate'))
 
 
@@ -701,7 +701,7 @@ def test_old_workdirs_get_their_keys_derived_once(recovered, tmp_path):
   for key, path in paths.items():
     without(path, key)
   rounds = listing(os.path.join(workdir, 'recover', 'rounds'))
-  main.run(config, workdir, ['recover'])
+  runner.run(config, workdir, ['recover'])
   assert {key: files.read_json(path).get(key) for key, path in paths.items()} == keys
   assert listing(os.path.join(workdir, 'recover', 'rounds')) == rounds
   image_sets.image_sets(config, workdir)  # and the set is accepted
@@ -715,7 +715,7 @@ def test_a_deleted_distilled_set_is_exported_again_by_recover(recovered, tmp_pat
   shutil.rmtree(image_sets.distilled_dir(workdir))
   with pytest.raises(FileNotFoundError, match=r'--stages=recover'):
     image_sets.image_sets(config, workdir)
-  main.run(config, workdir, ['recover'])
+  runner.run(config, workdir, ['recover'])
   images, _ = image_sets.image_sets(config, workdir)['distilled']
   assert label_store.images_digest(images) == result['images_sha256']
 
@@ -794,15 +794,15 @@ def test_a_refused_recover_leaves_no_fingerprint_and_the_corrected_command_runs(
   scored.recover.update(init='scored', init_candidates=0, ipc=100)
   with pytest.raises(ValueError, match=r'the smallest class of the training split .*has \d+: '
                                        r'lower recover\.ipc to \d+ or less'):
-    recover.run(scored, workdir)
+    testlib.run_stage(recover, scored, workdir)
   rded = ml_collections.ConfigDict(config.to_dict())
   rded.recover.update(method='rded', rded_candidates=1)
   with pytest.raises(ValueError, match=r'rded_candidates=1 must be at least'):
-    main.validate(rded, ['recover'])
+    runner.validate(rded, ['recover'], testlib.context_of(rded))
   with pytest.raises(ValueError, match=r'rded_candidates=1 must be at least'):
-    recover.run(rded, workdir)
+    testlib.run_stage(recover, rded, workdir)
   assert not os.path.exists(os.path.join(workdir, 'recover', checkpoint.FINGERPRINT))
-  assert recover.run(config, workdir)['images'] == SPEC.num_classes
+  assert testlib.run_stage(recover, config, workdir)['images'] == SPEC.num_classes
 
 
 @pytest.mark.parametrize('section, key, value, fragment', [
@@ -815,7 +815,8 @@ def test_student_and_batch_checks_run_before_any_stage(data, section, key, value
   """Issue 26.6: found by main's checks, not by evaluate after squeeze and recover ran."""
   config = make_config(data, **{section: {key: value}})
   with pytest.raises(ValueError) as error:
-    main.validate(config, ['squeeze', 'recover', 'relabel', 'evaluate'])
+    runner.validate(config, ['squeeze', 'recover', 'relabel', 'evaluate'],
+                    testlib.context_of(config))
   assert fragment in str(error.value)
 
 
@@ -825,8 +826,8 @@ def test_squeeze_with_a_named_teacher_dir_is_refused_up_front(data):
   config = make_config(data, squeeze={'teacher_dir': '/elsewhere/squeeze/teacher'})
   with pytest.raises(ValueError, match=r'squeeze would train another one .* that no stage '
                                        r'reads'):
-    main.validate(config, ['squeeze', 'recover'])
-  main.validate(config, ['recover'])  # using it is fine
+    runner.validate(config, ['squeeze', 'recover'], testlib.context_of(config))
+  runner.validate(config, ['recover'], testlib.context_of(config))  # using it is fine
 
 
 @pytest.mark.slow
@@ -840,7 +841,7 @@ def test_a_damaged_json_file_is_named(recovered, tmp_path, name):
   with open(path, 'r+b') as f:
     f.truncate(os.path.getsize(path) // 2)
   with pytest.raises(files.DamagedFileError) as error:
-    main.run(config, workdir, ['recover'])
+    runner.run(config, workdir, ['recover'])
   assert str(error.value).startswith(f'{path} is damaged: expected a JSON object')
   assert 'remove' in str(error.value) or 'delete' in str(error.value)
 
@@ -882,11 +883,11 @@ def test_label_manifests_are_named_and_confined_to_their_folder(data, stored, tm
   assert manifest['shards'][0]['file'].startswith('..')
   files.write_json(path, manifest)
   with pytest.raises(label_store.LabelError, match=r'names the shard file .*no folders, no'):
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
   with open(path, 'r+b') as f:
     f.truncate(os.path.getsize(path) // 2)
   with pytest.raises(files.DamagedFileError, match=rf'^{path} is damaged'):
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
 
 
 @pytest.mark.slow
@@ -894,9 +895,9 @@ def test_relabel_keeps_the_entries_of_sets_it_did_not_label(data, stored, tmp_pa
   """Issue 26.14: relabel's result.json is merged, never rewritten with fewer entries."""
   workdir = copy(stored[0], tmp_path / 'w')
   with_random = dict(B, evaluate={'temperature': 1.0, 'baselines': ('random',)})
-  first = relabel.run(make_config(data, **with_random), workdir)
+  first = testlib.run_stage(relabel, make_config(data, **with_random), workdir)
   assert sorted(first['sets']) == ['distilled', 'random']
-  again = relabel.run(make_config(data, **B), workdir)
+  again = testlib.run_stage(relabel, make_config(data, **B), workdir)
   assert again['sets'] == first['sets']
 
 
@@ -945,7 +946,7 @@ def test_the_plan_covers_the_measure_pass_which_holds_one_group_at_a_time(data):
   grows with the round only by the images it is given."""
   config = make_config(data, recover={'ipc': 80})  # 80 groups of 10
   config.recover.device_memory_gb = 1.0
-  plan = recover.plan(config, '/nonexistent')['plans']['this device']
+  plan = recover.plan(config, '/nonexistent', testlib.context_of(config))['plans']['this device']
   measure = plan['measure']
   assert plan['peak_bytes'] == max(plan['step']['peak_bytes'], measure['peak_bytes'])
   mesh = batching.create_mesh(config.mesh_shape)

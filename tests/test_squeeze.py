@@ -13,7 +13,7 @@ from absl import app
 
 from sre2l_jax import checkpoint
 from sre2l_jax import files
-from sre2l_jax import main
+from sre2l_jax import runner
 from sre2l_jax import squeeze
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import train_lib
@@ -65,7 +65,7 @@ def uninterrupted(fashion_mnist_tfds, tmp_path_factory):
   """One uninterrupted in-process squeeze run shared by the tests: (config, workdir, result)."""
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
   config = make_config(fashion_mnist_tfds)
-  result = squeeze.run(config, workdir)
+  result = testlib.run_stage(squeeze, config, workdir)
   return config, workdir, result
 
 
@@ -164,7 +164,7 @@ def test_missing_fashion_mnist_files(tmp_path):
   config.dataset.source_dir = str(source)
   workdir = tmp_path / 'workdir'
   with pytest.raises(builders.MissingDataError) as error:
-    squeeze.run(config, str(workdir))
+    testlib.run_stage(squeeze, config, str(workdir))
   message = str(error.value)
   assert str(source) in message
   assert 'train-images-idx3-ubyte.gz' in message
@@ -182,7 +182,7 @@ def test_unknown_names_list_valid_ones(tmp_path, key, value, valid):
   config = make_config(str(tmp_path / 'tfds'))
   config[section][name] = value
   with pytest.raises(ValueError) as error:
-    squeeze.run(config, str(tmp_path / 'workdir'))
+    testlib.run_stage(squeeze, config, str(tmp_path / 'workdir'))
   message = str(error.value)
   assert repr(value) in message and 'valid' in message
   for v in valid:
@@ -209,7 +209,7 @@ def test_config_mismatch_refused_before_touching_workdir(uninterrupted, tmp_path
   else:
     changed[key] = value
   with pytest.raises(checkpoint.ConfigMismatchError) as error:
-    squeeze.run(changed, str(workdir))
+    testlib.run_stage(squeeze, changed, str(workdir))
   message = str(error.value)
   assert expected in message
   assert '--workdir' in message
@@ -226,7 +226,7 @@ def test_bad_batch_sizes_refused(fashion_mnist_tfds, tmp_path, batch_size, fragm
   config = make_config(fashion_mnist_tfds, squeeze__batch_size=batch_size)
   workdir = tmp_path / 'workdir'
   with pytest.raises(ValueError) as error:
-    squeeze.run(config, str(workdir))
+    testlib.run_stage(squeeze, config, str(workdir))
   assert fragment in str(error.value)
   assert not isinstance(error.value, checkpoint.ConfigMismatchError)
   # A refused config leaves nothing behind, so the corrected one may use the same workdir.
@@ -238,16 +238,16 @@ def test_bad_eval_batch_size_refused(fashion_mnist_tfds, tmp_path):
   with pytest.raises(ValueError, match=r'squeeze.eval_batch_size=100 must be a positive '
                                        r'multiple of the number of devices on the data axis '
                                        r'\(8\)'):
-    squeeze.run(config, str(tmp_path / 'workdir'))
+    testlib.run_stage(squeeze, config, str(tmp_path / 'workdir'))
 
 
 def test_unknown_stage_refused():
   with pytest.raises(app.UsageError) as error:
-    main.parse_stages(['squeeze', 'sqeeze'])
+    runner.parse_stages(['squeeze', 'sqeeze'])
   message = str(error.value)
   assert 'sqeeze' in message
   for stage in ('squeeze', 'recover', 'relabel', 'evaluate'):
     assert stage in message
   with pytest.raises(app.UsageError):
-    main.parse_stages([' ', ''])
-  assert main.parse_stages(['recover', 'squeeze']) == ['squeeze', 'recover']
+    runner.parse_stages([' ', ''])
+  assert runner.parse_stages(['recover', 'squeeze']) == ['squeeze', 'recover']

@@ -61,10 +61,10 @@ def test_mse_ce_loss_needs_logits(data):
   config = testlib.fashion_config(data, {'relabel.mode': 'stored', 'relabel.storage': 'topk',
                                        'evaluate.loss': 'mse_ce'})
   with pytest.raises(ValueError, match="relabel.storage='topk' keeps top-k probabilities"):
-    evaluate.validate(config, batching.create_mesh(1))
+    evaluate.validate(config, testlib.context_of(config, mesh=batching.create_mesh(1)))
   config.evaluate.loss = 'mse'
   with pytest.raises(ValueError, match="evaluate.loss='mse'; valid: kl, mse_ce"):
-    evaluate.validate(config, batching.create_mesh(1))
+    evaluate.validate(config, testlib.context_of(config, mesh=batching.create_mesh(1)))
   with pytest.raises(ValueError, match='evaluate.loss=.mse_ce. needs relabel.storage float32'):
     label_store.logits_from_stored({'topk_probs': np.ones((2, 1)),
                                     'topk_index': np.zeros((2, 1))})

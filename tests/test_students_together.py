@@ -131,7 +131,7 @@ def together_run(data, base_workdir, tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(train_lib, 'create_writer', RecordingWriter)
-    result = evaluate.run(make_config(data), workdir)
+    result = testlib.run_stage(evaluate, make_config(data), workdir)
   return workdir, result, calls
 
 
@@ -154,7 +154,7 @@ def test_together_equals_alone(devices, mode, edc, data, base_workdir, together_
     workdir = testlib.copy_workdir(base_workdir, tmp_path / 'w')
     config = make_config(data, stack_mode=mode, **student_overrides)
     config.mesh_shape = devices
-    result = evaluate.run(config, workdir)
+    result = testlib.run_stage(evaluate, config, workdir)
   config = make_config(data, **student_overrides)
   config.mesh_shape = devices
   mesh = batching.create_mesh(devices)
@@ -251,7 +251,7 @@ def test_architectures_each_train_their_students(data, base_workdir, tmp_path):
   # A plain name takes config.student's keys; a spec sets its own (here a wider MLP).
   names = ['convnet', 'mlp:width=24']
   config.evaluate.students = tuple(names)
-  result = evaluate.run(config, workdir)
+  result = testlib.run_stage(evaluate, config, workdir)
   assert list(result['architectures']) == names
   assert result['variants'] == result['architectures'][names[0]]
   dirs = {result['architectures'][n]['distilled']['dir'] for n in names}
@@ -267,10 +267,10 @@ def test_architectures_each_train_their_students(data, base_workdir, tmp_path):
   assert all(f'| {name} | ' in markdown for name in names)
   with pytest.raises(ValueError, match='unknown model'):
     config.evaluate.students = ('convnet', 'no_such_net')
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
   with pytest.raises(ValueError, match='not key=value with a model key'):
     config.evaluate.students = ('mlp:widht=24',)
-    evaluate.run(config, workdir)
+    testlib.run_stage(evaluate, config, workdir)
 
 
 def test_stack_mode_auto_is_unrolled_on_cpu_and_bad_modes_are_refused(data):
@@ -280,7 +280,7 @@ def test_stack_mode_auto_is_unrolled_on_cpu_and_bad_modes_are_refused(data):
   assert student.stack_mode(config) == 'vmap'
   config.evaluate.stack_mode = 'pmap'
   with pytest.raises(ValueError, match='stack_mode'):
-    evaluate.validate(config, batching.create_mesh(1))
+    evaluate.validate(config, testlib.context_of(config, mesh=batching.create_mesh(1)))
 
 
 @pytest.mark.equivalence

@@ -350,7 +350,7 @@ def test_edc_resumes_after_sigkill(data_dir, tmp_path):
     return workdir
 
   reference = fresh('reference')
-  ref_result = recover.run(edc_config(data_dir), reference)
+  ref_result = testlib.run_stage(recover, edc_config(data_dir), reference)
   teacher_files = sorted(os.listdir(os.path.join(reference, 'squeeze', 'teacher')))
   assert any(n.startswith('class_stats-') for n in teacher_files)
 
@@ -382,7 +382,7 @@ def test_in1k_edc_config_has_edc_settings_and_passes_the_stage_checks():
   for arg in (None, 'smoke'):
     config = testlib.load_config('in1k_edc', arg)
     spec = datasets.get_spec(config.dataset.name)
-    recover.validate(config, spec)
+    recover.validate(config, testlib.context_of(config, spec=spec))
     assert config.recover.method == 'edc' and config.recover.group_by == 'class'
   r = testlib.load_config('in1k_edc').recover
   assert (r.ipc, r.batch_size, r.iterations, r.lr, r.r_bn, r.class_bn_weight, r.min_scale,
@@ -397,12 +397,13 @@ def test_in1k_edc_config_has_edc_settings_and_passes_the_stage_checks():
     config.update_from_flattened_dict(overrides)
     with pytest.raises(ValueError, match=f"recover.{what} needs the whole training split in "
                                          f"host memory; imagenet2012 is streamed"):
-      recover.validate(config, spec)
+      recover.validate(config, testlib.context_of(config, spec=spec))
   relabel, e = testlib.load_config('in1k_edc').relabel, testlib.load_config('in1k_edc').evaluate
   assert (relabel.epochs, relabel.batch_size, relabel.min_scale, e.lr, e.temperature) == (
       300, 100, 0.5, 1e-3, 20.0)
   assert (e.lr_zeta, e.ema_decay, e.loss, e.ce_weight) == (2.0, 0.99, 'mse_ce', 0.025)
-  evaluate.validate(testlib.load_config('in1k_edc'), batching.create_mesh(1))
+  config = testlib.load_config('in1k_edc')
+  evaluate.validate(config, testlib.context_of(config, mesh=batching.create_mesh(1)))
 
 
 @pytest.mark.slow
@@ -417,7 +418,7 @@ def test_in1k_edc_smoke_recovers_on_mock_imagenet(tmp_path):
   workdir = str(tmp_path / 'work')
   testlib.write_teacher(config, workdir)  # random ResNet-18 (width 8)
   with test_in1k_smoke.mock_imagenet():
-    result = recover.run(config, workdir)
+    result = testlib.run_stage(recover, config, workdir)
   assert result['method'] == 'edc' and result['images'] == 40
   assert np.isfinite(result['bn_loss_initial']) and np.isfinite(result['bn_loss_final'])
   stored = [n for n in os.listdir(os.path.join(workdir, 'squeeze', 'teacher'))
@@ -434,7 +435,8 @@ def test_fashion_mnist_config_defaults_to_edc_and_keeps_sre2l_as_published():
   assert (default.method, default.group_by, default.init, default.init_pick,
           default.batch_size, default.iterations, default.lr, default.jitter,
           default.class_bn_weight) == ('edc', 'class', 'scored', 'centre', 10, 300, 0.05, 0, 0.5)
-  recover.validate(testlib.load_config('fashion_mnist_ipc10', 'ipc=1'), SPEC)
+  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=1')
+  recover.validate(config, testlib.context_of(config, spec=SPEC))
   published = testlib.load_config('fashion_mnist_ipc10', 'method=sre2l').recover
   assert (published.method, published.group_by, published.init, published.iterations,
           published.lr) == ('sre2l', 'ipc_index', 'noise', 1000, 0.25)
@@ -452,7 +454,7 @@ def test_every_methods_table_row_is_a_valid_recover_config():
         section, name = key.split('.')
         assert name in config[section], key  # a typo would fail only in the subprocess
         config[section][name] = value
-      recover.validate(config, SPEC)
+      recover.validate(config, testlib.context_of(config, spec=SPEC))
       argv, workdir = methods_table.command(row, ipc, 3, '/t', '/root')
       assert workdir == f'/root/ipc{ipc}/{row}' and f'method={method}' in argv[3]
   argv, _ = methods_table.command('sre2l', 10, 3, '/t', '/root', baselines=('random',))

@@ -140,7 +140,7 @@ def test_squeeze_trains_every_teacher(data_dir, tmp_path):
   config.squeeze.epochs = 1
   config.dataset.train_limit = 256
   workdir = str(tmp_path)
-  squeeze.run(config, workdir)
+  testlib.run_stage(squeeze, config, workdir)
   extra_workdir = os.path.join(workdir, 'squeeze', 'teachers', 'convnet-width6-depth2')
   meta = files.read_json(os.path.join(extra_workdir, 'squeeze', 'teacher', 'teacher.json'))
   assert meta['signature']['model']['width'] == 6 and meta['signature']['model']['depth'] == 2
@@ -154,10 +154,10 @@ def test_recover_accepts_several_teachers_for_the_methods_that_sum_them():
   spec = datasets.get_spec(config.dataset.name)
   for method in ('sre2l', 'rded'):
     config.recover.method = method
-    recover.validate(config, spec)
+    recover.validate(config, testlib.context_of(config, spec=spec))
   config.recover.method = 'edc'  # per-class statistics of one teacher
   with pytest.raises(ValueError, match='extra_teachers'):
-    recover.validate(config, spec)
+    recover.validate(config, testlib.context_of(config, spec=spec))
 
 
 def test_stored_labels_of_several_teachers_depend_on_the_temperature():

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from sre2l_jax import image_sets
-from sre2l_jax import main
+from sre2l_jax import runner
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 from sre2l_jax.data import streaming
@@ -125,7 +125,7 @@ def test_smoke_pipeline_recovers_the_same_images(fm, folder, tmp_path):
     config.dataset = ml_collections.ConfigDict(folder.to_dict() | dict(dataset))
     config.recover.ipc = 1
     workdir = str(tmp_path / name)
-    main.run(config, workdir, ['squeeze', 'recover'])
+    runner.run(config, workdir, ['squeeze', 'recover'])
     recovered.append(image_sets.distilled_set(workdir))
   np.testing.assert_array_equal(recovered[0][0], recovered[1][0])
   np.testing.assert_array_equal(recovered[0][1], recovered[1][1])

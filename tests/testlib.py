@@ -6,6 +6,8 @@
   copy_workdir(source, path)      a copy of a shared (read-only) workdir to change
   random_teacher(config, ...)     (model, variables) of config.teacher with random weights
   write_teacher(config, workdir)  the same, saved where squeeze saves a trained one
+  context_of(config, workdir)     the stages' context (`context.resolve`), spec/mesh replaced
+  run_stage(module, config, workdir)   module.run with the context resolved, as the runner does
   main_command(name, workdir, stages=...)   argv of `python -m sre2l_jax.main`
   run_command(command)            runs it from the repository root; asserts it succeeded
   kill_when(command, ready, log)  starts it, SIGKILLs it as soon as ready() holds
@@ -34,10 +36,12 @@ from flax import traverse_util
 
 from sre2l_jax import checkpoint
 from sre2l_jax import config_lib
+from sre2l_jax import context
 from sre2l_jax import export
 from sre2l_jax import image_sets
 from sre2l_jax import models
 from sre2l_jax import teacher as teacher_lib
+from sre2l_jax.data import batching
 from sre2l_jax.data import builders
 from sre2l_jax.data import datasets
 
@@ -67,6 +71,20 @@ def fashion_config(data: dict, overrides: dict | None = None, *,
     section, field = key.split('.')
     config[section][field] = value
   return config
+
+
+def context_of(config, workdir: str = '', *, spec=None, mesh=None) -> context.Context:
+  """The stages' context of `config` on `workdir`, as `context.resolve` makes it, with `spec`
+  or `mesh` given instead (a validation test of a dataset that is not at hand)."""
+  spec = datasets.spec_of(config.dataset) if spec is None else spec
+  mesh = batching.create_mesh(config.mesh_shape) if mesh is None else mesh
+  return context.Context(spec=spec, mesh=mesh, num_classes=spec.num_classes,
+                         teacher_dir=teacher_lib.teacher_dir(config, workdir))
+
+
+def run_stage(module, config, workdir: str) -> dict:
+  """`module.run` (a stage) of `config` on `workdir`, its context resolved as the runner does."""
+  return module.run(config, workdir, context.resolve(config, workdir))
 
 
 # ----------------------------------------------------------------------------- workdirs
