@@ -8,7 +8,7 @@ Every JAX workload is built by the stage's own step factory, so it is the progra
 runs (one-axis mesh of `--devices` devices, shardings, donated state): recover
 `synthesis.optimize.create_recover_step`, squeeze `squeeze.create_classification_step`,
 student `student.create_student_step` (online soft labels, as evaluate), relabel
-`views.create_batch_views` + `student.create_teacher_logits` (as `label_store.write_labels`).
+`views.create_batch_views` + `label_store.create_teacher_logits` (as `label_store.write_labels`).
 Each is compiled ahead of time; the compilation and `--warmup` steps are excluded, then
 `repeats` runs of `steps` steps each are timed to `block_until_ready` and the median is
 reported. Units: recover in image-iterations/s (groups * group_size * steps / s); squeeze,
@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from sre2l_jax import config_lib
+from sre2l_jax import label_store
 from sre2l_jax import models
 from sre2l_jax import squeeze
 from sre2l_jax import student
@@ -356,24 +357,26 @@ def bench_squeeze(args, config, spec, mesh, model) -> dict:
 
 def bench_student(args, config, spec, mesh, teacher_model, teacher) -> dict:
   """`student.create_student_step` (online soft labels: views, teacher forward, KL) with
-  evaluate's optimiser, as evaluate trains a student; images/s."""
+  evaluate's optimiser, as evaluate trains a student alone (a stack of one); images/s."""
   batch = random_batch(args, spec, mesh)
   model = models.create_model(config.student, spec.num_classes)
   cfg = config.evaluate
   tx = train_lib.create_optimizer(cfg, train_lib.warmup_cosine(cfg.lr, 100_000))
   state = train_lib.create_train_state(model, tx, spec.image_shape,
                                        jax.random.PRNGKey(args.seed), mesh)
+  state = student.stack([state])  # a stack of one student
+  images, labels = (jax.device_put(batch[k][None], student.stacked_sharding(mesh))
+                    for k in ('image', 'label'))
   keys = random_keys(args, mesh, max(args.steps, args.warmup, 1))
   step_fn = student.create_student_step(config, spec, teacher_model, mesh, 'online')
-  compiled, compile_seconds = compile_ahead(step_fn, state, batch['image'], batch['label'],
-                                            None, keys[0], teacher)
+  compiled, compile_seconds = compile_ahead(step_fn, state, images, labels, None, keys[0],
+                                            teacher)
   box = {'state': state}
 
   def run_steps(n):
     s = box['state']
     for i in range(n):
-      s, metrics = compiled(s, batch['image'], batch['label'], None, keys[i % len(keys)],
-                            teacher)
+      s, metrics = compiled(s, images, labels, None, keys[i % len(keys)], teacher)
     jax.block_until_ready((s, metrics))
     box['state'] = s
 
@@ -385,12 +388,12 @@ def bench_student(args, config, spec, mesh, teacher_model, teacher) -> dict:
 
 
 def bench_relabel(args, config, spec, mesh, model, teacher) -> dict:
-  """`views.create_batch_views` then `student.create_teacher_logits`, the two programs
+  """`views.create_batch_views` then `label_store.create_teacher_logits`, the two programs
   `label_store.write_labels` runs per batch; images/s."""
   images = random_batch(args, spec, mesh)['image']
   keys = random_keys(args, mesh, max(args.steps, args.warmup, 1))
   views_fn = views.create_batch_views(config.relabel, spec, mesh)
-  logits_fn = student.create_teacher_logits(model, teacher, mesh)  # partial(jitted, teacher)
+  logits_fn = label_store.create_teacher_logits(model, teacher, mesh)  # partial(jitted, teacher)
   compiled_views, views_seconds = compile_ahead(views_fn, keys[0], images)
   batch_views = compiled_views(keys[0], images)[0]
   compiled_logits, logits_seconds = compile_ahead(logits_fn.func, *logits_fn.args,
@@ -540,8 +543,8 @@ def run(args) -> dict:
              'inputs': 'fixed on-device batches; no host input pipeline',
              'relabel': 'views.batch_views (RandomResizedCrop, flip, CutMix) + teacher '
                         'forward, as label_store.write_labels',
-             'student': 'student.student_step with online soft labels (views, teacher '
-                        'forward, KL), evaluate\'s optimiser (AdamW)'}}
+             'student': 'student.stacked_student_step (a stack of one) with online soft labels '
+                        '(views, teacher forward, KL), evaluate\'s optimiser (AdamW)'}}
   if not args.skip_jax:
     for what in args.what:
       start, load_before = time.perf_counter(), load_average()

@@ -191,12 +191,14 @@ def audit_student(args, mesh) -> dict:
   model = models.create_model(config.student, spec.num_classes)
   teacher_model = models.create_model(config.teacher, spec.num_classes)
   tx = train_lib.create_optimizer(config.evaluate, train_lib.warmup_cosine(1e-3, 1000))
-  state = train_lib.abstract_train_state(model, tx, spec.image_shape, mesh)
-  replicated, sharded = batching.replicated(mesh), batching.data_sharding(mesh)
+  replicated, sharded = batching.replicated(mesh), student.stacked_sharding(mesh)
+  state = jax.tree_util.tree_map(  # a stack of one student
+      lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype, sharding=replicated),
+      train_lib.abstract_train_state(model, tx, spec.image_shape, mesh))
   teacher = models.abstract_variables(teacher_model, spec.image_shape, replicated)
   b = args.student_batch
-  images = jax.ShapeDtypeStruct((b,) + spec.image_shape, jnp.uint8, sharding=sharded)
-  labels = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)
+  images = jax.ShapeDtypeStruct((1, b) + spec.image_shape, jnp.uint8, sharding=sharded)
+  labels = jax.ShapeDtypeStruct((1, b), jnp.int32, sharding=sharded)
   key = jax.ShapeDtypeStruct(jax.random.key(0).shape, jax.random.key(0).dtype,
                              sharding=replicated)
   step = student.create_student_step(config, spec, teacher_model, mesh, 'online')

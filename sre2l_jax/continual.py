@@ -15,7 +15,7 @@ another schedule).
 
 The sets train side by side: at every class step the students of the sets (of equal size:
 ipc images per seen class) are stacked and trained by one compiled step
-(`student.create_stacked_continual_step`, `evaluate.stack_students` caps the stack; 1: one
+(`student.create_continual_step`, `evaluate.stack_students` caps the stack; 1: one
 by one), each on its own images, with the same views, mask and learning rate; per set the
 result equals a student trained alone up to float rounding. A set's metrics (loss, lr,
 images/s, and test top-1 after every class step, steps counting every iteration so far) go
@@ -28,8 +28,10 @@ Outputs: `continual/result.json`, `continual/accuracy.png` and the report's sect
 """
 
 import collections
+import dataclasses
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,7 @@ from sre2l_jax import files
 from sre2l_jax import fingerprints
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
+from sre2l_jax import metric_writers
 from sre2l_jax import models
 from sre2l_jax import report
 from sre2l_jax import rngs
@@ -148,12 +151,12 @@ def train_class_step(config, step_fn, states, subsets, mask, schedule, teacher, 
   """Trains the stacked `states` (S students, fresh optimisers), student i on `subsets[i]`
   ((images, labels), all of one size, sharing `schedule`), restricted to `mask`; returns
   (states, mean loss over the class step per student (S,)). writers: a
-  `student.StudentWriters` of the S students, or None."""
+  `metric_writers.StudentWriters` of the S students, or None."""
   total = schedule.total_steps
   lr_schedule = train_lib.student_schedule(config.evaluate, total)
   lrs = np.asarray(lr_schedule(np.arange(total)))
   mask = jax.device_put(mask, batching.replicated(mesh))
-  batch = student.stacked_batch_fn(schedule, subsets, mesh)
+  batch = student.batch_fn(schedule, subsets, mesh)
 
   def one_step(state, step):
     images_s, labels_s, _, key = batch(step)
@@ -163,11 +166,11 @@ def train_class_step(config, step_fn, states, subsets, mask, schedule, teacher, 
                         log_every=config.evaluate.log_every_steps, writer=writers,
                         examples_per_step=schedule.batch_size,
                         throughput_name='images_per_second',
-                        show=tuple(f'loss_{i:02d}' for i in range(len(subsets))),
+                        show=('loss',),
                         schedule=lambda step: lr_schedule(step - 1),
                         knobs=f'evaluate.lr (now {config.evaluate.lr})')
   states, done = train_lib.run_loop(loop, states, 0, one_step)
-  return states, [done.means[f'loss_{i:02d}'] for i in range(len(subsets))]
+  return states, [float(loss) for loss in done.means['loss']]
 
 
 def together(config, names: list[str], sizes: dict) -> list[list[str]]:
@@ -243,6 +246,180 @@ def _empty_record() -> dict:
           'loss': [], 'seconds': []}
 
 
+def load_sets(config, workdir: str, names: list[str], spec) -> dict:
+  """{set: (images, labels)} of `names` (names the missing stage if there is none); every
+  class of the dataset must be in each."""
+  sets = {}
+  for name in names:
+    sets[name] = (image_sets.checked_distilled_set(config, workdir) if name == 'distilled'
+                  else image_sets.random_subset(config, config.recover.ipc))
+  for name, (_, labels) in sets.items():
+    absent = sorted(set(range(spec.num_classes)) - set(np.unique(labels).tolist()))
+    if absent:
+      raise ValueError(f'The {name} set has no images of classes {absent[:20]}; continual '
+                       f'needs every class of {spec.name}.')
+  return sets
+
+
+def check_folders(config, stage_dir: str, sets: dict, order: list[int],
+                  teacher_key: dict) -> None:
+  """Every set's folder checked against its fingerprint and teacher before any is claimed."""
+  for write in (False, True):
+    for name, (images, _) in sets.items():
+      checkpoint.check_fingerprint(os.path.join(stage_dir, name),
+                                   fingerprints.record(
+                                       'continual', config, set=name, class_order=order,
+                                       images_sha256=label_store.images_digest(images)),
+                                   write=write)
+      # The teacher whose soft labels the students learnt (kept apart from the fingerprint,
+      # which continual folders written before teacher digests hold without it).
+      checkpoint.check_fingerprint(os.path.join(stage_dir, name), teacher_key, write=write,
+                                   name=teacher_store.KEY_FILE)
+
+
+@dataclasses.dataclass(eq=False)
+class Students:
+  """What the sets' students share across class steps (model, optimiser and compiled steps,
+  one each) and each set's own: checkpoints, finished-step record, variables, writer."""
+  step_fn: Callable
+  eval_fn: Callable
+  fresh_state: Callable  # variables -> a TrainState with a fresh optimiser
+  stack_states: Callable
+  managers: dict
+  records: dict
+  variables: dict
+  writers: dict
+
+
+def create_students(config, stage_dir: str, names: list[str], spec, mesh,
+                    teacher_model) -> Students:
+  """The students of `names`, each resumed after its last finished class step."""
+  model = models.create_model(config.student, spec.num_classes)
+  tx = create_optimizer(config)  # one, re-initialised at every class step
+  replicated = batching.replicated(mesh)
+  initial = train_lib.create_train_state(model, tx, spec.image_shape,
+                                         rngs.key(config.seed), mesh)
+  template = {'params': initial.params, 'batch_stats': initial.batch_stats}
+  # The copy keeps the step's buffer donation from consuming `variables` (jit forwards
+  # unchanged inputs to its outputs).
+  fresh_state = jax.jit(
+      lambda v: train_lib.TrainState.create(
+          apply_fn=model.apply, tx=tx, params=jax.tree_util.tree_map(jnp.copy, v['params']),
+          batch_stats=jax.tree_util.tree_map(jnp.copy, v['batch_stats'])),
+      out_shardings=replicated)
+  students = Students(
+      student.create_continual_step(config, spec, teacher_model, mesh),
+      student.create_eval_step(model, spec, mesh, student.stack_mode(config)), fresh_state,
+      jax.jit(student.stack, out_shardings=replicated), {}, {}, {}, {})
+  for name in names:
+    resume(students, stage_dir, name, train_lib.with_sharding(template, replicated), template)
+    # One writer (TensorBoard run, metrics.jsonl) per set; steps count every iteration of
+    # every class step so far.
+    students.writers[name] = train_lib.create_writer(os.path.join(stage_dir, name))
+    students.writers[name].write_hparams(
+        metric_writers.hparams(config, **{'continual.set': name}), metrics=('test_top1',))
+  return students
+
+
+def resume(students: Students, stage_dir: str, name: str, abstract, template) -> None:
+  """Set `name` continues after its last finished class step (`template`: none yet)."""
+  manager = students.managers[name] = checkpoint.create_manager(
+      os.path.join(stage_dir, name, 'checkpoints'))
+  path = os.path.join(stage_dir, name, 'steps.json')
+  record = students.records[name] = files.read_json(path) if files.exists(path) else (
+      _empty_record())
+  done = len(record['test_top1'])
+  for extra in [s for s in manager.all_steps() if s > done]:
+    manager.delete(extra)  # saved, but killed before steps.json recorded it
+  if not done:
+    students.variables[name] = template
+    return
+  if done not in manager.all_steps():
+    raise checkpoint.ConfigMismatchError(
+        f'{path} records {done} finished steps but their checkpoint is missing; remove '
+        f'{os.path.join(stage_dir, name)} to start this set again.')
+  students.variables[name] = manager.restore(done, args=ocp.args.StandardRestore(abstract))
+  logging.info('continual: %s resumed after step %d', name, done)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassStep:
+  """Class step `index` (0-based) of `total`: the classes seen so far, their mask (bool
+  (C,)), the real test images of those classes."""
+  index: int
+  total: int
+  seen: list[int]
+  mask: np.ndarray
+  test: pipeline.InMemorySplit
+
+
+def train_stack(config, students: Students, stack: list[str], subsets: dict, k: ClassStep,
+                teacher, mesh, stage_dir: str) -> None:
+  """Class step `k` of the sets `stack` (`subsets`: their images of the seen classes, of
+  one size) trained together from their last variables, evaluated, saved and recorded."""
+  step_start = time.time()
+  count = len(subsets[stack[0]][0])
+  schedule = step_schedule(config, count, k.index, mesh.size)
+  states = students.stack_states([students.fresh_state(students.variables[name])
+                                  for name in stack])
+  offset = sum(students.records[stack[0]]['iterations'])
+  writers = metric_writers.StudentWriters([students.writers[n] for n in stack],
+                                          step_offset=offset)
+  states, losses = train_class_step(
+      config, students.step_fn, states, [subsets[n] for n in stack], k.mask, schedule,
+      teacher, mesh, f'{", ".join(stack)} step {k.index + 1}/{k.total}', writers)
+  tops = student.top1(
+      students.eval_fn, {'params': states.params, 'batch_stats': states.batch_stats}, k.test,
+      config.evaluate.eval_batch_size, mesh, class_mask=k.mask)
+  for i, name in enumerate(stack):
+    state = student.unstack(states, i)
+    variables = students.variables[name] = {'params': state.params,
+                                            'batch_stats': state.batch_stats}
+    if not train_lib.all_finite(variables):  # never saved: the last good step stays
+      raise train_lib.DivergedError(
+          f'continual {name} step {k.index + 1} diverged (a parameter stopped being finite). '
+          f'Lower evaluate.lr (now {config.evaluate.lr}) and re-run with a new --workdir.')
+    students.managers[name].save(k.index + 1, args=ocp.args.StandardSave(variables))
+  for i, name in enumerate(stack):
+    students.managers[name].wait_until_finished()
+    top1 = float(tops[i])
+    record = students.records[name]
+    for key, value in (('test_top1', top1), ('train_images', count),
+                       ('test_images', k.test.num_examples),
+                       ('iterations', schedule.total_steps), ('loss', losses[i]),
+                       ('seconds', time.time() - step_start)):
+      record[key].append(value)
+    files.write_json(os.path.join(stage_dir, name, 'steps.json'), record)
+    students.writers[name].write_scalars(offset + schedule.total_steps,
+                                         {'test_top1': top1, 'classes_seen': len(k.seen)})
+    logging.info('continual: %s step %d/%d, %d classes, %d images: top-1 %.4f', name,
+                 k.index + 1, k.total, len(k.seen), count, top1)
+
+
+def write_outputs(config, workdir: str, records: dict, order, groups, spec,
+                  resumed_from: dict, start_time: float) -> dict:
+  """The accuracy plot, result.json and the workdir's report; returns the result."""
+  stage_dir = os.path.join(workdir, 'continual')
+  classes_seen = [len(seen_classes(groups, k)) for k in range(len(groups))]
+  plot = files.absolute(os.path.join(stage_dir, 'accuracy.png'))
+  if jax.process_index() == 0:
+    write_plot(plot, classes_seen, {n: r['test_top1'] for n, r in records.items()},
+               f'{spec.name}, IPC {config.recover.ipc}: {len(groups)} class-incremental steps')
+  result = {'stage': 'continual', 'dataset': spec.name, 'ipc': config.recover.ipc,
+            'student': config.student.to_dict(), 'temperature': config.evaluate.temperature,
+            'steps': config.continual.steps, 'epochs_per_step': config.continual.epochs_per_step,
+            'class_order': order, 'step_classes': groups, 'classes_seen': classes_seen,
+            'protocol': 'student carried over between steps (params, batch_stats); fresh '
+                        'optimiser and cosine schedule per step; soft labels and predictions '
+                        'restricted to the seen classes',
+            'test_top1_unit': 'fraction', 'sets': records, 'resumed_from_step': min(
+                resumed_from.values()), 'resumed_from_step_per_set': resumed_from,
+            'plot': plot, 'wall_seconds': time.time() - start_time}
+  result = checkpoint.write_result(stage_dir, result)
+  report.write(config, workdir)
+  return result
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -266,145 +443,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
   names = set_names(config)
   stage_dir = os.path.join(workdir, 'continual')
 
-  # Input: the image sets (names the missing stage if there is none) and the test split.
-  sets = {}
-  for name in names:
-    sets[name] = (image_sets.checked_distilled_set(config, workdir) if name == 'distilled'
-                  else image_sets.random_subset(config, config.recover.ipc))
+  sets = load_sets(config, workdir, names, spec)
   teacher_model, teacher = teacher_lib.load(config, workdir, mesh)
   teacher_key = {'teacher_sha256': teacher_lib.digest(config, workdir, mesh)}
   test = pipeline.load_split(config.dataset, 'test')
-  for name, (images, labels) in sets.items():
-    absent = sorted(set(range(spec.num_classes)) - set(np.unique(labels).tolist()))
-    if absent:
-      raise ValueError(f'The {name} set has no images of classes {absent[:20]}; continual '
-                       f'needs every class of {spec.name}.')
-  for write in (False, True):  # every set's folder checked before any is claimed
-    for name, (images, _) in sets.items():
-      checkpoint.check_fingerprint(os.path.join(stage_dir, name),
-                                   fingerprints.record(
-                                       'continual', config, set=name, class_order=order,
-                                       images_sha256=label_store.images_digest(images)),
-                                   write=write)
-      # The teacher whose soft labels the students learnt (kept apart from the fingerprint,
-      # which continual folders written before teacher digests hold without it).
-      checkpoint.check_fingerprint(os.path.join(stage_dir, name), teacher_key, write=write,
-                                   name=teacher_store.KEY_FILE)
+  check_folders(config, stage_dir, sets, order, teacher_key)
   done = finished(workdir, config)
   if done is not None:
     logging.info('continual: finished already (%s); nothing to do.', done.get('measured_at'))
     return done
 
-  # Model, optimiser (one, re-initialised at every class step), steps.
-  model = models.create_model(config.student, spec.num_classes)
-  tx = create_optimizer(config)
-  replicated = batching.replicated(mesh)
-  initial = train_lib.create_train_state(model, tx, spec.image_shape,
-                                         rngs.key(config.seed), mesh)
-  template = {'params': initial.params, 'batch_stats': initial.batch_stats}
-  # The copy keeps the step's buffer donation from consuming `variables` (jit forwards
-  # unchanged inputs to its outputs).
-  fresh_state = jax.jit(
-      lambda v: train_lib.TrainState.create(
-          apply_fn=model.apply, tx=tx, params=jax.tree_util.tree_map(jnp.copy, v['params']),
-          batch_stats=jax.tree_util.tree_map(jnp.copy, v['batch_stats'])),
-      out_shardings=replicated)
-  step_fn = student.create_stacked_continual_step(config, spec, teacher_model, mesh)
-  eval_fn = student.create_stacked_eval_step(model, spec, mesh, student.stack_mode(config))
-  stack_states = jax.jit(student.stack, out_shardings=replicated)
-
-  # Resume: every set continues after its last finished class step.
-  managers, records, variables = {}, {}, {}
-  for name in names:
-    managers[name] = checkpoint.create_manager(os.path.join(stage_dir, name, 'checkpoints'))
-    path = os.path.join(stage_dir, name, 'steps.json')
-    records[name] = files.read_json(path) if files.exists(path) else _empty_record()
-    done = len(records[name]['test_top1'])
-    for extra in [s for s in managers[name].all_steps() if s > done]:
-      managers[name].delete(extra)  # saved, but killed before steps.json recorded it
-    if done:
-      if done not in managers[name].all_steps():
-        raise checkpoint.ConfigMismatchError(
-            f'{path} records {done} finished steps but their checkpoint is missing; remove '
-            f'{os.path.join(stage_dir, name)} to start this set again.')
-      variables[name] = managers[name].restore(done, args=ocp.args.StandardRestore(
-          train_lib.with_sharding(template, replicated)))
-      logging.info('continual: %s resumed after step %d', name, done)
-    else:
-      variables[name] = template
+  students = create_students(config, stage_dir, names, spec, mesh, teacher_model)
+  records = students.records
   resumed_from = {name: len(records[name]['test_top1']) for name in names}
-
-  # Metrics: one writer (TensorBoard run, metrics.jsonl) per set; steps count every
-  # iteration of every class step so far.
-  writers = {}
-  for name in names:
-    writers[name] = train_lib.create_writer(os.path.join(stage_dir, name))
-    writers[name].write_hparams(student.hparams(config, **{'continual.set': name}),
-                               metrics=('test_top1',))
-
-  # Loop: class steps; the sets that still need a step train together (one stacked step).
+  # Class steps; the sets that still need a step train together (one stacked step).
   for k in range(config.continual.steps):
     seen = seen_classes(groups, k)
-    mask = class_mask(seen, spec.num_classes)
-    test_k = pipeline.InMemorySplit(*seen_subset(*test.arrays(), seen))
+    class_step = ClassStep(k, config.continual.steps, seen, class_mask(seen, spec.num_classes),
+                           pipeline.InMemorySplit(*seen_subset(*test.arrays(), seen)))
     todo = [name for name in names if len(records[name]['test_top1']) <= k]
     subsets = {name: seen_subset(*sets[name], seen) for name in todo}
     for stack in together(config, todo, {n: len(subsets[n][0]) for n in todo}):
-      step_start = time.time()
-      count = len(subsets[stack[0]][0])
-      schedule = step_schedule(config, count, k, mesh.size)
-      states = stack_states([fresh_state(variables[name]) for name in stack])
-      offset = sum(records[stack[0]]['iterations'])
-      stack_writers = student.StudentWriters([writers[n] for n in stack], step_offset=offset)
-      states, losses = train_class_step(
-          config, step_fn, states, [subsets[n] for n in stack], mask, schedule, teacher, mesh,
-          f'{", ".join(stack)} step {k + 1}/{config.continual.steps}', stack_writers)
-      tops = student.stacked_top1(
-          eval_fn, {'params': states.params, 'batch_stats': states.batch_stats}, test_k,
-          config.evaluate.eval_batch_size, mesh, class_mask=mask)
-      for i, name in enumerate(stack):
-        state = student.unstack(states, i)
-        variables[name] = {'params': state.params, 'batch_stats': state.batch_stats}
-        if not train_lib.all_finite(variables[name]):  # never saved: the last good step stays
-          raise train_lib.DivergedError(
-              f'continual {name} step {k + 1} diverged (a parameter stopped being finite). '
-              f'Lower evaluate.lr (now {config.evaluate.lr}) and re-run with a new --workdir.')
-        managers[name].save(k + 1, args=ocp.args.StandardSave(variables[name]))
-      for i, name in enumerate(stack):
-        managers[name].wait_until_finished()
-        top1 = float(tops[i])
-        record = records[name]
-        for key, value in (('test_top1', top1), ('train_images', count),
-                           ('test_images', test_k.num_examples),
-                           ('iterations', schedule.total_steps), ('loss', losses[i]),
-                           ('seconds', time.time() - step_start)):
-          record[key].append(value)
-        files.write_json(os.path.join(stage_dir, name, 'steps.json'), record)
-        writers[name].write_scalars(offset + schedule.total_steps,
-                                    {'test_top1': top1, 'classes_seen': len(seen)})
-        logging.info('continual: %s step %d/%d, %d classes, %d images: top-1 %.4f', name,
-                     k + 1, config.continual.steps, len(seen), count, top1)
+      train_stack(config, students, stack, subsets, class_step, teacher, mesh, stage_dir)
     files.write_json(os.path.join(stage_dir, PROGRESS), {'finished_steps': k + 1})
-  for writer in writers.values():
+  for writer in students.writers.values():
     writer.close()
-  for manager in managers.values():
+  for manager in students.managers.values():
     manager.close()
-
-  classes_seen = [len(seen_classes(groups, k)) for k in range(len(groups))]
-  plot = files.absolute(os.path.join(stage_dir, 'accuracy.png'))
-  if jax.process_index() == 0:
-    write_plot(plot, classes_seen, {n: records[n]['test_top1'] for n in names},
-               f'{spec.name}, IPC {config.recover.ipc}: {len(groups)} class-incremental steps')
-  result = {'stage': 'continual', 'dataset': spec.name, 'ipc': config.recover.ipc,
-            'student': config.student.to_dict(), 'temperature': config.evaluate.temperature,
-            'steps': config.continual.steps, 'epochs_per_step': config.continual.epochs_per_step,
-            'class_order': order, 'step_classes': groups, 'classes_seen': classes_seen,
-            'protocol': 'student carried over between steps (params, batch_stats); fresh '
-                        'optimiser and cosine schedule per step; soft labels and predictions '
-                        'restricted to the seen classes',
-            'test_top1_unit': 'fraction', 'sets': records, 'resumed_from_step': min(
-                resumed_from.values()), 'resumed_from_step_per_set': resumed_from,
-            'plot': plot, 'wall_seconds': time.time() - start_time}
-  result = checkpoint.write_result(stage_dir, result)
-  report.write(config, workdir)
-  return result
+  return write_outputs(config, workdir, records, order, groups, spec, resumed_from,
+                       start_time)

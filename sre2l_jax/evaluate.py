@@ -8,7 +8,7 @@ Students differ by their initialisation seed. Top-1 is measured on the real test
 Students are trained together: every student of one architecture whose variant has the same
 label kind and set size (all seeds, the distilled set and the random subset alike) is one
 member of a stack, a `TrainState` with a leading student axis, trained by one compiled step
-(`student.stacked_student_step`): the views of a batch depend on `config.seed`, not on the
+(`student.create_student_step`): the views of a batch depend on `config.seed`, not on the
 student, so they and the teacher's soft labels on them are computed once per image set and
 shared by all its students. `evaluate.stack_students` caps a stack's size (1: one by one).
 A stack's resumable state lives in `evaluate/stacks/<digest of its members>/checkpoints`
@@ -30,10 +30,12 @@ settings.
 import dataclasses
 import os
 import time
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -46,6 +48,7 @@ from sre2l_jax import fingerprints
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import memory
+from sre2l_jax import metric_writers
 from sre2l_jax import models
 from sre2l_jax import report
 from sre2l_jax import rngs
@@ -151,112 +154,169 @@ def stack_dir(workdir: str, members) -> str:
   return os.path.join(workdir, 'evaluate', 'stacks', fingerprints.digest({'students': names}, 10))
 
 
+@dataclasses.dataclass(eq=False)
+class Stack:
+  """Students trained together ((Variant, seed) pairs of one architecture, label kind and
+  set size) and what they share: schedule, model, optimiser, the folder of their state."""
+  members: list
+  directory: str
+  schedule: views.Schedule
+  model: Any
+  lr_schedule: optax.Schedule
+  tx: optax.GradientTransformation
+
+  @property
+  def sets(self) -> list[Variant]:
+    """The image sets, in order (a set's seeds share it)."""
+    return list(dict.fromkeys(v for v, _ in self.members))
+
+  @property
+  def set_index(self) -> tuple[int, ...]:
+    sets = self.sets
+    return tuple(sets.index(v) for v, _ in self.members)
+
+  @property
+  def first(self) -> Variant:
+    return self.members[0][0]
+
+
+def create_stack(config, workdir: str, members, spec) -> Stack:
+  schedule = views.create_schedule(config, len(members[0][0].images))
+  lr_schedule = train_lib.student_schedule(config.evaluate, schedule.total_steps)
+  return Stack(members, stack_dir(workdir, members), schedule,
+               models.create_model(members[0][0].student_cfg, spec.num_classes),
+               lr_schedule, train_lib.create_optimizer(config.evaluate, lr_schedule))
+
+
+def restore_or_init(config, workdir: str, stack: Stack, spec, mesh):
+  """(manager, stacked state, start step): the stack's latest checkpoint, or every member
+  initialised exactly as a student trained alone, then stacked."""
+  members, total = stack.members, stack.schedule.total_steps
+  checkpoint.check_fingerprint(stack.directory, {
+      'students': [[os.path.relpath(v.directory, workdir), seed] for v, seed in members],
+      'settings': [v.settings for v in stack.sets]})
+  every = max(1, config.evaluate.checkpoint_every_epochs) * stack.schedule.steps_per_epoch
+  manager = checkpoint.create_manager(os.path.join(stack.directory, 'checkpoints'),
+                                      save_interval_steps=every, final_step=total)
+  replicated = batching.replicated(mesh)
+  one = train_lib.abstract_train_state(stack.model, stack.tx, spec.image_shape, mesh)
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((len(members),) + x.shape, x.dtype, sharding=replicated),
+      one)
+
+  def init():
+    states = [train_lib.create_train_state(stack.model, stack.tx, spec.image_shape,
+                                           rngs.key(seed), mesh) for _, seed in members]
+    return jax.jit(student.stack, out_shardings=replicated)(states)
+  return (manager, *train_lib.restore_or_init(manager, abstract, init))
+
+
+def create_step(config, stack: Stack, spec, mesh, teacher_model, teacher, state):
+  """(state, step) -> (state, metrics): the stack's compiled step on its batch of `step`,
+  checked to fit the devices' memory (at `state`'s shapes)."""
+  target, schedule = stack.first.target, stack.schedule
+  step = student.create_student_step(config, spec, teacher_model, mesh, target,
+                                     stack.set_index)
+  stored = [v.stored for v in stack.sets] if target == 'stored' else None
+  batch = student.batch_fn(schedule, [(v.images, v.labels) for v in stack.sets], mesh, stored)
+  teacher_arg = teacher if target == 'online' else None
+  memory.check_step_fits(
+      step, lambda: (state, *batch(1)[:3], schedule.view_key(0, 0), teacher_arg),
+      config.device_memory_gb, f'The student step of {len(stack.members)} student(s) trained '
+      f'together at relabel.batch_size={schedule.batch_size} (lower evaluate.stack_students, '
+      f'now {config.evaluate.stack_students}, or relabel.batch_size, or use more devices)')
+
+  def step_fn(state, s):
+    images_s, labels_s, stored_s, key = batch(s)
+    return step(state, images_s, labels_s, stored_s, key, teacher_arg)
+  return step_fn
+
+
+def create_writers(config, stack: Stack) -> metric_writers.StudentWriters:
+  """One writer per member, in its seed folder, its hparams written."""
+  writers = metric_writers.StudentWriters(
+      train_lib.create_writer(v.seed_dir(seed)) for v, seed in stack.members)
+  for (v, seed), writer in zip(stack.members, writers.writers):
+    writer.write_hparams(metric_writers.hparams(
+        config, **{'evaluate.variant': v.name, 'student.seed': seed,
+                   'student.name': v.arch}), metrics=('test_top1',))
+  return writers
+
+
 def train_stack(config, workdir, members, ctx, teacher_model, teacher, test) -> list[dict]:
   """Trains the students `members` ((Variant, seed) pairs of one architecture, label kind
   and set size) together, resumable; writes and returns each one's result."""
   spec, mesh = ctx.spec, ctx.mesh
-  sets = list(dict.fromkeys(v for v, _ in members))  # the image sets, in order
-  set_index = tuple(sets.index(v) for v, _ in members)
-  first = sets[0]
-  count = len(members)
-  schedule = views.create_schedule(config, len(first.images))
-  model = models.create_model(first.student_cfg, spec.num_classes)
-  total = schedule.total_steps
-  lr_schedule = train_lib.student_schedule(config.evaluate, total)
-  tx = train_lib.create_optimizer(config.evaluate, lr_schedule)
-  every = max(1, config.evaluate.checkpoint_every_epochs) * schedule.steps_per_epoch
-  directory = stack_dir(workdir, members)
-  checkpoint.check_fingerprint(directory, {
-      'students': [[os.path.relpath(v.directory, workdir), seed] for v, seed in members],
-      'settings': [v.settings for v in sets]})
-  manager = checkpoint.create_manager(os.path.join(directory, 'checkpoints'),
-                                      save_interval_steps=every, final_step=total)
-  replicated = batching.replicated(mesh)
-  one = train_lib.abstract_train_state(model, tx, spec.image_shape, mesh)
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct((count,) + x.shape, x.dtype, sharding=replicated), one)
-
-  def init():
-    # Each member initialised exactly as a student trained alone, then stacked.
-    states = [train_lib.create_train_state(model, tx, spec.image_shape, rngs.key(seed), mesh)
-              for _, seed in members]
-    return jax.jit(student.stack, out_shardings=replicated)(states)
-
-  state, start = train_lib.restore_or_init(manager, abstract, init)
-  step = student.create_stacked_student_step(config, spec, teacher_model, mesh, first.target,
-                                             set_index)
-  stored = [v.stored for v in sets] if first.target == 'stored' else None
-  batch = student.stacked_batch_fn(schedule, [(v.images, v.labels) for v in sets], mesh,
-                                   stored)
-  teacher_arg = teacher if first.target == 'online' else None
-  memory.check_step_fits(
-      step, lambda: (state, *batch(1)[:3], schedule.view_key(0, 0), teacher_arg),
-      config.device_memory_gb, f'The student step of {count} student(s) trained together at '
-      f'relabel.batch_size={schedule.batch_size} (lower evaluate.stack_students, now '
-      f'{config.evaluate.stack_students}, or relabel.batch_size, or use more devices)')
-
-  names = ', '.join(f'{v.name} seed {seed}' for v, seed in members)
-  log_name = f'evaluate {first.arch} ({names})'
-  writers = student.StudentWriters(
-      train_lib.create_writer(v.seed_dir(seed)) for v, seed in members)
-  for (v, seed), writer in zip(members, writers.writers):
-    writer.write_hparams(student.hparams(
-        config, **{'evaluate.variant': v.name, 'student.seed': seed, 'student.name': first.arch}),
-                         metrics=('test_top1',))
-  eval_step = student.create_stacked_eval_step(model, spec, mesh, student.stack_mode(config))
+  stack = create_stack(config, workdir, members, spec)
+  schedule, total = stack.schedule, stack.schedule.total_steps
+  manager, state, start = restore_or_init(config, workdir, stack, spec, mesh)
+  step_fn = create_step(config, stack, spec, mesh, teacher_model, teacher, state)
+  writers = create_writers(config, stack)
+  eval_step = student.create_eval_step(stack.model, spec, mesh, student.stack_mode(config))
   eval_every = config.evaluate.eval_every_epochs * schedule.steps_per_epoch
 
   def test_top1(state):
-    return student.stacked_top1(eval_step, {'params': train_lib.eval_params(state),
-                                            'batch_stats': state.batch_stats},
-                                test, config.evaluate.eval_batch_size, mesh)
+    return student.top1(eval_step, {'params': train_lib.eval_params(state),
+                                    'batch_stats': state.batch_stats},
+                        test, config.evaluate.eval_batch_size, mesh)
 
   def after_step(state, s):
     if eval_every and s % eval_every == 0 and s < total:
       for writer, acc in zip(writers.writers, test_top1(state)):
         writer.write_scalars(s, {'test_top1': float(acc)})
 
+  names = ', '.join(f'{v.name} seed {seed}' for v, seed in members)
   loop = train_lib.Loop(
-      name=log_name, total_steps=total, log_every=config.evaluate.log_every_steps,
-      manager=manager, writer=writers, examples_per_step=schedule.batch_size,
-      throughput_name='images_per_second', show=tuple(f'loss_{i:02d}' for i in range(count)),
-      schedule=lambda s: lr_schedule(s - 1),  # step s (1-based) applies lr_schedule(s - 1)
+      name=f'evaluate {stack.first.arch} ({names})', total_steps=total,
+      log_every=config.evaluate.log_every_steps, manager=manager, writer=writers,
+      examples_per_step=schedule.batch_size, throughput_name='images_per_second',
+      show=('loss',), schedule=lambda s: stack.lr_schedule(s - 1),  # step s applies lr(s - 1)
       knobs=f'evaluate.lr (now {config.evaluate.lr})',
       rerun='re-run (students of other settings get their own folder)')
   start_time = time.time()
-
-  def step_fn(state, s):
-    images_s, labels_s, stored_s, key = batch(s)
-    return step(state, images_s, labels_s, stored_s, key, teacher_arg)
-
   state, _ = train_lib.run_loop(loop, state, start, step_fn, after_step)
   manager.close()
   accs = test_top1(state)
   wall = time.time() - start_time
   # Every finished student first (its state in its own folder), then the results that mark
   # them finished: a kill in between re-trains the stack's members still without a result.
-  for i, (v, seed) in enumerate(members):
+  save_students(stack, state)
+  results = write_results(stack, accs, writers, {'wall_seconds': wall,
+                                                 'resumed_from_step': start})
+  writers.close()
+  if jax.process_index() == 0:
+    epath.Path(stack.directory).rmtree()  # every member's result is written: the stack is done
+  return results
+
+
+def save_students(stack: Stack, state) -> None:
+  """Each member's final state in its own seed folder."""
+  total = stack.schedule.total_steps
+  for i, (v, seed) in enumerate(stack.members):
     seed_manager = checkpoint.create_manager(os.path.join(v.seed_dir(seed), 'checkpoints'))
     if total in seed_manager.all_steps():  # saved by a run killed before the results
       seed_manager.delete(total)
     seed_manager.save(total, args=ocp.args.StandardSave(student.unstack(state, i)))
     seed_manager.wait_until_finished()
     seed_manager.close()
+
+
+def write_results(stack: Stack, accs, writers, measured: dict) -> list[dict]:
+  """Each member's result.json (its test top-1 `accs[i]`, with `measured`: wall seconds,
+  resumed step), which marks it finished; returns them."""
+  schedule, total = stack.schedule, stack.schedule.total_steps
   results = []
-  for i, (v, seed) in enumerate(members):
+  for i, (v, seed) in enumerate(stack.members):
     writers.writers[i].write_scalars(total, {'test_top1': float(accs[i])})
     result = {'variant': v.name, 'seed': seed, 'test_top1': float(accs[i]), 'steps': total,
               'epochs': schedule.epochs, 'batch_size': schedule.batch_size,
-              'labels': v.target, 'wall_seconds': wall, 'resumed_from_step': start,
-              'student': v.student_cfg.to_dict(), 'trained_with': count}
+              'labels': v.target, **measured,
+              'student': v.student_cfg.to_dict(), 'trained_with': len(stack.members)}
     if v.stored is not None:
       result['label_storage'] = v.stored.manifest['storage'] + (
           f' (k={v.stored.manifest["topk"]})' if v.stored.manifest.get('topk') else '')
     results.append(checkpoint.write_result(v.seed_dir(seed), result))
-    logging.info('evaluate: %s %s seed %d test top-1 %.4f', first.arch, v.name, seed, accs[i])
-  writers.close()
-  if jax.process_index() == 0:
-    epath.Path(directory).rmtree()  # every member's result is written: the stack is done
+    logging.info('evaluate: %s %s seed %d test top-1 %.4f', v.arch, v.name, seed, accs[i])
   return results
 
 
@@ -305,6 +365,61 @@ def stacks(config, plan: list[Variant]) -> list[list[tuple[Variant, int]]]:
   return student.split_stacks(groups.values(), config.evaluate.stack_students)
 
 
+def plan_students(config, workdir: str, sets: dict, mesh, teacher_digest: str) -> list[Variant]:
+  """Every student family (variant x architecture) of `sets` ({set: (images, labels)}),
+  every input checked before any student trains: sizes, every stored label shard, every
+  folder's fingerprint (all checked before any is claimed)."""
+  plan, student_cfgs = [], student_configs(config)
+  for name, set_name, hard in variants(config):
+    images, labels = sets[set_name]
+    schedule = views.create_schedule(config, len(images))
+    batching.check_batch_size(schedule.batch_size, mesh, 'relabel.batch_size (student batch)')
+    target = 'hard' if hard else config.relabel.mode
+    stored = None
+    if target == 'stored':
+      stored = label_store.StoredLabels.open(
+          label_store.label_dir(config, workdir, set_name), images, schedule,
+          config.evaluate.temperature, views.view_settings(config.relabel),
+          teacher_digest).verify()
+    for arch, student_cfg in student_cfgs:
+      settings = student_settings(config, hard, images, student_cfg)
+      plan.append(Variant(name, arch, student_cfg, images, labels, target, stored,
+                          settings, variant_dir(workdir, name, settings,
+                                                config.evaluate.full_data_dir)))
+  for write in (False, True):  # every folder checked before any is claimed
+    for v in plan:
+      checkpoint.check_fingerprint(v.directory, v.settings, write=write)
+      # The teacher whose labels the students learnt (apart: the folder names predate it).
+      if v.target != 'hard':
+        checkpoint.check_fingerprint(v.directory, {'teacher_sha256': teacher_digest},
+                                     write=write, name=teacher_store.KEY_FILE)
+  return plan
+
+
+def summarise(config, workdir: str, plan: list[Variant], spec) -> dict:
+  """evaluate/result.json's content (without its measurements): every variant's mean, std
+  and per-seed top-1 over its finished students, per architecture."""
+  architectures = {}
+  for v in plan:
+    runs = [checkpoint.finished_result(v.seed_dir(seed)) for seed in range(config.evaluate.seeds)]
+    accs = np.asarray([r['test_top1'] for r in runs])
+    architectures.setdefault(v.arch, {})[v.name] = {
+        'test_top1_mean': float(accs.mean()), 'test_top1_std': float(accs.std()),
+        'test_top1': accs.tolist(), 'seeds': len(runs), 'labels': runs[0]['labels'],
+        'label_storage': runs[0].get('label_storage'), 'images': int(len(v.images)),
+        'steps': runs[0]['steps'], 'dir': os.path.relpath(v.directory, workdir)}
+  first_arch, first = student_configs(config)[0]
+  result = {'stage': 'evaluate', 'dataset': spec.name, 'ipc': config.recover.ipc,
+            'student': first.to_dict(), 'temperature': config.evaluate.temperature,
+            'test_top1_unit': 'fraction', 'variants': architectures[first_arch],
+            # Every student architecture (`evaluate.students`): {arch: {variant: row}}, rows
+            # as in 'variants' (which is the first architecture's).
+            'architectures': architectures}
+  if config.evaluate.images_dir:  # the distilled set evaluated: a folder made elsewhere
+    result['images_dir'] = config.evaluate.images_dir
+  return result
+
+
 def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
   """evaluate/result.json if it has a row for every variant and student architecture of
   `config`, each with all `evaluate.seeds` students finished in its folder; else None.
@@ -338,57 +453,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
   if 'full_data' in config.evaluate.baselines:  # hard labels only: relabel never sees it
     sets['full'] = image_sets.full_data(config)
   test = pipeline.load_split(config.dataset, 'test')
-
-  # Every input is checked before any student trains: sizes, and every stored label shard.
-  plan = []
-  student_cfgs = student_configs(config)
-  for name, set_name, hard in variants(config):
-    images, labels = sets[set_name]
-    schedule = views.create_schedule(config, len(images))
-    batching.check_batch_size(schedule.batch_size, mesh, 'relabel.batch_size (student batch)')
-    target = 'hard' if hard else config.relabel.mode
-    stored = None
-    if target == 'stored':
-      stored = label_store.StoredLabels.open(
-          label_store.label_dir(config, workdir, set_name), images, schedule,
-          config.evaluate.temperature, views.view_settings(config.relabel),
-          teacher_digest).verify()
-    for arch, student_cfg in student_cfgs:
-      settings = student_settings(config, hard, images, student_cfg)
-      plan.append(Variant(name, arch, student_cfg, images, labels, target, stored,
-                          settings, variant_dir(workdir, name, settings,
-                                                config.evaluate.full_data_dir)))
-  for write in (False, True):  # every folder checked before any is claimed
-    for v in plan:
-      checkpoint.check_fingerprint(v.directory, v.settings, write=write)
-      # The teacher whose labels the students learnt (apart: the folder names predate it).
-      if v.target != 'hard':
-        checkpoint.check_fingerprint(v.directory, {'teacher_sha256': teacher_digest},
-                                     write=write, name=teacher_store.KEY_FILE)
+  plan = plan_students(config, workdir, sets, mesh, teacher_digest)
 
   todo = stacks(config, plan)
   trained = sum(len(members) for members in todo)
   for members in todo:
     train_stack(config, workdir, members, ctx, teacher_model, teacher, test)
 
-  architectures = {}
-  for v in plan:
-    runs = [checkpoint.finished_result(v.seed_dir(seed)) for seed in range(config.evaluate.seeds)]
-    accs = np.asarray([r['test_top1'] for r in runs])
-    architectures.setdefault(v.arch, {})[v.name] = {
-        'test_top1_mean': float(accs.mean()), 'test_top1_std': float(accs.std()),
-        'test_top1': accs.tolist(), 'seeds': len(runs), 'labels': runs[0]['labels'],
-        'label_storage': runs[0].get('label_storage'), 'images': int(len(v.images)),
-        'steps': runs[0]['steps'], 'dir': os.path.relpath(v.directory, workdir)}
-  first_arch, first = student_cfgs[0]
-  result = {'stage': 'evaluate', 'dataset': spec.name, 'ipc': config.recover.ipc,
-            'student': first.to_dict(), 'temperature': config.evaluate.temperature,
-            'test_top1_unit': 'fraction', 'variants': architectures[first_arch],
-            # Every student architecture (`evaluate.students`): {arch: {variant: row}}, rows
-            # as in 'variants' (which is the first architecture's).
-            'architectures': architectures}
-  if config.evaluate.images_dir:  # the distilled set evaluated: a folder made elsewhere
-    result['images_dir'] = config.evaluate.images_dir
+  result = summarise(config, workdir, plan, spec)
   stage_dir = os.path.join(workdir, 'evaluate')
   old = checkpoint.finished_result(stage_dir)
   if trained or old is None or {k: old.get(k) for k in result} != files.normalised(result):

@@ -37,7 +37,7 @@ import numpy as np
 
 from sre2l_jax import files
 from sre2l_jax import image_sets
-from sre2l_jax import student
+from sre2l_jax import label_store
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
@@ -61,7 +61,7 @@ def write_fkd(out: str, images: np.ndarray, schedule: views.Schedule, cfg, spec,
               teacher_logits, mesh, *, float16: bool = False) -> dict:
   """Writes every batch of `schedule` over `images` (uint8 (N, H, W, C)) under `out` (see
   the module docstring). cfg: the relabel config; teacher_logits: jitted views -> logits
-  (`student.create_teacher_logits`). Returns batches.json's content."""
+  (`label_store.create_teacher_logits`). Returns batches.json's content."""
   import torch  # pylint: disable=g-import-not-at-top  # optional dependency
 
   height, width = images.shape[1:3]
@@ -101,7 +101,7 @@ def export(workdir: str, out: str, *, float16: bool = False) -> dict:
   batching.check_batch_size(schedule.batch_size, mesh, 'relabel.batch_size')
   model, teacher = teacher_lib.load(config, workdir, mesh)
   return write_fkd(out, images, schedule, config.relabel, spec,
-                   student.create_teacher_logits(model, teacher, mesh), mesh, float16=float16)
+                   label_store.create_teacher_logits(model, teacher, mesh), mesh, float16=float16)
 
 
 def main(argv: list[str] | None = None) -> None:

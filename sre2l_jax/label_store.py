@@ -7,6 +7,7 @@ schedule, view settings, storage, temperature; the shards with their SHA-256) an
 images or settings, and `verify` checks every shard before a student trains on them.
 """
 
+import functools
 import hashlib
 import io
 import os
@@ -58,6 +59,20 @@ def validate(cfg) -> None:
     raise ValueError(f'relabel.topk={cfg.topk} must be positive.')
   if not 0 < cfg.epochs_per_shard:
     raise ValueError(f'relabel.epochs_per_shard={cfg.epochs_per_shard} must be positive.')
+
+
+def teacher_logits(teacher, images, *, model):
+  """The frozen teacher's logits (B, C) on normalised images (B, H, W, C)."""
+  return model.apply(teacher, images, train=False)
+
+
+def create_teacher_logits(model, teacher, mesh):
+  """Jitted views (B, H, W, C) sharded on 'data' -> the teacher's logits (B, C) replicated
+  (what `write_labels` stores); the teacher is an argument, not a constant."""
+  fn = jax.jit(functools.partial(teacher_logits, model=model),
+               in_shardings=(batching.replicated(mesh), batching.data_sharding(mesh)),
+               out_shardings=batching.replicated(mesh))
+  return functools.partial(fn, teacher)
 
 
 def compress(logits: np.ndarray, storage: str, topk: int, temperature: float) -> dict:

@@ -77,6 +77,12 @@ def flatten(tree: Mapping, prefix: str = '') -> dict:
   return out
 
 
+def hparams(config, **extra) -> dict:
+  """A resolved config (a ConfigDict) flattened to {'section.key': scalar} (`flatten`), plus
+  `extra` (TensorBoard's hparams take scalars only)."""
+  return {**flatten(config.to_dict()), **extra}
+
+
 def _float(value) -> float:
   return float(np.asarray(value).reshape(()))
 
@@ -134,6 +140,18 @@ class MultiWriter:
   def __init__(self, writers):
     self.writers = list(writers)
 
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Scalars as they are; a vector metric (no names given, `train_lib.Loop.vector_names`)
+    as <name>_00, <name>_01, ... (files and TensorBoard hold scalars only)."""
+    named = {}
+    for key, value in scalars.items():
+      if np.ndim(value):
+        named |= {f'{key}_{i:02d}': float(v) for i, v in enumerate(np.ravel(value))}
+      else:
+        named[key] = value
+    for writer in self.writers:
+      writer.write_scalars(step, named)
+
   def __getattr__(self, name):
     if not name.startswith('write_') and name not in ('flush', 'close'):
       raise AttributeError(name)
@@ -174,6 +192,31 @@ class JsonlWriter:
 
   def close(self) -> None:
     self.file.close()
+
+
+class StudentWriters:
+  """One metric writer per stacked student behind the writer interface `train_lib.run_loop`
+  uses: a metric with a leading student axis (shape (M,), e.g. the loss of a stacked step)
+  goes entry i to student i's writer under its own name; a scalar (lr, throughput) goes to
+  every writer. `writers[i].write_scalars` writes to one student alone."""
+
+  def __init__(self, writers, step_offset: int = 0):
+    self.writers = list(writers)
+    self.step_offset = step_offset  # added to every step (continual: earlier class steps)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    step += self.step_offset
+    shared = {k: v for k, v in scalars.items() if not np.ndim(v)}
+    for i, writer in enumerate(self.writers):
+      own = {k: float(np.asarray(v)[i]) for k, v in scalars.items() if np.ndim(v)}
+      writer.write_scalars(step, {**shared, **own})
+
+  def __getattr__(self, name):
+    """write_hparams, write_texts, flush, close, ...: every writer's, in turn."""
+    def call(*args, **kwargs):
+      for writer in self.writers:
+        getattr(writer, name)(*args, **kwargs)
+    return call
 
 
 def _tensorboardx():
@@ -311,7 +354,8 @@ class Progress:
 
   def line(self, step: int, scalars: Mapping[str, float]) -> str:
     rate = self.rate(step)
-    values = ' '.join(f'{k} {scalars[k]:.4g}' for k in self.show if k in scalars)
+    values = ' '.join(f'{k} {" ".join(f"{v:.4g}" for v in np.ravel(scalars[k]))}'
+                      for k in self.show if k in scalars)  # a stack's metric: one per student
     speed = f'{rate:.3g} steps/s' if math.isfinite(rate) else '? steps/s'
     return (f'{self.name}: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)'
             f'{" " + values if values else ""} | {speed} | ETA '

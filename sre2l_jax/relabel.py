@@ -22,7 +22,6 @@ from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
-from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import train_lib
 from sre2l_jax import views
@@ -90,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
   if config.relabel.mode == 'stored':
     model, teacher = teacher_lib.load(config, workdir, mesh)
     teacher_digest = teacher_lib.digest(config, workdir, mesh)
-    logits_fn = student.create_teacher_logits(model, teacher, mesh)
+    logits_fn = label_store.create_teacher_logits(model, teacher, mesh)
     for name, (images, _) in sets.items():
       schedule = views.create_schedule(config, len(images))
       batching.check_batch_size(schedule.batch_size, mesh, 'relabel.batch_size')

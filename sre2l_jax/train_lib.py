@@ -312,7 +312,8 @@ def restore_or_init(manager: ocp.CheckpointManager | None, abstract_state, init_
 
 def _scalars(history: list[dict], prefix: str, vector_names: dict | None = None) -> dict:
   """Host metric history -> {name: mean}; the entries of a vector metric take their names
-  from `vector_names[key]` when it names them all, else name_00, name_01, ..."""
+  from `vector_names[key]` when it names them all, else it stays one array (a stacked
+  step's, one entry per student: `metric_writers.StudentWriters`)."""
   out = {}
   for key in history[0]:
     if key == 'finite':
@@ -321,8 +322,8 @@ def _scalars(history: list[dict], prefix: str, vector_names: dict | None = None)
     names = (vector_names or {}).get(key)
     if np.ndim(mean) and names is not None and len(names) == np.size(mean):
       out |= {f'{prefix}{n}': float(v) for n, v in zip(names, np.ravel(mean))}
-    elif np.ndim(mean):
-      out |= {f'{prefix}{key}_{i:02d}': float(v) for i, v in enumerate(mean)}
+    elif np.ndim(mean):  # per member of a stack: the writer splits it
+      out[f'{prefix}{key}'] = mean
     else:
       out[f'{prefix}{key}'] = float(mean)
   return out

@@ -27,6 +27,7 @@ from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
+import student_reference
 import testlib
 
 FASHION = datasets.get_spec('fashion_mnist')
@@ -79,7 +80,7 @@ def reference_run(inputs_workdir, fashion_mnist_tfds, tmp_path_factory):
   config = fashion_config(fashion_mnist_tfds)
   workdir = copy_inputs(inputs_workdir, tmp_path_factory.mktemp('reference'))
   calls = []
-  create_step_fn = student.create_stacked_continual_step
+  create_step_fn = student.create_continual_step
 
   def spying_create_step_fn(*args, **kwargs):
     step_fn = create_step_fn(*args, **kwargs)
@@ -95,7 +96,7 @@ def reference_run(inputs_workdir, fashion_mnist_tfds, tmp_path_factory):
     return spy
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(student, 'create_stacked_continual_step', spying_create_step_fn)
+    patch.setattr(student, 'create_continual_step', spying_create_step_fn)
     result = testlib.run_stage(continual, config, workdir)
   return dict(config=config, workdir=workdir, result=result, calls=calls)
 
@@ -184,7 +185,7 @@ def test_student_never_sees_unseen_classes(reference_run, inputs_workdir):
 def test_sets_together_equal_sets_alone(reference_run, inputs_workdir, fashion_mnist_tfds,
                                         tmp_path):
   """The reference trains both sets in one stacked step; here each set trains alone, with
-  the single-student step (`student.create_continual_step`) behind the stacked interface.
+  the single-student step (`student_reference.create_continual_step`) behind the stacked interface.
 
   The claim: the same students up to float32 rounding. Compared by what the students compute
   and by the parameters with a real gradient (`testlib.network_differences`): test top-1
@@ -206,7 +207,7 @@ def test_sets_together_equal_sets_alone(reference_run, inputs_workdir, fashion_m
   workdir = copy_inputs(inputs_workdir, tmp_path / 'alone')
 
   def alone_step(*args, **kwargs):
-    step = student.create_continual_step(*args, **kwargs)
+    step = student_reference.create_continual_step(*args, **kwargs)
 
     def fn(states, images, labels, key, teacher, mask, learning_rate):
       assert images.shape[0] == 1
@@ -216,7 +217,7 @@ def test_sets_together_equal_sets_alone(reference_run, inputs_workdir, fashion_m
     return fn
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(student, 'create_stacked_continual_step', alone_step)
+    patch.setattr(student, 'create_continual_step', alone_step)
     result = testlib.run_stage(continual, config, workdir)
   steps = config.continual.steps
   model = models.create_model(config.student, FASHION.num_classes)

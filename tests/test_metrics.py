@@ -202,3 +202,30 @@ def test_progress_lines_0_prints_nothing(caplog):
   with caplog.at_level(logging.INFO):
     assert not any(progress.update(step, {'loss': 1.0}) for step in range(2, 11))
   assert not caplog.records
+
+
+def test_student_writers_split_a_stacks_metrics_by_student(tmp_path):
+  """A stacked loop's metric with a leading student axis goes entry i to student i's
+  writer under its own name, scalars to every writer; a plain writer names the entries
+  <name>_00, <name>_01 (no names given)."""
+  writers = metric_writers.StudentWriters(
+      [train_lib.create_writer(tmp_path / f's{i}') for i in range(2)], step_offset=10)
+  loop = train_lib.Loop(name='stack', total_steps=4, log_every=2, writer=writers,
+                        show=('loss',), progress_lines=0)
+
+  def step_fn(state, step):
+    return state, {'loss': jnp.array([1.0, 2.0]) * step}
+
+  _, result = train_lib.run_loop(loop, jnp.int32(0), 0, step_fn)
+  writers.close()
+  np.testing.assert_allclose(result.means['loss'], [2.5, 5.0])
+  for i in range(2):
+    records = metric_writers.read_metrics(tmp_path / f's{i}' / 'metrics.jsonl')
+    assert [r['step'] for r in records] == [12, 14]
+    assert [r['loss'] for r in records] == [1.5 * (i + 1), 3.5 * (i + 1)]
+    assert set(records[0]) == {'step', 'loss', 'examples_per_second'}
+  plain = train_lib.create_writer(tmp_path / 'plain')
+  plain.write_scalars(1, {'loss': np.array([1.0, 2.0]), 'lr': 0.5})
+  plain.close()
+  assert metric_writers.read_metrics(tmp_path / 'plain' / 'metrics.jsonl') == [
+      {'step': 1, 'loss_00': 1.0, 'loss_01': 2.0, 'lr': 0.5}]

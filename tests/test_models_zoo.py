@@ -66,16 +66,17 @@ def _train(name, devices, steps=2):
   model = _model(name)
   mesh = batching.create_mesh(devices)
   tx = train_lib.create_optimizer(config.evaluate, train_lib.warmup_cosine(0.05, 3))
-  state = train_lib.create_train_state(model, tx, spec.image_shape, jax.random.key(0), mesh)
+  state = student.stack(  # a stack of one student
+      [train_lib.create_train_state(model, tx, spec.image_shape, jax.random.key(0), mesh)])
   step = student.create_student_step(config, spec, None, mesh, 'hard')
-  sharded = batching.data_sharding(mesh)
+  sharded = student.stacked_sharding(mesh)
   losses = []
   for s in range(steps):
-    state, metrics = step(state, jax.device_put(images, sharded),
-                          jax.device_put(labels, sharded), None,
+    state, metrics = step(state, jax.device_put(images[None], sharded),
+                          jax.device_put(labels[None], sharded), None,
                           jax.random.fold_in(jax.random.key(2), s), None)
-    losses.append(float(metrics['loss']))
-  return losses, jax.device_get(state.params)
+    losses.append(float(metrics['loss'][0]))
+  return losses, jax.device_get(student.unstack(state.params, 0))
 
 
 @pytest.mark.parametrize('name', [n for n in ZOO if n not in ('convnet_in', 'resnet18_small')])

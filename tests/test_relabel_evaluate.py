@@ -26,7 +26,6 @@ from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import relabel
-from sre2l_jax import student
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import views
 from sre2l_jax.data import batching
@@ -266,7 +265,7 @@ def test_topk_labels_are_small_and_keep_the_top_probabilities(data, base_workdir
     directory = str(tmp_path / storage)
     manifests[storage] = label_store.write_labels(
         directory, images, schedule, cfg, SPEC,
-        student.create_teacher_logits(model, teacher, mesh), mesh, temperature)
+        label_store.create_teacher_logits(model, teacher, mesh), mesh, temperature)
     assert manifests[storage]['complete'] and len(manifests[storage]['shards']) == 1
     labels[storage] = label_store.StoredLabels.open(directory, images, schedule, temperature,
                                                 views.view_settings(cfg))

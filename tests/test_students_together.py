@@ -2,7 +2,7 @@
 alone, on 1 and 8 devices; a SIGKILLed stack resumes to the uninterrupted result; every student
 writes its own metrics; architectures listed in `evaluate.students` each get their students.
 
-The reference "alone" is the single-student step (`student.create_student_step`, the program
+The reference "alone" is the single-student step (`student_reference.create_student_step`, the program
 evaluate ran per student before stacking) driven here step by step, with the student's seed
 and the variant's image set. The teacher has random weights, the distilled set is noise (IPC
 2: 20 images, the random subset 20 real ones): distilled and random stack together, so one
@@ -40,6 +40,7 @@ from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
 
+import student_reference
 import testlib
 
 SPEC = datasets.get_spec('fashion_mnist')
@@ -91,8 +92,8 @@ def train_alone(config, workdir, set_name, seed, mesh):
   tx = train_lib.create_optimizer(config.evaluate,
                                   train_lib.student_schedule(config.evaluate, STEPS))
   state = train_lib.create_train_state(model, tx, SPEC.image_shape, rngs.key(seed), mesh)
-  step = student.create_student_step(config, SPEC, teacher_model, mesh, 'online')
-  batch = student.batch_fn(schedule, images, labels, mesh)
+  step = student_reference.create_student_step(config, SPEC, teacher_model, mesh, 'online')
+  batch = student_reference.batch_fn(schedule, images, labels, mesh)
   assert schedule.total_steps == STEPS
   for s in range(1, STEPS + 1):
     images_s, labels_s, stored_s, key = batch(s)
@@ -300,7 +301,7 @@ def test_continual_step_vmapped_equals_unrolled(data, base_workdir):
   out = {}
   for mode in ('unrolled', 'vmap'):
     config.evaluate.stack_mode = mode
-    step = student.create_stacked_continual_step(config, SPEC, teacher_model, mesh)
+    step = student.create_continual_step(config, SPEC, teacher_model, mesh)
     states = student.stack([train_lib.create_train_state(model, tx, SPEC.image_shape,
                                                          rngs.key(seed), mesh)
                             for seed in range(3)])
