@@ -49,6 +49,13 @@ EPOCHS = 3  # 20 images in batches of 8: 3 steps per epoch (one wraps), 9 steps
 STEPS = EPOCHS * 3
 SEEDS = 3
 PARAM_ATOL = 1e-5
+# EDC's student (MSE + CE on the soft labels, the parameters' moving average): rounding noise
+# in its small gradients goes through Adam's normalised steps (each up to evaluate.lr = 1e-3 in
+# the direction the noise points) and then into the average; measured: 4.8e-5 on a 2-core AMD
+# EPYC with AVX2 only (2026-12-06, the same at c0f06d5, so not a change's doing), under 1e-5
+# with AVX-512. A tenth of one Adam step: a wrong student (other labels, a mixed-up seed)
+# moves parameters by many steps and still fails.
+EDC_PARAM_ATOL = 1e-4
 TOP1_TOL = 1.5 / 64
 
 OVERRIDES = {'teacher.width': 4, 'student.width': 4, 'recover.ipc': IPC,
@@ -175,7 +182,7 @@ def test_together_equals_alone(devices, mode, edc, data, base_workdir, together_
                          if not (k.startswith('conv') and k.endswith('/bias'))))
     assert abs(saved['test_top1'] - top1) <= TOP1_TOL, (name, seed, saved['test_top1'], top1)
   print(f'{devices} devices, {mode}: max |together - alone| parameter difference {worst:.3g}')
-  assert worst <= PARAM_ATOL
+  assert worst <= (EDC_PARAM_ATOL if edc else PARAM_ATOL)
   # The students differ from each other (seeds and sets are not collapsed into one).
   states = [final_state(d)['params']['fc']['kernel'] for d in seed_dirs(workdir, result).values()]
   assert min(np.abs(a - b).max() for i, a in enumerate(states) for b in states[i + 1:]) > 1e-3
