@@ -29,11 +29,12 @@ sys.path.insert(0, {tests!r})
 import jax
 assert jax.device_count() == int(sys.argv[2]), jax.devices()
 import test_in1k_smoke as smoke
-from sre2l_jax import evaluate, recover, relabel, squeeze
+from sre2l_jax import context, evaluate, recover, relabel, squeeze
 config = smoke.smoke_config(sys.argv[1])
 workdir = os.path.join(sys.argv[1], 'work')
 with smoke.mock_imagenet():
-  results = {{stage.__name__.rsplit('.', 1)[-1]: stage.run(config, workdir)
+  ctx = context.resolve(config, workdir)
+  results = {{stage.__name__.rsplit('.', 1)[-1]: stage.run(config, workdir, ctx)
              for stage in (squeeze, recover, relabel, evaluate)}}
 print('RESULTS', json.dumps(results, default=str))
 '''
