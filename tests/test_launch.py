@@ -77,7 +77,12 @@ class Stubs:
 
   def rules(self, rules):
     agent = {'prog': 'ssh-add', 'contains': '-L', 'stdout': KEY}
-    self.rules_file.write_text(json.dumps([*rules, agent]))
+    # Replaced, never rewritten in place: a stub of a detached job may read the rules while a
+    # test sets them again (`finished_state` polls through `worker`), and a half-written file
+    # made its `gcloud storage ls` fail once (CI, stop 33).
+    staged = self.rules_file.with_suffix('.staged')
+    staged.write_text(json.dumps([*rules, agent]))
+    os.replace(staged, self.rules_file)
 
   def calls(self, prog=None):
     if not self.log.exists():
