@@ -17,7 +17,7 @@ trains only that one's students), and a rerun of an interrupted one resumes its 
 command, wall seconds of the invocation and of each stage) and `<root>/methods_table.md`
 (mean +- std, %), keeping the cells of earlier invocations. `--rows=a,b` runs some rows only;
 `--baselines=random,coreset` trains only those baselines (default: all, hard labels too);
-`--dry_run` prints the commands; `--collect` runs nothing and writes the table from the runs
+`--dry_run` prints the commands (shell-quoted); `--collect` runs nothing and writes the table from the runs
 finished. The `teachers` row first trains its extra teachers beside
 `--teacher_dir` (that workdir's squeeze; a no-op once they exist).
 """
@@ -25,6 +25,7 @@ finished. The `teachers` row first trains its extra teachers beside
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -230,7 +231,7 @@ def main(argv=None) -> dict:
     if squeeze is None:
       parser.error(f'the teachers row trains its extra teachers beside --teacher_dir, which '
                    f'must be <workdir>/squeeze/teacher; got {args.teacher_dir}')
-    print(' '.join(squeeze), flush=True)
+    print(shlex.join(squeeze), flush=True)
     subprocess.run(squeeze, cwd=REPO, check=True)
   for ipc in ipcs:
     # The baseline row first: it trains the baselines the other rows are read against.
@@ -238,7 +239,7 @@ def main(argv=None) -> dict:
       argv, workdir = command(row, ipc, args.seeds, args.teacher_dir, args.root, extra,
                               baselines)
       if not args.collect:
-        print(' '.join(argv), flush=True)
+        print(shlex.join(argv), flush=True)
       if args.dry_run:
         continue
       start = time.time()
@@ -256,7 +257,7 @@ def main(argv=None) -> dict:
           raise RuntimeError(f'{workdir}: evaluate finished without {args.seeds} seeds')
       ran = out['runs'].get(f'{row}/ipc{ipc}', {})
       if ran_now or 'command' not in ran:  # wall seconds only of a run this one made
-        ran = {'command': ' '.join(argv),
+        ran = {'command': shlex.join(argv),
                'wall_seconds': round(time.time() - start, 1) if ran_now else None}
       ran['stage_seconds'] = stage_seconds(workdir)
       out['runs'][f'{row}/ipc{ipc}'] = ran

@@ -7,6 +7,7 @@ Teachers are random ConvNet-BNs of width 8 (`testlib.random_teacher`); nothing i
 
 import json
 import os
+import shlex
 import shutil
 
 import jax
@@ -468,6 +469,18 @@ def test_every_methods_table_row_is_a_valid_recover_config():
   table = {'a': {'1': {'mean': 71.234, 'std': 0.5}}}
   assert methods_table.markdown(table, [1, 10]) == (
       '| row | IPC 1 | IPC 10 |\n|---|---|---|\n| a | 71.23 ± 0.50 | - |\n')
+
+
+def test_methods_table_dry_run_prints_commands_a_shell_can_run(tmp_path, capsys):
+  # The sre2l row's baselines are a Python tuple with quotes and parentheses: printed joined
+  # by spaces, the line was a bash syntax error.
+  from benchmarks import methods_table  # pylint: disable=g-import-not-at-top
+  methods_table.main(['--teacher_dir=/t', f'--root={tmp_path}', '--ipcs=10', '--seeds=1',
+                      '--rows=sre2l,edc', '--baselines=random,coreset', '--dry_run'])
+  printed = capsys.readouterr().out.splitlines()
+  expected = [methods_table.command(row, 10, 1, '/t', str(tmp_path), (), ('random', 'coreset'))[0]
+              for row in ('sre2l', 'edc')]
+  assert [shlex.split(line) for line in printed] == expected
 
 
 def test_methods_table_collect_reads_finished_runs_and_runs_nothing(tmp_path, monkeypatch):
