@@ -133,11 +133,13 @@ def bench_config(args) -> ml_collections.ConfigDict:
   c = config_lib.base_config()
   c.seed = args.seed
   c.teacher = model_config(args.model, args, args.width)
-  c.student = model_config(args.student_model, args, args.student_width)
+  c.student.update(name=args.student_model, width=args.student_width, depth=args.depth,
+                   pooling=args.pooling, stem=args.stem, dtype=args.dtype,
+                   batch_size=args.batch_size)
   c.recover.update(batch_size=args.group_size, dtype=args.dtype, crop=args.crop,
                    jitter=args.jitter, min_scale=args.min_scale)
   c.squeeze.batch_size = args.batch_size
-  c.relabel.update(batch_size=args.batch_size, min_scale=args.min_scale)
+  c.relabel.update(min_scale=args.min_scale)
   return c
 
 

@@ -17,7 +17,7 @@ Inputs: `--inputs` is a workdir holding a teacher (`squeeze/teacher`) and a dist
 (`recover/tfds`), e.g. the default command's; without it a teacher with random weights and a
 distilled set of noise are made (wall time does not depend on the values). Fashion-MNIST is
 read as the config says (the default command prepares it). `--set key=value` overrides
-config keys (e.g. `--set relabel.epochs=2` for a quick check). A persistent JAX compilation
+config keys (e.g. `--set student.epochs=2` for a quick check). A persistent JAX compilation
 cache would let the second run skip compiling: the JSON records whether one is configured.
 """
 
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--inputs', default='', help='workdir with squeeze/teacher and recover/tfds')
   p.add_argument('--workdir', default='runs/bench_evaluate', help='replaced if it exists')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config override, e.g. relabel.epochs=2 (repeatable)')
+                 help='config override, e.g. student.epochs=2 (repeatable)')
   p.add_argument('--order', default='alone,together',
                  help='which run first: alone,together or together,alone')
   p.add_argument('--json', default='', help='write the results here')

@@ -24,8 +24,8 @@ def get_config(arg=None):
                    first_bn_multiplier=10.0, jitter=4, crop='none', init='noise',
                    checkpoint_every_steps=200, log_every_steps=100)
 
-  c.student.update(name='resnet18', width=64, stem='small')
-  c.relabel.update(mode='online', epochs=300, batch_size=128, min_scale=0.08, max_scale=1.0,
+  c.student.update(name='resnet18', width=64, stem='small', epochs=300, batch_size=128)
+  c.relabel.update(mode='online', min_scale=0.08, max_scale=1.0,
                    mix='cutmix')
   c.evaluate.update(optimizer='adamw', lr=1e-3, weight_decay=0.01, temperature=20.0,
                     seeds=arg.seeds, eval_batch_size=1000, checkpoint_every_epochs=50,
@@ -38,7 +38,7 @@ def get_config(arg=None):
         # ipc 1: 100 images in 4 groups of 25 (padded to 8 groups on 8 devices).
         recover=dict(ipc=1, batch_size=25, iterations=4, checkpoint_every_steps=2,
                      log_every_steps=2),
-        relabel=dict(epochs=2, batch_size=40),
+        student=dict(epochs=2, batch_size=40),
         # 512 training images need not hold every class: no random-subset baseline.
         evaluate=dict(eval_batch_size=128, baselines=()))
   return c

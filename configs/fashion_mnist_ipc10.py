@@ -1,15 +1,15 @@
 """Fashion-MNIST, ConvNet-BN teacher and student: the default demo (runs on a 2-core CPU).
 
 Arguments: `smoke` (a few steps on a data subset), `ipc=N` (1, 10, 50, ...), `seeds=N`,
-`epochs=N` (student epochs, relabel.epochs: 300, the README's tables), `method=NAME` (default
+`epochs=N` (student epochs, student.epochs: 300, the README's tables), `method=NAME` (default
 `METHOD` below; `smoke` alone keeps 'sre2l', whose group layout the stage tests assume):
   sre2l  SRe2L as published (noise, 1,000 Adam steps at lr 0.25, groups of the 10 classes
          sharing an ipc index, the global BN statistics);
   edc    EDC-style (synthesis/edc.py): each class's images start from real images spread
          over the teacher's features (recover.init='scored': k-means with k = ipc over all
-         the class's images, each cluster's most typical one, init_pick='centre'), and are
+         the class's images, each cluster's most typical one, scored.pick='centre'), and are
          refined as one group for 300 steps at lr 0.05 against EDC's soft matching: half
-         the class's own BN statistics, half the teacher's running ones (class_bn_weight
+         the class's own BN statistics, half the teacher's running ones (edc.class_bn_weight
          0.5; 1.0 is the class's own only).
 """
 
@@ -47,13 +47,14 @@ def get_config(arg=None):
     # statistics, half the global ones beat the class's own only (3 seeds, IPC 1 / 10 / 50:
     # 71.24 / 85.34 / 89.94% vs 70.97 / 84.80 / 89.89%).
     c.recover.update(method='edc', group_by='class', batch_size=arg.ipc, iterations=300,
-                     lr=0.05, jitter=0, init='scored', init_candidates=0, init_crops=1,
-                     init_coverage=True, init_pick='centre', class_bn_weight=CLASS_BN_WEIGHT)
+                     lr=0.05, jitter=0, init='scored',
+                     scored=dict(candidates=0, crops=1, coverage=True, pick='centre'),
+                     edc=dict(class_bn_weight=CLASS_BN_WEIGHT))
   elif method != 'sre2l':
     raise ValueError(f"method={method!r}; valid: 'sre2l', 'edc'.")
 
-  c.student.update(name='convnet', width=64, depth=3)
-  c.relabel.update(mode='online', batch_size=50, epochs=arg.epochs, min_scale=0.25)
+  c.student.update(name='convnet', width=64, depth=3, batch_size=50, epochs=arg.epochs)
+  c.relabel.update(mode='online', min_scale=0.25)
   c.evaluate.update(lr=2e-3, temperature=4.0, seeds=arg.seeds)
 
   if arg.smoke:
@@ -61,6 +62,6 @@ def get_config(arg=None):
         c, width=16, every=4, dataset=dict(train_limit=512, test_limit=256),
         squeeze=dict(epochs=2, batch_size=64, eval_batch_size=128),
         recover=dict(iterations=8),
-        relabel=dict(epochs=4, batch_size=16, epochs_per_shard=2),
+        student=dict(epochs=4, batch_size=16), relabel=dict(epochs_per_shard=2),
         evaluate=dict(eval_batch_size=128, seeds=1, checkpoint_every_epochs=2))
   return c

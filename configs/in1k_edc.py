@@ -35,11 +35,13 @@ def get_config(arg=None):
                                   f'ipc={arg.ipc},seeds={arg.seeds}')
   c.recover = config_lib.base_config().recover
   c.recover.update(method='edc', group_by='class', ipc=arg.ipc, batch_size=arg.ipc,
-                   iterations=1000, lr=0.05, r_bn=0.1, class_bn_weight=0.5,
+                   iterations=1000, lr=0.05, r_bn=0.1, edc=dict(class_bn_weight=0.5),
                    first_bn_multiplier=10.0, jitter=0, min_scale=0.5, max_scale=1.0,
-                   crop='per_image', init='scored', init_candidates=300, init_crops=5,
-                   init_coverage=True, checkpoint_every_steps=200, log_every_steps=50)
-  c.relabel.update(batch_size=100, min_scale=0.5)
+                   crop='per_image', init='scored',
+                   scored=dict(candidates=300, crops=5, coverage=True),
+                   checkpoint_every_steps=200, log_every_steps=50)
+  c.student.update(batch_size=100)
+  c.relabel.update(min_scale=0.5)
   c.evaluate.update(eval_batch_size=1000, lr_zeta=2.0, ema_decay=0.99, loss='mse_ce',
                     ce_weight=0.025)
 
@@ -50,6 +52,6 @@ def get_config(arg=None):
         c, width=8, every=1, dataset=dict(train_limit=32, test_limit=16),
         squeeze=dict(epochs=2, batch_size=32, eval_batch_size=32),
         recover=dict(ipc=1, batch_size=1, num_classes=40, iterations=2, init='noise'),
-        relabel=dict(epochs=1, batch_size=32),
+        student=dict(epochs=1, batch_size=32),
         evaluate=dict(eval_batch_size=32, log_every_steps=5, baselines=()))
   return c

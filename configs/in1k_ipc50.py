@@ -42,8 +42,8 @@ def get_config(arg=None):
                    crop='per_image', init='noise', checkpoint_every_steps=500,
                    log_every_steps=100)
 
-  c.student.update(name='resnet18', width=64, stem='imagenet')
-  c.relabel.update(mode='online', epochs=300, batch_size=1024, min_scale=0.08, max_scale=1.0,
+  c.student.update(name='resnet18', width=64, stem='imagenet', epochs=300, batch_size=1024)
+  c.relabel.update(mode='online', min_scale=0.08, max_scale=1.0,
                    mix='cutmix', cutmix_alpha=1.0)
   c.evaluate.update(optimizer='adamw', lr=1e-3, weight_decay=0.01, temperature=20.0,
                     seeds=arg.seeds, eval_batch_size=1024, checkpoint_every_epochs=10,
@@ -60,6 +60,6 @@ def get_config(arg=None):
         c, width=8, every=1, dataset=dict(train_limit=32, test_limit=16),
         squeeze=dict(epochs=2, batch_size=32, eval_batch_size=32),
         recover=dict(ipc=1, num_classes=40, batch_size=5, iterations=2),
-        relabel=dict(epochs=1, batch_size=32),
+        student=dict(epochs=1, batch_size=32),
         evaluate=dict(eval_batch_size=32, log_every_steps=5, baselines=()))
   return c

@@ -31,9 +31,9 @@ def get_config(arg=None):
   c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), 'in1k_ipc50.py'),
                                   f'ipc={arg.ipc},seeds={arg.seeds}')
   c.recover = config_lib.base_config().recover
-  c.recover.update(method='rded', ipc=arg.ipc, batch_size=arg.ipc, rded_candidates=300,
-                   rded_crops=5, rded_factor=2, min_scale=0.08, max_scale=1.0)
-  c.relabel.update(batch_size=100 if arg.ipc <= 10 else 200)
+  c.recover.update(method='rded', ipc=arg.ipc, batch_size=arg.ipc,
+                   rded=dict(candidates=300, crops=5, factor=2), min_scale=0.08, max_scale=1.0)
+  c.student.update(batch_size=100 if arg.ipc <= 10 else 200)
   c.evaluate.update(eval_batch_size=1000)
 
   if arg.smoke:
@@ -41,7 +41,7 @@ def get_config(arg=None):
     config_lib.smoke(
         c, width=8, every=1, dataset=dict(train_limit=32, test_limit=16),
         squeeze=dict(epochs=2, batch_size=32, eval_batch_size=32),
-        recover=dict(ipc=1, batch_size=1, num_classes=2, rded_candidates=8, rded_crops=2),
-        relabel=dict(epochs=1, batch_size=32),
+        recover=dict(ipc=1, batch_size=1, num_classes=2, rded=dict(candidates=8, crops=2)),
+        student=dict(epochs=1, batch_size=32),
         evaluate=dict(eval_batch_size=32, log_every_steps=5, baselines=()))
   return c

@@ -25,8 +25,8 @@ def get_config(arg=None):
                    first_bn_multiplier=10.0, jitter=4, min_scale=0.08)
 
   # Students: SGD lr 0.2, KD at T = 20 with the teacher run online.
-  c.student.update(name='resnet18', stem='small', width=64)
-  c.relabel.update(mode='online', batch_size=256, min_scale=0.08, mix='cutmix')
+  c.student.update(name='resnet18', stem='small', width=64, batch_size=256)
+  c.relabel.update(mode='online', min_scale=0.08, mix='cutmix')
   c.evaluate.update(optimizer='sgd', lr=0.2, momentum=0.9, nesterov=False, weight_decay=1e-4,
                     temperature=20.0, seeds=1)
   c.continual.update(steps=arg.steps, epochs_per_step=100, sets=('distilled', 'random'))
@@ -36,9 +36,10 @@ def get_config(arg=None):
     # by class: no train_limit (on mock data the mock's size decides).
     config_lib.smoke(
         c, width=8, every=4, dataset=dict(train_limit=0, test_limit=400),
-        teacher=dict(name='convnet', depth=3), student=dict(name='convnet', depth=3),
+        teacher=dict(name='convnet', depth=3),
+        student=dict(name='convnet', depth=3, batch_size=40, epochs=2),
         squeeze=dict(epochs=1, batch_size=64, eval_batch_size=200, warmup_epochs=0.0),
         recover=dict(ipc=1, iterations=4, checkpoint_every_steps=2, log_every_steps=2),
-        relabel=dict(batch_size=40, epochs=2, epochs_per_shard=1),
+        relabel=dict(epochs_per_shard=1),
         evaluate=dict(eval_batch_size=200), continual=dict(epochs_per_step=1))
   return c

@@ -25,8 +25,8 @@ def get_config(arg=None):
                    crop='per_image', init='noise', checkpoint_every_steps=500,
                    log_every_steps=100)
 
-  c.student.update(name='resnet18', width=64, stem='small')
-  c.relabel.update(mode='online', epochs=100, batch_size=256, min_scale=0.08, max_scale=1.0,
+  c.student.update(name='resnet18', width=64, stem='small', epochs=100, batch_size=256)
+  c.relabel.update(mode='online', min_scale=0.08, max_scale=1.0,
                    mix='cutmix')
   # SGD students: create_optimizer('sgd') reads momentum and nesterov too.
   c.evaluate.update(optimizer='sgd', lr=0.2, momentum=0.9, nesterov=False, weight_decay=1e-4,
@@ -41,6 +41,6 @@ def get_config(arg=None):
         squeeze=dict(epochs=1, batch_size=64, warmup_epochs=0.5, eval_batch_size=128),
         recover=dict(ipc=1, batch_size=25, iterations=4, checkpoint_every_steps=2,
                      log_every_steps=2),
-        relabel=dict(epochs=2, batch_size=40),
+        student=dict(epochs=2, batch_size=40),
         evaluate=dict(eval_batch_size=128, baselines=()))
   return c

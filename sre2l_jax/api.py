@@ -43,7 +43,8 @@ def load_distilled(workdir: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """The distilled set a run recovered in `workdir`: images uint8 (N, H, W, C) class-major,
   labels int32 (N,), and the dataset's class names in label order."""
   images, labels = image_sets.distilled_set(workdir)
-  config = ml_collections.ConfigDict(files.read_json(os.path.join(workdir, 'config.json')))
+  config = ml_collections.ConfigDict(config_lib.upgrade(
+      files.read_json(os.path.join(workdir, 'config.json'))))
   return images, labels, datasets.class_names(config.dataset)
 
 

@@ -8,6 +8,7 @@ after the file name (`configs/fashion_mnist_ipc10.py:smoke,ipc=1`) selects varia
 Every key exists in `base_config()` with its default and a comment; lists are tuples.
 """
 
+import copy
 import importlib.util
 import os
 
@@ -169,26 +170,28 @@ def _recover() -> ml_collections.ConfigDict:
       flip=True,  # random horizontal flip
       curriculum=False,  # CDA: min crop scale from max_scale down to min_scale (cosine)
       init='noise',  # 'noise' | 'real' (random images of the class) | 'scored' (selection.py)
-      # init 'scored': per class, this many random candidate images (0: all of the class)...
-      init_candidates=300,
-      init_crops=1,  # ...each scored on its best of this many crops (1: the whole image)...
-      init_coverage=True,  # ...best of each of ipc k-means clusters (False: the top ipc)...
-      init_pick='score',  # ...best = best-scored; 'centre': nearest the cluster's mean
+      # init 'scored' (synthesis/selection.py): per class, `candidates` random images (0: all
+      # of the class), each scored on its best of `crops` crops (1: the whole image); then the
+      # best of each of ipc k-means clusters (`coverage`; False: the top ipc), best being the
+      # best-scored (`pick` 'score') or the one nearest the cluster's mean ('centre').
+      scored=ml_collections.ConfigDict(dict(candidates=300, crops=1, coverage=True,
+                                            pick='score')),
       # Group layout: 'ipc_index' (B classes at one ipc index; B divides the classes) or
       # 'class' (B images of one class; B divides ipc): what per-group statistics mean.
       group_by='ipc_index',
-      # edc: weight of the class's own BN-input statistics (class_stats.py) in each layer's
-      # term, the global running statistics getting 1 - weight (EDC's soft matching: 0.5).
-      class_bn_weight=0.5,
+      # method 'edc' (synthesis/edc.py): `class_bn_weight`, the weight of the class's own
+      # BN-input statistics (class_stats.py) in each layer's term, the global running
+      # statistics getting 1 - weight (EDC's soft matching: 0.5).
+      edc=ml_collections.ConfigDict(dict(class_bn_weight=0.5)),
       # Diversity: 'none' | 'early_late' (DELT: a class's images start optimising at
-      # early_late_stages staggered steps, so they get different numbers of iterations).
+      # early_late.stages staggered steps, so they get different numbers of iterations).
       diversity='none',
-      early_late_stages=4,
-      # rded (synthesis/rded.py, no optimisation): per class, this many random real
-      # candidates (RDED's mipc)...
-      rded_candidates=300,
-      rded_crops=5,  # ...each scored on its best of this many square crops (min/max_scale)...
-      rded_factor=2,  # ...and f x f of the best stitched into one image (1: whole crops)
+      early_late=ml_collections.ConfigDict(dict(stages=4)),
+      # method 'rded' (synthesis/rded.py, no optimisation): per class, `candidates` random
+      # real images (RDED's mipc), each scored on its best of `crops` square crops
+      # (min/max_scale), and `factor` x `factor` of the best stitched into one image (1: whole
+      # crops).
+      rded=ml_collections.ConfigDict(dict(candidates=300, crops=5, factor=2)),
       num_classes=0,  # recover classes 0..N-1 only (0: all; smoke runs on 1000 classes)
       dtype='float32',  # teacher compute dtype ('bfloat16': loss stays float32)
       remat='none',  # 'none' | 'teacher' | 'blocks' (ResNets): recompute in the backward
@@ -214,8 +217,6 @@ def _relabel() -> ml_collections.ConfigDict:
       mode='online',  # 'online' (teacher runs in the student step) | 'stored'
       storage='float16',  # stored mode: 'float32' | 'float16' | 'topk'
       topk=1,  # classes kept per view with storage 'topk'
-      epochs=300,  # student epochs (the views of every epoch are labelled)
-      batch_size=50,  # student batch, a multiple of the device count
       min_scale=0.08,  # random-resized-crop scale range of the views
       max_scale=1.0,
       mix='cutmix',  # 'cutmix' | 'mixup' | 'none'
@@ -224,6 +225,78 @@ def _relabel() -> ml_collections.ConfigDict:
       mix_prob=1.0,  # probability that a batch is mixed
       epochs_per_shard=50,  # stored mode: epochs per label file
   ))
+
+
+# The student's schedule: what `config.student` holds besides its model. Evaluate and
+# continual train by it; relabel labels the views of every one of its epochs and batches.
+STUDENT_SCHEDULE_KEYS = ('epochs', 'batch_size')
+
+
+def _student() -> ml_collections.ConfigDict:
+  """The student (evaluate's and continual's): its model and its schedule."""
+  c = _model()
+  c.epochs = 300  # student epochs (relabel labels the views of every epoch)
+  c.batch_size = 50  # student batch, a multiple of the device count
+  return c
+
+
+def student_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The student's model config: `config.student` without its schedule."""
+  return ml_collections.ConfigDict({k: v for k, v in config.student.to_dict().items()
+                                    if k not in STUDENT_SCHEDULE_KEYS})
+
+
+# Keys that moved ('old.path': 'new.path'). Set under the old name (a config file, a
+# --config flag) they are refused with the new one (`check_moved`); a workdir's config.json
+# written before the move is read with them moved (`upgrade`).
+MOVED = {'relabel.epochs': 'student.epochs', 'relabel.batch_size': 'student.batch_size',
+         # recover's keys grouped by the method or option that reads them
+         'recover.init_candidates': 'recover.scored.candidates',
+         'recover.init_crops': 'recover.scored.crops',
+         'recover.init_coverage': 'recover.scored.coverage',
+         'recover.init_pick': 'recover.scored.pick',
+         'recover.class_bn_weight': 'recover.edc.class_bn_weight',
+         'recover.early_late_stages': 'recover.early_late.stages',
+         'recover.rded_candidates': 'recover.rded.candidates',
+         'recover.rded_crops': 'recover.rded.crops',
+         'recover.rded_factor': 'recover.rded.factor'}
+
+
+def _find(tree, path: str):
+  """(parent, key) of the dotted `path` in a nested dict/ConfigDict, or None if absent."""
+  *parents, key = path.split('.')
+  node = tree
+  for part in parents:
+    if not hasattr(node, 'keys') or part not in node:
+      return None
+    node = node[part]
+  return (node, key) if hasattr(node, 'keys') and key in node else None
+
+
+def check_moved(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the new key of every moved key `config` sets (`MOVED`)."""
+  found = [(old, new) for old, new in MOVED.items() if _find(config, old) is not None]
+  if found:
+    raise ValueError('; '.join(f'{old} is now {new}' for old, new in found) +
+                     ': set the new keys instead (the config file or the --config flags).')
+
+
+def upgrade(tree: dict) -> dict:
+  """A config dict written before keys moved (an old workdir's config.json) with every key
+  of `MOVED` at its new place; a new dict, `tree` left as it is."""
+  out = copy.deepcopy(tree)
+  for old, new in MOVED.items():
+    found = _find(out, old)
+    if found is None:
+      continue
+    parent, key = found
+    value = parent.pop(key)
+    *sections, new_key = new.split('.')
+    node = out
+    for part in sections:
+      node = node.setdefault(part, {})
+    node.setdefault(new_key, value)
+  return out
 
 
 def _evaluate() -> ml_collections.ConfigDict:
@@ -316,7 +389,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.squeeze = _squeeze()
   c.recover = _recover()
   c.relabel = _relabel()
-  c.student = _model()  # evaluate's and continual's students
+  c.student = _student()  # evaluate's and continual's students: model and schedule
   c.evaluate = _evaluate()
   c.continual = _continual()
   return c
@@ -337,7 +410,8 @@ NUMBER_RULES = {
                     jitter='int>=0', min_scale='(0,1]', max_scale='(0,1]',
                     num_classes='int>=0', checkpoint_every_steps='int', log_every_steps='int',
                     min_bn_reduction='>=0', min_teacher_top1='[0,1]'),
-    'relabel': dict(topk='int', epochs='int', min_scale='(0,1]', max_scale='(0,1]',
+    'student': dict(epochs='int', batch_size='int'),
+    'relabel': dict(topk='int', min_scale='(0,1]', max_scale='(0,1]',
                     cutmix_alpha='>0', mixup_alpha='>0', mix_prob='[0,1]',
                     epochs_per_shard='int'),
     'evaluate': dict(lr='>0', lr_zeta='[1,inf)', ema_decay='[0,1)', ce_weight='>=0',

@@ -128,9 +128,9 @@ def seen_subset(images: np.ndarray, labels: np.ndarray, seen) -> tuple[np.ndarra
 
 
 def step_schedule(config, num_images: int, step: int, num_devices: int) -> views.Schedule:
-  """Batches and views of class step `step`: batches of relabel.batch_size, or, while the
+  """Batches and views of class step `step`: batches of student.batch_size, or, while the
   seen set is smaller, of all its images rounded up to the device count (wrapping around)."""
-  batch = min(config.relabel.batch_size, -(-num_images // num_devices) * num_devices)
+  batch = min(config.student.batch_size, -(-num_images // num_devices) * num_devices)
   seed = int(rngs.numpy_rng('continual_schedule', config.seed, step).integers(2**31 - 1))
   return views.Schedule(num_images, batch, config.continual.epochs_per_step, seed)
 
@@ -233,12 +233,13 @@ def validate(config, ctx: context.Context) -> None:
                      'evaluate.ema_decay=0 for the continual stage.')
   if not spec.in_memory:
     raise ValueError(f'continual needs a dataset held in memory; {spec.name} is streamed.')
-  models.check_buildable(config.student, spec.num_classes, spec.image_shape, 'The student')
+  models.check_buildable(config_lib.student_model(config), spec.num_classes, spec.image_shape,
+                         'The student')
   views.validate(config.relabel)
-  batching.check_batch_size(config.relabel.batch_size, mesh,
-                            'relabel.batch_size (continual student batch)')
+  batching.check_batch_size(config.student.batch_size, mesh,
+                            'student.batch_size (continual student batch)')
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
-  config_lib.validate_numbers(config, ('continual', 'evaluate', 'relabel'))
+  config_lib.validate_numbers(config, ('continual', 'evaluate', 'relabel', 'student'))
 
 
 def _empty_record() -> dict:
@@ -294,7 +295,7 @@ class Students:
 def create_students(config, stage_dir: str, names: list[str], spec, mesh,
                     teacher_model) -> Students:
   """The students of `names`, each resumed after its last finished class step."""
-  model = models.create_model(config.student, spec.num_classes)
+  model = models.create_model(config_lib.student_model(config), spec.num_classes)
   tx = create_optimizer(config)  # one, re-initialised at every class step
   replicated = batching.replicated(mesh)
   initial = train_lib.create_train_state(model, tx, spec.image_shape,
@@ -406,7 +407,7 @@ def write_outputs(config, workdir: str, records: dict, order, groups, spec,
     write_plot(plot, classes_seen, {n: r['test_top1'] for n, r in records.items()},
                f'{spec.name}, IPC {config.recover.ipc}: {len(groups)} class-incremental steps')
   result = {'stage': 'continual', 'dataset': spec.name, 'ipc': config.recover.ipc,
-            'student': config.student.to_dict(), 'temperature': config.evaluate.temperature,
+            'student': config_lib.student_model(config).to_dict(), 'temperature': config.evaluate.temperature,
             'steps': config.continual.steps, 'epochs_per_step': config.continual.epochs_per_step,
             'class_order': order, 'step_classes': groups, 'classes_seen': classes_seen,
             'protocol': 'student carried over between steps (params, batch_stats); fresh '

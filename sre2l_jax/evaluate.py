@@ -85,15 +85,16 @@ def variants(config) -> list[tuple[str, str, bool]]:
 def student_configs(config) -> list[tuple[str, ml_collections.ConfigDict]]:
   """(architecture, model config) of each student architecture to evaluate: each of
   `evaluate.students` (in order, once each; a model name, or a spec 'name:key=value,...'
-  over config.student's keys, e.g. 'resnet18_small:width=16', named by that spec), or
-  (config.student.name, config.student) when none is listed."""
+  over the student's model keys, e.g. 'resnet18_small:width=16', named by that spec), or
+  (config.student.name, the student's model) when none is listed."""
   specs = models.split_specs(config.evaluate.students)
+  base = config_lib.student_model(config)
   if not specs:
-    return [(config.student.name, config.student)]
+    return [(base.name, base)]
   out = []
   for spec in specs:
     try:
-      cfg = models.from_spec(spec, config.student)
+      cfg = models.from_spec(spec, base)
     except ValueError as e:
       raise ValueError(f'evaluate.students: {e}') from None
     out.append((spec, cfg))
@@ -112,8 +113,8 @@ def labels_of(config, hard: bool) -> str:
 def student_settings(config, hard: bool, images: np.ndarray, student_cfg=None) -> dict:
   """Everything the result of a student of one variant depends on (besides its seed):
   `fingerprints.TABLE['student']` ('student_hard'). student_cfg: the student model (default
-  `config.student`)."""
-  student_cfg = config.student if student_cfg is None else student_cfg
+  `config_lib.student_model(config)`)."""
+  student_cfg = config_lib.student_model(config) if student_cfg is None else student_cfg
   return fingerprints.record('student_hard' if hard else 'student', config,
                              student=student_cfg.to_dict(),
                              images_sha256=label_store.images_digest(images),
@@ -223,8 +224,8 @@ def create_step(config, stack: Stack, spec, mesh, teacher_model, teacher, state)
   memory.check_step_fits(
       step, lambda: (state, *batch(1)[:3], schedule.view_key(0, 0), teacher_arg),
       config.device_memory_gb, f'The student step of {len(stack.members)} student(s) trained '
-      f'together at relabel.batch_size={schedule.batch_size} (lower evaluate.stack_students, '
-      f'now {config.evaluate.stack_students}, or relabel.batch_size, or use more devices)')
+      f'together at student.batch_size={schedule.batch_size} (lower evaluate.stack_students, '
+      f'now {config.evaluate.stack_students}, or student.batch_size, or use more devices)')
 
   def step_fn(state, s):
     images_s, labels_s, stored_s, key = batch(s)
@@ -345,12 +346,12 @@ def validate(config, ctx: context.Context) -> None:
     value = config.evaluate[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f'evaluate.{key}={value!r} must be an integer >= 0.')
-  config_lib.validate_numbers(config, ('evaluate', 'relabel'))
+  config_lib.validate_numbers(config, ('evaluate', 'relabel', 'student'))
   batching.check_batch_size(config.evaluate.eval_batch_size, mesh, 'evaluate.eval_batch_size')
   # The student batch of the distilled set (and the baselines: as many images).
   images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
   batching.check_batch_size(views.create_schedule(config, images).batch_size, mesh,
-                            'relabel.batch_size (student batch)')
+                            'student.batch_size (student batch)')
 
 
 def stacks(config, plan: list[Variant]) -> list[list[tuple[Variant, int]]]:
@@ -373,7 +374,7 @@ def plan_students(config, workdir: str, sets: dict, mesh, teacher_digest: str) -
   for name, set_name, hard in variants(config):
     images, labels = sets[set_name]
     schedule = views.create_schedule(config, len(images))
-    batching.check_batch_size(schedule.batch_size, mesh, 'relabel.batch_size (student batch)')
+    batching.check_batch_size(schedule.batch_size, mesh, 'student.batch_size (student batch)')
     target = 'hard' if hard else config.relabel.mode
     stored = None
     if target == 'stored':

@@ -21,13 +21,14 @@ workdirs (and whether they are finished) stay the same bytes.
 import hashlib
 import json
 
+from sre2l_jax import config_lib
 from sre2l_jax import views
 from sre2l_jax.data import datasets
 
 # The teacher's keys that fix its own weights (extra teachers are squeezed in folders of
 # their own, `teacher.extra_configs`).
 TEACHER_KEYS = ('depth', 'dtype', 'name', 'pooling', 'stem', 'width')
-# The student's optimiser (its schedule is relabel's epochs and batch size).
+# The student's optimiser (its schedule: config.student's epochs and batch size).
 OPTIMIZER_KEYS = ('optimizer', 'lr', 'momentum', 'nesterov', 'weight_decay', 'decay_all')
 
 
@@ -47,6 +48,10 @@ def _label_temperature(config):
   return None
 
 
+def _student_model(config):
+  return config_lib.student_model(config).to_dict()
+
+
 def _train_limit(config):
   # An int, 0 for none: what class statistics have recorded since they were first stored.
   return int(config.dataset.train_limit or 0)
@@ -55,7 +60,7 @@ def _train_limit(config):
 _STUDENT = {  # a student trained on hard labels; `student` comes in (one of several models)
     'dataset': _dataset, 'test_limit': 'dataset.test_limit', 'seed': 'seed',
     'optimizer': ('evaluate', OPTIMIZER_KEYS),
-    'schedule': {'batch_size': 'relabel.batch_size', 'epochs': 'relabel.epochs',
+    'schedule': {'batch_size': 'student.batch_size', 'epochs': 'student.epochs',
                  'lr_zeta': 'evaluate.lr_zeta'},
     'view': ('relabel', views.VIEW_KEYS), 'ema_decay': 'evaluate.ema_decay'}
 
@@ -71,18 +76,20 @@ TABLE = {
     'recover': {
         'dataset': _dataset, 'teacher': 'teacher', 'teacher_dir': 'squeeze.teacher_dir',
         'seed': 'seed',
-        'recover': ('recover', (
-            'adam_b1', 'adam_b2', 'batch_size', 'class_bn_weight', 'crop', 'curriculum',
-            'diversity', 'dtype', 'early_late_stages', 'first_bn_multiplier', 'flip',
-            'group_by', 'init', 'init_candidates', 'init_coverage', 'init_crops', 'init_pick',
-            'ipc', 'iterations', 'jitter', 'lr', 'max_scale', 'method', 'min_scale',
-            'num_classes', 'r_bn', 'rded_candidates', 'rded_crops', 'rded_factor'))},
+        'recover': {
+            **{k: f'recover.{k}' for k in (
+                'adam_b1', 'adam_b2', 'batch_size', 'crop', 'curriculum', 'diversity', 'dtype',
+                'first_bn_multiplier', 'flip', 'group_by', 'init', 'ipc', 'iterations', 'jitter',
+                'lr', 'max_scale', 'method', 'min_scale', 'num_classes', 'r_bn')},
+            # the keys grouped by method since, recorded under their names of before
+            **{old.split('.')[1]: new for old, new in config_lib.MOVED.items()
+               if old.startswith('recover.')}}},
     # inputs: teacher_weights_sha256, num_classes.
     'class_stats': {'dataset': _dataset, 'train_limit': _train_limit},
     # Stored labels, besides the images (named by `digest`, checked by their manifest).
     'labels': {
         'storage': 'relabel.storage', 'topk': _label_topk, 'temperature': _label_temperature,
-        'batch_size': 'relabel.batch_size', 'epochs': 'relabel.epochs', 'seed': 'seed',
+        'batch_size': 'student.batch_size', 'epochs': 'student.epochs', 'seed': 'seed',
         'view': ('relabel', views.VIEW_KEYS), 'teacher': 'teacher',
         'teacher_dir': 'squeeze.teacher_dir'},
     # inputs: student (its model config), images_sha256, labels ('hard', 'online', ...).
@@ -92,15 +99,17 @@ TABLE = {
                 'teacher_dir': 'squeeze.teacher_dir'},
     # inputs: set, class_order, images_sha256.
     'continual': {
-        'dataset': _dataset, 'test_limit': 'dataset.test_limit', 'student': 'student',
+        'dataset': _dataset, 'test_limit': 'dataset.test_limit', 'student': _student_model,
         'teacher': 'teacher', 'seed': 'seed',
         'continual': ('continual', ('class_order', 'class_order_seed', 'epochs_per_step',
                                     'steps')),
         'evaluate': ('evaluate', ('decay_all', 'full_data_dir', 'images_dir', 'lr', 'lr_zeta',
                                   'momentum', 'nesterov', 'optimizer', 'stack_mode',
                                   'temperature', 'weight_decay')),
-        'relabel': ('relabel', ('batch_size', 'cutmix_alpha', 'max_scale', 'min_scale', 'mix',
-                                'mix_prob', 'mixup_alpha'))},
+        # (the student's batch size was relabel.batch_size: recorded here under that name)
+        'relabel': {'batch_size': 'student.batch_size',
+                    **{k: f'relabel.{k}' for k in ('cutmix_alpha', 'max_scale', 'min_scale',
+                                                   'mix', 'mix_prob', 'mixup_alpha')}}},
 }
 
 # Keys listed after workdirs existed ('record.path': the value that does what the code did

@@ -3,7 +3,7 @@
   python -m sre2l_jax.fkd_export --workdir=runs/fm --out=runs/fm/fkd [--float16]
 
 The views are the run's own (`views`: the schedule's batches, crops, flips and mixing of
-relabel.epochs epochs), the labels the teacher's logits on them. Layout, as SRe2L's
+student.epochs epochs), the labels the teacher's logits on them. Layout, as SRe2L's
 relabel/generate_soft_label.py writes it (github.com/VILA-Lab/SRe2L): `out/epoch_{e}/
 batch_{b}.tar`, each `torch.save([coords, flip_status, mix_index, mix_lam, mix_bbox,
 soft_label])`:
@@ -35,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from sre2l_jax import config_lib
 from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import label_store
@@ -93,12 +94,13 @@ def write_fkd(out: str, images: np.ndarray, schedule: views.Schedule, cfg, spec,
 def export(workdir: str, out: str, *, float16: bool = False) -> dict:
   """The FKD export of `workdir`'s distilled set (evaluate.images_dir's when set) with its
   teacher and relabel settings, from the run's `config.json`."""
-  config = ml_collections.ConfigDict(files.read_json(os.path.join(workdir, 'config.json')))
+  config = ml_collections.ConfigDict(config_lib.upgrade(
+      files.read_json(os.path.join(workdir, 'config.json'))))
   spec = datasets.spec_of(config.dataset)
   mesh = batching.create_mesh(config.mesh_shape)
   images, _ = image_sets.distilled(config, workdir)
   schedule = views.create_schedule(config, len(images))
-  batching.check_batch_size(schedule.batch_size, mesh, 'relabel.batch_size')
+  batching.check_batch_size(schedule.batch_size, mesh, 'student.batch_size')
   model, teacher = teacher_lib.load(config, workdir, mesh)
   return write_fkd(out, images, schedule, config.relabel, spec,
                    label_store.create_teacher_logits(model, teacher, mesh), mesh, float16=float16)

@@ -147,6 +147,9 @@ def explain_flag_error(argv, error: Exception) -> str:
       if not flag.startswith('--config.'):
         continue
       key = flag[len('--config.'):].split('=', 1)[0]
+      if key in config_lib.MOVED:
+        return f'--config.{key}: {key} is now {config_lib.MOVED[key]}; use --config.' \
+               f'{config_lib.MOVED[key]}.'
       node, walked = config, []
       for part in key.split('.'):
         children = list(node.keys()) if hasattr(node, 'keys') else []

@@ -103,19 +103,19 @@ def check_settings(config, spec) -> None:
                      f'{cfg.groups_per_round}, {cfg.device_memory_gb}, {cfg.memory_margin}.')
   if cfg.init not in ('noise', 'real', 'scored'):
     raise ValueError(f"recover.init={cfg.init!r}; valid: 'noise', 'real', 'scored'.")
-  selection.check_pick(cfg.init_pick)
+  selection.check_pick(cfg.scored.pick)
   if not spec.in_memory and (cfg.init == 'real' or (cfg.init == 'scored' and
-                                                    cfg.init_candidates == 0)):
-    what = "init='real'" if cfg.init == 'real' else "init='scored' with init_candidates=0"
+                                                    cfg.scored.candidates == 0)):
+    what = "init='real'" if cfg.init == 'real' else "init='scored' with scored.candidates=0"
     raise ValueError(
         f'recover.{what} needs the whole training split in host memory; {spec.name} is '
-        f'streamed. Use init=\'scored\' with init_candidates > 0 (candidates are scored as '
+        f'streamed. Use init=\'scored\' with scored.candidates > 0 (candidates are scored as '
         f'they are read) or init=\'noise\'.')
-  if cfg.init == 'scored' and (cfg.init_candidates < 0 or cfg.init_crops < 1):
-    raise ValueError(f'recover.init_candidates={cfg.init_candidates} (>= 0, 0: all) and '
-                     f'init_crops={cfg.init_crops} (>= 1) are invalid.')
-  if not 0 <= cfg.class_bn_weight <= 1:
-    raise ValueError(f'recover.class_bn_weight={cfg.class_bn_weight} must be in [0, 1].')
+  if cfg.init == 'scored' and (cfg.scored.candidates < 0 or cfg.scored.crops < 1):
+    raise ValueError(f'recover.scored.candidates={cfg.scored.candidates} (>= 0, 0: all) and '
+                     f'scored.crops={cfg.scored.crops} (>= 1) are invalid.')
+  if not 0 <= cfg.edc.class_bn_weight <= 1:
+    raise ValueError(f'recover.edc.class_bn_weight={cfg.edc.class_bn_weight} must be in [0, 1].')
   diversity.validate(cfg)
   selection.check_candidates(cfg)
   method.validate(cfg, spec)
@@ -133,9 +133,9 @@ def check_draws(config, spec) -> None:
   method = synthesis.get_method(cfg.method)
   draws = dict(method.draws(cfg))
   scored = method.optimised and cfg.init == 'scored'
-  if scored and cfg.init_candidates:
-    draws['recover.init_candidates'] = cfg.init_candidates
-  whole_classes = scored and not cfg.init_candidates
+  if scored and cfg.scored.candidates:
+    draws['recover.scored.candidates'] = cfg.scored.candidates
+  whole_classes = scored and not cfg.scored.candidates
   if not spec.in_memory or not (draws or whole_classes):
     return
   num_classes = image_sets.recovered_classes(cfg, spec)

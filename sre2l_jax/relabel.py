@@ -31,13 +31,13 @@ from sre2l_jax.data import batching
 def validate(config: ml_collections.ConfigDict, ctx: context.Context) -> None:
   """Clear errors for relabel settings that cannot run, before any work."""
   label_store.validate(config.relabel)
-  config_lib.validate_numbers(config, ('relabel',))
+  config_lib.validate_numbers(config, ('relabel', 'student'))
   if config.relabel.storage == 'topk':  # top-k probabilities are taken at T
     config_lib.validate_numbers(config, ('evaluate',))
   if config.relabel.mode == 'stored':  # the batches of views the teacher labels
     images = image_sets.recovered_classes(config.recover, ctx.spec) * config.recover.ipc
     batching.check_batch_size(views.create_schedule(config, images).batch_size, ctx.mesh,
-                              'relabel.batch_size')
+                              'student.batch_size')
 
 
 def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
@@ -92,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -
     logits_fn = label_store.create_teacher_logits(model, teacher, mesh)
     for name, (images, _) in sets.items():
       schedule = views.create_schedule(config, len(images))
-      batching.check_batch_size(schedule.batch_size, mesh, 'relabel.batch_size')
+      batching.check_batch_size(schedule.batch_size, mesh, 'student.batch_size')
       directory = label_store.label_dir(config, workdir, name)
       progress = train_lib.create_progress(f'relabel {name}', schedule.total_steps)
       set_start = time.time()

@@ -57,8 +57,8 @@ class Schedule:
 
 def create_schedule(config: ml_collections.ConfigDict, num_images: int) -> Schedule:
   """The evaluate/relabel schedule of a set of `num_images` images."""
-  batch = min(config.relabel.batch_size, num_images)
-  return Schedule(num_images, batch, config.relabel.epochs, config.seed)
+  batch = min(config.student.batch_size, num_images)
+  return Schedule(num_images, batch, config.student.epochs, config.seed)
 
 
 def view_settings(cfg: ml_collections.ConfigDict) -> dict:
@@ -157,6 +157,4 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not 0 < cfg.min_scale <= cfg.max_scale <= 1:
     raise ValueError(f'relabel needs 0 < min_scale <= max_scale <= 1; got {cfg.min_scale}, '
                      f'{cfg.max_scale}.')
-  if cfg.epochs <= 0 or cfg.batch_size <= 0:
-    raise ValueError(f'relabel.epochs and relabel.batch_size must be positive; got '
-                     f'{cfg.epochs}, {cfg.batch_size}.')
+

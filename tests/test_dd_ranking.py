@@ -25,7 +25,7 @@ def make_config(data, full_data_dir):
   config.dataset.update(data_dir=data['data_dir'], source_dir=data['source_dir'])
   config.teacher.width = config.student.width = 8
   config.recover.ipc = IPC
-  config.relabel.update(epochs=2)
+  config.student.epochs = 2
   config.evaluate.update(seeds=2, baselines=('random', 'hard_label', 'full_data'),
                          full_data_dir=full_data_dir)
   return config

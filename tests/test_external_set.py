@@ -20,7 +20,7 @@ def make_config(data, **evaluate):
   config = testlib.fashion_config(data)
   config.teacher.width = config.student.width = 8
   config.recover.ipc = IPC
-  config.relabel.update(epochs=2)
+  config.student.epochs = 2
   config.evaluate.update(baselines=('random', 'hard_label'), **evaluate)
   return config
 

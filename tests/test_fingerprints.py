@@ -70,7 +70,7 @@ def test_every_case_was_recorded():
 def test_a_key_added_at_its_old_default_is_left_out():
   config = make_fingerprints.load('fashion_mnist_ipc10', 'smoke', {})
   assert 'init_pick' not in fingerprints.record('recover', config)['recover']
-  config.recover.init_pick = 'centre'
+  config.recover.scored.pick = 'centre'
   assert fingerprints.record('recover', config)['recover']['init_pick'] == 'centre'
   soft = fingerprints.record('student', config)
   assert 'loss' not in soft and 'ce_weight' not in soft  # ce_weight goes with loss

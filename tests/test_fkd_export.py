@@ -63,7 +63,8 @@ def test_fkd_export_read_back_by_torch_reproduces_the_teacher(tmp_path):
   config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
   config.teacher.width = 8
   config.recover.ipc = IPC
-  config.relabel.update(epochs=2, batch_size=8, mix='cutmix', mix_prob=0.5)
+  config.student.update(epochs=2, batch_size=8)
+  config.relabel.update(mix='cutmix', mix_prob=0.5)
   workdir = str(tmp_path / 'run')
   _, variables = testlib.write_teacher(config, workdir)
   images = np.random.default_rng(0).integers(0, 256, (10 * IPC,) + SPEC.image_shape,

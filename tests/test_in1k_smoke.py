@@ -68,7 +68,7 @@ def test_config_is_the_paper_setting():
   r = config.recover
   assert (r.ipc, r.batch_size, r.iterations, r.lr, r.r_bn, r.first_bn_multiplier, r.jitter,
           r.min_scale, r.crop) == (50, 100, 4000, 0.25, 0.01, 10.0, 32, 0.08, 'per_image')
-  assert (config.relabel.epochs, config.relabel.batch_size, config.relabel.mix) == (
+  assert (config.student.epochs, config.student.batch_size, config.relabel.mix) == (
       300, 1024, 'cutmix')
   e = config.evaluate
   assert (e.optimizer, e.lr, e.weight_decay, e.temperature, e.seeds) == (
@@ -87,7 +87,7 @@ def test_tiny_and_cifar100_configs_follow_the_paper():
   assert (r.lr, r.r_bn, r.iterations, r.jitter, r.batch_size, r.ipc) == (
       0.1, 1.0, 4000, 4, 100, 50)
   e = tiny.evaluate
-  assert (e.optimizer, e.lr, e.temperature, tiny.relabel.mode, tiny.relabel.epochs) == (
+  assert (e.optimizer, e.lr, e.temperature, tiny.relabel.mode, tiny.student.epochs) == (
       'sgd', 0.2, 20.0, 'online', 100)
 
   cifar = get_config(None, 'cifar100_ipc50')
@@ -113,7 +113,7 @@ def test_configs_pass_every_stage_check_on_eight_devices(name, arg):
   evaluate.validate(config, ctx)
   num_images = image_sets.recovered_classes(config.recover, spec) * config.recover.ipc
   batching.check_batch_size(views.create_schedule(config, num_images).batch_size, mesh,
-                            'relabel.batch_size')
+                            'student.batch_size')
   for stage_config in (config.squeeze, config.evaluate):
     train_lib.create_optimizer(stage_config, train_lib.warmup_cosine(0.1, 10))
   for model_config in (config.teacher, config.student):

@@ -333,7 +333,7 @@ def test_squeeze_and_student_steps_that_cannot_fit_stop_before_training(data_dir
   export.write_tfds(image_sets.distilled_dir(workdir), images,
                     np.repeat(np.arange(10), 2).astype(np.int32), 10)
   config.evaluate.baselines = ()
-  with pytest.raises(MemoryError, match=r'relabel.batch_size=16 .*does not fit'):
+  with pytest.raises(MemoryError, match=r'student.batch_size=16 .*does not fit'):
     testlib.run_stage(evaluate, config, workdir)
   # Nothing trained: no student checkpoint anywhere under evaluate/.
   assert not any('checkpoints' in root and dirs for root, dirs, _ in

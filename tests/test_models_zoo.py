@@ -56,7 +56,8 @@ def _train(name, devices, steps=2):
   """`steps` hard-label student steps of zoo model `name` on `devices` devices (8 random
   Fashion-MNIST-shaped images, SGD): (losses, final params)."""
   config = config_lib.base_config()
-  config.relabel.update(batch_size=8, mix='cutmix')
+  config.student.batch_size = 8
+  config.relabel.mix = 'cutmix'
   # SGD: Adam would blow last-bit differences of near-zero gradients up to a full step.
   config.evaluate.update(optimizer='sgd', momentum=0.9)
   spec = datasets.get_spec('fashion_mnist')  # 28 x 28 x 1: DC's first-layer padding too

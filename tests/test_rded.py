@@ -68,8 +68,8 @@ def test_pad_to_centres():
 def _setup(factor):
   config = config_lib.base_config()
   config.teacher.update(width=4, depth=2)
-  config.recover.update(method='rded', ipc=2, rded_candidates=10, rded_crops=3,
-                        rded_factor=factor, min_scale=0.3)
+  config.recover.update(method='rded', ipc=2, min_scale=0.3,
+                        rded=dict(candidates=10, crops=3, factor=factor))
   spec = datasets.get_spec('fashion_mnist')
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (60,) + spec.image_shape, dtype=np.uint8)
@@ -127,14 +127,14 @@ def test_synthesize_scores_candidates_as_they_come_whatever_the_batch():
   # Reference: every candidate's crops and scores at once, the best ipc * f^2 stitched.
   cfg = config.recover
   images, labels = train.class_balanced_subset(
-      3, cfg.rded_candidates, rngs.numpy_rng('rded_candidates', config.seed))
+      3, cfg.rded.candidates, rngs.numpy_rng('rded_candidates', config.seed))
   scorer = rded.create_scorer(model, spec, cfg, mesh)
-  ranks = np.tile(np.arange(cfg.rded_candidates), 3).astype(np.int32)
+  ranks = np.tile(np.arange(cfg.rded.candidates), 3).astype(np.int32)
   crops, scores = scorer(teacher, images, labels, ranks, rngs.stream_key(config.seed,
                                                                           'rded_crops'))
   crops, scores = np.asarray(crops), np.asarray(scores)
   for c in range(3):
-    rows = slice(c * cfg.rded_candidates, (c + 1) * cfg.rded_candidates)
+    rows = slice(c * cfg.rded.candidates, (c + 1) * cfg.rded.candidates)
     source, crop = rded.select(scores[rows], 8)
     patches = crops[rows][source, crop]
     np.testing.assert_array_equal(
@@ -143,20 +143,19 @@ def test_synthesize_scores_candidates_as_they_come_whatever_the_batch():
 
 def test_too_few_candidates_name_the_setting_to_lower():
   config, spec, train, model, teacher = _setup(1)
-  config.recover.rded_candidates = 21  # 20 images per class
-  with pytest.raises(ValueError, match=r'^recover.rded_candidates: 21 training images of every '
+  config.recover.rded.candidates = 21  # 20 images per class
+  with pytest.raises(ValueError, match=r'^recover.rded.candidates: 21 training images of every '
                                        r'class are needed; 3 classes .* Lower '
-                                       r'recover.rded_candidates.$'):
+                                       r'recover.rded.candidates.$'):
     rded.synthesize(config, spec, model=model, teacher=teacher, train=train, num_classes=3,
                     mesh=batching.create_mesh(1))
 
 
 def test_validate():
-  cfg = ml_collections.ConfigDict(dict(ipc=10, rded_candidates=39, rded_crops=5,
-                                       rded_factor=2))
-  with pytest.raises(ValueError, match='rded_candidates'):
+  cfg = ml_collections.ConfigDict(dict(ipc=10, rded=dict(candidates=39, crops=5, factor=2)))
+  with pytest.raises(ValueError, match='rded.candidates'):
     rded.validate(cfg)
-  cfg.rded_candidates = 40
+  cfg.rded.candidates = 40
   rded.validate(cfg)
 
 
@@ -168,12 +167,12 @@ def test_in1k_rded_config_has_rded_settings_and_passes_the_stage_checks():
     rded.validate(config.recover)
     assert config.recover.method == 'rded'
   r = testlib.load_config('in1k_rded').recover
-  assert (r.ipc, r.rded_candidates, r.rded_crops, r.rded_factor, r.min_scale, r.max_scale) == (
+  assert (r.ipc, r.rded.candidates, r.rded.crops, r.rded.factor, r.min_scale, r.max_scale) == (
       10, 300, 5, 2, 0.08, 1.0)
   config = testlib.load_config('in1k_rded')
-  assert (config.relabel.epochs, config.relabel.batch_size, config.evaluate.lr,
+  assert (config.student.epochs, config.student.batch_size, config.evaluate.lr,
           config.evaluate.temperature) == (300, 100, 1e-3, 20.0)
-  assert testlib.load_config('in1k_rded', 'ipc=50').relabel.batch_size == 200
+  assert testlib.load_config('in1k_rded', 'ipc=50').student.batch_size == 200
 
 
 def test_in1k_rded_smoke_recovers_at_224(tmp_path):
@@ -202,13 +201,13 @@ def test_in1k_rded_smoke_recovers_at_224(tmp_path):
 
 
 def test_squeeze_and_recover_refuse_too_many_rded_candidates_before_squeeze(data, tmp_path):
-  """recover.rded_candidates over a class's training images is refused by main's up-front
+  """recover.rded.candidates over a class's training images is refused by main's up-front
   check (runner.validate), before squeeze trains (or writes) anything."""
   config = testlib.fashion_config(data)
-  config.recover.update(method='rded', ipc=1, rded_factor=1, rded_candidates=1000)
+  config.recover.update(method='rded', ipc=1, rded=dict(factor=1, candidates=1000))
   workdir = str(tmp_path / 'run')
-  with pytest.raises(ValueError, match=r'^recover.rded_candidates: 1000 training images of '
+  with pytest.raises(ValueError, match=r'^recover.rded.candidates: 1000 training images of '
                                        r'every class are needed;.* Lower '
-                                       r'recover.rded_candidates.$'):
+                                       r'recover.rded.candidates.$'):
     runner.run(config, workdir, ['squeeze', 'recover'])
   assert not os.path.exists(workdir)

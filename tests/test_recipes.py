@@ -81,7 +81,7 @@ def toy_config(data_dir: str):
   config.student.update(width=8, depth=2)
   config.squeeze.update(epochs=4, batch_size=32, eval_batch_size=64)
   config.recover.update(method='class_mean', ipc=2, batch_size=CLASSES)
-  config.relabel.update(epochs=2, batch_size=8)
+  config.student.update(epochs=2, batch_size=8)
   config.evaluate.update(eval_batch_size=64, seeds=1, baselines=('random',))
   return config
 

@@ -35,7 +35,7 @@ import testlib
 
 SPEC = datasets.get_spec('fashion_mnist')
 WIDTH = 8
-IPC = 2  # 20 distilled images; relabel.batch_size 16 -> 2 steps per epoch (one wraps)
+IPC = 2  # 20 distilled images; student.batch_size 16 -> 2 steps per epoch (one wraps)
 EPOCHS = 8  # relabel/student epochs of every run: 16 student steps
 # Stored-vs-online tolerances (see test_stored_float32_and_online_train_the_same_student).
 PARAM_ATOL = 1e-4  # float32 stored vs online (conv biases excepted, see max_abs_diff)
@@ -46,7 +46,7 @@ FLOAT16_TOP1_TOL = 0.02
 
 # What every run changes in the smoke config (also given as flags to the subprocesses).
 OVERRIDES = {'teacher.width': WIDTH, 'student.width': WIDTH, 'recover.ipc': IPC,
-             'relabel.epochs': EPOCHS, 'relabel.epochs_per_shard': 2,
+             'student.epochs': EPOCHS, 'relabel.epochs_per_shard': 2,
              'evaluate.checkpoint_every_epochs': 1}
 
 
@@ -343,9 +343,9 @@ def test_labels_of_other_images_are_refused(data, stored_float32_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('change, message', [
-    (dict(relabel=dict(batch_size=8)), 'batch_size is 16 in the labels but 8 now'),
+    (dict(student=dict(batch_size=8)), 'batch_size is 16 in the labels but 8 now'),
     (dict(seed=1), 'seed is 0 in the labels but 1 now'),
-    (dict(relabel=dict(epochs=EPOCHS + 2)), f'epochs is {EPOCHS} in the labels'),
+    (dict(student=dict(epochs=EPOCHS + 2)), f'epochs is {EPOCHS} in the labels'),
     (dict(relabel=dict(min_scale=0.5)), 'min_scale'),
     (dict(relabel=dict(mix='mixup')), 'mix'),
 ])
@@ -356,6 +356,7 @@ def test_labels_made_under_other_settings_are_refused(data, stored_float32_run, 
   workdir = _fresh_evaluate(stored_float32_run, tmp_path / 'w')
   config = make_config(data, mode='stored', storage='float32')
   config.relabel.update(**change.get('relabel', {}))
+  config.student.update(**change.get('student', {}))
   if 'seed' in change:
     config.seed = change['seed']
   other = label_store.label_dir(config, workdir, 'distilled')

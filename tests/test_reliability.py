@@ -56,6 +56,7 @@ from sre2l_jax import squeeze
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import teacher_store
 from sre2l_jax import train_lib
+from sre2l_jax import views
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 
@@ -70,7 +71,8 @@ def make_config(data, **sections) -> ml_collections.ConfigDict:
   config = testlib.fashion_config(data)
   config.teacher.width = config.student.width = 8
   config.recover.ipc = IPC
-  config.relabel.update(epochs=2, batch_size=16, epochs_per_shard=1)
+  config.student.update(epochs=2, batch_size=16)
+  config.relabel.update(epochs_per_shard=1)
   config.evaluate.update(baselines=(), seeds=1, checkpoint_every_epochs=1)
   for section, values in sections.items():
     config[section].update(values)
@@ -80,8 +82,8 @@ def make_config(data, **sections) -> ml_collections.ConfigDict:
 def flags_of(data, **sections) -> dict:
   """The --config.<key> overrides that make the CLI run `make_config(data, **sections)`."""
   out = {'dataset.data_dir': data['data_dir'], 'dataset.source_dir': data['source_dir'],
-         'teacher.width': 8, 'student.width': 8, 'recover.ipc': IPC, 'relabel.epochs': 2,
-         'relabel.batch_size': 16, 'relabel.epochs_per_shard': 1,
+         'teacher.width': 8, 'student.width': 8, 'recover.ipc': IPC, 'student.epochs': 2,
+         'student.batch_size': 16, 'relabel.epochs_per_shard': 1,
          'evaluate.baselines': '()', 'evaluate.seeds': 1, 'evaluate.checkpoint_every_epochs': 1}
   for section, values in sections.items():
     out |= {f'{section}.{k}': v for k, v in values.items()}
@@ -600,11 +602,53 @@ def test_changed_source_dir_is_detected(data, tmp_path):
     (['--config=configs/fashion_mnist_ipc10.py', '--config.evaluate.lr=-50',
       '--stages=squeeze,recover,relabel,evaluate'], ['evaluate.lr=-50.0 must be positive']),
     (['--config=configs/fashion_mnist_ipc10.py', '--stages=evaluat'], ["['evaluat']"]),
+    (['--config=configs/fashion_mnist_ipc10.py', '--config.relabel.epochs=5'],
+     ['relabel.epochs is now student.epochs', '--config.student.epochs']),
+    (['--config=configs/fashion_mnist_ipc10.py', '--config.recover.rded_factor=1'],
+     ['recover.rded_factor is now recover.rded.factor']),
 ])
 def test_config_errors_are_one_line_and_write_nothing(tmp_path, args, fragments):
   workdir = tmp_path / 'w'
   assert_one_line_error(cli(args + [f'--workdir={workdir}']), *fragments)
   assert not workdir.exists()
+
+
+def test_a_config_file_setting_a_moved_key_is_refused_before_any_work(tmp_path):
+  """A config file written before the student's schedule moved out of relabel (unlocked,
+  `c.relabel.batch_size = 32` adds a key that nothing reads): refused, naming the new key."""
+  path = tmp_path / 'old_config.py'
+  path.write_text('from sre2l_jax import config_lib\n\n\ndef get_config(arg=None):\n'
+                  '  c = config_lib.base_config()\n  c.relabel.batch_size = 32\n  return c\n')
+  workdir = tmp_path / 'w'
+  assert_one_line_error(cli([f'--config={path}', f'--workdir={workdir}']),
+                        'relabel.batch_size is now student.batch_size')
+  assert not workdir.exists()
+
+
+def test_an_old_workdirs_config_json_is_read_with_the_moved_keys():
+  old = config_lib.base_config().to_dict()
+  for key in config_lib.STUDENT_SCHEDULE_KEYS:
+    del old['student'][key]
+  old['relabel'].update(epochs=7, batch_size=3)
+  for group in ('scored', 'edc', 'rded', 'early_late'):  # recover was one flat section
+    del old['recover'][group]
+  old['recover'].update(init_candidates=0, init_crops=1, init_coverage=True, init_pick='centre',
+                        class_bn_weight=1.0, early_late_stages=4, rded_candidates=300,
+                        rded_crops=5, rded_factor=1)
+  before = json.dumps(old, sort_keys=True)
+  config = ml_collections.ConfigDict(config_lib.upgrade(old))
+  assert json.dumps(old, sort_keys=True) == before  # the dict read is left as it is
+  assert (config.student.epochs, config.student.batch_size) == (7, 3)
+  assert 'epochs' not in config.relabel and 'batch_size' not in config.relabel
+  assert config.recover.scored.to_dict() == dict(candidates=0, crops=1, coverage=True,
+                                                 pick='centre')
+  assert (config.recover.edc.class_bn_weight, config.recover.rded.factor,
+          config.recover.early_late.stages) == (1.0, 1, 4)
+  assert sorted(config.recover) == sorted(config_lib.base_config().recover)
+  config_lib.check_moved(config)  # nothing left at the old places
+  assert views.create_schedule(config, 10).total_steps == 7 * 4
+  assert config_lib.upgrade(config_lib.base_config().to_dict()) == (
+      config_lib.base_config().to_dict())  # a new config.json: as it is
 
 
 def test_verbosity_1_shows_the_traceback(tmp_path):
@@ -671,7 +715,7 @@ def test_evaluate_under_another_recover_ipc_refuses(recovered, tmp_path):
   workdir = copy(source, tmp_path / 'w')
   other = ml_collections.ConfigDict(config.to_dict())
   other.recover.ipc = 2
-  other.relabel.batch_size = 8  # a student batch that 10 and 20 images both give
+  other.student.batch_size = 8  # a student batch that 10 and 20 images both give
   with pytest.raises(ValueError, match=r'recovered under other settings .*recover\.ipc: '
                                        r'saved 1, now 2'):
     testlib.run_stage(evaluate, other, workdir)
@@ -792,15 +836,15 @@ def test_a_refused_recover_leaves_no_fingerprint_and_the_corrected_command_runs(
   workdir = str(tmp_path / 'w')
   shutil.copytree(os.path.join(source, 'squeeze'), os.path.join(workdir, 'squeeze'))
   scored = ml_collections.ConfigDict(config.to_dict())
-  scored.recover.update(init='scored', init_candidates=0, ipc=100)
+  scored.recover.update(init='scored', scored=dict(candidates=0), ipc=100)
   with pytest.raises(ValueError, match=r'the smallest class of the training split .*has \d+: '
                                        r'lower recover\.ipc to \d+ or less'):
     testlib.run_stage(recover, scored, workdir)
   rded = ml_collections.ConfigDict(config.to_dict())
-  rded.recover.update(method='rded', rded_candidates=1)
-  with pytest.raises(ValueError, match=r'rded_candidates=1 must be at least'):
+  rded.recover.update(method='rded', rded=dict(candidates=1))
+  with pytest.raises(ValueError, match=r'rded.candidates=1 must be at least'):
     runner.validate(rded, ['recover'], testlib.context_of(rded))
-  with pytest.raises(ValueError, match=r'rded_candidates=1 must be at least'):
+  with pytest.raises(ValueError, match=r'rded.candidates=1 must be at least'):
     testlib.run_stage(recover, rded, workdir)
   assert not os.path.exists(os.path.join(workdir, 'recover', checkpoint.FINGERPRINT))
   assert testlib.run_stage(recover, config, workdir)['images'] == SPEC.num_classes
@@ -810,7 +854,7 @@ def test_a_refused_recover_leaves_no_fingerprint_and_the_corrected_command_runs(
     ('student', 'name', 'no_such_net', "Unknown model 'no_such_net'"),
     ('student', 'pooling', 'median', "'median'"),
     ('student', 'dtype', 'float8', "Unknown model dtype 'float8'"),
-    ('relabel', 'batch_size', 12, 'relabel.batch_size (student batch)=12 must be'),
+    ('student', 'batch_size', 12, 'student.batch_size (student batch)=12 must be'),
 ])
 def test_student_and_batch_checks_run_before_any_stage(data, section, key, value, fragment):
   """Issue 26.6: found by main's checks, not by evaluate after squeeze and recover ran."""
@@ -908,7 +952,7 @@ def test_ctrl_c_prints_one_line_and_the_resume_command(data, base, tmp_path):
   workdir = copy(base, tmp_path / 'w')
   log_path = tmp_path / 'log'
   command = [sys.executable, '-m', 'sre2l_jax.main'] + cli_args(
-      data, workdir, 'evaluate', relabel={'epochs': 200})
+      data, workdir, 'evaluate', student={'epochs': 200})
   with open(log_path, 'w') as log:
     process = subprocess.Popen(command, cwd=testlib.REPO, stdout=log, stderr=subprocess.STDOUT,
                                env=dict(os.environ, PYTHONPATH=testlib.REPO))

@@ -94,7 +94,7 @@ def test_stack_of_one_equals_the_single_step(data, target):
   one set, which XLA may fuse otherwise, so float rounding may differ: parameters within
   1e-6 and losses within rtol 1e-6 (measured: bit-identical here)."""
   config = testlib.fashion_config(data, {'teacher.width': 8, 'student.width': 8,
-                                       'relabel.batch_size': 8})
+                                       'student.batch_size': 8})
   teacher_model, teacher = testlib.random_teacher(config, seed=1)
   mesh = batching.create_mesh(1)
   model = models.create_model(config.student, SPEC.num_classes)

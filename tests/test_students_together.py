@@ -59,7 +59,7 @@ EDC_PARAM_ATOL = 1e-4
 TOP1_TOL = 1.5 / 64
 
 OVERRIDES = {'teacher.width': 4, 'student.width': 4, 'recover.ipc': IPC,
-             'relabel.epochs': EPOCHS, 'relabel.batch_size': 8,
+             'student.epochs': EPOCHS, 'student.batch_size': 8,
              'evaluate.seeds': SEEDS, 'evaluate.checkpoint_every_epochs': 1,
              'evaluate.eval_every_epochs': 1, 'evaluate.eval_batch_size': 32,
              'dataset.test_limit': 64}
@@ -198,7 +198,7 @@ def test_each_student_writes_its_own_metrics(together_run):
     call = calls[seed_dir]
     assert call['hparams'][0]['evaluate.variant'] == name
     assert call['hparams'][0]['student.seed'] == seed
-    assert call['hparams'][0]['relabel.epochs'] == EPOCHS
+    assert call['hparams'][0]['student.epochs'] == EPOCHS
     scalars = {}
     for step, values in call['scalars']:
       scalars.setdefault(step, {}).update(values)
@@ -254,7 +254,7 @@ def test_architectures_each_train_their_students(data, base_workdir, tmp_path):
   """Two student architectures: each its own variant folders, stacks and result rows."""
   workdir = testlib.copy_workdir(base_workdir, tmp_path / 'w')
   config = make_config(data, seeds=1, baselines=(), eval_every_epochs=0)
-  config.relabel.epochs = 1
+  config.student.epochs = 1
   # A plain name takes config.student's keys; a spec sets its own (here a wider MLP).
   names = ['convnet', 'mlp:width=24']
   config.evaluate.students = tuple(names)

@@ -141,7 +141,7 @@ def test_class_statistics_are_stored_beside_the_teacher_and_read_back(tmp_path, 
 
 
 def edc_inputs(label=3, group=4, seed=0):
-  config = small_config(method='edc', class_bn_weight=0.5, r_bn=1.0)
+  config = small_config(method='edc', edc=dict(class_bn_weight=0.5), r_bn=1.0)
   model, variables = testlib.random_teacher(config, statistics='random')
   teacher = dict(variables, **{class_stats.KEY: random_class_stats(variables, 10, seed)})
   images = jax.random.normal(jax.random.key(seed), (group,) + SPEC.image_shape)
@@ -185,7 +185,7 @@ def test_groups_of_one_class_use_only_that_class_statistics():
 
 def test_class_weight_zero_is_the_sre2l_loss():
   config, model, teacher, images, labels, uids = edc_inputs()
-  config.recover.class_bn_weight = 0.0
+  config.recover.edc.class_bn_weight = 0.0
   loss, _ = edc_loss(config, model, teacher, images, labels, uids)
   plain = {k: teacher[k] for k in ('params', 'batch_stats')}
   expected, _ = sre2l.group_loss(images, labels, uids, jax.random.key(7), jnp.float32(0.5),
@@ -240,7 +240,7 @@ def test_selection_returns_the_top_scored_candidates_one_per_source_image():
     mates = np.flatnonzero(cluster == cluster[i])
     assert scores[i] == scores[mates].max()
   assert list(scores[chosen]) == sorted(scores[chosen], reverse=True)
-  with pytest.raises(ValueError, match='init_candidates'):
+  with pytest.raises(ValueError, match='scored.candidates'):
     selection.select(scores, sources, 9)
 
   # pick 'centre': of each cluster the source whose best candidate is nearest the mean of
@@ -252,7 +252,7 @@ def test_selection_returns_the_top_scored_candidates_one_per_source_image():
     mates = best[cluster[best] == cluster[i]]
     distance = ((features[mates] - features[mates].mean(0)) ** 2).sum(-1)
     assert i == mates[np.argmin(distance)]
-  with pytest.raises(ValueError, match='init_pick'):
+  with pytest.raises(ValueError, match='scored.pick'):
     selection.select(scores, sources, 3, features, np.random.default_rng(0), 'middle')
 
 
@@ -260,7 +260,7 @@ def test_scored_start_keeps_scores_and_crops_the_chosen_images_again():
   """selection.scored_images scores the candidates a chunk at a time and keeps numbers, not
   images: its starting images equal the best crops of the top-scored candidates of every
   candidate scored and cropped at once (the reference below)."""
-  config = small_config(init='scored', init_candidates=6, init_crops=3, init_coverage=False,
+  config = small_config(init='scored', scored=dict(candidates=6, crops=3, coverage=False),
                         ipc=2, min_scale=0.3)
   model, variables = testlib.random_teacher(config)
   data = np.random.default_rng(2)
@@ -288,11 +288,11 @@ def test_scored_start_keeps_scores_and_crops_the_chosen_images_again():
     expected = crops[top, scores[top].argmax(1)]
     np.testing.assert_array_equal(
         out[c], datasets.normalise(datasets.denormalise(expected, SPEC), SPEC))
-  config.recover.init_candidates = 11  # 10 images per class
-  with pytest.raises(ValueError, match=r'^recover.init_candidates: 11 training images of every '
+  config.recover.scored.candidates = 11  # 10 images per class
+  with pytest.raises(ValueError, match=r'^recover.scored.candidates: 11 training images of every '
                                        r'class are needed; 3 classes'):
     selection.scored_images(config, model, variables, split, 3)
-  config.recover.init_candidates = 6
+  config.recover.scored.candidates = 6
   # Scored across 8 devices (chunks of 4 padded to 8): the same choice.
   spread = selection.scored_images(config, model, variables, split, 3,
                                    batching.create_mesh(8), chunk=4)
@@ -301,10 +301,10 @@ def test_scored_start_keeps_scores_and_crops_the_chosen_images_again():
 
 def test_a_new_recover_key_at_its_old_behaviour_keeps_old_workdirs_resumable():
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,method=edc')
-  config.recover.init_pick = 'score'
+  config.recover.scored.pick = 'score'
   before = fingerprints.record('recover', config)
   assert 'init_pick' not in before['recover']  # 'score': what workdirs before it did
-  config.recover.init_pick = 'centre'
+  config.recover.scored.pick = 'centre'
   assert fingerprints.record('recover', config)['recover']['init_pick'] == 'centre'
 
 
@@ -312,7 +312,8 @@ def test_a_new_recover_key_at_its_old_behaviour_keeps_old_workdirs_resumable():
 
 
 def test_early_late_starts_each_stage_at_its_step():
-  cfg = small_config(ipc=4, iterations=10, diversity='early_late', early_late_stages=2).recover
+  cfg = small_config(ipc=4, iterations=10, diversity='early_late',
+                     early_late=dict(stages=2)).recover
   _, uids, _ = optimize.group_layout(3, 4, 2, 1, by_class=True)
   grads = jnp.ones(uids.shape + (2, 2, 1))
   ipc_index = uids // 3
@@ -326,9 +327,9 @@ def test_early_late_starts_each_stage_at_its_step():
 # ----------------------------------------------------------------------------- resume
 
 WIDTH = 8
-RUN = dict(method='edc', group_by='class', init='scored', init_candidates=6, init_crops=2,
+RUN = dict(method='edc', group_by='class', init='scored', scored=dict(candidates=6, crops=2),
            ipc=2, batch_size=2, iterations=12, checkpoint_every_steps=2, log_every_steps=2,
-           diversity='early_late', early_late_stages=2)
+           diversity='early_late', early_late=dict(stages=2))
 
 
 def edc_config(data_dir):
@@ -387,21 +388,22 @@ def test_in1k_edc_config_has_edc_settings_and_passes_the_stage_checks():
     recover.validate(config, testlib.context_of(config, spec=spec))
     assert config.recover.method == 'edc' and config.recover.group_by == 'class'
   r = testlib.load_config('in1k_edc').recover
-  assert (r.ipc, r.batch_size, r.iterations, r.lr, r.r_bn, r.class_bn_weight, r.min_scale,
-          r.jitter, r.init, r.init_crops, r.init_candidates) == (
+  assert (r.ipc, r.batch_size, r.iterations, r.lr, r.r_bn, r.edc.class_bn_weight, r.min_scale,
+          r.jitter, r.init, r.scored.crops, r.scored.candidates) == (
               10, 10, 1000, 0.05, 0.1, 0.5, 0.5, 0, 'scored', 5, 300)
   # What needs the whole split in host memory is refused early on a streamed one.
   spec = datasets.get_spec('imagenet2012')
   for overrides, what in (({'recover.init': 'real'}, "init='real'"),
-                          ({'recover.init_candidates': 0},
-                           "init='scored' with init_candidates=0")):
+                          ({'recover.scored.candidates': 0},
+                           "init='scored' with scored.candidates=0")):
     config = testlib.load_config('in1k_edc')
     config.update_from_flattened_dict(overrides)
     with pytest.raises(ValueError, match=f"recover.{what} needs the whole training split in "
                                          f"host memory; imagenet2012 is streamed"):
       recover.validate(config, testlib.context_of(config, spec=spec))
-  relabel, e = testlib.load_config('in1k_edc').relabel, testlib.load_config('in1k_edc').evaluate
-  assert (relabel.epochs, relabel.batch_size, relabel.min_scale, e.lr, e.temperature) == (
+  edc_config = testlib.load_config('in1k_edc')
+  s, e = edc_config.student, edc_config.evaluate
+  assert (s.epochs, s.batch_size, edc_config.relabel.min_scale, e.lr, e.temperature) == (
       300, 100, 0.5, 1e-3, 20.0)
   assert (e.lr_zeta, e.ema_decay, e.loss, e.ce_weight) == (2.0, 0.99, 'mse_ce', 0.025)
   config = testlib.load_config('in1k_edc')
@@ -434,9 +436,9 @@ def test_in1k_edc_smoke_recovers_on_mock_imagenet(tmp_path):
 
 def test_fashion_mnist_config_defaults_to_edc_and_keeps_sre2l_as_published():
   default = testlib.load_config('fashion_mnist_ipc10').recover
-  assert (default.method, default.group_by, default.init, default.init_pick,
+  assert (default.method, default.group_by, default.init, default.scored.pick,
           default.batch_size, default.iterations, default.lr, default.jitter,
-          default.class_bn_weight) == ('edc', 'class', 'scored', 'centre', 10, 300, 0.05, 0, 0.5)
+          default.edc.class_bn_weight) == ('edc', 'class', 'scored', 'centre', 10, 300, 0.05, 0, 0.5)
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=1')
   recover.validate(config, testlib.context_of(config, spec=SPEC))
   published = testlib.load_config('fashion_mnist_ipc10', 'method=sre2l').recover
@@ -453,9 +455,12 @@ def test_every_methods_table_row_is_a_valid_recover_config():
     for ipc in (1, 10, 50):
       config = testlib.load_config('fashion_mnist_ipc10', f'ipc={ipc},seeds=3,method={method}')
       for key, value in overrides.items():
-        section, name = key.split('.')
-        assert name in config[section], key  # a typo would fail only in the subprocess
-        config[section][name] = value
+        *sections, name = key.split('.')
+        node = config
+        for section in sections:
+          node = node[section]
+        assert name in node, key  # a typo would fail only in the subprocess
+        node[name] = value
       recover.validate(config, testlib.context_of(config, spec=SPEC))
       argv, workdir = methods_table.command(row, ipc, 3, '/t', '/root')
       assert workdir == f'/root/ipc{ipc}/{row}' and f'method={method}' in argv[3]

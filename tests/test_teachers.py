@@ -154,7 +154,7 @@ def test_recover_accepts_several_teachers_for_the_methods_that_sum_them():
   config = _config()
   spec = datasets.get_spec(config.dataset.name)
   # rded's candidates within the smoke split's classes (recover.validate counts them).
-  config.recover.update(rded_factor=1, rded_candidates=10)
+  config.recover.rded.update(factor=1, candidates=10)
   for method in ('sre2l', 'rded'):
     config.recover.method = method
     recover.validate(config, testlib.context_of(config, spec=spec))

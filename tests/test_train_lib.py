@@ -23,9 +23,9 @@ def test_student_schedule_is_the_smoothed_cosine():
 
 
 def test_fashion_config_epochs_sets_the_student_schedule():
-  assert testlib.load_config('fashion_mnist_ipc10').relabel.epochs == 300
+  assert testlib.load_config('fashion_mnist_ipc10').student.epochs == 300
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,epochs=1500')
-  assert config.relabel.epochs == 1500
+  assert config.student.epochs == 1500
   assert views.create_schedule(config, 100).total_steps == 3000
 
 

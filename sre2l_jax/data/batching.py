@@ -142,7 +142,7 @@ def too_few_per_class(count: int, short: list[int], num_examples: int) -> TooFew
 
 def named_draw(batches, setting: str):
   """`batches` (a `Split.candidate_batches` iterator) as they come; a split too small for the
-  draw raises a ValueError naming `setting` (e.g. 'recover.rded_candidates'), to be lowered."""
+  draw raises a ValueError naming `setting` (e.g. 'recover.rded.candidates'), to be lowered."""
   try:
     yield from batches
   except TooFewPerClass as e:

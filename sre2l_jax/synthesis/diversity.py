@@ -4,10 +4,10 @@ DELT (Shen, Sherif, Yin, Shao, "DELT: A Simple Diversity-driven EarlyLate Traini
 Distillation", CVPR 2025) splits each class's IPC into sub-tasks that start optimising at
 different iterations from different real images, so the images of a class end at different
 distances from their starting points instead of all collapsing to the same mode. Here: the image
-at ipc index i belongs to stage s = floor(i * S / ipc), S = min(recover.early_late_stages, ipc),
+at ipc index i belongs to stage s = floor(i * S / ipc), S = min(recover.early_late.stages, ipc),
 and gets gradients only from step s * iterations / S on; before that its gradient is zero, so
 Adam leaves it untouched (its moments stay zero). Stage 0 (the first ipc indices: with
-init='scored' and init_coverage=False, the teacher's best-scored images) runs all the
+init='scored' and scored.coverage=False, the teacher's best-scored images) runs all the
 iterations, stage S-1 the last 1/S of them, at the cosine schedule's tail. Works with any method
 (the mask is applied to the gradients in `optimize.recover_step`).
 """
@@ -23,7 +23,7 @@ def start_steps(uids, num_classes: int, cfg):
   uids: `optimize.group_layout`'s image ids (ipc index * num_classes + class); padding
   images (ipc index >= ipc) are put in the last stage.
   """
-  stages = min(cfg.early_late_stages, cfg.ipc)  # at least one ipc index per stage
+  stages = min(cfg.early_late.stages, cfg.ipc)  # at least one ipc index per stage
   ipc_index = uids // num_classes
   stage = jnp.minimum(ipc_index * stages // cfg.ipc, stages - 1)
   return (stage * cfg.iterations) // stages
@@ -42,7 +42,7 @@ def mask_gradients(grads, uids, step, num_classes: int, cfg):
 def validate(cfg) -> None:
   if cfg.diversity not in DIVERSITY:
     raise ValueError(f'recover.diversity={cfg.diversity!r}; valid: {DIVERSITY}.')
-  if cfg.diversity == 'early_late' and cfg.early_late_stages < 1:
-    raise ValueError(f'recover.early_late_stages={cfg.early_late_stages} must be >= 1 (at '
+  if cfg.diversity == 'early_late' and cfg.early_late.stages < 1:
+    raise ValueError(f'recover.early_late.stages={cfg.early_late.stages} must be >= 1 (at '
                      f'most ipc are used: a stage holds at least one ipc index).')
 

@@ -13,7 +13,7 @@ class c, the layout the Fashion-MNIST config uses):
                                               + a (||mu_l - m_l[c]|| + ||var_l - v_l[c]||)]
 mu_l, var_l: mean and biased variance over (N, H, W) of BN layer l's input in this group (as
 `sre2l`); m_l[c], v_l[c]: the same over all real training images of class c
-(`class_stats.py`, teacher in inference mode); a = recover.class_bn_weight; w_1 =
+(`class_stats.py`, teacher in inference mode); a = recover.edc.class_bn_weight; w_1 =
 first_bn_multiplier. In a group of several classes the class target is the mean of its
 images' class statistics (what EDC's code matches); in a one-class group it is exactly
 class c's. Starting images: recover.init='scored' (`selection.py`: per class the teacher's
@@ -122,7 +122,7 @@ def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
   logits, global_terms, class_terms = teacher_forward(x, labels, model=model, teacher=teacher,
                                                       remat=cfg.remat)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  weight = cfg.class_bn_weight
+  weight = cfg.edc.class_bn_weight
   bn, per_layer = weighted_bn_loss((1 - weight) * global_terms + weight * class_terms,
                                          cfg.first_bn_multiplier)
   loss = ce + cfg.r_bn * bn

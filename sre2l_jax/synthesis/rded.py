@@ -2,10 +2,10 @@
 (Sun, Shi, Xu, Zhang, Zhang, "On the Diversity and Realism of Distilled Dataset", CVPR 2024).
 
 No optimisation. For each class c:
-  1. `recover.rded_candidates` random real training images of c (RDED's `mipc`, 300 on
+  1. `recover.rded.candidates` random real training images of c (RDED's `mipc`, 300 on
      ImageNet-1K);
-  2. `recover.rded_crops` random square resized crops of each (RDED's `num_crop`, 5), of side
-     ceil(H / f) with f = `recover.rded_factor`, crop area in [min_scale, max_scale] of the
+  2. `recover.rded.crops` random square resized crops of each (RDED's `num_crop`, 5), of side
+     ceil(H / f) with f = `recover.rded.factor`, crop area in [min_scale, max_scale] of the
      image (torchvision's RandomResizedCrop defaults: 0.08, 1);
   3. realism score of a crop = -CE(teacher(crop zero-padded to H x W, centred), c) (the
      teacher sees the crop at its stitched size, the rest of the image at the normalised
@@ -40,13 +40,13 @@ from sre2l_jax.synthesis.method import Method
 def validate(cfg: ml_collections.ConfigDict, spec: datasets.DatasetSpec | None = None) -> None:
   """Raises ValueError for settings RDED cannot run with."""
   del spec
-  if cfg.rded_factor < 1 or cfg.rded_crops < 1:
-    raise ValueError(f'recover.rded_factor={cfg.rded_factor} and recover.rded_crops='
-                     f'{cfg.rded_crops} must be >= 1.')
-  needed = cfg.ipc * cfg.rded_factor**2
-  if cfg.rded_candidates < needed:
-    raise ValueError(f'recover.rded_candidates={cfg.rded_candidates} must be at least ipc * '
-                     f'rded_factor^2 = {needed} (one patch per source image).')
+  if cfg.rded.factor < 1 or cfg.rded.crops < 1:
+    raise ValueError(f'recover.rded.factor={cfg.rded.factor} and recover.rded.crops='
+                     f'{cfg.rded.crops} must be >= 1.')
+  needed = cfg.ipc * cfg.rded.factor**2
+  if cfg.rded.candidates < needed:
+    raise ValueError(f'recover.rded.candidates={cfg.rded.candidates} must be at least ipc * '
+                     f'rded.factor^2 = {needed} (one patch per source image).')
 
 
 def patch_size(image_size: int, factor: int) -> int:
@@ -114,14 +114,14 @@ def create_scorer(model, spec: datasets.DatasetSpec, cfg, mesh):
   A candidate's crops come from fold_in(fold_in(key, label), rank), rank its place among its
   class's candidates: the same on any number of devices and in any batch."""
   height, width = spec.image_shape[:2]
-  size = patch_size(min(height, width), cfg.rded_factor)
+  size = patch_size(min(height, width), cfg.rded.factor)
 
   def score(teacher, images, labels, ranks, key):
     x = datasets.normalise(images, spec)
     keys = jax.vmap(lambda c, i: jax.random.fold_in(jax.random.fold_in(key, c), i))(
         labels, ranks)
     # Square crops, each candidate's from its own key.
-    crop_keys = jax.vmap(lambda k: jax.random.split(k, cfg.rded_crops))(keys)
+    crop_keys = jax.vmap(lambda k: jax.random.split(k, cfg.rded.crops))(keys)
     crops = random_crops(crop_keys, x, (size, size), (cfg.min_scale, cfg.max_scale),
                          ratio=(1.0, 1.0))
     n, m = crops.shape[:2]
@@ -144,7 +144,7 @@ def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *,
   training split (`pipeline.Split`). One pass scores the candidates as they are read
   (`Split.candidate_batches`, `batch_size` at a time) and keeps their scores only; the
   chosen ones are read again (`Split.take`) and cropped again, so the host never holds all
-  num_classes * rded_candidates images. Deterministic for (config.seed, settings), whatever
+  num_classes * rded.candidates images. Deterministic for (config.seed, settings), whatever
   the device count.
   """
   cfg = config.recover
@@ -152,8 +152,8 @@ def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *,
   scorer = create_scorer(model, spec, cfg, mesh)
   key = rngs.stream_key(config.seed, 'rded_crops')
   sharded = batching.data_sharding(mesh)
-  per_class = cfg.rded_candidates
-  scores = np.zeros((num_classes, per_class, cfg.rded_crops), np.float32)
+  per_class = cfg.rded.candidates
+  scores = np.zeros((num_classes, per_class, cfg.rded.crops), np.float32)
   ids = np.zeros((num_classes, per_class), np.int64)
   seen = np.zeros(num_classes, np.int64)  # each class's candidates so far: the next rank
 
@@ -166,23 +166,23 @@ def synthesize(config: ml_collections.ConfigDict, spec: datasets.DatasetSpec, *,
 
   batches = train.candidate_batches(num_classes, per_class,
                                     rngs.numpy_rng('rded_candidates', config.seed), batch_size)
-  for images, labels, batch_ids in batching.named_draw(batches, 'recover.rded_candidates'):
+  for images, labels, batch_ids in batching.named_draw(batches, 'recover.rded.candidates'):
     ranks = np.zeros(len(labels), np.int64)
     for j, c in enumerate(labels):
       ranks[j], seen[c] = seen[c], seen[c] + 1
     _, score = run(images, labels, ranks)
     scores[labels, ranks], ids[labels, ranks] = score, batch_ids
-  count = cfg.ipc * cfg.rded_factor**2
+  count = cfg.ipc * cfg.rded.factor**2
   out = np.zeros((num_classes, cfg.ipc) + tuple(spec.image_shape), np.uint8)
   for c in range(num_classes):
     source, crop = select(scores[c], count)
     crops, _ = run(train.take(ids[c, source]), np.full(count, c), source)
     patches = np.asarray(jax.device_get(crops))[np.arange(count), crop]
-    out[c] = datasets.denormalise(stitch(patches, cfg.rded_factor, cfg.ipc, spec.image_shape),
+    out[c] = datasets.denormalise(stitch(patches, cfg.rded.factor, cfg.ipc, spec.image_shape),
                                   spec)
   return out
 
 
 METHOD = Method(name='rded', kind='direct', synthesize=synthesize, several_teachers=True,
-                validate=validate, draws=lambda cfg: {'recover.rded_candidates':
-                                                      cfg.rded_candidates})
+                validate=validate, draws=lambda cfg: {'recover.rded.candidates':
+                                                      cfg.rded.candidates})

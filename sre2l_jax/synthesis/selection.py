@@ -1,12 +1,12 @@
 """Real starting images chosen by the teacher (recover.init='scored'): score and coverage.
 
-Per class (RDED's realism score, as EDC initialises): `recover.init_candidates` random real
-images of the class; each is scored on `recover.init_crops` random-resized crops (scale
+Per class (RDED's realism score, as EDC initialises): `recover.scored.candidates` random real
+images of the class; each is scored on `recover.scored.crops` random-resized crops (scale
 recover.min_scale..max_scale; 1: the whole image, no crop) by the teacher's probability of
 the true class, and keeps its best crop (one per source image, so no image fills two
-places). Then `ipc` of them: with `recover.init_coverage`, k-means (Lloyd, k = ipc) on the
+places). Then `ipc` of them: with `recover.scored.coverage`, k-means (Lloyd, k = ipc) on the
 teacher's features of the candidates (the last BN layer's input averaged over H, W) and the
-best-scored candidate of each cluster (`recover.init_pick='score'`; 'centre': the one
+best-scored candidate of each cluster (`recover.scored.pick='score'`; 'centre': the one
 nearest the cluster's mean, as the k-means coreset picks), so the set spreads over the class
 instead of piling on its most typical images (at Fashion-MNIST IPC 10 the plain top 10 scored 82.96% against
 the random subset's 83.46%, issue 13); without it, the top `ipc` by score. The chosen
@@ -28,12 +28,12 @@ from sre2l_jax.data import datasets
 from sre2l_jax.synthesis import candidates
 
 
-PICKS = ('score', 'centre')  # recover.init_pick: a cluster's best-scored or most typical
+PICKS = ('score', 'centre')  # recover.scored.pick: a cluster's best-scored or most typical
 
 
 def check_pick(pick: str) -> None:
   if pick not in PICKS:
-    raise ValueError(f"recover.init_pick={pick!r}; valid: 'score' (the best-scored of each "
+    raise ValueError(f"recover.scored.pick={pick!r}; valid: 'score' (the best-scored of each "
                      f"cluster), 'centre' (the one nearest its mean).")
 
 
@@ -59,7 +59,7 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
   best = best_per_source(scores, sources)
   if len(best) < count:
     raise ValueError(f'{len(best)} source images cannot give {count} distinct starting '
-                     f'images; raise recover.init_candidates.')
+                     f'images; raise recover.scored.candidates.')
   if features is None:
     chosen = best[np.argsort(-scores[best], kind='stable')[:count]]
   else:
@@ -86,13 +86,13 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
 
 def create_crop_fn(spec: datasets.DatasetSpec, cfg):
   """A jitted (images uint8 (N, H, W, C), keys (N, K)) -> crops normalised (N, K, H, W, C):
-  K = recover.init_crops random-resized crops (scale min_scale..max_scale) of each image, crop
+  K = recover.scored.crops random-resized crops (scale min_scale..max_scale) of each image, crop
   k from keys[:, k]; K = 1 is the whole image."""
   size = spec.image_shape[:2]
 
   def crop(images, keys):
     x = datasets.normalise(images, spec)
-    if cfg.init_crops == 1:
+    if cfg.scored.crops == 1:
       return x[:, None]
     return candidates.random_crops(keys, x, size, (cfg.min_scale, cfg.max_scale))
 
@@ -137,13 +137,13 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
   scored on its crops and keeps only its best crop's score, key and features; the chosen
   images are read again (`Split.take`) and cropped again. So the host holds a chunk of
   images and, per candidate, its D features and a few numbers, whatever num_classes *
-  init_candidates is. With a
+  scored.candidates is. With a
   `mesh` (variables replicated on it), each chunk is scored across its devices.
   """
   cfg = config.recover
   spec = datasets.spec_of(config.dataset)
   rng = rngs.numpy_rng('recover_init_scored', config.seed)
-  per_class = cfg.init_candidates or _smallest_class(train_split, num_classes)
+  per_class = cfg.scored.candidates or _smallest_class(train_split, num_classes)
   score_fn = create_score_fn(model, spec, cfg, mesh)
   place = ((lambda a: a) if mesh is None else
            (lambda a: jax.device_put(a, batching.data_sharding(mesh))))
@@ -152,9 +152,9 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
   labels, ids, keys, scores, features = [], [], [], [], []
   offset = 0
   for images, batch_labels, batch_ids in batching.named_draw(train_split.candidate_batches(
-      num_classes, per_class, rng, chunk), 'recover.init_candidates'):
+      num_classes, per_class, rng, chunk), 'recover.scored.candidates'):
     n = len(batch_labels)
-    key_data = np.asarray(jax.random.key_data(crop_keys(key, offset, n, cfg.init_crops)))
+    key_data = np.asarray(jax.random.key_data(crop_keys(key, offset, n, cfg.scored.crops)))
     padded = batching.pad_rows([images, batch_labels, key_data], multiple)  # repeats dropped
     score, feature = jax.device_get(score_fn(variables, *(place(a) for a in padded)))
     score, feature = np.asarray(score)[:n], np.asarray(feature)[:n]
@@ -173,7 +173,7 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
   for c in range(num_classes):
     rows = np.flatnonzero(labels == c)
     chosen = rows[select(scores[rows], rows, cfg.ipc,
-                         features[rows] if cfg.init_coverage else None, rng, cfg.init_pick)]
+                         features[rows] if cfg.scored.coverage else None, rng, cfg.scored.pick)]
     best = jax.random.wrap_key_data(keys[chosen])[:, None]
     crops = crop_fn(train_split.take(ids[chosen]), best)[:, 0]
     # Through uint8, as a real image is stored.
@@ -182,15 +182,15 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
 
 
 def check_candidates(cfg) -> None:
-  """recover.init_candidates gives ipc distinct starting images per class (cfg: recover's)."""
-  if cfg.init == 'scored' and 0 < cfg.init_candidates < cfg.ipc:
-    raise ValueError(f'recover.init_candidates={cfg.init_candidates} gives fewer than '
+  """recover.scored.candidates gives ipc distinct starting images per class (cfg: recover's)."""
+  if cfg.init == 'scored' and 0 < cfg.scored.candidates < cfg.ipc:
+    raise ValueError(f'recover.scored.candidates={cfg.scored.candidates} gives fewer than '
                      f'recover.ipc={cfg.ipc} distinct starting images per class: raise it to '
                      f'>= {cfg.ipc} (0: all of each class).')
 
 
 def check_class_sizes(cfg, smallest: int, train_limit: int) -> None:
-  """With init_candidates=0 (all of each class): every class has ipc images (before any
+  """With scored.candidates=0 (all of each class): every class has ipc images (before any
   work); smallest: the images of the training split's smallest recovered class."""
   if smallest < cfg.ipc:
     limit = f' (dataset.train_limit={train_limit})' if train_limit else ''

@@ -54,9 +54,14 @@ def load(name: str, arg, overrides: dict):
   from sre2l_jax import config_lib  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(config_lib.__file__)))
   config = config_lib.load_config_file(os.path.join(root, 'configs', f'{name}.py'), arg)
+  moved = getattr(config_lib, 'MOVED', {})  # keys renamed after c0f06d5, at their new place
   for key, value in overrides.items():
-    section, field = key.split('.')
-    config[section][field] = value
+    *sections, field = moved.get(key, key).split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    assert field in node, key
+    node[field] = value
   return config
 
 
