@@ -302,8 +302,9 @@ def bench_recover(args, config, spec, mesh, model, teacher) -> dict:
       jax.device_put(images, sharded))
   rng = jax.device_put(jax.random.PRNGKey(args.seed + 3), replicated)
 
-  step_fn = optimize.create_recover_step(synthesis.get_method(cfg.method), model, cfg, tx,
-                                         optimize.pixel_bounds(spec), shardings, mesh)
+  step_fn = optimize.create_recover_step(
+      optimize.Recovery(synthesis.get_method(cfg.method), model, cfg, tx,
+                        optimize.pixel_bounds(spec), mesh), shardings)
   compiled, compile_seconds = compile_ahead(step_fn, state, labels_dev, uids_dev, rng,
                                             teacher)
   box = {'state': state}

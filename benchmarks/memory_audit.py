@@ -20,6 +20,7 @@ the peak of one step. The stage itself checks its round against XLA at its real 
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -104,16 +105,13 @@ def audit_recover(args, mesh) -> dict:
     teacher = models.abstract_variables(model, spec.image_shape)
     tx = optimize.create_optimizer(config.recover)
     shardings = optimize.state_shardings(tx, (1, cfg.batch_size) + spec.image_shape, mesh)
-    step = optimize.create_recover_step(synthesis.get_method(cfg.method), model,
-                                        config.recover, tx, optimize.pixel_bounds(spec),
-                                        shardings, mesh)
+    recovery = optimize.Recovery(synthesis.get_method(cfg.method), model, config.recover, tx,
+                                 optimize.pixel_bounds(spec), mesh)
+    step = optimize.create_recover_step(recovery, shardings)
     if not donate:  # the same step without donation: its outputs are new buffers
       sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
-      method, bounds = synthesis.get_method(cfg.method), optimize.pixel_bounds(spec)
       step = jax.jit(
-          lambda state, labels, uids, rng, teacher, model=model, tx=tx: optimize.recover_step(
-              state, labels, uids, rng, method=method, model=model, teacher=teacher,
-              cfg=config.recover, tx=tx, bounds=bounds, mesh=mesh),
+          functools.partial(optimize.recover_step, recovery=recovery),
           in_shardings=(shardings, sharded, sharded, replicated, replicated),
           out_shardings=(shardings, replicated))
     rng = jax.random.key(0)

@@ -281,6 +281,29 @@ def check_moved(config: ml_collections.ConfigDict) -> None:
                      ': set the new keys instead (the config file or the --config flags).')
 
 
+def _paths(tree, prefix: str = '') -> set[str]:
+  """The dotted paths of every leaf of a nested dict/ConfigDict."""
+  out = set()
+  for key, value in tree.items():
+    if hasattr(value, 'items'):
+      out |= _paths(value, f'{prefix}{key}.')
+    else:
+      out.add(f'{prefix}{key}')
+  return out
+
+
+def check_complete(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the keys of `base_config()` that `config` lacks: a group
+  replaced by a dict of some of its keys (`c.recover.rded = dict(factor=1)`) drops the
+  others, which the code then fails to read deep inside a stage."""
+  missing = sorted(_paths(base_config()) - _paths(config))
+  if missing:
+    groups = sorted({m.rsplit('.', 1)[0] for m in missing})
+    raise ValueError(f'the config lacks {", ".join(missing)}: set single keys '
+                     f'(c.{groups[0]}.update(key=value) or --config.{missing[0]}=...) '
+                     f'rather than replacing {", ".join(groups)} with a dict.')
+
+
 def upgrade(tree: dict) -> dict:
   """A config dict written before keys moved (an old workdir's config.json) with every key
   of `MOVED` at its new place; a new dict, `tree` left as it is."""

@@ -383,9 +383,9 @@ def _step_factory(config, spec, mesh, teacher, rng):
   tx = optimize.create_optimizer(cfg)
   shardings = optimize.state_shardings(tx, (mesh.size, cfg.batch_size) + spec.image_shape,
                                        mesh)
-  step = optimize.create_recover_step(method, model, cfg, tx, optimize.pixel_bounds(spec),
-                                      shardings, mesh,
-                                      num_classes=image_sets.recovered_classes(cfg, spec))
+  step = optimize.create_recover_step(
+      optimize.Recovery(method, model, cfg, tx, optimize.pixel_bounds(spec), mesh,
+                        num_classes=image_sets.recovered_classes(cfg, spec)), shardings)
 
   @functools.lru_cache(maxsize=None)
   def compile_at(groups):

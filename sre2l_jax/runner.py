@@ -43,6 +43,7 @@ def validate(config, stages: list[str], ctx: context.Context) -> None:
   """Every check the requested stages make before their work, all before the first stage
   runs (a typo in evaluate's settings is not found after an hour of squeeze)."""
   config_lib.check_moved(config)
+  config_lib.check_complete(config)
   for stage in stages:
     stage_module(stage).validate(config, ctx)
   if 'squeeze' in stages and config.squeeze.teacher_dir:
@@ -63,6 +64,7 @@ def run(config, workdir: str, stages, *, dry_run: bool = False) -> dict:
   files.check_reachable(workdir)  # gs:// works like a local folder, given gcsfs
   stages = parse_stages(stages)
   config_lib.check_moved(config)  # before the context, which reads the config too
+  config_lib.check_complete(config)
   ctx = context.resolve(config, workdir)
   validate(config, stages, ctx)
   if dry_run:

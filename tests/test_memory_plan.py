@@ -175,8 +175,9 @@ def test_planned_round_is_the_largest_that_fits_by_xla(data_dir):
   rng = jax.random.key(0)
   tx = optimize.create_optimizer(cfg)
   step = optimize.create_recover_step(
-      synthesis.get_method(cfg.method), model, cfg, tx, optimize.pixel_bounds(SPEC),
-      optimize.state_shardings(tx, (8, 5) + SPEC.image_shape, mesh), mesh)
+      optimize.Recovery(synthesis.get_method(cfg.method), model, cfg, tx,
+                        optimize.pixel_bounds(SPEC), mesh),
+      optimize.state_shardings(tx, (8, 5) + SPEC.image_shape, mesh))
   step_peak = lambda groups: memory.analyse(optimize.compile_recover_step(
       step, tx, groups, 5, SPEC.image_shape, mesh, teacher, rng)).peak_bytes
   # A round runs its step and, at its start and end, the measure pass: it must fit both.

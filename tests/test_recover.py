@@ -187,9 +187,9 @@ def test_statistics_are_per_group(data_dir):
   # recover_step: one Adam step leaves group 1's images as they would be without group 0.
   tx = optax.adam(1e-1, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=1e-8)
   low, high = datasets.pixel_bounds(SPEC)
-  step = jax.jit(lambda s: optimize.recover_step(
-      s, labels, uids, key, method=sre2l, model=model, teacher=teacher, cfg=cfg, tx=tx,
-      bounds=(jnp.asarray(low), jnp.asarray(high))))
+  recovery = optimize.Recovery(method=sre2l, model=model, cfg=cfg, tx=tx,
+                               bounds=(jnp.asarray(low), jnp.asarray(high)))
+  step = jax.jit(lambda s: optimize.recover_step(s, labels, uids, key, teacher, recovery))
   state_a, _ = step({'images': images, 'opt_state': tx.init(images), 'step': jnp.int32(0)})
   state_b, _ = step({'images': changed, 'opt_state': tx.init(changed), 'step': jnp.int32(0)})
   assert int(state_a['step']) == 1

@@ -625,6 +625,17 @@ def test_a_config_file_setting_a_moved_key_is_refused_before_any_work(tmp_path):
   assert not workdir.exists()
 
 
+def test_a_group_replaced_by_a_dict_of_some_keys_is_refused_before_any_work(data):
+  config = make_config(data)
+  config.recover.rded = dict(factor=1)  # drops rded.candidates and rded.crops
+  with pytest.raises(ValueError, match=r'lacks recover\.rded\.candidates, recover\.rded\.crops'
+                                       r': set single keys \(c\.recover\.rded\.update'):
+    runner.validate(config, ['recover'], testlib.context_of(config))
+  config.recover.rded = config_lib.base_config().recover.rded
+  config.recover.rded.factor = 1
+  runner.validate(config, ['recover'], testlib.context_of(config))
+
+
 def test_an_old_workdirs_config_json_is_read_with_the_moved_keys():
   old = config_lib.base_config().to_dict()
   for key in config_lib.STUDENT_SCHEDULE_KEYS:

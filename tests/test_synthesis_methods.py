@@ -345,7 +345,9 @@ def test_edc_resumes_after_sigkill(data_dir, tmp_path):
   teacher_workdir = str(tmp_path / 'teacher')
   testlib.write_teacher(edc_config(data_dir), teacher_workdir, statistics='measured')
   overrides = {'dataset.data_dir': data_dir, 'teacher.width': WIDTH, 'mesh_shape': 1}
-  overrides.update({f'recover.{k}': v for k, v in RUN.items()})
+  overrides.update({f'recover.{k}': v for k, v in RUN.items() if not isinstance(v, dict)})
+  overrides.update({f'recover.{k}.{g}': v for k, group in RUN.items()
+                    if isinstance(group, dict) for g, v in group.items()})
 
   def fresh(name):
     workdir = str(tmp_path / name)

@@ -8,8 +8,10 @@ gradients (Adam, cosine decay, clipped to the valid pixel range): nothing is dif
 with respect to the teacher's weights.
 """
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -153,19 +155,33 @@ def map_groups(one, args: tuple, uids, parallel: int):
   return jax.lax.fori_loop(0, count, body, out)
 
 
-def recover_step(state, labels, uids, rng, *, method, model, teacher, cfg, tx, bounds,
-                 mesh=None, num_classes: int = 0):
-  """One Adam step on all groups: (state, ...) -> (state, metrics averaged over groups).
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+  """What a recover step is built from besides its data and the teacher's variables.
 
-  state: `create_state`'s dict. method: a `synthesis` module (its `group_loss`). mesh: the
-  mesh the groups are sharded over ('data'); each device then works through its own groups
-  (`group_gradients`). None: one device. num_classes: the recovered classes (the uids'
-  stride), needed by recover.diversity only.
+  method: a `synthesis.Method` (its `group_loss`, `min_scale_at`); model: the teacher's
+  module; cfg: config.recover; tx: the pixels' optimiser; bounds: the pixels' (low, high);
+  mesh: the mesh the groups are sharded over ('data'), each device working through its own
+  groups (`group_gradients`), or None: one device; num_classes: the recovered classes (the
+  uids' stride), read by recover.diversity only.
   """
+  method: Any
+  model: Any
+  cfg: Any
+  tx: Any
+  bounds: tuple
+  mesh: Any = None
+  num_classes: int = 0
+
+
+def recover_step(state, labels, uids, rng, teacher, recovery: Recovery):
+  """One Adam step on all groups: (state, ...) -> (state, metrics averaged over groups).
+  state: `create_state`'s dict."""
+  method, cfg, mesh = recovery.method, recovery.cfg, recovery.mesh
   step = state['step']
   key = jax.random.fold_in(rng, step)
   keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(uids[:, 0])
-  gradients = functools.partial(group_gradients, method=method, model=model, cfg=cfg)
+  gradients = functools.partial(group_gradients, method=method, model=recovery.model, cfg=cfg)
   if mesh is not None:
     # Per device: its own groups, sequentially; nothing crosses devices.
     data, replicated = jax.sharding.PartitionSpec('data'), jax.sharding.PartitionSpec()
@@ -174,27 +190,27 @@ def recover_step(state, labels, uids, rng, *, method, model, teacher, cfg, tx, b
                               out_specs=(data, data), check_vma=False)
   grads, metrics = gradients(state['images'], labels, uids, keys,
                              method.min_scale_at(step, cfg), teacher)
-  grads = diversity.mask_gradients(grads, uids, step, num_classes, cfg)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['images'])
-  images = jnp.clip(optax.apply_updates(state['images'], updates), bounds[0], bounds[1])
+  grads = diversity.mask_gradients(grads, uids, step, recovery.num_classes, cfg)
+  updates, opt_state = recovery.tx.update(grads, state['opt_state'], state['images'])
+  low, high = recovery.bounds
+  images = jnp.clip(optax.apply_updates(state['images'], updates), low, high)
   metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
   metrics['finite'] = jnp.isfinite(images).all()
   return {'images': images, 'opt_state': opt_state, 'step': step + 1}, metrics
 
 
-def create_recover_step(method, model, cfg, tx, bounds, state_shardings_, mesh,
-                        num_classes: int = 0):
-  """`recover_step` jitted with the stage's shardings and the state donated.
+def create_recover_step(recovery: Recovery, state_shardings_):
+  """`recover_step` jitted with the stage's shardings (on `recovery.mesh`) and the state
+  donated.
 
   Call as `step(state, labels, uids, rng, teacher)`. The teacher is an argument, not a
   closed-over constant: constants would be embedded in the compiled program (slow to
   compile and duplicated in memory for a ResNet-50).
   """
+  mesh = recovery.mesh
   sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
   return jax.jit(
-      lambda state, labels, uids, rng, teacher: recover_step(
-          state, labels, uids, rng, method=method, model=model, teacher=teacher, cfg=cfg,
-          tx=tx, bounds=bounds, mesh=mesh, num_classes=num_classes),
+      functools.partial(recover_step, recovery=recovery),
       in_shardings=(state_shardings_, sharded, sharded, replicated, replicated),
       out_shardings=(state_shardings_, replicated), donate_argnums=0)
 
