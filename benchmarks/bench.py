@@ -333,8 +333,9 @@ def bench_recover(args, config, spec, mesh, model, teacher) -> dict:
   return result
 
 
-def bench_squeeze(args, config, spec, mesh, model) -> dict:
-  """`squeeze.create_classification_step` with squeeze's optimiser; images/s."""
+def squeeze_workload(args, config, spec, mesh, model):
+  """(compiled, run_steps, seconds to compile) of `squeeze.create_classification_step` with
+  squeeze's optimiser on `random_batch`; `run_steps(n)` runs n steps and blocks."""
   cfg = config.squeeze
   batch = random_batch(args, spec, mesh)
   tx = train_lib.create_optimizer(cfg, train_lib.warmup_cosine(cfg.lr, 100_000, 0))
@@ -352,15 +353,23 @@ def bench_squeeze(args, config, spec, mesh, model) -> dict:
     jax.block_until_ready((s, metrics))
     box['state'] = s
 
+  return compiled, run_steps, compile_seconds
+
+
+def bench_squeeze(args, config, spec, mesh, model) -> dict:
+  """`squeeze_workload`'s step timed; images/s."""
+  compiled, run_steps, compile_seconds = squeeze_workload(args, config, spec, mesh, model)
   result = time_steps(run_steps, args.steps, args.repeats, args.warmup)
   result.update(compile_s=compile_seconds, batch_size=args.batch_size,
-                optimizer=cfg.optimizer, train_augment=spec.train_augment, **cost(compiled))
+                optimizer=config.squeeze.optimizer, train_augment=spec.train_augment,
+                **cost(compiled))
   return finish(result, args.batch_size, 'images_per_second', args, mesh.size)
 
 
-def bench_student(args, config, spec, mesh, teacher_model, teacher) -> dict:
-  """`student.create_student_step` (online soft labels: views, teacher forward, KL) with
-  evaluate's optimiser, as evaluate trains a student alone (a stack of one); images/s."""
+def student_workload(args, config, spec, mesh, teacher_model, teacher):
+  """(compiled, run_steps, seconds to compile) of `student.create_student_step` (online
+  soft labels: views, teacher forward, KL) with evaluate's optimiser, as evaluate trains a
+  student alone (a stack of one), on `random_batch`."""
   batch = random_batch(args, spec, mesh)
   model = models.create_model(config.student, spec.num_classes)
   cfg = config.evaluate
@@ -383,10 +392,17 @@ def bench_student(args, config, spec, mesh, teacher_model, teacher) -> dict:
     jax.block_until_ready((s, metrics))
     box['state'] = s
 
+  return compiled, run_steps, compile_seconds
+
+
+def bench_student(args, config, spec, mesh, teacher_model, teacher) -> dict:
+  """`student_workload`'s step timed; images/s."""
+  compiled, run_steps, compile_seconds = student_workload(args, config, spec, mesh,
+                                                          teacher_model, teacher)
   result = time_steps(run_steps, args.steps, args.repeats, args.warmup)
   result.update(compile_s=compile_seconds, batch_size=args.batch_size,
-                optimizer=cfg.optimizer, model=config.student.name, labels='online',
-                **cost(compiled))
+                optimizer=config.evaluate.optimizer, model=config.student.name,
+                labels='online', **cost(compiled))
   return finish(result, args.batch_size, 'images_per_second', args, mesh.size)
 
 
@@ -457,9 +473,9 @@ def host_batch(args, spec):
           rs.integers(0, spec.num_classes, (args.batch_size,), np.int32))
 
 
-def bench_torch_training(args, config, spec, teacher, what: str) -> dict:
+def torch_training_reference(args, config, spec, teacher, what: str):
   """`torch_reference`'s squeeze step (the teacher network, trained) or student step (a
-  fresh student, the teacher's weights frozen), on `random_batch`'s images; images/s."""
+  fresh student, the teacher's weights frozen), set up as this benchmark's JAX twin."""
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  # optional torch
   device = args.torch_device or torch_reference.default_device()
   if what == 'squeeze':
@@ -477,6 +493,13 @@ def bench_torch_training(args, config, spec, teacher, what: str) -> dict:
         spec.mean, spec.std, temperature=cfg.temperature, lr=cfg.lr,
         weight_decay=cfg.weight_decay, min_scale=rcfg.min_scale, max_scale=rcfg.max_scale,
         cutmix_alpha=rcfg.cutmix_alpha, device=device, seed=args.seed)
+  return reference
+
+
+def bench_torch_training(args, config, spec, teacher, what: str) -> dict:
+  """`torch_training_reference`'s step timed on `random_batch`'s images; images/s."""
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  # optional torch
+  reference = torch_training_reference(args, config, spec, teacher, what)
   images, labels = host_batch(args, spec)
   result = torch_reference.benchmark_training(
       reference, images, labels, steps=args.steps, repeats=args.repeats, warmup=args.warmup,

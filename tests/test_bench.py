@@ -238,3 +238,61 @@ def test_crop_box_is_inside_the_image():
   for _ in range(200):
     top, left, h, w = streaming.sample_crop_box(rng, 24, 32, (0.08, 1.0))
     assert 0 < h <= 24 and 0 < w <= 32 and 0 <= top <= 24 - h and 0 <= left <= 32 - w
+
+
+@pytest.mark.slow
+def test_profile_steps_puts_every_op_of_both_steps_in_a_kind(tmp_path):
+  """benchmarks.profile_steps: the squeeze step of a 2-block ConvNet has 2 forward
+  convolutions, their gradients to the kernels (2) and to the input of the second (1); the
+  student step adds the frozen teacher's forward; every traced instruction is classified,
+  and the kinds add up to the profiled step (between ops included)."""
+  from benchmarks import profile_steps  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'profile.json')
+  out = profile_steps.main(TINY + ['--what=squeeze,student', '--reference=torch',
+                                   '--torch_threads=1', f'--json={path}'])
+  with open(path) as f:
+    assert json.load(f) == json.loads(json.dumps(out))
+  for what in ('squeeze', 'student'):
+    for side in ('jax', 'torch'):
+      r = out['results'][what][side]
+      assert set(r['ms_per_step']) == set(profile_steps.KINDS)
+      assert sum(r['ms_per_step'].values()) == pytest.approx(r['profiled_step_ms'], rel=0.02)
+    jax_ms = out['results'][what]['jax']['ms_per_step']
+    for kind in ('conv forward', 'conv backward to kernel', 'conv backward to input',
+                 'batchnorm', 'optimizer and metrics'):
+      assert jax_ms[kind] > 0, (what, kind)
+    torch_ms = out['results'][what]['torch']['ms_per_step']
+    for kind in ('conv forward', 'conv backward (input and kernel)', 'batchnorm',
+                 'optimizer and metrics', 'augmentation and random numbers'):
+      assert torch_ms[kind] > 0, (what, kind)
+  assert out['results']['student']['jax']['ms_per_step']['teacher forward'] > 0
+  assert out['results']['student']['torch']['ms_per_step']['teacher forward'] > 0
+  assert out['results']['squeeze']['jax']['ms_per_step']['teacher forward'] == 0
+
+
+def test_profile_kinds_of_hlo_names():
+  from benchmarks import profile_steps  # pylint: disable=g-import-not-at-top
+  kind = profile_steps.jax_kind
+  step = 'jit(classification_step)'
+  # Convolutions as XLA writes them (a 2-block ConvNet, batch 4, 8 x 8 images): a forward
+  # one, the gradient to the second block's input, the gradients to its kernels (XLA's
+  # rewrites keep no op_name: the window over the activations tells them).
+  conv = '%c = f32[4,8,8,8]{3,2,1,0} convolution(%a, %k), window={size=3x3 pad=1_1x1_1}, ' \
+         'dim_labels=b01f_01io->b01f'
+  to_input = conv.replace('[4,8,8,8]', '[4,4,4,8]')
+  to_kernel = '%convolution.2 = f32[8,3,3,8]{3,2,1,0} convolution(%t, %u), ' \
+              'window={size=4x4 pad=1_1x1_1}, dim_labels=b01f_01io->b01f'
+  assert kind(f'{step}/jvp(ConvNet)/conv0/conv_general_dilated', conv) == 'conv forward'
+  assert kind(f'{step}/transpose(jvp(ConvNet))/conv1/conv_general_dilated', to_input) == (
+      'conv backward to input')
+  assert kind('', to_kernel) == 'conv backward to kernel'
+  assert kind('jit(stacked_student_step)/vmap(ConvNet)/conv0/conv_general_dilated', conv) == (
+      'teacher forward')
+  assert kind(f'{step}/jvp(ConvNet)/bn0/reduce_sum', None) == 'batchnorm'
+  assert kind(f'{step}/vmap()/vmap(jit(_threefry_split))/train_augment/add', None) == (
+      'augmentation and random numbers')
+  assert kind(f'{step}/add', None) == 'optimizer and metrics'
+  assert kind('', None) == 'XLA-made copies (no op_name)'
+  assert profile_steps.union_ns([(0, 10), (5, 12), (20, 25)]) == 17
+  assert profile_steps.shared_ns({'a': [(0, 10)], 'b': [(5, 15), (12, 20)]}) == {
+      'a': 7.5, 'b': 12.5}  # 5 to 10 shared; b's own intervals merged
