@@ -296,3 +296,22 @@ def test_profile_kinds_of_hlo_names():
   assert profile_steps.union_ns([(0, 10), (5, 12), (20, 25)]) == 17
   assert profile_steps.shared_ns({'a': [(0, 10)], 'b': [(5, 15), (12, 20)]}) == {
       'a': 7.5, 'b': 12.5}  # 5 to 10 shared; b's own intervals merged
+
+
+def test_conv_micro_variants_compute_the_same_convolution_and_gradients():
+  from benchmarks import conv_micro  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 5, 5, 4)), jnp.float32)
+  want = jax.vjp(conv_micro.conv_nhwc, x, w)
+  got = jax.vjp(conv_micro.conv_im2col, x, w)
+  # float32 sums of 27 products, reordered: ~1e-6 relative; 1e-5 leaves margin.
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  for a, b in zip(got[1](g), want[1](g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  out = conv_micro.main(['--batch=2', '--size=5', '--channels=3', '--repeats=1',
+                         '--torch_threads=1'])
+  assert set(out['rows']) == {'xla_nhwc', 'xla_nchw', 'im2col_dot', 'torch'}
+  assert all(row[k] > 0 for row in out['rows'].values()
+             for k in ('forward', 'to_input', 'to_kernel'))
