@@ -78,6 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--group_size', type=int, default=10, help='recover: images per BN group')
   p.add_argument('--groups', type=int, default=10, help='recover: groups per step')
   p.add_argument('--batch_size', type=int, default=128, help='squeeze, student, relabel')
+  p.add_argument('--students', type=int, default=1,
+                 help="student: students trained together in one step, evaluate's stack")
+  p.add_argument('--sets', type=int, default=1,
+                 help='student: image sets they share out (e.g. distilled and random: 2); '
+                      'the students of a set share its views and teacher forward')
   p.add_argument('--dtype', default='float32', choices=sorted(DTYPES),
                  help='model compute dtype of every JAX workload (recover loss stays fp32)')
   p.add_argument('--crop', default='per_image', choices=('per_image', 'per_group', 'none'),
@@ -111,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f'unknown workloads {unknown}; valid: {list(WORKLOADS)}')
   if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
     p.error('--steps and --repeats must be at least 1, --warmup at least 0')
+  if not 1 <= args.sets <= args.students:
+    p.error(f'--sets={args.sets} must be between 1 and --students={args.students}')
   args.student_model = args.student_model or args.model
   args.student_width = args.student_width or args.width
   if args.jitter < 0:
@@ -268,11 +275,12 @@ def random_keys(args, mesh, count: int):
           for i in range(count)]
 
 
-def random_batch(args, spec, mesh) -> dict:
-  """A fixed uint8 batch of `--batch_size` random images and labels, sharded on 'data'."""
+def random_batch(args, spec, mesh, offset: int = 0) -> dict:
+  """A fixed uint8 batch of `--batch_size` random images and labels, sharded on 'data'
+  (`offset` added to the seed: another batch)."""
   if args.batch_size % mesh.size:
     raise ValueError(f'--batch_size={args.batch_size} must be a multiple of {mesh.size}.')
-  rs = np.random.default_rng(args.seed)
+  rs = np.random.default_rng(args.seed + offset)
   batch = {'image': rs.integers(0, 256, (args.batch_size,) + spec.image_shape, np.uint8),
            'label': rs.integers(0, spec.num_classes, (args.batch_size,), np.int32)}
   return jax.device_put(batch, batching.data_sharding(mesh))
@@ -325,8 +333,8 @@ def bench_recover(args, config, spec, mesh, model, teacher) -> dict:
     counted['flops'] *= labels.shape[0] // mesh.size
   result.update(compile_s=compile_seconds, images_per_step=images_per_step,
                 groups=int(labels.shape[0]), group_size=int(labels.shape[1]),
-                crop=cfg.crop, jitter=cfg.jitter, loss_after=float(metrics['loss']),
-                finite=bool(metrics['finite']), **counted)
+                crop=cfg.crop, jitter=cfg.jitter, loss_after=float(np.mean(metrics['loss'])),
+                finite=bool(np.all(metrics['finite'])), **counted)
   result = finish(result, images_per_step, 'image_iterations_per_second', args, mesh.size)
   result['imagenet_ipc50_4k_hours'] = (IMAGENET_IPC50_IMAGE_ITERATIONS /
                                        result['image_iterations_per_second'] / 3600)
@@ -366,21 +374,34 @@ def bench_squeeze(args, config, spec, mesh, model) -> dict:
   return finish(result, args.batch_size, 'images_per_second', args, mesh.size)
 
 
-def student_workload(args, config, spec, mesh, teacher_model, teacher):
-  """(compiled, run_steps, seconds to compile) of `student.create_student_step` (online
-  soft labels: views, teacher forward, KL) with evaluate's optimiser, as evaluate trains a
-  student alone (a stack of one), on `random_batch`."""
-  batch = random_batch(args, spec, mesh)
+def student_inputs(args, config, spec, mesh):
+  """(states, images, labels, set_index) of `--students` stacked students (seeds
+  `--seed` + i) and `--sets` image sets of a `random_batch` each (S, B, ...); student i
+  trains on set i * S // M, evaluate's order (a set's seeds side by side)."""
   model = models.create_model(config.student, spec.num_classes)
   cfg = config.evaluate
   tx = train_lib.create_optimizer(cfg, train_lib.warmup_cosine(cfg.lr, 100_000))
-  state = train_lib.create_train_state(model, tx, spec.image_shape,
-                                       jax.random.PRNGKey(args.seed), mesh)
-  state = student.stack([state])  # a stack of one student
-  images, labels = (jax.device_put(batch[k][None], student.stacked_sharding(mesh))
+  states = student.stack([train_lib.create_train_state(model, tx, spec.image_shape,
+                                                       jax.random.PRNGKey(args.seed + i),
+                                                       mesh)
+                          for i in range(args.students)])
+  batches = [random_batch(args, spec, mesh, offset=s) for s in range(args.sets)]
+  images, labels = (jax.device_put(np.stack([np.asarray(b[k]) for b in batches]),
+                                   student.stacked_sharding(mesh))
                     for k in ('image', 'label'))
+  set_index = tuple(i * args.sets // args.students for i in range(args.students))
+  return states, images, labels, set_index
+
+
+def student_workload(args, config, spec, mesh, teacher_model, teacher):
+  """(compiled, run_steps, seconds to compile) of `student.create_student_step` (online
+  soft labels: views, teacher forward, KL) with evaluate's optimiser, as evaluate trains its
+  students: `student_inputs`' stack (students of a set share its views and the teacher's
+  forward on them; one student and one set: a student alone)."""
+  state, images, labels, set_index = student_inputs(args, config, spec, mesh)
   keys = random_keys(args, mesh, max(args.steps, args.warmup, 1))
-  step_fn = student.create_student_step(config, spec, teacher_model, mesh, 'online')
+  step_fn = student.create_student_step(config, spec, teacher_model, mesh, 'online',
+                                        set_index)
   compiled, compile_seconds = compile_ahead(step_fn, state, images, labels, None, keys[0],
                                             teacher)
   box = {'state': state}
@@ -396,14 +417,17 @@ def student_workload(args, config, spec, mesh, teacher_model, teacher):
 
 
 def bench_student(args, config, spec, mesh, teacher_model, teacher) -> dict:
-  """`student_workload`'s step timed; images/s."""
+  """`student_workload`'s step timed; images/s, an image counted once per student that
+  trains on it."""
   compiled, run_steps, compile_seconds = student_workload(args, config, spec, mesh,
                                                           teacher_model, teacher)
   result = time_steps(run_steps, args.steps, args.repeats, args.warmup)
   result.update(compile_s=compile_seconds, batch_size=args.batch_size,
                 optimizer=config.evaluate.optimizer, model=config.student.name,
-                labels='online', **cost(compiled))
-  return finish(result, args.batch_size, 'images_per_second', args, mesh.size)
+                labels='online', students=args.students, sets=args.sets,
+                stack_mode=student.stack_mode(config), **cost(compiled))
+  return finish(result, args.batch_size * args.students, 'images_per_second', args,
+                mesh.size)
 
 
 def bench_relabel(args, config, spec, mesh, model, teacher) -> dict:

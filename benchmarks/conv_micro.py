@@ -1,13 +1,18 @@
 """One 3x3 convolution of the Fashion-MNIST ConvNet, alone: forward, gradient to the input,
-gradient to the kernel, in XLA (as the model writes it, NHWC; NCHW; and as an im2col matrix
-product) and in PyTorch, at the same shapes and threads: the minimal reproducer of where
-`profile_steps` finds the CPU step's time.
+gradient to the kernel, in XLA (as the model writes it, NHWC; NCHW; as an im2col matrix
+product; as 9 matrix products over shifted rows) and in PyTorch, at the same shapes and
+threads, beside XLA's plain matrix product of the same multiply-adds: the minimal reproducer
+of where `profile_steps` finds the CPU step's time.
 
   python -m benchmarks.conv_micro --batch=128 --size=14 --channels=64 --repeats=20 \
       --torch_threads=2 --json=conv.json
 
 Each variant is jitted (JAX) and run `--repeats` times after 3 warm-up calls; the median is
-reported in ms. All variants compute the same numbers (checked against the NHWC one).
+reported in ms. All variants compute the same numbers (checked against the NHWC one). The
+row `dot_same_macs` is no convolution: XLA's `dot` on matrices of the im2col shapes (forward
+(B*H*W, 9*Cin) x (9*Cin, Cout), to the input (B*H*W, Cout) x (Cout, 9*Cin), to the kernel
+(9*Cin, B*H*W) x (B*H*W, Cout)), i.e. what the multiply-adds cost in XLA's matrix kernel
+with the operands already laid out.
 """
 
 import argparse
@@ -53,6 +58,38 @@ def conv_im2col(x, w):
       b, h, wd, -1)
 
 
+def conv_shifted_dots(x, w):
+  """The 3x3 'SAME' convolution as 9 matrix products over row-shifted slices: the
+  zero-padded activations flattened to (B*(H+2)*(W+2), C) put tap (i, j) of the output pixel
+  at flat row p at row p + i*(W+2) + j, so each tap's operand is a contiguous block of rows
+  (no strided window to gather); the outputs at the border rows are computed and dropped."""
+  b, h, wd, c = x.shape
+  k = w.shape[0]
+  pad = k // 2
+  row = wd + 2 * pad
+  flat = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).reshape(-1, c)
+  m = flat.shape[0] - (k - 1) * (row + 1)
+  y = sum(flat[i * row + j:i * row + j + m] @ w[i, j] for i in range(k) for j in range(k))
+  y = jnp.pad(y, ((0, flat.shape[0] - m), (0, 0))).reshape(b, h + 2 * pad, row, -1)
+  return y[:, :h, :wd]
+
+
+def dot_rows(x_nhwc, w_hwio, repeats: int) -> dict:
+  """ms of XLA's `dot` on the im2col shapes of the convolution's three products."""
+  b, h, wd, cin = x_nhwc.shape
+  k, cout = w_hwio.shape[0], w_hwio.shape[-1]
+  rows, taps = b * h * wd, k * k * cin
+  rng = np.random.default_rng(1)
+  mat = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  out = {}
+  for name, (a, c) in (('forward', (mat(rows, taps), mat(taps, cout))),
+                       ('to_input', (mat(rows, cout), mat(cout, taps))),
+                       ('to_kernel', (mat(taps, rows), mat(rows, cout)))):
+    out[name] = _median_ms(lambda a=a, c=c: matmul(a, c).block_until_ready(), repeats)
+  return out
+
+
 def jax_rows(x_nhwc, w_hwio, repeats: int) -> dict:
   """{variant: {forward, to_input, to_kernel}} ms of the JAX variants."""
   g = jnp.ones(conv_nhwc(x_nhwc, w_hwio).shape, jnp.float32)
@@ -62,7 +99,8 @@ def jax_rows(x_nhwc, w_hwio, repeats: int) -> dict:
   out = {}
   for name, fn, x, w, gy in (('xla_nhwc', conv_nhwc, x_nhwc, w_hwio, g),
                              ('xla_nchw', conv_nchw, x_nchw, w_oihw, g_nchw),
-                             ('im2col_dot', conv_im2col, x_nhwc, w_hwio, g)):
+                             ('im2col_dot', conv_im2col, x_nhwc, w_hwio, g),
+                             ('shifted_dots', conv_shifted_dots, x_nhwc, w_hwio, g)):
     forward = jax.jit(fn)
     result = np.asarray(forward(x, w))
     if name == 'xla_nchw':
@@ -74,6 +112,7 @@ def jax_rows(x_nhwc, w_hwio, repeats: int) -> dict:
         'forward': _median_ms(lambda: forward(x, w).block_until_ready(), repeats),
         'to_input': _median_ms(lambda: to_input(x, w, gy).block_until_ready(), repeats),
         'to_kernel': _median_ms(lambda: to_kernel(x, w, gy).block_until_ready(), repeats)}
+  out['dot_same_macs'] = dot_rows(x_nhwc, w_hwio, repeats)
   return out
 
 
@@ -102,20 +141,22 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--size', type=int, default=14, help='H = W of the activations')
-  p.add_argument('--channels', type=int, default=64, help='input and output channels')
+  p.add_argument('--channels', type=int, default=64, help='output channels')
+  p.add_argument('--in_channels', type=int, default=0, help='input channels (0: --channels)')
   p.add_argument('--repeats', type=int, default=20)
   p.add_argument('--torch_threads', type=int, default=0)
   p.add_argument('--json', default='')
   args = p.parse_args(argv)
+  args.in_channels = args.in_channels or args.channels
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(args.batch, args.size, args.size, args.channels)),
+  x = jnp.asarray(rng.normal(size=(args.batch, args.size, args.size, args.in_channels)),
                   jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, args.channels, args.channels)) /
-                  np.sqrt(9 * args.channels), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, args.in_channels, args.channels)) /
+                  np.sqrt(9 * args.in_channels), jnp.float32)
   out = {'settings': vars(args), 'jax_version': jax.__version__,
          'rows': jax_rows(x, w, args.repeats)}
   out['rows']['torch'] = torch_row(x, w, args.repeats, args.torch_threads)
-  print(f'conv 3x3 {args.channels}->{args.channels} on {args.batch}x{args.size}x{args.size}'
+  print(f'conv 3x3 {args.in_channels}->{args.channels} on {args.batch}x{args.size}x{args.size}'
         f', ms (median of {args.repeats})')
   print('| variant | forward | grad to input | grad to kernel |\n|---|---|---|---|')
   for name, row in out['rows'].items():

@@ -28,6 +28,8 @@ from sre2l_jax.synthesis import sre2l
 from benchmarks import bench
 from benchmarks import torch_reference
 
+import testlib
+
 RTOL = 1e-4
 TINY = ['--model=convnet', '--width=8', '--depth=2', '--image_size=8', '--channels=1',
         '--num_classes=10', '--group_size=5', '--groups=2', '--steps=2', '--repeats=1',
@@ -305,13 +307,57 @@ def test_conv_micro_variants_compute_the_same_convolution_and_gradients():
   w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
   g = jnp.asarray(rng.normal(size=(2, 5, 5, 4)), jnp.float32)
   want = jax.vjp(conv_micro.conv_nhwc, x, w)
-  got = jax.vjp(conv_micro.conv_im2col, x, w)
-  # float32 sums of 27 products, reordered: ~1e-6 relative; 1e-5 leaves margin.
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
-  for a, b in zip(got[1](g), want[1](g)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  out = conv_micro.main(['--batch=2', '--size=5', '--channels=3', '--repeats=1',
-                         '--torch_threads=1'])
-  assert set(out['rows']) == {'xla_nhwc', 'xla_nchw', 'im2col_dot', 'torch'}
+  for variant in (conv_micro.conv_im2col, conv_micro.conv_shifted_dots):
+    got = jax.vjp(variant, x, w)
+    # float32 sums of 27 products (the kernel's gradient: 50), reordered: ~1e-6 relative;
+    # 1e-5 leaves margin. A tap read from the wrong pixel is off by O(1).
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1](g), want[1](g)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  out = conv_micro.main(['--batch=2', '--size=5', '--in_channels=3', '--channels=4',
+                         '--repeats=1', '--torch_threads=1'])
+  assert set(out['rows']) == {'xla_nhwc', 'xla_nchw', 'im2col_dot', 'shifted_dots',
+                              'dot_same_macs', 'torch'}
   assert all(row[k] > 0 for row in out['rows'].values()
              for k in ('forward', 'to_input', 'to_kernel'))
+
+
+def test_student_workload_stacks_students_over_sets_as_evaluate_does(tmp_path):
+  """bench --students=3 --sets=2 times evaluate's stacked step: student i (seed + i) trains
+  on set i * 2 // 3, and after one step each equals that student stepped alone on its set
+  (float rounding apart); the throughput counts an image once per student."""
+  args = bench.parse_args(TINY + ['--what=student', '--students=3', '--sets=2'])
+  spec, config = bench.dataset_spec(args), bench.bench_config(args)
+  mesh = bench.batching.create_mesh(1)
+  teacher_model = models.create_model(config.teacher, args.num_classes)
+  teacher = bench.teacher_variables(teacher_model, spec.image_shape, args.seed)
+  states, images, labels, set_index = bench.student_inputs(args, config, spec, mesh)
+  assert set_index == (0, 0, 1) and images.shape[:2] == (2, args.batch_size)
+  assert not np.array_equal(images[0], images[1])
+  kernels = [k for k in jax.tree_util.tree_leaves(states.params) if k.ndim == 5][0]
+  assert not np.allclose(kernels[0], kernels[1])  # a conv kernel (stacked): seeds differ
+  key = jax.random.PRNGKey(7)
+  before = jax.device_get(states)  # the step donates its states
+  together, _ = student.create_student_step(config, spec, teacher_model, mesh, 'online',
+                                            set_index)(states, images, labels, None, key,
+                                                       teacher)
+  model = models.create_model(config.student, args.num_classes)
+  probe = jax.random.normal(jax.random.PRNGKey(1), (8,) + spec.image_shape)
+  for i, s in enumerate(set_index):
+    alone, _ = student.create_student_step(config, spec, teacher_model, mesh, 'online')(
+        student.stack([student.unstack(before, i)]), images[s:s + 1], labels[s:s + 1],
+        None, key, teacher)
+    a, b = ({'params': t.params, 'batch_stats': t.batch_stats}
+            for t in (student.unstack(together, i), student.unstack(alone, 0)))
+    diff = testlib.network_differences(model, a, b, probe)
+    # Rounding apart (the teacher's forward batched over 2 sets vs 1), and the conv biases
+    # before a BatchNorm, whose gradient is noise (testlib.is_redundant). Another set or
+    # another seed's student moves every parameter by about lr (2e-3) or more: > 1e-3.
+    assert diff['params'] < 1e-4 and diff['logits'] < 1e-4, (i, diff)
+  out = bench.main(TINY + ['--what=student', '--students=3', '--sets=2',
+                           f'--json={tmp_path / "s.json"}'])
+  r = out['results']['student']
+  assert (r['students'], r['sets']) == (3, 2)
+  assert r['images_per_second'] == pytest.approx(3 * args.batch_size / r['seconds_per_step'])
+  with pytest.raises(SystemExit):
+    bench.parse_args(TINY + ['--students=2', '--sets=3'])
