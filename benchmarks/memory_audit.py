@@ -113,7 +113,7 @@ def audit_recover(args, mesh) -> dict:
       step = jax.jit(
           functools.partial(optimize.recover_step, recovery=recovery),
           in_shardings=(shardings, sharded, sharded, replicated, replicated),
-          out_shardings=(shardings, replicated))
+          out_shardings=(shardings, sharded))
     rng = jax.random.key(0)
     rows = []
     for g in counts:

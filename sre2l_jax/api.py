@@ -18,6 +18,7 @@ import numpy as np
 from sre2l_jax import config_lib
 from sre2l_jax import files
 from sre2l_jax import image_sets
+from sre2l_jax import multihost
 from sre2l_jax import runner
 from sre2l_jax.data import datasets
 
@@ -36,6 +37,7 @@ def distill(config, workdir: str, stages=None) -> dict:
   that holds part of a run. Returns {stage: its result} (None for a stage that had finished
   already)."""
   config = as_config(config)
+  multihost.set_cpu_devices(config.get('cpu_devices', 0))  # if JAX has not started yet
   return runner.run(config, workdir, list(stages or config.stages))
 
 

@@ -396,6 +396,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seeds every random stream (see rngs.py)
   c.stages = DEFAULT_STAGES  # stages `main` runs when --stages is not given
   c.mesh_shape = -1  # devices on the 'data' axis; -1: all
+  # On a CPU host: the devices JAX makes of its cores (multihost.set_cpu_devices; 0: JAX's
+  # default, one). Set by main before JAX starts; XLA_FLAGS' device count wins over it.
+  c.cpu_devices = 0
   # squeeze and evaluate check before training that one step fits this many GiB per device
   # (XLA's analysis of the compiled step); 0: the device's own limit (a CPU states none).
   c.device_memory_gb = 0.0

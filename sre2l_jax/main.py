@@ -196,6 +196,12 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  try:
+    multihost.set_cpu_devices(config.get('cpu_devices', 0))  # before JAX's backends start
+  except ValueError as e:
+    print(f'sre2l_jax: {e}', file=sys.stderr)
+    sys.exit(1)
   if want_distributed():
     multihost.initialize()  # jax.distributed.initialize(), layout from the environment
   configure_output()
@@ -209,7 +215,6 @@ def main(argv):
     # of such a read's task whose exception the failed read already raised.
     std_logging.getLogger('asyncio').addFilter(
         lambda record: 'exception was never retrieved' not in record.getMessage())
-  config = _CONFIG.value
   if _OVERWRITE.value:
     config.overwrite = True
   try:

@@ -820,7 +820,7 @@ def _run_round(rec: Recovery, this: Round, state, round_step: int, manager, writ
       examples_per_step=this.real * cfg.batch_size,
       throughput_name='image_iterations_per_second', vector_names=per_layer,
       show=('loss', 'bn_loss', 'ce'), schedule=lambda s: adam_lr(cfg, s),
-      knobs=f'recover.lr (now {cfg.lr}) or recover.r_bn (now {cfg.r_bn})')
+      knobs=f'recover.lr (now {cfg.lr}) or recover.r_bn (now {cfg.r_bn})', per_device=True)
   state, done = train_lib.run_loop(
       loop, state, r * cfg.iterations + round_step,
       lambda state, _: rec.step(state, this.labels_dev, this.uids_dev, rec.step_rng,

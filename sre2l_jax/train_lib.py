@@ -18,6 +18,7 @@ from flax.training import train_state
 
 from sre2l_jax import checkpoint
 from sre2l_jax import metric_writers
+from sre2l_jax import multihost
 from sre2l_jax.data import augment
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -240,6 +241,8 @@ class Loop:
     step/total, steps/s and the ETA.
   progress_lines: about how many progress lines the loop prints (a fraction of its steps
     apart; at least one every 10 minutes); 0: none (e.g. many short loops).
+  per_device: the step's metrics have one row per device, each its own share's (recover,
+    whose step has no collective): gathered and averaged over devices when fetched.
   """
   name: str
   total_steps: int
@@ -255,6 +258,7 @@ class Loop:
   vector_names: dict = dataclasses.field(default_factory=dict)
   show: tuple = ('loss', 'accuracy')
   progress_lines: int = 4
+  per_device: bool = False
 
 
 @dataclasses.dataclass
@@ -340,6 +344,19 @@ def _all_finite(history: list[dict]) -> bool:
   return True
 
 
+def fetch_metrics(pending: list, per_device: bool) -> list[dict]:
+  """The pending metrics on the host; per-device rows (`Loop.per_device`) gathered from
+  every process and averaged, 'finite' true only if it is on every device."""
+  if not per_device:
+    return jax.device_get(pending)
+  out = []
+  for metrics in pending:
+    rows = {k: multihost.to_host(v) for k, v in metrics.items()}
+    out.append({k: (v.all() if k == 'finite' else v.astype(np.float64).mean(axis=0))
+                for k, v in rows.items()})
+  return out
+
+
 def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,
              after_step: Callable | None = None):
   """Runs `state, metrics = step_fn(state, step)` for step = start_step+1 .. total_steps.
@@ -368,7 +385,7 @@ def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,
       is_log = step % loop.log_every == 0 or step == loop.total_steps
       is_save = loop.manager is not None and loop.manager.should_save(step)
       if is_log or is_save:
-        host = jax.device_get(pending)
+        host = fetch_metrics(pending, loop.per_device)
         pending = []
         if not _all_finite(host):
           _diverged(loop, step, last_saved)

@@ -27,7 +27,11 @@ from sre2l_jax import files
 from sre2l_jax import image_sets
 from sre2l_jax import multihost
 from sre2l_jax import recover
+from sre2l_jax import synthesis
+from sre2l_jax import train_lib
+from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
+from sre2l_jax.synthesis import optimize
 
 import testlib
 
@@ -247,3 +251,62 @@ def test_single_process_helpers():
   other = make_config()
   other.recover.lr = 0.5
   assert not np.array_equal(multihost.config_digest(other), digest)
+
+
+def test_cpu_devices_sets_the_device_count_unless_xla_flags_do(tmp_path):
+  """Config `cpu_devices` (Fashion-MNIST's: 2) has main's JAX make that many CPU devices and
+  plan the work over them; XLA_FLAGS' --xla_force_host_platform_device_count, where set, wins
+  (as the tests' 8 devices do)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                            env.get('XLA_FLAGS', '')).strip()
+
+  def planned_devices(overrides, env):
+    command = testlib.main_command('fashion_mnist_ipc10', tmp_path / 'w', stages='recover',
+                                   overrides=overrides, flags=['--dry_run'])
+    out = testlib.run_command(command, env=env, timeout_s=TIMEOUT)
+    return set(re.findall(r'on (\d+) device\(s\)', out.stdout + out.stderr))
+
+  assert planned_devices({'cpu_devices': 3}, env) == {'3'}
+  assert planned_devices({}, env) == {'2'}  # the config's
+  forced = dict(env, XLA_FLAGS=f'{env["XLA_FLAGS"]} --xla_force_host_platform_device_count=4')
+  assert planned_devices({'cpu_devices': 3}, forced) == {'4'}
+  assert not (tmp_path / 'w').exists()  # a dry run writes nothing
+
+
+def test_recover_metrics_keep_a_row_per_device_and_average_like_one_device():
+  """The recover step has no collective (XLA's CPU runtime deadlocked in its collectives on
+  several devices, docs/performance.md): each device steps its own groups and its metrics
+  come back one row per device; averaged as the loop reads them (`Loop.per_device`) they
+  are the one-device step's, and so are the images."""
+  config = make_config()
+  model, teacher = testlib.random_teacher(config)
+  cfg = config.recover
+  tx = optimize.create_optimizer(cfg)
+  labels, uids, _ = optimize.group_layout(SPEC.num_classes, 2, 5, 1)  # 4 groups of 5
+  images = jax.random.normal(jax.random.PRNGKey(0), uids.shape + SPEC.image_shape)
+  results = {}
+  for devices in (1, 4):
+    mesh = batching.create_mesh(devices)
+    recovery = optimize.Recovery(synthesis.get_method('sre2l'), model, cfg, tx,
+                                 optimize.pixel_bounds(SPEC), mesh)
+    shardings = optimize.state_shardings(tx, images.shape, mesh)
+    sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
+    args = (jax.device_put(optimize.create_state(images, tx), shardings),
+            jax.device_put(labels, sharded), jax.device_put(uids, sharded),
+            jax.device_put(jax.random.PRNGKey(1), replicated),
+            jax.device_put(teacher, replicated))
+    step = optimize.create_recover_step(recovery, shardings)
+    program = step.lower(*args).compile().as_text()
+    assert not re.search(r'all-reduce|all-gather|collective-permute|all-to-all', program)
+    state, metrics = step(*args)
+    assert metrics['loss'].shape == (devices,) and metrics['finite'].shape == (devices,)
+    results[devices] = (np.asarray(state['images']),
+                        train_lib.fetch_metrics([metrics], per_device=True)[0])
+  # The same per-group arithmetic (a group's program does not depend on what else its
+  # device holds, optimize.map_groups); only the mean over groups is summed in another
+  # order: float32 rounding of 4 terms.
+  np.testing.assert_allclose(results[4][0], results[1][0], rtol=1e-6, atol=1e-6)
+  for key in ('loss', 'bn_loss', 'ce'):
+    np.testing.assert_allclose(results[4][1][key], results[1][1][key], rtol=1e-6)
+  assert results[4][1]['finite'] and results[1][1]['finite']

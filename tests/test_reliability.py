@@ -606,6 +606,8 @@ def test_changed_source_dir_is_detected(data, tmp_path):
      ['relabel.epochs is now student.epochs', '--config.student.epochs']),
     (['--config=configs/fashion_mnist_ipc10.py', '--config.recover.rded_factor=1'],
      ['recover.rded_factor is now recover.rded.factor']),
+    (['--config=configs/fashion_mnist_ipc10.py', '--config.cpu_devices=-2'],
+     ['cpu_devices=-2 must be an integer >= 0']),
 ])
 def test_config_errors_are_one_line_and_write_nothing(tmp_path, args, fragments):
   workdir = tmp_path / 'w'

@@ -174,29 +174,45 @@ class Recovery:
   num_classes: int = 0
 
 
-def recover_step(state, labels, uids, rng, teacher, recovery: Recovery):
-  """One Adam step on all groups: (state, ...) -> (state, metrics averaged over groups).
-  state: `create_state`'s dict."""
-  method, cfg, mesh = recovery.method, recovery.cfg, recovery.mesh
+def local_step(state, labels, uids, rng, teacher, recovery: Recovery):
+  """One Adam step on the groups of `state` (all of them, or one device's share): (state,
+  metrics averaged over these groups, each with a leading axis of 1)."""
+  method, cfg = recovery.method, recovery.cfg
   step = state['step']
   key = jax.random.fold_in(rng, step)
   keys = jax.vmap(lambda g: jax.random.fold_in(key, g))(uids[:, 0])
-  gradients = functools.partial(group_gradients, method=method, model=recovery.model, cfg=cfg)
-  if mesh is not None:
-    # Per device: its own groups, sequentially; nothing crosses devices.
-    data, replicated = jax.sharding.PartitionSpec('data'), jax.sharding.PartitionSpec()
-    gradients = jax.shard_map(gradients, mesh=mesh,
-                              in_specs=(data, data, data, data, replicated, replicated),
-                              out_specs=(data, data), check_vma=False)
-  grads, metrics = gradients(state['images'], labels, uids, keys,
-                             method.min_scale_at(step, cfg), teacher)
+  grads, metrics = group_gradients(state['images'], labels, uids, keys,
+                                   method.min_scale_at(step, cfg), teacher,
+                                   method=method, model=recovery.model, cfg=cfg)
   grads = diversity.mask_gradients(grads, uids, step, recovery.num_classes, cfg)
   updates, opt_state = recovery.tx.update(grads, state['opt_state'], state['images'])
   low, high = recovery.bounds
   images = jnp.clip(optax.apply_updates(state['images'], updates), low, high)
-  metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
-  metrics['finite'] = jnp.isfinite(images).all()
+  metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0, keepdims=True), metrics)
+  metrics['finite'] = jnp.isfinite(images).all().reshape(1)
   return {'images': images, 'opt_state': opt_state, 'step': step + 1}, metrics
+
+
+def recover_step(state, labels, uids, rng, teacher, recovery: Recovery):
+  """One Adam step on all groups: (state, metrics). state: `create_state`'s dict.
+
+  On a mesh each device steps its own groups (`local_step` under `jax.shard_map`): groups
+  are independent, so the program has no collective at all, and its metrics keep one row
+  per device (averaged where they are read, `train_lib.Loop.per_device`). Besides sparing
+  the communication, this keeps XLA's CPU runtime out of a deadlock its in-process
+  collectives meet in this program on several CPU devices (docs/performance.md). Without a
+  mesh: one row.
+  """
+  mesh = recovery.mesh
+  fn = functools.partial(local_step, recovery=recovery)
+  if mesh is not None:
+    data, replicated = jax.sharding.PartitionSpec('data'), jax.sharding.PartitionSpec()
+    # As `state_shardings`: image-shaped leaves (the images, Adam's moments) split by group,
+    # the counters replicated.
+    spec = jax.tree_util.tree_map(lambda x: data if x.ndim == 5 else replicated, state)
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, data, data, replicated, replicated),
+                       out_specs=(spec, data), check_vma=False)
+  return fn(state, labels, uids, rng, teacher)
 
 
 def create_recover_step(recovery: Recovery, state_shardings_):
@@ -212,7 +228,7 @@ def create_recover_step(recovery: Recovery, state_shardings_):
   return jax.jit(
       functools.partial(recover_step, recovery=recovery),
       in_shardings=(state_shardings_, sharded, sharded, replicated, replicated),
-      out_shardings=(state_shardings_, replicated), donate_argnums=0)
+      out_shardings=(state_shardings_, sharded), donate_argnums=0)
 
 
 def abstract_step_args(tx, groups: int, group_size: int, image_shape, mesh, teacher, rng):
