@@ -255,23 +255,26 @@ def test_single_process_helpers():
 
 def test_cpu_devices_sets_the_device_count_unless_xla_flags_do(tmp_path):
   """Config `cpu_devices` (Fashion-MNIST's: 2) has main's JAX make that many CPU devices and
-  plan the work over them; XLA_FLAGS' --xla_force_host_platform_device_count, where set, wins
-  (as the tests' 8 devices do)."""
+  plan the work over them; `multihost.set_cpu_devices` makes any count, and XLA_FLAGS'
+  --xla_force_host_platform_device_count, where set, wins (as the tests' 8 devices do)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
                             env.get('XLA_FLAGS', '')).strip()
-
-  def planned_devices(overrides, env):
-    command = testlib.main_command('fashion_mnist_ipc10', tmp_path / 'w', stages='recover',
-                                   overrides=overrides, flags=['--dry_run'])
-    out = testlib.run_command(command, env=env, timeout_s=TIMEOUT)
-    return set(re.findall(r'on (\d+) device\(s\)', out.stdout + out.stderr))
-
-  assert planned_devices({'cpu_devices': 3}, env) == {'3'}
-  assert planned_devices({}, env) == {'2'}  # the config's
-  forced = dict(env, XLA_FLAGS=f'{env["XLA_FLAGS"]} --xla_force_host_platform_device_count=4')
-  assert planned_devices({'cpu_devices': 3}, forced) == {'4'}
+  command = testlib.main_command('fashion_mnist_ipc10', tmp_path / 'w', stages='recover',
+                                 flags=['--dry_run'])
+  out = testlib.run_command(command, env=env, timeout_s=TIMEOUT)
+  assert set(re.findall(r'on (\d+) device\(s\)', out.stdout + out.stderr)) == {'2'}
   assert not (tmp_path / 'w').exists()  # a dry run writes nothing
+
+  def devices(count, env):
+    code = ('import jax; from sre2l_jax import multihost; '
+            f'print(multihost.set_cpu_devices({count}), jax.device_count())')
+    return testlib.run_command([sys.executable, '-c', code], env=env,
+                               timeout_s=TIMEOUT).stdout.split()
+
+  assert devices(3, env) == ['True', '3']
+  forced = dict(env, XLA_FLAGS=f'{env["XLA_FLAGS"]} --xla_force_host_platform_device_count=4')
+  assert devices(3, forced) == ['False', '4']
 
 
 def test_recover_metrics_keep_a_row_per_device_and_average_like_one_device():
