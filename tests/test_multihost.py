@@ -254,14 +254,14 @@ def test_single_process_helpers():
 
 
 def test_cpu_devices_sets_the_device_count_unless_xla_flags_do(tmp_path):
-  """Config `cpu_devices` (Fashion-MNIST's: 2) has main's JAX make that many CPU devices and
-  plan the work over them; `multihost.set_cpu_devices` makes any count, and XLA_FLAGS'
+  """Config `cpu_devices` has main's JAX make that many CPU devices and plan the work over
+  them; `multihost.set_cpu_devices` makes any count, and XLA_FLAGS'
   --xla_force_host_platform_device_count, where set, wins (as the tests' 8 devices do)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
                             env.get('XLA_FLAGS', '')).strip()
   command = testlib.main_command('fashion_mnist_ipc10', tmp_path / 'w', stages='recover',
-                                 flags=['--dry_run'])
+                                 overrides={'cpu_devices': 2}, flags=['--dry_run'])
   out = testlib.run_command(command, env=env, timeout_s=TIMEOUT)
   assert set(re.findall(r'on (\d+) device\(s\)', out.stdout + out.stderr)) == {'2'}
   assert not (tmp_path / 'w').exists()  # a dry run writes nothing
