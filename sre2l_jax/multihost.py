@@ -62,8 +62,9 @@ def set_cpu_devices(count) -> bool:
 
   Why: XLA runs one CPU device's step with cores left idle; with several devices their
   shares run side by side (docs/performance.md: on 2 cores, 2 devices train the
-  Fashion-MNIST teacher 1.5x and its students 2.1x as fast as one). 0 leaves JAX's default
-  (one device). It takes effect only before JAX's backends start (main and `api.distill`
+  Fashion-MNIST teacher 1.5x and its students 2.1x as fast as one). The risk: XLA's CPU
+  collectives can abort the process (a rendezvous timeout; seen once in squeeze's test pass
+  with a second such job on the cores), hence opt-in. 0 leaves JAX's default (one device). It takes effect only before JAX's backends start (main and `api.distill`
   call it first; in a notebook that used JAX already it logs that it had none); XLA_FLAGS'
   --xla_force_host_platform_device_count, an explicit choice of the environment (the tests'
   8 devices), wins. GPU and TPU hosts are unaffected: their devices are the accelerators.
