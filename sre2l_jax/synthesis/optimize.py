@@ -89,12 +89,19 @@ def create_state(images, tx) -> dict:
   return {'images': images, 'opt_state': tx.init(images), 'step': jnp.int32(0)}
 
 
+def split_by_group(leaf) -> bool:
+  """Whether a leaf of `create_state` is split over the devices by group: the image-shaped
+  ones (the images, the optimiser's moments) are, the counters are replicated."""
+  return leaf.ndim == 5
+
+
 def state_shardings(tx, images_shape, mesh):
-  """Shardings of `create_state`: image-shaped leaves on 'data', the rest replicated."""
+  """Shardings of `create_state`: `split_by_group` leaves on 'data', the rest replicated."""
   sharded, replicated = batching.data_sharding(mesh), batching.replicated(mesh)
   shapes = jax.eval_shape(lambda x: create_state(x, tx),
                           jax.ShapeDtypeStruct(tuple(images_shape), jnp.float32))
-  return jax.tree_util.tree_map(lambda x: sharded if x.ndim == 5 else replicated, shapes)
+  return jax.tree_util.tree_map(lambda x: sharded if split_by_group(x) else replicated,
+                                shapes)
 
 
 def abstract_state(tx, images_shape, mesh):
@@ -207,9 +214,7 @@ def recover_step(state, labels, uids, rng, teacher, recovery: Recovery):
   fn = functools.partial(local_step, recovery=recovery)
   if mesh is not None:
     data, replicated = jax.sharding.PartitionSpec('data'), jax.sharding.PartitionSpec()
-    # As `state_shardings`: image-shaped leaves (the images, Adam's moments) split by group,
-    # the counters replicated.
-    spec = jax.tree_util.tree_map(lambda x: data if x.ndim == 5 else replicated, state)
+    spec = jax.tree_util.tree_map(lambda x: data if split_by_group(x) else replicated, state)
     fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, data, data, replicated, replicated),
                        out_specs=(spec, data), check_vma=False)
   return fn(state, labels, uids, rng, teacher)
