@@ -44,8 +44,9 @@ ROWS = (
      'global BN statistics'),
     ('real_init', 'sre2l', {'recover.init': 'real', 'recover.lr': 0.05},
      'lever: start from random real images (lr 0.05)'),
-    ('scored_init', 'sre2l', {'recover.init': 'scored', 'recover.lr': 0.05},
-     'lever: start from teacher-scored real images with k-means coverage (lr 0.05)'),
+    ('scored_init', 'scored', {},
+     'lever: start from teacher-scored real images with k-means coverage (lr 0.05; the '
+     'config\'s `scored` recipe, its IPC 1 default)'),
     ('class_stats', 'edc', {'recover.init': 'noise', 'recover.iterations': 1000,
                             'recover.lr': 0.25, 'recover.jitter': 4,
                             'recover.edc.class_bn_weight': 1.0},
