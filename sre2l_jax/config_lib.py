@@ -187,6 +187,10 @@ def _recover() -> ml_collections.ConfigDict:
       # early_late.stages staggered steps, so they get different numbers of iterations).
       diversity='none',
       early_late=ml_collections.ConfigDict(dict(stages=4)),
+      # The share of each class's images optimised (synthesis/diversity.py): the last
+      # ceil(f * ipc) ipc indices (with init 'scored' the lowest-scored); the others stay as
+      # they start. 1: all.
+      refine_fraction=1.0,
       # method 'rded' (synthesis/rded.py, no optimisation): per class, `candidates` random
       # real images (RDED's mipc), each scored on its best of `crops` square crops
       # (min/max_scale), and `factor` x `factor` of the best stitched into one image (1: whole

@@ -324,6 +324,47 @@ def test_early_late_starts_each_stage_at_its_step():
   assert diversity.mask_gradients(grads, uids, 0, 3, cfg) is grads
 
 
+def test_refine_fraction_keeps_the_best_scored_images_as_they_start():
+  """refine_fraction 0.5 at ipc 4: ipc indices 0 and 1 of every class (with init 'scored'
+  the best-scored) keep their pixels to the bit through Adam's steps while 2 and 3 move;
+  with early-late too, an image moves only once both let it."""
+  config = small_config(method='sre2l', group_by='class', ipc=4, batch_size=4, init='real',
+                        lr=0.1, refine_fraction=0.5)
+  cfg = config.recover
+  model, teacher = testlib.random_teacher(config)
+  labels, uids, _ = optimize.group_layout(SPEC.num_classes, 4, 4, 1, by_class=True)
+  np.testing.assert_array_equal(diversity.refined(jnp.asarray(uids), SPEC.num_classes, cfg),
+                                uids // SPEC.num_classes >= 2)
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(0), uids.shape + SPEC.image_shape))
+  tx = optimize.create_optimizer(cfg)
+  recovery = optimize.Recovery(synthesis.get_method('sre2l'), model, cfg, tx,
+                               optimize.pixel_bounds(SPEC), num_classes=SPEC.num_classes)
+  step = jax.jit(lambda s: optimize.recover_step(s, labels, uids, jax.random.PRNGKey(1),
+                                                 teacher, recovery))
+  state = optimize.create_state(jnp.asarray(images), tx)
+  for _ in range(3):
+    state, _ = step(state)
+  after = np.asarray(state['images'])
+  kept = uids // SPEC.num_classes < 2
+  np.testing.assert_array_equal(after[kept], np.clip(images[kept], *map(np.asarray,
+                                                                        recovery.bounds)))
+  moved = np.abs(after - images).reshape(uids.shape + (-1,)).max(-1)
+  assert (moved[~kept] > 1e-2).all()
+  # early-late (2 stages over 10 iterations): ipc indices 2, 3 start at step 5.
+  cfg.update(diversity='early_late', iterations=10, early_late=dict(stages=2))
+  grads = jnp.ones(uids.shape + (2, 2, 1))
+  for at_step, active in ((0, np.zeros_like(kept)), (5, ~kept)):
+    masked = diversity.mask_gradients(grads, jnp.asarray(uids), at_step, SPEC.num_classes, cfg)
+    np.testing.assert_array_equal(np.asarray(masked)[..., 0, 0, 0], active.astype(np.float32))
+  for bad, match in ((0.0, r'in \(0, 1\]'), (1.5, r'in \(0, 1\]')):
+    cfg.refine_fraction = bad
+    with pytest.raises(ValueError, match=match):
+      diversity.validate(cfg)
+  cfg.update(refine_fraction=0.5, init='noise')
+  with pytest.raises(ValueError, match="init='noise' starts them as noise"):
+    diversity.validate(cfg)
+
+
 # ----------------------------------------------------------------------------- resume
 
 WIDTH = 8
