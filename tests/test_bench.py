@@ -26,6 +26,7 @@ from sre2l_jax.data import streaming
 from sre2l_jax.synthesis import sre2l
 
 from benchmarks import bench
+from benchmarks import label_sharpness
 from benchmarks import torch_reference
 
 import testlib
@@ -361,3 +362,30 @@ def test_student_workload_stacks_students_over_sets_as_evaluate_does(tmp_path):
   assert r['images_per_second'] == pytest.approx(3 * args.batch_size / r['seconds_per_step'])
   with pytest.raises(SystemExit):
     bench.parse_args(TINY + ['--students=2', '--sets=3'])
+
+
+def test_label_sharpness_measures_how_soft_a_teachers_labels_are(data_dir, tmp_path):
+  """Uniform logits: entropy log C, top probability 1/C; the same logits scaled up: sharper
+  at the same argmax. main reads a saved teacher and the test split, and gives the top-1 and
+  the entropy of that teacher's own logits."""
+  uniform = label_sharpness.sharpness(np.zeros((4, 10)), np.arange(4), 4.0)
+  assert np.isclose(uniform['entropy'], np.log(10), rtol=1e-6)
+  assert np.isclose(uniform['top_prob'], 0.1, rtol=1e-6)
+  logits = np.random.default_rng(0).normal(size=(64, 10))
+  labels = logits.argmax(-1)
+  soft, sharp = (label_sharpness.sharpness(logits * s, labels, 4.0) for s in (1.0, 8.0))
+  assert soft['top1'] == sharp['top1'] == 1.0
+  assert sharp['entropy'] < soft['entropy'] and sharp['top_prob'] > soft['top_prob']
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
+  config.dataset.data_dir = data_dir
+  testlib.write_teacher(config, str(tmp_path))
+  teacher_dir = str(tmp_path / 'squeeze' / 'teacher')
+  out = label_sharpness.main([f'--teacher_dirs={teacher_dir}', '--limit=64',
+                              f'--config={testlib.config_file("fashion_mnist_ipc10")}:smoke',
+                              f'--data_dir={data_dir}'])
+  images, test_labels = label_sharpness.datasets.load_arrays(config.dataset, 'test', 64)
+  expected = label_sharpness.sharpness(
+      label_sharpness.teacher_logits(config, teacher_dir, images), test_labels, 4.0)
+  assert out['images'] == 64 and out['temperature'] == 4.0
+  assert out['teachers'][teacher_dir] == expected
+  assert 0 < expected['entropy'] < np.log(10)

@@ -1,0 +1,76 @@
+"""How soft a teacher's labels are: at the students' temperature, on the real test split.
+
+  python -m benchmarks.label_sharpness --teacher_dirs=runs/fm/squeeze/teacher,runs/t15/squeeze/teacher
+
+For each teacher folder (a squeeze stage's `teacher/`, read as `squeeze.teacher_dir` of
+`--config`): its top-1 and, of softmax(logits / T) with T = `evaluate.temperature` (4 for
+Fashion-MNIST) unless `--temperature` says otherwise, the mean entropy (nats; log C is
+uniform) and the mean top probability. Two teachers of the same accuracy can teach very
+differently: the students learn from these distributions, not from the argmax (docs/results.md,
+issue 30: a longer-trained, more accurate teacher with sharper labels gave weaker students).
+"""
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sre2l_jax import config_lib
+from sre2l_jax import teacher as teacher_lib
+from sre2l_jax.data import batching
+from sre2l_jax.data import datasets
+
+
+def sharpness(logits, labels, temperature: float) -> dict:
+  """{'top1', 'entropy' (nats, mean over images), 'top_prob' (mean)} of logits (N, C)."""
+  p = jax.nn.softmax(jnp.asarray(logits, jnp.float32) / temperature, axis=-1)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0), axis=-1)
+  return {'top1': float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(labels))),
+          'entropy': float(jnp.mean(entropy)), 'top_prob': float(jnp.mean(p.max(-1)))}
+
+
+def teacher_logits(config, teacher_dir: str, images: np.ndarray, batch: int = 1000):
+  """The frozen teacher's logits (N, C) on uint8 images (N, H, W, C)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.squeeze.teacher_dir = teacher_dir
+  mesh = batching.create_mesh(1)
+  model, variables = teacher_lib.load(config, '', mesh)
+  spec = datasets.spec_of(config.dataset)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return np.concatenate([
+      np.asarray(forward(variables, jnp.asarray(datasets.normalise(images[i:i + batch], spec))))
+      for i in range(0, len(images), batch)])
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--teacher_dirs', required=True, help='comma-separated teacher folders')
+  parser.add_argument('--config', default='configs/fashion_mnist_ipc10.py',
+                      help="a config file, optionally with its argument: 'file.py:smoke'")
+  parser.add_argument('--data_dir', default='', help="the config's dataset.data_dir if set")
+  parser.add_argument('--temperature', type=float, default=0.0,
+                      help="0: the config's evaluate.temperature")
+  parser.add_argument('--limit', type=int, default=0, help='first N test images (0: all)')
+  args = parser.parse_args(argv)
+  path, _, arg = args.config.partition(':')
+  config = config_lib.load_config_file(path, arg or None)
+  if args.data_dir:
+    config.dataset.data_dir = args.data_dir
+  temperature = args.temperature or float(config.evaluate.temperature)
+  images, labels = datasets.load_arrays(config.dataset, 'test', args.limit or None)
+  out = {'temperature': temperature, 'images': len(labels), 'teachers': {}}
+  for teacher_dir in filter(None, args.teacher_dirs.split(',')):
+    logits = teacher_logits(config, teacher_dir, images)
+    out['teachers'][teacher_dir] = row = sharpness(logits, labels, temperature)
+    print(f'{teacher_dir}: top-1 {100 * row["top1"]:.2f}%, at T = {temperature:g}: entropy '
+          f'{row["entropy"]:.3f} nats (uniform {np.log(logits.shape[-1]):.3f}), top '
+          f'probability {row["top_prob"]:.3f}')
+  print(json.dumps(out))
+  return out
+
+
+if __name__ == '__main__':
+  main()
