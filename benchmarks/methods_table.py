@@ -46,7 +46,7 @@ ROWS = (
      'lever: start from random real images (lr 0.05)'),
     ('scored_init', 'scored', {},
      'lever: start from teacher-scored real images with k-means coverage (lr 0.05; the '
-     'config\'s `scored` recipe, its IPC 1 default)'),
+     'config\'s `scored` recipe)'),
     ('class_stats', 'edc', {'recover.init': 'noise', 'recover.iterations': 1000,
                             'recover.lr': 0.25, 'recover.jitter': 4,
                             'recover.edc.class_bn_weight': 1.0},

@@ -8,9 +8,7 @@ Run at c0f06d5 (its package first on the path), from the repository root:
   PYTHONPATH=/tmp/c0f06d5 python tests/data/make_fingerprints.py
 It writes tests/data/fingerprints_c0f06d5.json: {case: {record: value}}, a record's value as
 it is written to the workdir (JSON) or the folder name made from it. `CASES` and the fixed
-inputs below are what the test reuses; `records` calls c0f06d5's functions. The case
-'ipc=1,method=edc' was recorded at c0f06d5 as 'ipc=1' (the same config there, edc being every
-IPC's default; since issue 30 IPC 1 defaults to the `scored` recipe, so the case names edc).
+inputs below are what the test reuses; `records` calls c0f06d5's functions.
 """
 
 import json
@@ -29,7 +27,7 @@ CASES = [(name, arg, {}) for name in (
     'cifar100_ipc50', 'fashion_mnist_continual', 'fashion_mnist_ipc10', 'in1k_edc',
     'in1k_ipc50', 'in1k_rded', 'tiny_continual', 'tiny_ipc50') for arg in (None, 'smoke')]
 CASES += [('fashion_mnist_ipc10', arg, {}) for arg in (
-    'method=sre2l', 'method=edc', 'ipc=1,method=edc', 'ipc=50,seeds=3', 'smoke,method=edc',
+    'method=sre2l', 'method=edc', 'ipc=1', 'ipc=50,seeds=3', 'smoke,method=edc',
     'smoke,ipc=1')]
 CASES += [('in1k_edc', 'ipc=50', {}), ('tiny_ipc50', 'ipc=10', {})]
 CASES += [('fashion_mnist_ipc10', 'smoke', overrides) for overrides in (
