@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from sre2l_jax import config_lib
+from sre2l_jax import label_store
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -39,9 +40,9 @@ def teacher_logits(config, teacher_dir: str, images: np.ndarray, batch: int = 10
   mesh = batching.create_mesh(1)
   model, variables = teacher_lib.load(config, '', mesh)
   spec = datasets.spec_of(config.dataset)
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  forward = label_store.create_teacher_logits(model, variables, mesh)
   return np.concatenate([
-      np.asarray(forward(variables, jnp.asarray(datasets.normalise(images[i:i + batch], spec))))
+      np.asarray(forward(jnp.asarray(datasets.normalise(images[i:i + batch], spec))))
       for i in range(0, len(images), batch)])
 
 
