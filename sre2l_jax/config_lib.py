@@ -160,6 +160,9 @@ def _recover() -> ml_collections.ConfigDict:
       iterations=1000,  # Adam steps per image
       lr=0.25,  # Adam learning rate (cosine decay to 0)
       r_bn=0.01,  # weight of the BN-statistics term
+      # weight of the cross-entropy to the target class (1: SRe2L's and EDC's objective; 0:
+      # BN statistics only, which leaves real starting images' soft labels as soft)
+      r_ce=1.0,
       first_bn_multiplier=10.0,  # extra weight of the first BN layer's term
       adam_b1=0.5,
       adam_b2=0.9,
@@ -435,7 +438,7 @@ NUMBER_RULES = {
     'squeeze': dict(epochs='>0', lr='>0', momentum='[0,1)', weight_decay='>=0',
                     warmup_epochs='>=0', label_smoothing='[0,1)', pad='int>=0',
                     checkpoint_every_steps='int', log_every_steps='int'),
-    'recover': dict(ipc='int', iterations='int', lr='>0', r_bn='>=0',
+    'recover': dict(ipc='int', iterations='int', lr='>0', r_bn='>=0', r_ce='>=0',
                     first_bn_multiplier='>=0', adam_b1='[0,1)', adam_b2='[0,1)',
                     jitter='int>=0', min_scale='(0,1]', max_scale='(0,1]',
                     num_classes='int>=0', checkpoint_every_steps='int', log_every_steps='int',

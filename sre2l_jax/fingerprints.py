@@ -80,7 +80,7 @@ TABLE = {
             **{k: f'recover.{k}' for k in (
                 'adam_b1', 'adam_b2', 'batch_size', 'crop', 'curriculum', 'diversity', 'dtype',
                 'first_bn_multiplier', 'flip', 'group_by', 'init', 'ipc', 'iterations', 'jitter',
-                'lr', 'max_scale', 'method', 'min_scale', 'num_classes', 'r_bn',
+                'lr', 'max_scale', 'method', 'min_scale', 'num_classes', 'r_bn', 'r_ce',
                 'refine_fraction')},
             # the keys grouped by method since, recorded under their names of before
             **{old.split('.')[1]: new for old, new in config_lib.MOVED.items()
@@ -116,7 +116,8 @@ TABLE = {
 # Keys listed after workdirs existed ('record.path': the value that does what the code did
 # before): left out of the record at that value.
 ADDED_WITH_DEFAULT = {
-    'recover': {'recover.init_pick': 'score', 'recover.refine_fraction': 1.0},
+    'recover': {'recover.init_pick': 'score', 'recover.refine_fraction': 1.0,
+                'recover.r_ce': 1.0},
     'student_hard': {'schedule.lr_zeta': 1.0, 'ema_decay': 0.0},
     'student': {'schedule.lr_zeta': 1.0, 'ema_decay': 0.0, 'loss': 'kl'},
     'continual': {'evaluate.lr_zeta': 1.0},

@@ -91,6 +91,9 @@ def check_settings(config, spec) -> None:
   if cfg.iterations <= 0 or cfg.lr <= 0 or cfg.r_bn < 0:
     raise ValueError(f'recover needs iterations > 0, lr > 0, r_bn >= 0; got '
                      f'{cfg.iterations}, {cfg.lr}, {cfg.r_bn}.')
+  if not cfg.r_ce >= 0 or cfg.r_ce + cfg.r_bn <= 0:
+    raise ValueError(f'recover.r_ce={cfg.r_ce} (with r_bn={cfg.r_bn}): the cross-entropy weight '
+                     f'must be >= 0, and r_ce + r_bn > 0 (else nothing is optimised).')
   if cfg.crop not in CROPS:
     raise ValueError(f'recover.crop={cfg.crop!r}; valid: {", ".join(map(repr, CROPS))}.')
   if cfg.remat not in sre2l.REMAT:

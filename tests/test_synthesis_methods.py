@@ -194,6 +194,31 @@ def test_class_weight_zero_is_the_sre2l_loss():
   assert synthesis.get_method('edc') is edc.METHOD and edc.METHOD.needs_class_stats
 
 
+def test_cross_entropy_weight_scales_only_the_cross_entropy():
+  """recover.r_ce weighs the CE term of sre2l's and edc's loss, nothing else: at 0 the loss
+  is r_bn x the BN loss; both zero is refused; at 1 old workdirs' records are unchanged."""
+  config, model, teacher, images, labels, uids = edc_inputs()
+  plain = {k: teacher[k] for k in ('params', 'batch_stats')}
+  for method, variables in ((sre2l, plain), (edc, teacher)):
+    for weight in (0.0, 1.0, 2.5):
+      config.recover.r_ce = weight
+      loss, metrics = method.group_loss(images, labels, uids, jax.random.key(7),
+                                        jnp.float32(0.5), model=model, teacher=variables,
+                                        cfg=config.recover)
+      assert float(metrics['ce']) > 0.1
+      np.testing.assert_allclose(
+          float(loss), weight * float(metrics['ce']) + config.recover.r_bn *
+          float(metrics['bn_loss']), rtol=1e-6)
+  config.recover.r_ce = 1.0
+  assert 'r_ce' not in fingerprints.record('recover', config)['recover']
+  config.recover.r_ce = 0.0
+  assert fingerprints.record('recover', config)['recover']['r_ce'] == 0.0
+  recover.check_settings(config, SPEC)
+  config.recover.r_bn = 0.0
+  with pytest.raises(ValueError, match=r'r_ce \+ r_bn > 0'):
+    recover.check_settings(config, SPEC)
+
+
 # ----------------------------------------------------------------------------- layout
 
 

@@ -8,17 +8,17 @@ matching"), uses several backbones, and trains the student with a smoothed sched
 
 Loss of one group (`recover.batch_size` images; with recover.group_by='class', all of one
 class c, the layout the Fashion-MNIST config uses):
-  CE(teacher(aug(x)), y) + r_bn * sum_l w_l [(1 - a) (||mu_l - running_mean_l|| +
+  r_ce CE(teacher(aug(x)), y) + r_bn * sum_l w_l [(1 - a) (||mu_l - running_mean_l|| +
                                                       ||var_l - running_var_l||)
                                               + a (||mu_l - m_l[c]|| + ||var_l - v_l[c]||)]
 mu_l, var_l: mean and biased variance over (N, H, W) of BN layer l's input in this group (as
 `sre2l`); m_l[c], v_l[c]: the same over all real training images of class c
 (`class_stats.py`, teacher in inference mode); a = recover.edc.class_bn_weight; w_1 =
-first_bn_multiplier. In a group of several classes the class target is the mean of its
-images' class statistics (what EDC's code matches); in a one-class group it is exactly
-class c's. Starting images: recover.init='scored' (`selection.py`: per class the teacher's
-best-scored real candidates, one per source image, spread over k-means clusters of the
-teacher's features) or 'real'.
+first_bn_multiplier; r_ce = recover.r_ce (1 in EDC). In a group of several classes the
+class target is the mean of its images' class statistics (what EDC's code matches); in a
+one-class group it is exactly class c's. Starting images: recover.init='scored'
+(`selection.py`: per class the teacher's best-scored real candidates, one per source image,
+spread over k-means clusters of the teacher's features) or 'real'.
 
 EDC's settings (paper and its scripts), for reference; configs/in1k_edc.py uses them:
 - ImageNet-1K, ResNet-18 recovery: 1,000 iterations (the paper's ablations also use 2,000 and
@@ -125,7 +125,7 @@ def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
   weight = cfg.edc.class_bn_weight
   bn, per_layer = weighted_bn_loss((1 - weight) * global_terms + weight * class_terms,
                                          cfg.first_bn_multiplier)
-  loss = ce + cfg.r_bn * bn
+  loss = cfg.r_ce * ce + cfg.r_bn * bn
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return loss, {'loss': loss, 'ce': ce, 'bn_loss': bn, 'bn_loss_per_layer': per_layer,
                 'bn_loss_global': weighted_bn_loss(global_terms,

@@ -1,11 +1,12 @@
 """SRe2L's recover objective (Yin, Xing, Shen, NeurIPS 2023).
 
 Loss of one group (`recover.batch_size` images of different classes, same ipc index):
-  CE(teacher(aug(x)), y) + r_bn * sum_l w_l (||mu_l - running_mean_l||_2 +
-                                               ||var_l - running_var_l||_2)
+  r_ce CE(teacher(aug(x)), y) + r_bn * sum_l w_l (||mu_l - running_mean_l||_2 +
+                                                    ||var_l - running_var_l||_2)
 with mu_l, var_l the mean and biased variance over (N, H, W) of the *input* of BN layer l,
-w_1 = first_bn_multiplier and w_l = 1 otherwise. Statistics are per group, as in the
-reference. The CDA curriculum (`recover.curriculum`) shrinks the crops' minimum scale.
+w_1 = first_bn_multiplier and w_l = 1 otherwise; r_ce = recover.r_ce (1 in the paper).
+Statistics are per group, as in the reference. The CDA curriculum (`recover.curriculum`)
+shrinks the crops' minimum scale.
 """
 
 import flax.linen as nn
@@ -129,7 +130,7 @@ def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
                                       remat=cfg.remat)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   bn, per_layer = weighted_bn_loss(per_layer, cfg.first_bn_multiplier)
-  loss = ce + cfg.r_bn * bn
+  loss = cfg.r_ce * ce + cfg.r_bn * bn
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return loss, {'loss': loss, 'ce': ce, 'bn_loss': bn, 'bn_loss_per_layer': per_layer,
                 'accuracy': accuracy}
