@@ -1,6 +1,9 @@
-"""How soft a teacher's labels are: at the students' temperature, on the real test split.
+"""How soft a teacher's labels are: at the students' temperature, on the real test split or
+on the image sets a run's students train on.
 
   python -m benchmarks.label_sharpness --teacher_dirs=runs/fm/squeeze/teacher,runs/t15/squeeze/teacher
+  python -m benchmarks.label_sharpness --teacher_dirs=runs/fm/squeeze/teacher \
+      --config=configs/fashion_mnist_ipc10.py:ipc=50 --workdir=runs/fm_ipc50
 
 For each teacher folder (a squeeze stage's `teacher/`, read as `squeeze.teacher_dir` of
 `--config`): its top-1 and, of softmax(logits / T) with T = `evaluate.temperature` (4 for
@@ -8,6 +11,9 @@ Fashion-MNIST) unless `--temperature` says otherwise, the mean entropy (nats; lo
 uniform) and the mean top probability. Two teachers of the same accuracy can teach very
 differently: the students learn from these distributions, not from the argmax (docs/results.md,
 issue 30: a longer-trained, more accurate teacher with sharper labels gave weaker students).
+With `--workdir` (one teacher): the same figures on the whole images of each set its students
+train on, the distilled set `--config` recovered there and the random subset and coreset
+(`image_sets.image_sets`): how much recovery sharpened the labels of its starting images.
 """
 
 import argparse
@@ -19,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from sre2l_jax import config_lib
+from sre2l_jax import image_sets
 from sre2l_jax import label_store
 from sre2l_jax import teacher as teacher_lib
 from sre2l_jax.data import batching
@@ -46,6 +53,15 @@ def teacher_logits(config, teacher_dir: str, images: np.ndarray, batch: int = 10
       for i in range(0, len(images), batch)])
 
 
+def set_rows(config, teacher_dir: str, workdir: str, temperature: float) -> dict:
+  """{set name: `sharpness`} of the teacher on each image set of `workdir`."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.squeeze.teacher_dir = teacher_dir
+  config.evaluate.baselines = ('random', 'coreset')
+  return {name: sharpness(teacher_logits(config, teacher_dir, images), labels, temperature)
+          for name, (images, labels) in image_sets.image_sets(config, workdir).items()}
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--teacher_dirs', required=True, help='comma-separated teacher folders')
@@ -55,15 +71,29 @@ def main(argv=None) -> dict:
   parser.add_argument('--temperature', type=float, default=0.0,
                       help="0: the config's evaluate.temperature")
   parser.add_argument('--limit', type=int, default=0, help='first N test images (0: all)')
+  parser.add_argument('--workdir', default='',
+                      help="the image sets of this run (its distilled set, the random subset "
+                           "and the coreset) instead of the test split; one teacher")
   args = parser.parse_args(argv)
   path, _, arg = args.config.partition(':')
   config = config_lib.load_config_file(path, arg or None)
   if args.data_dir:
     config.dataset.data_dir = args.data_dir
   temperature = args.temperature or float(config.evaluate.temperature)
+  teacher_dirs = list(filter(None, args.teacher_dirs.split(',')))
+  if args.workdir:
+    if len(teacher_dirs) != 1:
+      raise ValueError(f'--workdir measures one teacher; got --teacher_dirs={args.teacher_dirs!r}.')
+    out = {'temperature': temperature, 'teacher': teacher_dirs[0],
+           'sets': set_rows(config, teacher_dirs[0], args.workdir, temperature)}
+    for name, row in out['sets'].items():
+      print(f'{name}: teacher top-1 {100 * row["top1"]:.2f}%, at T = {temperature:g}: entropy '
+            f'{row["entropy"]:.3f} nats, top probability {row["top_prob"]:.3f}')
+    print(json.dumps(out))
+    return out
   images, labels = datasets.load_arrays(config.dataset, 'test', args.limit or None)
   out = {'temperature': temperature, 'images': len(labels), 'teachers': {}}
-  for teacher_dir in filter(None, args.teacher_dirs.split(',')):
+  for teacher_dir in teacher_dirs:
     logits = teacher_logits(config, teacher_dir, images)
     out['teachers'][teacher_dir] = row = sharpness(logits, labels, temperature)
     print(f'{teacher_dir}: top-1 {100 * row["top1"]:.2f}%, at T = {temperature:g}: entropy '
