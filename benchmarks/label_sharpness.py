@@ -17,6 +17,7 @@ train on, the distilled set `--config` recovered there and the random subset and
 """
 
 import argparse
+import ast
 import json
 
 import jax
@@ -53,12 +54,31 @@ def teacher_logits(config, teacher_dir: str, images: np.ndarray, batch: int = 10
       for i in range(0, len(images), batch)])
 
 
+def set_value(config, item: str) -> None:
+  """Sets 'section.key=value' (a Python literal, else the string) in `config`."""
+  key, sep, text = item.partition('=')
+  *parents, name = key.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  if not sep or name not in node:
+    raise ValueError(f'--set={item!r}: expected KEY=VALUE with KEY a config key, e.g. '
+                     f'recover.r_ce=0.')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  node[name] = value
+
+
 def set_rows(config, teacher_dir: str, workdir: str, temperature: float) -> dict:
-  """{set name: `sharpness`} of the teacher on each image set of `workdir`."""
+  """{set name: `sharpness` and 'images' (the count)} of the teacher on each image set of
+  `workdir`."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.squeeze.teacher_dir = teacher_dir
   config.evaluate.baselines = ('random', 'coreset')
-  return {name: sharpness(teacher_logits(config, teacher_dir, images), labels, temperature)
+  return {name: dict(sharpness(teacher_logits(config, teacher_dir, images), labels,
+                               temperature), images=len(labels))
           for name, (images, labels) in image_sets.image_sets(config, workdir).items()}
 
 
@@ -74,9 +94,14 @@ def main(argv=None) -> dict:
   parser.add_argument('--workdir', default='',
                       help="the image sets of this run (its distilled set, the random subset "
                            "and the coreset) instead of the test split; one teacher")
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help="a config value as the run's --config.KEY flag set it, e.g. "
+                           "--set=recover.r_ce=0 (repeatable)")
   args = parser.parse_args(argv)
   path, _, arg = args.config.partition(':')
   config = config_lib.load_config_file(path, arg or None)
+  for item in args.set:
+    set_value(config, item)
   if args.data_dir:
     config.dataset.data_dir = args.data_dir
   temperature = args.temperature or float(config.evaluate.temperature)

@@ -393,11 +393,14 @@ def test_label_sharpness_measures_how_soft_a_teachers_labels_are(data_dir, tmp_p
   config.recover.ipc = 2
   noise, noise_labels = testlib.write_noise_set(str(tmp_path), ipc=2)
   out = label_sharpness.main([f'--teacher_dirs={teacher_dir}', f'--workdir={tmp_path}',
-                              f'--config={testlib.config_file("fashion_mnist_ipc10")}:smoke,ipc=2',
-                              f'--data_dir={data_dir}'])
+                              f'--config={testlib.config_file("fashion_mnist_ipc10")}:smoke',
+                              '--set=recover.ipc=2', f'--data_dir={data_dir}'])
   assert sorted(out['sets']) == ['coreset', 'distilled', 'random']
-  assert out['sets']['distilled'] == label_sharpness.sharpness(
-      label_sharpness.teacher_logits(config, teacher_dir, noise), noise_labels, 4.0)
+  assert out['sets']['distilled'] == dict(label_sharpness.sharpness(
+      label_sharpness.teacher_logits(config, teacher_dir, noise), noise_labels, 4.0), images=20)
+  assert out['sets']['random']['images'] == out['sets']['coreset']['images'] == 20  # --set
   assert all(0 < row['entropy'] < np.log(10) for row in out['sets'].values())
+  with pytest.raises(ValueError, match='expected KEY=VALUE'):
+    label_sharpness.set_value(config, 'recover.no_such_key=1')
   with pytest.raises(ValueError, match='one teacher'):
     label_sharpness.main([f'--teacher_dirs={teacher_dir},{teacher_dir}', f'--workdir={tmp_path}'])
