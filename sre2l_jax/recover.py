@@ -119,6 +119,13 @@ def check_settings(config, spec) -> None:
                      f'scored.crops={cfg.scored.crops} (>= 1) are invalid.')
   if not 0 <= cfg.edc.class_bn_weight <= 1:
     raise ValueError(f'recover.edc.class_bn_weight={cfg.edc.class_bn_weight} must be in [0, 1].')
+  if not method.optimised:
+    moot = [f'{k}={cfg[k]!r}' for k, default in (('refine_fraction', 1.0), ('r_ce', 1.0),
+                                                 ('diversity', 'none')) if cfg[k] != default]
+    if moot:
+      raise ValueError(f'recover.method={cfg.method!r} optimises nothing, so recover.'
+                       f'{", recover.".join(moot)} would do nothing: leave them at their '
+                       f'defaults, or pick an optimising method (sre2l, edc).')
   diversity.validate(cfg)
   selection.check_candidates(cfg)
   method.validate(cfg, spec)

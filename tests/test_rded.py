@@ -173,6 +173,12 @@ def test_in1k_rded_config_has_rded_settings_and_passes_the_stage_checks():
   assert (config.student.epochs, config.student.batch_size, config.evaluate.lr,
           config.evaluate.temperature) == (300, 100, 1e-3, 20.0)
   assert testlib.load_config('in1k_rded', 'ipc=50').student.batch_size == 200
+  # Settings of the optimisation RDED does not run are refused, not silently ignored.
+  for key, value in (('refine_fraction', 0.5), ('r_ce', 0.0), ('diversity', 'early_late')):
+    config = testlib.load_config('in1k_rded')
+    config.recover[key] = value
+    with pytest.raises(ValueError, match=f"optimises nothing, so recover.{key}={value!r}"):
+      recover.check_settings(config, datasets.get_spec(config.dataset.name))
 
 
 def test_in1k_rded_smoke_recovers_at_224(tmp_path):
