@@ -176,7 +176,8 @@ def _recover() -> ml_collections.ConfigDict:
       # init 'scored' (synthesis/selection.py): per class, `candidates` random images (0: all
       # of the class), each scored on its best of `crops` crops (1: the whole image); then the
       # best of each of ipc k-means clusters (`coverage`; False: the top ipc), best being the
-      # best-scored (`pick` 'score') or the one nearest the cluster's mean ('centre').
+      # best-scored (`pick` 'score'), the one nearest the cluster's mean ('centre') or the
+      # lowest-scored ('hardest').
       scored=ml_collections.ConfigDict(dict(candidates=300, crops=1, coverage=True,
                                             pick='score')),
       # Group layout: 'ipc_index' (B classes at one ipc index; B divides the classes) or

@@ -277,6 +277,13 @@ def test_selection_returns_the_top_scored_candidates_one_per_source_image():
     mates = best[cluster[best] == cluster[i]]
     distance = ((features[mates] - features[mates].mean(0)) ** 2).sum(-1)
     assert i == mates[np.argmin(distance)]
+  # pick 'hardest': of each cluster the source whose best candidate scores lowest.
+  chosen = selection.select(scores, sources, 3, features, np.random.default_rng(0), 'hardest')
+  assert sorted(cluster[chosen]) == [0, 1, 2]
+  for i in chosen:
+    mates = best[cluster[best] == cluster[i]]
+    assert scores[i] == scores[mates].min()
+  assert list(scores[chosen]) == sorted(scores[chosen], reverse=True)
   with pytest.raises(ValueError, match='scored.pick'):
     selection.select(scores, sources, 3, features, np.random.default_rng(0), 'middle')
 
