@@ -73,6 +73,13 @@ ROWS = (
     ('edc_mix', 'edc', {'recover.edc.class_bn_weight': 0.5},
      'the Fashion-MNIST default: edc from the coreset\'s images with EDC\'s soft matching: '
      'half class, half global statistics'),
+    ('edc_no_ce', 'edc', {'recover.r_ce': 0.0},
+     'edc_mix matching BN statistics only (recover.r_ce 0: no cross-entropy to the class)'),
+    ('edc_hardest', 'edc', {'recover.scored.pick': 'hardest'},
+     'edc_mix from each k-means cluster\'s lowest-scored image instead of its most typical'),
+    ('select', 'select', {},
+     'the coreset\'s choice (edc_mix\'s starting images) unrefined, through recover '
+     '(method=select)'),
     ('rded', 'sre2l', {'recover.method': 'rded', 'recover.rded.factor': 1},
      'RDED without stitching: per class the top-scored of 300 real candidates (best of 5 '
      'crops each)'),

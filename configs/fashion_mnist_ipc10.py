@@ -14,6 +14,8 @@ Arguments: `smoke` (a few steps on a data subset), `ipc=N` (1, 10, 50, ...), `se
          refined as one group for 300 steps at lr 0.05 against EDC's soft matching: half
          the class's own BN statistics, half the teacher's running ones (edc.class_bn_weight
          0.5; 1.0 is the class's own only).
+  select edc's starting images as they are (synthesis/select.py, no optimisation): the
+         k-means coreset's choice, labelled by the teacher like any distilled set.
 """
 
 from sre2l_jax import config_lib
@@ -59,12 +61,16 @@ def get_config(arg=None):
                      lr=0.05, jitter=0, init='scored',
                      scored=dict(candidates=0, crops=1, coverage=True, pick='centre'),
                      edc=dict(class_bn_weight=CLASS_BN_WEIGHT))
+  elif method == 'select':
+    # edc's starting images (the k-means coreset's choice) as they are, unrefined.
+    c.recover.update(method='select', init='scored',
+                     scored=dict(candidates=0, crops=1, coverage=True, pick='centre'))
   elif method == 'scored':
     # The published groups, steps and statistics; only the start (and a gentler rate for
     # real images) differ: the methods table's `scored_init` row.
     c.recover.update(init='scored', lr=0.05)
   elif method != 'sre2l':
-    raise ValueError(f"method={method!r}; valid: 'sre2l', 'scored', 'edc'.")
+    raise ValueError(f"method={method!r}; valid: 'sre2l', 'scored', 'edc', 'select'.")
 
   c.student.update(name='convnet', width=64, depth=3, batch_size=50, epochs=arg.epochs)
   c.relabel.update(mode='online', min_scale=0.25)

@@ -142,7 +142,7 @@ def check_draws(config, spec) -> None:
   cfg = config.recover
   method = synthesis.get_method(cfg.method)
   draws = dict(method.draws(cfg))
-  scored = method.optimised and cfg.init == 'scored'
+  scored = (method.optimised or method.selects) and cfg.init == 'scored'
   if scored and cfg.scored.candidates:
     draws['recover.scored.candidates'] = cfg.scored.candidates
   whole_classes = scored and not cfg.scored.candidates

@@ -23,6 +23,7 @@ from sre2l_jax import fingerprints
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import rngs
+from sre2l_jax import teacher as teacher_lib
 from sre2l_jax import synthesis
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -338,6 +339,37 @@ def test_a_new_recover_key_at_its_old_behaviour_keeps_old_workdirs_resumable():
   assert 'init_pick' not in before['recover']  # 'score': what workdirs before it did
   config.recover.scored.pick = 'centre'
   assert fingerprints.record('recover', config)['recover']['init_pick'] == 'centre'
+
+
+def test_select_exports_the_scored_start_unoptimised(data, tmp_path):
+  """method='select' (the config's `method=select`): recover writes the teacher's scored
+  choice of real images, bit for bit the images edc starts from, each a training image;
+  a start other than 'scored' and settings of an optimisation are refused."""
+  config = testlib.fashion_config(data, name='fashion_mnist_ipc10', arg='smoke,method=select')
+  config.teacher.width = 8
+  config.recover.ipc = 3
+  assert (config.recover.method, config.recover.init, config.recover.scored.pick) == (
+      'select', 'scored', 'centre')
+  workdir = str(tmp_path)
+  testlib.write_teacher(config, workdir)
+  result = testlib.run_stage(recover, config, workdir)
+  assert result['method'] == 'select' and result['images'] == 30
+  images, labels = export.read_tfds(export.tfds_dataset_dir(result['outputs']['tfds']))
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 3))
+  mesh = batching.create_mesh(1)
+  model, variables = teacher_lib.load(config, workdir, mesh)
+  start = selection.scored_images(config, model, variables,
+                                  pipeline.load_split(config.dataset, 'train'), 10, mesh)
+  np.testing.assert_array_equal(images, datasets.denormalise(start, SPEC).reshape(images.shape))
+  train, train_labels = pipeline.load_split(config.dataset, 'train').arrays()
+  for image, label in zip(images, labels):
+    assert any((train[train_labels == label] == image).all((1, 2, 3)))
+  config.recover.init = 'real'
+  with pytest.raises(ValueError, match="set recover.init='scored'"):
+    recover.check_settings(config, SPEC)
+  config.recover.update(init='scored', refine_fraction=0.5)
+  with pytest.raises(ValueError, match='optimises nothing'):
+    recover.check_settings(config, SPEC)
 
 
 # ----------------------------------------------------------------------------- diversity

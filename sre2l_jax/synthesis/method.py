@@ -30,7 +30,8 @@ class Method:
   model, teacher, train, num_classes, mesh) -> uint8 (num_classes, ipc, H, W, C)` makes the
   images in one pass). needs_class_stats: the teacher pytree carries the per-class BN
   statistics (`class_stats.KEY`). several_teachers: takes `teacher.extra_teachers` (their
-  losses summed). validate(cfg, spec): raises ValueError for the method's own settings
+  losses summed). selects: a direct method that exports recover.init='scored''s choice
+  (its candidates are checked like an optimised method's). validate(cfg, spec): raises ValueError for the method's own settings
   (cfg: config.recover), run before any stage. draws(cfg): {setting: real images per class}
   the method draws from the training split, checked against the split before any stage.
   """
@@ -42,6 +43,7 @@ class Method:
   synthesize: Callable | None = None
   needs_class_stats: bool = False
   several_teachers: bool = False
+  selects: bool = False
   validate: Callable = _no_settings
   draws: Callable = _no_draws
 

@@ -1,0 +1,40 @@
+"""The teacher's choice of real images, exported as they are: recover.method='select'.
+
+The starting images of recover.init='scored' (`selection.py`) without any optimisation: per
+class, the scored candidates' k-means clusters over the teacher's features and one image of
+each (`recover.scored.pick`). With the Fashion-MNIST config's settings (scored.candidates=0,
+crops=1, coverage, pick='centre') that is the image nearest each of ipc k-means centroids of
+all the class's images, the k-means coreset's choice (`image_sets.coreset` draws its
+k-means from another seed and without an iteration cap, so the two can differ in a few
+images). Its soft labels come from the teacher at relabel, as for any distilled set.
+
+Why a method: at IPC 50 on Fashion-MNIST no refinement measured beat the coreset it starts
+from, over four teachers (docs/results.md, issue 30), so the best recipe there is the
+selection alone.
+"""
+
+import numpy as np
+
+from sre2l_jax.data import datasets
+from sre2l_jax.synthesis import selection
+from sre2l_jax.synthesis.method import Method
+
+
+def validate(cfg, spec=None) -> None:
+  """Refuses a start other than 'scored' (the choice this method exports)."""
+  del spec
+  if cfg.init != 'scored':
+    raise ValueError(f"recover.method='select' exports recover.init='scored''s choice of real "
+                     f"images; set recover.init='scored' (now {cfg.init!r}).")
+
+
+def synthesize(config, spec: datasets.DatasetSpec, *, model, teacher, train, num_classes: int,
+               mesh) -> np.ndarray:
+  """The chosen images, uint8 (num_classes, ipc, H, W, C) (`selection.scored_images`)."""
+  validate(config.recover)
+  return datasets.denormalise(
+      selection.scored_images(config, model, teacher, train, num_classes, mesh), spec)
+
+
+METHOD = Method(name='select', kind='direct', synthesize=synthesize, selects=True,
+                validate=validate)
