@@ -549,6 +549,12 @@ def test_fashion_mnist_config_defaults_to_edc_and_keeps_sre2l_as_published():
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=1')
   recover.validate(config, testlib.context_of(config, spec=SPEC))
   assert config.recover.method == 'edc'
+  # From IPC 50: the coreset's choice unrefined (`select`), edc's start.
+  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=50')
+  recover.validate(config, testlib.context_of(config, spec=SPEC))
+  assert (config.recover.method, config.recover.init, config.recover.scored.pick,
+          config.recover.scored.candidates) == ('select', 'scored', 'centre', 0)
+  assert testlib.load_config('fashion_mnist_ipc10', 'ipc=50,method=edc').recover.method == 'edc'
   # `scored`: SRe2L's recovery (its groups, steps, statistics) from teacher-scored starts.
   scored = testlib.load_config('fashion_mnist_ipc10', 'ipc=1,method=scored').recover
   assert (scored.method, scored.group_by, scored.init, scored.scored.pick, scored.iterations,
