@@ -16,8 +16,8 @@ selection alone.
 import numpy as np
 
 from sre2l_jax.data import datasets
-from sre2l_jax.synthesis import selection
 from sre2l_jax.synthesis.method import Method
+from sre2l_jax.synthesis.selection import scored_images
 
 
 def validate(cfg, spec=None) -> None:
@@ -33,7 +33,7 @@ def synthesize(config, spec: datasets.DatasetSpec, *, model, teacher, train, num
   """The chosen images, uint8 (num_classes, ipc, H, W, C) (`selection.scored_images`)."""
   validate(config.recover)
   return datasets.denormalise(
-      selection.scored_images(config, model, teacher, train, num_classes, mesh), spec)
+      scored_images(config, model, teacher, train, num_classes, mesh), spec)
 
 
 METHOD = Method(name='select', kind='direct', synthesize=synthesize, selects=True,

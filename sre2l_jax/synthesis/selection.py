@@ -25,7 +25,10 @@ import numpy as np
 from sre2l_jax import rngs
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
-from sre2l_jax.synthesis import candidates
+from sre2l_jax.synthesis.candidates import class_scores
+from sre2l_jax.synthesis.candidates import kmeans
+from sre2l_jax.synthesis.candidates import logits_and_features
+from sre2l_jax.synthesis.candidates import random_crops
 
 
 # recover.scored.pick: a cluster's best-scored, most typical, or lowest-scored source image.
@@ -68,7 +71,7 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
     chosen = best[np.argsort(-scores[best], kind='stable')[:count]]
   else:
     feats = np.asarray(features, np.float64)[best]
-    _, assign = candidates.kmeans(feats, count, rng or np.random.default_rng(0),
+    _, assign = kmeans(feats, count, rng or np.random.default_rng(0),
                                   max_iterations=20)
     chosen = []
     for j in range(count):
@@ -100,7 +103,7 @@ def create_crop_fn(spec: datasets.DatasetSpec, cfg):
     x = datasets.normalise(images, spec)
     if cfg.scored.crops == 1:
       return x[:, None]
-    return candidates.random_crops(keys, x, size, (cfg.min_scale, cfg.max_scale))
+    return random_crops(keys, x, size, (cfg.min_scale, cfg.max_scale))
 
   return jax.jit(crop)
 
@@ -116,8 +119,8 @@ def create_score_fn(model, spec: datasets.DatasetSpec, cfg, mesh=None):
   def score(variables, images, labels, key_data):
     x = crop_fn(images, jax.random.wrap_key_data(key_data))
     flat = x.reshape((-1,) + x.shape[2:])
-    logits, features = candidates.logits_and_features(model, variables, flat)
-    hit = candidates.class_scores(logits, jnp.repeat(labels, x.shape[1]), log=False)
+    logits, features = logits_and_features(model, variables, flat)
+    hit = class_scores(logits, jnp.repeat(labels, x.shape[1]), log=False)
     return hit.reshape(x.shape[:2]), features.reshape(x.shape[:2] + features.shape[1:])
 
   if mesh is None:
