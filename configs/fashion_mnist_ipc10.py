@@ -22,7 +22,7 @@ layout the stage tests assume):
 from sre2l_jax import config_lib
 
 # The default per IPC: the best measured (docs/results.md, issues 13 and 30). Below 50
-# images per class edc (IPC 1 over three teachers, IPC 10 over two); from 50 the coreset's
+# images per class edc (IPC 1 and 10 over four and three teachers); from 50 the coreset's
 # choice as it is (`select`): at IPC 50 on four teachers the k-means coreset was ahead of edc
 # refining it by 0.04 to 0.23 points (each within its seeds' spread, all four the same way),
 # and `select` is that choice through recover (89.90 vs edc's 89.84, 1 minute not 5).
