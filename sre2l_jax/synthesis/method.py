@@ -32,8 +32,9 @@ class Method:
   statistics (`class_stats.KEY`). several_teachers: takes `teacher.extra_teachers` (their
   losses summed). selects: a direct method that exports recover.init='scored''s choice
   (its candidates are checked like an optimised method's). validate(cfg, spec): raises
-  ValueError for the method's own settings (cfg: config.recover), run before any stage. draws(cfg): {setting: real images per class}
-  the method draws from the training split, checked against the split before any stage.
+  ValueError for the method's own settings (cfg: config.recover), run before any stage.
+  draws(cfg): {setting: real images per class} the method draws from the training split,
+  checked against the split before any stage.
   """
   name: str
   kind: str

@@ -6,7 +6,8 @@ each (`recover.scored.pick`). With the Fashion-MNIST config's settings (scored.c
 crops=1, coverage, pick='centre') that is the image nearest each of ipc k-means centroids of
 all the class's images, the k-means coreset's kind of choice (`image_sets.coreset` runs its
 own k-means, from another seed and up to 100 iterations against 20, so the two are two
-draws: at Fashion-MNIST IPC 50 they share 87 of 500 images and score alike). Its soft labels come from the teacher at relabel, as for any distilled set.
+draws: at Fashion-MNIST IPC 50 they share 87 of 500 images and score alike). Its soft
+labels come from the teacher at relabel, as for any distilled set.
 
 Why a method: at IPC 50 on Fashion-MNIST no refinement measured beat the coreset it starts
 from, over four teachers (docs/results.md, issue 30), so the best recipe there is the
