@@ -57,17 +57,15 @@ def teacher_logits(config, teacher_dir: str, images: np.ndarray, batch: int = 10
 def set_value(config, item: str) -> None:
   """Sets 'section.key=value' (a Python literal, else the string) in `config`."""
   key, sep, text = item.partition('=')
-  *parents, name = key.split('.')
-  node = config
-  for part in parents:
-    node = node[part]
-  if not sep or name not in node:
+  found = config_lib.find(config, key) if sep else None
+  if found is None:
     raise ValueError(f'--set={item!r}: expected KEY=VALUE with KEY a config key, e.g. '
                      f'recover.r_ce=0.')
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
+  node, name = found
   node[name] = value
 
 

@@ -270,7 +270,7 @@ MOVED = {'relabel.epochs': 'student.epochs', 'relabel.batch_size': 'student.batc
          'recover.rded_factor': 'recover.rded.factor'}
 
 
-def _find(tree, path: str):
+def find(tree, path: str):
   """(parent, key) of the dotted `path` in a nested dict/ConfigDict, or None if absent."""
   *parents, key = path.split('.')
   node = tree
@@ -283,7 +283,7 @@ def _find(tree, path: str):
 
 def check_moved(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the new key of every moved key `config` sets (`MOVED`)."""
-  found = [(old, new) for old, new in MOVED.items() if _find(config, old) is not None]
+  found = [(old, new) for old, new in MOVED.items() if find(config, old) is not None]
   if found:
     raise ValueError('; '.join(f'{old} is now {new}' for old, new in found) +
                      ': set the new keys instead (the config file or the --config flags).')
@@ -317,7 +317,7 @@ def upgrade(tree: dict) -> dict:
   of `MOVED` at its new place; a new dict, `tree` left as it is."""
   out = copy.deepcopy(tree)
   for old, new in MOVED.items():
-    found = _find(out, old)
+    found = find(out, old)
     if found is None:
       continue
     parent, key = found

@@ -402,5 +402,7 @@ def test_label_sharpness_measures_how_soft_a_teachers_labels_are(data_dir, tmp_p
   assert all(0 < row['entropy'] < np.log(10) for row in out['sets'].values())
   with pytest.raises(ValueError, match='expected KEY=VALUE'):
     label_sharpness.set_value(config, 'recover.no_such_key=1')
+  with pytest.raises(ValueError, match='expected KEY=VALUE'):
+    label_sharpness.set_value(config, 'no_such_section.ipc=1')
   with pytest.raises(ValueError, match='one teacher'):
     label_sharpness.main([f'--teacher_dirs={teacher_dir},{teacher_dir}', f'--workdir={tmp_path}'])
