@@ -9,6 +9,7 @@ Every key exists in `base_config()` with its default and a comment; lists are tu
 """
 
 import copy
+import difflib
 import importlib.util
 import os
 
@@ -310,6 +311,25 @@ def check_complete(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'the config lacks {", ".join(missing)}: set single keys '
                      f'(c.{groups[0]}.update(key=value) or --config.{missing[0]}=...) '
                      f'rather than replacing {", ".join(groups)} with a dict.')
+
+
+def check_known(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the keys `config` sets that `base_config()` lacks, with the
+  nearest known key: a ConfigDict is unlocked, so a config file's typo
+  (`c.recover.iteration = 500`) adds a key no code reads and the run goes on at the default.
+  Moved keys are `check_moved`'s (it names their new place); call it first."""
+  known = _paths(base_config())
+  unknown = sorted(_paths(config) - known)
+  if not unknown:
+    return
+  def hint(path):  # the nearest key of the same group
+    group, _, key = path.rpartition('.')
+    siblings = [k.rpartition('.')[2] for k in known if k.rpartition('.')[0] == group]
+    near = difflib.get_close_matches(key, siblings, n=1, cutoff=0.75)
+    return f'{path} (did you mean {near[0]}?)' if near else path
+  raise ValueError(f'the config sets {", ".join(hint(p) for p in unknown)}, which no stage '
+                   f'reads: fix the name in the config file (see config_lib.base_config() '
+                   f'for every key).')
 
 
 def upgrade(tree: dict) -> dict:

@@ -44,6 +44,7 @@ def validate(config, stages: list[str], ctx: context.Context) -> None:
   runs (a typo in evaluate's settings is not found after an hour of squeeze)."""
   config_lib.check_moved(config)
   config_lib.check_complete(config)
+  config_lib.check_known(config)
   for stage in stages:
     stage_module(stage).validate(config, ctx)
   if 'squeeze' in stages and config.squeeze.teacher_dir:
@@ -65,6 +66,7 @@ def run(config, workdir: str, stages, *, dry_run: bool = False) -> dict:
   stages = parse_stages(stages)
   config_lib.check_moved(config)  # before the context, which reads the config too
   config_lib.check_complete(config)
+  config_lib.check_known(config)
   ctx = context.resolve(config, workdir)
   validate(config, stages, ctx)
   if dry_run:

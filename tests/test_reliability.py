@@ -627,6 +627,20 @@ def test_a_config_file_setting_a_moved_key_is_refused_before_any_work(tmp_path):
   assert not workdir.exists()
 
 
+def test_a_config_file_setting_an_unknown_key_is_refused_before_any_work(tmp_path):
+  """A typo in a config file (unlocked, `c.recover.iteration = 7` adds a key no code reads,
+  and the run would go on at recover.iterations' default): refused, naming the near key."""
+  path = tmp_path / 'typo_config.py'
+  path.write_text('from sre2l_jax import config_lib\n\n\ndef get_config(arg=None):\n'
+                  '  c = config_lib.base_config()\n  c.recover.iteration = 7\n'
+                  '  c.evaluate.zzz = 1\n  return c\n')
+  workdir = tmp_path / 'w'
+  assert_one_line_error(cli([f'--config={path}', f'--workdir={workdir}']),
+                        'evaluate.zzz, recover.iteration (did you mean iterations?)',
+                        'which no stage reads')
+  assert not workdir.exists()
+
+
 def test_a_group_replaced_by_a_dict_of_some_keys_is_refused_before_any_work(data):
   config = make_config(data)
   config.recover.rded = dict(factor=1)  # drops rded.candidates and rded.crops
