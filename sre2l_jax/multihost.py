@@ -8,7 +8,8 @@ axis span all of them. Three things need care beyond that:
   agreement    `check_same_config(config)`: processes started with different configs would
                run different programs and hang or corrupt the workdir, so they must refuse;
   host copies  `to_host(array)`: an array sharded over several processes is not readable by
-               one of them; it is gathered (in bounded chunks) before it is exported.
+               one of them; it is gathered (in bounded chunks) before it is exported;
+               `tree_to_host(tree)` gathers many small ones (metrics) in one program.
 Only process 0 writes metrics, JSON and exports (`checkpoint.write_json`,
 `train_lib.create_writer`, the stages' exports); Orbax checkpoints are written by all
 processes together into the same (shared) directory.
@@ -183,3 +184,31 @@ def to_host(array: jax.Array, max_chunk_bytes: int = 1 << 28) -> np.ndarray:
                    out_shardings=replicated)
   parts = [np.asarray(gather(array, i).addressable_data(0)) for i in range(rows // chunk)]
   return np.concatenate(parts)
+
+
+def tree_to_host(tree):
+  """Every leaf of `tree` (small arrays: metrics) as numpy on every process, gathered in
+  one compiled program whatever the number of leaves: `to_host` leaf by leaf would run a
+  program (and a cross-process collective) per leaf, e.g. recover's per-layer metrics of
+  every step between two logs. Leaves spread over processes must be NamedSharding'd on one
+  mesh; others are read as they are."""
+  leaves, treedef = jax.tree.flatten(tree)
+  spread = [i for i, leaf in enumerate(leaves)
+            if not getattr(leaf, 'is_fully_addressable', True)]
+  host = [None] * len(leaves)
+  if spread:
+    meshes = {leaves[i].sharding.mesh for i in spread
+              if isinstance(leaves[i].sharding, jax.sharding.NamedSharding)}
+    if len(meshes) != 1 or any(not isinstance(leaves[i].sharding, jax.sharding.NamedSharding)
+                               for i in spread):
+      raise ValueError('tree_to_host gathers leaves sharded on one mesh (NamedSharding); '
+                       'use to_host for each of these.')
+    replicated = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
+    gathered = jax.jit(lambda *xs: xs, out_shardings=replicated)(*[leaves[i] for i in spread])
+    for i, leaf in zip(spread, gathered):
+      host[i] = np.asarray(leaf.addressable_data(0))
+  local = [i for i in range(len(leaves)) if host[i] is None]
+  for i, value in zip(local, jax.device_get([leaves[i] for i in local])):
+    host[i] = np.asarray(value)
+  return jax.tree.unflatten(treedef, host)
+

@@ -349,12 +349,8 @@ def fetch_metrics(pending: list, per_device: bool) -> list[dict]:
   every process and averaged, 'finite' true only if it is on every device."""
   if not per_device:
     return jax.device_get(pending)
-  out = []
-  for metrics in pending:
-    rows = {k: multihost.to_host(v) for k, v in metrics.items()}
-    out.append({k: (v.all() if k == 'finite' else v.astype(np.float64).mean(axis=0))
-                for k, v in rows.items()})
-  return out
+  return [{k: (v.all() if k == 'finite' else v.astype(np.float64).mean(axis=0))
+           for k, v in rows.items()} for rows in multihost.tree_to_host(pending)]
 
 
 def run_loop(loop: Loop, state, start_step: int, step_fn: Callable,

@@ -228,6 +228,13 @@ GATHER_SCRIPT = textwrap.dedent('''
     assert not x.is_fully_addressable
     # Rows of 120 bytes, chunks of at most 250 bytes: 2 rows at a time, 4 gathers.
     np.testing.assert_array_equal(multihost.to_host(x, max_chunk_bytes=250), full)
+    # Many small leaves (metrics rows, one per device) and a local one: one gather.
+    rows = [{'loss': x[:, 0, 0] + k, 'finite': x[:, 0, 0] >= 0} for k in range(3)]
+    host = multihost.tree_to_host(rows + [np.float32(7)])
+    for k in range(3):
+      np.testing.assert_array_equal(host[k]['loss'], full[:, 0, 0] + k)
+      np.testing.assert_array_equal(host[k]['finite'], full[:, 0, 0] >= 0)
+    assert host[3] == 7
     multihost.check_same_config(ml_collections.ConfigDict({'a': 1, 'b': 'x'}))
     multihost.sync('done')
     print('gathered', jax.process_index(), jax.process_count())
@@ -246,6 +253,9 @@ def test_single_process_helpers():
   multihost.sync('nothing to wait for')
   x = jnp.arange(12.0).reshape(6, 2)
   np.testing.assert_array_equal(multihost.to_host(x), np.arange(12.0).reshape(6, 2))
+  host = multihost.tree_to_host({'x': x, 'n': np.int32(3)})
+  assert isinstance(host['x'], np.ndarray) and host['n'] == 3
+  np.testing.assert_array_equal(host['x'], np.arange(12.0).reshape(6, 2))
   digest = multihost.config_digest(make_config())
   assert digest.dtype == np.uint32 and digest.shape == (8,)
   other = make_config()
