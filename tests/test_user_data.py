@@ -235,6 +235,26 @@ def test_bad_arrays_one_line_and_prepared_data_unchanged(tmp_path):
     assert _tree_digest(tmp_path / 'tfds') == before, what
 
 
+def test_an_unchanged_arrays_file_is_read_once_per_process(tmp_path, monkeypatch):
+  """Every stage asks for the dataset's spec: an arrays file is read and checked once, and
+  again only when it changes (its size or modification time)."""
+  path = tmp_path / 'data.npz'
+  arrays = dict(x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.asarray([0, 1]),
+                x_test=np.zeros((2, 4, 4), np.uint8), y_test=np.asarray([1, 0]))
+  np.savez(path, **arrays)
+  reads = []
+  read_npz = user_data.read_npz
+  monkeypatch.setattr(user_data, 'read_npz', lambda p: reads.append(p) or read_npz(p))
+  config = _dataset(name='arrays', data_dir=str(tmp_path / 'tfds'), arrays_file=str(path))
+  first = datasets.spec_of(config)
+  assert datasets.spec_of(config).name == first.name and len(reads) == 1
+  np.savez(path, **arrays | {'y_test': np.asarray([0, 1, 1]),
+                             'x_test': np.zeros((3, 4, 4), np.uint8)})
+  changed = datasets.spec_of(config)
+  assert len(reads) == 2 and changed.name != first.name
+  assert pipeline.load_split(config, 'test').num_examples == 3
+
+
 def test_bad_input_is_one_line_from_main(tmp_path):
   keys = _small_folder(tmp_path)
   os.makedirs(tmp_path / 'train' / 'empty')

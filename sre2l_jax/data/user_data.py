@@ -368,9 +368,28 @@ def _build(builder) -> None:
     builder.download_and_prepare(file_format='array_record')
 
 
+# prepare()'s results for arrays files, keyed by the dataset config, the data dir and the
+# file's (path, size, modification time): every stage asks for the dataset's spec, and each
+# ask read and checked the whole file again (gigabytes for a large one).
+_PREPARED_ARRAYS = {}
+
+
 def prepare(config, data_dir: str, build: bool = True) -> Prepared:
   """Checks the user's data named by dataset config `config` and prepares it once (when
-  `build`; other processes open what process 0 built). Returns what the stages need."""
+  `build`; other processes open what process 0 built). Returns what the stages need.
+  An arrays file already checked and prepared in this process, unchanged since, is not
+  read again."""
+  path = config.get('arrays_file') if config.name == 'arrays' else ''
+  if not path or not os.path.isfile(path):
+    return _prepare(config, data_dir, build)
+  key = (json.dumps(config.to_dict(), sort_keys=True, default=str), data_dir,
+         file_digest(path))
+  if key not in _PREPARED_ARRAYS:
+    _PREPARED_ARRAYS[key] = _prepare(config, data_dir, build)
+  return _PREPARED_ARRAYS[key]
+
+
+def _prepare(config, data_dir: str, build: bool) -> Prepared:
   name = config.name
   channels = int(config.get('channels') or 3)
   if name == 'image_folder':
