@@ -20,6 +20,13 @@ command, wall seconds of the invocation and of each stage) and `<root>/methods_t
 `--dry_run` prints the commands (shell-quoted); `--collect` runs nothing and writes the table from the runs
 finished. The `teachers` row first trains its extra teachers beside
 `--teacher_dir` (that workdir's squeeze; a no-op once they exist).
+
+A row's lead moves with the teacher (at IPC 1 by 2-3 points between teachers of the same
+recipe), so a lever is measured over several: `--teacher_dirs=runs/a/squeeze/teacher,...`
+runs the table once per teacher, in `<root>/<label>/` (label: the teacher's run's workdir
+name, 'a'), and writes `<root>/over_teachers.{json,md}`: per row and IPC the mean and std over
+teachers of the teachers' means, and on how many teachers the row is ahead of the random
+subset and the coreset of its own teacher.
 """
 
 import argparse
@@ -198,7 +205,10 @@ def markdown(table: dict, ipcs: list[int]) -> str:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--teacher_dir', required=True)
+  parser.add_argument('--teacher_dir', default='')
+  parser.add_argument('--teacher_dirs', default='',
+                      help='comma-separated teachers: the table over each, in '
+                           '<root>/<teacher_label(dir)>/, and <root>/over_teachers.{json,md}')
   parser.add_argument('--root', default='runs/methods')
   parser.add_argument('--ipcs', default='1,10,50')
   parser.add_argument('--seeds', type=int, default=3)
@@ -213,39 +223,123 @@ def main(argv=None) -> dict:
   parser.add_argument('--collect', action='store_true',
                       help='run nothing: write the table from the (row, IPC) runs finished')
   args = parser.parse_args(argv)
-  baselines = None if args.baselines is None else tuple(
-      b for b in args.baselines.split(',') if b)
-  ipcs = [int(i) for i in args.ipcs.split(',')]
+  teachers = [t for t in args.teacher_dirs.split(',') if t]
+  if bool(teachers) == bool(args.teacher_dir):
+    parser.error('give --teacher_dir (one teacher) or --teacher_dirs (several), not both.')
   rows = [r for r in args.rows.split(',') if r]
   unknown = set(rows) - {r[0] for r in ROWS}
   if unknown:
     parser.error(f'unknown rows {sorted(unknown)}; valid: {[r[0] for r in ROWS]}')
-  extra = tuple(args.extra.split())
+  if 'teachers' in rows and not (args.dry_run or args.collect):
+    for teacher_dir in teachers or [args.teacher_dir]:
+      if squeeze_extra_teachers(teacher_dir) is None:
+        parser.error(f'the teachers row trains its extra teachers beside --teacher_dir, which '
+                     f'must be <workdir>/squeeze/teacher; got {teacher_dir}')
+  if not teachers:
+    return run_table(args, args.teacher_dir, args.root, rows)
+  labels = teacher_labels(teachers)
+  tables = {label: run_table(args, teacher_dir, os.path.join(args.root, label), rows)
+            for label, teacher_dir in zip(labels, teachers)}
+  if args.dry_run:
+    return {}
+  summary = over_teachers(tables)
+  summary['teacher_dirs'] = dict(zip(labels, map(os.path.abspath, teachers)))
+  os.makedirs(args.root, exist_ok=True)
+  with open(os.path.join(args.root, 'over_teachers.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  ipcs = sorted({int(i) for cells in summary['rows'].values() for i in cells})
+  text = over_teachers_markdown(summary, ipcs)
+  with open(os.path.join(args.root, 'over_teachers.md'), 'w') as f:
+    f.write(text)
+  print(text, flush=True)
+  return summary
 
+
+def teacher_labels(teacher_dirs: list[str]) -> list[str]:
+  """A folder name per teacher: its run's workdir name for `<workdir>/squeeze/teacher`
+  (runs/fm/squeeze/teacher -> 'fm'), else its own folder name; numbered where two agree."""
+  labels = []
+  for teacher_dir in teacher_dirs:
+    path = os.path.normpath(os.path.abspath(teacher_dir))
+    squeeze = os.path.dirname(path)
+    labels.append(os.path.basename(os.path.dirname(squeeze))
+                  if os.path.basename(squeeze) == 'squeeze' else os.path.basename(path))
+  return [f'{k}_{label}' if labels.count(label) > 1 else label
+          for k, label in enumerate(labels)]
+
+
+def over_teachers(tables: dict) -> dict:
+  """Per row and IPC over the teachers' tables ({label: main's output}): each teacher's mean,
+  their mean and std (ddof 0) over teachers, and on how many teachers the row is ahead of the
+  random subset and of the coreset (their rows of the same teacher)."""
+  random_title = dict(BASELINE_VARIANTS)['random']
+  coreset_title = dict(BASELINE_VARIANTS)['coreset']
+  rows = {}
+  for title in dict.fromkeys(t for table in tables.values() for t in table['rows']):
+    for ipc in sorted({i for table in tables.values() for i in table['rows'].get(title, {})},
+                      key=int):
+      means = {label: table['rows'][title][ipc]['mean'] for label, table in tables.items()
+               if ipc in table['rows'].get(title, {})}
+      cell = {'per_teacher': means, 'teachers': len(means),
+              'mean': sum(means.values()) / len(means)}
+      cell['std'] = (sum((m - cell['mean']) ** 2 for m in means.values()) / len(means)) ** 0.5
+      for name, baseline in (('random', random_title), ('coreset', coreset_title)):
+        ahead = [means[label] > tables[label]['rows'][baseline][ipc]['mean']
+                 for label in means if ipc in tables[label]['rows'].get(baseline, {})]
+        if ahead and title != baseline:
+          cell[f'ahead_of_{name}'] = f'{sum(ahead)}/{len(ahead)}'
+      rows.setdefault(title, {})[ipc] = cell
+  return {'rows': rows, 'unit': 'test top-1 %: per teacher the mean over seeds; mean and std '
+                                '(ddof 0) over teachers'}
+
+
+def over_teachers_markdown(summary: dict, ipcs: list[int]) -> str:
+  """Mean +- std over teachers (%), the number of teachers, and on how many of them the row
+  is ahead of the random subset / the coreset; '-' where not measured."""
+  lines = ['| row | ' + ' | '.join(f'IPC {i}' for i in ipcs) + ' |',
+           '|---|' + '---|' * len(ipcs)]
+  for title, cells in summary['rows'].items():
+    values = []
+    for ipc in ipcs:
+      cell = cells.get(str(ipc))
+      if cell is None:
+        values.append('-')
+        continue
+      ahead = ', '.join(f'{cell[k]} {k[len("ahead_of_"):]}' for k in
+                        ('ahead_of_random', 'ahead_of_coreset') if k in cell)
+      values.append(f'{cell["mean"]:.2f} ± {cell["std"]:.2f} ({cell["teachers"]} teachers'
+                    + (f'; ahead of: {ahead}' if ahead else '') + ')')
+    lines.append(f'| {title} | ' + ' | '.join(values) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def run_table(args, teacher_dir: str, root: str, rows: list[str]) -> dict:
+  """The table of `rows` over `args.ipcs` with one teacher, in `root` (see the module's
+  docstring); returns what it writes to `<root>/methods_table.json`."""
+  baselines = None if args.baselines is None else tuple(
+      b for b in args.baselines.split(',') if b)
+  ipcs = [int(i) for i in args.ipcs.split(',')]
+  extra = tuple(args.extra.split())
   # Rows and IPCs of earlier invocations stay in the table (each cell is re-read below when
   # this invocation runs or finds it).
   out = {'rows': {}, 'runs': {}}
-  previous = os.path.join(args.root, 'methods_table.json')
+  previous = os.path.join(root, 'methods_table.json')
   if os.path.exists(previous):
     with open(previous) as f:
       out = json.load(f)
   current = {f'{r[0]}: {r[3]}' for r in ROWS} | {title for _, title in BASELINE_VARIANTS}
   out['rows'] = {k: v for k, v in out['rows'].items() if k in current}  # renamed rows go
-  out.update(teacher_dir=os.path.abspath(args.teacher_dir), seeds=args.seeds,
+  out.update(teacher_dir=os.path.abspath(teacher_dir), seeds=args.seeds,
              unit='test top-1 %, mean and std (ddof 0) over seeds')
   ipcs_all = sorted({int(i) for cells in out['rows'].values() for i in cells} | set(ipcs))
   if 'teachers' in rows and not (args.dry_run or args.collect):
-    squeeze = squeeze_extra_teachers(args.teacher_dir)
-    if squeeze is None:
-      parser.error(f'the teachers row trains its extra teachers beside --teacher_dir, which '
-                   f'must be <workdir>/squeeze/teacher; got {args.teacher_dir}')
+    squeeze = squeeze_extra_teachers(teacher_dir)
     print(shlex.join(squeeze), flush=True)
     subprocess.run(squeeze, cwd=REPO, check=True)
   for ipc in ipcs:
     # The baseline row first: it trains the baselines the other rows are read against.
     for row in sorted(rows, key=lambda r: r != BASELINE_ROW):
-      argv, workdir = command(row, ipc, args.seeds, args.teacher_dir, args.root, extra,
-                              baselines)
+      argv, workdir = command(row, ipc, args.seeds, teacher_dir, root, extra, baselines)
       if not args.collect:
         print(shlex.join(argv), flush=True)
       if args.dry_run:
@@ -276,7 +370,7 @@ def main(argv=None) -> dict:
         for name, title in BASELINE_VARIANTS:
           if name in variants:
             out['rows'].setdefault(title, {})[str(ipc)] = percent(variants[name])
-      _write(args.root, out, ipcs_all)
+      _write(root, out, ipcs_all)
   return out
 
 

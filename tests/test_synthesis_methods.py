@@ -627,6 +627,42 @@ def test_methods_table_collect_reads_finished_runs_and_runs_nothing(tmp_path, mo
   assert '| 71.00 ± 1.00 | - |' in (tmp_path / 'methods_table.md').read_text()
 
 
+def test_methods_table_over_teachers_counts_each_teachers_lead(tmp_path, monkeypatch, capsys):
+  """--teacher_dirs: one table per teacher in its own folder, and the summary over teachers:
+  the mean and std of the teachers' means and on how many the row leads its own baselines."""
+  from benchmarks import methods_table  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(methods_table.subprocess, 'run', lambda *a, **k: pytest.fail('ran'))
+  def student(*accs):
+    return {'seeds': len(accs), 'test_top1': list(accs), 'test_top1_mean': float(np.mean(accs)),
+            'test_top1_std': float(np.std(accs))}
+  # Teacher a: edc 0.72 against random 0.64 and coreset 0.70; teacher b: 0.70 against 0.71.
+  for label, edc, coreset in (('a', 0.72, 0.70), ('b', 0.70, 0.71)):
+    for row, variants in (('edc', {'distilled': student(edc, edc)}),
+                          ('sre2l', {'distilled': student(0.6, 0.6),
+                                     'random': student(0.64, 0.64),
+                                     'coreset': student(coreset, coreset)})):
+      evaluate_dir = tmp_path / label / 'ipc1' / row / 'evaluate'
+      evaluate_dir.mkdir(parents=True)
+      (evaluate_dir / 'result.json').write_text(json.dumps({'variants': variants}))
+  teachers = f'{tmp_path}/runs/a/squeeze/teacher,{tmp_path}/runs/b/squeeze/teacher'
+  assert methods_table.teacher_labels(teachers.split(',')) == ['a', 'b']
+  assert methods_table.teacher_labels(['/x/teacher', '/y/teacher']) == ['0_teacher', '1_teacher']
+  summary = methods_table.main([f'--teacher_dirs={teachers}', f'--root={tmp_path}', '--ipcs=1',
+                                '--seeds=2', '--rows=sre2l,edc', '--collect'])
+  edc = next(v for k, v in summary['rows'].items() if k.startswith('edc: '))['1']
+  assert edc['per_teacher'] == {'a': pytest.approx(72.0), 'b': pytest.approx(70.0)}
+  assert (edc['mean'], edc['std']) == (pytest.approx(71.0), pytest.approx(1.0))
+  assert (edc['ahead_of_random'], edc['ahead_of_coreset']) == ('2/2', '1/2')
+  assert 'ahead_of_coreset' not in summary['rows']['k-means coreset (teacher features)']['1']
+  assert '| 71.00 ± 1.00 (2 teachers; ahead of: 2/2 random, 1/2 coreset) |' in (
+      tmp_path / 'over_teachers.md').read_text()
+  assert json.loads((tmp_path / 'a' / 'methods_table.json').read_text())['teacher_dir'] == (
+      f'{tmp_path}/runs/a/squeeze/teacher')
+  with pytest.raises(SystemExit):
+    methods_table.main(['--teacher_dir=/t', f'--teacher_dirs={teachers}', '--collect'])
+  assert 'not both' in capsys.readouterr().err
+
+
 def test_methods_table_reruns_the_baseline_row_for_a_baseline_it_lacks(tmp_path, monkeypatch):
   from benchmarks import methods_table  # pylint: disable=g-import-not-at-top
   calls = []
