@@ -41,15 +41,16 @@ def sharpness(logits, labels, temperature: float) -> dict:
           'entropy': float(jnp.mean(entropy)), 'top_prob': float(jnp.mean(p.max(-1)))}
 
 
-def teacher_logits(config, teacher_dir: str, images: np.ndarray, batch: int = 1000):
-  """The frozen teacher's logits (N, C) on uint8 images (N, H, W, C)."""
+def teacher_forward(config, teacher_dir: str, batch: int = 1000):
+  """The frozen teacher of `teacher_dir`, loaded and compiled once, as a function of uint8
+  images (N, H, W, C) returning its logits (N, C) (in batches of `batch`)."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.squeeze.teacher_dir = teacher_dir
   mesh = batching.create_mesh(1)
   model, variables = teacher_lib.load(config, '', mesh)
   spec = datasets.spec_of(config.dataset)
   forward = label_store.create_teacher_logits(model, variables, mesh)
-  return np.concatenate([
+  return lambda images: np.concatenate([
       np.asarray(forward(jnp.asarray(datasets.normalise(images[i:i + batch], spec))))
       for i in range(0, len(images), batch)])
 
@@ -75,8 +76,8 @@ def set_rows(config, teacher_dir: str, workdir: str, temperature: float) -> dict
   config = ml_collections.ConfigDict(config.to_dict())
   config.squeeze.teacher_dir = teacher_dir
   config.evaluate.baselines = ('random', 'coreset')
-  return {name: dict(sharpness(teacher_logits(config, teacher_dir, images), labels,
-                               temperature), images=len(labels))
+  logits = teacher_forward(config, teacher_dir)
+  return {name: dict(sharpness(logits(images), labels, temperature), images=len(labels))
           for name, (images, labels) in image_sets.image_sets(config, workdir).items()}
 
 
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
   images, labels = datasets.load_arrays(config.dataset, 'test', args.limit or None)
   out = {'temperature': temperature, 'images': len(labels), 'teachers': {}}
   for teacher_dir in teacher_dirs:
-    logits = teacher_logits(config, teacher_dir, images)
+    logits = teacher_forward(config, teacher_dir)(images)
     out['teachers'][teacher_dir] = row = sharpness(logits, labels, temperature)
     print(f'{teacher_dir}: top-1 {100 * row["top1"]:.2f}%, at T = {temperature:g}: entropy '
           f'{row["entropy"]:.3f} nats (uniform {np.log(logits.shape[-1]):.3f}), top '

@@ -385,7 +385,7 @@ def test_label_sharpness_measures_how_soft_a_teachers_labels_are(data_dir, tmp_p
                               f'--data_dir={data_dir}'])
   images, test_labels = label_sharpness.datasets.load_arrays(config.dataset, 'test', 64)
   expected = label_sharpness.sharpness(
-      label_sharpness.teacher_logits(config, teacher_dir, images), test_labels, 4.0)
+      label_sharpness.teacher_forward(config, teacher_dir)(images), test_labels, 4.0)
   assert out['images'] == 64 and out['temperature'] == 4.0
   assert out['teachers'][teacher_dir] == expected
   assert 0 < expected['entropy'] < np.log(10)
@@ -397,7 +397,7 @@ def test_label_sharpness_measures_how_soft_a_teachers_labels_are(data_dir, tmp_p
                               '--set=recover.ipc=2', f'--data_dir={data_dir}'])
   assert sorted(out['sets']) == ['coreset', 'distilled', 'random']
   assert out['sets']['distilled'] == dict(label_sharpness.sharpness(
-      label_sharpness.teacher_logits(config, teacher_dir, noise), noise_labels, 4.0), images=20)
+      label_sharpness.teacher_forward(config, teacher_dir)(noise), noise_labels, 4.0), images=20)
   assert out['sets']['random']['images'] == out['sets']['coreset']['images'] == 20  # --set
   assert all(0 < row['entropy'] < np.log(10) for row in out['sets'].values())
   with pytest.raises(ValueError, match='expected KEY=VALUE'):
