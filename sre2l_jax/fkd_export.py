@@ -83,7 +83,7 @@ def write_fkd(out: str, images: np.ndarray, schedule: views.Schedule, cfg, spec,
       logits = np.asarray(teacher_logits(batch_views), np.float32)
       record = batch_record(jax.device_get(params_fn(key)), logits.astype(
           np.float16 if float16 else np.float32), height, width, cfg.mix)
-      torch.save([torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray)
+      torch.save([torch.from_numpy(np.array(x, order='C')) if isinstance(x, np.ndarray)
                   else x for x in record], os.path.join(folder, f'batch_{b}.tar'))
       epoch_ids.append([int(i) for i in ids])
     index['batches'].append(epoch_ids)
