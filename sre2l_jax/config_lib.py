@@ -332,6 +332,13 @@ def check_known(config: ml_collections.ConfigDict) -> None:
                    f'for every key).')
 
 
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Every key check of `config` before any work: moved, missing, unknown keys."""
+  check_moved(config)
+  check_complete(config)
+  check_known(config)
+
+
 def upgrade(tree: dict) -> dict:
   """A config dict written before keys moved (an old workdir's config.json) with every key
   of `MOVED` at its new place; a new dict, `tree` left as it is."""

@@ -197,13 +197,12 @@ def tree_to_host(tree):
             if not getattr(leaf, 'is_fully_addressable', True)]
   host = [None] * len(leaves)
   if spread:
-    meshes = {leaves[i].sharding.mesh for i in spread
-              if isinstance(leaves[i].sharding, jax.sharding.NamedSharding)}
-    if len(meshes) != 1 or any(not isinstance(leaves[i].sharding, jax.sharding.NamedSharding)
-                               for i in spread):
+    shardings = [leaves[i].sharding for i in spread]
+    if (not all(isinstance(s, jax.sharding.NamedSharding) for s in shardings)
+        or len({s.mesh for s in shardings}) != 1):
       raise ValueError('tree_to_host gathers leaves sharded on one mesh (NamedSharding); '
                        'use to_host for each of these.')
-    replicated = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
+    replicated = jax.sharding.NamedSharding(shardings[0].mesh, jax.sharding.PartitionSpec())
     gathered = jax.jit(lambda *xs: xs, out_shardings=replicated)(*[leaves[i] for i in spread])
     for i, leaf in zip(spread, gathered):
       host[i] = np.asarray(leaf.addressable_data(0))
@@ -211,4 +210,3 @@ def tree_to_host(tree):
   for i, value in zip(local, jax.device_get([leaves[i] for i in local])):
     host[i] = np.asarray(value)
   return jax.tree.unflatten(treedef, host)
-

@@ -42,9 +42,7 @@ def parse_stages(requested) -> list[str]:
 def validate(config, stages: list[str], ctx: context.Context) -> None:
   """Every check the requested stages make before their work, all before the first stage
   runs (a typo in evaluate's settings is not found after an hour of squeeze)."""
-  config_lib.check_moved(config)
-  config_lib.check_complete(config)
-  config_lib.check_known(config)
+  config_lib.check_keys(config)
   for stage in stages:
     stage_module(stage).validate(config, ctx)
   if 'squeeze' in stages and config.squeeze.teacher_dir:
@@ -64,9 +62,7 @@ def run(config, workdir: str, stages, *, dry_run: bool = False) -> dict:
                          'outputs, e.g. --workdir=runs/fm.')
   files.check_reachable(workdir)  # gs:// works like a local folder, given gcsfs
   stages = parse_stages(stages)
-  config_lib.check_moved(config)  # before the context, which reads the config too
-  config_lib.check_complete(config)
-  config_lib.check_known(config)
+  config_lib.check_keys(config)  # before the context, which reads the config too
   ctx = context.resolve(config, workdir)
   validate(config, stages, ctx)
   if dry_run:
