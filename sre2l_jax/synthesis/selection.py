@@ -71,8 +71,7 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
     chosen = best[np.argsort(-scores[best], kind='stable')[:count]]
   else:
     feats = np.asarray(features, np.float64)[best]
-    _, assign = kmeans(feats, count, rng or np.random.default_rng(0),
-                                  max_iterations=20)
+    _, assign = kmeans(feats, count, rng or np.random.default_rng(0), max_iterations=20)
     chosen = []
     for j in range(count):
       members = np.flatnonzero(assign == j)
