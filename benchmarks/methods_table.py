@@ -44,6 +44,8 @@ CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
 # workdir's squeeze; teacher.extra_configs reads them from there).
 EXTRA_TEACHERS = ('convnet:width=32', 'convnet:width=32,depth=2')
 
+# Groups of one image of each of Fashion-MNIST's ten classes (edc's default: one class).
+MIXED = {'recover.group_by': 'ipc_index', 'recover.batch_size': 10}
 # (row, config `method` argument, overrides, what it shows). SRe2L as published first, then
 # each lever alone on top of it, then the combination (the config's edc recipe).
 ROWS = (
@@ -84,6 +86,15 @@ ROWS = (
      'edc_mix matching BN statistics only (recover.r_ce 0: no cross-entropy to the class)'),
     ('edc_hardest', 'edc', {'recover.scored.pick': 'hardest'},
      'edc_mix from each k-means cluster\'s lowest-scored image instead of its most typical'),
+    ('edc_mixed', 'edc', {**MIXED, 'recover.edc.class_term': 'per_class',
+                          'recover.edc.class_var': 'expected'},
+     'edc_mix in groups of the ten classes (one image each): the global term over the group, '
+     'the class term per class against the variance as many real images of the class have'),
+    ('edc_mixed_pooled', 'edc', {**MIXED, 'recover.edc.class_term': 'per_class'},
+     'edc_mixed with the class\'s pooled variance (over all its images) as the target'),
+    ('edc_mixed_group', 'edc', MIXED,
+     'edc_mix in groups of the ten classes, the class term as EDC\'s code has it: the whole '
+     'group against the mean of its classes\' statistics'),
     ('select', 'select', {},
      'the coreset\'s choice (edc_mix\'s starting images) unrefined, through recover '
      '(method=select)'),

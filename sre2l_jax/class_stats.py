@@ -1,9 +1,12 @@
 """Per-class statistics of every BN input of the teacher, over the real training set.
 
 For BN layer l and class k: the mean and the biased variance over (N, H, W) of the layer's
-input, N running over the training images of class k, the teacher in inference mode (its
-running statistics normalise, as during recovery). These are what the `edc` method matches a
-one-class group against (EDC's soft category-aware matching).
+input, N running over the training images of class k, and the within-image variance (the
+biased variance over (H, W) of one image, averaged over the class's images), the teacher in
+inference mode (its running statistics normalise, as during recovery). These are what the
+`edc` method matches a group's images of one class against (EDC's soft category-aware
+matching); the two variances give the variance n real images of the class are expected to
+have together (`edc.expected_variance`).
 
 Computed once per (teacher, dataset) and stored beside the teacher as
 `class_stats-<digest>.npz`, the digest naming the teacher's weights and the data it was
@@ -29,6 +32,7 @@ from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 
 KEY = 'class_stats'  # the entry of the teacher's variables that carries them during recovery
+STATISTICS = ('mean', 'var', 'within_var')  # per layer, each (K, C), as recovery gets them
 
 
 def layer_paths(batch_stats: dict) -> list[tuple[str, ...]]:
@@ -54,9 +58,11 @@ def _set(tree: dict, path, value) -> None:
 
 def create_sums_fn(model, num_classes: int, spec: datasets.DatasetSpec):
   """A jitted (variables, image uint8 (B, H, W, C), label (B,), mask (B,)) -> per BN layer
-  {path: (sum (K, C), sum of squares (K, C), count (K,))} of the layer's input minus its
-  running mean (shifted, so that the host's E[x^2] - E[x]^2 does not cancel), over the
-  images of each class and their (H, W) positions."""
+  {path: (sum (K, C), sum of squares (K, C), count (K,), sum of within-image variances
+  (K, C), images (K,))}: the first three of the layer's input minus its running mean
+  (shifted, so that the host's E[x^2] - E[x]^2 does not cancel), over the images of each
+  class and their (H, W) positions; the within-image variance of each image over (H, W),
+  two-pass."""
 
   def sums(variables, image, label, mask):
     x = datasets.normalise(image, spec)
@@ -69,8 +75,10 @@ def create_sums_fn(model, num_classes: int, spec: datasets.DatasetSpec):
       first = jnp.sum(shifted, axis=(1, 2))  # (B, C)
       second = jnp.sum(jnp.square(shifted), axis=(1, 2))
       dot = lambda a: jnp.einsum('bk,bc->kc', weights, a, precision=jax.lax.Precision.HIGHEST)
-      count = jnp.sum(weights, axis=0) * inputs.shape[1] * inputs.shape[2]
-      out['/'.join(layer)] = (dot(first), dot(second), count)
+      images = jnp.sum(weights, axis=0)
+      count = images * inputs.shape[1] * inputs.shape[2]
+      within = jnp.var(inputs.astype(jnp.float32), axis=(1, 2))  # (B, C), biased
+      out['/'.join(layer)] = (dot(first), dot(second), count, dot(within), images)
     return out
 
   return jax.jit(sums)
@@ -81,8 +89,9 @@ def compute(model, variables: dict, split, num_classes: int, spec: datasets.Data
   """Per-class BN-input statistics over `split` (a `pipeline.Split`, one ordered pass).
 
   Returns a tree shaped like variables['batch_stats'] whose leaves are {'mean': (K, C),
-  'var': (K, C)} float32 (K = num_classes; a class without images gets the running
-  statistics), plus 'count' (K,) float64 (values per channel) per layer.
+  'var': (K, C), 'within_var': (K, C)} float32 (K = num_classes; a class without images
+  gets the running statistics, its within-image variance the running variance), plus
+  'count' (K,) float64 (values per channel) per layer.
   """
   sums_fn = create_sums_fn(model, num_classes, spec)
   totals = None
@@ -92,7 +101,7 @@ def compute(model, variables: dict, split, num_classes: int, spec: datasets.Data
     totals = part if totals is None else {
         k: tuple(t + p for t, p in zip(totals[k], part[k])) for k in totals}
   out = {}
-  for name, (first, second, count) in totals.items():
+  for name, (first, second, count, within, images) in totals.items():
     path = tuple(name.split('/'))
     running = _get(variables['batch_stats'], path)
     running_mean = np.asarray(jax.device_get(running['mean']), np.float64)
@@ -101,10 +110,11 @@ def compute(model, variables: dict, split, num_classes: int, spec: datasets.Data
     shift = first / n
     mean = running_mean + shift
     var = np.maximum(second / n - np.square(shift), 0.0)
+    within = within / np.maximum(images, 1.0)[:, None]
     empty = count == 0
-    mean[empty], var[empty] = running_mean, running_var
+    mean[empty], var[empty], within[empty] = running_mean, running_var, running_var
     _set(out, path, {'mean': mean.astype(np.float32), 'var': var.astype(np.float32),
-                     'count': count})
+                     'within_var': within.astype(np.float32), 'count': count})
   return out
 
 
@@ -134,7 +144,8 @@ def save(path: str, stats: dict, expected: dict) -> None:
 
 
 def load(path: str, expected: dict) -> dict | None:
-  """The statistics stored at `path`, or None if missing, unreadable or for other inputs."""
+  """The statistics stored at `path`, or None if missing, unreadable, for other inputs or
+  without a layer's within-image variance (stored before it was)."""
   if not files.exists(path):
     return None
   try:
@@ -146,6 +157,9 @@ def load(path: str, expected: dict) -> dict | None:
       for name in data.files:
         if name != '__fingerexpected_':
           _set(out, tuple(name.split('/')), np.asarray(data[name]))
+      if any('within_var' not in layer for _, layer in _layers(out)):
+        logging.info('class_stats: %s predates the within-image variance; recomputing', path)
+        return None
       return out
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged
     logging.warning('class_stats: ignoring unreadable %s (%s); recomputing', path, e)
@@ -195,8 +209,7 @@ def load_or_compute(config, variables: dict, split_fn, teacher_dir: str, fallbac
 def strip_counts(stats: dict) -> dict:
   out = {}
   for path, layer in _layers(stats):
-    _set(out, path, {'mean': np.asarray(layer['mean'], np.float32),
-                     'var': np.asarray(layer['var'], np.float32)})
+    _set(out, path, {k: np.asarray(layer[k], np.float32) for k in STATISTICS})
   return out
 
 
@@ -206,5 +219,5 @@ def abstract(batch_stats: dict, num_classes: int) -> dict:
   for path in layer_paths(batch_stats):
     leaf = _get(batch_stats, path)['mean']
     shape = jax.ShapeDtypeStruct((num_classes,) + tuple(leaf.shape), jnp.float32)
-    _set(out, path, {'mean': shape, 'var': shape})
+    _set(out, path, {k: shape for k in STATISTICS})
   return out

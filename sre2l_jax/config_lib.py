@@ -186,8 +186,13 @@ def _recover() -> ml_collections.ConfigDict:
       group_by='ipc_index',
       # method 'edc' (synthesis/edc.py): `class_bn_weight`, the weight of the class's own
       # BN-input statistics (class_stats.py) in each layer's term, the global running
-      # statistics getting 1 - weight (EDC's soft matching: 0.5).
-      edc=ml_collections.ConfigDict(dict(class_bn_weight=0.5)),
+      # statistics getting 1 - weight (EDC's soft matching: 0.5); `class_term`, in a group
+      # of several classes: 'group' (the group against its classes' mean statistics, EDC's
+      # code) or 'per_class' (each class's images against their class's); `class_var`: the
+      # class's variance over all its images ('pooled') or that of as many of its real
+      # images as the group holds ('expected').
+      edc=ml_collections.ConfigDict(dict(class_bn_weight=0.5, class_term='group',
+                                         class_var='pooled')),
       # Diversity: 'none' | 'early_late' (DELT: a class's images start optimising at
       # early_late.stages staggered steps, so they get different numbers of iterations).
       diversity='none',

@@ -65,6 +65,8 @@ def random_class_stats(variables, num_classes, seed=0):
     channels = at(variables['batch_stats'], path)['mean'].shape[0]
     leaf = {'mean': jnp.asarray(rng.normal(0, 0.5, (num_classes, channels)), jnp.float32),
             'var': jnp.asarray(rng.uniform(0.2, 2.0, (num_classes, channels)), jnp.float32)}
+    leaf['within_var'] = leaf['var'] * jnp.asarray(rng.uniform(0.2, 0.9, (num_classes, channels)),
+                                                   jnp.float32)
     node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})
@@ -97,10 +99,14 @@ def test_class_statistics_equal_a_numpy_computation():
       np.testing.assert_allclose(got['mean'][k], mine.mean(axis=(0, 1, 2)), rtol=1e-4,
                                  atol=1e-5)
       np.testing.assert_allclose(got['var'][k], mine.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(got['within_var'][k], mine.var(axis=(1, 2)).mean(0),
+                                 rtol=1e-4, atol=1e-5)
+      assert np.all(got['within_var'][k] <= got['var'][k] * (1 + 1e-4) + 1e-5)
       assert got['count'][k] == mine.shape[0] * mine.shape[1] * mine.shape[2]
     for k in range(4, 10):  # no image: the running statistics
       np.testing.assert_array_equal(got['mean'][k], np.asarray(running['mean']))
       np.testing.assert_array_equal(got['var'][k], np.asarray(running['var']))
+      np.testing.assert_array_equal(got['within_var'][k], np.asarray(running['var']))
       assert got['count'][k] == 0
     layers += 1
   assert layers == 3  # depth 3 ConvNet-BN
@@ -131,6 +137,22 @@ def test_class_statistics_are_stored_beside_the_teacher_and_read_back(tmp_path, 
   again = class_stats.load_or_compute(config, variables, lambda: split, str(teacher_dir),
                                       str(fallback), mesh)
   jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
+  # A file stored before the within-image variance existed is computed again, and
+  # replaced by one that has it.
+  monkeypatch.undo()
+  name = next(n for n in os.listdir(teacher_dir) if n.startswith('class_stats-'))
+  expected = json.loads(bytes(np.load(teacher_dir / name)['__fingerexpected_']).decode())
+  older = jax.tree_util.tree_map(lambda a: a, class_stats.load(str(teacher_dir / name),
+                                                               expected))
+  for _, layer in class_stats._layers(older):  # pylint: disable=protected-access
+    del layer['within_var']
+  class_stats.save(str(teacher_dir / name), older, expected)
+  assert class_stats.load(str(teacher_dir / name), expected) is None
+  again = class_stats.load_or_compute(config, variables, lambda: split, str(teacher_dir),
+                                      str(fallback), mesh)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
+  assert class_stats.load(str(teacher_dir / name), expected) is not None
+  monkeypatch.setattr(class_stats, 'compute', no_compute)
   # Another teacher (other weights) does not read them.
   other = jax.tree_util.tree_map(lambda x: x + 1, variables)
   with pytest.raises(AssertionError, match='recomputed'):
@@ -182,6 +204,66 @@ def test_groups_of_one_class_use_only_that_class_statistics():
            for p, x in models.iter_in_call_order(state[models.BN_INPUTS])]
   by_hand, _ = sre2l.weighted_bn_loss(jnp.stack(terms), config.recover.first_bn_multiplier)
   np.testing.assert_allclose(float(metrics['bn_loss_class']), float(by_hand), rtol=1e-6)
+
+
+def test_class_term_per_class_matches_each_class_of_a_mixed_group_to_its_own():
+  """edc.class_term='per_class': in a group of several classes each class's images against
+  their class's statistics (mean and variance over their (n_c, H, W)), averaged over the
+  classes present; on a one-class group it is the 'group' term. class_var='expected':
+  pooled - (pooled - within) / n_c."""
+  config, model, teacher, _, _, _ = edc_inputs(group=6)
+  images = jax.random.normal(jax.random.key(3), (6,) + SPEC.image_shape)
+  labels = jnp.asarray([2, 5, 2, 7, 2, 5], jnp.int32)
+  uids = jnp.arange(6, dtype=jnp.int32) * 10 + labels
+  x = sre2l.augment_group(jax.random.key(7), images, uids, cfg=config.recover,
+                          min_scale=jnp.float32(0.5))
+  _, state = model.apply({k: teacher[k] for k in ('params', 'batch_stats')}, x, train=False,
+                         mutable=[models.BN_INPUTS])
+  stats_of = lambda p: {k: np.asarray(v, np.float64)
+                        for k, v in at(teacher[class_stats.KEY], layer_of(p)).items()}
+
+  def by_hand(class_var):
+    terms = []
+    for p, inputs in models.iter_in_call_order(state[models.BN_INPUTS]):
+      inputs, stats, per_class = np.asarray(inputs, np.float64), stats_of(p), []
+      for c in (2, 5, 7):
+        mine = inputs[np.asarray(labels) == c]
+        target = stats['var'][c]
+        if class_var == 'expected':
+          target = target - (target - stats['within_var'][c]) / len(mine)
+        per_class.append(np.linalg.norm(mine.mean(axis=(0, 1, 2)) - stats['mean'][c]) +
+                         np.linalg.norm(mine.var(axis=(0, 1, 2)) - target))
+      terms.append(np.mean(per_class))
+    return float(sre2l.weighted_bn_loss(jnp.asarray(terms, jnp.float32),
+                                        config.recover.first_bn_multiplier)[0])
+
+  for class_var in ('pooled', 'expected'):
+    config.recover.edc.update(class_term='per_class', class_var=class_var)
+    _, metrics = edc_loss(config, model, teacher, images, labels, uids)
+    np.testing.assert_allclose(float(metrics['bn_loss_class']), by_hand(class_var), rtol=1e-5)
+  # 'expected' moves only the variance target: one image of a class against its mean
+  # within-image variance, not the class's pooled variance.
+  assert by_hand('expected') != by_hand('pooled')
+
+  # A one-class group: 'per_class' is the 'group' term, for either variance target.
+  config, model, teacher, images, labels, uids = edc_inputs(label=4, group=3)
+  for class_var in ('pooled', 'expected'):
+    config.recover.edc.update(class_term='group', class_var=class_var)
+    group, _ = edc_loss(config, model, teacher, images, labels, uids)
+    config.recover.edc.class_term = 'per_class'
+    per_class, _ = edc_loss(config, model, teacher, images, labels, uids)
+    np.testing.assert_allclose(per_class, group, rtol=1e-5)
+  # Unknown values are refused by name; the defaults leave old workdirs' records unchanged.
+  for key, bad in (('class_term', 'each'), ('class_var', 'within')):
+    config.recover.edc.update(class_term='group', class_var='pooled')
+    config.recover.edc[key] = bad
+    with pytest.raises(ValueError, match=f'recover.edc.{key}'):
+      edc.validate(config.recover)
+  config.recover.edc.update(class_term='group', class_var='pooled')
+  record = fingerprints.record('recover', config)['recover']
+  assert 'edc_class_term' not in record and 'edc_class_var' not in record
+  config.recover.edc.class_var = 'expected'
+  assert fingerprints.record('recover', config)['recover']['edc_class_var'] == 'expected'
 
 
 def test_class_weight_zero_is_the_sre2l_loss():
@@ -636,8 +718,8 @@ def test_methods_table_over_teachers_counts_each_teachers_lead(tmp_path, monkeyp
     return {'seeds': len(accs), 'test_top1': list(accs), 'test_top1_mean': float(np.mean(accs)),
             'test_top1_std': float(np.std(accs))}
   # Teacher a: edc 0.72 against random 0.64 and coreset 0.70; teacher b: 0.70 against 0.71.
-  for label, edc, coreset in (('a', 0.72, 0.70), ('b', 0.70, 0.71)):
-    for row, variants in (('edc', {'distilled': student(edc, edc)}),
+  for label, edc_top1, coreset in (('a', 0.72, 0.70), ('b', 0.70, 0.71)):
+    for row, variants in (('edc', {'distilled': student(edc_top1, edc_top1)}),
                           ('sre2l', {'distilled': student(0.6, 0.6),
                                      'random': student(0.64, 0.64),
                                      'coreset': student(coreset, coreset)})):

@@ -14,9 +14,21 @@ class c, the layout the Fashion-MNIST config uses):
 mu_l, var_l: mean and biased variance over (N, H, W) of BN layer l's input in this group (as
 `sre2l`); m_l[c], v_l[c]: the same over all real training images of class c
 (`class_stats.py`, teacher in inference mode); a = recover.edc.class_bn_weight; w_1 =
-first_bn_multiplier; r_ce = recover.r_ce (1 in EDC). In a group of several classes the
-class target is the mean of its images' class statistics (what EDC's code matches); in a
-one-class group it is exactly class c's. Starting images: recover.init='scored'
+first_bn_multiplier; r_ce = recover.r_ce (1 in EDC). In a group of several classes
+(group_by='ipc_index') the class term is, by recover.edc.class_term:
+- 'group': the whole group against the mean of its images' class statistics (what EDC's
+  code matches);
+- 'per_class': the images of each class in the group against their own class's statistics
+  (mean and variance over their (n_c, H, W)), averaged over the classes present;
+in a one-class group both are the term above against class c's. The class variance target,
+by recover.edc.class_var:
+- 'pooled': v_l[c], the variance over (N, H, W) of all the class's images;
+- 'expected': the variance n real images of class c have together on average, n the
+  group's images of class c: v_l[c] - (v_l[c] - w_l[c]) / n, w_l[c] the class's mean
+  within-image variance over (H, W) (law of total variance; v - w is the variance of the
+  images' means). One image is matched to a typical image's spread, not to the spread of
+  the whole class (pooled); a large group to nearly the pooled variance.
+Starting images: recover.init='scored'
 (`selection.py`: per class the teacher's best-scored real candidates, one per source image,
 spread over k-means clusters of the teacher's features) or 'real'.
 
@@ -69,20 +81,66 @@ def _stats_at(tree: dict, path) -> dict:
   return tree
 
 
-def class_target(class_stats: dict, labels) -> dict:
+CLASS_TERMS = ('group', 'per_class')
+CLASS_VARS = ('pooled', 'expected')
+
+
+def expected_variance(class_stats: dict, images) -> jax.Array:
+  """(K, C): the variance over (n, H, W) that n real images of each class have on average,
+  n = images (K,) (at least 1): pooled - (pooled - within) / n."""
+  pooled, within = class_stats['var'], class_stats['within_var']
+  return pooled - (pooled - within) / jnp.maximum(images, 1.0)[:, None]
+
+
+def class_variance(class_stats: dict, counts, class_var: str) -> jax.Array:
+  """(K, C) variance targets of classes with `counts` (K,) images in the group."""
+  return class_stats['var'] if class_var == 'pooled' else expected_variance(class_stats,
+                                                                             counts)
+
+
+def class_target(class_stats: dict, labels, class_var: str = 'pooled') -> dict:
   """{'mean', 'var'} (C,) a group of images with `labels` (B,) is matched to: the mean of
   their classes' statistics (class c's own when the group is all of class c)."""
-  return {k: jnp.mean(class_stats[k][labels], axis=0) for k in ('mean', 'var')}
+  counts = jnp.sum(jax.nn.one_hot(labels, class_stats['mean'].shape[0]), axis=0)
+  targets = {'mean': class_stats['mean'],
+             'var': class_variance(class_stats, counts, class_var)}
+  return {k: jnp.mean(v[labels], axis=0) for k, v in targets.items()}
 
 
-def bn_terms(bn_inputs: dict, teacher: dict, labels):
+def per_class_bn_loss(x, class_stats: dict, labels, class_var: str):
+  """The mean over the classes present in the group of ||mu_c - m[c]|| + ||var_c - t[c]||,
+  mu_c and var_c over (n_c, H, W) of the images of class c in x (B, H, W, C), t[c] its
+  variance target. var_c by the law of total variance (each image's variance about its own
+  mean plus its mean's spread about mu_c), so no (B, K, H, W, C) array is formed."""
+  x = x.astype(jnp.float32)
+  num_classes = class_stats['mean'].shape[0]
+  weights = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # (B, K)
+  counts = jnp.sum(weights, axis=0)
+  present = counts > 0
+  per_image = jnp.mean(x, axis=(1, 2))  # (B, C)
+  within = jnp.mean(jnp.square(x - per_image[:, None, None]), axis=(1, 2))
+  dot = lambda a: jnp.einsum('bk,bc->kc', weights, a, precision=jax.lax.Precision.HIGHEST)
+  n = jnp.maximum(counts, 1.0)[:, None]
+  mean = dot(per_image) / n  # (K, C)
+  var = dot(within + jnp.square(per_image - mean[labels])) / n
+  target_var = class_variance(class_stats, counts, class_var)
+  terms = (jnp.linalg.norm(mean - class_stats['mean'], axis=-1) +
+           jnp.linalg.norm(var - target_var, axis=-1))
+  return jnp.sum(jnp.where(present, terms, 0.0)) / jnp.sum(present)
+
+
+def bn_terms(bn_inputs: dict, teacher: dict, labels, class_term: str = 'group',
+             class_var: str = 'pooled'):
   """Per-layer (global term (L,), class term (L,)) in call order."""
   global_terms, class_terms = [], []
   for path, x in models.iter_in_call_order(bn_inputs):
     layer = path[:-1] + (path[-1][:-len('_input')],)
     global_terms.append(layer_bn_loss(x, _stats_at(teacher['batch_stats'], layer)))
-    target = class_target(_stats_at(teacher[CLASS_STATS], layer), labels)
-    class_terms.append(layer_bn_loss(x, target))
+    stats = _stats_at(teacher[CLASS_STATS], layer)
+    if class_term == 'per_class':
+      class_terms.append(per_class_bn_loss(x, stats, labels, class_var))
+    else:
+      class_terms.append(layer_bn_loss(x, class_target(stats, labels, class_var)))
   return jnp.stack(global_terms), jnp.stack(class_terms)
 
 
@@ -94,19 +152,30 @@ def remat_refusal(remat: str) -> str:
 
 
 def validate(cfg, spec=None) -> None:
-  """Refuses a recover.remat edc's forward does not implement (before any stage runs)."""
+  """Refuses a recover.remat edc's forward does not implement, and an unknown
+  edc.class_term or edc.class_var (before any stage runs)."""
   del spec
   if cfg.get('remat', 'none') not in REMAT:
     raise ValueError(remat_refusal(cfg.remat))
+  if cfg.edc.class_term not in CLASS_TERMS:
+    raise ValueError(f'recover.edc.class_term={cfg.edc.class_term!r}; valid: '
+                     f"'group' (the group against its classes' mean statistics, EDC's code), "
+                     f"'per_class' (each class's images in the group against their class's).")
+  if cfg.edc.class_var not in CLASS_VARS:
+    raise ValueError(f'recover.edc.class_var={cfg.edc.class_var!r}; valid: '
+                     f"'pooled' (the class's variance over all its images), 'expected' (the "
+                     f'variance of as many of its real images as the group holds).')
 
 
-def teacher_forward(x, labels, *, model, teacher, remat: str = 'none'):
+def teacher_forward(x, labels, *, model, teacher, remat: str = 'none',
+                    class_term: str = 'group', class_var: str = 'pooled'):
   """(logits (B, K), global terms (L,), class terms (L,)) of the teacher on x."""
 
   def forward(teacher, x):
     logits, state = model.apply(_teacher_only(teacher), x, train=False,
                                 mutable=[models.BN_INPUTS])
-    return (logits,) + bn_terms(state[models.BN_INPUTS], teacher, labels)
+    return (logits,) + bn_terms(state[models.BN_INPUTS], teacher, labels, class_term,
+                                class_var)
 
   if remat == 'teacher':
     forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.nothing_saveable)
@@ -119,8 +188,9 @@ def group_loss(images, labels, uids, key, min_scale, *, model, teacher, cfg):
   """Loss of one group and its metrics. images (B, H, W, C) normalised float32; teacher:
   {'params', 'batch_stats', 'class_stats'} (class statistics (K, C) per BN layer)."""
   x = augment_group(key, images, uids, cfg=cfg, min_scale=min_scale)
-  logits, global_terms, class_terms = teacher_forward(x, labels, model=model, teacher=teacher,
-                                                      remat=cfg.remat)
+  logits, global_terms, class_terms = teacher_forward(
+      x, labels, model=model, teacher=teacher, remat=cfg.remat,
+      class_term=cfg.edc.class_term, class_var=cfg.edc.class_var)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   weight = cfg.edc.class_bn_weight
   bn, per_layer = weighted_bn_loss((1 - weight) * global_terms + weight * class_terms,
