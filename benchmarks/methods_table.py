@@ -44,8 +44,6 @@ CONFIG = os.path.join(REPO, 'configs', 'fashion_mnist_ipc10.py')
 # workdir's squeeze; teacher.extra_configs reads them from there).
 EXTRA_TEACHERS = ('convnet:width=32', 'convnet:width=32,depth=2')
 
-# Groups of one image of each of Fashion-MNIST's ten classes (edc's default: one class).
-MIXED = {'recover.group_by': 'ipc_index', 'recover.batch_size': 10}
 # (row, config `method` argument, overrides, what it shows). SRe2L as published first, then
 # each lever alone on top of it, then the combination (the config's edc recipe).
 ROWS = (
@@ -87,13 +85,14 @@ ROWS = (
     ('edc_hardest', 'edc', {'recover.scored.pick': 'hardest'},
      'edc_mix from each k-means cluster\'s lowest-scored image instead of its most typical'),
     ('edc_mixed', 'edc_mixed', {},
-     'edc_mix in groups of the ten classes (one image each): the global term over the group, '
+     'edc_mix with the whole set as one group: the global term over every class\'s images, '
      'the class term per class against the variance as many real images of the class have '
      '(the Fashion-MNIST default at IPC 1)'),
-    ('edc_mixed_pooled', 'edc', {**MIXED, 'recover.edc.class_term': 'per_class'},
+    ('edc_mixed_pooled', 'edc_mixed', {'recover.edc.class_var': 'pooled'},
      'edc_mixed with the class\'s pooled variance (over all its images) as the target'),
-    ('edc_mixed_group', 'edc', MIXED,
-     'edc_mix in groups of the ten classes, the class term as EDC\'s code has it: the whole '
+    ('edc_mixed_group', 'edc_mixed', {'recover.edc.class_term': 'group',
+                                      'recover.edc.class_var': 'pooled'},
+     'edc_mix with the whole set as one group, the class term as EDC\'s code has it: the '
      'group against the mean of its classes\' statistics'),
     ('select', 'select', {},
      'the coreset\'s choice (edc_mix\'s starting images) unrefined, through recover '

@@ -15,10 +15,12 @@ keeps 'sre2l', whose group layout the stage tests assume):
          refined as one group for 300 steps at lr 0.05 against EDC's soft matching: half
          the class's own BN statistics, half the teacher's running ones (edc.class_bn_weight
          0.5; 1.0 is the class's own only).
-  edc_mixed  edc in groups of the ten classes (one image of each per group): the global
-         term over the group (SRe2L's mixed batch), each class's image against its own
-         class (edc.class_term='per_class') and the variance a real image of the class has
-         (edc.class_var='expected': its within-image variance, not the whole class's).
+  edc_mixed  edc with the whole set as one group (group_by='ipc_index', batch_size 10 x
+         ipc): the global term over all the classes' images (at IPC 1 SRe2L's mixed batch),
+         the class term over each class's images against its own class
+         (edc.class_term='per_class') and the variance that many real images of the class
+         have (edc.class_var='expected': at IPC 1 a real image's within-image variance, not
+         the whole class's).
   select edc's starting images as they are (synthesis/select.py, no optimisation): the
          k-means coreset's choice, labelled by the teacher like any distilled set.
 """
@@ -77,7 +79,7 @@ def get_config(arg=None):
                      scored=dict(candidates=0, crops=1, coverage=True, pick='centre'),
                      edc=dict(class_bn_weight=CLASS_BN_WEIGHT))
     if method == 'edc_mixed':
-      c.recover.update(group_by='ipc_index', batch_size=10,
+      c.recover.update(group_by='ipc_index', batch_size=10 * arg.ipc,
                        edc=dict(class_term='per_class', class_var='expected'))
   elif method == 'select':
     # edc's starting images (the k-means coreset's choice) as they are, unrefined.

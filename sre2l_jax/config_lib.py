@@ -181,8 +181,9 @@ def _recover() -> ml_collections.ConfigDict:
       # lowest-scored ('hardest').
       scored=ml_collections.ConfigDict(dict(candidates=300, crops=1, coverage=True,
                                             pick='score')),
-      # Group layout: 'ipc_index' (B classes at one ipc index; B divides the classes) or
-      # 'class' (B images of one class; B divides ipc): what per-group statistics mean.
+      # Group layout: 'ipc_index' (B classes at one ipc index, B dividing the classes; or
+      # every class at B / classes ipc indices, B a multiple of the classes) or 'class' (B
+      # images of one class; B divides ipc): what per-group statistics mean.
       group_by='ipc_index',
       # method 'edc' (synthesis/edc.py): `class_bn_weight`, the weight of the class's own
       # BN-input statistics (class_stats.py) in each layer's term, the global running

@@ -83,11 +83,14 @@ def check_settings(config, spec) -> None:
     raise ValueError(
         f'recover.batch_size={cfg.batch_size} is the group size; with '
         f"recover.group_by='class' (groups of one class) it must divide ipc={cfg.ipc}.")
-  if cfg.group_by == 'ipc_index' and (cfg.batch_size <= 0 or num_classes % cfg.batch_size):
+  if cfg.group_by == 'ipc_index' and not mixed_group_size_fits(cfg.batch_size, num_classes,
+                                                               cfg.ipc):
     raise ValueError(
         f'recover.batch_size={cfg.batch_size} is the group size (images of different classes '
         f'sharing an ipc index); it must divide the {num_classes} classes of '
-        f'{spec.name}' + (' recovered' if num_classes < spec.num_classes else '') + '.')
+        f'{spec.name}' + (' recovered' if num_classes < spec.num_classes else '') +
+        f', or be {num_classes} x m with m dividing ipc={cfg.ipc} (every class at m ipc '
+        f'indices).')
   if cfg.iterations <= 0 or cfg.lr <= 0 or cfg.r_bn < 0:
     raise ValueError(f'recover needs iterations > 0, lr > 0, r_bn >= 0; got '
                      f'{cfg.iterations}, {cfg.lr}, {cfg.r_bn}.')
@@ -366,11 +369,21 @@ def host_plan(cfg, plan: RoundPlan, spec: datasets.DatasetSpec, num_classes: int
   return memory.host_plan(plan.peak_bytes, passes, backend)
 
 
+def mixed_group_size_fits(size: int, num_classes: int, ipc: int) -> bool:
+  """Whether groups of `size` images of different classes tile the set (group_by
+  'ipc_index'): size divides the classes, or is the classes times a divisor of ipc."""
+  if size <= 0:
+    return False
+  if size <= num_classes:
+    return num_classes % size == 0
+  return size % num_classes == 0 and ipc % (size // num_classes) == 0
+
+
 def real_group_count(cfg, num_classes: int) -> int:
   """Groups holding real images (`optimize.group_layout`)."""
   if cfg.group_by == 'class':
     return num_classes * (cfg.ipc // cfg.batch_size)
-  return cfg.ipc * (num_classes // cfg.batch_size)
+  return cfg.ipc * num_classes // cfg.batch_size
 
 
 def create_measure_fn(config, spec, mesh, method, model):

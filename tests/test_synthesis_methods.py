@@ -323,6 +323,24 @@ def test_one_class_layout_covers_every_image_once_and_exports_class_major():
   labels, uids, real = optimize.group_layout(num_classes, ipc, 5, 8)
   np.testing.assert_array_equal(optimize.to_class_major(uids[:real], num_classes, ipc),
                                 major)
+  np.testing.assert_array_equal(labels, uids % num_classes)
+  # Groups of every class at 2 ipc indices (B = 2 C): each class twice per group, the same ids
+  # and export; a B that does not tile the set is refused.
+  labels, uids, real = optimize.group_layout(num_classes, ipc, 2 * num_classes, 8)
+  assert real == 2 and labels.shape == (8, 20)
+  for g in range(real):
+    np.testing.assert_array_equal(np.bincount(labels[g], minlength=num_classes), 2)
+    np.testing.assert_array_equal(uids[g] // num_classes, np.repeat([2 * g, 2 * g + 1], 10))
+  np.testing.assert_array_equal(optimize.to_class_major(uids[:real], num_classes, ipc),
+                                major)
+  assert uids[real:].min() >= num_classes * ipc
+  fits = lambda size: recover.mixed_group_size_fits(size, num_classes, ipc)
+  assert [s for s in range(0, 50) if fits(s)] == [1, 2, 5, 10, 20, 40]
+  config = small_config(ipc=4, group_by='ipc_index', batch_size=30)
+  with pytest.raises(ValueError, match=r'batch_size=30 .* 10 x m with m dividing ipc=4'):
+    recover.validate(config, testlib.context_of(config, spec=SPEC))
+  config.recover.batch_size = 20
+  recover.validate(config, testlib.context_of(config, spec=SPEC))
 
 
 # ----------------------------------------------------------------------------- selection
@@ -629,8 +647,9 @@ def test_fashion_mnist_config_defaults_to_edc_and_keeps_sre2l_as_published():
   assert (default.method, default.group_by, default.init, default.scored.pick,
           default.batch_size, default.iterations, default.lr, default.jitter,
           default.edc.class_bn_weight) == ('edc', 'class', 'scored', 'centre', 10, 300, 0.05, 0, 0.5)
-  # IPC 1: edc in groups of the ten classes, each image against its own class's mean and a
-  # real image's variance; the rest of edc's recipe unchanged.
+  # IPC 1: edc_mixed, the whole set as one group (the ten classes' images), each image
+  # against its own class's mean and a real image's variance; the rest of edc's recipe
+  # unchanged. At IPC 10 on request, still one group (100 images).
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=1')
   recover.validate(config, testlib.context_of(config, spec=SPEC))
   mixed = config.recover
@@ -642,6 +661,10 @@ def test_fashion_mnist_config_defaults_to_edc_and_keeps_sre2l_as_published():
   for key in ('init', 'scored', 'iterations', 'lr', 'jitter', 'edc.class_bn_weight'):
     assert config_lib.find(mixed, key)[0][key.split('.')[-1]] == (
         config_lib.find(edc_at_1, key)[0][key.split('.')[-1]]), key
+  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,method=edc_mixed')
+  recover.validate(config, testlib.context_of(config, spec=SPEC))
+  assert (config.recover.batch_size, recover.real_group_count(config.recover, 10)) == (100, 1)
+  assert testlib.load_config('fashion_mnist_ipc10', 'ipc=10').recover.group_by == 'class'
   # From IPC 50: the coreset's choice unrefined (`select`), edc's start.
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=50')
   recover.validate(config, testlib.context_of(config, spec=SPEC))

@@ -1,7 +1,8 @@
 """Optimising synthetic images with a synthesis method: layout, state, step, measurement.
 
 Images are laid out in groups (`group_layout`): a group holds images of different classes at
-one ipc index, the unit whose BatchNorm statistics a method matches. The groups are sharded
+one ipc index (or every class at several), or images of one class, the unit whose BatchNorm
+statistics a method matches. The groups are sharded
 over the mesh's 'data' axis and each device works through its own (`group_gradients`), so
 more devices mean more groups at once without changing the objective. Only the images get
 gradients (Adam, cosine decay, clipped to the valid pixel range): nothing is differentiated
@@ -30,11 +31,13 @@ def group_layout(num_classes: int, ipc: int, group_size: int, num_devices: int,
                  by_class: bool = False):
   """Assigns every synthetic image to a group.
 
-  Group g holds classes [j*B, (j+1)*B) at ipc index i, for g = i * (C/B) + j; with
+  Group g holds classes [j*B, (j+1)*B) at ipc index i, for g = i * (C/B) + j (B divides C),
+  or, B a multiple of C, every class at the B/C ipc indices [g*B/C, (g+1)*B/C); with
   `by_class` (recover.group_by='class') it holds ipc indices [k*B, (k+1)*B) of class c, for
-  g = c * (ipc/B) + k. Either way the image of class c at ipc index i has uid i * C + c. The
-  number of groups is padded to a multiple of `num_devices`; padding groups are optimised too
-  (they are independent of the real ones) and dropped on export.
+  g = c * (ipc/B) + k. Either way the image of class c at ipc index i has uid i * C + c
+  (without `by_class`, the images in uid order: g * B + position). The number of groups is
+  padded to a multiple of `num_devices`; padding groups are optimised too (they are
+  independent of the real ones) and dropped on export.
   Returns labels (G, B) int32, uids (G, B) int32 (image ids that seed per-image randomness),
   and the number of real groups.
   """
@@ -49,14 +52,10 @@ def group_layout(num_classes: int, ipc: int, group_size: int, num_devices: int,
     # Padding groups: uids past the real ones (C * ipc), so no real image's randomness repeats.
     uids = np.where(g < real, uids, g * group_size + p).astype(np.int32)
     return np.broadcast_to(labels, uids.shape).copy(), uids, real
-  chunks = num_classes // group_size
-  real = ipc * chunks
+  real = ipc * num_classes // group_size
   total = math.ceil(real / num_devices) * num_devices
-  g = np.arange(total)[:, None]
-  p = np.arange(group_size)[None, :]
-  labels = ((g % chunks) * group_size + p).astype(np.int32)
-  uids = (g * group_size + p).astype(np.int32)
-  return labels, uids, real
+  uids = (np.arange(total)[:, None] * group_size + np.arange(group_size)[None, :])
+  return (uids % num_classes).astype(np.int32), uids.astype(np.int32), real
 
 
 def to_class_major(images: np.ndarray, num_classes: int, ipc: int,
