@@ -79,6 +79,7 @@ def get_config(arg=None):
                      scored=dict(candidates=0, crops=1, coverage=True, pick='centre'),
                      edc=dict(class_bn_weight=CLASS_BN_WEIGHT))
     if method == 'edc_mixed':
+      # One group: it runs on one device (with more, the others optimise padding groups).
       c.recover.update(group_by='ipc_index', batch_size=10 * arg.ipc,
                        edc=dict(class_term='per_class', class_var='expected'))
   elif method == 'select':
