@@ -2,11 +2,10 @@
 
 Images are laid out in groups (`group_layout`): a group holds images of different classes at
 one ipc index (or every class at several), or images of one class, the unit whose BatchNorm
-statistics a method matches. The groups are sharded
-over the mesh's 'data' axis and each device works through its own (`group_gradients`), so
-more devices mean more groups at once without changing the objective. Only the images get
-gradients (Adam, cosine decay, clipped to the valid pixel range): nothing is differentiated
-with respect to the teacher's weights.
+statistics a method matches. The groups are sharded over the mesh's 'data' axis and each
+device works through its own (`group_gradients`), so more devices mean more groups at once
+without changing the objective. Only the images get gradients (Adam, cosine decay, clipped
+to the valid pixel range): nothing is differentiated with respect to the teacher's weights.
 """
 
 import dataclasses
