@@ -29,13 +29,13 @@ from sre2l_jax import config_lib
 
 # The default per IPC: the best measured (docs/results.md, issues 13 and 30). At IPC 1
 # edc_mixed: over three teachers (3 student seeds each) 72.60 +- 0.71 against edc's 71.13 +-
-# 0.30 and the coreset's 70.00 +- 0.46, ahead of edc on all three; at IPC 10 it trails edc
-# (83.88 vs 84.99, one teacher), whose one-class groups match the class's statistics over
-# its ten images. Below 50 images per class otherwise edc (IPC 10 over three teachers);
-# from 50 the coreset's choice as it is (`select`): at IPC 50 on four teachers the k-means
-# coreset was ahead of edc refining it by 0.04 to 0.23 points (each within its seeds'
-# spread, all four the same way), and `select` is that choice through recover (89.90 vs
-# edc's 89.84, 1 minute not 5).
+# 0.30 and the coreset's 70.00 +- 0.46, ahead of edc on all three. Below 50 images per class
+# otherwise edc: at IPC 10 edc_mixed leads it on the same three teachers too (84.98 +- 0.28
+# against 84.53 +- 0.44), but the default command's figures are edc's and are not yet
+# measured again. From 50 the coreset's choice as it is (`select`): at IPC 50 on four
+# teachers the k-means coreset was ahead of edc refining it by 0.04 to 0.23 points (each
+# within its seeds' spread, all four the same way; edc_mixed 89.79), and `select` is that
+# choice through recover (89.90 vs edc's 89.84, 1 minute not 5).
 METHOD = 'edc'
 METHOD_AT_IPC_1 = 'edc_mixed'
 METHOD_FROM_IPC_50 = 'select'
