@@ -27,7 +27,7 @@ CASES = [(name, arg, {}) for name in (
     'cifar100_ipc50', 'fashion_mnist_continual', 'fashion_mnist_ipc10', 'in1k_edc',
     'in1k_ipc50', 'in1k_rded', 'tiny_continual', 'tiny_ipc50') for arg in (None, 'smoke')]
 CASES += [('fashion_mnist_ipc10', arg, {}) for arg in (
-    'method=sre2l', 'method=edc', 'ipc=1', 'ipc=50,seeds=3,method=edc', 'smoke,method=edc',
+    'method=sre2l', 'method=edc', 'ipc=1,method=edc', 'ipc=50,seeds=3,method=edc', 'smoke,method=edc',
     'smoke,ipc=1')]
 CASES += [('in1k_edc', 'ipc=50', {}), ('tiny_ipc50', 'ipc=10', {})]
 CASES += [('fashion_mnist_ipc10', 'smoke', overrides) for overrides in (
