@@ -157,7 +157,7 @@ def load(path: str, expected: dict) -> dict | None:
       for name in data.files:
         if name != '__fingerexpected_':
           _set(out, tuple(name.split('/')), np.asarray(data[name]))
-      if any('within_var' not in layer for _, layer in _layers(out)):
+      if any(k not in layer for _, layer in _layers(out) for k in STATISTICS):
         logging.info('class_stats: %s predates the within-image variance; recomputing', path)
         return None
       return out
