@@ -2,8 +2,8 @@
 
 Arguments: `smoke` (a few steps on a data subset), `ipc=N` (1, 10, 50, ...), `seeds=N`,
 `epochs=N` (student epochs, student.epochs: 300, the README's tables), `method=NAME` (default
-`METHOD` below, at ipc=1 `METHOD_AT_IPC_1`, from ipc=50 `METHOD_FROM_IPC_50`; `smoke` alone
-keeps 'sre2l', whose group layout the stage tests assume):
+`METHOD` below, from ipc=50 `METHOD_FROM_IPC_50`; `smoke` alone keeps 'sre2l', whose group
+layout the stage tests assume):
   sre2l  SRe2L as published (noise, 1,000 Adam steps at lr 0.25, groups of the 10 classes
          sharing an ipc index, the global BN statistics);
   scored SRe2L's recovery (the same groups, steps and statistics) from real starting images
@@ -27,24 +27,22 @@ keeps 'sre2l', whose group layout the stage tests assume):
 
 from sre2l_jax import config_lib
 
-# The default per IPC: the best measured (docs/results.md, issues 13 and 30). At IPC 1
-# edc_mixed: over three teachers (3 student seeds each) 72.60 +- 0.71 against edc's 71.13 +-
-# 0.30 and the coreset's 70.00 +- 0.46, ahead of edc on all three. Below 50 images per class
-# otherwise edc: at IPC 10 edc_mixed leads it on the same three teachers too (84.98 +- 0.28
-# against 84.53 +- 0.44), but the default command's figures are edc's and are not yet
-# measured again. From 50 the coreset's choice as it is (`select`): at IPC 50 on four
-# teachers the k-means coreset was ahead of edc refining it by 0.04 to 0.23 points (each
-# within its seeds' spread, all four the same way; edc_mixed 89.79), and `select` is that
-# choice through recover (89.90 vs edc's 89.84, 1 minute not 5).
-METHOD = 'edc'
-METHOD_AT_IPC_1 = 'edc_mixed'
+# The default per IPC: the best measured (docs/results.md, issues 13 and 30). Below 50
+# images per class edc_mixed: over three teachers (3 student seeds each) at IPC 1 72.60 +-
+# 0.71 against edc's 71.13 +- 0.30 and the coreset's 70.00 +- 0.46, at IPC 10 84.98 +- 0.28
+# against edc's 84.53 +- 0.44 and the random subset's 82.93, ahead of edc on every teacher
+# at both. From 50 the coreset's choice as it is (`select`): at IPC 50 on four teachers the
+# k-means coreset was ahead of edc refining it by 0.04 to 0.23 points (each within its
+# seeds' spread, all four the same way; edc_mixed 89.79), and `select` is that choice
+# through recover (89.90 vs edc's 89.84, 1 minute not 5).
+METHOD = 'edc_mixed'
 METHOD_FROM_IPC_50 = 'select'
 CLASS_BN_WEIGHT = 0.5  # edc: half class, half global statistics (EDC's soft matching)
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, smoke=False, ipc=10, seeds=1, epochs=300, method='')
-  method = arg.method or ('sre2l' if arg.smoke else METHOD_AT_IPC_1 if arg.ipc == 1 else
+  method = arg.method or ('sre2l' if arg.smoke else
                           METHOD_FROM_IPC_50 if arg.ipc >= 50 else METHOD)
   c = config_lib.base_config()
   c.dataset.name = 'fashion_mnist'
