@@ -78,8 +78,8 @@ ROWS = (
      'the whole class) instead of the best-scored, class statistics only (the Fashion-MNIST '
      'default before edc_mix)'),
     ('edc_mix', 'edc', {'recover.edc.class_bn_weight': 0.5},
-     'the Fashion-MNIST default (IPC 10; at IPC 1 before edc_mixed): edc from the coreset\'s '
-     'images with EDC\'s soft matching: half class, half global statistics'),
+     'edc from the coreset\'s images with EDC\'s soft matching: half class, half global '
+     'statistics (the Fashion-MNIST default below IPC 50 before edc_mixed)'),
     ('edc_no_ce', 'edc', {'recover.r_ce': 0.0},
      'edc_mix matching BN statistics only (recover.r_ce 0: no cross-entropy to the class)'),
     ('edc_hardest', 'edc', {'recover.scored.pick': 'hardest'},
@@ -87,7 +87,7 @@ ROWS = (
     ('edc_mixed', 'edc_mixed', {},
      'edc_mix with the whole set as one group: the global term over every class\'s images, '
      'the class term per class against the variance as many real images of the class have '
-     '(the Fashion-MNIST default at IPC 1)'),
+     '(the Fashion-MNIST default below IPC 50)'),
     ('edc_mixed_pooled', 'edc_mixed', {'recover.edc.class_var': 'pooled'},
      'edc_mixed with the class\'s pooled variance (over all its images) as the target'),
     ('edc_mixed_group', 'edc_mixed', {'recover.edc.class_term': 'group',

@@ -642,29 +642,32 @@ def test_in1k_edc_smoke_recovers_on_mock_imagenet(tmp_path):
   assert counts[0].shape == (1000,) and counts[0].sum() > 0
 
 
-def test_fashion_mnist_config_defaults_to_edc_and_keeps_sre2l_as_published():
-  default = testlib.load_config('fashion_mnist_ipc10').recover
-  assert (default.method, default.group_by, default.init, default.scored.pick,
-          default.batch_size, default.iterations, default.lr, default.jitter,
-          default.edc.class_bn_weight) == ('edc', 'class', 'scored', 'centre', 10, 300, 0.05, 0, 0.5)
-  # IPC 1: edc_mixed, the whole set as one group (the ten classes' images), each image
-  # against its own class's mean and a real image's variance; the rest of edc's recipe
-  # unchanged. At IPC 10 on request, still one group (100 images).
-  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=1')
-  recover.validate(config, testlib.context_of(config, spec=SPEC))
-  mixed = config.recover
-  assert (mixed.method, mixed.group_by, mixed.batch_size, mixed.edc.class_term,
-          mixed.edc.class_var) == ('edc', 'ipc_index', 10, 'per_class', 'expected')
-  edc_at_1 = testlib.load_config('fashion_mnist_ipc10', 'ipc=1,method=edc').recover
-  assert (edc_at_1.group_by, edc_at_1.batch_size, edc_at_1.edc.class_term,
-          edc_at_1.edc.class_var) == ('class', 1, 'group', 'pooled')
-  for key in ('init', 'scored', 'iterations', 'lr', 'jitter', 'edc.class_bn_weight'):
-    assert config_lib.find(mixed, key)[0][key.split('.')[-1]] == (
-        config_lib.find(edc_at_1, key)[0][key.split('.')[-1]]), key
-  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=10,method=edc_mixed')
-  recover.validate(config, testlib.context_of(config, spec=SPEC))
-  assert (config.recover.batch_size, recover.real_group_count(config.recover, 10)) == (100, 1)
-  assert testlib.load_config('fashion_mnist_ipc10', 'ipc=10').recover.group_by == 'class'
+def test_fashion_mnist_config_defaults_per_ipc_and_keeps_sre2l_as_published():
+  # Below IPC 50: edc_mixed, the whole set as one group (every class's images), each class's
+  # images against their own class's mean and the variance that many real images have; the
+  # rest of edc's recipe unchanged.
+  for ipc in (1, 10):
+    config = testlib.load_config('fashion_mnist_ipc10', f'ipc={ipc}')
+    recover.validate(config, testlib.context_of(config, spec=SPEC))
+    mixed = config.recover
+    assert (mixed.method, mixed.group_by, mixed.batch_size, mixed.edc.class_term,
+            mixed.edc.class_var) == ('edc', 'ipc_index', 10 * ipc, 'per_class', 'expected')
+    assert recover.real_group_count(mixed, 10) == 1
+    edc_one_class = testlib.load_config('fashion_mnist_ipc10', f'ipc={ipc},method=edc').recover
+    assert (edc_one_class.group_by, edc_one_class.batch_size, edc_one_class.edc.class_term,
+            edc_one_class.edc.class_var) == ('class', ipc, 'group', 'pooled')
+    for key in ('init', 'scored', 'iterations', 'lr', 'jitter', 'edc.class_bn_weight'):
+      assert config_lib.find(mixed, key)[0][key.split('.')[-1]] == (
+          config_lib.find(edc_one_class, key)[0][key.split('.')[-1]]), key
+  assert testlib.load_config('fashion_mnist_ipc10').recover == mixed  # IPC 10 without arguments
+  edc_at_10 = testlib.load_config('fashion_mnist_ipc10', 'method=edc').recover
+  assert (edc_at_10.method, edc_at_10.group_by, edc_at_10.init, edc_at_10.scored.pick,
+          edc_at_10.batch_size, edc_at_10.iterations, edc_at_10.lr, edc_at_10.jitter,
+          edc_at_10.edc.class_bn_weight) == (
+              'edc', 'class', 'scored', 'centre', 10, 300, 0.05, 0, 0.5)
+  # The continual config takes the default per IPC, or the method it is given.
+  assert testlib.load_config('fashion_mnist_continual').recover == mixed
+  assert testlib.load_config('fashion_mnist_continual', 'method=edc').recover == edc_at_10
   # From IPC 50: the coreset's choice unrefined (`select`), edc's start.
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=50')
   recover.validate(config, testlib.context_of(config, spec=SPEC))

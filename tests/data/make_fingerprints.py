@@ -23,11 +23,14 @@ VARIABLES = {'params': {'w': np.arange(6, dtype=np.float32)}}
 WORKDIR = 'W'
 
 # (config name, its argument, {'section.key': value} overrides).
+# Fashion-MNIST's cases that meant the default method name it (edc at c0f06d5, since changed):
+# its IPC 10 default is 'method=edc', the continual config's 'method=edc' (the same records).
 CASES = [(name, arg, {}) for name in (
-    'cifar100_ipc50', 'fashion_mnist_continual', 'fashion_mnist_ipc10', 'in1k_edc',
-    'in1k_ipc50', 'in1k_rded', 'tiny_continual', 'tiny_ipc50') for arg in (None, 'smoke')]
+    'cifar100_ipc50', 'in1k_edc', 'in1k_ipc50', 'in1k_rded', 'tiny_continual',
+    'tiny_ipc50') for arg in (None, 'smoke')]
+CASES += [('fashion_mnist_continual', arg, {}) for arg in ('method=edc', 'smoke')]
 CASES += [('fashion_mnist_ipc10', arg, {}) for arg in (
-    'method=sre2l', 'method=edc', 'ipc=1,method=edc', 'ipc=50,seeds=3,method=edc', 'smoke,method=edc',
+    'smoke', 'method=sre2l', 'method=edc', 'ipc=1,method=edc', 'ipc=50,seeds=3,method=edc', 'smoke,method=edc',
     'smoke,ipc=1')]
 CASES += [('in1k_edc', 'ipc=50', {}), ('tiny_ipc50', 'ipc=10', {})]
 CASES += [('fashion_mnist_ipc10', 'smoke', overrides) for overrides in (
