@@ -586,6 +586,42 @@ def test_edc_resumes_after_sigkill(data_dir, tmp_path):
   np.testing.assert_array_equal(labels, ref_labels)
 
 
+@pytest.mark.equivalence
+@pytest.mark.slow
+def test_edc_mixed_one_group_on_eight_devices_is_the_one_device_group(data_dir, tmp_path):
+  # The whole set as one group (edc_mixed's layout): on 8 devices one device holds it and
+  # the other 7 padding groups, which must not reach it. Equal up to float rounding, the
+  # bound argued in tests/test_recover.py's 1-vs-8-device test (gradients ~1e-7 relative,
+  # Adam's eps amplifying it on a few pixels); padding leaking into the group, or statistics
+  # pooled across groups, would move every pixel by about the learning rate (0.05).
+  run = dict(RUN, group_by='ipc_index', batch_size=20, iterations=6, diversity='none',
+             edc=dict(class_term='per_class', class_var='expected'))
+  teacher_workdir = str(tmp_path / 'teacher')
+  testlib.write_teacher(edc_config(data_dir), teacher_workdir, statistics='measured')
+  states, results = {}, {}
+  for devices in (1, 8):
+    config = small_config(**run)
+    config.dataset.data_dir = str(data_dir)
+    config.mesh_shape = devices
+    workdir = str(tmp_path / f'devices{devices}')
+    shutil.copytree(os.path.join(teacher_workdir, 'squeeze'), os.path.join(workdir, 'squeeze'))
+    results[devices] = testlib.run_stage(recover, config, workdir)
+    assert (results[devices]['groups'], results[devices]['devices']) == (1, devices)
+    step, states[devices] = testlib.restore_checkpoint(
+        os.path.join(workdir, 'recover', 'checkpoints'))
+    assert step == 6
+  assert states[8]['images'].shape[0] == 8 and states[1]['images'].shape[0] == 1
+  diff = np.abs(states[1]['images'][0] - states[8]['images'][0])
+  assert np.mean(diff <= 1e-5) >= 0.999, np.quantile(diff, [0.5, 0.999, 1.0])
+  assert diff.max() <= 1e-4
+  read = lambda r: export.read_tfds(export.tfds_dataset_dir(r['outputs']['tfds']))
+  (images1, labels1), (images8, labels8) = read(results[1]), read(results[8])
+  assert np.abs(images1.astype(int) - images8).max() <= 1
+  np.testing.assert_array_equal(labels1, labels8)
+  np.testing.assert_array_equal(labels1, np.repeat(np.arange(10), 2))
+  assert results[1]['bn_loss_final'] == pytest.approx(results[8]['bn_loss_final'], rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- ImageNet
 
 
