@@ -47,7 +47,8 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.dataset.name = 'fashion_mnist'
   # One JAX device on a CPU (cpu_devices 0). `--config.cpu_devices=2` splits the batches
-  # over 2 (every batch size below is even): the default command 453 -> 352 s on 2 cores,
+  # over 2 (every batch size below is even): squeeze gains (the default command under edc,
+  # 453 -> 352 s on 2 cores, commit 6fe3bef; edc_mixed's one group recovers on one device),
   # but XLA's CPU collectives can then abort a run (a rendezvous timeout, seen with two such
   # jobs sharing the cores): opt-in until that is fixed upstream (docs/performance.md).
 
