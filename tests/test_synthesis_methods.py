@@ -47,6 +47,11 @@ def small_config(**recover_overrides):
   return config
 
 
+def read_set(result):
+  """A recover result's distilled set: (uint8 images, labels) from its TFDS export."""
+  return export.read_tfds(export.tfds_dataset_dir(result['outputs']['tfds']))
+
+
 def layer_of(path):
   """A BN-input path ('bn0_input') -> the BN layer's path in batch_stats ('bn0')."""
   return path[:-1] + (path[-1][:-len('_input')],)
@@ -455,7 +460,7 @@ def test_select_exports_the_scored_start_unoptimised(data, tmp_path):
   testlib.write_teacher(config, workdir)
   result = testlib.run_stage(recover, config, workdir)
   assert result['method'] == 'select' and result['images'] == 30
-  images, labels = export.read_tfds(export.tfds_dataset_dir(result['outputs']['tfds']))
+  images, labels = read_set(result)
   np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 3))
   mesh = batching.create_mesh(1)
   model, variables = teacher_lib.load(config, workdir, mesh)
@@ -579,8 +584,7 @@ def test_edc_resumes_after_sigkill(data_dir, tmp_path):
   assert 0 < result['resumed_from_step'] == killed_step
   for key in ('bn_loss_initial', 'bn_loss_final', 'teacher_top1_on_synthetic'):
     assert result[key] == ref_result[key], key
-  read = lambda r: export.read_tfds(export.tfds_dataset_dir(r['outputs']['tfds']))
-  (images, labels), (ref_images, ref_labels) = read(result), read(ref_result)
+  (images, labels), (ref_images, ref_labels) = read_set(result), read_set(ref_result)
   np.testing.assert_array_equal(images, ref_images)
   np.testing.assert_array_equal(labels, np.repeat(np.arange(10), RUN['ipc']))
   np.testing.assert_array_equal(labels, ref_labels)
@@ -614,8 +618,7 @@ def test_edc_mixed_one_group_on_eight_devices_is_the_one_device_group(data_dir, 
   diff = np.abs(states[1]['images'][0] - states[8]['images'][0])
   assert np.mean(diff <= 1e-5) >= 0.999, np.quantile(diff, [0.5, 0.999, 1.0])
   assert diff.max() <= 1e-4
-  read = lambda r: export.read_tfds(export.tfds_dataset_dir(r['outputs']['tfds']))
-  (images1, labels1), (images8, labels8) = read(results[1]), read(results[8])
+  (images1, labels1), (images8, labels8) = read_set(results[1]), read_set(results[8])
   assert np.abs(images1.astype(int) - images8).max() <= 1
   np.testing.assert_array_equal(labels1, labels8)
   np.testing.assert_array_equal(labels1, np.repeat(np.arange(10), 2))
