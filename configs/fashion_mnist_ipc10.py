@@ -41,9 +41,10 @@ METHOD_FROM_IPC_50 = 'select'
 CLASS_BN_WEIGHT = 0.5  # edc: half class, half global statistics (EDC's soft matching)
 # A long student wants the set nearer its real starting images: from LONG_EPOCHS student
 # epochs and IPC 10, edc_mixed refines for LONG_ITERATIONS steps instead of 300. 3 student
-# seeds, 1,500 epochs: at IPC 10 30 steps ahead of 300 on every teacher measured, at IPC 1
-# behind them on three; 300 epochs, IPC 10: behind them on two (docs/results.md, issue 30's
-# sixth and seventh steps). Between 300 and 1,500 epochs nothing was measured.
+# seeds, 1,500 epochs: at IPC 10 30 steps ahead of 300 on five teachers of six, level on the
+# sixth, at IPC 1 behind them on three; 300 epochs, IPC 10: behind them on two
+# (docs/results.md, issue 30's sixth and seventh steps). Nothing measured between 300 and
+# 1,500 epochs.
 LONG_EPOCHS = 1500
 LONG_ITERATIONS = 30
 
