@@ -39,6 +39,32 @@ class PreemptedError(RuntimeError):
   exit_code = 143  # 128 + SIGTERM, what a shell reports for a process that TERM ended
 
 
+class _StageManager(ocp.CheckpointManager):
+  """A CheckpointManager whose preemption question reaches JAX for the loop's steps only.
+
+  JAX sets the preemption sync point to the step after the last one it was asked about
+  (`multihost_utils.reached_preemption_sync_point`, which the loop asks every step through
+  `should_save`). Orbax's finalize thread asks too, about the step an async save wrote, by
+  when the loop may be steps further: a notice that came just then got a sync point the loop
+  had passed, and the stage neither saved nor stopped (CI stop 41, the Slurm requeue test).
+  Here a step older than the newest one asked gets the answer it had; JAX hears of new steps.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._preemption_lock = threading.Lock()
+    self._newest_asked = None
+    self._preempted_at = None
+
+  def reached_preemption(self, step: int) -> bool:
+    with self._preemption_lock:
+      if self._newest_asked is None or step > self._newest_asked:
+        self._newest_asked = step
+        if super().reached_preemption(step):
+          self._preempted_at = step
+      return step == self._preempted_at
+
+
 def create_manager(directory: str, *, save_interval_steps: int = 1,
                    final_step: int | None = None,
                    max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -54,7 +80,7 @@ def create_manager(directory: str, *, save_interval_steps: int = 1,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True,
       save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies))
-  return ocp.CheckpointManager(files.as_path(directory), options=options)  # gs:// too
+  return _StageManager(files.as_path(directory), options=options)  # gs:// too
 
 
 def diff(a: Any, b: Any, prefix: str = '') -> list[str]:
