@@ -699,10 +699,10 @@ def test_fashion_mnist_config_defaults_per_ipc_and_keeps_sre2l_as_published():
       assert config_lib.find(mixed, key)[0][key.split('.')[-1]] == (
           config_lib.find(edc_one_class, key)[0][key.split('.')[-1]]), key
   assert testlib.load_config('fashion_mnist_ipc10').recover == mixed  # IPC 10 without arguments
-  # Under a long student (from 1,500 epochs) IPC 10's default refines 30 steps, not 300; the
+  # Under a long student (from 1,500 epochs) IPC 10's default refines 10 steps, not 300; the
   # rest of its recipe, IPC 1's, edc's and a shorter student's are unchanged.
   long_10 = testlib.load_config('fashion_mnist_ipc10', 'epochs=1500').recover
-  assert long_10.iterations == 30
+  assert long_10.iterations == 10
   long_10.iterations = mixed.iterations
   assert long_10 == mixed
   for arg in ('ipc=1,epochs=1500', 'epochs=1500,method=edc', 'epochs=1499'):
