@@ -35,7 +35,8 @@ from sre2l_jax import config_lib
 # at both. From 50 the coreset's choice as it is (`select`): at IPC 50 on four teachers the
 # k-means coreset was ahead of edc refining it by 0.04 to 0.23 points (each within its
 # seeds' spread, all four the same way; edc_mixed 89.79), and `select` is that choice
-# through recover (89.90 vs edc's 89.84, 1 minute not 5).
+# through recover (89.90 vs edc's 89.84, 1 minute not 5). edc_mixed for 10 steps: ahead of
+# select on one teacher of two (+0.30), level on the other, level with the coreset (+0.07).
 METHOD = 'edc_mixed'
 METHOD_FROM_IPC_50 = 'select'
 CLASS_BN_WEIGHT = 0.5  # edc: half class, half global statistics (EDC's soft matching)
