@@ -39,30 +39,53 @@ class PreemptedError(RuntimeError):
   exit_code = 143  # 128 + SIGTERM, what a shell reports for a process that TERM ended
 
 
-class _StageManager(ocp.CheckpointManager):
-  """A CheckpointManager whose preemption question reaches JAX for the loop's steps only.
+class _Preemption:
+  """This process's questions to JAX's preemption sync, counted over every stage's manager.
 
-  JAX sets the preemption sync point to the step after the last one it was asked about
-  (`multihost_utils.reached_preemption_sync_point`, which the loop asks every step through
-  `should_save`). Orbax's finalize thread asks too, about the step an async save wrote, by
-  when the loop may be steps further: a notice that came just then got a sync point the loop
-  had passed, and the stage neither saved nor stopped (CI stop 41, the Slurm requeue test).
-  Here a step older than the newest one asked gets the answer it had; JAX hears of new steps.
+  JAX sets the sync point to the question after the last one it was asked
+  (`multihost_utils.reached_preemption_sync_point(n)`: the point is the largest n any process
+  passed, plus one). Asked with each loop's own step, a notice that came between two loops
+  (a compile, the class statistics) got a point past the next loop's last step, and one that
+  came just after an async save got a point the loop had passed: Orbax's finalize thread asks
+  about the step it wrote (CI stop 41: the Slurm requeue test's TERM went unheeded). Here n
+  counts the new steps the stages' managers were asked, in the same order on every process,
+  and once reached the notice stays reached: the next loop to ask saves and stops.
   """
+
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.asked = 0
+    self.reached = False
+
+  def ask(self, manager: ocp.CheckpointManager) -> bool:
+    """One more question (with `lock` held); True from the sync point on."""
+    if not self.reached:
+      self.asked += 1
+      # Orbax's question (it answers False where the service is off).
+      self.reached = ocp.CheckpointManager.reached_preemption(manager, self.asked)
+    return self.reached
+
+
+_PREEMPTION = _Preemption()
+
+
+class _StageManager(ocp.CheckpointManager):
+  """A CheckpointManager whose preemption question is counted by `_Preemption`: a step newer
+  than any asked before is a new question; an older one (the finalize thread's) is not, and
+  is answered by whether the notice was reached by then."""
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    self._preemption_lock = threading.Lock()
-    self._newest_asked = None
-    self._preempted_at = None
+    self._newest_asked = -1  # steps count from 0
+    self._preempted_from = None
 
   def reached_preemption(self, step: int) -> bool:
-    with self._preemption_lock:
-      if self._newest_asked is None or step > self._newest_asked:
+    with _PREEMPTION.lock:
+      if step > self._newest_asked:
         self._newest_asked = step
-        if super().reached_preemption(step):
-          self._preempted_at = step
-      return step == self._preempted_at
+        if self._preempted_from is None and _PREEMPTION.ask(self):
+          self._preempted_from = step
+      return self._preempted_from is not None and step >= self._preempted_from
 
 
 def create_manager(directory: str, *, save_interval_steps: int = 1,

@@ -250,28 +250,37 @@ def test_to_host_gathers_across_processes_in_chunks(tmp_path):
 
 PREEMPTION_SCRIPT = textwrap.dedent('''
     import os, signal, sys, time
-    import jax
     import numpy as np
     import orbax.checkpoint as ocp
     from sre2l_jax import checkpoint, multihost
     multihost.initialize()  # one process
-    manager = checkpoint.create_manager(sys.argv[1], save_interval_steps=5)
+    root, case = sys.argv[1:]
     state = {'w': np.zeros(3)}
 
-    def step_to(step):
+    def step_to(manager, step):
       if manager.should_save(step):
         manager.save(step, args=ocp.args.StandardSave(state))
         return manager.reached_preemption(step)
       return False
 
-    for step in range(1, 8):
-      step_to(step)
-    manager.wait_until_finished()
-    manager.reached_preemption(5)  # Orbax's finalize thread asks this after step 5's save
-    os.kill(os.getpid(), signal.SIGTERM)  # the notice comes while the loop asks nothing
-    time.sleep(3)  # JAX's notifier polls each second; the sync point is set by then
-    for step in range(8, 100):
-      if step_to(step):
+    def notice():  # SIGTERM while no loop asks; JAX's notifier polls each second
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(3)
+
+    first = checkpoint.create_manager(os.path.join(root, 'first'), save_interval_steps=5)
+    for step in range(1, 31 if case == 'between_loops' else 8):
+      step_to(first, step)
+    first.wait_until_finished()
+    if case == 'after_a_save':
+      first.reached_preemption(5)  # Orbax's finalize thread asks this after step 5's save
+      notice()
+      manager, steps = first, range(8, 100)
+    else:  # a notice between two stages' loops, the second shorter than the first
+      first.close()
+      notice()
+      manager, steps = checkpoint.create_manager(os.path.join(root, 'second')), range(1, 21)
+    for step in steps:
+      if step_to(manager, step):
         print('saved and stopped at', step)
         break
       time.sleep(0.02)
@@ -279,18 +288,22 @@ PREEMPTION_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_a_notice_after_an_async_save_still_stops_the_loop(tmp_path):
-  """JAX sets the preemption sync point to the step after the last one it was asked about.
+@pytest.mark.parametrize('case', ['after_a_save', 'between_loops'])
+def test_a_preemption_notice_stops_the_next_loop_to_ask(tmp_path, case):
+  """JAX sets the preemption sync point to the question after the last one it was asked.
   Orbax's finalize thread asks about the step it has just written, when the loop can be
-  steps further on (CI stop 41: a Slurm time-limit TERM went unheeded and the job ran on);
-  the stage's manager keeps such an older step from JAX, so the loop still stops at a step
-  ahead of it (the next: 8; later only if the protocol took over 3 s)."""
-  (rc, log), = run_processes([[sys.executable, '-c', PREEMPTION_SCRIPT, str(tmp_path / 'c')]],
-                             str(tmp_path), devices_per_process=1)
+  steps further on (CI stop 41: a Slurm time-limit TERM went unheeded and the job ran on),
+  and a notice can come between two stages' loops; the stages' managers count their
+  questions once across loops, so the loop that asks next stops: at the step after the
+  last one asked (8, or 1 of the second loop; later only if the protocol took over 3 s)."""
+  (rc, log), = run_processes([[sys.executable, '-c', PREEMPTION_SCRIPT, str(tmp_path / 'c'),
+                               case]], str(tmp_path), devices_per_process=1)
   assert rc == 0, log[-4000:]
   stopped = re.search(r'saved and stopped at (\d+)', log)
   assert stopped, log[-4000:]
-  assert int(stopped[1]) >= 8 and os.path.isdir(tmp_path / 'c' / stopped[1])
+  step, loop = int(stopped[1]), 'first' if case == 'after_a_save' else 'second'
+  assert step >= (8 if case == 'after_a_save' else 1)
+  assert os.path.isdir(tmp_path / 'c' / loop / str(step))
 
 
 def test_single_process_helpers():
