@@ -23,6 +23,7 @@ from sre2l_jax import config_lib
 from sre2l_jax import context
 from sre2l_jax import files
 from sre2l_jax import multihost
+from sre2l_jax.data import user_data
 
 
 def stage_module(stage: str):
@@ -56,7 +57,13 @@ def validate(config, stages: list[str], ctx: context.Context) -> None:
 def run(config, workdir: str, stages, *, dry_run: bool = False) -> dict:
   """Runs `stages` (names) of `config` on `workdir`: {stage: its result} ({} for a dry run).
   A stage that finished already on this workdir under this config returns its result
-  without working again."""
+  without working again. A user's dataset is looked at once for all the stages
+  (`user_data.one_look_per_run`)."""
+  with user_data.one_look_per_run():
+    return _run(config, workdir, stages, dry_run)
+
+
+def _run(config, workdir: str, stages, dry_run: bool) -> dict:
   if not workdir or not workdir.strip():
     raise app.UsageError('--workdir is empty; name the folder for this run\'s checkpoints and '
                          'outputs, e.g. --workdir=runs/fm.')

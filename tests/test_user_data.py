@@ -282,3 +282,22 @@ def test_a_folder_too_large_for_memory_is_streamed(tmp_path, monkeypatch):
   want, want_labels = in_memory.class_balanced_subset(2, 2, np.random.default_rng(0))
   assert images.shape == want.shape  # streamed images are centre-cropped on the host
   np.testing.assert_array_equal(labels, want_labels)  # the same records drawn
+
+
+def test_a_run_lists_a_folder_once(tmp_path, monkeypatch):
+  """Every stage asks for the dataset's spec; within one run (`runner.run`) a folder is
+  listed (each file stat'ed for its digest) once, and a later run lists it again."""
+  keys = _small_folder(tmp_path, per_class=4, size=(8, 8))
+  listings = []
+  list_folder = user_data.list_image_folder
+  monkeypatch.setattr(user_data, 'list_image_folder',
+                      lambda *a: listings.append(a) or list_folder(*a))
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
+  config.dataset.update(keys | dict(image_size=8, data_dir=str(tmp_path / 'tfds'), mean=(),
+                                    std=()))
+  config.squeeze.update(batch_size=8, eval_batch_size=8)  # 8 devices
+  runner.run(config, str(tmp_path / 'run'), ['squeeze'])
+  assert len(listings) == 1
+  datasets.spec_of(config.dataset)
+  datasets.spec_of(config.dataset)
+  assert len(listings) == 3  # outside a run, every ask looks again

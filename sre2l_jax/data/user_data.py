@@ -24,6 +24,7 @@ the input runs before a record is written. The normalisation is the config's
 pixel mean and std, computed in one pass and stored beside the prepared files (`STATS`).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -372,13 +373,45 @@ def _build(builder) -> None:
 # file's (path, size, modification time): every stage asks for the dataset's spec, and each
 # ask read and checked the whole file again (gigabytes for a large one).
 _PREPARED_ARRAYS = {}
+# prepare()'s results within `one_look_per_run` (None outside), keyed by the dataset config
+# and the data dir.
+_RUN_LOOKS: dict | None = None
+
+
+@contextlib.contextmanager
+def one_look_per_run():
+  """Within (one run of the stages: `runner.run`), each user dataset is listed, checked and
+  prepared at its first use only: the stages ask for the dataset's spec about fifteen times
+  in a run, and an image folder's every ask listed it and stat'ed each file for its digest
+  (a million files for ImageNet). One look also keeps the run's stages on the same data
+  when the folder changes under a running job. Outside, every ask looks again: a Colab
+  session that changes its folder between two runs gets the change. Nested: the outer
+  run's looks."""
+  global _RUN_LOOKS
+  outer = _RUN_LOOKS
+  if outer is None:
+    _RUN_LOOKS = {}
+  try:
+    yield
+  finally:
+    _RUN_LOOKS = outer
 
 
 def prepare(config, data_dir: str, build: bool = True) -> Prepared:
   """Checks the user's data named by dataset config `config` and prepares it once (when
   `build`; other processes open what process 0 built). Returns what the stages need.
-  An arrays file already checked and prepared in this process, unchanged since, is not
+  Within `one_look_per_run`, a dataset looked at before in the run is not looked at again;
+  an arrays file already checked and prepared in this process, unchanged since, is not
   read again."""
+  if _RUN_LOOKS is None:
+    return _prepare_unless_read(config, data_dir, build)
+  key = (json.dumps(config.to_dict(), sort_keys=True, default=str), data_dir)
+  if key not in _RUN_LOOKS:
+    _RUN_LOOKS[key] = _prepare_unless_read(config, data_dir, build)
+  return _RUN_LOOKS[key]
+
+
+def _prepare_unless_read(config, data_dir: str, build: bool) -> Prepared:
   path = config.get('arrays_file') if config.name == 'arrays' else ''
   if not path or not os.path.isfile(path):
     return _prepare(config, data_dir, build)
