@@ -178,7 +178,8 @@ def _recover() -> ml_collections.ConfigDict:
       # of the class), each scored on its best of `crops` crops (1: the whole image); then the
       # best of each of ipc k-means clusters (`coverage`; False: the top ipc), best being the
       # best-scored (`pick` 'score'), the one nearest the cluster's mean ('centre') or the
-      # lowest-scored ('hardest').
+      # lowest-scored ('hardest'); or 'herding' (no clusters: herding toward the class's mean
+      # feature, no random draw).
       scored=ml_collections.ConfigDict(dict(candidates=300, crops=1, coverage=True,
                                             pick='score')),
       # Group layout: 'ipc_index' (B classes at one ipc index, B dividing the classes; or

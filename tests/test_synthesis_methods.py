@@ -29,6 +29,7 @@ from sre2l_jax import synthesis
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
 from sre2l_jax.data import pipeline
+from sre2l_jax.synthesis import candidates
 from sre2l_jax.synthesis import diversity
 from sre2l_jax.synthesis import edc
 from sre2l_jax.synthesis import optimize
@@ -393,6 +394,23 @@ def test_selection_returns_the_top_scored_candidates_one_per_source_image():
   assert list(scores[chosen]) == sorted(scores[chosen], reverse=True)
   with pytest.raises(ValueError, match='scored.pick'):
     selection.select(scores, sources, 3, features, np.random.default_rng(0), 'middle')
+
+
+def test_herding_keeps_the_chosen_mean_nearest_the_class_mean():
+  """Herding (recover.scored.pick='herding'): each next image is the one that brings the
+  chosen images' mean feature nearest the mean of all; no clusters, no random draw."""
+  # Mean 5.1: 5.5 first; then (5.5 + x) / 2 nearest 5.1 wants 4.7: 4; then 5.8: 6; then
+  # 4.9: 0 (4.9 away) before 10 (5.1 away).
+  features = np.array([[0.0], [10.0], [4.0], [6.0], [5.5]])
+  np.testing.assert_array_equal(candidates.herding(features, 4), [4, 2, 3, 0])
+  # In select: over each source's best candidate, returned best-scored first, whatever rng.
+  sources = np.array([0, 0, 1, 2, 3, 4])  # source 0 has two candidates, the second better
+  scores = np.array([0.1, 0.9, 0.5, 0.8, 0.3, 0.2])
+  feats = np.array([[50.0], [0.0], [10.0], [4.0], [6.0], [5.5]])  # row 0 is not a best
+  for seed in (0, 1):
+    chosen = selection.select(scores, sources, 4, feats, np.random.default_rng(seed),
+                              'herding')
+    np.testing.assert_array_equal(chosen, [1, 3, 4, 5])  # rows of 0 (0.9), 4, 6, 5.5
 
 
 def test_scored_start_keeps_scores_and_crops_the_chosen_images_again():

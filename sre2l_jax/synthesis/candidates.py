@@ -68,6 +68,24 @@ def kmeans(features: np.ndarray, k: int, rng: np.random.Generator,
   return centroids, assign
 
 
+def herding(features: np.ndarray, k: int) -> np.ndarray:
+  """Indices of k distinct rows of features (N, D), in the order chosen by herding (Welling
+  2009, as iCaRL picks its exemplars): each next row is the one that brings the mean of the
+  rows chosen so far nearest the mean of all rows (ties: the lower index). No random draw."""
+  x = np.asarray(features, np.float64)
+  target, total = x.mean(0), np.zeros(x.shape[1])
+  free = np.ones(len(x), bool)
+  chosen = []
+  for t in range(1, k + 1):
+    distance = (((total + x) / t - target) ** 2).sum(-1)
+    distance[~free] = np.inf
+    i = int(np.argmin(distance))
+    chosen.append(i)
+    free[i] = False
+    total += x[i]
+  return np.asarray(chosen, np.int64)
+
+
 def nearest_to_centroids(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
   """For each centroid in turn, the index of the nearest row of features not taken by an
   earlier centroid (k distinct rows; ties: the lower index)."""
