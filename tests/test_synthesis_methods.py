@@ -717,13 +717,20 @@ def test_fashion_mnist_config_defaults_per_ipc_and_keeps_sre2l_as_published():
       assert config_lib.find(mixed, key)[0][key.split('.')[-1]] == (
           config_lib.find(edc_one_class, key)[0][key.split('.')[-1]]), key
   assert testlib.load_config('fashion_mnist_ipc10').recover == mixed  # IPC 10 without arguments
-  # Under a long student (from 1,500 epochs) IPC 10's default refines 10 steps, not 300; the
-  # rest of its recipe, IPC 1's, edc's and a shorter student's are unchanged.
-  long_10 = testlib.load_config('fashion_mnist_ipc10', 'epochs=1500').recover
-  assert long_10.iterations == 10
-  long_10.iterations = mixed.iterations
-  assert long_10 == mixed
-  for arg in ('ipc=1,epochs=1500', 'epochs=1500,method=edc', 'epochs=1499'):
+  # Under a long student (from 750 epochs) IPC 10's default refines 10 steps, not 300, and
+  # so does IPC 50's under any; the rest of the recipe, IPC 1's, edc's and a shorter
+  # student's are unchanged.
+  for arg in ('epochs=750', 'epochs=1500', 'ipc=50', 'ipc=50,epochs=1500'):
+    light = testlib.load_config('fashion_mnist_ipc10', arg).recover
+    assert light.iterations == 10, arg
+    at_ipc = testlib.load_config('fashion_mnist_ipc10', f'ipc={light.ipc}').recover
+    light.iterations = 300
+    at_ipc.iterations = 300
+    assert light == at_ipc, arg
+    assert (light.method, light.group_by, light.batch_size) == ('edc', 'ipc_index',
+                                                                10 * light.ipc), arg
+  for arg in ('ipc=1,epochs=1500', 'epochs=1500,method=edc', 'epochs=749',
+              'ipc=50,method=edc'):
     assert testlib.load_config('fashion_mnist_ipc10', arg).recover.iterations == 300, arg
   edc_at_10 = testlib.load_config('fashion_mnist_ipc10', 'method=edc').recover
   assert (edc_at_10.method, edc_at_10.group_by, edc_at_10.init, edc_at_10.scored.pick,
@@ -733,11 +740,13 @@ def test_fashion_mnist_config_defaults_per_ipc_and_keeps_sre2l_as_published():
   # The continual config takes the default per IPC, or the method it is given.
   assert testlib.load_config('fashion_mnist_continual').recover == mixed
   assert testlib.load_config('fashion_mnist_continual', 'method=edc').recover == edc_at_10
-  # From IPC 50: the coreset's choice unrefined (`select`), edc's start.
-  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=50')
+  # IPC 50's default is edc_mixed too (10 steps, above); `select` gives edc's start unrefined.
+  config = testlib.load_config('fashion_mnist_ipc10', 'ipc=50,method=select')
   recover.validate(config, testlib.context_of(config, spec=SPEC))
   assert (config.recover.method, config.recover.init, config.recover.scored.pick,
           config.recover.scored.candidates) == ('select', 'scored', 'centre', 0)
+  recover.validate(testlib.load_config('fashion_mnist_ipc10', 'ipc=50'),
+                   testlib.context_of(config, spec=SPEC))
   assert testlib.load_config('fashion_mnist_ipc10', 'ipc=50,method=edc').recover.method == 'edc'
   # `scored`: SRe2L's recovery (its groups, steps, statistics) from teacher-scored starts.
   scored = testlib.load_config('fashion_mnist_ipc10', 'ipc=1,method=scored').recover

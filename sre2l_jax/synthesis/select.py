@@ -9,9 +9,11 @@ own k-means, from another seed and up to 100 iterations against 20, so the two a
 draws: at Fashion-MNIST IPC 50 they share 87 of 500 images and score alike). Its soft
 labels come from the teacher at relabel, as for any distilled set.
 
-Why a method: at IPC 50 on Fashion-MNIST no refinement measured beat the coreset it starts
-from, over four teachers (docs/results.md, issue 30), so the best recipe there is the
-selection alone.
+Why a method: at IPC 50 on Fashion-MNIST no refinement of 300 steps or more beat the coreset
+it starts from, over four teachers, so the selection alone was the default there until a
+10-step refinement (`edc_mixed`) led it on three teachers (docs/results.md, issue 30's ninth
+step); it stays the way to measure a choice of real images as a distilled set (e.g.
+`recover.scored.pick='herding'`).
 """
 
 import numpy as np
