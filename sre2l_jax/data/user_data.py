@@ -405,7 +405,7 @@ def prepare(config, data_dir: str, build: bool = True) -> Prepared:
   read again."""
   if _RUN_LOOKS is None:
     return _prepare_unless_read(config, data_dir, build)
-  key = (json.dumps(config.to_dict(), sort_keys=True, default=str), data_dir)
+  key = _settings_key(config, data_dir)
   if key not in _RUN_LOOKS:
     _RUN_LOOKS[key] = _prepare_unless_read(config, data_dir, build)
   return _RUN_LOOKS[key]
@@ -415,11 +415,14 @@ def _prepare_unless_read(config, data_dir: str, build: bool) -> Prepared:
   path = config.get('arrays_file') if config.name == 'arrays' else ''
   if not path or not os.path.isfile(path):
     return _prepare(config, data_dir, build)
-  key = (json.dumps(config.to_dict(), sort_keys=True, default=str), data_dir,
-         file_digest(path))
+  key = _settings_key(config, data_dir) + (file_digest(path),)
   if key not in _PREPARED_ARRAYS:
     _PREPARED_ARRAYS[key] = _prepare(config, data_dir, build)
   return _PREPARED_ARRAYS[key]
+
+
+def _settings_key(config, data_dir: str) -> tuple:
+  return json.dumps(config.to_dict(), sort_keys=True, default=str), data_dir
 
 
 def _prepare(config, data_dir: str, build: bool) -> Prepared:
