@@ -179,9 +179,10 @@ def _recover() -> ml_collections.ConfigDict:
       # best of each of ipc k-means clusters (`coverage`; False: the top ipc), best being the
       # best-scored (`pick` 'score'), the one nearest the cluster's mean ('centre') or the
       # lowest-scored ('hardest'); or 'herding' (no clusters: herding toward the class's mean
-      # feature, no random draw).
+      # feature, no random draw). `iterations`: k-means's Lloyd iterations at most (the
+      # coreset baseline runs 100).
       scored=ml_collections.ConfigDict(dict(candidates=300, crops=1, coverage=True,
-                                            pick='score')),
+                                            pick='score', iterations=20)),
       # Group layout: 'ipc_index' (B classes at one ipc index, B dividing the classes; or
       # every class at B / classes ipc indices, B a multiple of the classes) or 'class' (B
       # images of one class; B divides ipc): what per-group statistics mean.

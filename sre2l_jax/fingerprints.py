@@ -86,7 +86,8 @@ TABLE = {
             **{old.split('.')[1]: new for old, new in config_lib.MOVED.items()
                if old.startswith('recover.')},
             'edc_class_term': 'recover.edc.class_term',
-            'edc_class_var': 'recover.edc.class_var'}},
+            'edc_class_var': 'recover.edc.class_var',
+            'init_kmeans_iterations': 'recover.scored.iterations'}},
     # inputs: teacher_weights_sha256, num_classes.
     'class_stats': {'dataset': _dataset, 'train_limit': _train_limit},
     # Stored labels, besides the images (named by `digest`, checked by their manifest).
@@ -120,7 +121,7 @@ TABLE = {
 ADDED_WITH_DEFAULT = {
     'recover': {'recover.init_pick': 'score', 'recover.refine_fraction': 1.0,
                 'recover.r_ce': 1.0, 'recover.edc_class_term': 'group',
-                'recover.edc_class_var': 'pooled'},
+                'recover.edc_class_var': 'pooled', 'recover.init_kmeans_iterations': 20},
     'student_hard': {'schedule.lr_zeta': 1.0, 'ema_decay': 0.0},
     'student': {'schedule.lr_zeta': 1.0, 'ema_decay': 0.0, 'loss': 'kl'},
     'continual': {'evaluate.lr_zeta': 1.0},

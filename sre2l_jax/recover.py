@@ -117,9 +117,11 @@ def check_settings(config, spec) -> None:
         f'recover.{what} needs the whole training split in host memory; {spec.name} is '
         f'streamed. Use init=\'scored\' with scored.candidates > 0 (candidates are scored as '
         f'they are read) or init=\'noise\'.')
-  if cfg.init == 'scored' and (cfg.scored.candidates < 0 or cfg.scored.crops < 1):
-    raise ValueError(f'recover.scored.candidates={cfg.scored.candidates} (>= 0, 0: all) and '
-                     f'scored.crops={cfg.scored.crops} (>= 1) are invalid.')
+  if cfg.init == 'scored' and (cfg.scored.candidates < 0 or cfg.scored.crops < 1
+                               or cfg.scored.iterations < 1):
+    raise ValueError(f'recover.scored.candidates={cfg.scored.candidates} (>= 0, 0: all), '
+                     f'scored.crops={cfg.scored.crops} (>= 1) and scored.iterations='
+                     f'{cfg.scored.iterations} (>= 1) must all be in range.')
   if not 0 <= cfg.edc.class_bn_weight <= 1:
     raise ValueError(f'recover.edc.class_bn_weight={cfg.edc.class_bn_weight} must be in [0, 1].')
   if not method.optimised:

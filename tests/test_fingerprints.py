@@ -72,6 +72,9 @@ def test_a_key_added_at_its_old_default_is_left_out():
   assert 'init_pick' not in fingerprints.record('recover', config)['recover']
   config.recover.scored.pick = 'centre'
   assert fingerprints.record('recover', config)['recover']['init_pick'] == 'centre'
+  assert 'init_kmeans_iterations' not in fingerprints.record('recover', config)['recover']
+  config.recover.scored.iterations = 100
+  assert fingerprints.record('recover', config)['recover']['init_kmeans_iterations'] == 100
   soft = fingerprints.record('student', config)
   assert 'loss' not in soft and 'ce_weight' not in soft  # ce_weight goes with loss
   config.evaluate.loss = 'mse_ce'

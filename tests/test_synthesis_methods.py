@@ -396,6 +396,41 @@ def test_selection_returns_the_top_scored_candidates_one_per_source_image():
     selection.select(scores, sources, 3, features, np.random.default_rng(0), 'middle')
 
 
+def test_centre_pick_follows_kmeans_of_the_given_lloyd_iterations():
+  """recover.scored.iterations: pick 'centre' takes each cluster's most typical member of the
+  k-means that ran that many Lloyd iterations from the same seeding; more iterations leave
+  the clusters tighter (Lloyd never raises the within-cluster sum of squares)."""
+  rng = np.random.default_rng(1)
+  features = rng.uniform(0, 1, (300, 2))
+  scores, sources = rng.permutation(300) / 300, np.arange(300)
+
+  def reference(iterations):
+    centroids, assign = candidates.kmeans(features, 12, np.random.default_rng(0), iterations)
+    chosen = []
+    for j in range(12):
+      members = np.flatnonzero(assign == j)
+      chosen.append(members[np.argmin(((features[members] - features[members].mean(0)) ** 2)
+                                      .sum(-1))])
+    inertia = ((features - centroids[assign]) ** 2).sum()
+    return np.asarray(chosen)[np.argsort(-scores[chosen], kind='stable')], inertia
+
+  picked = {n: selection.select(scores, sources, 12, features, np.random.default_rng(0),
+                                'centre', iterations=n) for n in (1, 100)}
+  (one, inertia_one), (many, inertia_many) = reference(1), reference(100)
+  np.testing.assert_array_equal(picked[1], one)
+  np.testing.assert_array_equal(picked[100], many)
+  assert set(one) != set(many) and inertia_many < inertia_one
+
+
+def test_recover_refuses_scored_settings_out_of_range():
+  for bad in (dict(candidates=-1), dict(crops=0), dict(iterations=0)):
+    config = small_config(init='scored', scored=dict(dict(candidates=12), **bad))
+    with pytest.raises(ValueError, match=r'must all be in range'):
+      recover.validate(config, testlib.context_of(config, spec=SPEC))
+  config = small_config(init='scored', scored=dict(candidates=12, iterations=1))
+  recover.validate(config, testlib.context_of(config, spec=SPEC))
+
+
 def test_herding_keeps_the_chosen_mean_nearest_the_class_mean():
   """Herding (recover.scored.pick='herding'): each next image is the one that brings the
   chosen images' mean feature nearest the mean of all; no clusters, no random draw."""

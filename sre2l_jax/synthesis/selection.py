@@ -56,7 +56,8 @@ def best_per_source(scores: np.ndarray, sources: np.ndarray) -> np.ndarray:
 
 
 def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
-           rng: np.random.Generator | None = None, pick: str = 'score') -> np.ndarray:
+           rng: np.random.Generator | None = None, pick: str = 'score',
+           iterations: int = 20) -> np.ndarray:
   """Indices of `count` candidates, at most one per source image, best score first.
 
   scores (N,): higher is better; sources (N,): the source image of each candidate (crops of
@@ -67,7 +68,7 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
   lowest-scored (pick 'hardest': the source the teacher is least sure of, its score its best
   crop's); pick 'herding' instead takes herding's choice over the sources' best candidates
   (`candidates.herding`: the chosen features' mean kept nearest the class's; no k-means, no
-  random draw).
+  random draw). `iterations`: k-means's Lloyd iterations at most.
   """
   check_pick(pick)
   best = best_per_source(scores, sources)
@@ -80,7 +81,7 @@ def select(scores: np.ndarray, sources: np.ndarray, count: int, features=None,
     chosen = best[herding(features[best], count)]
   else:
     feats = np.asarray(features, np.float64)[best]
-    _, assign = kmeans(feats, count, rng or np.random.default_rng(0), max_iterations=20)
+    _, assign = kmeans(feats, count, rng or np.random.default_rng(0), max_iterations=iterations)
     chosen = []
     for j in range(count):
       members = np.flatnonzero(assign == j)
@@ -190,7 +191,8 @@ def scored_images(config, model, variables, train_split, num_classes: int, mesh=
   for c in range(num_classes):
     rows = np.flatnonzero(labels == c)
     chosen = rows[select(scores[rows], rows, cfg.ipc,
-                         features[rows] if cfg.scored.coverage else None, rng, cfg.scored.pick)]
+                         features[rows] if cfg.scored.coverage else None, rng, cfg.scored.pick,
+                         cfg.scored.iterations)]
     best = jax.random.wrap_key_data(keys[chosen])[:, None]
     crops = crop_fn(train_split.take(ids[chosen]), best)[:, 0]
     # Through uint8, as a real image is stored.
