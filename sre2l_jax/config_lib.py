@@ -176,11 +176,11 @@ def _recover() -> ml_collections.ConfigDict:
       init='noise',  # 'noise' | 'real' (random images of the class) | 'scored' (selection.py)
       # init 'scored' (synthesis/selection.py): per class, `candidates` random images (0: all
       # of the class), each scored on its best of `crops` crops (1: the whole image); then the
-      # best of each of ipc k-means clusters (`coverage`; False: the top ipc), best being the
-      # best-scored (`pick` 'score'), the one nearest the cluster's mean ('centre') or the
-      # lowest-scored ('hardest'); or 'herding' (no clusters: herding toward the class's mean
-      # feature, no random draw). `iterations`: k-means's Lloyd iterations at most (the
-      # coreset baseline runs 100).
+      # best of each of ipc k-means clusters (`coverage`; False: the top ipc, pick 'score'
+      # only), best being the best-scored (`pick` 'score'), the one nearest the cluster's mean
+      # ('centre') or the lowest-scored ('hardest'); or 'herding' (no clusters: herding toward
+      # the class's mean feature, no random draw). `iterations`: k-means's Lloyd iterations at
+      # most (the coreset baseline runs 100).
       scored=ml_collections.ConfigDict(dict(candidates=300, crops=1, coverage=True,
                                             pick='score', iterations=20)),
       # Group layout: 'ipc_index' (B classes at one ipc index, B dividing the classes; or

@@ -110,6 +110,11 @@ def check_settings(config, spec) -> None:
   if cfg.init not in ('noise', 'real', 'scored'):
     raise ValueError(f"recover.init={cfg.init!r}; valid: 'noise', 'real', 'scored'.")
   selection.check_pick(cfg.scored.pick)
+  if cfg.init == 'scored' and not cfg.scored.coverage and cfg.scored.pick != 'score':
+    raise ValueError(
+        f"recover.scored.pick={cfg.scored.pick!r} takes effect only with scored.coverage=True; "
+        f"with coverage=False the start is the ipc best-scored images of each class. Set "
+        f"scored.coverage=True, or pick='score'.")
   if not spec.in_memory and (cfg.init == 'real' or (cfg.init == 'scored' and
                                                     cfg.scored.candidates == 0)):
     what = "init='real'" if cfg.init == 'real' else "init='scored' with scored.candidates=0"

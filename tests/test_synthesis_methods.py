@@ -422,13 +422,21 @@ def test_centre_pick_follows_kmeans_of_the_given_lloyd_iterations():
   assert set(one) != set(many) and inertia_many < inertia_one
 
 
-def test_recover_refuses_scored_settings_out_of_range():
+def test_recover_refuses_scored_settings_out_of_range_or_without_effect():
   for bad in (dict(candidates=-1), dict(crops=0), dict(iterations=0)):
     config = small_config(init='scored', scored=dict(dict(candidates=12), **bad))
     with pytest.raises(ValueError, match=r'must all be in range'):
       recover.validate(config, testlib.context_of(config, spec=SPEC))
   config = small_config(init='scored', scored=dict(candidates=12, iterations=1))
   recover.validate(config, testlib.context_of(config, spec=SPEC))
+  # A pick is a choice within k-means clusters (or herding's): without coverage (the top
+  # ipc by score) it would be ignored, so it is refused.
+  config.recover.scored.coverage = False
+  recover.validate(config, testlib.context_of(config, spec=SPEC))  # pick 'score'
+  for pick in ('centre', 'hardest', 'herding'):
+    config.recover.scored.pick = pick
+    with pytest.raises(ValueError, match=f"pick='{pick}' takes effect only with scored.coverage"):
+      recover.validate(config, testlib.context_of(config, spec=SPEC))
 
 
 def test_herding_keeps_the_chosen_mean_nearest_the_class_mean():
