@@ -18,15 +18,19 @@ import pytest
 import torch
 
 from sre2l_jax import config_lib
+from sre2l_jax import export
+from sre2l_jax import image_sets
 from sre2l_jax import models
 from sre2l_jax import student
 from sre2l_jax import train_lib
 from sre2l_jax.data import augment
+from sre2l_jax.data import datasets
 from sre2l_jax.data import streaming
 from sre2l_jax.synthesis import sre2l
 
 from benchmarks import bench
 from benchmarks import label_sharpness
+from benchmarks import perturbation_control
 from benchmarks import torch_reference
 
 import testlib
@@ -406,3 +410,34 @@ def test_label_sharpness_measures_how_soft_a_teachers_labels_are(data_dir, tmp_p
     label_sharpness.set_value(config, 'no_such_section.ipc=1')
   with pytest.raises(ValueError, match='one teacher'):
     label_sharpness.main([f'--teacher_dirs={teacher_dir},{teacher_dir}', f'--workdir={tmp_path}'])
+
+
+def test_perturbation_control_moves_each_pixel_as_far_as_the_refinement_did(tmp_path):
+  """benchmarks.perturbation_control: every pixel of the start moves by exactly the
+  refinement's |change| at that pixel (away from the clip range), up or down at random; the
+  Gaussian kind has the change's RMS; the folder it writes reads back as the control set."""
+  start, labels = testlib.write_noise_set(str(tmp_path / 'start'), ipc=3)
+  rng = np.random.default_rng(1)
+  refined = np.clip(start.astype(int) + rng.integers(-6, 7, start.shape), 0, 255).astype(np.uint8)
+  export.write_tfds(image_sets.distilled_dir(str(tmp_path / 'refined')), refined, labels, 10)
+  change = np.abs(refined.astype(int) - start.astype(int))
+  control = perturbation_control.perturb(start, refined, np.random.default_rng(0))
+  moved = control.astype(int) - start.astype(int)
+  inside = (start >= 6) & (start <= 249)  # no clipping possible
+  np.testing.assert_array_equal(np.abs(moved)[inside], change[inside])
+  assert (moved[inside] > 0).mean() == pytest.approx((moved[inside] < 0).mean(), abs=0.05)
+  assert not np.array_equal(control, refined)  # random directions, not the refinement's
+  noisy = perturbation_control.perturb(start, refined, np.random.default_rng(0), 'gaussian')
+  rms = perturbation_control.rms
+  assert rms(noisy[inside], start[inside]) == pytest.approx(rms(refined, start), rel=0.05)
+  with pytest.raises(ValueError, match='differ in shape'):
+    perturbation_control.perturb(start, refined[:-1], rng)
+
+  out = perturbation_control.main([f'--start={tmp_path / "start"}',
+                                   f'--refined={tmp_path / "refined"}',
+                                   f'--out={tmp_path / "folder"}'])
+  assert out['refined_rms'] == pytest.approx(rms(refined, start))
+  spec = datasets.get_spec('fashion_mnist')
+  read, read_labels = image_sets.external_set(str(tmp_path / 'folder'), spec, 10, 3)
+  np.testing.assert_array_equal(read, control)
+  np.testing.assert_array_equal(read_labels, labels)
