@@ -69,7 +69,7 @@ ROWS = (
     ('edc_real_init', 'edc', {'recover.init': 'real', 'recover.edc.class_bn_weight': 1.0},
      'combination with random real starting images instead of scored ones'),
     ('edc_early_late', 'edc', {'recover.diversity': 'early_late',
-                               'recover.scored.coverage': False,
+                               'recover.scored.coverage': False, 'recover.scored.pick': 'score',
                                'recover.edc.class_bn_weight': 1.0},
      'combination + early-late (top-scored first, started first)'),
     ('edc_centre', 'edc', {'recover.scored.pick': 'centre', 'recover.scored.candidates': 0,
