@@ -337,6 +337,16 @@ def test_recover_that_does_not_converge_is_refused():
   with pytest.raises(train_lib.NotConvergedError, match=r'^(?!.*BN term).*recognises 30'):
     recover.check_recovery(42.7, 3.8, 0.3, cfg)
   recover.check_recovery(42.7, 3.8, 1.0, cfg)  # the default run's numbers pass
+  # A cross-entropy-only run (r_bn 0) does not optimise the BN term: its rise is not refused
+  # (an IPC 50 run of issue 30: 18.94 -> 20.42), a teacher that no longer recognises the
+  # images still is.
+  cfg.r_bn = 0.0
+  recover.check_recovery(18.94, 20.42, 1.0, cfg)
+  with pytest.raises(train_lib.NotConvergedError, match=r'^(?!.*BN term).*recognises 30'):
+    recover.check_recovery(18.94, 20.42, 0.3, cfg)
+  cfg.r_bn = 1.0
+  with pytest.raises(train_lib.NotConvergedError, match='BN term went 18.94 -> 20.42'):
+    recover.check_recovery(18.94, 20.42, 1.0, cfg)
   # Smoke configs (a few iterations) do not check; 0 turns a check off.
   smoke = testlib.load_config('fashion_mnist_ipc10', 'smoke').recover
   recover.check_recovery(42.7, 68.2, 0.0, smoke)
