@@ -383,10 +383,10 @@ def one_look_per_run():
   """Within (one run of the stages: `runner.run`), each user dataset is listed, checked and
   prepared at its first use only: the stages ask for the dataset's spec many times in a run
   (9 in squeeze and recover of the smoke config), and each ask of an image folder's listed
-  it and stat'ed every file for its digest (a million files for ImageNet). One look also keeps the run's stages on the same data
-  when the folder changes under a running job. Outside, every ask looks again: a Colab
-  session that changes its folder between two runs gets the change. Nested: the outer
-  run's looks."""
+  it and stat'ed every file for its digest (a million files for ImageNet). One look also
+  keeps the run's stages on the same data when the folder changes under a running job.
+  Outside, every ask looks again: a Colab session that changes its folder between two runs
+  gets the change. Nested: the outer run's looks."""
   global _RUN_LOOKS
   outer = _RUN_LOOKS
   if outer is None:

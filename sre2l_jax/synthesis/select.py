@@ -5,8 +5,9 @@ class, the scored candidates' k-means clusters over the teacher's features and o
 each (`recover.scored.pick`). With the Fashion-MNIST config's settings (scored.candidates=0,
 crops=1, coverage, pick='centre') that is the image nearest each of ipc k-means centroids of
 all the class's images, the k-means coreset's kind of choice (`image_sets.coreset` runs its
-own k-means, from another seed and up to 100 iterations against 20, so the two are two
-draws: at Fashion-MNIST IPC 50 they share 87 of 500 images and score alike). Its soft
+own k-means, from another seed and up to 100 iterations against `recover.scored.iterations`'
+20, so the two are two draws: at Fashion-MNIST IPC 50 they share 87 of 500 images and score
+alike; 100 iterations here score as 20 do, issue 30's tenth step). Its soft
 labels come from the teacher at relabel, as for any distilled set.
 
 Why a method: at IPC 50 on Fashion-MNIST no refinement of 300 steps or more beat the coreset
