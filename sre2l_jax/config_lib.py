@@ -164,6 +164,10 @@ def _recover() -> ml_collections.ConfigDict:
       # weight of the cross-entropy to the target class (1: SRe2L's and EDC's objective; 0:
       # BN statistics only: at Fashion-MNIST IPC 50 softer labels and weaker students)
       r_ce=1.0,
+      # With teacher.extra_teachers: 'all' recovers against every teacher (their losses
+      # summed; the methods that take several); 'main' against config.teacher alone, any
+      # method, while relabel and evaluate still average all the teachers' soft labels.
+      teachers='all',
       first_bn_multiplier=10.0,  # extra weight of the first BN layer's term
       adam_b1=0.5,
       adam_b2=0.9,

@@ -81,7 +81,7 @@ TABLE = {
                 'adam_b1', 'adam_b2', 'batch_size', 'crop', 'curriculum', 'diversity', 'dtype',
                 'first_bn_multiplier', 'flip', 'group_by', 'init', 'ipc', 'iterations', 'jitter',
                 'lr', 'max_scale', 'method', 'min_scale', 'num_classes', 'r_bn', 'r_ce',
-                'refine_fraction')},
+                'refine_fraction', 'teachers')},
             # the keys grouped by method since, recorded under their names of before
             **{old.split('.')[1]: new for old, new in config_lib.MOVED.items()
                if old.startswith('recover.')},
@@ -121,7 +121,8 @@ TABLE = {
 ADDED_WITH_DEFAULT = {
     'recover': {'recover.init_pick': 'score', 'recover.refine_fraction': 1.0,
                 'recover.r_ce': 1.0, 'recover.edc_class_term': 'group',
-                'recover.edc_class_var': 'pooled', 'recover.init_kmeans_iterations': 20},
+                'recover.edc_class_var': 'pooled', 'recover.init_kmeans_iterations': 20,
+                'recover.teachers': 'all'},
     'student_hard': {'schedule.lr_zeta': 1.0, 'ema_decay': 0.0},
     'student': {'schedule.lr_zeta': 1.0, 'ema_decay': 0.0, 'loss': 'kl'},
     'continual': {'evaluate.lr_zeta': 1.0},

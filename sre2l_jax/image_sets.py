@@ -64,24 +64,26 @@ def check_recovered(config: ml_collections.ConfigDict, workdir: str,
   if not files.exists(path):
     return
   mesh = batching.create_mesh(config.mesh_shape)
+  config = teacher_lib.for_recover(config)  # the teachers recover matched (and recorded)
   key = files.normalised(fingerprints.record(
       'recover', config, **{TEACHER_KEY: teacher_lib.digest(config, workdir, mesh)}))
   # A set recovered before teacher digests records none (recover records it when next run).
   saved = files.read_json(path, remake=f'restore it, or remove {stage_dir} and recover again')
   rerun = (f'recover again with this config into a new --workdir, or remove {stage_dir} '
            f'(and relabel/, evaluate/) and run --stages=recover,...')
-  if saved.get(TEACHER_KEY, key[TEACHER_KEY]) != key[TEACHER_KEY]:
-    raise ValueError(
-        f'The distilled set in {stage_dir} was recovered with another teacher (SHA-256 '
-        f'{saved[TEACHER_KEY][:12]}); the teacher at {teacher_lib.teacher_dir(config, workdir)} '
-        f'is now {key[TEACHER_KEY][:12]}. Its soft labels would not be the ones the set was '
-        f'made for: restore that teacher, or {rerun}.')
+  # Settings first: recover.teachers changes the teachers recorded as well.
   differences = checkpoint.diff(saved, dict(key, **{TEACHER_KEY: saved.get(TEACHER_KEY)}))
   if differences:
     raise ValueError(
         f'The distilled set in {stage_dir} was recovered under other settings than this '
         f'run\'s: {"; ".join(differences)}. Run with the settings it was made with (the '
         f'values "saved" above), or {rerun}.')
+  if saved.get(TEACHER_KEY, key[TEACHER_KEY]) != key[TEACHER_KEY]:
+    raise ValueError(
+        f'The distilled set in {stage_dir} was recovered with another teacher (SHA-256 '
+        f'{saved[TEACHER_KEY][:12]}); the teacher at {teacher_lib.teacher_dir(config, workdir)} '
+        f'is now {key[TEACHER_KEY][:12]}. Its soft labels would not be the ones the set was '
+        f'made for: restore that teacher, or {rerun}.')
   result = checkpoint.finished_result(stage_dir)
   if result is None:
     raise ValueError(f'recover has not finished in {stage_dir}: run --stages=recover on '

@@ -65,12 +65,15 @@ def validate(config, ctx: context.Context) -> None:
 
 def check_settings(config, spec) -> None:
   """recover's settings and its method's (`Method.validate`); reads no data."""
+  config = teacher_lib.for_recover(config)  # recover.teachers='main': config.teacher alone
   cfg = config.recover
   method = synthesis.get_method(cfg.method)
   if config.teacher.get('extra_teachers') and not method.several_teachers:
     several = ' and '.join(m.name for m in synthesis.METHODS.values() if m.several_teachers)
     raise ValueError(f'Several teachers (teacher.extra_teachers) are summed by the {several} '
-                     f'objectives only; recover.method={cfg.method!r} takes one teacher.')
+                     f'objectives only; recover.method={cfg.method!r} takes one teacher. Set '
+                     f"recover.teachers='main' to recover against config.teacher alone and "
+                     f'label with every teacher.')
   if cfg.ipc <= 0:
     raise ValueError(f'recover.ipc={cfg.ipc} must be a positive number of images per class.')
   num_classes = image_sets.recovered_classes(cfg, spec)
@@ -472,6 +475,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) 
   Returns {'plans': {device: plan dict}, 'fits': whether every plan fits, ...}.
   """
   del workdir  # nothing is read or written
+  config = teacher_lib.for_recover(config)
   cfg, spec, mesh = config.recover, ctx.spec, ctx.mesh
   check_settings(config, spec)  # no data read
   teacher = models.abstract_variables(create_teacher_model(config, spec), spec.image_shape)
@@ -588,8 +592,10 @@ def finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
 def run(config: ml_collections.ConfigDict, workdir: str, ctx: context.Context) -> dict:
   """Recovers `ipc` images per class with recover.method: an optimised method a round of
   groups at a time, resuming from `workdir/recover/checkpoints` (the round in progress) and
-  `workdir/recover/rounds` (the finished rounds' images); a direct one in one pass."""
+  `workdir/recover/rounds` (the finished rounds' images); a direct one in one pass. With
+  recover.teachers='main' all of it, its record included, sees config.teacher alone."""
   validate(config, ctx)
+  config = teacher_lib.for_recover(config)
   method = synthesis.get_method(config.recover.method)
   _, teacher = teacher_lib.load(config, workdir, ctx.mesh)  # fails early if missing/unfit
   model = create_teacher_model(config, ctx.spec)

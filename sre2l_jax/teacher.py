@@ -98,6 +98,24 @@ def load_all(config: ml_collections.ConfigDict, workdir: str, mesh) -> list:
       for extra, extra_workdir in extra_configs(config, workdir)]
 
 
+RECOVER_TEACHERS = ('all', 'main')
+
+
+def for_recover(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config recover runs and records: `config` itself, or with recover.teachers='main'
+  a copy without teacher.extra_teachers (the images matched against config.teacher alone;
+  relabel and evaluate read `config` and average every teacher's soft labels)."""
+  if config.recover.get('teachers', 'all') not in RECOVER_TEACHERS:
+    raise ValueError(f"recover.teachers={config.recover.teachers!r}; valid: 'all' (recover "
+                     f"against every teacher, their losses summed) or 'main' (against "
+                     f"config.teacher alone; the extra teachers only label).")
+  if config.recover.get('teachers', 'all') == 'all' or not config.teacher.extra_teachers:
+    return config
+  alone = ml_collections.ConfigDict(config.to_dict())
+  alone.teacher.extra_teachers = ()
+  return alone
+
+
 def ensemble_temperature(config: ml_collections.ConfigDict) -> float:
   """The T the ensemble's soft labels are averaged at: the students' (evaluate.temperature)."""
   return float(config.evaluate.temperature)

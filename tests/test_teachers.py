@@ -10,6 +10,7 @@ import pytest
 
 from sre2l_jax import files
 from sre2l_jax import fingerprints
+from sre2l_jax import image_sets
 from sre2l_jax import models
 from sre2l_jax import recover
 from sre2l_jax import squeeze
@@ -161,6 +162,59 @@ def test_recover_accepts_several_teachers_for_the_methods_that_sum_them():
   config.recover.method = 'edc'  # per-class statistics of one teacher
   with pytest.raises(ValueError, match='extra_teachers'):
     recover.validate(config, testlib.context_of(config, spec=spec))
+
+
+def test_recover_teachers_main_lets_a_one_teacher_method_run_beside_extra_teachers():
+  config = _config()
+  config.recover.method = 'edc'
+  config.recover.teachers = 'main'
+  spec = datasets.get_spec(config.dataset.name)
+  recover.validate(config, testlib.context_of(config, spec=spec))
+  alone = teacher_lib.for_recover(config)
+  # a copy: the caller's config keeps its teachers, for relabel and evaluate
+  assert alone.teacher.extra_teachers == () and config.teacher.extra_teachers == EXTRA
+  config.recover.teachers = 'first'
+  with pytest.raises(ValueError, match="recover.teachers='first'"):
+    recover.validate(config, testlib.context_of(config, spec=spec))
+
+
+def _write_teachers(config, workdir):
+  testlib.write_teacher(config, workdir, seed=0)
+  for i, (c, w) in enumerate(teacher_lib.extra_configs(config, workdir)):
+    testlib.write_teacher(c, w, seed=i + 1)
+
+
+def _recovered(config, workdir):
+  testlib.run_stage(recover, config, workdir)
+  return image_sets.distilled_set(workdir)[0]
+
+
+@pytest.mark.slow
+def test_recover_teachers_main_recovers_against_the_main_teacher_alone(data_dir, tmp_path):
+  """recover.teachers='main': the images of a run without the extra teachers (the same
+  program on the same inputs in this process: equal), not those of their summed losses;
+  the set is accepted for relabel under the config that names the extras, whose Ensemble
+  labels it, and refused under teachers='all' (recorded settings differ)."""
+  config = _config(data_dir)
+  config.teacher.extra_teachers = EXTRA[:1]
+  config.recover.update(ipc=1, iterations=4)
+  main, every, plain = (str(tmp_path / n) for n in ('main', 'all', 'plain'))
+  for workdir in (main, every):
+    _write_teachers(config, workdir)
+  testlib.write_teacher(config, plain, seed=0)
+  config.recover.teachers = 'main'
+  images = _recovered(config, main)
+  alone = config.copy_and_resolve_references()
+  alone.teacher.extra_teachers = ()
+  np.testing.assert_array_equal(images, _recovered(alone, plain))
+  summed = config.copy_and_resolve_references()
+  summed.recover.teachers = 'all'
+  assert not np.array_equal(images, _recovered(summed, every))
+  image_sets.check_recovered(config, main, images)
+  model, _ = teacher_lib.load(config, main, batching.create_mesh(config.mesh_shape))
+  assert isinstance(model, models.Ensemble) and len(model.members) == 2
+  with pytest.raises(ValueError, match='other settings'):
+    image_sets.check_recovered(summed, main, images)
 
 
 def test_stored_labels_of_several_teachers_depend_on_the_temperature():
