@@ -177,7 +177,10 @@ def _recover() -> ml_collections.ConfigDict:
       crop='per_image',  # 'per_image' | 'per_group' (the reference: one crop per batch) | 'none'
       flip=True,  # random horizontal flip
       curriculum=False,  # CDA: min crop scale from max_scale down to min_scale (cosine)
-      init='noise',  # 'noise' | 'real' (random images of the class) | 'scored' (selection.py)
+      # 'noise' | 'real' (random images of the class) | 'scored' (selection.py) | 'coreset'
+      # (the k-means coreset baseline's own images, `image_sets.coreset`: a refined set and
+      # that baseline then differ by the refinement alone, not by a k-means draw)
+      init='noise',
       # init 'scored' (synthesis/selection.py): per class, `candidates` random images (0: all
       # of the class), each scored on its best of `crops` crops (1: the whole image); then the
       # best of each of ipc k-means clusters (`coverage`; False: the top ipc, pick 'score'
@@ -205,8 +208,8 @@ def _recover() -> ml_collections.ConfigDict:
       diversity='none',
       early_late=ml_collections.ConfigDict(dict(stages=4)),
       # The share of each class's images optimised (synthesis/diversity.py): the last
-      # ceil(f * ipc) ipc indices (with init 'scored' the lowest-scored); the others stay as
-      # they start. 1: all.
+      # ceil(f * ipc) ipc indices (with init 'scored' the lowest-scored; 'coreset': the last
+      # centroids); the others stay as they start. 1: all.
       refine_fraction=1.0,
       # method 'rded' (synthesis/rded.py, no optimisation): per class, `candidates` random
       # real images (RDED's mipc), each scored on its best of `crops` square crops

@@ -54,6 +54,9 @@ from sre2l_jax.synthesis import selection
 from sre2l_jax.synthesis import sre2l
 
 CROPS = ('per_image', 'per_group', 'none')
+# recover.init: noise, random real images, the teacher-scored choice (synthesis/selection.py)
+# or the k-means coreset baseline's images (image_sets.coreset).
+INITS = ('noise', 'real', 'scored', 'coreset')
 
 
 def validate(config, ctx: context.Context) -> None:
@@ -110,8 +113,8 @@ def check_settings(config, spec) -> None:
     raise ValueError(f'recover needs groups_per_round >= 0 (0: planned), device_memory_gb >= 0 '
                      f'(0: the device\'s own), 0 < memory_margin <= 1; got '
                      f'{cfg.groups_per_round}, {cfg.device_memory_gb}, {cfg.memory_margin}.')
-  if cfg.init not in ('noise', 'real', 'scored'):
-    raise ValueError(f"recover.init={cfg.init!r}; valid: 'noise', 'real', 'scored'.")
+  if cfg.init not in INITS:
+    raise ValueError(f"recover.init={cfg.init!r}; valid: {', '.join(map(repr, INITS))}.")
   selection.check_pick(cfg.scored.pick)
   if cfg.init == 'scored' and not cfg.scored.coverage and cfg.scored.pick != 'score':
     raise ValueError(
@@ -158,7 +161,9 @@ def check_draws(config, spec) -> None:
   scored = (method.optimised or method.selects) and cfg.init == 'scored'
   if scored and cfg.scored.candidates:
     draws['recover.scored.candidates'] = cfg.scored.candidates
-  whole_classes = scored and not cfg.scored.candidates
+  # The coreset, like scored.candidates=0, clusters all of each class's images.
+  whole_classes = (scored and not cfg.scored.candidates) or (
+      method.optimised and cfg.init == 'coreset')
   if not spec.in_memory or not (draws or whole_classes):
     return
   num_classes = image_sets.recovered_classes(cfg, spec)
@@ -788,11 +793,9 @@ def _run_rounds(rec: Recovery, manager, writer) -> tuple[list[float], int]:
   resumed = None
   if state is not None:
     resumed = (saved_step - int(state['step'])) // cfg.iterations, int(state['step'])
-  # init 'scored': the starting images, chosen once for the whole set when a round first
-  # needs them.
-  scored = functools.cache(lambda: selection.scored_images(
-      rec.config, rec.model, rec.plain_teacher, pipeline.load_split(rec.config.dataset, 'train'),
-      rec.num_classes, rec.mesh))
+  # init 'scored' or 'coreset': the starting images, chosen once for the whole set when a
+  # round first needs them.
+  chosen = functools.cache(lambda: _chosen_start(rec))
   sharded = batching.data_sharding(rec.mesh)
   real_groups = rec.plan.groups
   rates, start_step = [], 0
@@ -806,17 +809,30 @@ def _run_rounds(rec: Recovery, manager, writer) -> tuple[list[float], int]:
     if resumed is not None and resumed[0] == r:
       round_step, start_step = resumed[1], saved_step
     else:
-      state, round_step = _initial_state(rec, this, scored), 0
+      state, round_step = _initial_state(rec, this, chosen), 0
     rates.append(_run_round(rec, this, state, round_step, manager, writer))
   return rates, start_step
 
 
-def _initial_state(rec: Recovery, this: Round, scored) -> dict:
+def _chosen_start(rec: Recovery) -> np.ndarray:
+  """init 'scored''s or 'coreset''s starting images of the whole set (num_classes, ipc, H, W,
+  C), normalised float32 on the host. The coreset's are `image_sets.coreset`'s, the
+  baseline's own (config.teacher's features, its k-means draw), in its centroid order."""
+  if rec.cfg.init == 'scored':
+    return selection.scored_images(
+        rec.config, rec.model, rec.plain_teacher,
+        pipeline.load_split(rec.config.dataset, 'train'), rec.num_classes, rec.mesh)
+  images, _ = image_sets.coreset(rec.config, os.path.dirname(rec.stage_dir), rec.cfg.ipc)
+  return np.asarray(datasets.normalise(images, rec.spec)).reshape(
+      (rec.num_classes, rec.cfg.ipc) + tuple(rec.spec.image_shape))
+
+
+def _initial_state(rec: Recovery, this: Round, chosen) -> dict:
   """The round's starting images (recover.init) in a fresh optimiser state, sharded.
-  scored(): init 'scored''s images of the whole set (num_classes, ipc, H, W, C)."""
+  chosen(): init 'scored''s or 'coreset''s images of the whole set (`_chosen_start`)."""
   cfg = rec.cfg
-  if cfg.init == 'scored':  # (class, ipc index) of each image
-    images = scored()[this.labels, (this.uids // rec.num_classes) % cfg.ipc]
+  if cfg.init in ('scored', 'coreset'):  # (class, ipc index) of each image
+    images = chosen()[this.labels, (this.uids // rec.num_classes) % cfg.ipc]
   else:
     train = pipeline.load_split(rec.config.dataset, 'train') if cfg.init == 'real' else None
     # Real images take the host uids (their ipc index); noise is made where it lives.

@@ -5,9 +5,11 @@ teacher's features."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sre2l_jax import image_sets
 from sre2l_jax import models
+from sre2l_jax import recover
 from sre2l_jax import rngs
 from sre2l_jax.data import batching
 from sre2l_jax.data import datasets
@@ -138,3 +140,30 @@ def test_coreset_of_a_workdir_teacher(data_dir, tmp_path):
     np.testing.assert_array_equal(images[2 * c:2 * c + 2], train_images[nearest])
   again, _ = image_sets.coreset(config, str(tmp_path), 2)
   np.testing.assert_array_equal(again, images)
+
+
+@pytest.mark.slow
+def test_recover_from_the_coreset_starts_from_the_baselines_own_images(data_dir, tmp_path):
+  """recover.init='coreset': the refined set starts from coreset()'s images, class by class
+  in its centroid order. With an lr of 1e-9 the exported set is the start as stored (each
+  pixel moves by ~1e-9 of the normalised range; uint8 steps are 1/255 of it: equal)."""
+  config = testlib.load_config('fashion_mnist_ipc10', 'smoke')
+  config.dataset.update(data_dir=data_dir, train_limit=300)
+  config.teacher.width = 8
+  config.mesh_shape = 8
+  config.recover.update(num_classes=2, ipc=4, batch_size=2, iterations=2, lr=1e-9,
+                        init='coreset', min_bn_reduction=0, min_teacher_top1=0)
+  workdir = str(tmp_path)
+  testlib.write_teacher(config, workdir, statistics='measured')
+  testlib.run_stage(recover, config, workdir)
+  images, labels = image_sets.distilled_set(workdir)
+  want, want_labels = image_sets.coreset(config, workdir, 4)
+  np.testing.assert_array_equal(labels, want_labels)
+  np.testing.assert_array_equal(images, want)
+  spec = datasets.get_spec('fashion_mnist')
+  config.recover.ipc = 300  # more than any class of the 300 images has: refused before work
+  with pytest.raises(ValueError, match="recover.init='coreset' needs 300"):
+    recover.check_draws(config, spec)
+  config.recover.init = 'centroid'
+  with pytest.raises(ValueError, match="'coreset'"):
+    recover.check_settings(config, spec)

@@ -213,7 +213,7 @@ def check_class_sizes(cfg, smallest: int, train_limit: int) -> None:
   work); smallest: the images of the training split's smallest recovered class."""
   if smallest < cfg.ipc:
     limit = f' (dataset.train_limit={train_limit})' if train_limit else ''
-    raise ValueError(f'recover.ipc={cfg.ipc} with recover.init=\'scored\' needs {cfg.ipc} '
+    raise ValueError(f'recover.ipc={cfg.ipc} with recover.init={cfg.init!r} needs {cfg.ipc} '
                      f'distinct real images per class; the smallest class of the training '
                      f'split{limit} has {smallest}: lower recover.ipc to {smallest} or less, '
                      f'use more training images (dataset.train_limit), or recover.init=noise.')
