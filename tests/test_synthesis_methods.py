@@ -762,14 +762,15 @@ def test_fashion_mnist_config_defaults_per_ipc_and_keeps_sre2l_as_published():
           config_lib.find(edc_one_class, key)[0][key.split('.')[-1]]), key
   assert testlib.load_config('fashion_mnist_ipc10').recover == mixed  # IPC 10 without arguments
   # Under a long student (from 750 epochs) IPC 10's default refines 10 steps, not 300, and
-  # so does IPC 50's under any; the rest of the recipe, IPC 1's, edc's and a shorter
-  # student's are unchanged.
+  # so does IPC 50's under any, from the coreset baseline's own images; the rest of the
+  # recipe, IPC 1's, edc's and a shorter student's are unchanged.
   # The reference is IPC 10's 300-step recipe (`mixed`), sized for the light recipe's IPC.
-  for arg in ('epochs=750', 'epochs=1500', 'ipc=50', 'ipc=50,epochs=1500'):
+  for arg in ('epochs=750', 'epochs=1500', 'ipc=50', 'ipc=50,epochs=1500', 'ipc=100'):
     light = testlib.load_config('fashion_mnist_ipc10', arg).recover
     assert light.iterations == 10, arg
+    assert (light.init == 'coreset') == (light.ipc >= 50), arg
     reference = ml_collections.ConfigDict(mixed.to_dict())
-    reference.update(ipc=light.ipc, batch_size=10 * light.ipc, iterations=10)
+    reference.update(ipc=light.ipc, batch_size=10 * light.ipc, iterations=10, init=light.init)
     assert light == reference, arg
   for arg in ('ipc=1,epochs=1500', 'epochs=1500,method=edc', 'epochs=749',
               'ipc=50,method=edc'):
@@ -782,7 +783,8 @@ def test_fashion_mnist_config_defaults_per_ipc_and_keeps_sre2l_as_published():
   # The continual config takes the default per IPC, or the method it is given.
   assert testlib.load_config('fashion_mnist_continual').recover == mixed
   assert testlib.load_config('fashion_mnist_continual', 'method=edc').recover == edc_at_10
-  # IPC 50's default is edc_mixed too (10 steps, above); `select` gives edc's start unrefined.
+  # IPC 50's default is edc_mixed too (10 steps from the coreset, above); `select` gives
+  # edc's start unrefined.
   config = testlib.load_config('fashion_mnist_ipc10', 'ipc=50,method=select')
   recover.validate(config, testlib.context_of(config, spec=SPEC))
   assert (config.recover.method, config.recover.init, config.recover.scored.pick,
