@@ -105,11 +105,12 @@ def for_recover(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config recover runs and records: `config` itself, or with recover.teachers='main'
   a copy without teacher.extra_teachers (the images matched against config.teacher alone;
   relabel and evaluate read `config` and average every teacher's soft labels)."""
-  if config.recover.get('teachers', 'all') not in RECOVER_TEACHERS:
-    raise ValueError(f"recover.teachers={config.recover.teachers!r}; valid: 'all' (recover "
-                     f"against every teacher, their losses summed) or 'main' (against "
-                     f"config.teacher alone; the extra teachers only label).")
-  if config.recover.get('teachers', 'all') == 'all' or not config.teacher.extra_teachers:
+  teachers = config.recover.get('teachers', 'all')
+  if teachers not in RECOVER_TEACHERS:
+    raise ValueError(f"recover.teachers={teachers!r}; valid: 'all' (recover against every "
+                     f"teacher, their losses summed) or 'main' (against config.teacher alone; "
+                     f"the extra teachers only label).")
+  if teachers == 'all' or not config.teacher.extra_teachers:
     return config
   alone = ml_collections.ConfigDict(config.to_dict())
   alone.teacher.extra_teachers = ()
