@@ -167,6 +167,7 @@ def _recover() -> ml_collections.ConfigDict:
       # With teacher.extra_teachers: 'all' recovers against every teacher (their losses
       # summed; the methods that take several); 'main' against config.teacher alone, any
       # method, while relabel and evaluate still average all the teachers' soft labels.
+      # Without extra teachers the two are the same (recorded as 'all').
       teachers='all',
       first_bn_multiplier=10.0,  # extra weight of the first BN layer's term
       adam_b1=0.5,

@@ -104,16 +104,21 @@ RECOVER_TEACHERS = ('all', 'main')
 def for_recover(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config recover runs and records: `config` itself, or with recover.teachers='main'
   a copy without teacher.extra_teachers (the images matched against config.teacher alone;
-  relabel and evaluate read `config` and average every teacher's soft labels)."""
+  relabel and evaluate read `config` and average every teacher's soft labels). Without
+  extra teachers 'main' and 'all' compute the same and are recorded as 'all', so a workdir
+  recovered under one is resumed and relabelled under the other."""
   teachers = config.recover.get('teachers', 'all')
   if teachers not in RECOVER_TEACHERS:
     raise ValueError(f"recover.teachers={teachers!r}; valid: 'all' (recover against every "
                      f"teacher, their losses summed) or 'main' (against config.teacher alone; "
                      f"the extra teachers only label).")
-  if teachers == 'all' or not config.teacher.extra_teachers:
+  if teachers == 'all':
     return config
   alone = ml_collections.ConfigDict(config.to_dict())
-  alone.teacher.extra_teachers = ()
+  if config.teacher.extra_teachers:
+    alone.teacher.extra_teachers = ()
+  else:
+    alone.recover.teachers = 'all'
   return alone
 
 

@@ -178,6 +178,21 @@ def test_recover_teachers_main_lets_a_one_teacher_method_run_beside_extra_teache
     recover.validate(config, testlib.context_of(config, spec=spec))
 
 
+def test_recover_teachers_main_without_extra_teachers_is_recorded_as_all():
+  """Without extra teachers 'main' and 'all' recover the same images: one record, so a
+  workdir recovered under either is resumed and relabelled under the other."""
+  config = _config()
+  config.teacher.extra_teachers = ()
+  main = config.copy_and_resolve_references()
+  main.recover.teachers = 'main'
+  assert (fingerprints.record('recover', teacher_lib.for_recover(main))
+          == fingerprints.record('recover', teacher_lib.for_recover(config)))
+  assert main.recover.teachers == 'main'  # the caller's config is left as it is
+  config.teacher.extra_teachers = main.teacher.extra_teachers = EXTRA
+  assert (fingerprints.record('recover', teacher_lib.for_recover(main))
+          != fingerprints.record('recover', teacher_lib.for_recover(config)))
+
+
 def _write_teachers(config, workdir):
   testlib.write_teacher(config, workdir, seed=0)
   for i, (c, w) in enumerate(teacher_lib.extra_configs(config, workdir)):
