@@ -757,13 +757,16 @@ def test_fashion_mnist_config_defaults_per_ipc_and_keeps_sre2l_as_published():
     edc_one_class = testlib.load_config('fashion_mnist_ipc10', f'ipc={ipc},method=edc').recover
     assert (edc_one_class.group_by, edc_one_class.batch_size, edc_one_class.edc.class_term,
             edc_one_class.edc.class_var) == ('class', ipc, 'group', 'pooled')
-    for key in ('init', 'scored', 'iterations', 'lr', 'jitter', 'edc.class_bn_weight'):
+    # IPC 10 (under 750 epochs) starts from the coreset baseline's own images; IPC 1 from
+    # recover's k-means, edc's start.
+    assert mixed.init == ('coreset' if ipc == 10 else 'scored'), ipc
+    for key in ('scored', 'iterations', 'lr', 'jitter', 'edc.class_bn_weight'):
       assert config_lib.find(mixed, key)[0][key.split('.')[-1]] == (
           config_lib.find(edc_one_class, key)[0][key.split('.')[-1]]), key
   assert testlib.load_config('fashion_mnist_ipc10').recover == mixed  # IPC 10 without arguments
-  # Under a long student (from 750 epochs) IPC 10's default refines 10 steps, not 300, and
-  # so does IPC 50's under any, from the coreset baseline's own images; the rest of the
-  # recipe, IPC 1's, edc's and a shorter student's are unchanged.
+  # Under a long student (from 750 epochs) IPC 10's default refines 10 steps, not 300, from
+  # recover's k-means; IPC 50's under any student 10 steps from the coreset baseline's own
+  # images; the rest of the recipe, IPC 1's, edc's and a shorter student's are unchanged.
   # The reference is IPC 10's 300-step recipe (`mixed`), sized for the light recipe's IPC.
   for arg in ('epochs=750', 'epochs=1500', 'ipc=50', 'ipc=50,epochs=1500', 'ipc=100'):
     light = testlib.load_config('fashion_mnist_ipc10', arg).recover
@@ -775,6 +778,9 @@ def test_fashion_mnist_config_defaults_per_ipc_and_keeps_sre2l_as_published():
   for arg in ('ipc=1,epochs=1500', 'epochs=1500,method=edc', 'epochs=749',
               'ipc=50,method=edc'):
     assert testlib.load_config('fashion_mnist_ipc10', arg).recover.iterations == 300, arg
+  for arg, init in (('epochs=749', 'coreset'), ('ipc=1,epochs=1500', 'scored'),
+                    ('epochs=1500,method=edc', 'scored'), ('ipc=50,method=edc', 'scored')):
+    assert testlib.load_config('fashion_mnist_ipc10', arg).recover.init == init, arg
   edc_at_10 = testlib.load_config('fashion_mnist_ipc10', 'method=edc').recover
   assert (edc_at_10.method, edc_at_10.group_by, edc_at_10.init, edc_at_10.scored.pick,
           edc_at_10.batch_size, edc_at_10.iterations, edc_at_10.lr, edc_at_10.jitter,
